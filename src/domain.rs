@@ -1,0 +1,479 @@
+//! Reading the domain XML libvirt hands the hook (or `dumpxml` prints):
+//! uuid, name, the `<tpm>` device and our `<metadata>` element, found by
+//! namespace URI whatever its prefix. Pure: bytes in, facts out.
+//!
+//! The input is hostile (anyone who may define a domain controls it), so the
+//! reader refuses DOCTYPEs outright (no entity expansion, no billion laughs),
+//! bounds nesting depth and the size of the subtree it keeps, and never turns
+//! the name or uuid into a path: callers get a validated [`DomainUuid`].
+
+use crate::state::{DomainUuid, TpmVersion};
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::name::ResolveResult;
+use quick_xml::NsReader;
+
+/// Deepest nesting accepted anywhere in a domain XML. libvirt's own documents
+/// stay under 10; anything far deeper is an attack on the reader.
+const MAX_DEPTH: usize = 64;
+/// Most elements kept from our metadata subtree (state, tpm, a few files).
+const MAX_KEPT_ELEMENTS: usize = 64;
+
+/// A small owned element tree: what we keep of our metadata element.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct XmlElement {
+    /// Namespace URI the element resolved to, if any.
+    pub namespace: Option<String>,
+    /// Local name (prefix stripped).
+    pub name: String,
+    /// Unprefixed attributes, unescaped, in document order.
+    pub attributes: Vec<(String, String)>,
+    pub children: Vec<XmlElement>,
+    /// Concatenated text content directly inside this element.
+    pub text: String,
+}
+
+impl XmlElement {
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Backend of a `<tpm>` device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TpmBackend {
+    /// swtpm run by libvirt: the only kind with state for us to carry.
+    Emulator {
+        /// `version` attribute; libvirt's default when absent depends on the
+        /// model, so `None` is kept as is and resolved by [`TpmDevice::version`].
+        version: Option<String>,
+        /// `<source type=... path=...>` (libvirt >= 10.10).
+        source: Option<TpmSource>,
+        /// `<encryption secret=...>`: swtpm encrypts its own state.
+        encryption_secret: Option<String>,
+    },
+    Passthrough,
+    External,
+    Other(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmSource {
+    pub kind: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmDevice {
+    pub model: Option<String>,
+    pub backend: TpmBackend,
+}
+
+impl TpmDevice {
+    /// The TPM version libvirt will run, when this is an emulator. libvirt
+    /// defaults to 1.2 when `version` is absent except for models that only
+    /// exist as 2.0 (tpm-crb, tpm-spapr's 2.0 is explicit anyway); newer
+    /// libvirt writes the attribute back into the XML, so it is usually there.
+    pub fn version(&self) -> Option<Result<TpmVersion, String>> {
+        match &self.backend {
+            TpmBackend::Emulator { version, .. } => Some(match version.as_deref() {
+                Some(v) => TpmVersion::parse(v).ok_or_else(|| v.to_string()),
+                None if self.model.as_deref() == Some("tpm-crb") => Ok(TpmVersion::V2_0),
+                None => Ok(TpmVersion::V1_2),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What the tool needs from a domain XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub name: String,
+    pub uuid: DomainUuid,
+    pub tpms: Vec<TpmDevice>,
+    /// Our element (namespace [`crate::format::NAMESPACE_URI`]), if present.
+    pub metadata: Option<XmlElement>,
+}
+
+impl DomainInfo {
+    /// The emulated TPM, if the domain has one.
+    pub fn emulated_tpm(&self) -> Option<&TpmDevice> {
+        self.tpms
+            .iter()
+            .find(|t| matches!(t.backend, TpmBackend::Emulator { .. }))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DomainXmlError {
+    #[error("domain XML is not well-formed: {0}")]
+    Malformed(String),
+    #[error("domain XML contains a DOCTYPE; libvirt never writes one, refusing it")]
+    Doctype,
+    #[error("domain XML nests deeper than {MAX_DEPTH} elements")]
+    TooDeep,
+    #[error("the root element is <{0}>, not <domain>")]
+    NotADomain(String),
+    #[error("domain XML has no <uuid>")]
+    MissingUuid,
+    #[error("domain XML has no <name>")]
+    MissingName,
+    #[error("domain <uuid> is not a UUID")]
+    BadUuid,
+    #[error("<metadata> holds {0} elements in namespace {1}; expected at most one")]
+    DuplicateMetadata(usize, String),
+    #[error("the virt-tpm-state metadata element is too large or too deeply structured")]
+    MetadataTooComplex,
+}
+
+fn malformed(e: impl std::fmt::Display) -> DomainXmlError {
+    DomainXmlError::Malformed(e.to_string())
+}
+
+/// Reads a domain XML. `namespace` is the URI of our element (configurable,
+/// normally [`crate::format::NAMESPACE_URI`]).
+pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXmlError> {
+    let mut reader = NsReader::from_reader(xml);
+    reader.config_mut().expand_empty_elements = true;
+
+    // Path of local names from the root to the current element.
+    let mut path: Vec<String> = Vec::new();
+    let mut name: Option<String> = None;
+    let mut uuid_text: Option<String> = None;
+    let mut tpms: Vec<TpmDevice> = Vec::new();
+    let mut metadata: Vec<XmlElement> = Vec::new();
+    // Open elements of our metadata subtree while inside it.
+    let mut kept_stack: Vec<XmlElement> = Vec::new();
+    let mut kept_count = 0usize;
+    let mut text_target: Option<&'static str> = None;
+    let mut seen_root = false;
+
+    loop {
+        let (ns, event) = reader.read_resolved_event().map_err(malformed)?;
+        match event {
+            Event::DocType(_) => return Err(DomainXmlError::Doctype),
+            Event::Start(e) => {
+                let local = local_name(&e)?;
+                if !seen_root {
+                    seen_root = true;
+                    if local != "domain" {
+                        return Err(DomainXmlError::NotADomain(local));
+                    }
+                }
+                if path.len() >= MAX_DEPTH {
+                    return Err(DomainXmlError::TooDeep);
+                }
+                let ns_uri = match ns {
+                    ResolveResult::Bound(n) => {
+                        Some(String::from_utf8_lossy(n.into_inner()).into_owned())
+                    }
+                    ResolveResult::Unbound => None,
+                    ResolveResult::Unknown(p) => {
+                        return Err(DomainXmlError::Malformed(format!(
+                            "undeclared namespace prefix {:?}",
+                            String::from_utf8_lossy(&p)
+                        )))
+                    }
+                };
+                let depth = path.len();
+                let in_metadata = depth == 2 && path[1] == "metadata";
+                if !kept_stack.is_empty() || (in_metadata && ns_uri.as_deref() == Some(namespace)) {
+                    kept_count += 1;
+                    if kept_count > MAX_KEPT_ELEMENTS {
+                        return Err(DomainXmlError::MetadataTooComplex);
+                    }
+                    kept_stack.push(XmlElement {
+                        namespace: ns_uri,
+                        name: local.clone(),
+                        attributes: attributes(&e, &reader)?,
+                        ..Default::default()
+                    });
+                } else if depth == 1 && local == "name" {
+                    text_target = Some("name");
+                } else if depth == 1 && local == "uuid" {
+                    text_target = Some("uuid");
+                } else if depth == 2 && path[1] == "devices" && local == "tpm" {
+                    let attrs = attributes(&e, &reader)?;
+                    tpms.push(TpmDevice {
+                        model: find(&attrs, "model"),
+                        backend: TpmBackend::Other(String::new()),
+                    });
+                } else if depth == 3 && path[2] == "tpm" && local == "backend" {
+                    let attrs = attributes(&e, &reader)?;
+                    if let Some(t) = tpms.last_mut() {
+                        t.backend = match find(&attrs, "type").as_deref() {
+                            Some("emulator") => TpmBackend::Emulator {
+                                version: find(&attrs, "version"),
+                                source: None,
+                                encryption_secret: None,
+                            },
+                            Some("passthrough") => TpmBackend::Passthrough,
+                            Some("external") => TpmBackend::External,
+                            other => TpmBackend::Other(other.unwrap_or("").to_string()),
+                        };
+                    }
+                } else if depth == 4 && path[2] == "tpm" && path[3] == "backend" {
+                    let attrs = attributes(&e, &reader)?;
+                    if let Some(TpmDevice {
+                        backend:
+                            TpmBackend::Emulator {
+                                source,
+                                encryption_secret,
+                                ..
+                            },
+                        ..
+                    }) = tpms.last_mut()
+                    {
+                        if local == "source" {
+                            *source = Some(TpmSource {
+                                kind: find(&attrs, "type").unwrap_or_default(),
+                                path: find(&attrs, "path").unwrap_or_default(),
+                            });
+                        } else if local == "encryption" {
+                            *encryption_secret = find(&attrs, "secret");
+                        }
+                    }
+                }
+                path.push(local);
+            }
+            Event::End(_) => {
+                path.pop();
+                text_target = None;
+                if let Some(done) = kept_stack.pop() {
+                    match kept_stack.last_mut() {
+                        Some(parent) => parent.children.push(done),
+                        None => metadata.push(done),
+                    }
+                }
+            }
+            Event::Text(t) => {
+                let text = t.unescape().map_err(malformed)?;
+                if let Some(top) = kept_stack.last_mut() {
+                    top.text.push_str(&text);
+                } else if let Some(target) = text_target {
+                    let slot = if target == "name" {
+                        &mut name
+                    } else {
+                        &mut uuid_text
+                    };
+                    slot.get_or_insert_with(String::new).push_str(&text);
+                }
+            }
+            Event::CData(c) => {
+                if let Some(top) = kept_stack.last_mut() {
+                    top.text.push_str(&String::from_utf8_lossy(&c.into_inner()));
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if !seen_root {
+        return Err(DomainXmlError::Malformed("empty document".into()));
+    }
+    if !path.is_empty() {
+        return Err(DomainXmlError::Malformed(
+            "unexpected end of document".into(),
+        ));
+    }
+    if metadata.len() > 1 {
+        return Err(DomainXmlError::DuplicateMetadata(
+            metadata.len(),
+            namespace.to_string(),
+        ));
+    }
+    let uuid_text = uuid_text.ok_or(DomainXmlError::MissingUuid)?;
+    let uuid = DomainUuid::parse(&uuid_text).ok_or(DomainXmlError::BadUuid)?;
+    let name = name
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .ok_or(DomainXmlError::MissingName)?;
+    Ok(DomainInfo {
+        name,
+        uuid,
+        tpms,
+        metadata: metadata.pop(),
+    })
+}
+
+fn local_name(e: &BytesStart<'_>) -> Result<String, DomainXmlError> {
+    std::str::from_utf8(e.local_name().into_inner())
+        .map(str::to_string)
+        .map_err(malformed)
+}
+
+fn attributes(
+    e: &BytesStart<'_>,
+    reader: &NsReader<&[u8]>,
+) -> Result<Vec<(String, String)>, DomainXmlError> {
+    let mut out = Vec::new();
+    for a in e.attributes() {
+        let a = a.map_err(malformed)?;
+        // Namespace declarations and prefixed attributes are not ours.
+        if a.key.prefix().is_some() || a.key.as_ref() == b"xmlns" {
+            continue;
+        }
+        let key = std::str::from_utf8(a.key.as_ref())
+            .map_err(malformed)?
+            .to_string();
+        if out.iter().any(|(k, _): &(String, String)| *k == key) {
+            return Err(DomainXmlError::Malformed(format!(
+                "duplicate attribute {key:?}"
+            )));
+        }
+        let value = a
+            .decode_and_unescape_value(reader.decoder())
+            .map_err(malformed)?
+            .into_owned();
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn find(attrs: &[(String, String)], key: &str) -> Option<String> {
+    attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: &str = "urn:virt-tpm-state:1";
+
+    fn domain(inner: &str) -> String {
+        format!(
+            "<domain type='kvm'><name>vm1</name><uuid>6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d</uuid>{inner}</domain>"
+        )
+    }
+
+    #[test]
+    fn reads_uuid_name_and_tpm() {
+        let xml = domain(
+            "<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'>\
+             <encryption secret='abc'/><source type='dir' path='/srv/tpm'/></backend></tpm></devices>",
+        );
+        let d = parse_domain(xml.as_bytes(), NS).unwrap();
+        assert_eq!(d.name, "vm1");
+        assert_eq!(d.uuid.as_str(), "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d");
+        let t = d.emulated_tpm().unwrap();
+        assert_eq!(t.model.as_deref(), Some("tpm-crb"));
+        assert_eq!(t.version(), Some(Ok(TpmVersion::V2_0)));
+        match &t.backend {
+            TpmBackend::Emulator {
+                source,
+                encryption_secret,
+                ..
+            } => {
+                assert_eq!(encryption_secret.as_deref(), Some("abc"));
+                assert_eq!(
+                    source,
+                    &Some(TpmSource {
+                        kind: "dir".into(),
+                        path: "/srv/tpm".into()
+                    })
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(d.metadata.is_none());
+    }
+
+    #[test]
+    fn finds_metadata_by_namespace_not_prefix() {
+        for prefix in ["vts", "other", ""] {
+            let (open, close) = if prefix.is_empty() {
+                (
+                    format!("<state xmlns='{NS}' format='1'>"),
+                    "</state>".to_string(),
+                )
+            } else {
+                (
+                    format!("<{prefix}:state xmlns:{prefix}='{NS}' format='1'>"),
+                    format!("</{prefix}:state>"),
+                )
+            };
+            let xml = domain(&format!(
+                "<metadata><app:x xmlns:app='urn:other'>y</app:x>{open}<tpm version='2.0'><file name='a'> QUJD\n </file></tpm>{close}</metadata>"
+            ));
+            let d = parse_domain(xml.as_bytes(), NS).unwrap();
+            let m = d.metadata.expect("found");
+            assert_eq!(m.name, "state");
+            assert_eq!(m.attr("format"), Some("1"));
+            assert_eq!(m.children[0].children[0].text, " QUJD\n ");
+        }
+    }
+
+    #[test]
+    fn same_prefix_other_namespace_is_not_ours() {
+        let xml = domain("<metadata><vts:state xmlns:vts='urn:not-ours' format='1'/></metadata>");
+        assert!(parse_domain(xml.as_bytes(), NS).unwrap().metadata.is_none());
+    }
+
+    #[test]
+    fn refuses_doctype_and_entities() {
+        let bomb = "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;'>]><domain><name>&lol2;</name></domain>";
+        assert_eq!(
+            parse_domain(bomb.as_bytes(), NS),
+            Err(DomainXmlError::Doctype)
+        );
+        let undefined_entity = domain("<description>&xxe;</description>");
+        // Text outside what we keep is still unescaped only if needed; an
+        // undefined entity in a kept element must fail.
+        let kept = domain(&format!(
+            "<metadata><vts:state xmlns:vts='{NS}'>&xxe;</vts:state></metadata>"
+        ));
+        assert!(parse_domain(kept.as_bytes(), NS).is_err());
+        let _ = parse_domain(undefined_entity.as_bytes(), NS);
+    }
+
+    #[test]
+    fn refuses_deep_nesting() {
+        let xml = domain(&format!("{}{}", "<a>".repeat(100), "</a>".repeat(100)));
+        assert_eq!(
+            parse_domain(xml.as_bytes(), NS),
+            Err(DomainXmlError::TooDeep)
+        );
+    }
+
+    #[test]
+    fn refuses_bad_uuid_and_wrong_root() {
+        let xml = "<domain><name>x</name><uuid>../../etc</uuid></domain>";
+        assert_eq!(
+            parse_domain(xml.as_bytes(), NS),
+            Err(DomainXmlError::BadUuid)
+        );
+        assert!(matches!(
+            parse_domain(b"<network/>", NS),
+            Err(DomainXmlError::NotADomain(_))
+        ));
+        assert!(parse_domain(b"<domain><name>x</name>", NS).is_err());
+        assert!(parse_domain(b"", NS).is_err());
+    }
+
+    #[test]
+    fn refuses_two_elements_of_our_namespace() {
+        let xml = domain(&format!(
+            "<metadata><a:state xmlns:a='{NS}'/><b:state xmlns:b='{NS}'/></metadata>"
+        ));
+        assert!(matches!(
+            parse_domain(xml.as_bytes(), NS),
+            Err(DomainXmlError::DuplicateMetadata(2, _))
+        ));
+    }
+
+    #[test]
+    fn tpm_version_defaults() {
+        let xml = domain("<devices><tpm model='tpm-tis'><backend type='emulator'/></tpm><tpm model='x'><backend type='passthrough'/></tpm></devices>");
+        let d = parse_domain(xml.as_bytes(), NS).unwrap();
+        assert_eq!(d.tpms.len(), 2);
+        assert_eq!(
+            d.emulated_tpm().unwrap().version(),
+            Some(Ok(TpmVersion::V1_2))
+        );
+        assert_eq!(d.tpms[1].backend, TpmBackend::Passthrough);
+        assert_eq!(d.tpms[1].version(), None);
+    }
+}

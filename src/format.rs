@@ -1,0 +1,602 @@
+//! Format v1 of the metadata element, both directions. Pure: no I/O.
+//!
+//! The normative text is `docs/FORMAT.md`; comments quoting "MUST" below
+//! point at the rule of that spec each check enforces.
+
+use crate::domain::XmlElement;
+use crate::state::{state_digest, DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use crate::swtpm::{check_header, HeaderError};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use flate2::read::GzDecoder;
+use flate2::{Compression, GzBuilder};
+use quick_xml::escape::escape;
+use std::io::{Read, Write};
+
+pub const NAMESPACE_URI: &str = "urn:virt-tpm-state:1";
+pub const NAMESPACE_PREFIX: &str = "vts";
+pub const FORMAT_VERSION: &str = "1";
+pub const ENCODING_GZIP_BASE64: &str = "gzip+base64";
+/// Default cap on one decompressed file: far above a real permall (~6 KiB,
+/// tens of KiB with many NV indices), far below what hurts the host.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;
+
+/// Who stored a state, when, and over what: everything in the element but
+/// the files themselves.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Provenance {
+    pub uuid: DomainUuid,
+    pub generation: u64,
+    /// Digest of the state this one was stored over; `None` for the first.
+    pub parent: Option<Sha256Sum>,
+    /// RFC 3339 UTC time of the store (informational).
+    pub stored: String,
+    /// Host name of the store (informational).
+    pub host: String,
+}
+
+impl serde::Serialize for DomainUuid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Sha256Sum {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.hex())
+    }
+}
+
+/// A decoded, fully validated element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataState {
+    pub provenance: Provenance,
+    pub digest: Sha256Sum,
+    pub tpm: TpmState,
+}
+
+/// Limits applied while decoding hostile input.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest decompressed size accepted for one file.
+    pub max_file_size: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+        }
+    }
+}
+
+/// Why an element was refused. Messages carry names, sizes and digest
+/// prefixes, never content.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("the element is <{0}>, expected <state>")]
+    WrongElement(String),
+    #[error(
+        "format {0:?} is not supported by this version (it reads format 1); upgrade virt-tpm-state"
+    )]
+    UnknownFormat(String),
+    #[error("attribute {0:?} is missing")]
+    MissingAttribute(&'static str),
+    #[error("attribute {attribute:?} is invalid: {why}")]
+    BadAttribute {
+        attribute: &'static str,
+        why: &'static str,
+    },
+    #[error("unknown section <{0}>; a newer virt-tpm-state wrote it, upgrade to read it")]
+    UnknownSection(String),
+    #[error("no <tpm> section")]
+    NoTpmSection,
+    #[error("more than one <tpm> section")]
+    DuplicateTpmSection,
+    #[error("TPM version {0:?} is not 1.2 or 2.0")]
+    BadTpmVersion(String),
+    #[error("file name {name:?} is not allowed for a TPM {version} state (allowed: {allowed})")]
+    FileNameNotAllowed {
+        name: String,
+        version: TpmVersion,
+        allowed: String,
+    },
+    #[error("file {0:?} appears twice")]
+    DuplicateFile(String),
+    #[error("the <tpm> section holds no file")]
+    NoFiles,
+    #[error("file {0:?}: encoding {1:?} is not supported (this version reads gzip+base64)")]
+    UnknownEncoding(String, String),
+    #[error("file {0:?}: the base64 text is invalid")]
+    BadBase64(String),
+    #[error("file {0:?}: the gzip data is invalid or truncated")]
+    BadGzip(String),
+    #[error("file {name:?}: declared size {size} exceeds the limit of {limit} bytes")]
+    DeclaredTooLarge { name: String, size: u64, limit: u64 },
+    #[error("file {name:?}: decompresses past the limit of {limit} bytes (decompression bomb?)")]
+    DecompressedTooLarge { name: String, limit: u64 },
+    #[error("file {name:?}: {actual} bytes, but size says {declared}")]
+    SizeMismatch {
+        name: String,
+        declared: u64,
+        actual: u64,
+    },
+    #[error("file {name:?}: sha256 is {actual}…, but the element says {declared}…")]
+    Sha256Mismatch {
+        name: String,
+        declared: String,
+        actual: String,
+    },
+    #[error("file {name:?}: not a swtpm state file: {source}")]
+    BadSwtpmHeader { name: String, source: HeaderError },
+    #[error("digest is {declared}…, but the files hash to {actual}…")]
+    DigestMismatch { declared: String, actual: String },
+    #[error("unexpected element <{0}> inside <{1}>")]
+    UnexpectedElement(String, String),
+}
+
+// ---------------------------------------------------------------- encoding
+
+/// How to print the element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// For `virDomainSetMetadata`: no prefix, no `xmlns`; libvirt puts the
+    /// element in the namespace itself.
+    ForSetMetadata,
+    /// A standalone document: prefixed and with its `xmlns:vts`
+    /// declaration, as it appears in a domain's `<metadata>`.
+    Standalone,
+}
+
+/// Compresses one file deterministically: gzip level 9, mtime 0, no name,
+/// OS byte "unknown", so the same bytes always encode to the same text.
+pub fn gzip_deterministic(data: &[u8]) -> Vec<u8> {
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(Vec::new(), Compression::best());
+    enc.write_all(data).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Encodes `tpm` as a format v1 element.
+pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
+    let (p, xmlns) = match style {
+        Style::ForSetMetadata => (String::new(), String::new()),
+        Style::Standalone => (
+            format!("{NAMESPACE_PREFIX}:"),
+            format!(" xmlns:{NAMESPACE_PREFIX}=\"{NAMESPACE_URI}\""),
+        ),
+    };
+    let parent = provenance.parent.map(|d| d.hex()).unwrap_or_default();
+    let mut out = format!(
+        "<{p}state{xmlns} format=\"{FORMAT_VERSION}\" uuid=\"{}\" generation=\"{}\" digest=\"{}\" parent=\"{}\" stored=\"{}\" host=\"{}\">\n",
+        provenance.uuid,
+        provenance.generation,
+        tpm.digest().hex(),
+        parent,
+        escape(provenance.stored.as_str()),
+        escape(provenance.host.as_str()),
+    );
+    out.push_str(&format!("  <{p}tpm version=\"{}\">\n", tpm.version));
+    for f in tpm.files() {
+        let b64 = STANDARD.encode(gzip_deterministic(&f.data));
+        out.push_str(&format!(
+            "    <{p}file name=\"{}\" size=\"{}\" sha256=\"{}\" encoding=\"{ENCODING_GZIP_BASE64}\">{b64}</{p}file>\n",
+            escape(f.name.as_str()),
+            f.data.len(),
+            f.sha256().hex(),
+        ));
+    }
+    out.push_str(&format!("  </{p}tpm>\n</{p}state>"));
+    out
+}
+
+// ---------------------------------------------------------------- decoding
+
+/// Decodes and validates our element. Nothing is trusted until every check
+/// below has passed; on success the state is exactly what was stored.
+pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, FormatError> {
+    if el.name != "state" {
+        return Err(FormatError::WrongElement(el.name.clone()));
+    }
+    // MUST: a reader refuses an element whose `format` it does not know.
+    let format = el
+        .attr("format")
+        .ok_or(FormatError::MissingAttribute("format"))?;
+    if format != FORMAT_VERSION {
+        return Err(FormatError::UnknownFormat(format.to_string()));
+    }
+    let uuid = DomainUuid::parse(req(el, "uuid")?).ok_or(FormatError::BadAttribute {
+        attribute: "uuid",
+        why: "not a UUID",
+    })?;
+    let generation = parse_decimal(req(el, "generation")?).ok_or(FormatError::BadAttribute {
+        attribute: "generation",
+        why: "not a non-negative decimal integer",
+    })?;
+    let declared_digest = hex_attr(el, "digest")?;
+    let parent = match el.attr("parent").unwrap_or("") {
+        "" => None,
+        p => Some(Sha256Sum::parse_hex(p).ok_or(FormatError::BadAttribute {
+            attribute: "parent",
+            why: "not empty and not 64 lowercase hex digits",
+        })?),
+    };
+    let stored = el.attr("stored").unwrap_or("").to_string();
+    let host = el.attr("host").unwrap_or("").to_string();
+
+    // MUST: exactly one <tpm> section; unknown sections are refused, because
+    // their files take part in `digest` and cannot be skipped.
+    let mut tpm_section = None;
+    for child in &el.children {
+        match child.name.as_str() {
+            "tpm" if tpm_section.is_some() => return Err(FormatError::DuplicateTpmSection),
+            "tpm" => tpm_section = Some(child),
+            other => return Err(FormatError::UnknownSection(other.to_string())),
+        }
+    }
+    let section = tpm_section.ok_or(FormatError::NoTpmSection)?;
+    let version_text = section
+        .attr("version")
+        .ok_or(FormatError::MissingAttribute("version"))?;
+    let version = TpmVersion::parse(version_text)
+        .ok_or_else(|| FormatError::BadTpmVersion(version_text.to_string()))?;
+
+    let mut files: Vec<StateFile> = Vec::new();
+    for f in &section.children {
+        if f.name != "file" {
+            return Err(FormatError::UnexpectedElement(f.name.clone(), "tpm".into()));
+        }
+        let file = decode_file(f, version, limits)?;
+        // MUST: file names are unique within a section.
+        if files.iter().any(|x| x.name == file.name) {
+            return Err(FormatError::DuplicateFile(file.name));
+        }
+        files.push(file);
+    }
+    if files.is_empty() {
+        return Err(FormatError::NoFiles);
+    }
+    let tpm = TpmState::new(version, files);
+    // MUST: `digest` equals the sha256 of the sorted `tpm/<name> <sha256>\n` lines.
+    let actual = tpm.digest();
+    if actual != declared_digest {
+        return Err(FormatError::DigestMismatch {
+            declared: declared_digest.short(),
+            actual: actual.short(),
+        });
+    }
+    Ok(MetadataState {
+        provenance: Provenance {
+            uuid,
+            generation,
+            parent,
+            stored,
+            host,
+        },
+        digest: actual,
+        tpm,
+    })
+}
+
+fn decode_file(
+    f: &XmlElement,
+    version: TpmVersion,
+    limits: DecodeLimits,
+) -> Result<StateFile, FormatError> {
+    let name = req(f, "name")?.to_string();
+    // MUST: only the names listed for the section's version; never a path.
+    if !version.allowed_files().contains(&name.as_str()) {
+        return Err(FormatError::FileNameNotAllowed {
+            name,
+            version,
+            allowed: version.allowed_files().join(", "),
+        });
+    }
+    let encoding = req(f, "encoding")?;
+    if encoding != ENCODING_GZIP_BASE64 {
+        return Err(FormatError::UnknownEncoding(name, encoding.to_string()));
+    }
+    let size = parse_decimal(req(f, "size")?).ok_or(FormatError::BadAttribute {
+        attribute: "size",
+        why: "not a non-negative decimal integer",
+    })?;
+    let declared_sha = hex_attr(f, "sha256")?;
+    if size > limits.max_file_size {
+        return Err(FormatError::DeclaredTooLarge {
+            name,
+            size,
+            limit: limits.max_file_size,
+        });
+    }
+    // MUST: decoders ignore ASCII whitespace inside the base64 text.
+    let compact: Vec<u8> = f
+        .text
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    let gz = STANDARD
+        .decode(&compact)
+        .map_err(|_| FormatError::BadBase64(name.clone()))?;
+    let data = gunzip_capped(&gz, limits.max_file_size).map_err(|e| match e {
+        GunzipError::TooLarge => FormatError::DecompressedTooLarge {
+            name: name.clone(),
+            limit: limits.max_file_size,
+        },
+        GunzipError::Invalid => FormatError::BadGzip(name.clone()),
+    })?;
+    if data.len() as u64 != size {
+        return Err(FormatError::SizeMismatch {
+            name,
+            declared: size,
+            actual: data.len() as u64,
+        });
+    }
+    let actual_sha = Sha256Sum::of(&data);
+    if actual_sha != declared_sha {
+        return Err(FormatError::Sha256Mismatch {
+            name,
+            declared: declared_sha.short(),
+            actual: actual_sha.short(),
+        });
+    }
+    check_header(&data).map_err(|source| FormatError::BadSwtpmHeader {
+        name: name.clone(),
+        source,
+    })?;
+    Ok(StateFile { name, data })
+}
+
+enum GunzipError {
+    TooLarge,
+    Invalid,
+}
+
+/// Decompresses one gzip member, never producing more than `cap` bytes, and
+/// refuses trailing garbage after it.
+fn gunzip_capped(gz: &[u8], cap: u64) -> Result<Vec<u8>, GunzipError> {
+    let mut dec = GzDecoder::new(gz);
+    let mut out = Vec::new();
+    (&mut dec)
+        .take(cap + 1)
+        .read_to_end(&mut out)
+        .map_err(|_| GunzipError::Invalid)?;
+    if out.len() as u64 > cap {
+        return Err(GunzipError::TooLarge);
+    }
+    // One member only: a second one would be silently ignored otherwise.
+    let mut rest = [0u8; 1];
+    if dec.read(&mut rest).map_err(|_| GunzipError::Invalid)? != 0 {
+        return Err(GunzipError::TooLarge);
+    }
+    Ok(out)
+}
+
+fn req<'a>(el: &'a XmlElement, name: &'static str) -> Result<&'a str, FormatError> {
+    el.attr(name).ok_or(FormatError::MissingAttribute(name))
+}
+
+fn hex_attr(el: &XmlElement, name: &'static str) -> Result<Sha256Sum, FormatError> {
+    Sha256Sum::parse_hex(req(el, name)?).ok_or(FormatError::BadAttribute {
+        attribute: name,
+        why: "not 64 lowercase hex digits",
+    })
+}
+
+/// Plain decimal: digits only, no sign, no leading `+`, fits in u64.
+fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// The digest of a state given only `(name, sha256)` pairs (for callers that
+/// know sums but not bytes).
+pub fn digest_of_sums(version_files: &[(String, Sha256Sum)]) -> Sha256Sum {
+    state_digest(version_files.iter().map(|(n, s)| (format!("tpm/{n}"), *s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::parse_domain;
+    use crate::swtpm::synthetic_blob;
+
+    const UUID: &str = "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d";
+
+    fn sample() -> (TpmState, Provenance) {
+        let tpm = TpmState::new(
+            TpmVersion::V2_0,
+            vec![StateFile {
+                name: "tpm2-00.permall".into(),
+                data: synthetic_blob(0, &[7u8; 300]),
+            }],
+        );
+        let prov = Provenance {
+            uuid: DomainUuid::parse(UUID).unwrap(),
+            generation: 3,
+            parent: Some(Sha256Sum::of(b"older")),
+            stored: "2026-11-23T00:00:00Z".into(),
+            host: "host-a & <b>".into(),
+        };
+        (tpm, prov)
+    }
+
+    fn in_domain(element: &str) -> XmlElement {
+        let xml = format!(
+            "<domain><name>v</name><uuid>{UUID}</uuid><metadata>{element}</metadata></domain>"
+        );
+        parse_domain(xml.as_bytes(), NAMESPACE_URI)
+            .unwrap()
+            .metadata
+            .expect("element found")
+    }
+
+    #[test]
+    fn round_trip_standalone() {
+        let (tpm, prov) = sample();
+        let text = encode(&tpm, &prov, Style::Standalone);
+        let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+        assert_eq!(back.tpm, tpm);
+        assert_eq!(back.provenance, prov);
+        assert_eq!(back.digest, tpm.digest());
+    }
+
+    #[test]
+    fn round_trip_as_libvirt_namespaces_only_the_root() {
+        // libvirt puts the root in the namespace; children may stay unprefixed.
+        let (tpm, prov) = sample();
+        let text = encode(&tpm, &prov, Style::ForSetMetadata).replacen(
+            "<state ",
+            &format!("<vts:state xmlns:vts=\"{NAMESPACE_URI}\" "),
+            1,
+        );
+        let text = text.replace("</state>", "</vts:state>");
+        let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+        assert_eq!(back.tpm, tpm);
+    }
+
+    #[test]
+    fn encoding_is_deterministic() {
+        let (tpm, prov) = sample();
+        assert_eq!(
+            encode(&tpm, &prov, Style::Standalone),
+            encode(&tpm, &prov, Style::Standalone)
+        );
+        let gz = gzip_deterministic(b"abc");
+        assert_eq!(&gz[4..8], &[0, 0, 0, 0], "mtime must be 0");
+        assert_eq!(gz[3] & 0x08, 0, "no file name");
+    }
+
+    #[test]
+    fn whitespace_in_base64_is_ignored() {
+        let (tpm, prov) = sample();
+        let text = encode(&tpm, &prov, Style::Standalone);
+        let start = text.find("gzip+base64\">").unwrap() + "gzip+base64\">".len();
+        let end = text[start..].find('<').unwrap() + start;
+        let b64 = &text[start..end];
+        let wrapped: String = b64
+            .as_bytes()
+            .chunks(10)
+            .map(|c| format!("\n      {}", std::str::from_utf8(c).unwrap()))
+            .collect();
+        let text = format!("{}{}\n    {}", &text[..start], wrapped, &text[end..]);
+        decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+    }
+
+    fn refused(text: &str) -> FormatError {
+        decode(&in_domain(text), DecodeLimits::default()).unwrap_err()
+    }
+
+    fn sample_text() -> String {
+        let (tpm, prov) = sample();
+        encode(&tpm, &prov, Style::Standalone)
+    }
+
+    #[test]
+    fn refuses_unknown_format_and_encoding() {
+        let t = sample_text().replace("format=\"1\"", "format=\"2\"");
+        assert_eq!(refused(&t), FormatError::UnknownFormat("2".into()));
+        let t = sample_text().replace("gzip+base64", "zstd+base64");
+        assert!(matches!(refused(&t), FormatError::UnknownEncoding(..)));
+    }
+
+    #[test]
+    fn refuses_bad_names_and_duplicates() {
+        for bad in [
+            "../../etc/shadow",
+            "tpm2-00.volatilestate",
+            "tpm-00.permall",
+            "",
+        ] {
+            let t = sample_text().replace("name=\"tpm2-00.permall\"", &format!("name=\"{bad}\""));
+            assert!(
+                matches!(refused(&t), FormatError::FileNameNotAllowed { .. }),
+                "{bad}"
+            );
+        }
+        let t = sample_text();
+        let start = t.find("    <vts:file").unwrap();
+        let end = t.find("</vts:file>\n").unwrap() + "</vts:file>\n".len();
+        let dup = format!("{}{}{}", &t[..end], &t[start..end], &t[end..]);
+        assert!(matches!(refused(&dup), FormatError::DuplicateFile(_)));
+    }
+
+    #[test]
+    fn refuses_bad_base64_sizes_and_sums() {
+        let t = sample_text().replace("gzip+base64\">", "gzip+base64\">!!");
+        assert!(matches!(refused(&t), FormatError::BadBase64(_)));
+        let t = sample_text().replace("size=\"310\"", "size=\"311\"");
+        assert!(matches!(refused(&t), FormatError::SizeMismatch { .. }));
+        let t = sample_text().replace("size=\"310\"", "size=\"99999999999\"");
+        assert!(matches!(refused(&t), FormatError::DeclaredTooLarge { .. }));
+        let (tpm, _) = sample();
+        let sha = tpm.files()[0].sha256().hex();
+        let t = sample_text().replace(&sha, &Sha256Sum::of(b"x").hex());
+        assert!(matches!(refused(&t), FormatError::Sha256Mismatch { .. }));
+        let t = sample_text().replace(&tpm.digest().hex(), &Sha256Sum::of(b"x").hex());
+        assert!(matches!(refused(&t), FormatError::DigestMismatch { .. }));
+        let t = sample_text().replace("generation=\"3\"", "generation=\"-3\"");
+        assert!(matches!(
+            refused(&t),
+            FormatError::BadAttribute {
+                attribute: "generation",
+                ..
+            }
+        ));
+        let t = sample_text().replace(&format!("uuid=\"{UUID}\""), "uuid=\"x\"");
+        assert!(matches!(
+            refused(&t),
+            FormatError::BadAttribute {
+                attribute: "uuid",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn refuses_decompression_bomb() {
+        let bomb_data = vec![0u8; 8 * 1024 * 1024];
+        let b64 = STANDARD.encode(gzip_deterministic(&bomb_data));
+        let sha = Sha256Sum::of(&bomb_data);
+        let digest = digest_of_sums(&[("tpm2-00.permall".into(), sha)]);
+        // The size attribute lies (small) to get past the declared-size check.
+        let t = format!(
+            "<vts:state xmlns:vts=\"{NAMESPACE_URI}\" format=\"1\" uuid=\"{UUID}\" generation=\"1\" digest=\"{}\" parent=\"\" stored=\"\" host=\"\"><vts:tpm version=\"2.0\"><vts:file name=\"tpm2-00.permall\" size=\"100\" sha256=\"{}\" encoding=\"gzip+base64\">{b64}</vts:file></vts:tpm></vts:state>",
+            digest.hex(),
+            sha.hex()
+        );
+        assert!(matches!(
+            refused(&t),
+            FormatError::DecompressedTooLarge { .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_non_swtpm_content_and_unknown_sections() {
+        let data = b"just some bytes, not a swtpm blob".to_vec();
+        let tpm = TpmState::new(
+            TpmVersion::V2_0,
+            vec![StateFile {
+                name: "tpm2-00.permall".into(),
+                data,
+            }],
+        );
+        let (_, prov) = sample();
+        let t = encode(&tpm, &prov, Style::Standalone);
+        assert!(matches!(refused(&t), FormatError::BadSwtpmHeader { .. }));
+        let t = sample_text().replace("</vts:tpm>", "</vts:tpm><vts:nvram/>");
+        assert_eq!(refused(&t), FormatError::UnknownSection("nvram".into()));
+        let t = sample_text().replace("version=\"2.0\"", "version=\"3.0\"");
+        assert!(matches!(refused(&t), FormatError::BadTpmVersion(_)));
+    }
+
+    #[test]
+    fn errors_never_contain_content() {
+        let t = sample_text().replace("gzip+base64\">", "gzip+base64\">!!");
+        let msg = refused(&t).to_string();
+        assert!(!msg.contains("H4sI"), "{msg}");
+    }
+}

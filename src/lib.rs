@@ -1,0 +1,13 @@
+//! virt-tpm-state: keep a libvirt VM's emulated TPM (swtpm) state inside its
+//! domain XML, so the XML alone recreates the VM with the same TPM.
+//!
+//! Layout: pure logic ([`state`], [`swtpm`], [`format`], [`domain`],
+//! [`decision`]) does no I/O; [`statefs`] is the one place that touches the
+//! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
+//! the only module that speaks to libvirt, and only the CLI uses it.
+
+pub mod domain;
+pub mod format;
+pub mod paths;
+pub mod state;
+pub mod swtpm;

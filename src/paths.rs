@@ -1,0 +1,118 @@
+//! Every absolute path the programs touch, re-rootable for tests.
+//!
+//! When `VIRT_TPM_STATE_ROOT=DIR` is set, each path below lives under `DIR`
+//! instead of `/` (like systemd's `$SYSTEMD_*_ROOT` overrides), so the real
+//! binaries run against a scratch tree. Nothing else reads the environment
+//! for paths.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Environment variable that re-roots every path.
+pub const ROOT_ENV: &str = "VIRT_TPM_STATE_ROOT";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    root: PathBuf,
+}
+
+impl Paths {
+    /// Paths for this process: `/`, or the directory named by `VIRT_TPM_STATE_ROOT`.
+    pub fn from_env() -> Self {
+        Self::from_root_var(std::env::var_os(ROOT_ENV))
+    }
+
+    fn from_root_var(var: Option<OsString>) -> Self {
+        match var {
+            Some(v) if !v.is_empty() => Self::with_root(PathBuf::from(v)),
+            _ => Self::with_root(PathBuf::from("/")),
+        }
+    }
+
+    pub fn with_root(root: impl Into<PathBuf>) -> Self {
+        Paths { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn is_rerooted(&self) -> bool {
+        self.root != Path::new("/")
+    }
+
+    /// `abs` (an absolute path) under the root.
+    pub fn under_root(&self, abs: &Path) -> PathBuf {
+        let rel = abs.strip_prefix("/").unwrap_or(abs);
+        self.root.join(rel)
+    }
+
+    /// libvirt's default swtpm state base: `<base>/<uuid>/tpm2`.
+    pub fn swtpm_base(&self) -> PathBuf {
+        self.under_root(Path::new("/var/lib/libvirt/swtpm"))
+    }
+
+    pub fn qemu_conf(&self) -> PathBuf {
+        self.under_root(Path::new("/etc/libvirt/qemu.conf"))
+    }
+
+    pub fn libvirt_hooks_dir(&self) -> PathBuf {
+        self.under_root(Path::new("/etc/libvirt/hooks"))
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.under_root(Path::new("/etc/virt-tpm-state"))
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.config_dir().join("config.toml")
+    }
+
+    /// Root-only persistent data: backups, copies kept at stop, sync journal.
+    pub fn data_dir(&self) -> PathBuf {
+        self.under_root(Path::new("/var/lib/virt-tpm-state"))
+    }
+
+    /// Volatile data: locks and "do not restore" markers.
+    pub fn run_dir(&self) -> PathBuf {
+        self.under_root(Path::new("/run/virt-tpm-state"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_root_is_slash() {
+        let p = Paths::from_root_var(None);
+        assert_eq!(p.swtpm_base(), PathBuf::from("/var/lib/libvirt/swtpm"));
+        assert!(!p.is_rerooted());
+        let p = Paths::from_root_var(Some(OsString::new()));
+        assert_eq!(p.qemu_conf(), PathBuf::from("/etc/libvirt/qemu.conf"));
+    }
+
+    #[test]
+    fn every_path_is_rerooted() {
+        let p = Paths::from_root_var(Some("/tmp/x".into()));
+        for path in [
+            p.swtpm_base(),
+            p.qemu_conf(),
+            p.libvirt_hooks_dir(),
+            p.config_dir(),
+            p.config_file(),
+            p.data_dir(),
+            p.run_dir(),
+        ] {
+            assert!(
+                path.starts_with("/tmp/x/"),
+                "{} not re-rooted",
+                path.display()
+            );
+        }
+        assert_eq!(
+            p.under_root(Path::new("/srv/tpm")),
+            PathBuf::from("/tmp/x/srv/tpm")
+        );
+    }
+}

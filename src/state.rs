@@ -1,0 +1,289 @@
+//! The TPM state as this tool sees it: a TPM version and its files, and the
+//! digest that names one state. Pure data, no I/O.
+//!
+//! File contents are secrets: `Debug` prints sizes and digest prefixes only.
+
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+
+/// The TPM family of a domain's emulated TPM; decides the state sub-directory
+/// and the one file that must survive a power cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum TpmVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "2.0")]
+    V2_0,
+}
+
+impl TpmVersion {
+    /// As libvirt writes it in `<backend version=...>` and we in `<tpm version=...>`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TpmVersion::V1_2 => "1.2",
+            TpmVersion::V2_0 => "2.0",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "1.2" => Some(TpmVersion::V1_2),
+            "2.0" => Some(TpmVersion::V2_0),
+            _ => None,
+        }
+    }
+
+    /// Directory below `/var/lib/libvirt/swtpm/<uuid>/` that libvirt uses.
+    pub fn state_subdir(self) -> &'static str {
+        match self {
+            TpmVersion::V1_2 => "tpm1.2",
+            TpmVersion::V2_0 => "tpm2",
+        }
+    }
+
+    /// The only file we store and restore: swtpm's permanent state. Volatile
+    /// and save states belong to one run and must not be resurrected.
+    pub fn permall_name(self) -> &'static str {
+        match self {
+            TpmVersion::V1_2 => "tpm-00.permall",
+            TpmVersion::V2_0 => "tpm2-00.permall",
+        }
+    }
+
+    /// File names allowed in the `<tpm>` section for this version.
+    pub fn allowed_files(self) -> &'static [&'static str] {
+        match self {
+            TpmVersion::V1_2 => &["tpm-00.permall"],
+            TpmVersion::V2_0 => &["tpm2-00.permall"],
+        }
+    }
+}
+
+impl fmt::Display for TpmVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A SHA-256 value; shown as lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256Sum(pub [u8; 32]);
+
+impl Sha256Sum {
+    pub fn of(data: &[u8]) -> Self {
+        Sha256Sum(Sha256::digest(data).into())
+    }
+
+    pub fn hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        s
+    }
+
+    /// The first 12 hex digits: what logs and one-line messages show.
+    pub fn short(&self) -> String {
+        self.hex()[..12].to_string()
+    }
+
+    /// Parses exactly 64 lowercase hex digits (the form the format requires).
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in b.chunks_exact(2).enumerate() {
+            let hi = lower_hex_value(pair[0])?;
+            let lo = lower_hex_value(pair[1])?;
+            out[i] = hi << 4 | lo;
+        }
+        Some(Sha256Sum(out))
+    }
+}
+
+fn lower_hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Debug for Sha256Sum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha256Sum({})", self.short())
+    }
+}
+
+impl fmt::Display for Sha256Sum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// One state file: its name (no directories) and its raw bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StateFile {
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
+impl StateFile {
+    pub fn sha256(&self) -> Sha256Sum {
+        Sha256Sum::of(&self.data)
+    }
+}
+
+impl fmt::Debug for StateFile {
+    // Never the bytes: they are TPM secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "StateFile {{ name: {:?}, size: {}, sha256: {} }}",
+            self.name,
+            self.data.len(),
+            self.sha256().short()
+        )
+    }
+}
+
+/// One TPM's state: its version and its files, kept sorted by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmState {
+    pub version: TpmVersion,
+    files: Vec<StateFile>,
+}
+
+impl TpmState {
+    pub fn new(version: TpmVersion, mut files: Vec<StateFile>) -> Self {
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        TpmState { version, files }
+    }
+
+    pub fn files(&self) -> &[StateFile] {
+        &self.files
+    }
+
+    pub fn total_size(&self) -> usize {
+        self.files.iter().map(|f| f.data.len()).sum()
+    }
+
+    /// The state's name, format v1: sha256 of the sorted lines
+    /// `tpm/<name> <sha256-hex>\n`, one per file.
+    pub fn digest(&self) -> Sha256Sum {
+        state_digest(
+            self.files
+                .iter()
+                .map(|f| (format!("tpm/{}", f.name), f.sha256())),
+        )
+    }
+}
+
+/// The `digest` rule of format v1 over `(section/name, sha256)` pairs.
+pub fn state_digest(entries: impl IntoIterator<Item = (String, Sha256Sum)>) -> Sha256Sum {
+    let mut lines: Vec<String> = entries
+        .into_iter()
+        .map(|(path, sum)| format!("{path} {}\n", sum.hex()))
+        .collect();
+    lines.sort();
+    let mut h = Sha256::new();
+    for l in &lines {
+        h.update(l.as_bytes());
+    }
+    Sha256Sum(h.finalize().into())
+}
+
+/// A domain UUID in libvirt's canonical form (lowercase 8-4-4-4-12 hex).
+/// Only a value that passed `parse` ever becomes part of a path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomainUuid(String);
+
+impl DomainUuid {
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let b = s.as_bytes();
+        if b.len() != 36 {
+            return None;
+        }
+        for (i, &c) in b.iter().enumerate() {
+            let ok = match i {
+                8 | 13 | 18 | 23 => c == b'-',
+                _ => c.is_ascii_hexdigit(),
+            };
+            if !ok {
+                return None;
+            }
+        }
+        Some(DomainUuid(s.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DomainUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_is_sorted_lines() {
+        let s = TpmState::new(
+            TpmVersion::V2_0,
+            vec![StateFile {
+                name: "tpm2-00.permall".into(),
+                data: b"abc".to_vec(),
+            }],
+        );
+        let expected_line = format!("tpm/tpm2-00.permall {}\n", Sha256Sum::of(b"abc").hex());
+        assert_eq!(s.digest(), Sha256Sum::of(expected_line.as_bytes()));
+    }
+
+    #[test]
+    fn uuid_parsing() {
+        assert_eq!(
+            DomainUuid::parse("1B4E28BA-2FA1-11D2-883F-0016D3CCA427")
+                .unwrap()
+                .as_str(),
+            "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+        );
+        for bad in [
+            "",
+            "../../etc/passwd",
+            "1b4e28ba2fa111d2883f0016d3cca427",
+            "1b4e28ba-2fa1-11d2-883f-0016d3cca42/",
+            "1b4e28ba-2fa1-11d2-883f-0016d3cca4270",
+            "1b4e28ba_2fa1-11d2-883f-0016d3cca427",
+        ] {
+            assert!(DomainUuid::parse(bad).is_none(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn hex_round_trip_and_strictness() {
+        let d = Sha256Sum::of(b"x");
+        assert_eq!(Sha256Sum::parse_hex(&d.hex()), Some(d));
+        assert_eq!(Sha256Sum::parse_hex(&d.hex().to_uppercase()), None);
+        assert_eq!(Sha256Sum::parse_hex("00"), None);
+    }
+
+    #[test]
+    fn debug_never_shows_bytes() {
+        let f = StateFile {
+            name: "tpm2-00.permall".into(),
+            data: b"SECRET-SEED".to_vec(),
+        };
+        let s = format!("{f:?}");
+        assert!(!s.contains("SECRET"));
+        assert!(s.contains("size: 11"));
+    }
+}

@@ -1,0 +1,309 @@
+#!/bin/bash
+# world.sh - a "private libvirt world": a private libvirtd + virtlogd standing in for one host.
+#
+# How it works: `up DIR` builds scratch copies of the libvirt dirs under DIR/root (a copy of
+# the host's /etc/libvirt, empty skeletons of /var/lib/libvirt, /var/log/libvirt, ...), starts a
+# holder process (`sleep infinity`) in a new private mount namespace (pid in DIR/holder.pid)
+# and bind-mounts every scratch dir over its real path *inside that namespace only*. libvirtd
+# and virtlogd are then started inside the namespace, so everything they and their children
+# (qemu, swtpm, hooks) read or write lands in DIR/root. The host's own libvirt is never touched;
+# only empty mountpoint dirs (e.g. /run/libvirt, /etc/virt-tpm-state) may be created on the host.
+# Several worlds can run at once (each has its own /run/libvirt, so its own sockets): each is
+# one "host". `down DIR` kills exactly the processes in that namespace. `up` on a DIR that was
+# brought `down` reuses its scratch dirs: that is a host reboot that keeps its disks.
+#
+# Usage:
+#   world.sh up DIR            create/start the world in DIR (absolute path)
+#   world.sh exec DIR CMD...   run CMD inside the world (LIBVIRT_DEFAULT_URI=qemu:///system)
+#   world.sh reload DIR        SIGHUP the world's libvirtd (rediscovers hooks), wait for it
+#   world.sh down DIR          stop everything of that world (idempotent)
+#   world.sh status DIR        exit 0 if the world is up
+#   world.sh host-check        fingerprint of the host's libvirt dirs (run on the host)
+#
+# Files in DIR: root/ (scratch trees), holder.pid, holder.ns, libvirtd.pid, virtlogd.pid,
+# libvirtd.log (libvirtd's log, hook calls at debug level), virtlogd.log.
+set -euo pipefail
+
+# Real path -> "mode owner:group" of the scratch dir created for it (if not copied).
+# /etc/libvirt is copied from the host; the others start as empty skeletons.
+BIND_DIRS=(
+    /etc/libvirt
+    /var/lib/libvirt
+    /var/log/libvirt
+    /var/cache/libvirt
+    /var/log/swtpm
+    /var/lib/swtpm-localca
+    /run/libvirt
+    /etc/virt-tpm-state
+    /var/lib/virt-tpm-state
+    /run/virt-tpm-state
+)
+
+# Skeleton: path mode owner:group (as Debian's packages ship them)
+SKELETON=(
+    "/var/lib/libvirt 755 root:root"
+    "/var/lib/libvirt/images 711 root:root"
+    "/var/lib/libvirt/boot 711 root:root"
+    "/var/lib/libvirt/qemu 750 libvirt-qemu:libvirt-qemu"
+    "/var/lib/libvirt/qemu/channel 750 libvirt-qemu:libvirt-qemu"
+    "/var/lib/libvirt/qemu/channel/target 750 libvirt-qemu:libvirt-qemu"
+    "/var/lib/libvirt/qemu/nvram 755 root:root"
+    "/var/lib/libvirt/sanlock 700 root:root"
+    "/var/log/libvirt 755 root:root"
+    "/var/log/libvirt/qemu 755 root:root"
+    "/var/log/libvirt/lxc 755 root:root"
+    "/var/cache/libvirt 711 root:root"
+    "/var/cache/libvirt/qemu 711 root:root"
+    "/var/log/swtpm 755 root:root"
+    "/var/lib/swtpm-localca 750 tss:root"
+    "/run/libvirt 755 root:root"
+    "/etc/virt-tpm-state 755 root:root"
+    "/var/lib/virt-tpm-state 755 root:root"
+    "/run/virt-tpm-state 755 root:root"
+)
+
+SANE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+die() { echo "world.sh: $*" >&2; exit 1; }
+
+need_dir() {
+    [[ $# -ge 1 && -n $1 ]] || die "missing DIR"
+    [[ $1 == /* ]] || die "DIR must be absolute: $1"
+}
+
+ns_of() { readlink "/proc/$1/ns/mnt" 2>/dev/null || true; }
+
+# Prints the holder pid if the world in $1 is up (holder alive, namespace as recorded).
+holder_pid() {
+    local dir=$1 pid ns
+    [[ -f $dir/holder.pid && -f $dir/holder.ns ]] || return 1
+    pid=$(<"$dir/holder.pid")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    ns=$(ns_of "$pid")
+    [[ -n $ns && $ns == "$(<"$dir/holder.ns")" ]] || return 1
+    echo "$pid"
+}
+
+# Run a command inside the world's mount namespace with a clean environment.
+in_world() {
+    local dir=$1 pid
+    shift
+    pid=$(holder_pid "$dir") || die "world $dir is not up"
+    nsenter -t "$pid" -m -- env -i PATH="$SANE_PATH" HOME=/root LC_ALL=C \
+        LIBVIRT_DEFAULT_URI=qemu:///system "$@"
+}
+
+wait_virsh() {
+    local dir=$1 secs=$2 i
+    for ((i = 0; i < secs * 4; i++)); do
+        if in_world "$dir" timeout 5 virsh -q -c qemu:///system list --all >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.25
+    done
+    return 1
+}
+
+# Set (replace or append) `key = value` in a libvirt config file.
+conf_set() {
+    local file=$1 key=$2 value=$3
+    sed -i -E "/^[[:space:]]*#?[[:space:]]*${key}[[:space:]]*=.*/d" "$file"
+    printf '%s = %s\n' "$key" "$value" >>"$file"
+}
+
+pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
+read_pidfile() {
+    local f=$1 p
+    [[ -f $f ]] || return 0
+    p=$(<"$f")
+    p=${p//[^0-9]/}
+    echo "$p"
+}
+
+cmd_up() {
+    need_dir "${1:-}"
+    local dir=$1 root=$1/root entry path mode own d holder hostns i
+    if holder_pid "$dir" >/dev/null; then
+        die "world $dir is already up"
+    fi
+    mkdir -p "$dir"
+    for entry in "${SKELETON[@]}"; do
+        read -r path mode own <<<"$entry"
+        if [[ ! -d $root$path ]]; then
+            install -d -m "$mode" -o "${own%%:*}" -g "${own##*:}" "$root$path"
+        fi
+    done
+    if [[ ! -e $root/etc/libvirt/.world-copied ]]; then
+        mkdir -p "$root/etc"
+        cp -a /etc/libvirt "$root/etc/"
+        touch "$root/etc/libvirt/.world-copied"
+    fi
+    mkdir -p "$root/etc/libvirt/hooks/qemu.d"
+
+    local lconf=$root/etc/libvirt/libvirtd.conf qconf=$root/etc/libvirt/qemu.conf
+    conf_set "$lconf" auth_unix_ro '"none"'
+    conf_set "$lconf" auth_unix_rw '"none"'
+    conf_set "$lconf" unix_sock_rw_perms '"0770"'
+    conf_set "$lconf" log_level 3
+    conf_set "$lconf" log_filters '"1:util.hook 1:qemu.qemu_tpm 1:qemu.qemu_extdevice"'
+    conf_set "$lconf" log_outputs "\"1:file:$dir/libvirtd.log\""
+    conf_set "$qconf" security_driver '"none"'
+    # No cgroups (they are shared with the host and other worlds) and no private /dev
+    # namespace for qemu (so qemu stays in the world's mount namespace and `down` finds it).
+    conf_set "$qconf" cgroup_controllers '[ ]'
+    conf_set "$qconf" namespaces '[ ]'
+    conf_set "$root/etc/libvirt/virtlogd.conf" log_outputs "\"3:file:$dir/virtlogd.log\""
+
+    # Mountpoints on the host (empty dirs only).
+    for d in "${BIND_DIRS[@]}"; do
+        [[ -d $d ]] || mkdir -p "$d"
+    done
+
+    hostns=$(ns_of $$)
+    setsid unshare --mount --propagation private -- sleep infinity </dev/null >/dev/null 2>&1 &
+    holder=$!
+    for ((i = 0; i < 100; i++)); do
+        [[ $(ns_of "$holder") != "$hostns" && -n $(ns_of "$holder") ]] && break
+        sleep 0.05
+    done
+    [[ $(ns_of "$holder") != "$hostns" ]] || { kill "$holder" 2>/dev/null; die "unshare failed"; }
+    echo "$holder" >"$dir/holder.pid"
+    ns_of "$holder" >"$dir/holder.ns"
+
+    for d in "${BIND_DIRS[@]}"; do
+        nsenter -t "$holder" -m -- mount --bind "$root$d" "$d"
+    done
+
+    : >"$dir/libvirtd.log"
+    in_world "$dir" virtlogd -d --pid-file "$dir/virtlogd.pid" </dev/null >/dev/null 2>&1 \
+        || { cmd_down "$dir"; die "virtlogd failed to start"; }
+    in_world "$dir" libvirtd -d --pid-file "$dir/libvirtd.pid" </dev/null >/dev/null 2>&1 \
+        || { tail -n 50 "$dir/libvirtd.log" >&2; cmd_down "$dir"; die "libvirtd failed to start"; }
+    if ! wait_virsh "$dir" 20; then
+        echo "--- $dir/libvirtd.log (tail) ---" >&2
+        tail -n 80 "$dir/libvirtd.log" >&2 || true
+        cmd_down "$dir"
+        die "libvirtd in $dir did not answer within 20s"
+    fi
+    echo "world $dir is up (holder $holder)" >&2
+}
+
+cmd_exec() {
+    need_dir "${1:-}"
+    local dir=$1 pid
+    shift
+    [[ $# -ge 1 ]] || die "exec: missing CMD"
+    pid=$(holder_pid "$dir") || die "world $dir is not up"
+    exec nsenter -t "$pid" -m -- env LIBVIRT_DEFAULT_URI=qemu:///system "$@"
+}
+
+cmd_reload() {
+    need_dir "${1:-}"
+    local dir=$1 pid
+    holder_pid "$dir" >/dev/null || die "world $dir is not up"
+    pid=$(read_pidfile "$dir/libvirtd.pid")
+    pid_alive "$pid" || die "libvirtd of $dir is not running"
+    kill -HUP "$pid"
+    sleep 0.5
+    wait_virsh "$dir" 20 || die "libvirtd of $dir did not answer after SIGHUP"
+}
+
+# Pids of all processes in the mount namespace $1, except $2.
+pids_in_ns() {
+    local ns=$1 skip=$2 p
+    for p in /proc/[0-9]*; do
+        p=${p#/proc/}
+        [[ $p == "$skip" || $p == "$$" ]] && continue
+        [[ $(ns_of "$p") == "$ns" ]] && echo "$p"
+    done
+    return 0
+}
+
+cmd_down() {
+    need_dir "${1:-}"
+    local dir=$1 holder ns dom p pids i
+    [[ -f $dir/holder.ns ]] || return 0
+    ns=$(<"$dir/holder.ns")
+    if ! holder=$(holder_pid "$dir"); then
+        # Holder gone: only go on if a daemon of this world still lives in its namespace
+        # (namespace inode numbers can be reused once a namespace is gone).
+        holder=
+        local alive=
+        for p in "$(read_pidfile "$dir/libvirtd.pid")" "$(read_pidfile "$dir/virtlogd.pid")"; do
+            pid_alive "$p" && [[ $(ns_of "$p") == "$ns" ]] && alive=1
+        done
+        if [[ -z $alive ]]; then
+            rm -f "$dir/holder.pid" "$dir/holder.ns" "$dir/libvirtd.pid" "$dir/virtlogd.pid"
+            return 0
+        fi
+    fi
+    p=$(read_pidfile "$dir/libvirtd.pid")
+    if [[ -n $holder ]] && pid_alive "$p" && [[ $(ns_of "$p") == "$ns" ]]; then
+        while read -r dom; do
+            [[ -n $dom ]] || continue
+            in_world "$dir" timeout 20 virsh -q destroy "$dom" >/dev/null 2>&1 || true
+        done < <(in_world "$dir" timeout 10 virsh -q list --name 2>/dev/null || true)
+        kill -TERM "$p" 2>/dev/null || true
+        for ((i = 0; i < 40; i++)); do pid_alive "$p" || break; sleep 0.25; done
+    fi
+    p=$(read_pidfile "$dir/virtlogd.pid")
+    if pid_alive "$p" && [[ $(ns_of "$p") == "$ns" ]]; then
+        kill -TERM "$p" 2>/dev/null || true
+    fi
+    # Whatever is left in the namespace (qemu, swtpm, hooks, helpers): TERM, then KILL.
+    for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        pids=$(pids_in_ns "$ns" "$holder")
+        [[ -n $pids ]] || break
+        if [[ $i -eq 1 ]]; then
+            # shellcheck disable=SC2086
+            kill -TERM $pids 2>/dev/null || true
+        elif [[ $i -ge 12 ]]; then
+            # shellcheck disable=SC2086
+            kill -KILL $pids 2>/dev/null || true
+        fi
+        sleep 0.25
+    done
+    pids=$(pids_in_ns "$ns" "$holder")
+    [[ -z $pids ]] || echo "world.sh: warning: still alive in $dir: $pids" >&2
+    if [[ -n $holder ]]; then
+        kill -KILL "$holder" 2>/dev/null || true
+        for ((i = 0; i < 40; i++)); do pid_alive "$holder" || break; sleep 0.05; done
+    fi
+    rm -f "$dir/holder.pid" "$dir/holder.ns" "$dir/libvirtd.pid" "$dir/virtlogd.pid"
+    echo "world $dir is down" >&2
+}
+
+cmd_status() {
+    need_dir "${1:-}"
+    holder_pid "$1" >/dev/null
+}
+
+cmd_host_check() {
+    local d existing=()
+    for d in "${BIND_DIRS[@]}"; do
+        [[ -e $d ]] && existing+=("$d")
+    done
+    {
+        if [[ ${#existing[@]} -gt 0 ]]; then
+            find "${existing[@]}" -mindepth 1 -printf '%p %y %s %m %u:%g %T@\n' 2>/dev/null || true
+        fi
+    } | LC_ALL=C sort | sha256sum | cut -d' ' -f1
+}
+
+main() {
+    [[ $# -ge 1 ]] || die "usage: world.sh up|exec|reload|down|status DIR ... | host-check"
+    local cmd=$1
+    shift
+    case $cmd in
+        up) cmd_up "$@" ;;
+        exec) cmd_exec "$@" ;;
+        reload) cmd_reload "$@" ;;
+        down) cmd_down "$@" ;;
+        status) cmd_status "$@" ;;
+        host-check) cmd_host_check ;;
+        *) die "unknown command: $cmd" ;;
+    esac
+}
+
+main "$@"
