@@ -6,8 +6,14 @@
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
 
+pub mod config;
+pub mod decision;
 pub mod domain;
 pub mod format;
+pub mod hook;
+pub mod logging;
 pub mod paths;
+pub mod restore;
 pub mod state;
+pub mod statefs;
 pub mod swtpm;

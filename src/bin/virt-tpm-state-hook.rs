@@ -1,1 +1,31 @@
-fn main() {}
+//! libvirt qemu hook. Install with `virt-tpm-state install`.
+//! Exit codes: see README ("Exit codes"). Never writes to stdout.
+
+use std::process::ExitCode;
+use virt_tpm_state::{hook, logging, paths::Paths};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Ops we do nothing for return before any set-up: this hook runs inside
+    // every VM start, stop and migration on the host.
+    if args.len() >= 3 && hook::HookOp::from_args(&args[1], &args[2]) == hook::HookOp::Ignored {
+        return ExitCode::SUCCESS;
+    }
+    let sink = logging::init(
+        "virt-tpm-state-hook",
+        log::LevelFilter::Info,
+        log::LevelFilter::Warn,
+    );
+    match hook::run(&args, std::io::stdin().lock(), &Paths::from_env()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: libvirt shows it as the reason the operation failed.
+            let line = format!("virt-tpm-state: {e}");
+            if sink == logging::Sink::Syslog {
+                log::error!("{line}");
+            }
+            eprintln!("{line}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}

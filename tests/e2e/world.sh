@@ -128,6 +128,9 @@ cmd_up() {
         die "world $dir is already up"
     fi
     mkdir -p "$dir"
+    # /run is a tmpfs on a real host: a world brought up again ("rebooted") starts with
+    # empty runtime dirs, but keeps its /etc and /var scratch trees.
+    rm -rf "$root/run"
     for entry in "${SKELETON[@]}"; do
         read -r path mode own <<<"$entry"
         if [[ ! -d $root$path ]]; then
@@ -195,7 +198,7 @@ cmd_exec() {
     shift
     [[ $# -ge 1 ]] || die "exec: missing CMD"
     pid=$(holder_pid "$dir") || die "world $dir is not up"
-    exec nsenter -t "$pid" -m -- env LIBVIRT_DEFAULT_URI=qemu:///system "$@"
+    exec nsenter -t "$pid" -m --wd="$PWD" -- env LIBVIRT_DEFAULT_URI=qemu:///system "$@"
 }
 
 cmd_reload() {

@@ -1,0 +1,125 @@
+//! The optional config file, `/etc/virt-tpm-state/config.toml`. Every key
+//! has a default; a missing file means all defaults. Unknown keys are refused
+//! so a typo does not silently change nothing.
+
+use crate::decision::ConflictPolicy;
+use crate::format::{DEFAULT_MAX_FILE_SIZE, NAMESPACE_URI};
+use crate::paths::Paths;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Namespace URI of our metadata element.
+    pub namespace: String,
+    /// Largest decompressed size of one state file, in bytes.
+    pub max_file_size: u64,
+    /// `store` refuses a state whose domain XML would grow past this many
+    /// bytes (libvirt's own limit for a domain XML is 4 MiB).
+    pub max_domain_xml_size: u64,
+    /// Replaced local states kept per domain under the backups directory.
+    pub backups_per_domain: usize,
+    /// What wins when the metadata and an unsynced local state differ.
+    pub on_conflict: ConflictPolicy,
+    /// After a VM stops, start `virt-tpm-state store` for it (detached).
+    pub store_after_stop: bool,
+    /// The CLI the hook starts for that; default: found next to the hook's
+    /// install or in the usual bin directories.
+    pub helper_path: Option<PathBuf>,
+    /// Milliseconds between the two reads that must agree for a running
+    /// domain's state to count as settled.
+    pub settle_interval_ms: u64,
+    /// Reads before `store` gives up on a state that keeps changing.
+    pub settle_attempts: u32,
+    /// Seconds to wait for another process working on the same domain.
+    pub lock_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            namespace: NAMESPACE_URI.to_string(),
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            max_domain_xml_size: 2 * 1024 * 1024,
+            backups_per_domain: 5,
+            on_conflict: ConflictPolicy::Metadata,
+            store_after_stop: true,
+            helper_path: None,
+            settle_interval_ms: 1000,
+            settle_attempts: 10,
+            lock_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is invalid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads the config file of `paths`, or the defaults when there is none.
+    pub fn load(paths: &Paths) -> Result<Self, ConfigError> {
+        Self::load_from(&paths.config_file())
+    }
+
+    pub fn load_from(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        if c.max_file_size == 0 || c.settle_attempts < 2 || c.namespace.is_empty() {
+            return Err(
+                "max_file_size must be > 0, settle_attempts >= 2, namespace non-empty".into(),
+            );
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        let c = Config::parse("backups_per_domain = 2\non_conflict = \"refuse\"\n").unwrap();
+        assert_eq!(c.backups_per_domain, 2);
+        assert_eq!(c.on_conflict, ConflictPolicy::Refuse);
+    }
+
+    #[test]
+    fn typos_are_refused() {
+        let e = Config::parse("backup_per_domain = 2").unwrap_err();
+        assert!(e.contains("backup_per_domain"), "{e}");
+        assert!(Config::parse("on_conflict = \"local\"").is_err());
+    }
+
+    #[test]
+    fn missing_file_is_defaults() {
+        let c = Config::load_from(Path::new("/nonexistent/virt-tpm-state.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+}

@@ -1,0 +1,334 @@
+//! The restore decision on `prepare`, as DESIGN.md states it. Pure.
+//!
+//! M = the state in the metadata, J = the digest this host last synced with
+//! the metadata for this UUID, L = the local state (the live state dir, or
+//! when libvirt deleted it, the copy kept at the last stop).
+//!
+//! | case                              | decision                                   |
+//! |-----------------------------------|--------------------------------------------|
+//! | incoming migration / save restore | nothing (the state travels with the VM)    |
+//! | no M                              | nothing                                    |
+//! | M invalid                         | refuse (checked by the caller, before this)|
+//! | M.uuid != domain uuid             | refuse: a clone                            |
+//! | M == L                            | nothing (or put the kept copy back)        |
+//! | M == J, L != J                    | L is newer: keep it (or put it back)       |
+//! | otherwise                         | M wins; L, if any, is backed up first      |
+//!
+//! "Otherwise" with L present and L != J is a true conflict (both sides moved,
+//! or this host never synced): the `refuse` policy stops there instead.
+
+use crate::state::{DomainUuid, Sha256Sum};
+
+/// What to do when the metadata and an unsynced local state disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictPolicy {
+    /// The metadata wins; the local state is kept as a backup.
+    #[default]
+    Metadata,
+    /// Refuse to start; an admin decides.
+    Refuse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionInput<'a> {
+    pub domain_uuid: &'a DomainUuid,
+    /// `(uuid in the element, digest)` of a valid metadata state.
+    pub metadata: Option<(&'a DomainUuid, Sha256Sum)>,
+    pub journal: Option<Sha256Sum>,
+    pub live: Option<Sha256Sum>,
+    pub kept: Option<Sha256Sum>,
+    /// A `migrate begin` or `restore begin` for this UUID came just before.
+    pub incoming: bool,
+    pub policy: ConflictPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Leave the state dir as it is.
+    Nothing(Why),
+    /// The live dir is gone; put back the copy kept at the last stop.
+    RestoreKept(Why),
+    /// Write the metadata state; back up the local state first if there is one.
+    RestoreMetadata {
+        backup_local: bool,
+        why: Why,
+    },
+    Refuse(Refusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    Incoming,
+    NoMetadata,
+    AlreadyCurrent,
+    LocalNewer,
+    NoLocalState,
+    MetadataNewer,
+    ConflictMetadataWins,
+}
+
+impl Why {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Why::Incoming => "incoming migration or restore: the state travels with the VM",
+            Why::NoMetadata => "no state in the metadata",
+            Why::AlreadyCurrent => "the local state matches the metadata",
+            Why::LocalNewer => "the local state is newer than the metadata (changed since the last store)",
+            Why::NoLocalState => "no local state: restoring the metadata state",
+            Why::MetadataNewer => "the metadata holds a newer state",
+            Why::ConflictMetadataWins => {
+                "local state and metadata differ and the local state was never stored: the metadata wins, the local state is backed up"
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The element belongs to another domain (a cloned XML).
+    Clone { element_uuid: DomainUuid },
+    /// Both changed, and policy says refuse.
+    Conflict {
+        metadata: Sha256Sum,
+        local: Sha256Sum,
+    },
+}
+
+pub fn decide(i: &DecisionInput<'_>) -> Decision {
+    if i.incoming {
+        return Decision::Nothing(Why::Incoming);
+    }
+    let Some((element_uuid, m)) = i.metadata else {
+        return Decision::Nothing(Why::NoMetadata);
+    };
+    if element_uuid != i.domain_uuid {
+        return Decision::Refuse(Refusal::Clone {
+            element_uuid: element_uuid.clone(),
+        });
+    }
+    let local = i.live.or(i.kept);
+    let put_back = |why| {
+        if i.live.is_some() {
+            Decision::Nothing(why)
+        } else {
+            Decision::RestoreKept(why)
+        }
+    };
+    match local {
+        None => Decision::RestoreMetadata {
+            backup_local: false,
+            why: Why::NoLocalState,
+        },
+        Some(l) if l == m => put_back(Why::AlreadyCurrent),
+        Some(l) if i.journal == Some(m) && l != m => put_back(Why::LocalNewer),
+        Some(l) => {
+            let local_unsynced = i.journal != Some(l);
+            if local_unsynced && i.policy == ConflictPolicy::Refuse {
+                return Decision::Refuse(Refusal::Conflict {
+                    metadata: m,
+                    local: l,
+                });
+            }
+            Decision::RestoreMetadata {
+                backup_local: true,
+                why: if local_unsynced {
+                    Why::ConflictMetadataWins
+                } else {
+                    Why::MetadataNewer
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(tag: &str) -> Sha256Sum {
+        Sha256Sum::of(tag.as_bytes())
+    }
+
+    fn uuid(s: &str) -> DomainUuid {
+        DomainUuid::parse(s).unwrap()
+    }
+
+    struct Row {
+        name: &'static str,
+        m: Option<&'static str>,
+        j: Option<&'static str>,
+        live: Option<&'static str>,
+        kept: Option<&'static str>,
+        incoming: bool,
+        policy: ConflictPolicy,
+        expect: Decision,
+    }
+
+    const A: &str = "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d";
+    const B: &str = "00000000-1111-2222-3333-444444444444";
+
+    fn row(name: &'static str) -> Row {
+        Row {
+            name,
+            m: None,
+            j: None,
+            live: None,
+            kept: None,
+            incoming: false,
+            policy: ConflictPolicy::Metadata,
+            expect: Decision::Nothing(Why::NoMetadata),
+        }
+    }
+
+    fn run(r: &Row) -> Decision {
+        let dom = uuid(A);
+        let m = r.m.map(|t| d(t));
+        decide(&DecisionInput {
+            domain_uuid: &dom,
+            metadata: m.map(|m| (&dom, m)),
+            journal: r.j.map(d),
+            live: r.live.map(d),
+            kept: r.kept.map(d),
+            incoming: r.incoming,
+            policy: r.policy,
+        })
+    }
+
+    #[test]
+    fn every_row_of_the_rule() {
+        let rows = vec![
+            Row {
+                ..row("no metadata, nothing local")
+            },
+            Row {
+                live: Some("x"),
+                ..row("no metadata, local state untouched")
+            },
+            Row {
+                m: Some("m"),
+                live: Some("l"),
+                incoming: true,
+                expect: Decision::Nothing(Why::Incoming),
+                ..row("incoming migration never restores")
+            },
+            Row {
+                m: Some("m"),
+                live: Some("m"),
+                expect: Decision::Nothing(Why::AlreadyCurrent),
+                ..row("M == L (live)")
+            },
+            Row {
+                m: Some("m"),
+                kept: Some("m"),
+                expect: Decision::RestoreKept(Why::AlreadyCurrent),
+                ..row("M == L (kept copy, live dir deleted)")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("m"),
+                live: Some("l"),
+                expect: Decision::Nothing(Why::LocalNewer),
+                ..row("M == J, L != J: keep newer live state")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("m"),
+                kept: Some("l"),
+                expect: Decision::RestoreKept(Why::LocalNewer),
+                ..row("M == J, L != J, dir deleted: put the kept copy back")
+            },
+            Row {
+                m: Some("m"),
+                expect: Decision::RestoreMetadata {
+                    backup_local: false,
+                    why: Why::NoLocalState,
+                },
+                ..row("no local state: M restored")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("l"),
+                live: Some("l"),
+                expect: Decision::RestoreMetadata {
+                    backup_local: true,
+                    why: Why::MetadataNewer,
+                },
+                ..row("M moved on elsewhere, L == J: M wins")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("l"),
+                live: Some("l"),
+                policy: ConflictPolicy::Refuse,
+                expect: Decision::RestoreMetadata {
+                    backup_local: true,
+                    why: Why::MetadataNewer,
+                },
+                ..row("M newer is no conflict even under refuse")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("old"),
+                live: Some("l"),
+                expect: Decision::RestoreMetadata {
+                    backup_local: true,
+                    why: Why::ConflictMetadataWins,
+                },
+                ..row("both moved: M wins, L backed up")
+            },
+            Row {
+                m: Some("m"),
+                live: Some("l"),
+                expect: Decision::RestoreMetadata {
+                    backup_local: true,
+                    why: Why::ConflictMetadataWins,
+                },
+                ..row("never synced, L differs: M wins, L backed up")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("old"),
+                live: Some("l"),
+                policy: ConflictPolicy::Refuse,
+                expect: Decision::Refuse(Refusal::Conflict {
+                    metadata: d("m"),
+                    local: d("l"),
+                }),
+                ..row("both moved under refuse policy")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("m"),
+                live: Some("l"),
+                kept: Some("m"),
+                expect: Decision::Nothing(Why::LocalNewer),
+                ..row("live takes precedence over the kept copy")
+            },
+        ];
+        for r in &rows {
+            assert_eq!(run(r), r.expect, "row: {}", r.name);
+        }
+    }
+
+    #[test]
+    fn clone_is_refused_before_anything_else_local() {
+        let dom = uuid(A);
+        let other = uuid(B);
+        let got = decide(&DecisionInput {
+            domain_uuid: &dom,
+            metadata: Some((&other, d("m"))),
+            journal: None,
+            live: Some(d("m")),
+            kept: None,
+            incoming: false,
+            policy: ConflictPolicy::Metadata,
+        });
+        assert_eq!(
+            got,
+            Decision::Refuse(Refusal::Clone {
+                element_uuid: other
+            })
+        );
+    }
+}

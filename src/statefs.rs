@@ -1,0 +1,925 @@
+//! All filesystem work: reading and atomically replacing swtpm state dirs,
+//! the copies kept at stop, backups, the sync journal, markers and locks.
+//!
+//! Rules kept here, for a process that runs as root on hostile input:
+//! - Below a trusted base (libvirt's swtpm dir, our own data dirs) every
+//!   component is opened with `O_NOFOLLOW`, relative to its parent's fd; a
+//!   `<source path>` from the domain XML is walked that way from the root.
+//! - Only regular files with one link are read; files are created with
+//!   `O_EXCL|O_NOFOLLOW` in a fresh directory, so nothing is written through a
+//!   link planted by someone else.
+//! - A state dir is built aside (`.<name>.vts-new.*`), fsynced, and swapped in
+//!   with one `renameat2` (`RENAME_NOREPLACE` or `RENAME_EXCHANGE`): libvirt
+//!   never sees an empty or half-written state dir, even if we are killed.
+
+use crate::paths::Paths;
+use crate::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use rustix::fs::{
+    fchmod, fchown, fstat, fsync, mkdirat, openat, renameat_with, statat, unlinkat, AtFlags, Dir,
+    FileType, FlockOperation, Mode, OFlags, RenameFlags,
+};
+use rustix::io::Errno;
+use rustix::process::{Gid, Uid};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long a "do not restore" marker from `migrate`/`restore begin` is
+/// honoured: the `prepare` it is meant for follows within seconds.
+pub const MARKER_TTL: Duration = Duration::from_secs(300);
+
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+/// libvirt creates `/var/lib/libvirt/swtpm/<uuid>` as 0711 root.
+const UUID_DIR_MODE: u32 = 0o711;
+const TEMP_MARK: &str = ".vts-new.";
+const OLD_MARK: &str = ".vts-old.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{path} is {what}; refusing to touch it (never follows or writes through links)")]
+    Unsafe { path: PathBuf, what: &'static str },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is {size} bytes, more than the limit of {limit}")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("TPM state path {path:?} from the domain XML is not usable: {why}")]
+    BadSourcePath { path: String, why: &'static str },
+    #[error("another virt-tpm-state process has held the lock of {uuid} for {secs}s; try again, or look for a stuck process holding {lock}")]
+    LockTimeout {
+        uuid: DomainUuid,
+        secs: u64,
+        lock: PathBuf,
+    },
+    #[error("user or group {0:?} from qemu.conf does not exist on this host")]
+    UnknownOwner(String),
+}
+
+fn io_err(action: &'static str, path: &Path, e: impl Into<std::io::Error>) -> FsError {
+    FsError::Io {
+        action,
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
+/// Owner of restored state files: qemu.conf's `swtpm_user:swtpm_group`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    /// The user this process runs as (root for our own private files).
+    pub fn current() -> Self {
+        Owner {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+        }
+    }
+
+    /// The owner libvirt gives swtpm state: `swtpm_user`/`swtpm_group` from
+    /// qemu.conf, defaulting to `tss`, or root where `tss` does not exist.
+    pub fn swtpm(paths: &Paths) -> Result<Self, FsError> {
+        let conf = std::fs::read_to_string(paths.qemu_conf()).unwrap_or_default();
+        let user = conf_value(&conf, "swtpm_user");
+        let group = conf_value(&conf, "swtpm_group");
+        let uid = match user {
+            Some(u) => resolve_user(&u)?,
+            None => resolve_user("tss").unwrap_or(0),
+        };
+        let gid = match group {
+            Some(g) => resolve_group(&g)?,
+            None => resolve_group("tss").unwrap_or(0),
+        };
+        Ok(Owner { uid, gid })
+    }
+}
+
+/// Reads `key = "value"` from libvirt's qemu.conf syntax (the last one wins,
+/// `#` starts a comment).
+fn conf_value(text: &str, key: &str) -> Option<String> {
+    let mut found = None;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        if k.trim() == key {
+            found = Some(v.trim().trim_matches('"').to_string());
+        }
+    }
+    found
+}
+
+fn resolve_user(name: &str) -> Result<u32, FsError> {
+    if let Some(num) = name.strip_prefix('+') {
+        return num
+            .parse()
+            .map_err(|_| FsError::UnknownOwner(name.to_string()));
+    }
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        _ => Err(FsError::UnknownOwner(name.to_string())),
+    }
+}
+
+fn resolve_group(name: &str) -> Result<u32, FsError> {
+    if let Some(num) = name.strip_prefix('+') {
+        return num
+            .parse()
+            .map_err(|_| FsError::UnknownOwner(name.to_string()));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(FsError::UnknownOwner(name.to_string())),
+    }
+}
+
+// ------------------------------------------------------------ locations
+
+/// Where libvirt keeps a domain's swtpm state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// `<base>/<uuid>/<tpm2|tpm1.2>`; `base` is trusted (configured).
+    Default {
+        base: PathBuf,
+        uuid: DomainUuid,
+        version: TpmVersion,
+    },
+    /// `<source type='dir' path=...>`: an absolute path from the domain XML,
+    /// walked without following links from the (re-rooted) root.
+    Source { root: PathBuf, path: PathBuf },
+}
+
+impl StateLocation {
+    pub fn default_for(paths: &Paths, uuid: &DomainUuid, version: TpmVersion) -> Self {
+        StateLocation::Default {
+            base: paths.swtpm_base(),
+            uuid: uuid.clone(),
+            version,
+        }
+    }
+
+    /// Validates a `<source type='dir' path=...>` before it goes near the
+    /// filesystem: absolute, normal components only.
+    pub fn from_source(paths: &Paths, raw: &str) -> Result<Self, FsError> {
+        let bad = |why| FsError::BadSourcePath {
+            path: raw.to_string(),
+            why,
+        };
+        if raw.len() > 4096 || raw.contains('\0') {
+            return Err(bad("too long or contains NUL"));
+        }
+        let p = Path::new(raw);
+        if !p.is_absolute() {
+            return Err(bad("not an absolute path"));
+        }
+        let mut clean = PathBuf::new();
+        for c in p.components() {
+            match c {
+                Component::RootDir => {}
+                Component::Normal(n) => clean.push(n),
+                _ => return Err(bad("contains '.' or '..'")),
+            }
+        }
+        if clean.as_os_str().is_empty() {
+            return Err(bad("is the root directory"));
+        }
+        Ok(StateLocation::Source {
+            root: paths.root().to_path_buf(),
+            path: clean,
+        })
+    }
+
+    /// The state dir's full path, for messages.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            StateLocation::Default {
+                base,
+                uuid,
+                version,
+            } => base.join(uuid.as_str()).join(version.state_subdir()),
+            StateLocation::Source { root, path } => root.join(path),
+        }
+    }
+
+    fn leaf(&self) -> String {
+        match self {
+            StateLocation::Default { version, .. } => version.state_subdir().to_string(),
+            StateLocation::Source { path, .. } => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Opens the directory that holds the state dir. `create` makes libvirt's
+    /// `<base>/<uuid>` (0711 root) when missing; a `<source>` parent is never
+    /// created. `Ok(None)`: it does not exist.
+    fn open_parent(&self, create: bool) -> Result<Option<(OwnedFd, PathBuf)>, FsError> {
+        match self {
+            StateLocation::Default { base, uuid, .. } => {
+                if create {
+                    std::fs::create_dir_all(base).map_err(|e| io_err("create", base, e))?;
+                }
+                let base_fd = match open_trusted_dir(base) {
+                    Ok(fd) => fd,
+                    Err(FsError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound && !create =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(e),
+                };
+                let uuid_path = base.join(uuid.as_str());
+                if create {
+                    match mkdirat(&base_fd, uuid.as_str(), Mode::from_raw_mode(UUID_DIR_MODE)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(io_err("create", &uuid_path, e)),
+                    }
+                }
+                Ok(open_dir_nofollow(&base_fd, uuid.as_str(), &uuid_path)?
+                    .map(|fd| (fd, uuid_path)))
+            }
+            StateLocation::Source { root, path } => {
+                let mut fd = open_trusted_dir(root)?;
+                let mut at = root.clone();
+                let parent = path.parent().unwrap_or(Path::new(""));
+                for comp in parent.components() {
+                    let name = comp.as_os_str();
+                    at.push(name);
+                    match open_dir_nofollow(&fd, name, &at)? {
+                        Some(next) => fd = next,
+                        None => return Ok(None),
+                    }
+                }
+                Ok(Some((fd, at)))
+            }
+        }
+    }
+
+    /// Reads the state in this location: `None` when the dir or the
+    /// permanent-state file is absent.
+    pub fn read(&self, version: TpmVersion, max: u64) -> Result<Option<TpmState>, FsError> {
+        let Some((parent, parent_path)) = self.open_parent(false)? else {
+            return Ok(None);
+        };
+        read_state_dir(
+            &parent,
+            &self.leaf(),
+            &parent_path.join(self.leaf()),
+            version,
+            max,
+        )
+    }
+
+    /// True when the state dir exists (even empty).
+    pub fn exists(&self) -> Result<bool, FsError> {
+        let Some((parent, parent_path)) = self.open_parent(false)? else {
+            return Ok(false);
+        };
+        Ok(open_dir_nofollow(
+            &parent,
+            self.leaf().as_str(),
+            &parent_path.join(self.leaf()),
+        )?
+        .is_some())
+    }
+
+    /// Refuses early (before anything is written) when the state dir or its
+    /// parents are links or not directories.
+    pub fn check_safe(&self) -> Result<(), FsError> {
+        self.exists().map(|_| ())
+    }
+
+    /// Replaces the state dir with exactly `files`, owned by `owner`.
+    pub fn replace(&self, files: &[StateFile], owner: Owner) -> Result<(), FsError> {
+        let (parent, parent_path) = self.open_parent(true)?.ok_or_else(|| FsError::Io {
+            action: "open",
+            path: self.path(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        replace_dir(&parent, &parent_path, &self.leaf(), files, owner)
+    }
+}
+
+/// Opens a directory we trust by configuration (following links, as any
+/// admin-configured path may), for `*at` calls below it.
+pub fn open_trusted_dir(path: &Path) -> Result<OwnedFd, FsError> {
+    openat(
+        rustix::fs::CWD,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("open", path, e))
+}
+
+/// Opens `name` below `dir` as a directory, never following a link.
+/// `Ok(None)` if it does not exist.
+fn open_dir_nofollow(
+    dir: impl AsFd,
+    name: impl rustix::path::Arg,
+    shown: &Path,
+) -> Result<Option<OwnedFd>, FsError> {
+    match openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(Errno::LOOP) | Err(Errno::NOTDIR) => Err(FsError::Unsafe {
+            path: shown.to_path_buf(),
+            what: "a symlink or not a directory",
+        }),
+        Err(e) => Err(io_err("open", shown, e)),
+    }
+}
+
+/// Reads one regular, singly-linked file below `dir`, at most `max` bytes.
+/// `Ok(None)` if it does not exist.
+fn read_regular_file(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    shown: &Path,
+    max: u64,
+) -> Result<Option<Vec<u8>>, FsError> {
+    let fd = match openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP) => {
+            return Err(FsError::Unsafe {
+                path: shown.to_path_buf(),
+                what: "a symlink",
+            })
+        }
+        Err(e) => return Err(io_err("open", shown, e)),
+    };
+    let st = fstat(&fd).map_err(|e| io_err("stat", shown, e))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(FsError::Unsafe {
+            path: shown.to_path_buf(),
+            what: "not a regular file",
+        });
+    }
+    if st.st_nlink != 1 {
+        return Err(FsError::Unsafe {
+            path: shown.to_path_buf(),
+            what: "a hard link (more than one name)",
+        });
+    }
+    let size = st.st_size as u64;
+    if size > max {
+        return Err(FsError::TooLarge {
+            path: shown.to_path_buf(),
+            size,
+            limit: max,
+        });
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    File::from(fd)
+        .take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| io_err("read", shown, e))?;
+    if data.len() as u64 > max {
+        return Err(FsError::TooLarge {
+            path: shown.to_path_buf(),
+            size: data.len() as u64,
+            limit: max,
+        });
+    }
+    Ok(Some(data))
+}
+
+fn read_state_dir(
+    parent: &OwnedFd,
+    leaf: &str,
+    dir_path: &Path,
+    version: TpmVersion,
+    max: u64,
+) -> Result<Option<TpmState>, FsError> {
+    let Some(dir) = open_dir_nofollow(parent, leaf, dir_path)? else {
+        return Ok(None);
+    };
+    let name = version.permall_name();
+    match read_regular_file(dir.as_fd(), name, &dir_path.join(name), max)? {
+        Some(data) => Ok(Some(TpmState::new(
+            version,
+            vec![StateFile {
+                name: name.to_string(),
+                data,
+            }],
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// A name unique to this process and moment, for temp entries.
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}.{nanos:09}", std::process::id())
+}
+
+/// Builds `leaf` aside with exactly `files` and swaps it into place.
+fn replace_dir(
+    parent: &OwnedFd,
+    parent_path: &Path,
+    leaf: &str,
+    files: &[StateFile],
+    owner: Owner,
+) -> Result<(), FsError> {
+    let target = parent_path.join(leaf);
+    // Refuse a link or non-directory at the target before writing anything.
+    match statat(parent, leaf, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {
+            return Err(FsError::Unsafe {
+                path: target,
+                what: "a symlink or not a directory",
+            })
+        }
+        Ok(_) | Err(Errno::NOENT) => {}
+        Err(e) => return Err(io_err("stat", &target, e)),
+    }
+    remove_stale_temps(parent, parent_path, leaf);
+
+    let temp = format!(".{leaf}{TEMP_MARK}{}", unique_suffix());
+    let temp_path = parent_path.join(&temp);
+    mkdirat(parent, temp.as_str(), Mode::from_raw_mode(DIR_MODE))
+        .map_err(|e| io_err("create", &temp_path, e))?;
+    let built = fill_dir(parent, &temp, &temp_path, files, owner);
+    if let Err(e) = built {
+        let _ = remove_dir_nofollow(parent, &temp, 0);
+        return Err(e);
+    }
+    let swapped = match renameat_with(parent, temp.as_str(), parent, leaf, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(false),
+        Err(Errno::EXIST) => {
+            renameat_with(parent, temp.as_str(), parent, leaf, RenameFlags::EXCHANGE).map(|()| true)
+        }
+        Err(e) => Err(e),
+    };
+    match swapped {
+        Ok(true) => {
+            // The old state dir now sits at the temp name: rename it out of
+            // the way first, so a crash here leaves a recognisable leftover.
+            let old = format!(".{leaf}{OLD_MARK}{}", unique_suffix());
+            if renameat_with(
+                parent,
+                temp.as_str(),
+                parent,
+                old.as_str(),
+                RenameFlags::NOREPLACE,
+            )
+            .is_ok()
+            {
+                let _ = remove_dir_nofollow(parent, &old, 0);
+            } else {
+                let _ = remove_dir_nofollow(parent, &temp, 0);
+            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            let _ = remove_dir_nofollow(parent, &temp, 0);
+            return Err(io_err("rename into place", &target, e));
+        }
+    }
+    fsync(parent).map_err(|e| io_err("fsync", parent_path, e))?;
+    Ok(())
+}
+
+fn fill_dir(
+    parent: &OwnedFd,
+    temp: &str,
+    temp_path: &Path,
+    files: &[StateFile],
+    owner: Owner,
+) -> Result<(), FsError> {
+    let dir = open_dir_nofollow(parent, temp, temp_path)?.ok_or_else(|| {
+        io_err(
+            "open",
+            temp_path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    })?;
+    for f in files {
+        let path = temp_path.join(&f.name);
+        let fd = openat(
+            &dir,
+            f.name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )
+        .map_err(|e| io_err("create", &path, e))?;
+        set_owner_mode(&fd, owner, FILE_MODE, &path)?;
+        let mut file = File::from(fd);
+        file.write_all(&f.data)
+            .map_err(|e| io_err("write", &path, e))?;
+        file.sync_all().map_err(|e| io_err("fsync", &path, e))?;
+    }
+    set_owner_mode(&dir, owner, DIR_MODE, temp_path)?;
+    fsync(&dir).map_err(|e| io_err("fsync", temp_path, e))?;
+    Ok(())
+}
+
+fn set_owner_mode(fd: &OwnedFd, owner: Owner, mode: u32, path: &Path) -> Result<(), FsError> {
+    let st = fstat(fd).map_err(|e| io_err("stat", path, e))?;
+    if st.st_uid != owner.uid || st.st_gid != owner.gid {
+        fchown(
+            fd,
+            Some(Uid::from_raw(owner.uid)),
+            Some(Gid::from_raw(owner.gid)),
+        )
+        .map_err(|e| io_err("chown", path, e))?;
+    }
+    fchmod(fd, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", path, e))
+}
+
+/// Removes leftovers of an interrupted earlier run (`.<leaf>.vts-new.*`,
+/// `.<leaf>.vts-old.*`). Best effort: they never affect libvirt.
+fn remove_stale_temps(parent: &OwnedFd, parent_path: &Path, leaf: &str) {
+    let Ok(names) = list_dir(parent, parent_path) else {
+        return;
+    };
+    let new_prefix = format!(".{leaf}{TEMP_MARK}");
+    let old_prefix = format!(".{leaf}{OLD_MARK}");
+    for name in names {
+        if name.starts_with(&new_prefix) || name.starts_with(&old_prefix) {
+            let _ = remove_dir_nofollow(parent, &name, 0);
+        }
+    }
+}
+
+fn list_dir(dir: &OwnedFd, shown: &Path) -> Result<Vec<String>, FsError> {
+    let mut out = Vec::new();
+    let mut d = Dir::read_from(dir).map_err(|e| io_err("list", shown, e))?;
+    while let Some(entry) = d.next() {
+        let entry = entry.map_err(|e| io_err("list", shown, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// Removes the directory `name` below `parent` and what is in it, never
+/// following a link (links are removed, not their targets).
+fn remove_dir_nofollow(parent: &OwnedFd, name: &str, depth: usize) -> Result<(), FsError> {
+    let shown = PathBuf::from(name);
+    if depth > 8 {
+        return Err(FsError::Unsafe {
+            path: shown,
+            what: "nested too deeply to remove",
+        });
+    }
+    if let Some(dir) = open_dir_nofollow(parent, name, &shown)? {
+        for entry in list_dir(&dir, &shown)? {
+            match unlinkat(&dir, entry.as_str(), AtFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::ISDIR) | Err(Errno::PERM) => {
+                    remove_dir_nofollow(&dir, &entry, depth + 1)?
+                }
+                Err(e) => return Err(io_err("remove", &shown.join(&entry), e)),
+            }
+        }
+    }
+    match unlinkat(parent, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(io_err("remove", &shown, e)),
+    }
+}
+
+// ------------------------------------------------------- our own data
+
+/// Our private files for one host: copies kept at stop, backups, the sync
+/// journal (`J`), markers and locks. All root-only.
+#[derive(Debug, Clone)]
+pub struct HostData {
+    data_dir: PathBuf,
+    run_dir: PathBuf,
+}
+
+/// Facts about one backup on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupInfo {
+    pub path: PathBuf,
+}
+
+impl HostData {
+    pub fn new(paths: &Paths) -> Self {
+        HostData {
+            data_dir: paths.data_dir(),
+            run_dir: paths.run_dir(),
+        }
+    }
+
+    /// `<base>/<section>/<uuid>` for our own data: base and section are ours
+    /// (created 0700 as needed), the uuid dir is opened without following links.
+    fn uuid_dir(
+        &self,
+        base: &Path,
+        section: &str,
+        uuid: &DomainUuid,
+        create: bool,
+    ) -> Result<Option<(OwnedFd, PathBuf)>, FsError> {
+        let section_path = base.join(section);
+        if create {
+            create_private_dir_all(&section_path)?;
+        }
+        let fd = match open_trusted_dir(&section_path) {
+            Ok(fd) => fd,
+            Err(FsError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && !create =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let path = section_path.join(uuid.as_str());
+        if create {
+            match mkdirat(&fd, uuid.as_str(), Mode::from_raw_mode(DIR_MODE)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(io_err("create", &path, e)),
+            }
+        }
+        Ok(open_dir_nofollow(&fd, uuid.as_str(), &path)?.map(|d| (d, path)))
+    }
+
+    /// The copy of the final local state kept at `stopped end`.
+    pub fn read_kept(
+        &self,
+        uuid: &DomainUuid,
+        version: TpmVersion,
+        max: u64,
+    ) -> Result<Option<TpmState>, FsError> {
+        let Some((dir, path)) = self.uuid_dir(&self.data_dir, "kept", uuid, false)? else {
+            return Ok(None);
+        };
+        let leaf = version.state_subdir();
+        read_state_dir(&dir, leaf, &path.join(leaf), version, max)
+    }
+
+    pub fn write_kept(&self, uuid: &DomainUuid, state: &TpmState) -> Result<(), FsError> {
+        let (dir, path) = self
+            .uuid_dir(&self.data_dir, "kept", uuid, true)?
+            .expect("created");
+        replace_dir(
+            &dir,
+            &path,
+            state.version.state_subdir(),
+            state.files(),
+            Owner::current(),
+        )
+    }
+
+    /// Saves `state` under `backups/<uuid>/<time>-<digest>/` and keeps only
+    /// the newest `keep` backups of that domain.
+    pub fn backup(
+        &self,
+        uuid: &DomainUuid,
+        state: &TpmState,
+        keep: usize,
+    ) -> Result<PathBuf, FsError> {
+        let (dir, path) = self
+            .uuid_dir(&self.data_dir, "backups", uuid, true)?
+            .expect("created");
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+            .to_string()
+            .replace([':', '-'], "");
+        let name = format!(
+            "{stamp}-{}-{}",
+            state.digest().short(),
+            state.version.state_subdir()
+        );
+        let full = path.join(&name);
+        if !full.exists() {
+            replace_dir(&dir, &path, &name, state.files(), Owner::current())?;
+        }
+        let mut names: Vec<String> = list_dir(&dir, &path)?
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        let excess = names.len().saturating_sub(keep.max(1));
+        for old in &names[..excess] {
+            remove_dir_nofollow(&dir, old, 0)?;
+        }
+        Ok(full)
+    }
+
+    /// Backups of one domain, oldest first.
+    pub fn list_backups(&self, uuid: &DomainUuid) -> Result<Vec<PathBuf>, FsError> {
+        let Some((dir, path)) = self.uuid_dir(&self.data_dir, "backups", uuid, false)? else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = list_dir(&dir, &path)?
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        Ok(names.into_iter().map(|n| path.join(n)).collect())
+    }
+
+    /// `J`: the digest this host last synced with the metadata for `uuid`.
+    pub fn read_synced(&self, uuid: &DomainUuid) -> Result<Option<Sha256Sum>, FsError> {
+        let dir_path = self.data_dir.join("synced");
+        let dir = match open_trusted_dir(&dir_path) {
+            Ok(d) => d,
+            Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let path = dir_path.join(uuid.as_str());
+        Ok(read_regular_file(dir.as_fd(), uuid.as_str(), &path, 256)?
+            .and_then(|b| Sha256Sum::parse_hex(String::from_utf8_lossy(&b).trim())))
+    }
+
+    pub fn write_synced(&self, uuid: &DomainUuid, digest: Sha256Sum) -> Result<(), FsError> {
+        let dir_path = self.data_dir.join("synced");
+        create_private_dir_all(&dir_path)?;
+        write_file_atomically(&dir_path, uuid.as_str(), format!("{digest}\n").as_bytes())
+    }
+
+    /// Marks that the next `prepare` of `uuid` is an incoming migration or a
+    /// restore from a save image, and must not restore.
+    pub fn set_incoming(&self, uuid: &DomainUuid, op: &str) -> Result<(), FsError> {
+        let dir_path = self.run_dir.join("incoming");
+        create_private_dir_all(&dir_path)?;
+        write_file_atomically(&dir_path, uuid.as_str(), format!("{op}\n").as_bytes())
+    }
+
+    /// Whether a fresh (younger than [`MARKER_TTL`]) incoming marker exists.
+    pub fn incoming(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
+        let path = self.run_dir.join("incoming").join(uuid.as_str());
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_file() => {
+                let age = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .unwrap_or(Duration::ZERO);
+                Ok(age < MARKER_TTL)
+            }
+            Ok(_) => Err(FsError::Unsafe {
+                path,
+                what: "not a regular file",
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("stat", &path, e)),
+        }
+    }
+
+    pub fn clear_incoming(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        let path = self.run_dir.join("incoming").join(uuid.as_str());
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path, e)),
+        }
+    }
+
+    /// Takes the per-domain lock that serialises hook, `store` and `restore`,
+    /// waiting at most `timeout`.
+    pub fn lock(&self, uuid: &DomainUuid, timeout: Duration) -> Result<DomainLock, FsError> {
+        let dir_path = self.run_dir.join("locks");
+        create_private_dir_all(&dir_path)?;
+        let dir = open_trusted_dir(&dir_path)?;
+        let name = format!("{uuid}.lock");
+        let path = dir_path.join(&name);
+        let fd = openat(
+            &dir,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(FILE_MODE),
+        )
+        .map_err(|e| match e {
+            Errno::LOOP => FsError::Unsafe {
+                path: path.clone(),
+                what: "a symlink",
+            },
+            e => io_err("open", &path, e),
+        })?;
+        let start = Instant::now();
+        loop {
+            match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(DomainLock { _fd: fd }),
+                Err(Errno::WOULDBLOCK) | Err(Errno::INTR) => {
+                    if start.elapsed() >= timeout {
+                        return Err(FsError::LockTimeout {
+                            uuid: uuid.clone(),
+                            secs: timeout.as_secs(),
+                            lock: path,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                Err(e) => return Err(io_err("lock", &path, e)),
+            }
+        }
+    }
+}
+
+/// Held while working on one domain; released on drop (or process exit).
+#[derive(Debug)]
+pub struct DomainLock {
+    _fd: OwnedFd,
+}
+
+/// Creates our own directory (and parents) with mode 0700.
+pub fn create_private_dir_all(path: &Path) -> Result<(), FsError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(|e| io_err("create", path, e))
+}
+
+/// Writes `name` in `dir_path` atomically: a temp file (0600, `O_EXCL`),
+/// fsync, rename over, fsync of the directory.
+pub fn write_file_atomically(dir_path: &Path, name: &str, data: &[u8]) -> Result<(), FsError> {
+    write_file_atomically_mode(dir_path, name, data, FILE_MODE)
+}
+
+pub fn write_file_atomically_mode(
+    dir_path: &Path,
+    name: &str,
+    data: &[u8],
+    mode: u32,
+) -> Result<(), FsError> {
+    let dir = open_trusted_dir(dir_path)?;
+    let temp = format!(".{name}{TEMP_MARK}{}", unique_suffix());
+    let temp_path = dir_path.join(&temp);
+    let fd = openat(
+        &dir,
+        temp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(|e| io_err("create", &temp_path, e))?;
+    let result = (|| {
+        fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", &temp_path, e))?;
+        let mut f = File::from(fd);
+        f.write_all(data)
+            .map_err(|e| io_err("write", &temp_path, e))?;
+        f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
+        renameat_with(&dir, temp.as_str(), &dir, name, RenameFlags::empty())
+            .map_err(|e| io_err("rename into place", &dir_path.join(name), e))?;
+        fsync(&dir).map_err(|e| io_err("fsync", dir_path, e))
+    })();
+    if result.is_err() {
+        let _ = unlinkat(&dir, temp.as_str(), AtFlags::empty());
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_conf_values() {
+        let conf =
+            "# swtpm_user = \"nobody\"\nswtpm_user = \"tss\" # comment\nswtpm_group=\"+0\"\n";
+        assert_eq!(conf_value(conf, "swtpm_user").as_deref(), Some("tss"));
+        assert_eq!(conf_value(conf, "swtpm_group").as_deref(), Some("+0"));
+        assert_eq!(conf_value(conf, "user"), None);
+        assert_eq!(resolve_group("+0").unwrap(), 0);
+    }
+
+    #[test]
+    fn source_paths_are_validated() {
+        let p = Paths::with_root("/r");
+        assert!(StateLocation::from_source(&p, "/srv/tpm/vm1").is_ok());
+        for bad in ["relative/x", "/srv/../etc", "/srv/./x", "/", ""] {
+            assert!(StateLocation::from_source(&p, bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            StateLocation::from_source(&p, "/srv/tpm").unwrap().path(),
+            PathBuf::from("/r/srv/tpm")
+        );
+    }
+}
