@@ -8,7 +8,7 @@ use crate::state::{state_digest, DomainUuid, Sha256Sum, StateFile, TpmState, Tpm
 use crate::swtpm::{check_header, HeaderError};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use flate2::{Compression, GzBuilder};
 use quick_xml::escape::escape;
 use std::io::{Read, Write};
@@ -356,6 +356,8 @@ enum GunzipError {
 /// Decompresses one gzip member, never producing more than `cap` bytes, and
 /// refuses trailing garbage after it.
 fn gunzip_capped(gz: &[u8], cap: u64) -> Result<Vec<u8>, GunzipError> {
+    // The bufread decoder consumes exactly one member from the slice, so
+    // what is left of it afterwards is whatever followed the member.
     let mut dec = GzDecoder::new(gz);
     let mut out = Vec::new();
     (&mut dec)
@@ -365,10 +367,10 @@ fn gunzip_capped(gz: &[u8], cap: u64) -> Result<Vec<u8>, GunzipError> {
     if out.len() as u64 > cap {
         return Err(GunzipError::TooLarge);
     }
-    // One member only: a second one would be silently ignored otherwise.
-    let mut rest = [0u8; 1];
-    if dec.read(&mut rest).map_err(|_| GunzipError::Invalid)? != 0 {
-        return Err(GunzipError::TooLarge);
+    // MUST: exactly one gzip member and nothing after it (a second member or
+    // trailing bytes would otherwise be silently ignored).
+    if !dec.get_ref().is_empty() {
+        return Err(GunzipError::Invalid);
     }
     Ok(out)
 }

@@ -11,6 +11,7 @@ pub mod decision;
 pub mod domain;
 pub mod format;
 pub mod hook;
+pub mod libvirt;
 pub mod logging;
 pub mod paths;
 pub mod restore;
