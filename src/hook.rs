@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// Embedded in the hook binary so `install` can tell our hook from somebody
+/// else's before replacing or removing a file in /etc/libvirt/hooks.
+pub const HOOK_MARKER: &str = "virt-tpm-state-hook/marker/7f3a9c";
+
 /// Largest domain XML read from stdin: libvirt's own limit is 4 MiB.
 pub const MAX_STDIN: u64 = 8 * 1024 * 1024;
 
@@ -65,32 +69,14 @@ pub enum HookError {
 
 impl HookError {
     /// Exit codes, documented in the README.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             HookError::Usage => 2,
             HookError::Stdin(_) | HookError::StdinTooLarge | HookError::DomainXml(_) => 3,
             HookError::Config(_) => 10,
-            HookError::Fs { source, .. } => fs_code(source),
-            HookError::Restore(r) => match r {
-                RestoreError::DomainXml(_) => 3,
-                RestoreError::InvalidMetadata { .. }
-                | RestoreError::VersionMismatch { .. }
-                | RestoreError::UnknownTpmVersion { .. }
-                | RestoreError::UnsupportedSource { .. }
-                | RestoreError::EncryptionMismatch { .. } => 4,
-                RestoreError::Clone { .. } => 5,
-                RestoreError::Conflict { .. } => 6,
-                RestoreError::Fs { source, .. } => fs_code(source),
-            },
+            HookError::Fs { source, .. } => source.exit_code(),
+            HookError::Restore(r) => r.exit_code(),
         }
-    }
-}
-
-fn fs_code(e: &FsError) -> i32 {
-    match e {
-        FsError::Unsafe { .. } | FsError::BadSourcePath { .. } => 7,
-        FsError::LockTimeout { .. } => 9,
-        _ => 8,
     }
 }
 

@@ -6,6 +6,7 @@
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
 
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod domain;

@@ -124,6 +124,21 @@ pub enum RestoreError {
 }
 
 impl RestoreError {
+    /// Exit codes shared by the hook and the CLI (README, "Exit codes").
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RestoreError::DomainXml(_) => 3,
+            RestoreError::InvalidMetadata { .. }
+            | RestoreError::VersionMismatch { .. }
+            | RestoreError::UnknownTpmVersion { .. }
+            | RestoreError::UnsupportedSource { .. }
+            | RestoreError::EncryptionMismatch { .. } => 4,
+            RestoreError::Clone { .. } => 5,
+            RestoreError::Conflict { .. } => 6,
+            RestoreError::Fs { source, .. } => source.exit_code(),
+        }
+    }
+
     fn fs(name: &str) -> impl FnOnce(FsError) -> RestoreError + '_ {
         move |source| RestoreError::Fs {
             name: shown_name(name),

@@ -65,6 +65,17 @@ pub enum FsError {
     UnknownOwner(String),
 }
 
+impl FsError {
+    /// 7: unsafe path, 9: lock timeout, 8: any other filesystem failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FsError::Unsafe { .. } | FsError::BadSourcePath { .. } => 7,
+            FsError::LockTimeout { .. } => 9,
+            _ => 8,
+        }
+    }
+}
+
 fn io_err(action: &'static str, path: &Path, e: impl Into<std::io::Error>) -> FsError {
     FsError::Io {
         action,
@@ -894,6 +905,35 @@ pub fn write_file_atomically_mode(
         let _ = unlinkat(&dir, temp.as_str(), AtFlags::empty());
     }
     result
+}
+
+/// Creates `name` in the directory `dir_path` (which must not be a link) with
+/// mode 0600, refusing to overwrite anything or follow a link.
+pub fn write_new_file(dir_path: &Path, name: &str, data: &[u8]) -> Result<(), FsError> {
+    let dir = openat(
+        rustix::fs::CWD,
+        dir_path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::LOOP | Errno::NOTDIR => FsError::Unsafe {
+            path: dir_path.to_path_buf(),
+            what: "a symlink or not a directory",
+        },
+        e => io_err("open", dir_path, e),
+    })?;
+    let path = dir_path.join(name);
+    let fd = openat(
+        &dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(FILE_MODE),
+    )
+    .map_err(|e| io_err("create (it must not exist yet)", &path, e))?;
+    let mut f = File::from(fd);
+    f.write_all(data).map_err(|e| io_err("write", &path, e))?;
+    f.sync_all().map_err(|e| io_err("fsync", &path, e))
 }
 
 #[cfg(test)]

@@ -1,1 +1,6 @@
-fn main() {}
+//! `virt-tpm-state`: store, show, restore and extract a VM's TPM state in its
+//! domain XML; install the hook. Exit codes: see README ("Exit codes").
+
+fn main() -> std::process::ExitCode {
+    virt_tpm_state::cli::main()
+}

@@ -1,0 +1,507 @@
+//! Rewrites `fixtures/vectors/` from scratch, deterministically:
+//! `cargo run --example make-vectors` (add `--release` for speed; the
+//! decompression-bomb vector compresses 64 MiB).
+//!
+//! Each vector is a domain XML whose first line is a comment stating the
+//! result a format-1 reader must give (see `fixtures/vectors/README.md`).
+//! The payload is a real `tpm2-00.permall` / `tpm-00.permall` when one is
+//! found under `fixtures/` (`fixtures/swtpm/...`), else a fixed synthetic
+//! swtpm blob of the same size as a fresh one.
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+use std::path::{Path, PathBuf};
+use virt_tpm_state::format::{
+    digest_of_sums, encode, gzip_deterministic, Provenance, Style, NAMESPACE_URI,
+};
+use virt_tpm_state::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use virt_tpm_state::swtpm::{check_header, synthetic_blob};
+
+const UUID: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
+const OTHER_UUID: &str = "9d6a0c21-7f3e-4b5a-a1c2-3d4e5f607182";
+
+/// Deterministic, incompressible-looking bytes (like a real permall's keys).
+fn stream(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut i = 0u32;
+    while out.len() < len {
+        let mut h = Sha256::new();
+        h.update(seed.as_bytes());
+        h.update(i.to_be_bytes());
+        out.extend_from_slice(&h.finalize());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// A real permall from fixtures/, if the e2e helper captured one.
+fn find_real(dir: &Path, name: &str) -> Option<PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).ok()?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        if p.starts_with(dir.join("vectors")) {
+            continue;
+        }
+        let ft = e.file_type().ok()?;
+        if ft.is_dir() {
+            if let Some(found) = find_real(&p, name) {
+                return Some(found);
+            }
+        } else if ft.is_file() && e.file_name() == name {
+            return Some(p);
+        }
+    }
+    None
+}
+
+fn payload(fixtures: &Path, version: TpmVersion) -> (Vec<u8>, String) {
+    let name = version.permall_name();
+    if let Some(p) = find_real(fixtures, name) {
+        let data = std::fs::read(&p).expect("read real permall");
+        if check_header(&data).is_ok() {
+            return (data, format!("real, from {}", p.display()));
+        }
+    }
+    // Sizes of fresh states seen with swtpm 0.7.1 (FINDINGS.md).
+    let len = match version {
+        TpmVersion::V2_0 => 6234,
+        TpmVersion::V1_2 => 3700,
+    };
+    let seed = format!("virt-tpm-state test vector {name}");
+    (
+        synthetic_blob(0, &stream(&seed, len - 10)),
+        "synthetic".into(),
+    )
+}
+
+fn provenance(uuid: &str) -> Provenance {
+    Provenance {
+        uuid: DomainUuid::parse(uuid).unwrap(),
+        generation: 3,
+        parent: Some(Sha256Sum::of(b"virt-tpm-state test vector parent")),
+        stored: "2026-01-01T00:00:00Z".into(),
+        host: "vector-host".into(),
+    }
+}
+
+fn state(version: TpmVersion, data: Vec<u8>) -> TpmState {
+    TpmState::new(
+        version,
+        vec![StateFile {
+            name: version.permall_name().into(),
+            data,
+        }],
+    )
+}
+
+/// Wraps an element in a minimal domain XML, after the expectation comment.
+fn domain(expect: &str, version: TpmVersion, element: &str) -> String {
+    let model = match version {
+        TpmVersion::V2_0 => "tpm-crb",
+        TpmVersion::V1_2 => "tpm-tis",
+    };
+    let element: String = element
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect::<String>();
+    format!(
+        "<!-- expect: {expect} -->\n<domain type='kvm'>\n  <name>vector</name>\n  <uuid>{UUID}</uuid>\n  <metadata>\n{element}  </metadata>\n  <devices>\n    <tpm model='{model}'>\n      <backend type='emulator' version='{version}'/>\n    </tpm>\n  </devices>\n</domain>\n"
+    )
+}
+
+fn ok_expect(s: &TpmState, p: &Provenance) -> String {
+    let files: Vec<String> = s
+        .files()
+        .iter()
+        .map(|f| format!("{}:{}:{}", f.name, f.data.len(), f.sha256()))
+        .collect();
+    format!(
+        "ok digest={} generation={} uuid={} version={} files={}",
+        s.digest(),
+        p.generation,
+        p.uuid,
+        s.version,
+        files.join(",")
+    )
+}
+
+/// The base64 text of the (first) file element.
+fn b64_of(element: &str) -> &str {
+    let start = element.find("gzip+base64\">").unwrap() + "gzip+base64\">".len();
+    let end = element[start..].find('<').unwrap() + start;
+    &element[start..end]
+}
+
+fn replace_once(s: &str, from: &str, to: &str) -> String {
+    assert!(s.contains(from), "{from:?} not in element");
+    s.replacen(from, to, 1)
+}
+
+/// A single-file element with arbitrary (possibly inconsistent) parts.
+#[allow(clippy::too_many_arguments)]
+fn raw_element(
+    version: TpmVersion,
+    name: &str,
+    size: usize,
+    sha: &str,
+    digest: &str,
+    b64: &str,
+) -> String {
+    format!(
+        "<vts:state xmlns:vts=\"{NAMESPACE_URI}\" format=\"1\" uuid=\"{UUID}\" generation=\"3\" digest=\"{digest}\" parent=\"\" stored=\"2026-01-01T00:00:00Z\" host=\"vector-host\">\n  <vts:tpm version=\"{version}\">\n    <vts:file name=\"{name}\" size=\"{size}\" sha256=\"{sha}\" encoding=\"gzip+base64\">{b64}</vts:file>\n  </vts:tpm>\n</vts:state>"
+    )
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let fixtures = root.join("fixtures");
+    let out_dir = fixtures.join("vectors");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    for e in std::fs::read_dir(&out_dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "xml") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+
+    let (data2, origin2) = payload(&fixtures, TpmVersion::V2_0);
+    let (data12, origin12) = payload(&fixtures, TpmVersion::V1_2);
+    eprintln!("TPM 2.0 payload: {} bytes, {origin2}", data2.len());
+    eprintln!("TPM 1.2 payload: {} bytes, {origin12}", data12.len());
+    let s2 = state(TpmVersion::V2_0, data2.clone());
+    let s12 = state(TpmVersion::V1_2, data12);
+    let prov = provenance(UUID);
+    let el2 = encode(&s2, &prov, Style::Standalone);
+    let el12 = encode(&s12, &prov, Style::Standalone);
+    let ok2 = ok_expect(&s2, &prov);
+    let ok12 = ok_expect(&s12, &prov);
+    let v2 = TpmVersion::V2_0;
+    let b64 = b64_of(&el2).to_string();
+    let sha2 = s2.files()[0].sha256().hex();
+    let digest2 = s2.digest().hex();
+
+    let mut vectors: Vec<(&str, String)> = Vec::new();
+    let mut add = |name: &'static str, text: String| vectors.push((name, text));
+
+    // ------------------------------------------------------------ valid
+    add("ok-tpm2", domain(&ok2, v2, &el2));
+    add("ok-tpm12", domain(&ok12, TpmVersion::V1_2, &el12));
+    {
+        let wrapped: String = b64
+            .as_bytes()
+            .chunks(76)
+            .map(|c| format!("\n        {}", std::str::from_utf8(c).unwrap()))
+            .collect();
+        let e = replace_once(&el2, &b64, &format!("{wrapped}\r\n\t      "));
+        add("ok-base64-whitespace", domain(&ok2, v2, &e));
+    }
+    {
+        let e = el2.replace("vts:", "tpmstate:").replace(
+            &format!("xmlns:vts=\"{NAMESPACE_URI}\""),
+            &format!("xmlns:tpmstate=\"{NAMESPACE_URI}\""),
+        );
+        add("ok-other-prefix", domain(&ok2, v2, &e));
+    }
+    {
+        let e = el2.replace("vts:", "").replace(
+            &format!("xmlns:vts=\"{NAMESPACE_URI}\""),
+            &format!("xmlns=\"{NAMESPACE_URI}\""),
+        );
+        add("ok-default-namespace", domain(&ok2, v2, &e));
+    }
+    {
+        // What virDomainSetMetadata may produce: only the root in the
+        // namespace (prefixed), children unprefixed.
+        let e = encode(&s2, &prov, Style::ForSetMetadata)
+            .replacen(
+                "<state ",
+                &format!("<vts:state xmlns:vts=\"{NAMESPACE_URI}\" "),
+                1,
+            )
+            .replace("</state>", "</vts:state>");
+        add("ok-unprefixed-children", domain(&ok2, v2, &e));
+    }
+    {
+        // As libvirt 9.0 prints it: inside a captured running domain XML
+        // (single quotes elsewhere, double quotes in metadata, re-indented),
+        // next to a foreign metadata element.
+        let captured = std::fs::read_to_string(fixtures.join("domains/tpm2-crb.xml"))
+            .unwrap_or_else(|_| {
+                format!(
+                    "<domain type='kvm' id='1'>\n  <name>tpm2-crb</name>\n  <uuid>{UUID}</uuid>\n  <devices>\n    <tpm model='tpm-crb'>\n      <backend type='emulator' version='2.0'/>\n    </tpm>\n  </devices>\n</domain>\n"
+                )
+            });
+        let uuid_start = captured.find("<uuid>").unwrap() + "<uuid>".len();
+        let uuid_end = captured.find("</uuid>").unwrap();
+        let domain_uuid = captured[uuid_start..uuid_end].trim().to_string();
+        let p = provenance(&domain_uuid);
+        let e = encode(&s2, &p, Style::Standalone);
+        let indented: String = e.lines().map(|l| format!("    {l}\n")).collect();
+        let meta = format!(
+            "  <metadata>\n    <app:foo xmlns:app=\"http://example.org/app\">x</app:foo>\n{indented}  </metadata>\n"
+        );
+        let at = captured.find("  <memory").unwrap();
+        let xml = format!(
+            "<!-- expect: {} -->\n{}{meta}{}",
+            ok_expect(&s2, &p),
+            &captured[..at],
+            &captured[at..]
+        );
+        add("ok-as-libvirt-prints", xml);
+    }
+    {
+        // A `vts` prefix bound to another URI is not our element.
+        let e = el2.replace(NAMESPACE_URI, "urn:not-virt-tpm-state");
+        add("none-vts-prefix-other-uri", domain("none", v2, &e));
+    }
+
+    // ------------------------------------------------------------ refused
+    add(
+        "refused-unknown-format",
+        domain(
+            "refused UnknownFormat",
+            v2,
+            &replace_once(&el2, "format=\"1\"", "format=\"2\""),
+        ),
+    );
+    add(
+        "refused-unknown-encoding",
+        domain(
+            "refused UnknownEncoding",
+            v2,
+            &replace_once(&el2, "gzip+base64", "zstd+base64"),
+        ),
+    );
+    {
+        let mut bad = b64.clone();
+        bad.insert(bad.len() / 2, '!');
+        add(
+            "refused-bad-base64",
+            domain("refused BadBase64", v2, &replace_once(&el2, &b64, &bad)),
+        );
+        let gz = gzip_deterministic(&data2);
+        let url = URL_SAFE.encode(&gz);
+        if url != b64 {
+            add(
+                "refused-base64-url-alphabet",
+                domain("refused BadBase64", v2, &replace_once(&el2, &b64, &url)),
+            );
+        }
+        let unpadded = b64.trim_end_matches('=');
+        if unpadded.len() != b64.len() {
+            add(
+                "refused-base64-missing-padding",
+                domain("refused BadBase64", v2, &replace_once(&el2, &b64, unpadded)),
+            );
+        }
+    }
+    let size_attr = format!("size=\"{}\"", data2.len());
+    add(
+        "refused-wrong-size",
+        domain(
+            "refused SizeMismatch",
+            v2,
+            &replace_once(&el2, &size_attr, &format!("size=\"{}\"", data2.len() + 1)),
+        ),
+    );
+    add(
+        "refused-declared-too-large",
+        domain(
+            "refused DeclaredTooLarge",
+            v2,
+            &replace_once(&el2, &size_attr, "size=\"1048577\""),
+        ),
+    );
+    let other_sha = Sha256Sum::of(b"not the file").hex();
+    add(
+        "refused-wrong-sha256",
+        domain(
+            "refused Sha256Mismatch",
+            v2,
+            &replace_once(
+                &el2,
+                &format!("sha256=\"{sha2}\""),
+                &format!("sha256=\"{other_sha}\""),
+            ),
+        ),
+    );
+    add(
+        "refused-wrong-digest",
+        domain(
+            "refused DigestMismatch",
+            v2,
+            &replace_once(
+                &el2,
+                &format!("digest=\"{digest2}\""),
+                &format!("digest=\"{other_sha}\""),
+            ),
+        ),
+    );
+    add(
+        "refused-digest-uppercase-hex",
+        domain(
+            "refused BadAttribute",
+            v2,
+            &replace_once(
+                &el2,
+                &format!("digest=\"{digest2}\""),
+                &format!("digest=\"{}\"", digest2.to_uppercase()),
+            ),
+        ),
+    );
+    {
+        // Consistent size/sha256/digest, but the bytes are no swtpm blob.
+        let mut junk = data2.clone();
+        junk[6..10].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+        let s = state(v2, junk);
+        add(
+            "refused-not-swtpm-blob",
+            domain(
+                "refused BadSwtpmHeader",
+                v2,
+                &encode(&s, &prov, Style::Standalone),
+            ),
+        );
+    }
+    for (vname, bad_name) in [
+        ("refused-name-traversal", "../../etc/shadow"),
+        ("refused-name-volatilestate", "tpm2-00.volatilestate"),
+        ("refused-name-other-version", "tpm-00.permall"),
+    ] {
+        let e = replace_once(
+            &el2,
+            "name=\"tpm2-00.permall\"",
+            &format!("name=\"{bad_name}\""),
+        );
+        add(vname, domain("refused FileNameNotAllowed", v2, &e));
+    }
+    {
+        let start = el2.find("    <vts:file").unwrap();
+        let end = el2.find("</vts:file>\n").unwrap() + "</vts:file>\n".len();
+        let e = format!("{}{}{}", &el2[..end], &el2[start..end], &el2[end..]);
+        add(
+            "refused-duplicate-file",
+            domain("refused DuplicateFile", v2, &e),
+        );
+    }
+    {
+        // 64 MiB of zeros, gzip'ed (~64 KiB), claiming size 100.
+        let zeros = vec![0u8; 64 * 1024 * 1024];
+        let sha = Sha256Sum::of(&zeros);
+        let digest = digest_of_sums(&[("tpm2-00.permall".into(), sha)]);
+        let e = raw_element(
+            v2,
+            "tpm2-00.permall",
+            100,
+            &sha.hex(),
+            &digest.hex(),
+            &STANDARD.encode(gzip_deterministic(&zeros)),
+        );
+        add(
+            "refused-decompression-bomb",
+            domain("refused DecompressedTooLarge", v2, &e),
+        );
+    }
+    {
+        let gz = gzip_deterministic(&data2);
+        let truncated = STANDARD.encode(&gz[..gz.len() / 2]);
+        add(
+            "refused-truncated-gzip",
+            domain("refused BadGzip", v2, &replace_once(&el2, &b64, &truncated)),
+        );
+        let mut trailing = gz.clone();
+        trailing.extend_from_slice(b"trailing bytes");
+        add(
+            "refused-gzip-trailing-data",
+            domain(
+                "refused BadGzip",
+                v2,
+                &replace_once(&el2, &b64, &STANDARD.encode(&trailing)),
+            ),
+        );
+        let mut two = gz.clone();
+        two.extend_from_slice(&gz);
+        add(
+            "refused-gzip-two-members",
+            domain(
+                "refused BadGzip",
+                v2,
+                &replace_once(&el2, &b64, &STANDARD.encode(&two)),
+            ),
+        );
+        let mut bad_crc = gz.clone();
+        let n = bad_crc.len();
+        bad_crc[n - 8] ^= 0xff;
+        add(
+            "refused-gzip-bad-crc",
+            domain(
+                "refused BadGzip",
+                v2,
+                &replace_once(&el2, &b64, &STANDARD.encode(&bad_crc)),
+            ),
+        );
+    }
+    add(
+        "refused-unknown-section-nvram",
+        domain(
+            "refused UnknownSection",
+            v2,
+            &replace_once(
+                &el2,
+                "</vts:tpm>\n",
+                "</vts:tpm>\n  <vts:nvram version=\"1\"/>\n",
+            ),
+        ),
+    );
+    {
+        let start = el2.find("  <vts:tpm ").unwrap();
+        let end = el2.find("</vts:tpm>\n").unwrap() + "</vts:tpm>\n".len();
+        let e = format!("{}{}{}", &el2[..end], &el2[start..end], &el2[end..]);
+        add(
+            "refused-two-tpm-sections",
+            domain("refused DuplicateTpmSection", v2, &e),
+        );
+    }
+    add(
+        "refused-tpm-version-3.0",
+        domain(
+            "refused BadTpmVersion",
+            v2,
+            &replace_once(&el2, "version=\"2.0\"", "version=\"3.0\""),
+        ),
+    );
+    {
+        let mut ents = String::from("  <!ENTITY lol0 \"lol\">\n");
+        for i in 1..10 {
+            let prev = format!("&lol{};", i - 1);
+            ents.push_str(&format!("  <!ENTITY lol{i} \"{}\">\n", prev.repeat(10)));
+        }
+        let body = domain("refused Doctype", v2, &el2);
+        let (comment, rest) = body.split_once('\n').unwrap();
+        let rest = rest.replacen("<name>vector</name>", "<name>&lol9;</name>", 1);
+        add(
+            "refused-doctype-billion-laughs",
+            format!("{comment}\n<!DOCTYPE domain [\n{ents}]>\n{rest}"),
+        );
+    }
+    {
+        let second = el2.replace("xmlns:vts", "xmlns:b").replace("vts:", "b:");
+        let e = format!("{el2}\n{second}");
+        add(
+            "refused-two-elements-our-namespace",
+            domain("refused DuplicateMetadata", v2, &e),
+        );
+    }
+    {
+        // Valid format, but the state belongs to another domain: a clone.
+        let e = encode(&s2, &provenance(OTHER_UUID), Style::Standalone);
+        add("refused-clone-other-uuid", domain("refused Clone", v2, &e));
+    }
+
+    for (name, text) in &vectors {
+        std::fs::write(out_dir.join(format!("{name}.xml")), text).unwrap();
+    }
+    eprintln!("wrote {} vectors to {}", vectors.len(), out_dir.display());
+}

@@ -1,0 +1,318 @@
+//! The `virt-tpm-state` command line: argument definitions (clap), one
+//! function per subcommand, and the error type that maps every failure to a
+//! documented exit code. The binary only calls [`main`].
+
+mod install;
+mod show;
+mod store;
+
+use crate::config::{Config, ConfigError};
+use crate::domain::DomainXmlError;
+use crate::format::FormatError;
+use crate::libvirt::{LibvirtError, DEFAULT_URI};
+use crate::paths::Paths;
+use crate::restore::RestoreError;
+use crate::statefs::FsError;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "virt-tpm-state",
+    version,
+    about = "Keep a libvirt VM's emulated TPM state inside its domain XML",
+    long_about = "Keep a libvirt VM's emulated TPM (swtpm) state inside its domain XML <metadata>, \
+so that dumpxml/undefine/define, or defining the XML on another host, keeps the same TPM.\n\n\
+The hook (virt-tpm-state-hook, put in place by `install`) restores the state before libvirt \
+starts swtpm; `store` writes the settled state back into the metadata through libvirt's API."
+)]
+pub struct Cli {
+    /// libvirt connection URI, like virsh's -c
+    #[arg(short = 'c', long = "connect", global = true, env = "LIBVIRT_DEFAULT_URI", default_value = DEFAULT_URI)]
+    pub uri: String,
+    /// More output (-v: info, -vv: debug); logs go to stderr
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store the domain's settled TPM state into its metadata
+    Store(StoreArgs),
+    /// Show what the domain's metadata holds
+    Show(ShowArgs),
+    /// Check the metadata element; exit non-zero when it is absent or invalid
+    Verify(SourceArgs),
+    /// Restore the metadata state into the state dir of a stopped domain (what the hook does on start)
+    Restore(RestoreArgs),
+    /// Write the raw state files out of a saved domain XML
+    Extract(ExtractArgs),
+    /// Take over a TPM state whose element names another domain (a deliberate clone)
+    Adopt(DomainArg),
+    /// Install the hook into /etc/libvirt/hooks and make libvirt see it
+    Install(InstallArgs),
+    /// Remove the hook installed by `install` (keeps backups, copies and metadata)
+    Uninstall(InstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DomainArg {
+    /// Domain name or UUID
+    pub domain: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Domain name or UUID
+    pub domain: String,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Run by the hook after a stop: wait for libvirt to release the domain, log to syslog
+    #[arg(long, hide = true)]
+    pub after_stop: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Domain name or UUID (read through libvirt)
+    #[arg(required_unless_present = "xml", conflicts_with = "xml")]
+    pub domain: Option<String>,
+    /// Read a saved domain XML instead ("-" for stdin)
+    #[arg(long, value_name = "FILE")]
+    pub xml: Option<PathBuf>,
+    /// With a domain: read the persistent definition (dumpxml --inactive)
+    #[arg(long)]
+    pub inactive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Print JSON for managers
+    #[arg(long)]
+    pub json: bool,
+    /// Exit non-zero when the element is absent or invalid (same as `verify`)
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Take the metadata state even over a newer local state (the local one is backed up)
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// Saved domain XML ("-" for stdin)
+    #[arg(long, value_name = "FILE")]
+    pub xml: PathBuf,
+    /// Directory to write the files into (created if missing; existing files are not overwritten)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Install as /etc/libvirt/hooks/qemu (only if no other hook is there) instead of qemu.d/
+    #[arg(long)]
+    pub as_qemu: bool,
+    /// Name of the hook in /etc/libvirt/hooks/qemu.d/
+    #[arg(long, default_value = "virt-tpm-state")]
+    pub name: String,
+    /// The hook binary to install (default: virt-tpm-state-hook next to this program)
+    #[arg(long, value_name = "PATH")]
+    pub hook: Option<PathBuf>,
+    /// Do not signal libvirtd/virqemud; print what to run instead
+    #[arg(long)]
+    pub no_reload: bool,
+}
+
+/// Every way the CLI fails, each with its exit code (README, "Exit codes").
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error("cannot read the domain XML: {0}")]
+    DomainXml(#[from] DomainXmlError),
+    #[error("{context}: the TPM state element is invalid: {source}")]
+    InvalidElement {
+        context: String,
+        source: FormatError,
+    },
+    #[error("{0}")]
+    NoElement(String),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("cannot read {path}: {source}")]
+    ReadInput {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("VM {name}: {why}")]
+    NoTpm { name: String, why: String },
+    #[error("VM {name}: the TPM state is still changing after {attempts} reads {interval_ms} ms apart; try again when the guest is quieter, or stop the VM")]
+    StillChanging {
+        name: String,
+        attempts: u32,
+        interval_ms: u64,
+    },
+    #[error("VM {name}: storing {element} bytes of TPM state would make the domain XML {total} bytes, over the limit of {limit} (max_domain_xml_size); nothing was written")]
+    TooLarge {
+        name: String,
+        element: usize,
+        total: usize,
+        limit: u64,
+    },
+    #[error(
+        "VM {0} is running; `restore` only works on a stopped domain (the hook restores on start)"
+    )]
+    Running(String),
+    #[error("{0}")]
+    HookConflict(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::DomainXml(_) | CliError::ReadInput { .. } => 3,
+            CliError::InvalidElement { .. } | CliError::NoElement(_) => 4,
+            // Same codes as the hook, from the same error types.
+            CliError::Restore(r) => r.exit_code(),
+            CliError::Fs(e) => e.exit_code(),
+            CliError::Config(_) => 10,
+            CliError::StillChanging { .. } => 11,
+            CliError::TooLarge { .. } => 12,
+            CliError::Libvirt(LibvirtError::Connect { .. }) => 13,
+            CliError::Libvirt(LibvirtError::NoDomain(_)) => 14,
+            CliError::Libvirt(LibvirtError::Denied { .. }) => 16,
+            CliError::Libvirt(LibvirtError::Call { .. }) => 1,
+            CliError::NoTpm { .. } => 15,
+            CliError::Running(_) => 17,
+            CliError::HookConflict(_) => 18,
+        }
+    }
+}
+
+/// Context every subcommand gets.
+pub struct Ctx {
+    pub paths: Paths,
+    pub config: Config,
+    pub uri: String,
+}
+
+/// Entry point of the `virt-tpm-state` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let after_stop = matches!(&cli.command, Command::Store(s) if s.after_stop);
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    if after_stop {
+        // Detached from the hook: syslog only (stdio is /dev/null).
+        crate::logging::init(
+            "virt-tpm-state",
+            log::LevelFilter::Info,
+            log::LevelFilter::Warn,
+        );
+    } else {
+        init_stderr_logger(level);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if after_stop {
+                log::error!("{e}");
+            }
+            eprintln!("virt-tpm-state: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_stderr_logger(level: log::LevelFilter) {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.level() <= log::max_level()
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if self.enabled(r.metadata()) {
+                eprintln!("{}: {}", r.level().as_str().to_lowercase(), r.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    let _ = log::set_logger(&Stderr);
+    log::set_max_level(level);
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let paths = Paths::from_env();
+    let config = Config::load(&paths)?;
+    let ctx = Ctx {
+        paths,
+        config,
+        uri: cli.uri,
+    };
+    match cli.command {
+        Command::Store(a) => store::store(&ctx, &a),
+        Command::Show(a) => show::show(&ctx, &a),
+        Command::Verify(a) => show::show(
+            &ctx,
+            &ShowArgs {
+                source: a,
+                json: false,
+                check: true,
+            },
+        ),
+        Command::Restore(a) => show::restore(&ctx, &a),
+        Command::Extract(a) => show::extract(&ctx, &a),
+        Command::Adopt(a) => store::adopt(&ctx, &a.domain),
+        Command::Install(a) => install::install(&ctx, &a),
+        Command::Uninstall(a) => install::uninstall(&ctx, &a),
+    }
+}
+
+/// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.
+fn read_input(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let limit = crate::hook::MAX_STDIN;
+    let res = if path == std::path::Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(limit + 1)
+            .read_to_end(&mut buf)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit + 1).read_to_end(&mut buf))
+    };
+    res.map_err(|source| CliError::ReadInput {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if buf.len() as u64 > limit {
+        return Err(CliError::ReadInput {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!("larger than {limit} bytes")),
+        });
+    }
+    Ok(buf)
+}

@@ -1,0 +1,389 @@
+//! `show`/`verify`, `restore` and `extract`: reading the element, and the
+//! hook's prepare logic run by hand.
+
+use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, SourceArgs};
+use crate::domain::{parse_domain, DomainInfo};
+use crate::format::{decode, DecodeLimits, MetadataState};
+use crate::libvirt::Libvirt;
+use crate::restore::{
+    domain_tpm_version, prepare_domain, shown_name, state_location, PrepareOptions,
+};
+use crate::statefs::{write_new_file, HostData};
+use crate::swtpm::check_header;
+
+/// Where the XML came from, for messages.
+struct Source {
+    info: DomainInfo,
+    from: String,
+    /// Whether libvirt says the domain runs (`None`: not asked / unknown).
+    active: Option<bool>,
+}
+
+fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
+    match (&src.domain, &src.xml) {
+        (_, Some(path)) => {
+            let bytes = read_input(path)?;
+            Ok(Source {
+                info: parse_domain(&bytes, &ctx.config.namespace)?,
+                from: if path.as_os_str() == "-" {
+                    "stdin".into()
+                } else {
+                    path.display().to_string()
+                },
+                active: None,
+            })
+        }
+        (Some(name), None) => {
+            // Reading needs no write access: a read-only connection is enough.
+            let lv = Libvirt::connect(&ctx.uri, !rustix::process::geteuid().is_root())
+                .or_else(|_| Libvirt::connect(&ctx.uri, true))?;
+            let dom = lv.domain(name)?;
+            let xml = if src.inactive && dom.persistent {
+                dom.inactive_xml()?
+            } else {
+                dom.xml()?
+            };
+            Ok(Source {
+                info: parse_domain(xml.as_bytes(), &ctx.config.namespace)?,
+                from: format!(
+                    "libvirt {} ({})",
+                    lv.uri(),
+                    if src.inactive { "config" } else { "current" }
+                ),
+                active: Some(dom.active),
+            })
+        }
+        (None, None) => Err(CliError::Usage("name a domain or pass --xml FILE".into())),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct FileJson {
+    name: String,
+    size: usize,
+    sha256: String,
+    swtpm_encrypted: bool,
+}
+
+#[derive(serde::Serialize)]
+struct LocalJson {
+    path: String,
+    digest: Option<String>,
+    matches: Option<bool>,
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct ShowJson {
+    domain: String,
+    uuid: String,
+    source: String,
+    present: bool,
+    valid: bool,
+    error: Option<String>,
+    format: Option<String>,
+    element_uuid: Option<String>,
+    belongs_to_domain: Option<bool>,
+    generation: Option<u64>,
+    digest: Option<String>,
+    parent: Option<String>,
+    stored: Option<String>,
+    host: Option<String>,
+    tpm_version: Option<String>,
+    files: Vec<FileJson>,
+    protection: Option<&'static str>,
+    local: Option<LocalJson>,
+}
+
+fn protection(m: &MetadataState) -> &'static str {
+    let encrypted = m
+        .tpm
+        .files()
+        .iter()
+        .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()));
+    if encrypted {
+        "swtpm-encryption"
+    } else {
+        "none"
+    }
+}
+
+pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
+    let src = load(ctx, &args.source)?;
+    let info = &src.info;
+    let limits = DecodeLimits {
+        max_file_size: ctx.config.max_file_size,
+    };
+    let decoded = info.metadata.as_ref().map(|el| decode(el, limits));
+    let local = local_state(ctx, info);
+    let mut j = ShowJson {
+        domain: info.name.clone(),
+        uuid: info.uuid.to_string(),
+        source: src.from.clone(),
+        present: decoded.is_some(),
+        valid: matches!(decoded, Some(Ok(_))),
+        error: None,
+        format: info
+            .metadata
+            .as_ref()
+            .and_then(|e| e.attr("format").map(str::to_string)),
+        element_uuid: None,
+        belongs_to_domain: None,
+        generation: None,
+        digest: None,
+        parent: None,
+        stored: None,
+        host: None,
+        tpm_version: None,
+        files: Vec::new(),
+        protection: None,
+        local: None,
+    };
+    match &decoded {
+        Some(Ok(m)) => {
+            j.element_uuid = Some(m.provenance.uuid.to_string());
+            j.belongs_to_domain = Some(m.provenance.uuid == info.uuid);
+            j.generation = Some(m.provenance.generation);
+            j.digest = Some(m.digest.hex());
+            j.parent = m.provenance.parent.map(|p| p.hex());
+            j.stored = Some(m.provenance.stored.clone());
+            j.host = Some(m.provenance.host.clone());
+            j.tpm_version = Some(m.tpm.version.to_string());
+            j.protection = Some(protection(m));
+            j.files = m
+                .tpm
+                .files()
+                .iter()
+                .map(|f| FileJson {
+                    name: f.name.clone(),
+                    size: f.data.len(),
+                    sha256: f.sha256().hex(),
+                    swtpm_encrypted: check_header(&f.data).is_ok_and(|h| h.is_encrypted()),
+                })
+                .collect();
+        }
+        Some(Err(e)) => j.error = Some(e.to_string()),
+        None => {}
+    }
+    if let Some((path, result)) = local {
+        j.local = Some(match result {
+            Ok(digest) => LocalJson {
+                path,
+                matches: match (&decoded, digest) {
+                    (Some(Ok(m)), Some(d)) => Some(m.digest == d),
+                    _ => None,
+                },
+                digest: digest.map(|d| d.hex()),
+                error: None,
+            },
+            Err(e) => LocalJson {
+                path,
+                digest: None,
+                matches: None,
+                error: Some(e),
+            },
+        });
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&j).expect("serializable")
+        );
+    } else {
+        print_human(&j, src.active);
+    }
+    if args.check {
+        return match decoded {
+            None => Err(CliError::NoElement(format!(
+                "VM {}: no TPM state element (namespace {}) in {}",
+                shown_name(&info.name),
+                ctx.config.namespace,
+                src.from
+            ))),
+            Some(Err(source)) => Err(CliError::InvalidElement {
+                context: format!("VM {} ({})", shown_name(&info.name), src.from),
+                source,
+            }),
+            Some(Ok(_)) => Ok(()),
+        };
+    }
+    Ok(())
+}
+
+/// The digest of this host's local state for the domain (live dir, else the
+/// copy kept at stop), and where it was looked for.
+fn local_state(
+    ctx: &Ctx,
+    info: &DomainInfo,
+) -> Option<(String, Result<Option<crate::state::Sha256Sum>, String>)> {
+    let version = domain_tpm_version(info).ok()??;
+    let location = state_location(&ctx.paths, info, version).ok()?;
+    let path = location.path().display().to_string();
+    let max = ctx.config.max_file_size;
+    let read = location.read(version, max).and_then(|live| match live {
+        Some(s) => Ok(Some(s)),
+        None => HostData::new(&ctx.paths).read_kept(&info.uuid, version, max),
+    });
+    Some((
+        path,
+        read.map(|s| s.map(|s| s.digest()))
+            .map_err(|e| e.to_string()),
+    ))
+}
+
+fn print_human(j: &ShowJson, active: Option<bool>) {
+    let state = match active {
+        Some(true) => ", running",
+        Some(false) => ", shut off",
+        None => "",
+    };
+    println!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
+    if !j.present {
+        println!("  metadata:    no virt-tpm-state element");
+    } else if let Some(e) = &j.error {
+        println!("  metadata:    INVALID: {e}");
+    } else {
+        println!(
+            "  metadata:    valid, format {}",
+            j.format.as_deref().unwrap_or("?")
+        );
+        println!(
+            "  generation:  {} (parent {})",
+            j.generation.unwrap_or(0),
+            j.parent
+                .as_deref()
+                .map_or("none".to_string(), |p| format!("{}…", &p[..12]))
+        );
+        println!(
+            "  stored:      {} on {}",
+            j.stored.as_deref().unwrap_or("?"),
+            j.host.as_deref().unwrap_or("?")
+        );
+        println!(
+            "  digest:      {}…",
+            &j.digest.as_deref().unwrap_or("????????????")[..12]
+        );
+        if j.belongs_to_domain == Some(false) {
+            println!(
+                "  owner:       domain {} (a clone: the hook refuses to start with it; see `virt-tpm-state adopt`)",
+                j.element_uuid.as_deref().unwrap_or("?")
+            );
+        }
+        println!(
+            "  TPM:         {}, {} file(s)",
+            j.tpm_version.as_deref().unwrap_or("?"),
+            j.files.len()
+        );
+        for f in &j.files {
+            println!(
+                "    {}  {} bytes  sha256 {}…",
+                f.name,
+                f.size,
+                &f.sha256[..12]
+            );
+        }
+        println!(
+            "  protection:  {}",
+            match j.protection {
+                Some("swtpm-encryption") =>
+                    "swtpm's own encryption (<encryption secret=...>): the blob is ciphertext",
+                _ => "none: the state is readable by anyone who can read this domain XML",
+            }
+        );
+    }
+    if let Some(l) = &j.local {
+        let what = match (&l.error, &l.digest, l.matches) {
+            (Some(e), _, _) => format!("unreadable: {e}"),
+            (None, None, _) => "none on this host".to_string(),
+            (None, Some(_), Some(true)) => "matches the metadata".to_string(),
+            (None, Some(d), Some(false)) => {
+                format!("differs from the metadata (local {}…)", &d[..12])
+            }
+            (None, Some(d), None) => format!("digest {}…", &d[..12]),
+        };
+        println!("  local state: {what} ({})", l.path);
+    }
+}
+
+pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
+    let src = load(
+        ctx,
+        &SourceArgs {
+            domain: args.source.domain.clone(),
+            xml: args.source.xml.clone(),
+            // The definition the next start uses.
+            inactive: true,
+        },
+    )?;
+    let running = match src.active {
+        Some(a) => a,
+        // A saved XML: ask libvirt whether a domain with that UUID runs here.
+        None => match Libvirt::connect(&ctx.uri, true) {
+            Ok(lv) => lv
+                .domain(src.info.uuid.as_str())
+                .map(|d| d.active)
+                .unwrap_or(false),
+            Err(e) => {
+                log::warn!(
+                    "cannot ask libvirt whether the domain runs ({e}); assuming it does not"
+                );
+                false
+            }
+        },
+    };
+    if running {
+        return Err(CliError::Running(shown_name(&src.info.name)));
+    }
+    if src.info.metadata.is_none() {
+        return Err(CliError::NoElement(format!(
+            "VM {}: no TPM state element in {}; nothing to restore",
+            shown_name(&src.info.name),
+            src.from
+        )));
+    }
+    let report = prepare_domain(
+        &ctx.paths,
+        &ctx.config,
+        &src.info,
+        PrepareOptions {
+            force_metadata: args.force,
+        },
+    )?;
+    println!("{}", report.summary());
+    Ok(())
+}
+
+pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
+    let bytes = read_input(&args.xml)?;
+    let info = parse_domain(&bytes, &ctx.config.namespace)?;
+    let el = info.metadata.as_ref().ok_or_else(|| {
+        CliError::NoElement(format!(
+            "{}: no TPM state element (namespace {})",
+            args.xml.display(),
+            ctx.config.namespace
+        ))
+    })?;
+    let m = decode(
+        el,
+        DecodeLimits {
+            max_file_size: ctx.config.max_file_size,
+        },
+    )
+    .map_err(|source| CliError::InvalidElement {
+        context: args.xml.display().to_string(),
+        source,
+    })?;
+    // Names were checked against the allow-list by `decode`: no path can
+    // leave DIR, and files are created O_EXCL|O_NOFOLLOW inside it.
+    crate::statefs::create_private_dir_all(&args.out)?;
+    for f in m.tpm.files() {
+        write_new_file(&args.out, &f.name, &f.data)?;
+        println!(
+            "{}  {} bytes  sha256 {}",
+            args.out.join(&f.name).display(),
+            f.data.len(),
+            f.sha256().hex()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! `store` and `adopt`: local state -> domain metadata, through libvirt.
+
+use super::{CliError, Ctx, StoreArgs};
+use crate::domain::{parse_domain, DomainInfo};
+use crate::format::{
+    decode, encode, DecodeLimits, MetadataState, Provenance, Style, NAMESPACE_PREFIX,
+};
+use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
+use crate::restore::{domain_tpm_version, shown_name, state_location};
+use crate::state::{TpmState, TpmVersion};
+use crate::statefs::{HostData, StateLocation};
+use crate::swtpm::check_header;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long `store --after-stop` waits for libvirt to finish stopping.
+const AFTER_STOP_WAIT: Duration = Duration::from_secs(120);
+
+#[derive(serde::Serialize)]
+struct StoreResult<'a> {
+    domain: &'a str,
+    uuid: &'a str,
+    result: &'static str,
+    generation: u64,
+    digest: String,
+    size: usize,
+    element_bytes: usize,
+    live: bool,
+    config: bool,
+}
+
+pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
+    if args.after_stop {
+        // Started detached by the hook: leave libvirtd's session.
+        let _ = rustix::process::setsid();
+    }
+    let lv = Libvirt::connect(&ctx.uri, false)?;
+    let mut dom = match lv.domain(&args.domain) {
+        Ok(d) => d,
+        Err(LibvirtError::NoDomain(_)) if args.after_stop => {
+            // A transient domain is gone once stopped: the copy the hook
+            // kept is all there is, and nothing to store into.
+            log::info!(
+                "domain {} is gone (transient); its final TPM state stays in the kept copy",
+                args.domain
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if args.after_stop {
+        wait_inactive(&mut dom)?;
+    }
+    let live_xml = dom.xml()?;
+    let live_info = parse_domain(live_xml.as_bytes(), &ctx.config.namespace)?;
+    let version = tpm_version_or_explain(&live_info)?;
+    let location = state_location(&ctx.paths, &live_info, version)?;
+    let host = HostData::new(&ctx.paths);
+    let state = read_settled(ctx, &dom, &location, &host, &live_info, version)?;
+    for f in state.files() {
+        check_header(&f.data).map_err(|e| CliError::NoTpm {
+            name: shown_name(&dom.name),
+            why: format!(
+                "the local state file {} is not a valid swtpm state ({e}); nothing was stored",
+                location.path().join(&f.name).display()
+            ),
+        })?;
+    }
+    let digest = state.digest();
+
+    let config_xml = if dom.persistent {
+        Some(dom.inactive_xml()?)
+    } else {
+        None
+    };
+    let config_info = match &config_xml {
+        Some(x) => Some(parse_domain(x.as_bytes(), &ctx.config.namespace)?),
+        None => None,
+    };
+    let limits = DecodeLimits {
+        max_file_size: ctx.config.max_file_size,
+    };
+    let decoded = |i: &DomainInfo| i.metadata.as_ref().map(|el| decode(el, limits));
+    let holds = |i: &DomainInfo| matches!(decoded(i), Some(Ok(m)) if m.digest == digest);
+    let targets = Targets {
+        live: dom.active && !holds(&live_info),
+        config: config_info.as_ref().is_some_and(|c| !holds(c)),
+    };
+    let element_holder = config_info.as_ref().unwrap_or(&live_info);
+
+    if !targets.any() {
+        let m = match decoded(element_holder) {
+            Some(Ok(m)) => m,
+            _ => unreachable!("every target holds the digest"),
+        };
+        record_synced(ctx, &host, &dom, digest)?;
+        return report(
+            args,
+            &dom,
+            "unchanged",
+            &m,
+            0,
+            targets,
+            &state,
+            format!(
+                "VM {}: unchanged (generation {}, digest {}): the metadata already holds this state",
+                shown_name(&dom.name),
+                m.provenance.generation,
+                digest.short()
+            ),
+        );
+    }
+
+    // Keep one provenance for one digest: if a copy (live or config) already
+    // holds this state, the other gets the very same element.
+    let provenance = match [Some(&live_info), config_info.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|i| match decoded(i) {
+            Some(Ok(m)) if m.digest == digest => Some(m.provenance),
+            _ => None,
+        }) {
+        Some(p) => p,
+        None => {
+            let (generation, parent) = match decoded(element_holder) {
+                Some(Ok(m)) => (m.provenance.generation + 1, Some(m.digest)),
+                Some(Err(e)) => {
+                    log::warn!(
+                        "VM {}: replacing an invalid TPM state element ({e})",
+                        shown_name(&dom.name)
+                    );
+                    (1, None)
+                }
+                None => (1, None),
+            };
+            Provenance {
+                uuid: dom.uuid.clone(),
+                generation,
+                parent,
+                stored: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                host: rustix::system::uname()
+                    .nodename()
+                    .to_string_lossy()
+                    .into_owned(),
+            }
+        }
+    };
+    let element = encode(&state, &provenance, Style::ForSetMetadata);
+    let current = live_xml
+        .len()
+        .max(config_xml.as_ref().map_or(0, String::len));
+    let old_element = element_holder
+        .metadata
+        .as_ref()
+        .map_or(0, |_| approx_element_len(&live_xml));
+    let total = current.saturating_sub(old_element) + element.len();
+    if total as u64 > ctx.config.max_domain_xml_size {
+        return Err(CliError::TooLarge {
+            name: shown_name(&dom.name),
+            element: element.len(),
+            total,
+            limit: ctx.config.max_domain_xml_size,
+        });
+    }
+    dom.set_metadata(
+        Some(&element),
+        NAMESPACE_PREFIX,
+        &ctx.config.namespace,
+        targets,
+    )?;
+    record_synced(ctx, &host, &dom, digest)?;
+    let m = MetadataState {
+        provenance,
+        digest,
+        tpm: state.clone(),
+    };
+    let where_ = match (targets.live, targets.config) {
+        (true, true) => "live and config",
+        (true, false) => "live",
+        _ => "config",
+    };
+    let line = format!(
+        "VM {}: stored generation {} (digest {}, {} bytes of state, {} bytes of XML) into the {where_} metadata",
+        shown_name(&dom.name),
+        m.provenance.generation,
+        digest.short(),
+        state.total_size(),
+        element.len()
+    );
+    if args.after_stop {
+        log::info!("{line}");
+    }
+    report(
+        args,
+        &dom,
+        "stored",
+        &m,
+        element.len(),
+        targets,
+        &state,
+        line,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &StoreArgs,
+    dom: &DomainHandle,
+    result: &'static str,
+    m: &MetadataState,
+    element_bytes: usize,
+    targets: Targets,
+    state: &TpmState,
+    line: String,
+) -> Result<(), CliError> {
+    if args.json {
+        let r = StoreResult {
+            domain: &dom.name,
+            uuid: dom.uuid.as_str(),
+            result,
+            generation: m.provenance.generation,
+            digest: m.digest.hex(),
+            size: state.total_size(),
+            element_bytes,
+            live: targets.live,
+            config: targets.config,
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("serializable")
+        );
+    } else {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Length of our element as it appears in `xml` (upper bound for the size
+/// check): from its start tag to its end tag.
+fn approx_element_len(xml: &str) -> usize {
+    let Some(start) = xml.find(&format!("<{NAMESPACE_PREFIX}:state")) else {
+        return 0;
+    };
+    let end_tag = format!("</{NAMESPACE_PREFIX}:state>");
+    xml[start..].find(&end_tag).map_or(0, |e| e + end_tag.len())
+}
+
+fn tpm_version_or_explain(info: &DomainInfo) -> Result<TpmVersion, CliError> {
+    match domain_tpm_version(info)? {
+        Some(v) => Ok(v),
+        None => Err(CliError::NoTpm {
+            name: shown_name(&info.name),
+            why: if info.tpms.is_empty() {
+                "the domain has no <tpm> device; nothing to store".to_string()
+            } else {
+                "its <tpm> is not an emulated (swtpm) TPM; only emulator backends have state to store"
+                    .to_string()
+            },
+        }),
+    }
+}
+
+fn wait_inactive(dom: &mut DomainHandle) -> Result<(), CliError> {
+    let start = Instant::now();
+    loop {
+        dom.refresh()?;
+        if !dom.active {
+            return Ok(());
+        }
+        if start.elapsed() > AFTER_STOP_WAIT {
+            log::warn!(
+                "VM {}: still running {}s after the stop; storing nothing",
+                shown_name(&dom.name),
+                AFTER_STOP_WAIT.as_secs()
+            );
+            return Err(CliError::Running(shown_name(&dom.name)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Reads the local state: once for a stopped domain (from the state dir, or
+/// the copy kept at stop when the dir is gone); for a running one, until two
+/// reads a settle interval apart agree.
+fn read_settled(
+    ctx: &Ctx,
+    dom: &DomainHandle,
+    location: &StateLocation,
+    host: &HostData,
+    info: &DomainInfo,
+    version: TpmVersion,
+) -> Result<TpmState, CliError> {
+    let max = ctx.config.max_file_size;
+    let missing = || CliError::NoTpm {
+        name: shown_name(&dom.name),
+        why: format!(
+            "no TPM state at {} yet; start the VM once so libvirt creates it",
+            location.path().display()
+        ),
+    };
+    if !dom.active {
+        return match location.read(version, max)? {
+            Some(s) => Ok(s),
+            None => host
+                .read_kept(&info.uuid, version, max)?
+                .ok_or_else(missing),
+        };
+    }
+    let interval = Duration::from_millis(ctx.config.settle_interval_ms);
+    let mut previous = location.read(version, max)?.ok_or_else(missing)?;
+    for _ in 1..ctx.config.settle_attempts {
+        std::thread::sleep(interval);
+        let now = location.read(version, max)?.ok_or_else(missing)?;
+        if now.digest() == previous.digest() {
+            return Ok(now);
+        }
+        previous = now;
+    }
+    Err(CliError::StillChanging {
+        name: shown_name(&dom.name),
+        attempts: ctx.config.settle_attempts,
+        interval_ms: ctx.config.settle_interval_ms,
+    })
+}
+
+fn record_synced(
+    ctx: &Ctx,
+    host: &HostData,
+    dom: &DomainHandle,
+    digest: crate::state::Sha256Sum,
+) -> Result<(), CliError> {
+    let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
+    host.write_synced(&dom.uuid, digest)?;
+    Ok(())
+}
+
+/// Re-stamps an element that names another domain (a deliberate clone) with
+/// this domain's UUID, as a new generation over it.
+pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
+    let lv = Libvirt::connect(&ctx.uri, false)?;
+    let dom = lv.domain(domain)?;
+    let xml = if dom.persistent {
+        dom.inactive_xml()?
+    } else {
+        dom.xml()?
+    };
+    let info = parse_domain(xml.as_bytes(), &ctx.config.namespace)?;
+    let el = info.metadata.as_ref().ok_or_else(|| {
+        CliError::NoElement(format!(
+            "VM {}: no TPM state element to adopt",
+            shown_name(&dom.name)
+        ))
+    })?;
+    let m = decode(
+        el,
+        DecodeLimits {
+            max_file_size: ctx.config.max_file_size,
+        },
+    )
+    .map_err(|source| CliError::InvalidElement {
+        context: format!("VM {}", shown_name(&dom.name)),
+        source,
+    })?;
+    if m.provenance.uuid == dom.uuid {
+        println!(
+            "VM {}: the TPM state already belongs to this domain; nothing to do",
+            shown_name(&dom.name)
+        );
+        return Ok(());
+    }
+    let provenance = Provenance {
+        uuid: dom.uuid.clone(),
+        generation: m.provenance.generation + 1,
+        parent: Some(m.digest),
+        stored: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        host: rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let element = encode(&m.tpm, &provenance, Style::ForSetMetadata);
+    let targets = Targets {
+        live: dom.active,
+        config: dom.persistent,
+    };
+    dom.set_metadata(
+        Some(&element),
+        NAMESPACE_PREFIX,
+        &ctx.config.namespace,
+        targets,
+    )?;
+    println!(
+        "VM {}: adopted the TPM state of domain {} as generation {} (digest {})",
+        shown_name(&dom.name),
+        m.provenance.uuid,
+        provenance.generation,
+        m.digest.short()
+    );
+    Ok(())
+}
