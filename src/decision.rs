@@ -183,7 +183,7 @@ mod tests {
 
     fn run(r: &Row) -> Decision {
         let dom = uuid(A);
-        let m = r.m.map(|t| d(t));
+        let m = r.m.map(d);
         decide(&DecisionInput {
             domain_uuid: &dom,
             metadata: m.map(|m| (&dom, m)),

@@ -161,6 +161,13 @@ pub fn gzip_deterministic(data: &[u8]) -> Vec<u8> {
 
 /// Encodes `tpm` as a format v1 element.
 pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
+    // For libvirt: no whitespace between elements, so libvirt's formatter
+    // indents the element like the rest of the domain XML (it leaves
+    // elements with text children alone).
+    let (nl, i1, i2) = match style {
+        Style::ForSetMetadata => ("", "", ""),
+        Style::Standalone => ("\n", "  ", "    "),
+    };
     let (p, xmlns) = match style {
         Style::ForSetMetadata => (String::new(), String::new()),
         Style::Standalone => (
@@ -170,7 +177,7 @@ pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
     };
     let parent = provenance.parent.map(|d| d.hex()).unwrap_or_default();
     let mut out = format!(
-        "<{p}state{xmlns} format=\"{FORMAT_VERSION}\" uuid=\"{}\" generation=\"{}\" digest=\"{}\" parent=\"{}\" stored=\"{}\" host=\"{}\">\n",
+        "<{p}state{xmlns} format=\"{FORMAT_VERSION}\" uuid=\"{}\" generation=\"{}\" digest=\"{}\" parent=\"{}\" stored=\"{}\" host=\"{}\">{nl}",
         provenance.uuid,
         provenance.generation,
         tpm.digest().hex(),
@@ -178,17 +185,17 @@ pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
         escape(provenance.stored.as_str()),
         escape(provenance.host.as_str()),
     );
-    out.push_str(&format!("  <{p}tpm version=\"{}\">\n", tpm.version));
+    out.push_str(&format!("{i1}<{p}tpm version=\"{}\">{nl}", tpm.version));
     for f in tpm.files() {
         let b64 = STANDARD.encode(gzip_deterministic(&f.data));
         out.push_str(&format!(
-            "    <{p}file name=\"{}\" size=\"{}\" sha256=\"{}\" encoding=\"{ENCODING_GZIP_BASE64}\">{b64}</{p}file>\n",
+            "{i2}<{p}file name=\"{}\" size=\"{}\" sha256=\"{}\" encoding=\"{ENCODING_GZIP_BASE64}\">{b64}</{p}file>{nl}",
             escape(f.name.as_str()),
             f.data.len(),
             f.sha256().hex(),
         ));
     }
-    out.push_str(&format!("  </{p}tpm>\n</{p}state>"));
+    out.push_str(&format!("{i1}</{p}tpm>{nl}</{p}state>"));
     out
 }
 

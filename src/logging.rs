@@ -75,3 +75,19 @@ pub fn init(ident: &str, level: LevelFilter, stderr_level: LevelFilter) -> Sink 
     log::set_max_level(level);
     sink
 }
+
+/// Replaces Rust's multi-line panic report with one line that names the
+/// place, never a payload (which could hold data), and asks for a report.
+pub fn install_panic_hook(program: &'static str) {
+    std::panic::set_hook(Box::new(move |info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let line = format!(
+            "{program}: internal error at {at}; nothing more was done. Please report this bug."
+        );
+        log::error!("{line}");
+        eprintln!("{line}");
+    }));
+}

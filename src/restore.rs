@@ -319,7 +319,7 @@ pub fn prepare_domain(
     match decision {
         Decision::Nothing(why) => {
             if why == Why::AlreadyCurrent {
-                host.write_synced(&info.uuid, m.digest)
+                host.record_sync(&info.uuid, &m.tpm)
                     .map_err(RestoreError::fs(&info.name))?;
             }
             Ok(report(Outcome::Unchanged {
@@ -336,7 +336,7 @@ pub fn prepare_domain(
                 )
                 .map_err(RestoreError::fs(&info.name))?;
             if why == Why::AlreadyCurrent {
-                host.write_synced(&info.uuid, m.digest)
+                host.record_sync(&info.uuid, &m.tpm)
                     .map_err(RestoreError::fs(&info.name))?;
             }
             Ok(report(Outcome::Restored {
@@ -362,7 +362,7 @@ pub fn prepare_domain(
             location
                 .replace(m.tpm.files(), owner)
                 .map_err(RestoreError::fs(&info.name))?;
-            host.write_synced(&info.uuid, m.digest)
+            host.record_sync(&info.uuid, &m.tpm)
                 .map_err(RestoreError::fs(&info.name))?;
             Ok(report(Outcome::Restored {
                 why,

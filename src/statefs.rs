@@ -34,6 +34,9 @@ const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 /// libvirt creates `/var/lib/libvirt/swtpm/<uuid>` as 0711 root.
 const UUID_DIR_MODE: u32 = 0o711;
+/// Upper bound for reading our own kept copies (we wrote them, within the
+/// configured per-file cap, which cannot exceed this in practice).
+const KEPT_READ_LIMIT: u64 = 64 * 1024 * 1024;
 const TEMP_MARK: &str = ".vts-new.";
 const OLD_MARK: &str = ".vts-old.";
 
@@ -196,6 +199,14 @@ impl StateLocation {
         let p = Path::new(raw);
         if !p.is_absolute() {
             return Err(bad("not an absolute path"));
+        }
+        // Path::components() silently drops "." and repeated "/": check
+        // the raw segments so what we walk is exactly what was written.
+        if raw[1..]
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            return Err(bad("contains '.', '..' or an empty component"));
         }
         let mut clean = PathBuf::new();
         for c in p.components() {
@@ -408,7 +419,7 @@ fn read_regular_file(
     }
     let mut data = Vec::with_capacity(size as usize);
     File::from(fd)
-        .take(max + 1)
+        .take(max.saturating_add(1))
         .read_to_end(&mut data)
         .map_err(|e| io_err("read", shown, e))?;
     if data.len() as u64 > max {
@@ -584,8 +595,8 @@ fn remove_stale_temps(parent: &OwnedFd, parent_path: &Path, leaf: &str) {
 
 fn list_dir(dir: &OwnedFd, shown: &Path) -> Result<Vec<String>, FsError> {
     let mut out = Vec::new();
-    let mut d = Dir::read_from(dir).map_err(|e| io_err("list", shown, e))?;
-    while let Some(entry) = d.next() {
+    let d = Dir::read_from(dir).map_err(|e| io_err("list", shown, e))?;
+    for entry in d {
         let entry = entry.map_err(|e| io_err("list", shown, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name != "." && name != ".." {
@@ -716,7 +727,9 @@ impl HostData {
         let (dir, path) = self
             .uuid_dir(&self.data_dir, "backups", uuid, true)?
             .expect("created");
-        let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        // Nanoseconds, so that names sort by age even within one second
+        // (pruning below keeps the last names in sort order).
+        let stamp = humantime::format_rfc3339_nanos(SystemTime::now())
             .to_string()
             .replace([':', '-'], "");
         let name = format!(
@@ -768,10 +781,22 @@ impl HostData {
             .and_then(|b| Sha256Sum::parse_hex(String::from_utf8_lossy(&b).trim())))
     }
 
-    pub fn write_synced(&self, uuid: &DomainUuid, digest: Sha256Sum) -> Result<(), FsError> {
+    /// Records that this host's local state and the metadata agree on
+    /// `state` (the decision rule's `J`). The kept copy is brought up to the
+    /// same state first: a kept copy older than `J` would otherwise look
+    /// "newer than the metadata" once libvirt deletes the live dir.
+    pub fn record_sync(&self, uuid: &DomainUuid, state: &TpmState) -> Result<(), FsError> {
+        let kept = self.read_kept(uuid, state.version, KEPT_READ_LIMIT)?;
+        if kept.as_ref().map(TpmState::digest) != Some(state.digest()) {
+            self.write_kept(uuid, state)?;
+        }
         let dir_path = self.data_dir.join("synced");
         create_private_dir_all(&dir_path)?;
-        write_file_atomically(&dir_path, uuid.as_str(), format!("{digest}\n").as_bytes())
+        write_file_atomically(
+            &dir_path,
+            uuid.as_str(),
+            format!("{}\n", state.digest()).as_bytes(),
+        )
     }
 
     /// Marks that the next `prepare` of `uuid` is an incoming migration or a

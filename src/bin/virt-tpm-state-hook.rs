@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     if args.len() >= 3 && hook::HookOp::from_args(&args[1], &args[2]) == hook::HookOp::Ignored {
         return ExitCode::SUCCESS;
     }
+    logging::install_panic_hook("virt-tpm-state-hook");
     let sink = logging::init(
         "virt-tpm-state-hook",
         log::LevelFilter::Info,

@@ -218,6 +218,7 @@ pub struct Ctx {
 
 /// Entry point of the `virt-tpm-state` binary.
 pub fn main() -> ExitCode {
+    crate::logging::install_panic_hook("virt-tpm-state");
     let cli = Cli::parse();
     let after_stop = matches!(&cli.command, Command::Store(s) if s.after_stop);
     let level = match cli.verbose {

@@ -92,7 +92,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
             Some(Ok(m)) => m,
             _ => unreachable!("every target holds the digest"),
         };
-        record_synced(ctx, &host, &dom, digest)?;
+        record_synced(ctx, &host, &dom, &state)?;
         return report(
             args,
             &dom,
@@ -167,7 +167,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         &ctx.config.namespace,
         targets,
     )?;
-    record_synced(ctx, &host, &dom, digest)?;
+    record_synced(ctx, &host, &dom, &state)?;
     let m = MetadataState {
         provenance,
         digest,
@@ -326,10 +326,10 @@ fn record_synced(
     ctx: &Ctx,
     host: &HostData,
     dom: &DomainHandle,
-    digest: crate::state::Sha256Sum,
+    state: &TpmState,
 ) -> Result<(), CliError> {
     let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
-    host.write_synced(&dom.uuid, digest)?;
+    host.record_sync(&dom.uuid, state)?;
     Ok(())
 }
 
