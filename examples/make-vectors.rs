@@ -443,6 +443,15 @@ fn main() {
             ),
         );
     }
+    {
+        // An element inside <file>, splitting the base64 text in two.
+        let (a, b) = b64.split_at(b64.len() / 2);
+        let e = replace_once(&el2, &b64, &format!("{a}<vts:extra/>{b}"));
+        add(
+            "refused-element-inside-file",
+            domain("refused UnexpectedElement", v2, &e),
+        );
+    }
     add(
         "refused-unknown-section-nvram",
         domain(

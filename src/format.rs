@@ -293,6 +293,14 @@ fn decode_file(
     limits: DecodeLimits,
 ) -> Result<StateFile, FormatError> {
     let name = req(f, "name")?.to_string();
+    // MUST: a <file> holds text only; an element in it would be skipped
+    // silently while its surrounding text is decoded.
+    if let Some(child) = f.children.first() {
+        return Err(FormatError::UnexpectedElement(
+            child.name.clone(),
+            "file".into(),
+        ));
+    }
     // MUST: only the names listed for the section's version; never a path.
     if !version.allowed_files().contains(&name.as_str()) {
         return Err(FormatError::FileNameNotAllowed {

@@ -1,0 +1,44 @@
+#!/bin/bash
+# Installs what building and testing virt-tpm-state needs on Debian 12, as
+# root: libvirt (daemon, client, headers), swtpm, tpm2-tools, QEMU, OVMF.
+# Idempotent: installs only what is missing. Rust itself comes from rustup.
+set -euo pipefail
+
+packages=(
+    libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+    swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
+    qemu-system-x86 ovmf python3
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "==> system packages: all present"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: missing packages (${missing[*]}); run as root to install them" >&2
+        exit 1
+    fi
+    echo "==> installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # The Debian packages try to start their services; there may be no init
+    # system to start them with, which is fine: tests run private daemons.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo not found; install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        echo "==> adding rustup component $component"
+        rustup component add "$component"
+    fi
+done

@@ -1,0 +1,21 @@
+#!/bin/bash
+# The whole test suite: unit, fixture-vector, hook-binary and end-to-end
+# tests (the latter against private libvirt daemons, never the host's).
+# Run as root on Debian 12:   sudo ./scripts/test.sh
+# With CI=true a missing environment fails the end-to-end tests instead of
+# skipping them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+echo "==> building"
+cargo build --all-targets --locked
+echo "==> running the tests"
+# One test binary at a time; inside e2e, two worlds at once suit 2 cores.
+set +e
+cargo test --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee target/test-output.log
+status=${PIPESTATUS[0]}
+set -e
+echo "==> summary"
+grep -E '^(test result:|     Running )' target/test-output.log | sed 's/^/    /'
+exit "$status"

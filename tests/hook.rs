@@ -1,0 +1,1252 @@
+//! The built `virt-tpm-state-hook` binary, run as libvirt runs it, against a
+//! scratch tree (`VIRT_TPM_STATE_ROOT`), with the domain XML libvirt 9.0
+//! really hands the hook (`fixtures/domains/`) and our element injected into
+//! its `<metadata>`.
+//!
+//! Every run is checked for: exit code, EMPTY stdout, one line on stderr on
+//! failure (none on success), and the exact effect on the scratch tree. A
+//! failed assertion prints the args, exit code, stdout, stderr and a listing
+//! of the tree (modes, owners, sizes, inodes, content digests).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use virt_tpm_state::format::{encode, Provenance, Style};
+use virt_tpm_state::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use virt_tpm_state::swtpm::synthetic_blob;
+
+const HOOK: &str = env!("CARGO_BIN_EXE_virt-tpm-state-hook");
+/// No hook run may take longer than this.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+const OTHER_UUID: &str = "9d6a0c21-7f3e-4b5a-a1c2-3d4e5f607182";
+
+// ================================================================ fixtures
+
+fn fixture(rel: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
+}
+
+/// What libvirt 9.0 writes on the hook's stdin at `prepare begin` (a TPM 2.0
+/// domain whose `<metadata>` holds a foreign element and a placeholder
+/// `<vts:state format="1"/>`).
+fn prepare_xml() -> String {
+    fixture("domains/hook-stdin-prepare-begin.xml")
+}
+
+/// The uuid of the fixture domains used below.
+fn fixture_uuid(xml: &str) -> String {
+    let s = xml.find("<uuid>").unwrap() + "<uuid>".len();
+    let e = xml.find("</uuid>").unwrap();
+    xml[s..e].trim().to_string()
+}
+
+/// `base` with `element` as our metadata element: replaces an element of our
+/// namespace already there, else adds it to `<metadata>` (creating that).
+fn with_element(base: &str, element: &str) -> String {
+    let indented: String = element.lines().map(|l| format!("    {l}\n")).collect();
+    if let Some(pos) = base.find("urn:virt-tpm-state:1") {
+        let line_start = base[..pos].rfind('\n').unwrap() + 1;
+        let line_end = base[pos..].find('\n').unwrap() + pos + 1;
+        assert!(
+            base[line_start..line_end].trim_end().ends_with("/>"),
+            "placeholder element is not one line"
+        );
+        return format!("{}{indented}{}", &base[..line_start], &base[line_end..]);
+    }
+    if let Some(pos) = base.find("  </metadata>") {
+        return format!("{}{indented}{}", &base[..pos], &base[pos..]);
+    }
+    let pos = base.find("</uuid>\n").unwrap() + "</uuid>\n".len();
+    format!(
+        "{}  <metadata>\n{indented}  </metadata>\n{}",
+        &base[..pos],
+        &base[pos..]
+    )
+}
+
+/// Deterministic incompressible bytes, like a real permall's keys.
+fn stream(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0u32;
+    while out.len() < len {
+        out.extend_from_slice(&Sha256Sum::of(format!("{seed}/{i}").as_bytes()).0);
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// A real `name` captured from libvirt under `fixtures/` (outside the
+/// vectors), if the e2e helper provided one.
+fn real_permall(name: &str) -> Option<Vec<u8>> {
+    fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).ok()?.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let ft = e.file_type().ok()?;
+            if ft.is_dir() && e.file_name() != "vectors" {
+                if let Some(f) = find(&p, name) {
+                    return Some(f);
+                }
+            } else if ft.is_file() && e.file_name() == name {
+                return Some(p);
+            }
+        }
+        None
+    }
+    let p = find(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+        name,
+    )?;
+    let data = std::fs::read(p).ok()?;
+    virt_tpm_state::swtpm::check_header(&data).ok()?;
+    Some(data)
+}
+
+/// A valid swtpm state file, distinct per `seed`: a real permall captured
+/// from libvirt (its last 32 bytes varied by the seed) when `fixtures/` has
+/// one, else a synthetic blob of a fresh state's size.
+fn blob(seed: &str) -> Vec<u8> {
+    match real_permall("tpm2-00.permall") {
+        Some(mut data) if data.len() > 64 => {
+            let n = data.len();
+            let tweak = Sha256Sum::of(seed.as_bytes()).0;
+            for (b, t) in data[n - 32..].iter_mut().zip(tweak) {
+                *b ^= t;
+            }
+            data
+        }
+        _ => synthetic_blob(0, &stream(seed, 6224)),
+    }
+}
+
+fn blob12(seed: &str) -> Vec<u8> {
+    synthetic_blob(0, &stream(seed, 3690))
+}
+
+fn tpm_state(version: TpmVersion, data: &[u8]) -> TpmState {
+    TpmState::new(
+        version,
+        vec![StateFile {
+            name: version.permall_name().into(),
+            data: data.to_vec(),
+        }],
+    )
+}
+
+/// Our element for `uuid`, holding `data` as the TPM's permall.
+fn element(uuid: &str, version: TpmVersion, data: &[u8], generation: u64) -> String {
+    encode(
+        &tpm_state(version, data),
+        &Provenance {
+            uuid: DomainUuid::parse(uuid).unwrap(),
+            generation,
+            parent: None,
+            stored: "2026-01-01T00:00:00Z".into(),
+            host: "test-host".into(),
+        },
+        Style::Standalone,
+    )
+}
+
+/// The prepare-begin XML carrying `data` as a TPM 2.0 state.
+fn xml_with(data: &[u8]) -> String {
+    let base = prepare_xml();
+    let uuid = fixture_uuid(&base);
+    with_element(&base, &element(&uuid, TpmVersion::V2_0, data, 1))
+}
+
+fn digest_short(data: &[u8]) -> String {
+    tpm_state(TpmVersion::V2_0, data).digest().short()
+}
+
+fn current_user() -> (String, String, u32, u32) {
+    let uid = nix::unistd::geteuid();
+    let gid = nix::unistd::getegid();
+    let user = nix::unistd::User::from_uid(uid).unwrap().unwrap().name;
+    let group = nix::unistd::Group::from_gid(gid).unwrap().unwrap().name;
+    (user, group, uid.as_raw(), gid.as_raw())
+}
+
+// ================================================================ the tree
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    kind: char,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    ino: u64,
+    nlink: u64,
+    mtime: (i64, i64),
+    /// File: sha256 prefix of the content; link: its target.
+    extra: String,
+}
+
+type Tree = BTreeMap<String, Entry>;
+
+fn walk(root: &Path, dir: &Path, out: &mut Tree) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let ft = m.file_type();
+        let (kind, extra) = if ft.is_symlink() {
+            (
+                'l',
+                format!("-> {}", std::fs::read_link(&p).unwrap().display()),
+            )
+        } else if ft.is_dir() {
+            ('d', String::new())
+        } else if ft.is_file() {
+            let data = std::fs::read(&p).unwrap_or_default();
+            ('f', format!("sha256:{}", Sha256Sum::of(&data).short()))
+        } else {
+            ('?', String::new())
+        };
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        out.insert(
+            rel,
+            Entry {
+                kind,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                size: m.size(),
+                ino: m.ino(),
+                nlink: m.nlink(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                extra,
+            },
+        );
+        if ft.is_dir() {
+            walk(root, &p, out);
+        }
+    }
+}
+
+fn show_tree(t: &Tree) -> String {
+    let mut s = String::new();
+    for (p, e) in t {
+        s.push_str(&format!(
+            "  {} {:04o} {:>5}:{:<5} {:>7} ino={:<9} nlink={} {p} {}\n",
+            e.kind, e.mode, e.uid, e.gid, e.size, e.ino, e.nlink, e.extra
+        ));
+    }
+    s
+}
+
+/// Paths added, removed or changed (in any stat field or content).
+fn tree_diff(before: &Tree, after: &Tree) -> Vec<String> {
+    let mut d = Vec::new();
+    for (p, e) in after {
+        match before.get(p) {
+            None => d.push(format!("+ {p}")),
+            Some(b) if b != e => d.push(format!("~ {p}")),
+            _ => {}
+        }
+    }
+    for p in before.keys() {
+        if !after.contains_key(p) {
+            d.push(format!("- {p}"));
+        }
+    }
+    d
+}
+
+// ================================================================ harness
+
+/// A scratch "host": `<tmp>/root` is `VIRT_TPM_STATE_ROOT`; `<tmp>` itself
+/// holds only `root` and `bin`, so a path escaping the root shows up there.
+struct Scratch {
+    tmp: tempfile::TempDir,
+    uuid: String,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Scratch {
+            tmp,
+            uuid: fixture_uuid(&prepare_xml()),
+        };
+        std::fs::create_dir_all(s.root().join("etc/libvirt")).unwrap();
+        let (user, group, _, _) = current_user();
+        s.write(
+            "etc/libvirt/qemu.conf",
+            &format!(
+                "# written by tests/hook.rs\nswtpm_user = \"{user}\"\nswtpm_group = \"{group}\"\n"
+            ),
+        );
+        s.config("");
+        std::fs::create_dir_all(s.root().join("elsewhere")).unwrap();
+        s.write(
+            "elsewhere/host-file",
+            "a host file the hook must never touch\n",
+        );
+        s
+    }
+
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root().join(rel)
+    }
+
+    fn write(&self, rel: &str, text: &str) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// Writes etc/virt-tpm-state/config.toml: `store_after_stop = false`
+    /// (no helper in these tests) plus `extra`.
+    fn config(&self, extra: &str) {
+        let text = if extra.contains("store_after_stop") {
+            extra.to_string()
+        } else {
+            format!("store_after_stop = false\n{extra}")
+        };
+        self.write("etc/virt-tpm-state/config.toml", &text);
+    }
+
+    fn live_dir(&self) -> PathBuf {
+        self.path(&format!("var/lib/libvirt/swtpm/{}/tpm2", self.uuid))
+    }
+
+    fn live_permall(&self) -> PathBuf {
+        self.live_dir().join("tpm2-00.permall")
+    }
+
+    fn tree(&self) -> Tree {
+        let mut t = Tree::new();
+        walk(&self.root(), &self.root(), &mut t);
+        t
+    }
+
+    fn outside(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn command(&self, op: &str, subop: &str) -> (Command, Vec<String>) {
+        let args: Vec<String> = ["vm", op, subop, "-"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut cmd = Command::new(HOOK);
+        cmd.args(&args)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("LC_ALL", "C")
+            .env("HOME", "/root")
+            .env("VIRT_TPM_STATE_ROOT", self.root())
+            .env("VTS_TEST_CANARY", "must-not-reach-the-helper")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        (cmd, args)
+    }
+
+    /// Runs the hook with `xml` on stdin (closed after writing), as libvirt does.
+    fn hook(&self, op: &str, subop: &str, xml: &str) -> Run {
+        let (mut cmd, args) = self.command(op, subop);
+        let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+        let pid = child.id();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = xml.as_bytes().to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let start = Instant::now();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = match rx.recv_timeout(RUN_TIMEOUT) {
+            Ok(o) => o.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("hook {args:?} did not exit within {RUN_TIMEOUT:?}");
+            }
+        };
+        let _ = writer.join();
+        Run {
+            args,
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed: start.elapsed(),
+            tree: show_tree(&self.tree()),
+        }
+    }
+
+    fn prepare(&self, xml: &str) -> Run {
+        self.hook("prepare", "begin", xml)
+    }
+
+    /// Runs a refused case and checks that nothing was written: the tree is
+    /// identical (every stat field and content), except that the per-domain
+    /// lock file (and its directories) may appear, and nothing appeared
+    /// next to the root.
+    fn refused(&self, op: &str, xml: &str, code: i32) -> Run {
+        let before = self.tree();
+        let outside = self.outside();
+        let run = self.hook(op, "begin", xml);
+        run.failed(code);
+        let lock = format!("run/virt-tpm-state/locks/{}.lock", self.uuid);
+        let diff: Vec<String> = tree_diff(&before, &self.tree())
+            .into_iter()
+            .filter(|d| {
+                let p = &d[2..];
+                !(d.starts_with('+')
+                    && [
+                        "run",
+                        "run/virt-tpm-state",
+                        "run/virt-tpm-state/locks",
+                        &lock,
+                    ]
+                    .contains(&p))
+            })
+            .collect();
+        assert!(
+            diff.is_empty(),
+            "a refused run changed the tree: {diff:?}\nbefore:\n{}{run}",
+            show_tree(&before)
+        );
+        assert_eq!(
+            self.outside(),
+            outside,
+            "something was created next to the root\n{run}"
+        );
+        run
+    }
+}
+
+struct Run {
+    args: Vec<String>,
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+    elapsed: Duration,
+    tree: String,
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "\n--- hook {:?}", self.args)?;
+        writeln!(f, "exit code: {:?} after {:?}", self.code, self.elapsed)?;
+        writeln!(f, "stdout: {:?}", String::from_utf8_lossy(&self.stdout))?;
+        writeln!(f, "stderr: {:?}", self.stderr)?;
+        write!(f, "scratch tree after the run:\n{}", self.tree)
+    }
+}
+
+impl Run {
+    fn ok(&self) -> &Self {
+        assert_eq!(self.code, Some(0), "expected success{self}");
+        assert!(self.stdout.is_empty(), "stdout must stay empty{self}");
+        assert!(
+            self.stderr.is_empty(),
+            "stderr must be empty on success{self}"
+        );
+        self
+    }
+
+    fn failed(&self, code: i32) -> &Self {
+        assert_eq!(self.code, Some(code), "expected exit code {code}{self}");
+        assert!(self.stdout.is_empty(), "stdout must stay empty{self}");
+        assert_eq!(
+            self.stderr.lines().count(),
+            1,
+            "stderr must be exactly one line{self}"
+        );
+        assert!(self.stderr.ends_with('\n'), "{self}");
+        assert!(
+            self.stderr.starts_with("virt-tpm-state: "),
+            "stderr line must say who speaks{self}"
+        );
+        self
+    }
+
+    fn says(&self, parts: &[&str]) -> &Self {
+        for p in parts {
+            assert!(self.stderr.contains(p), "stderr lacks {p:?}{self}");
+        }
+        self
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid())
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The live state dir holds exactly `data`, as libvirt expects it.
+fn assert_live(s: &Scratch, data: &[u8], run: &Run) {
+    let (_, _, uid, gid) = current_user();
+    assert_eq!(names(&s.live_dir()), ["tpm2-00.permall"], "{run}");
+    assert!(
+        std::fs::read(s.live_permall()).unwrap() == data,
+        "live permall has the wrong content{run}"
+    );
+    let uuid_dir = s.live_dir().parent().unwrap().to_path_buf();
+    assert_eq!(names(&uuid_dir), ["tpm2"], "leftovers next to tpm2{run}");
+    assert_eq!(mode(&uuid_dir), 0o711, "{run}");
+    assert_eq!(mode(&s.live_dir()), 0o700, "{run}");
+    assert_eq!(mode(&s.live_permall()), 0o600, "{run}");
+    assert_eq!(owner(&s.live_dir()), (uid, gid), "{run}");
+    assert_eq!(owner(&s.live_permall()), (uid, gid), "{run}");
+}
+
+fn backups(s: &Scratch) -> Vec<PathBuf> {
+    let dir = s.path(&format!("var/lib/virt-tpm-state/backups/{}", s.uuid));
+    if !dir.exists() {
+        return Vec::new();
+    }
+    names(&dir).into_iter().map(|n| dir.join(n)).collect()
+}
+
+fn backup_contents(s: &Scratch) -> Vec<Vec<u8>> {
+    backups(s)
+        .iter()
+        .map(|b| std::fs::read(b.join("tpm2-00.permall")).unwrap())
+        .collect()
+}
+
+// ================================================================ decision rule rows
+
+#[test]
+fn no_metadata_writes_nothing_at_all() {
+    let s = Scratch::new();
+    let before = s.tree();
+    for xml in [
+        fixture("domains/tpm2-crb.xml"),
+        fixture("domains/no-tpm.xml"),
+    ] {
+        let run = s.prepare(&xml);
+        run.ok();
+        assert_eq!(tree_diff(&before, &s.tree()), Vec::<String>::new(), "{run}");
+    }
+}
+
+#[test]
+fn restores_into_a_missing_state_dir() {
+    let s = Scratch::new();
+    let data = blob("m1");
+    let before = s.tree();
+    let run = s.prepare(&xml_with(&data));
+    run.ok();
+    assert_live(&s, &data, &run);
+    let u = &s.uuid;
+    let added: Vec<String> = tree_diff(&before, &s.tree());
+    let expected: Vec<String> = [
+        "run".to_string(),
+        "run/virt-tpm-state".into(),
+        "run/virt-tpm-state/locks".into(),
+        format!("run/virt-tpm-state/locks/{u}.lock"),
+        "var".into(),
+        "var/lib".into(),
+        "var/lib/libvirt".into(),
+        "var/lib/libvirt/swtpm".into(),
+        format!("var/lib/libvirt/swtpm/{u}"),
+        format!("var/lib/libvirt/swtpm/{u}/tpm2"),
+        format!("var/lib/libvirt/swtpm/{u}/tpm2/tpm2-00.permall"),
+        "var/lib/virt-tpm-state".into(),
+        // The kept copy follows the sync journal (J), so that a deleted live
+        // dir never looks "newer than the metadata" with an older copy.
+        "var/lib/virt-tpm-state/kept".into(),
+        format!("var/lib/virt-tpm-state/kept/{u}"),
+        format!("var/lib/virt-tpm-state/kept/{u}/tpm2"),
+        format!("var/lib/virt-tpm-state/kept/{u}/tpm2/tpm2-00.permall"),
+        "var/lib/virt-tpm-state/synced".into(),
+        format!("var/lib/virt-tpm-state/synced/{u}"),
+    ]
+    .iter()
+    .map(|p| format!("+ {p}"))
+    .collect();
+    let mut added_sorted = added.clone();
+    added_sorted.sort();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(added_sorted, expected_sorted, "{run}");
+    // Our own private dirs are 0700, the journal names the restored digest.
+    for d in [
+        "var/lib/virt-tpm-state",
+        "var/lib/virt-tpm-state/synced",
+        "run/virt-tpm-state",
+    ] {
+        assert_eq!(mode(&s.path(d)), 0o700, "{d}{run}");
+    }
+    let journal =
+        std::fs::read_to_string(s.path(&format!("var/lib/virt-tpm-state/synced/{u}"))).unwrap();
+    assert_eq!(
+        journal.trim(),
+        tpm_state(TpmVersion::V2_0, &data).digest().hex(),
+        "{run}"
+    );
+    assert_eq!(
+        mode(&s.path(&format!("var/lib/virt-tpm-state/synced/{u}"))),
+        0o600
+    );
+}
+
+#[test]
+fn tpm12_restores_into_tpm1_2_dir() {
+    let s = Scratch::new();
+    let base = fixture("domains/tpm12-tis.xml");
+    let uuid = fixture_uuid(&base);
+    let data = blob12("v12");
+    let xml = with_element(&base, &element(&uuid, TpmVersion::V1_2, &data, 1));
+    let run = s.prepare(&xml);
+    run.ok();
+    let dir = s.path(&format!("var/lib/libvirt/swtpm/{uuid}/tpm1.2"));
+    assert_eq!(names(&dir), ["tpm-00.permall"], "{run}");
+    assert!(
+        std::fs::read(dir.join("tpm-00.permall")).unwrap() == data,
+        "{run}"
+    );
+}
+
+#[test]
+fn metadata_equal_to_local_changes_nothing() {
+    let s = Scratch::new();
+    let data = blob("m1");
+    let xml = xml_with(&data);
+    s.prepare(&xml).ok();
+    let before = s.tree();
+    let permall = format!("var/lib/libvirt/swtpm/{}/tpm2/tpm2-00.permall", s.uuid);
+    std::thread::sleep(Duration::from_millis(20));
+    let run = s.prepare(&xml);
+    run.ok();
+    let after = s.tree();
+    assert_eq!(
+        before[&permall], after[&permall],
+        "permall touched (inode/mtime){run}"
+    );
+    // Only the sync journal may be rewritten.
+    let journal = format!("~ var/lib/virt-tpm-state/synced/{}", s.uuid);
+    for d in tree_diff(&before, &after) {
+        assert!(
+            d == journal || d == "~ var/lib/virt-tpm-state/synced",
+            "unexpected change {d}{run}"
+        );
+    }
+    assert!(backups(&s).is_empty(), "{run}");
+}
+
+#[test]
+fn local_newer_than_synced_metadata_is_kept() {
+    // M == J (this host synced M), L != J (the VM ran since): keep L.
+    let s = Scratch::new();
+    let m = blob("m1");
+    let xml = xml_with(&m);
+    s.prepare(&xml).ok();
+    let l = blob("l2-after-a-run");
+    std::fs::write(s.live_permall(), &l).unwrap();
+    let before = s.tree();
+    let run = s.prepare(&xml);
+    run.ok();
+    assert_live(&s, &l, &run);
+    let permall = format!("var/lib/libvirt/swtpm/{}/tpm2/tpm2-00.permall", s.uuid);
+    assert_eq!(before[&permall], s.tree()[&permall], "{run}");
+    assert!(backups(&s).is_empty(), "{run}");
+}
+
+#[test]
+fn newer_metadata_wins_and_local_is_backed_up() {
+    // L == J, M moved on (stored elsewhere): M wins, L kept as a backup.
+    let s = Scratch::new();
+    let m1 = blob("m1");
+    s.prepare(&xml_with(&m1)).ok();
+    let m2 = blob("m2");
+    let run = s.prepare(&xml_with(&m2));
+    run.ok();
+    assert_live(&s, &m2, &run);
+    let b = backups(&s);
+    assert_eq!(b.len(), 1, "{run}");
+    let name = b[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.ends_with(&format!("-{}-tpm2", digest_short(&m1))),
+        "{name}{run}"
+    );
+    assert_eq!(backup_contents(&s), vec![m1], "{run}");
+    assert_eq!(mode(&b[0]), 0o700);
+    assert_eq!(mode(&b[0].join("tpm2-00.permall")), 0o600);
+    let me = (current_user().2, current_user().3);
+    assert_eq!(owner(&b[0].join("tpm2-00.permall")), me);
+    assert_eq!(mode(b[0].parent().unwrap()), 0o700);
+}
+
+#[test]
+fn conflict_metadata_wins_and_local_is_backed_up() {
+    // L != J and M != J: both moved; default policy: M wins, L backed up.
+    let s = Scratch::new();
+    s.prepare(&xml_with(&blob("m1"))).ok();
+    let l = blob("l-local-run");
+    std::fs::write(s.live_permall(), &l).unwrap();
+    let m2 = blob("m2");
+    let run = s.prepare(&xml_with(&m2));
+    run.ok();
+    assert_live(&s, &m2, &run);
+    assert_eq!(backup_contents(&s), vec![l], "{run}");
+}
+
+#[test]
+fn conflict_under_refuse_policy_exits_6_and_writes_nothing() {
+    let s = Scratch::new();
+    s.config("on_conflict = \"refuse\"\n");
+    s.prepare(&xml_with(&blob("m1"))).ok();
+    let l = blob("l-local-run");
+    std::fs::write(s.live_permall(), &l).unwrap();
+    let run = s.refused("prepare", &xml_with(&blob("m2")), 6);
+    run.says(&["on_conflict", "virt-tpm-state store", "restore --force"]);
+    assert!(std::fs::read(s.live_permall()).unwrap() == l, "{run}");
+}
+
+#[test]
+fn kept_copy_is_put_back_when_the_live_dir_was_deleted() {
+    let s = Scratch::new();
+    let m = blob("m1");
+    let xml = xml_with(&m);
+    s.prepare(&xml).ok();
+    // The VM ran: its state changed; then it stopped and libvirt deleted the dir.
+    let l = blob("l-final-state");
+    std::fs::write(s.live_permall(), &l).unwrap();
+    s.hook("stopped", "end", &xml).ok();
+    std::fs::remove_dir_all(s.live_dir().parent().unwrap()).unwrap();
+    let run = s.prepare(&xml);
+    run.ok();
+    assert_live(&s, &l, &run);
+    assert!(backups(&s).is_empty(), "{run}");
+}
+
+#[test]
+fn backups_are_pruned_to_backups_per_domain() {
+    let s = Scratch::new();
+    s.config("backups_per_domain = 2\n");
+    s.prepare(&xml_with(&blob("m0"))).ok();
+    let mut replaced = Vec::new();
+    for i in 1..=4 {
+        let l = blob(&format!("local-{i}"));
+        std::fs::write(s.live_permall(), &l).unwrap();
+        replaced.push(l);
+        s.prepare(&xml_with(&blob(&format!("m{i}")))).ok();
+    }
+    let run = s.prepare(&xml_with(&blob("m4")));
+    run.ok();
+    assert_eq!(backups(&s).len(), 2, "{run}");
+    // The two newest replaced states survive.
+    assert_eq!(backup_contents(&s), replaced[2..].to_vec(), "{run}");
+}
+
+// ================================================================ incoming
+
+fn incoming_then_prepare(op: &str, base: &str) {
+    let s = Scratch::new();
+    let data = blob("m1");
+    let xml = with_element(base, &element(&s.uuid, TpmVersion::V2_0, &data, 1));
+    let run = s.hook(op, "begin", &xml);
+    run.ok();
+    let marker = s.path(&format!("run/virt-tpm-state/incoming/{}", s.uuid));
+    assert!(marker.is_file(), "no marker after {op} begin{run}");
+    assert_eq!(mode(&marker), 0o600);
+    let run = s.prepare(&xml);
+    run.ok();
+    assert!(
+        !s.live_dir().exists(),
+        "{op} begin, then prepare must not restore{run}"
+    );
+    let run = s.hook(
+        "release",
+        "end",
+        &fixture("domains/hook-stdin-release-end.xml"),
+    );
+    run.ok();
+    assert!(!marker.exists(), "release end must clear the marker{run}");
+    let run = s.prepare(&xml);
+    run.ok();
+    assert_live(&s, &data, &run);
+}
+
+#[test]
+fn migrate_begin_then_prepare_does_not_restore() {
+    incoming_then_prepare("migrate", &prepare_xml());
+}
+
+#[test]
+fn restore_begin_then_prepare_does_not_restore() {
+    incoming_then_prepare("restore", &fixture("domains/hook-stdin-restore-begin.xml"));
+}
+
+// ================================================================ refusals
+
+#[test]
+fn invalid_metadata_exits_4() {
+    let s = Scratch::new();
+    // The real prepare stdin: `<vts:state format="1"/>`, no uuid, no files.
+    let run = s.refused("prepare", &prepare_xml(), 4);
+    run.says(&["invalid", "virsh metadata", "--remove"]);
+    let run = s.refused(
+        "prepare",
+        &xml_with(&blob("m1")).replace("encoding=\"gzip+base64\"", "encoding=\"zstd\""),
+        4,
+    );
+    run.says(&["zstd"]);
+}
+
+#[test]
+fn clone_exits_5_and_says_how_to_remove_or_adopt() {
+    let s = Scratch::new();
+    let xml = with_element(
+        &prepare_xml(),
+        &element(OTHER_UUID, TpmVersion::V2_0, &blob("m1"), 1),
+    );
+    let run = s.refused("prepare", &xml, 5);
+    run.says(&[OTHER_UUID, &s.uuid, "virsh metadata", "--remove", "adopt"]);
+}
+
+#[test]
+fn tpm_version_mismatch_exits_4() {
+    let s = Scratch::new();
+    let xml = with_element(
+        &prepare_xml(),
+        &element(&s.uuid, TpmVersion::V1_2, &blob12("x"), 1),
+    );
+    s.refused("prepare", &xml, 4).says(&["1.2", "2.0"]);
+}
+
+#[test]
+fn symlink_at_uuid_dir_exits_7() {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("var/lib/libvirt/swtpm")).unwrap();
+    std::os::unix::fs::symlink(
+        s.path("elsewhere"),
+        s.path(&format!("var/lib/libvirt/swtpm/{}", s.uuid)),
+    )
+    .unwrap();
+    s.refused("prepare", &xml_with(&blob("m1")), 7)
+        .says(&["symlink"]);
+    assert_eq!(names(&s.path("elsewhere")), ["host-file"]);
+}
+
+#[test]
+fn symlink_at_tpm2_dir_exits_7() {
+    let s = Scratch::new();
+    let uuid_dir = s.path(&format!("var/lib/libvirt/swtpm/{}", s.uuid));
+    std::fs::create_dir_all(&uuid_dir).unwrap();
+    std::os::unix::fs::symlink(s.path("elsewhere"), uuid_dir.join("tpm2")).unwrap();
+    s.refused("prepare", &xml_with(&blob("m1")), 7)
+        .says(&["symlink"]);
+    assert_eq!(names(&s.path("elsewhere")), ["host-file"]);
+}
+
+#[test]
+fn hard_linked_live_permall_exits_7() {
+    let s = Scratch::new();
+    s.prepare(&xml_with(&blob("m1"))).ok();
+    std::fs::hard_link(s.live_permall(), s.path("elsewhere/linked")).unwrap();
+    s.refused("prepare", &xml_with(&blob("m2")), 7)
+        .says(&["hard link"]);
+}
+
+#[test]
+fn symlinked_live_permall_exits_7() {
+    let s = Scratch::new();
+    s.prepare(&xml_with(&blob("m1"))).ok();
+    std::fs::remove_file(s.live_permall()).unwrap();
+    std::os::unix::fs::symlink(s.path("elsewhere/host-file"), s.live_permall()).unwrap();
+    s.refused("prepare", &xml_with(&blob("m2")), 7)
+        .says(&["symlink"]);
+}
+
+#[test]
+fn source_path_with_dotdot_exits_7() {
+    let s = Scratch::new();
+    let xml = xml_with(&blob("m1")).replace(
+        "<backend type='emulator' version='2.0'/>",
+        "<backend type='emulator' version='2.0'>\n        <source type='dir' path='/srv/../etc'/>\n      </backend>",
+    );
+    assert!(xml.contains("/srv/../etc"));
+    s.refused("prepare", &xml, 7).says(&["/srv/../etc"]);
+}
+
+#[test]
+fn decompression_bomb_exits_4() {
+    let s = Scratch::new();
+    let v = fixture("vectors/refused-decompression-bomb.xml");
+    let start = v.find("<vts:state").unwrap();
+    let end = v.find("</vts:state>").unwrap() + "</vts:state>".len();
+    let vector_uuid = fixture_uuid(&v);
+    let el = v[start..end]
+        .replace(
+            &format!("uuid=\"{vector_uuid}\""),
+            &format!("uuid=\"{}\"", s.uuid),
+        )
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let run = s.refused("prepare", &with_element(&prepare_xml(), &el), 4);
+    run.says(&["decompress"]);
+    assert!(run.elapsed < Duration::from_secs(10), "{run}");
+}
+
+#[test]
+fn malformed_domain_uuid_exits_3_and_creates_nothing_anywhere() {
+    let s = Scratch::new();
+    let xml = xml_with(&blob("m1")).replacen(
+        &format!("<uuid>{}</uuid>", s.uuid),
+        "<uuid>../../x</uuid>",
+        1,
+    );
+    for op in ["prepare", "migrate", "restore"] {
+        s.refused(op, &xml, 3).says(&["uuid"]);
+    }
+    let run = s.hook("stopped", "end", &xml);
+    run.failed(3);
+    for p in ["/x", "/var/lib/x", "/var/lib/libvirt/x"] {
+        assert!(!Path::new(p).exists(), "{p} exists");
+    }
+    assert_eq!(s.outside(), ["root"]);
+}
+
+// ================================================================ state dir traps
+
+#[test]
+fn existing_empty_state_dir_is_filled_atomically() {
+    // libvirt 9.0 skips swtpm_setup for an existing empty dir: it must not
+    // stay empty, and must be swapped, not filled in place.
+    let s = Scratch::new();
+    let uuid_dir = s.live_dir().parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(s.live_dir()).unwrap();
+    std::fs::set_permissions(&uuid_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(s.live_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let old_ino = std::fs::metadata(s.live_dir()).unwrap().ino();
+    let data = blob("m1");
+    let run = s.prepare(&xml_with(&data));
+    run.ok();
+    assert_live(&s, &data, &run);
+    let new_ino = std::fs::metadata(s.live_dir()).unwrap().ino();
+    assert_ne!(
+        old_ino, new_ino,
+        "the dir was filled in place, not swapped{run}"
+    );
+}
+
+#[test]
+fn leftover_temp_dir_of_a_killed_run_is_cleaned() {
+    let s = Scratch::new();
+    let uuid_dir = s.live_dir().parent().unwrap().to_path_buf();
+    let leftover = uuid_dir.join(".tpm2.vts-new.4242.000000001");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::set_permissions(&uuid_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::write(leftover.join("tpm2-00.permall"), b"half-written").unwrap();
+    let old = uuid_dir.join(".tpm2.vts-old.4242.000000002");
+    std::fs::create_dir_all(&old).unwrap();
+    let data = blob("m1");
+    let run = s.prepare(&xml_with(&data));
+    run.ok();
+    assert_live(&s, &data, &run);
+}
+
+// ================================================================ stop
+
+#[test]
+fn stopped_end_keeps_a_private_copy() {
+    let s = Scratch::new();
+    let m = blob("m1");
+    let xml = xml_with(&m);
+    s.prepare(&xml).ok();
+    let l = blob("final");
+    std::fs::write(s.live_permall(), &l).unwrap();
+    let run = s.hook("stopped", "end", &xml);
+    run.ok();
+    let kept = s.path(&format!("var/lib/virt-tpm-state/kept/{}", s.uuid));
+    let (_, _, uid, gid) = current_user();
+    for (p, m) in [
+        (s.path("var/lib/virt-tpm-state/kept"), 0o700),
+        (kept.clone(), 0o700),
+        (kept.join("tpm2"), 0o700),
+        (kept.join("tpm2/tpm2-00.permall"), 0o600),
+    ] {
+        assert_eq!(mode(&p), m, "{}{run}", p.display());
+        assert_eq!(owner(&p), (uid, gid), "{}{run}", p.display());
+    }
+    assert_eq!(names(&kept), ["tpm2"], "{run}");
+    assert_eq!(names(&kept.join("tpm2")), ["tpm2-00.permall"], "{run}");
+    assert!(
+        std::fs::read(kept.join("tpm2/tpm2-00.permall")).unwrap() == l,
+        "{run}"
+    );
+    // The live state is left alone.
+    assert!(std::fs::read(s.live_permall()).unwrap() == l, "{run}");
+    // Stopping again with the same state rewrites nothing.
+    let before = s.tree();
+    s.hook("stopped", "end", &xml).ok();
+    assert_eq!(tree_diff(&before, &s.tree()), Vec::<String>::new());
+}
+
+#[test]
+fn stopped_end_starts_the_helper_detached_with_a_clean_environment() {
+    let s = Scratch::new();
+    let helper = s.tmp.path().join("bin/fake-virt-tpm-state");
+    std::fs::create_dir_all(helper.parent().unwrap()).unwrap();
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\nenv > \"$VIRT_TPM_STATE_ROOT/../bin/helper-env\"\nprintf '%s\\n' \"$@\" > \"$VIRT_TPM_STATE_ROOT/../bin/argv.tmp\"\nmv \"$VIRT_TPM_STATE_ROOT/../bin/argv.tmp\" \"$VIRT_TPM_STATE_ROOT/../bin/helper-argv\"\nexec sleep 10\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    s.config(&format!(
+        "store_after_stop = true\nhelper_path = \"{}\"\n",
+        helper.display()
+    ));
+    let xml = xml_with(&blob("m1"));
+    s.prepare(&xml).ok();
+    let run = s.hook("stopped", "end", &xml);
+    run.ok();
+    assert!(
+        run.elapsed < Duration::from_secs(5),
+        "the hook waited for the helper{run}"
+    );
+    let argv_file = s.tmp.path().join("bin/helper-argv");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !argv_file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let argv = std::fs::read_to_string(&argv_file).expect("the helper was started");
+    assert_eq!(argv, format!("store\n--after-stop\n{}\n", s.uuid), "{run}");
+    let env = std::fs::read_to_string(s.tmp.path().join("bin/helper-env")).unwrap();
+    assert!(
+        !env.contains("VTS_TEST_CANARY"),
+        "the hook's environment leaked:\n{env}"
+    );
+    for line in env.lines() {
+        let key = line.split('=').next().unwrap();
+        assert!(
+            [
+                "PATH",
+                "LC_ALL",
+                "VIRT_TPM_STATE_ROOT",
+                "LIBVIRT_DEFAULT_URI",
+                "PWD",
+                "SHLVL",
+                "_",
+                "OLDPWD"
+            ]
+            .contains(&key),
+            "unexpected variable {key} in the helper's environment:\n{env}"
+        );
+    }
+    assert!(env.contains("LC_ALL=C"), "{env}");
+}
+
+// ================================================================ ignored ops
+
+#[test]
+fn ignored_ops_exit_at_once_without_reading_stdin() {
+    let s = Scratch::new();
+    let before = s.tree();
+    for (op, subop) in [
+        ("start", "begin"),
+        ("started", "begin"),
+        ("prepare", "end"),
+        ("stopped", "begin"),
+        ("migrate", "end"),
+        ("reconnect", "begin"),
+        ("attach", "begin"),
+    ] {
+        let (mut cmd, args) = s.command(op, subop);
+        let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+        // Keep the writer open: the hook must not wait for EOF.
+        let _stdin = child.stdin.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("{args:?} waited for stdin");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}");
+        assert!(
+            out.stdout.is_empty() && out.stderr.is_empty(),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert_eq!(tree_diff(&before, &s.tree()), Vec::<String>::new());
+}
+
+#[test]
+fn release_and_stop_without_state_write_nothing() {
+    let s = Scratch::new();
+    let before = s.tree();
+    s.hook(
+        "release",
+        "end",
+        &fixture("domains/hook-stdin-release-end.xml"),
+    )
+    .ok();
+    s.hook("stopped", "end", &fixture("domains/no-tpm.xml"))
+        .ok();
+    s.hook("migrate", "begin", &fixture("domains/no-tpm.xml"))
+        .ok();
+    assert_eq!(tree_diff(&before, &s.tree()), Vec::<String>::new());
+}
+
+// ================================================================ secrets
+
+#[test]
+fn refusals_never_show_the_state() {
+    let s = Scratch::new();
+    s.config("on_conflict = \"refuse\"\n");
+    let data = blob("secret-state");
+    let xml = xml_with(&data);
+    let b64_start = xml.find("gzip+base64\">").unwrap() + "gzip+base64\">".len();
+    let b64_end = xml[b64_start..].find('<').unwrap() + b64_start;
+    let b64 = xml[b64_start..b64_end].to_string();
+    let digest = tpm_state(TpmVersion::V2_0, &data).digest().hex();
+    let sha = Sha256Sum::of(&data).hex();
+    let mut runs = Vec::new();
+    // Invalid: a corrupted digest, a wrong size, a bad base64 character.
+    runs.push(s.refused(
+        "prepare",
+        &xml.replace(&digest, &Sha256Sum::of(b"x").hex()),
+        4,
+    ));
+    runs.push(s.refused("prepare", &xml.replace(&sha, &Sha256Sum::of(b"x").hex()), 4));
+    let mut bad = b64.clone();
+    bad.insert(100, '*');
+    runs.push(s.refused("prepare", &xml.replace(&b64, &bad), 4));
+    // A clone and a conflict.
+    runs.push(s.refused(
+        "prepare",
+        &with_element(
+            &prepare_xml(),
+            &element(OTHER_UUID, TpmVersion::V2_0, &data, 1),
+        ),
+        5,
+    ));
+    s.prepare(&xml_with(&blob("m0"))).ok();
+    std::fs::write(s.live_permall(), blob("local")).unwrap();
+    runs.push(s.refused("prepare", &xml, 6));
+    for run in &runs {
+        let err = run.stderr.as_bytes();
+        for chunk in b64.as_bytes().chunks(16).filter(|c| c.len() == 16) {
+            assert!(
+                !err.windows(16).any(|w| w == chunk),
+                "stderr shows base64 of the state{run}"
+            );
+        }
+        for w in data[10..].windows(8).step_by(8) {
+            assert!(
+                !err.windows(8).any(|e| e == w),
+                "stderr shows raw state bytes{run}"
+            );
+        }
+        // Digests are shown as 12-digit prefixes at most.
+        assert!(
+            !run.stderr.contains(&digest) && !run.stderr.contains(&sha),
+            "{run}"
+        );
+    }
+}
+
+// ================================================================ the binary
+
+#[test]
+fn hook_does_not_link_libvirt() {
+    let out = Command::new("readelf")
+        .args(["-d", HOOK])
+        .output()
+        .or_else(|_| Command::new("ldd").arg(HOOK).output());
+    let Ok(out) = out else {
+        eprintln!("SKIP: neither readelf nor ldd is installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.is_empty());
+    assert!(!text.contains("libvirt"), "the hook links libvirt:\n{text}");
+}
+
+#[test]
+fn usage_error_exits_2() {
+    let s = Scratch::new();
+    let out = Command::new(HOOK)
+        .env("VIRT_TPM_STATE_ROOT", s.root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
+
+#[test]
+fn as_root_without_qemu_conf_restored_files_belong_to_tss() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: not root, cannot chown to tss");
+        return;
+    }
+    let s = Scratch::new();
+    std::fs::remove_file(s.path("etc/libvirt/qemu.conf")).unwrap();
+    let (uid, gid) = match (
+        nix::unistd::User::from_name("tss").ok().flatten(),
+        nix::unistd::Group::from_name("tss").ok().flatten(),
+    ) {
+        (Some(u), Some(g)) => (u.uid.as_raw(), g.gid.as_raw()),
+        _ => {
+            eprintln!("no tss user/group on this host: expecting root, as libvirt does");
+            (0, 0)
+        }
+    };
+    let data = blob("m1");
+    let run = s.prepare(&xml_with(&data));
+    run.ok();
+    assert_eq!(owner(&s.live_dir()), (uid, gid), "{run}");
+    assert_eq!(owner(&s.live_permall()), (uid, gid), "{run}");
+    assert_eq!(owner(s.live_dir().parent().unwrap()), (0, 0), "{run}");
+    assert_eq!(mode(&s.live_permall()), 0o600, "{run}");
+}
