@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
-    qemu-system-x86 ovmf python3
+    qemu-system-x86 ovmf python3 libxml2-utils
 )
 
 missing=()
