@@ -83,6 +83,9 @@ impl Targets {
 
 impl Libvirt {
     pub fn connect(uri: &str, read_only: bool) -> Result<Self, LibvirtError> {
+        // libvirt prints every error to stderr by default; ours carry the
+        // message already, in one line.
+        virt::error::clear_error_callback();
         let conn = if read_only {
             Connect::open_read_only(Some(uri))
         } else {

@@ -190,3 +190,174 @@ fn local_newer_is_kept_without_post_stop_store() {
     }
     local_newer(false, "newer-nostore");
 }
+
+/// Metadata holds state A, the local dir holds B, and the journal J names
+/// neither: a restore from metadata on `prepare` would be visible (A), and a
+/// plain start does exactly that. `virsh restore` and a managed-save start
+/// must leave B alone.
+#[test]
+fn save_restore_and_managedsave_keep_state() {
+    if !require_env("save_restore_and_managedsave_keep_state") {
+        return;
+    }
+    let w = World::up("save");
+    w.install_hook();
+    // The post-stop store would write B into the metadata at `save`.
+    w.append_config("store_after_stop = false");
+    let vm = Vm::new("saver", Tpm::V2);
+    vm_with_secret(&w, &vm, "state-A");
+    w.write_secret(&vm, "state-B");
+    let journal = w.host_path(&format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid));
+    let bogus = format!("{}\n", "ab".repeat(32));
+    let marker = w.host_path(&format!("/run/virt-tpm-state/incoming/{}", vm.uuid));
+    let backups = w.host_path(&format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid));
+
+    // Started with M == J == A, L == B: local is newer, kept.
+    w.start(&vm.name, false);
+    let image = w.file("saver.save");
+    let image_s = image.display().to_string();
+
+    // virsh save + virsh restore
+    std::fs::write(&journal, &bogus).unwrap();
+    w.must_virsh(&["save", &vm.name, &image_s]);
+    w.must_virsh(&["restore", &image_s]);
+    assert!(
+        marker.is_file(),
+        "no incoming marker after `virsh restore`: the hook did not see `restore begin`"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&journal).unwrap(),
+        bogus,
+        "prepare recorded a sync on restore"
+    );
+    assert!(!backups.exists(), "prepare replaced the state on restore");
+    let st = stdout(&w.must_virsh(&["domstate", &vm.name]));
+    assert!(
+        st.contains("running"),
+        "domain not running after restore: {st}"
+    );
+    w.destroy(&vm.name);
+    assert!(!marker.exists(), "incoming marker left after the stop");
+    assert_eq!(w.read_secret(&vm), "state-B");
+    std::fs::remove_file(&image).unwrap();
+
+    // virsh managedsave + virsh start
+    w.start(&vm.name, false);
+    std::fs::write(&journal, &bogus).unwrap();
+    w.must_virsh(&["managedsave", &vm.name]);
+    w.start(&vm.name, false);
+    assert!(
+        marker.is_file(),
+        "no incoming marker after a managed-save start"
+    );
+    assert_eq!(std::fs::read_to_string(&journal).unwrap(), bogus);
+    assert!(
+        !backups.exists(),
+        "prepare replaced the state on managed-save start"
+    );
+    w.destroy(&vm.name);
+    assert_eq!(w.read_secret(&vm), "state-B");
+
+    // Control: the same setup with a plain start restores A (B backed up).
+    std::fs::write(&journal, &bogus).unwrap();
+    w.start(&vm.name, true);
+    w.destroy(&vm.name);
+    assert_eq!(w.read_secret(&vm), "state-A");
+    assert!(backups.is_dir(), "the replaced state B was not backed up");
+}
+
+#[test]
+fn cloned_xml_is_refused_then_adopted() {
+    if !require_env("cloned_xml_is_refused_then_adopted") {
+        return;
+    }
+    let w = World::up("clone");
+    w.install_hook();
+    let vm = Vm::new("orig", Tpm::V2);
+    let ek = vm_with_secret(&w, &vm, "clone-secret");
+    let (_, xml) = w.dump(&vm.name, "orig.xml", true);
+    let clone = Vm {
+        name: "orig-clone".into(),
+        uuid: new_uuid(),
+        tpm: Tpm::V2,
+    };
+    let cxml = xml
+        .replace("<name>orig</name>", "<name>orig-clone</name>")
+        .replace(
+            &format!("<uuid>{}</uuid>", vm.uuid),
+            &format!("<uuid>{}</uuid>", clone.uuid),
+        );
+    assert!(cxml.contains(&clone.uuid) && cxml.contains(&format!("uuid=\"{}\"", vm.uuid)));
+    w.define_xml("clone.xml", &cxml);
+    let args = ["virsh", "start", "orig-clone"];
+    let out = w.exec(&args);
+    if out.status.success() {
+        w.fail("the clone started", &args, &out);
+    }
+    let err = stderr(&out);
+    assert!(
+        err.contains(&vm.uuid) && err.contains("virt-tpm-state adopt"),
+        "clone message missing: {err}"
+    );
+    assert!(
+        !w.swtpm_uuid_dir_exists(&clone.uuid),
+        "a swtpm dir was created for the refused clone"
+    );
+    let out = stdout(&w.must_vts(&["adopt", "orig-clone"]));
+    assert!(out.contains("adopted"), "adopt said: {out}");
+    let j = w.show_json("orig-clone", true);
+    assert_eq!(j["element_uuid"], clone.uuid.as_str(), "{j:#}");
+    w.start(&clone.name, true);
+    w.destroy(&clone.name);
+    assert_eq!(w.read_secret(&clone), "clone-secret");
+    assert_eq!(w.ek_pub(&clone), ek);
+    // The original is untouched.
+    assert_eq!(w.read_secret(&vm), "clone-secret");
+}
+
+#[test]
+fn corrupted_metadata_is_refused() {
+    if !require_env("corrupted_metadata_is_refused") {
+        return;
+    }
+    let w = World::up("corrupt");
+    w.install_hook();
+    let vm = Vm::new("corrupt", Tpm::V2);
+    vm_with_secret(&w, &vm, "corrupt-secret");
+    let (_, xml) = w.dump(&vm.name, "good.xml", true);
+    w.must_virsh(&["undefine", &vm.name]);
+    assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
+
+    for (what, bad) in [
+        ("base64", corrupt_base64(&xml)),
+        ("sha256", corrupt_sha256(&xml)),
+    ] {
+        assert_ne!(bad, xml);
+        let file = format!("bad-{what}.xml");
+        let path = w.define_xml(&file, &bad);
+        let args = ["virsh", "start", "corrupt"];
+        let out = w.exec(&args);
+        if out.status.success() {
+            w.fail(&format!("started with corrupted {what}"), &args, &out);
+        }
+        let err = stderr(&out);
+        let line = err
+            .lines()
+            .find(|l| l.contains("virt-tpm-state:"))
+            .unwrap_or_else(|| panic!("no hook line in: {err}"));
+        assert!(line.contains("is invalid"), "{what}: {line}");
+        assert!(
+            !w.swtpm_uuid_dir_exists(&vm.uuid),
+            "{what}: something was written under /var/lib/libvirt/swtpm/{}",
+            vm.uuid
+        );
+        for args in [
+            vec!["verify", "corrupt"],
+            vec!["verify", "--xml", path.to_str().unwrap()],
+        ] {
+            let out = w.vts(&args);
+            assert_eq!(out.status.code(), Some(4), "{}", describe(&args, &out));
+        }
+        w.must_virsh(&["undefine", "corrupt"]);
+    }
+}

@@ -31,6 +31,9 @@ pub struct Cli {
     /// libvirt connection URI, like virsh's -c
     #[arg(short = 'c', long = "connect", global = true, env = "LIBVIRT_DEFAULT_URI", default_value = DEFAULT_URI)]
     pub uri: String,
+    /// Open a read-only connection, like virsh -r (enough for `show`; `store` needs read-write)
+    #[arg(short = 'r', long, global = true)]
+    pub readonly: bool,
     /// More output (-v: info, -vv: debug); logs go to stderr
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -214,6 +217,7 @@ pub struct Ctx {
     pub paths: Paths,
     pub config: Config,
     pub uri: String,
+    pub readonly: bool,
 }
 
 /// Entry point of the `virt-tpm-state` binary.
@@ -272,6 +276,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         paths,
         config,
         uri: cli.uri,
+        readonly: cli.readonly,
     };
     match cli.command {
         Command::Store(a) => store::store(&ctx, &a),

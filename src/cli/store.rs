@@ -33,7 +33,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         // Started detached by the hook: leave libvirtd's session.
         let _ = rustix::process::setsid();
     }
-    let lv = Libvirt::connect(&ctx.uri, false)?;
+    let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let mut dom = match lv.domain(&args.domain) {
         Ok(d) => d,
         Err(LibvirtError::NoDomain(_)) if args.after_stop => {
@@ -336,7 +336,7 @@ fn record_synced(
 /// Re-stamps an element that names another domain (a deliberate clone) with
 /// this domain's UUID, as a new generation over it.
 pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
-    let lv = Libvirt::connect(&ctx.uri, false)?;
+    let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let dom = lv.domain(domain)?;
     let xml = if dom.persistent {
         dom.inactive_xml()?
