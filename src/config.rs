@@ -34,6 +34,10 @@ pub struct Config {
     pub settle_attempts: u32,
     /// Seconds to wait for another process working on the same domain.
     pub lock_timeout_secs: u64,
+    /// Let `store` write plaintext state when the host has no key. Anyone
+    /// who can read the domain XML (by default every local user, through a
+    /// read-only connection) can then read the TPM's secrets.
+    pub allow_plaintext: bool,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
             settle_interval_ms: 1000,
             settle_attempts: 10,
             lock_timeout_secs: 30,
+            allow_plaintext: false,
         }
     }
 }

@@ -4,6 +4,9 @@
 //! point at the rule of that spec each check enforces.
 
 use crate::domain::XmlElement;
+use crate::envelope::{
+    open, os_random, seal, KeyId, Keyring, OpenError, Sealed, SecretKey, NONCE_LEN,
+};
 use crate::state::{state_digest, DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
 use crate::swtpm::{check_header, HeaderError};
 use base64::engine::general_purpose::STANDARD;
@@ -17,6 +20,8 @@ pub const NAMESPACE_URI: &str = "urn:virt-tpm-state:1";
 pub const NAMESPACE_PREFIX: &str = "vts";
 pub const FORMAT_VERSION: &str = "1";
 pub const ENCODING_GZIP_BASE64: &str = "gzip+base64";
+/// Envelope-encrypted gzip (docs/FORMAT.md, "Encrypted files").
+pub const ENCODING_SEALED: &str = "gzip+xchacha20poly1305+base64";
 /// Default cap on one decompressed file: far above a real permall (~6 KiB,
 /// tens of KiB with many NV indices), far below what hurts the host.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;
@@ -53,6 +58,8 @@ pub struct MetadataState {
     pub provenance: Provenance,
     pub digest: Sha256Sum,
     pub tpm: TpmState,
+    /// Host keys the files were sealed with (empty: plaintext).
+    pub sealed_with: Vec<KeyId>,
 }
 
 /// Limits applied while decoding hostile input.
@@ -131,6 +138,14 @@ pub enum FormatError {
     BadSwtpmHeader { name: String, source: HeaderError },
     #[error("digest is {declared}…, but the files hash to {actual}…")]
     DigestMismatch { declared: String, actual: String },
+    #[error("file {name:?} is encrypted with key {key_id}, which this host does not have (in /etc/virt-tpm-state/keys/); copy that key from a host that has it")]
+    MissingKey { name: String, key_id: KeyId },
+    #[error("file {name:?} does not decrypt with key {key_id}: {source}")]
+    Decrypt {
+        name: String,
+        key_id: KeyId,
+        source: OpenError,
+    },
     #[error("unexpected element <{0}> inside <{1}>")]
     UnexpectedElement(String, String),
 }
@@ -159,8 +174,50 @@ pub fn gzip_deterministic(data: &[u8]) -> Vec<u8> {
     enc.finish().expect("writing to a Vec cannot fail")
 }
 
-/// Encodes `tpm` as a format v1 element.
+/// How files are protected in the element.
+pub enum Protection<'a> {
+    /// `gzip+base64`: readable by anyone who can read the domain XML.
+    Plain,
+    /// `gzip+xchacha20poly1305+base64` under a host key; `fill` supplies
+    /// randomness (the OS generator unless a test needs determinism).
+    Sealed {
+        key_id: &'a KeyId,
+        key: &'a SecretKey,
+        fill: &'a mut dyn FnMut(&mut [u8]),
+    },
+}
+
+/// Encodes `tpm` as a format v1 element, in plaintext.
 pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
+    encode_with(tpm, provenance, style, Protection::Plain)
+}
+
+/// Encodes `tpm` sealed with host key `key` (random nonces and data keys).
+pub fn encode_sealed(
+    tpm: &TpmState,
+    provenance: &Provenance,
+    style: Style,
+    key_id: &KeyId,
+    key: &SecretKey,
+) -> String {
+    encode_with(
+        tpm,
+        provenance,
+        style,
+        Protection::Sealed {
+            key_id,
+            key,
+            fill: &mut os_random,
+        },
+    )
+}
+
+pub fn encode_with(
+    tpm: &TpmState,
+    provenance: &Provenance,
+    style: Style,
+    mut protection: Protection<'_>,
+) -> String {
     // For libvirt: no whitespace between elements, so libvirt's formatter
     // indents the element like the rest of the domain XML (it leaves
     // elements with text children alone).
@@ -187,12 +244,36 @@ pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
     );
     out.push_str(&format!("{i1}<{p}tpm version=\"{}\">{nl}", tpm.version));
     for f in tpm.files() {
-        let b64 = STANDARD.encode(gzip_deterministic(&f.data));
+        let gz = gzip_deterministic(&f.data);
+        let (encoding, extra, payload) = match &mut protection {
+            Protection::Plain => (ENCODING_GZIP_BASE64, String::new(), gz),
+            Protection::Sealed { key_id, key, fill } => {
+                let sealed = seal(
+                    &gz,
+                    provenance.uuid.as_str(),
+                    &format!("tpm/{}", f.name),
+                    key_id,
+                    key,
+                    *fill,
+                );
+                (
+                    ENCODING_SEALED,
+                    format!(
+                        " key=\"{}\" wrapped-key=\"{}\" nonce=\"{}\"",
+                        sealed.key_id,
+                        STANDARD.encode(&sealed.wrapped_key),
+                        STANDARD.encode(sealed.nonce)
+                    ),
+                    sealed.ciphertext,
+                )
+            }
+        };
         out.push_str(&format!(
-            "{i2}<{p}file name=\"{}\" size=\"{}\" sha256=\"{}\" encoding=\"{ENCODING_GZIP_BASE64}\">{b64}</{p}file>{nl}",
+            "{i2}<{p}file name=\"{}\" size=\"{}\" sha256=\"{}\" encoding=\"{encoding}\"{extra}>{}</{p}file>{nl}",
             escape(f.name.as_str()),
             f.data.len(),
             f.sha256().hex(),
+            STANDARD.encode(payload),
         ));
     }
     out.push_str(&format!("{i1}</{p}tpm>{nl}</{p}state>"));
@@ -204,6 +285,13 @@ pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
 /// Decodes and validates our element. Nothing is trusted until every check
 /// below has passed; on success the state is exactly what was stored.
 pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, FormatError> {
+    decode_with_keys(el, limits, &Keyring::default())
+}
+
+/// Validates and returns the element's own attributes (format, uuid,
+/// generation, digest, parent, stored, host) without touching the files:
+/// enough to continue a generation chain when the payload cannot be opened.
+pub fn read_header(el: &XmlElement) -> Result<(Provenance, Sha256Sum), FormatError> {
     if el.name != "state" {
         return Err(FormatError::WrongElement(el.name.clone()));
     }
@@ -233,6 +321,26 @@ pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, Fo
     let stored = el.attr("stored").unwrap_or("").to_string();
     let host = el.attr("host").unwrap_or("").to_string();
 
+    Ok((
+        Provenance {
+            uuid,
+            generation,
+            parent,
+            stored,
+            host,
+        },
+        declared_digest,
+    ))
+}
+
+/// [`decode`], opening encrypted files with the host keys in `keys`.
+pub fn decode_with_keys(
+    el: &XmlElement,
+    limits: DecodeLimits,
+    keys: &Keyring,
+) -> Result<MetadataState, FormatError> {
+    let (provenance, declared_digest) = read_header(el)?;
+    let uuid = provenance.uuid.clone();
     // MUST: exactly one <tpm> section; unknown sections are refused, because
     // their files take part in `digest` and cannot be skipped.
     let mut tpm_section = None;
@@ -251,11 +359,17 @@ pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, Fo
         .ok_or_else(|| FormatError::BadTpmVersion(version_text.to_string()))?;
 
     let mut files: Vec<StateFile> = Vec::new();
+    let mut sealed_with: Vec<KeyId> = Vec::new();
     for f in &section.children {
         if f.name != "file" {
             return Err(FormatError::UnexpectedElement(f.name.clone(), "tpm".into()));
         }
-        let file = decode_file(f, version, limits)?;
+        let (file, key) = decode_file(f, version, limits, uuid.as_str(), keys)?;
+        if let Some(k) = key {
+            if !sealed_with.contains(&k) {
+                sealed_with.push(k);
+            }
+        }
         // MUST: file names are unique within a section.
         if files.iter().any(|x| x.name == file.name) {
             return Err(FormatError::DuplicateFile(file.name));
@@ -275,15 +389,10 @@ pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, Fo
         });
     }
     Ok(MetadataState {
-        provenance: Provenance {
-            uuid,
-            generation,
-            parent,
-            stored,
-            host,
-        },
+        provenance,
         digest: actual,
         tpm,
+        sealed_with,
     })
 }
 
@@ -291,7 +400,9 @@ fn decode_file(
     f: &XmlElement,
     version: TpmVersion,
     limits: DecodeLimits,
-) -> Result<StateFile, FormatError> {
+    uuid: &str,
+    keys: &Keyring,
+) -> Result<(StateFile, Option<KeyId>), FormatError> {
     let name = req(f, "name")?.to_string();
     // MUST: a <file> holds text only; an element in it would be skipped
     // silently while its surrounding text is decoded.
@@ -310,7 +421,7 @@ fn decode_file(
         });
     }
     let encoding = req(f, "encoding")?;
-    if encoding != ENCODING_GZIP_BASE64 {
+    if encoding != ENCODING_GZIP_BASE64 && encoding != ENCODING_SEALED {
         return Err(FormatError::UnknownEncoding(name, encoding.to_string()));
     }
     let size = parse_decimal(req(f, "size")?).ok_or(FormatError::BadAttribute {
@@ -331,9 +442,15 @@ fn decode_file(
         .bytes()
         .filter(|b| !b.is_ascii_whitespace())
         .collect();
-    let gz = STANDARD
+    let payload = STANDARD
         .decode(&compact)
         .map_err(|_| FormatError::BadBase64(name.clone()))?;
+    let (gz, key) = if encoding == ENCODING_SEALED {
+        let (gz, key) = open_sealed(f, &name, payload, uuid, keys)?;
+        (gz, Some(key))
+    } else {
+        (payload, None)
+    };
     let data = gunzip_capped(&gz, limits.max_file_size).map_err(|e| match e {
         GunzipError::TooLarge => FormatError::DecompressedTooLarge {
             name: name.clone(),
@@ -360,7 +477,56 @@ fn decode_file(
         name: name.clone(),
         source,
     })?;
-    Ok(StateFile { name, data })
+    Ok((StateFile { name, data }, key))
+}
+
+/// Opens a `gzip+xchacha20poly1305+base64` payload: the key named by `key`
+/// must be in `keys`; the seal is bound to the element's uuid and the file.
+fn open_sealed(
+    f: &XmlElement,
+    name: &str,
+    ciphertext: Vec<u8>,
+    uuid: &str,
+    keys: &Keyring,
+) -> Result<(Vec<u8>, KeyId), FormatError> {
+    let key_id = KeyId::parse(req(f, "key")?).ok_or(FormatError::BadAttribute {
+        attribute: "key",
+        why: "not 16 lowercase hex digits",
+    })?;
+    let b64 = |attr: &'static str| {
+        STANDARD
+            .decode(req(f, attr)?)
+            .map_err(|_| FormatError::BadAttribute {
+                attribute: attr,
+                why: "not valid base64",
+            })
+    };
+    let wrapped_key = b64("wrapped-key")?;
+    let nonce: [u8; NONCE_LEN] =
+        b64("nonce")?
+            .try_into()
+            .map_err(|_| FormatError::BadAttribute {
+                attribute: "nonce",
+                why: "not 24 bytes",
+            })?;
+    let kek = keys.get(&key_id).ok_or_else(|| FormatError::MissingKey {
+        name: name.to_string(),
+        key_id: key_id.clone(),
+    })?;
+    let sealed = Sealed {
+        key_id: key_id.clone(),
+        wrapped_key,
+        nonce,
+        ciphertext,
+    };
+    let gz = open(&sealed, uuid, &format!("tpm/{name}"), kek).map_err(|source| {
+        FormatError::Decrypt {
+            name: name.to_string(),
+            key_id: key_id.clone(),
+            source,
+        }
+    })?;
+    Ok((gz, key_id))
 }
 
 enum GunzipError {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod domain;
+pub mod envelope;
 pub mod format;
 pub mod hook;
 pub mod libvirt;

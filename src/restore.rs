@@ -6,10 +6,11 @@
 use crate::config::Config;
 use crate::decision::{decide, Decision, DecisionInput, Refusal, Why};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError, TpmBackend};
-use crate::format::{decode, DecodeLimits, FormatError, MetadataState};
+use crate::envelope::Keyring;
+use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_SEALED};
 use crate::paths::Paths;
 use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
-use crate::statefs::{FsError, HostData, Owner, StateLocation};
+use crate::statefs::{load_keyring, FsError, HostData, Owner, StateLocation};
 use crate::swtpm::check_header;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -89,6 +90,10 @@ pub enum RestoreError {
         ns: String,
         source: FormatError,
     },
+    #[error(
+        "VM {name}: cannot decrypt the TPM state in its metadata: {source}; nothing was written"
+    )]
+    Key { name: String, source: FormatError },
     #[error("VM {name}: the metadata holds a TPM {metadata} state but the domain's TPM is version {domain}; nothing was written. Set <backend version='{metadata}'> or remove the element with: virsh metadata {name} --uri {ns} --remove --config")]
     VersionMismatch {
         name: String,
@@ -128,6 +133,7 @@ impl RestoreError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RestoreError::DomainXml(_) => 3,
+            RestoreError::Key { .. } => 19,
             RestoreError::InvalidMetadata { .. }
             | RestoreError::VersionMismatch { .. }
             | RestoreError::UnknownTpmVersion { .. }
@@ -204,25 +210,47 @@ pub fn domain_tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, Resto
     }
 }
 
+/// Whether any file in the element is envelope-encrypted (only then are the
+/// host keys read).
+pub fn el_is_sealed(el: &crate::domain::XmlElement) -> bool {
+    el.children
+        .iter()
+        .flat_map(|c| c.children.iter())
+        .any(|f| f.attr("encoding") == Some(ENCODING_SEALED))
+}
+
 /// Decodes our element of a parsed domain, if any.
 pub fn metadata_state(
+    paths: &Paths,
     info: &DomainInfo,
     config: &Config,
 ) -> Result<Option<MetadataState>, RestoreError> {
     let Some(el) = &info.metadata else {
         return Ok(None);
     };
-    decode(
+    let keys = if el_is_sealed(el) {
+        load_keyring(paths).map_err(RestoreError::fs(&info.name))?
+    } else {
+        Keyring::default()
+    };
+    decode_with_keys(
         el,
         DecodeLimits {
             max_file_size: config.max_file_size,
         },
+        &keys,
     )
     .map(Some)
-    .map_err(|source| RestoreError::InvalidMetadata {
-        name: shown_name(&info.name),
-        ns: config.namespace.clone(),
-        source,
+    .map_err(|source| match source {
+        FormatError::MissingKey { .. } | FormatError::Decrypt { .. } => RestoreError::Key {
+            name: shown_name(&info.name),
+            source,
+        },
+        source => RestoreError::InvalidMetadata {
+            name: shown_name(&info.name),
+            ns: config.namespace.clone(),
+            source,
+        },
     })
 }
 
@@ -261,7 +289,7 @@ pub fn prepare_domain(
         );
         return Ok(report(Outcome::NotOurs("the domain has no emulated TPM")));
     };
-    let m = metadata_state(info, config)?.expect("element present");
+    let m = metadata_state(paths, info, config)?.expect("element present");
     if m.tpm.version != domain_version {
         return Err(RestoreError::VersionMismatch {
             name,

@@ -12,6 +12,7 @@
 //!   with one `renameat2` (`RENAME_NOREPLACE` or `RENAME_EXCHANGE`): libvirt
 //!   never sees an empty or half-written state dir, even if we are killed.
 
+use crate::envelope::{KeyId, Keyring, SecretKey, KEY_LEN};
 use crate::paths::Paths;
 use crate::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
 use rustix::fs::{
@@ -959,6 +960,83 @@ pub fn write_new_file(dir_path: &Path, name: &str, data: &[u8]) -> Result<(), Fs
     let mut f = File::from(fd);
     f.write_all(data).map_err(|e| io_err("write", &path, e))?;
     f.sync_all().map_err(|e| io_err("fsync", &path, e))
+}
+
+// ------------------------------------------------------------ host keys
+
+/// `<config>/keys`: root-only host keys, one per file.
+pub fn keys_dir(paths: &Paths) -> PathBuf {
+    paths.config_dir().join("keys")
+}
+
+/// Loads every `*.key` in the keys dir, oldest first (file names start with
+/// their creation time, so the newest sorts last). Refuses key files that
+/// are links, not regular, readable by group or others, or malformed — with
+/// the path, never the content.
+pub fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
+    let dir_path = keys_dir(paths);
+    let dir = match open_trusted_dir(&dir_path) {
+        Ok(d) => d,
+        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Keyring::default())
+        }
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<String> = list_dir(&dir, &dir_path)?
+        .into_iter()
+        .filter(|n| n.ends_with(".key") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let mut keys = Vec::new();
+    for name in names {
+        let path = dir_path.join(&name);
+        let st = statat(&dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io_err("stat", &path, e))?;
+        if st.st_mode & 0o077 != 0 {
+            return Err(FsError::Unsafe {
+                path,
+                what: "a key file readable or writable by group or others (chmod 600 it)",
+            });
+        }
+        let text = read_regular_file(dir.as_fd(), &name, &path, 256)?.unwrap_or_default();
+        let key = parse_key_file(&text).ok_or(FsError::Unsafe {
+            path,
+            what: "not a virt-tpm-state key (one line of base64, 32 bytes)",
+        })?;
+        keys.push(key);
+    }
+    Ok(Keyring::new(keys))
+}
+
+fn parse_key_file(text: &[u8]) -> Option<SecretKey> {
+    use base64::Engine as _;
+    let mut raw = base64::engine::general_purpose::STANDARD
+        .decode(std::str::from_utf8(text).ok()?.trim())
+        .ok()?;
+    let key = <[u8; KEY_LEN]>::try_from(raw.as_slice())
+        .ok()
+        .map(SecretKey::from_bytes);
+    zeroize::Zeroize::zeroize(&mut raw);
+    key
+}
+
+/// Creates a new host key file (0600, `O_EXCL`: never overwrites) and
+/// returns its id and path.
+pub fn create_key(paths: &Paths, key: &SecretKey) -> Result<(KeyId, PathBuf), FsError> {
+    use base64::Engine as _;
+    let dir_path = keys_dir(paths);
+    create_private_dir_all(&dir_path)?;
+    let id = key.id();
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace([':', '-'], "");
+    let name = format!("{stamp}-{id}.key");
+    let mut text = base64::engine::general_purpose::STANDARD.encode(key.expose());
+    text.push('\n');
+    let result = write_new_file(&dir_path, &name, text.as_bytes());
+    zeroize::Zeroize::zeroize(&mut text);
+    result?;
+    Ok((id, dir_path.join(name)))
 }
 
 #[cfg(test)]

@@ -211,6 +211,7 @@ fn save_restore_and_managedsave_keep_state() {
     let bogus = format!("{}\n", "ab".repeat(32));
     let marker = w.host_path(&format!("/run/virt-tpm-state/incoming/{}", vm.uuid));
     let backups = w.host_path(&format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid));
+    let journal_a = std::fs::read_to_string(&journal).expect("no sync journal after store");
 
     // Started with M == J == A, L == B: local is newer, kept.
     w.start(&vm.name, false);
@@ -241,8 +242,13 @@ fn save_restore_and_managedsave_keep_state() {
     assert_eq!(w.read_secret(&vm), "state-B");
     std::fs::remove_file(&image).unwrap();
 
-    // virsh managedsave + virsh start
+    // virsh managedsave + virsh start (started with M == J == A again)
+    std::fs::write(&journal, &journal_a).unwrap();
     w.start(&vm.name, false);
+    assert!(
+        !backups.exists(),
+        "a plain start with M == J replaced the state"
+    );
     std::fs::write(&journal, &bogus).unwrap();
     w.must_virsh(&["managedsave", &vm.name]);
     w.start(&vm.name, false);
@@ -360,4 +366,161 @@ fn corrupted_metadata_is_refused() {
         }
         w.must_virsh(&["undefine", "corrupt"]);
     }
+}
+
+/// Lists `tree` of libvirt's state dir of `vm` with each file's mode and owner.
+fn swtpm_listing(w: &World, vm: &Vm) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let base = format!("/var/lib/libvirt/swtpm/{}", vm.uuid);
+    w.tree(&base)
+        .into_iter()
+        .map(|rel| {
+            let m = std::fs::symlink_metadata(w.host_path(&base).join(rel.trim_end_matches('/')))
+                .unwrap();
+            format!("{rel} {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid())
+        })
+        .collect()
+}
+
+#[test]
+fn no_metadata_behaves_like_plain_libvirt() {
+    if !require_env("no_metadata_behaves_like_plain_libvirt") {
+        return;
+    }
+    let vm = Vm::new("plain", Tpm::V2);
+    let a = World::up("plain-hook");
+    a.install_hook();
+    a.define(&vm);
+    a.start(&vm.name, true);
+    assert_eq!(
+        a.tree("/var/lib/virt-tpm-state"),
+        Vec::<String>::new(),
+        "the hook wrote something on prepare of a domain without metadata"
+    );
+    let with_hook_running = swtpm_listing(&a, &vm);
+    a.destroy(&vm.name);
+    let ek = a.ek_pub(&vm);
+    assert_eq!(ek.len(), 64);
+    let with_hook = swtpm_listing(&a, &vm);
+    let data = a.tree("/var/lib/virt-tpm-state");
+    eprintln!(
+        "with hook, after stop: data {data:?} run {:?}",
+        a.tree("/run/virt-tpm-state")
+    );
+    let u = &vm.uuid;
+    assert_eq!(
+        data,
+        vec![
+            "kept/".to_string(),
+            format!("kept/{u}/"),
+            format!("kept/{u}/tpm2/"),
+            format!("kept/{u}/tpm2/tpm2-00.permall"),
+            "synced/".to_string(),
+            format!("synced/{u}"),
+        ],
+        "unexpected files of virt-tpm-state after the stop"
+    );
+    drop(a);
+
+    let b = World::up("plain-nohook");
+    b.define(&vm);
+    b.start(&vm.name, true);
+    let without_hook_running = swtpm_listing(&b, &vm);
+    b.must_virsh(&["destroy", &vm.name]);
+    let without_hook = swtpm_listing(&b, &vm);
+    assert_eq!(b.ek_pub(&vm).len(), 64);
+    assert_eq!(with_hook_running, without_hook_running);
+    assert_eq!(with_hook, without_hook);
+    assert_eq!(b.tree("/var/lib/virt-tpm-state"), Vec::<String>::new());
+}
+
+#[test]
+fn post_stop_store_lands_by_itself() {
+    if !require_env("post_stop_store_lands_by_itself") {
+        return;
+    }
+    let w = World::up("poststop");
+    w.install_hook();
+    let vm = Vm::new("auto", Tpm::V2);
+    w.define(&vm);
+    let mut previous: Option<serde_json::Value> = None;
+    for round in 1..=2u64 {
+        if round == 2 {
+            // A start alone need not change permall (no guest TPM use yet):
+            // change it while stopped, so there is a new state to store.
+            w.write_secret(&vm, "post-stop-secret");
+            let j = w.show_json(&vm.name, true);
+            assert_eq!(j["local"]["matches"], false, "{j:#}");
+        }
+        w.start(&vm.name, false);
+        w.must_virsh(&["destroy", &vm.name]);
+        // Nobody runs `store`: the detached helper must land it within ~15 s.
+        let start = Instant::now();
+        let j = loop {
+            let j = w.show_json(&vm.name, true);
+            if j["valid"] == true && j["digest"] == j["local"]["digest"] {
+                break j;
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                panic!(
+                    "round {round}: the post-stop store did not land: {j:#}\n{}",
+                    w.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert_eq!(j["generation"], round, "{j:#}");
+        match &previous {
+            None => assert!(j["parent"].is_null(), "{j:#}"),
+            Some(p) => assert_eq!(j["parent"], p["digest"], "{j:#}"),
+        }
+        previous = Some(j);
+    }
+}
+
+#[test]
+fn tpm12_roundtrip() {
+    if !require_env("tpm12_roundtrip") {
+        return;
+    }
+    let a = World::up("tpm12-a");
+    a.install_hook();
+    let vm = Vm::new("old-tpm", Tpm::V12);
+    a.manufacture(&vm);
+    let ek = a.ek_pub(&vm);
+    let out = stdout(&a.must_vts(&["store", &vm.name]));
+    assert!(
+        out.contains("stored") || out.contains("unchanged"),
+        "store said: {out}"
+    );
+    let j = assert_metadata_is_local(&a, &vm);
+    assert_eq!(j["tpm_version"], "1.2", "{j:#}");
+    assert_eq!(j["files"][0]["name"], "tpm-00.permall", "{j:#}");
+    let stored = a.must_permall(&vm);
+    let (dump, xml) = a.dump(&vm.name, "dump.xml", false);
+
+    // Same host: undefine + define.
+    a.must_virsh(&["undefine", &vm.name]);
+    assert!(!a.swtpm_uuid_dir_exists(&vm.uuid));
+    a.must_virsh(&["define", &dump.display().to_string()]);
+    a.start(&vm.name, true);
+    assert!(
+        a.must_permall(&vm) == stored,
+        "restored 1.2 permall differs"
+    );
+    a.destroy(&vm.name);
+    assert_eq!(a.ek_pub(&vm), ek);
+    drop(a);
+
+    // Another host: from the metadata alone.
+    let b = World::up("tpm12-b");
+    b.install_hook();
+    b.define_xml("dump.xml", &xml);
+    b.start(&vm.name, true);
+    assert!(
+        b.must_permall(&vm) == stored,
+        "1.2 permall on host B differs"
+    );
+    b.destroy(&vm.name);
+    assert_eq!(b.ek_pub(&vm), ek);
 }

@@ -126,6 +126,9 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     write_file_atomically_mode(&dir, &name, &bytes, 0o755)?;
     println!("installed {} (from {})", path.display(), source.display());
     record_helper_path(ctx)?;
+    // With a key, `store` encrypts the state in the domain XML; without one
+    // it refuses (plaintext is readable through read-only connections).
+    super::keys::ensure_key(ctx)?;
     reload(ctx, args);
     Ok(())
 }

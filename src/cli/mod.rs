@@ -3,6 +3,7 @@
 //! documented exit code. The binary only calls [`main`].
 
 mod install;
+mod keys;
 mod show;
 mod store;
 
@@ -55,6 +56,10 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Take over a TPM state whose element names another domain (a deliberate clone)
     Adopt(DomainArg),
+    /// Create a new host key in /etc/virt-tpm-state/keys (new stores use the newest key)
+    Keygen,
+    /// Re-encrypt the metadata of a domain (or --all) with the newest host key
+    Rekey(RekeyArgs),
     /// Install the hook into /etc/libvirt/hooks and make libvirt see it
     Install(InstallArgs),
     /// Remove the hook installed by `install` (keeps backups, copies and metadata)
@@ -68,12 +73,25 @@ pub struct DomainArg {
 }
 
 #[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// Domain name or UUID
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub domain: Option<String>,
+    /// Every domain whose metadata holds TPM state
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StoreArgs {
     /// Domain name or UUID
     pub domain: String,
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,
+    /// Store plaintext when this host has no key (anyone who can read the XML can read the TPM)
+    #[arg(long)]
+    pub allow_plaintext: bool,
     /// Run by the hook after a stop: wait for libvirt to release the domain, log to syslog
     #[arg(long, hide = true)]
     pub after_stop: bool,
@@ -186,6 +204,8 @@ pub enum CliError {
     #[error("{0}")]
     HookConflict(String),
     #[error("{0}")]
+    Key(String),
+    #[error("{0}")]
     Usage(String),
 }
 
@@ -194,6 +214,10 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::DomainXml(_) | CliError::ReadInput { .. } => 3,
+            CliError::InvalidElement {
+                source: FormatError::MissingKey { .. } | FormatError::Decrypt { .. },
+                ..
+            } => 19,
             CliError::InvalidElement { .. } | CliError::NoElement(_) => 4,
             // Same codes as the hook, from the same error types.
             CliError::Restore(r) => r.exit_code(),
@@ -208,6 +232,7 @@ impl CliError {
             CliError::NoTpm { .. } => 15,
             CliError::Running(_) => 17,
             CliError::HookConflict(_) => 18,
+            CliError::Key(_) => 19,
         }
     }
 }
@@ -292,6 +317,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Restore(a) => show::restore(&ctx, &a),
         Command::Extract(a) => show::extract(&ctx, &a),
         Command::Adopt(a) => store::adopt(&ctx, &a.domain),
+        Command::Keygen => keys::keygen(&ctx),
+        Command::Rekey(a) => keys::rekey(&ctx, &a),
         Command::Install(a) => install::install(&ctx, &a),
         Command::Uninstall(a) => install::uninstall(&ctx, &a),
     }

@@ -3,11 +3,12 @@
 
 use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, SourceArgs};
 use crate::domain::{parse_domain, DomainInfo};
-use crate::format::{decode, DecodeLimits, MetadataState};
+use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::libvirt::Libvirt;
 use crate::restore::{
     domain_tpm_version, prepare_domain, shown_name, state_location, PrepareOptions,
 };
+use crate::statefs::load_keyring;
 use crate::statefs::{write_new_file, HostData};
 use crate::swtpm::check_header;
 
@@ -94,20 +95,31 @@ struct ShowJson {
     host: Option<String>,
     tpm_version: Option<String>,
     files: Vec<FileJson>,
-    protection: Option<&'static str>,
+    protection: Option<String>,
+    /// Key id the element needs and this host lacks.
+    missing_key: Option<String>,
     local: Option<LocalJson>,
 }
 
-fn protection(m: &MetadataState) -> &'static str {
-    let encrypted = m
+/// `virt-tpm-state:<key ids>`, `swtpm`, both joined by `+`, or `none`.
+fn protection(m: &MetadataState) -> String {
+    let swtpm = m
         .tpm
         .files()
         .iter()
         .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()));
-    if encrypted {
-        "swtpm-encryption"
+    let mut parts = Vec::new();
+    if !m.sealed_with.is_empty() {
+        let ids: Vec<&str> = m.sealed_with.iter().map(|k| k.as_str()).collect();
+        parts.push(format!("virt-tpm-state:{}", ids.join(",")));
+    }
+    if swtpm {
+        parts.push("swtpm".to_string());
+    }
+    if parts.is_empty() {
+        "none".to_string()
     } else {
-        "none"
+        parts.join("+")
     }
 }
 
@@ -117,7 +129,12 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     let limits = DecodeLimits {
         max_file_size: ctx.config.max_file_size,
     };
-    let decoded = info.metadata.as_ref().map(|el| decode(el, limits));
+    // Without root the keys are unreadable; show what can be shown.
+    let keys = load_keyring(&ctx.paths).unwrap_or_default();
+    let decoded = info
+        .metadata
+        .as_ref()
+        .map(|el| decode_with_keys(el, limits, &keys));
     let local = local_state(ctx, info);
     let mut j = ShowJson {
         domain: info.name.clone(),
@@ -140,6 +157,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         tpm_version: None,
         files: Vec::new(),
         protection: None,
+        missing_key: None,
         local: None,
     };
     match &decoded {
@@ -165,7 +183,22 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 })
                 .collect();
         }
-        Some(Err(e)) => j.error = Some(e.to_string()),
+        Some(Err(e)) => {
+            j.error = Some(e.to_string());
+            if let FormatError::MissingKey { key_id, .. } = e {
+                j.missing_key = Some(key_id.to_string());
+            }
+            // What can be read without opening the files.
+            if let Some(Ok((p, d))) = info.metadata.as_ref().map(read_header) {
+                j.element_uuid = Some(p.uuid.to_string());
+                j.belongs_to_domain = Some(p.uuid == info.uuid);
+                j.generation = Some(p.generation);
+                j.digest = Some(d.hex());
+                j.parent = p.parent.map(|x| x.hex());
+                j.stored = Some(p.stored);
+                j.host = Some(p.host);
+            }
+        }
         None => {}
     }
     if let Some((path, result)) = local {
@@ -243,6 +276,11 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
     println!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
     if !j.present {
         println!("  metadata:    no virt-tpm-state element");
+    } else if let Some(key) = &j.missing_key {
+        println!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
+        if let (Some(g), Some(d)) = (j.generation, &j.digest) {
+            println!("  generation:  {g}, digest {}…", &d[..12]);
+        }
     } else if let Some(e) = &j.error {
         println!("  metadata:    INVALID: {e}");
     } else {
@@ -285,12 +323,16 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
                 &f.sha256[..12]
             );
         }
+        let p = j.protection.as_deref().unwrap_or("none");
         println!(
             "  protection:  {}",
-            match j.protection {
-                Some("swtpm-encryption") =>
-                    "swtpm's own encryption (<encryption secret=...>): the blob is ciphertext",
-                _ => "none: the state is readable by anyone who can read this domain XML",
+            if let Some(ids) = p.strip_prefix("virt-tpm-state:") {
+                format!("encrypted with host key {ids} (readers of the XML without the key see ciphertext)")
+            } else if p == "swtpm" {
+                "swtpm's own encryption (<encryption secret=...>): the blob is ciphertext"
+                    .to_string()
+            } else {
+                "none: the state is readable by anyone who can read this domain XML".to_string()
             }
         );
     }
@@ -366,11 +408,12 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
             ctx.config.namespace
         ))
     })?;
-    let m = decode(
+    let m = decode_with_keys(
         el,
         DecodeLimits {
             max_file_size: ctx.config.max_file_size,
         },
+        &load_keyring(&ctx.paths)?,
     )
     .map_err(|source| CliError::InvalidElement {
         context: args.xml.display().to_string(),

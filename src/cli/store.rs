@@ -2,13 +2,15 @@
 
 use super::{CliError, Ctx, StoreArgs};
 use crate::domain::{parse_domain, DomainInfo};
+use crate::envelope::os_random;
 use crate::format::{
-    decode, encode, DecodeLimits, MetadataState, Provenance, Style, NAMESPACE_PREFIX,
+    decode_with_keys, encode_with, read_header, DecodeLimits, MetadataState, Protection,
+    Provenance, Style, NAMESPACE_PREFIX,
 };
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::restore::{domain_tpm_version, shown_name, state_location};
 use crate::state::{TpmState, TpmVersion};
-use crate::statefs::{HostData, StateLocation};
+use crate::statefs::{keys_dir, load_keyring, HostData, StateLocation};
 use crate::swtpm::check_header;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -79,7 +81,12 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     let limits = DecodeLimits {
         max_file_size: ctx.config.max_file_size,
     };
-    let decoded = |i: &DomainInfo| i.metadata.as_ref().map(|el| decode(el, limits));
+    let keys = load_keyring(&ctx.paths)?;
+    let decoded = |i: &DomainInfo| {
+        i.metadata
+            .as_ref()
+            .map(|el| decode_with_keys(el, limits, &keys))
+    };
     let holds = |i: &DomainInfo| matches!(decoded(i), Some(Ok(m)) if m.digest == digest);
     let targets = Targets {
         live: dom.active && !holds(&live_info),
@@ -121,8 +128,11 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         }) {
         Some(p) => p,
         None => {
-            let (generation, parent) = match decoded(element_holder) {
-                Some(Ok(m)) => (m.provenance.generation + 1, Some(m.digest)),
+            // The chain continues from the element's own attributes, even
+            // when its files cannot be opened here (another host's key).
+            let header = element_holder.metadata.as_ref().map(read_header);
+            let (generation, parent) = match header {
+                Some(Ok((p, d))) => (p.generation + 1, Some(d)),
                 Some(Err(e)) => {
                     log::warn!(
                         "VM {}: replacing an invalid TPM state element ({e})",
@@ -144,7 +154,32 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
             }
         }
     };
-    let element = encode(&state, &provenance, Style::ForSetMetadata);
+    let swtpm_encrypted = state
+        .files()
+        .iter()
+        .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()));
+    let mut fill = os_random;
+    let (protection, sealed_with) = match keys.newest() {
+        Some((key_id, key)) => (
+            Protection::Sealed {
+                key_id,
+                key,
+                fill: &mut fill,
+            },
+            vec![key_id.clone()],
+        ),
+        None if args.allow_plaintext || ctx.config.allow_plaintext || swtpm_encrypted => {
+            (Protection::Plain, Vec::new())
+        }
+        None => {
+            return Err(CliError::Key(format!(
+                "VM {}: no key in {} to encrypt the TPM state with; nothing was stored. Create one with `virt-tpm-state keygen` (and copy it to every host that may run this VM), or allow plaintext (readable by anyone who can read the domain XML): --allow-plaintext, or allow_plaintext = true in the config",
+                shown_name(&dom.name),
+                keys_dir(&ctx.paths).display()
+            )))
+        }
+    };
+    let element = encode_with(&state, &provenance, Style::ForSetMetadata, protection);
     let current = live_xml
         .len()
         .max(config_xml.as_ref().map_or(0, String::len));
@@ -172,6 +207,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         provenance,
         digest,
         tpm: state.clone(),
+        sealed_with,
     };
     let where_ = match (targets.live, targets.config) {
         (true, true) => "live and config",
@@ -350,11 +386,13 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
             shown_name(&dom.name)
         ))
     })?;
-    let m = decode(
+    let keys = load_keyring(&ctx.paths)?;
+    let m = decode_with_keys(
         el,
         DecodeLimits {
             max_file_size: ctx.config.max_file_size,
         },
+        &keys,
     )
     .map_err(|source| CliError::InvalidElement {
         context: format!("VM {}", shown_name(&dom.name)),
@@ -377,7 +415,18 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
             .to_string_lossy()
             .into_owned(),
     };
-    let element = encode(&m.tpm, &provenance, Style::ForSetMetadata);
+    // The seal is bound to the uuid: re-seal (with the newest key) when the
+    // state was sealed; a plaintext state stays plaintext.
+    let mut fill = os_random;
+    let protection = match keys.newest() {
+        Some((key_id, key)) if !m.sealed_with.is_empty() => Protection::Sealed {
+            key_id,
+            key,
+            fill: &mut fill,
+        },
+        _ => Protection::Plain,
+    };
+    let element = encode_with(&m.tpm, &provenance, Style::ForSetMetadata, protection);
     let targets = Targets {
         live: dom.active,
         config: dom.persistent,

@@ -1,0 +1,178 @@
+#!/bin/bash
+# benches/run.sh - the benchmarks of issue 8 (docs/BENCHMARKS.md), as root:
+#
+#   sudo benches/run.sh            # prints the machine and the table in Markdown on stdout
+#
+# Every ratio is a ratio of two medians measured in the same hyperfine invocation (the product
+# and its baseline back to back, each with its own warm-up), so a noisy, shared machine moves
+# both sides alike. Raw hyperfine JSON, the inputs and the
+# scratch trees are kept in $BENCH_DIR (default: target/bench, on the repository's disk, so the
+# hook's fsyncs hit a real disk; never a tmpfs). Benchmarks are not part of the test suite: a
+# regression shows in the table, it fails nothing.
+#
+# Environment: BENCH_DIR, RUNS (default 60: rows 1 and 2), STORE_RUNS (default 30: row 3),
+# RSS_RUNS (default 7: row 5). Needs: hyperfine, /usr/bin/time (Debian package `time`), xz,
+# python3, and for row 3 what tests/e2e/world.sh needs (libvirt, swtpm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+[[ $(id -u) -eq 0 ]] || { echo "run.sh: run as root (the hook chowns to tss; row 3 runs a private libvirtd)" >&2; exit 1; }
+for t in hyperfine /usr/bin/time xz python3 base64 tar; do
+    command -v "$t" >/dev/null || { echo "run.sh: missing $t" >&2; exit 1; }
+done
+
+RUNS=${RUNS:-60}
+STORE_RUNS=${STORE_RUNS:-30}
+RSS_RUNS=${RSS_RUNS:-7}
+out=${BENCH_DIR:-$repo/target/bench}
+[[ $out == /* ]] || out=$repo/$out
+world=$out/world
+log() { echo "run.sh: $*" >&2; }
+
+tests/e2e/world.sh down "$world" >/dev/null 2>&1 || true
+rm -rf "$out"
+mkdir -p "$out/json" "$out/in"
+trap 'tests/e2e/world.sh down "$world" >/dev/null 2>&1 || true' EXIT
+
+log "building release binaries"
+cargo build --release --locked --quiet --bins --example bench-input
+hook=$repo/target/release/virt-tpm-state-hook
+cli=$repo/target/release/virt-tpm-state
+input=$repo/target/release/examples/bench-input
+
+# ------------------------------------------------------------------ inputs
+in=$out/in
+template=$repo/benches/data/domain.xml            # `virsh dumpxml` of a TPM 2.0 domain
+typical=$repo/benches/data/tpm2-00.permall        # a real permall (see benches/data/README.md)
+uuid=$(sed -n 's:.*<uuid>\(.*\)</uuid>.*:\1:p' "$template")
+large=$in/large.permall
+"$input" synth-permall 262144 "$large"
+"$input" domain "$template" "$typical" >"$in/typical.xml"
+"$input" domain "$template" "$large" >"$in/large.xml"
+"$input" domain "$template" "$large" 3145728 >"$in/large-padded.xml"
+cp "$template" "$in/nostate.xml"                  # the same domain, no metadata at all
+"$input" element "$template" "$typical" >"$in/element.xml"
+
+# The hook's scratch host: VIRT_TPM_STATE_ROOT, no config file, no qemu.conf (defaults: tss).
+root=$out/root
+mkdir -p "$root"
+reset="rm -rf $root/var/lib/libvirt/swtpm $root/var/lib/virt-tpm-state $root/run/virt-tpm-state"
+export VIRT_TPM_STATE_ROOT=$root
+
+# What users would otherwise run as a hook: a shell script that only reads its stdin.
+shell_hook=$out/shell-hook
+printf '#!/bin/sh\ncat >/dev/null\n' >"$shell_hook"
+chmod 0755 "$shell_hook"
+
+# ------------------------------------------------------------------ rows 1 and 2
+# hyperfine (1.15) has no --input: each command runs as `sh -c "exec PROG ARGS < FILE"`, so the
+# shell only opens the file and execs; hyperfine subtracts the cost of spawning the shell.
+hf() { # NAME, then hyperfine args
+    local name=$1
+    shift
+    hyperfine --style none --export-json "$out/json/$name.json" "$@" >&2
+}
+
+log "row 1: ops with nothing to do vs /bin/true"
+for op in "start begin" "started begin" "release end"; do
+    name=row1-${op%% *}
+    hf "$name" --warmup 10 --runs "$RUNS" \
+        -n "hook $op" "exec $hook bench-vm $op - < $in/nostate.xml" \
+        -n "/bin/true" "exec /bin/true bench-vm $op - < $in/nostate.xml"
+done
+hf row1-release-withstate --warmup 10 --runs "$RUNS" \
+    -n "hook release end (9 KiB state in metadata)" "exec $hook bench-vm release end - < $in/typical.xml" \
+    -n "/bin/true" "exec /bin/true bench-vm release end - < $in/typical.xml"
+
+log "row 2: prepare restoring a state (each run restores: --prepare resets the scratch tree)"
+for size in typical large; do
+    # check once that it really restores
+    $reset
+    "$hook" bench-vm prepare begin - <"$in/$size.xml"
+    cmp "$root/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall" \
+        "$([[ $size == typical ]] && echo "$typical" || echo "$large")"
+    hf "row2-$size" --warmup 5 --runs "$RUNS" --prepare "$reset" \
+        -n "hook prepare ($size)" "exec $hook bench-vm prepare begin - < $in/$size.xml" \
+        -n "shell hook" "exec $shell_hook bench-vm prepare begin - < $in/$size.xml"
+done
+
+# ------------------------------------------------------------------ row 3 (a private libvirt world)
+log "row 3: store vs one virsh metadata --set, in a private libvirt world"
+unset VIRT_TPM_STATE_ROOT
+tests/e2e/world.sh up "$world" >/dev/null 2>&1
+in_world() { tests/e2e/world.sh exec "$world" "$@"; }
+wroot=$world/root
+in_world virsh -q define "$template" >/dev/null
+# The domain's state: the same permall, where libvirt keeps it (as after a start and destroy).
+install -d -m 0711 "$wroot/var/lib/libvirt/swtpm" "$wroot/var/lib/libvirt/swtpm/$uuid"
+install -d -m 0700 -o tss -g tss "$wroot/var/lib/libvirt/swtpm/$uuid/tpm2"
+install -m 0600 -o tss -g tss "$typical" "$wroot/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall"
+conf=/etc/libvirt/qemu/bench-vm.xml
+remove="virsh -q metadata bench-vm urn:virt-tpm-state:1 --remove --config"
+element=$(<"$in/element.xml")
+[[ $element != *"'"* ]] || { log "element has a single quote"; exit 1; }
+# One store by hand: it must say "stored" and change the config file.
+before=$(in_world stat -c '%i %Y.%y' "$conf")
+in_world "$cli" store bench-vm | grep -q 'stored generation' || { log "store did not store"; exit 1; }
+[[ $(in_world stat -c '%i %Y.%y' "$conf") != "$before" ]] || { log "store did not write $conf"; exit 1; }
+in_world hyperfine --style none --export-json "$out/json/row3-store.json" --warmup 3 --runs "$STORE_RUNS" \
+    --prepare "$remove" \
+    -n "store (writes)" "exec $cli store bench-vm" \
+    -n "virsh metadata --set --config" \
+    "exec virsh -q metadata bench-vm --uri urn:virt-tpm-state:1 --key vts --set '$element' --config" >&2
+# unchanged: the metadata holds the state; store must not write the config at all.
+in_world "$cli" store bench-vm >/dev/null
+in_world hyperfine --style none --export-json "$out/json/row3-unchanged.json" --warmup 3 --runs "$STORE_RUNS" \
+    -n "store (unchanged)" "exec $cli store bench-vm" \
+    -n "virsh metadata --set --config" \
+    "exec virsh -q metadata bench-vm --uri urn:virt-tpm-state:1 --key vts --set '$element' --config" >&2
+# (The floor's element holds the same permall, so the same digest: store stays "unchanged".)
+# The floor above rewrites the config each run; check "no write" on its own:
+in_world "$cli" store bench-vm >/dev/null
+before=$(in_world stat -c '%i %Y.%y %s' "$conf")
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    in_world "$cli" store bench-vm | grep -q unchanged || { log "store did not say unchanged"; exit 1; }
+done
+after=$(in_world stat -c '%i %Y.%y %s' "$conf")
+echo "{\"before\": \"$before\", \"after\": \"$after\"}" >"$out/json/row3-nowrite.json"
+tests/e2e/world.sh down "$world" >/dev/null 2>&1 || true
+export VIRT_TPM_STATE_ROOT=$root
+
+# ------------------------------------------------------------------ row 4 (sizes)
+log "row 4: encoded sizes"
+sizes() { # NAME PERMALL XML
+    local name=$1 permall=$2 xml=$3 d ours ovirt floor
+    d=$(mktemp -d "$out/state.XXXXXX")
+    cp "$permall" "$d/tpm2-00.permall"
+    ours=$(sed -n 's:.*encoding="gzip+base64">\([^<]*\)<.*:\1:p' "$xml" | tr -d '\n' | wc -c)
+    ovirt=$(tar --create --xz --sort=name --directory "$d" . | base64 -w0 | wc -c)
+    floor=$(xz -9 -c "$permall" | base64 -w0 | wc -c)
+    element=$(sed -n '/<vts:state/,/<\/vts:state>/p' "$xml" | sed 's/^    //' | wc -c)
+    echo "{\"raw\": $(stat -c %s "$permall"), \"ours\": $ours, \"element\": $element, \"ovirt\": $ovirt, \"floor\": $floor}" \
+        >"$out/json/row4-$name.json"
+    rm -rf "$d"
+}
+sizes typical "$typical" "$in/typical.xml"
+sizes large "$large" "$in/large.xml"
+
+# ------------------------------------------------------------------ row 5 (peak RSS)
+log "row 5: peak RSS (/usr/bin/time -v), median of $RSS_RUNS"
+rss() { # NAME CMD... (stdin from $RSS_IN)
+    local name=$1 i vals=()
+    shift
+    for ((i = 0; i < RSS_RUNS; i++)); do
+        $reset
+        /usr/bin/time -f '%M' -o "$out/rss.tmp" "$@" <"$RSS_IN" >/dev/null
+        vals+=("$(<"$out/rss.tmp")")
+    done
+    echo "{\"kib\": [$(IFS=,; echo "${vals[*]}")], \"xml_bytes\": $(stat -c %s "$RSS_IN")}" >"$out/json/row5-$name.json"
+}
+RSS_IN=$in/large.xml rss large "$hook" bench-vm prepare begin -
+RSS_IN=$in/large-padded.xml rss large-padded "$hook" bench-vm prepare begin -
+RSS_IN=$in/typical.xml rss typical "$hook" bench-vm prepare begin -
+RSS_IN=$in/nostate.xml rss true /bin/true
+RSS_IN=$in/large.xml rss shell "$shell_hook" bench-vm prepare begin -
+
+# ------------------------------------------------------------------ the report
+python3 "$repo/benches/report.py" "$out" "$root"
