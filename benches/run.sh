@@ -58,48 +58,14 @@ cp "$template" "$in/nostate.xml"                  # the same domain, no metadata
 root=$out/root
 mkdir -p "$root"
 reset="rm -rf $root/var/lib/libvirt/swtpm $root/var/lib/virt-tpm-state $root/run/virt-tpm-state"
-export VIRT_TPM_STATE_ROOT=$root
 
 # What users would otherwise run as a hook: a shell script that only reads its stdin.
 shell_hook=$out/shell-hook
 printf '#!/bin/sh\ncat >/dev/null\n' >"$shell_hook"
 chmod 0755 "$shell_hook"
 
-# ------------------------------------------------------------------ rows 1 and 2
-# hyperfine (1.15) has no --input: each command runs as `sh -c "exec PROG ARGS < FILE"`, so the
-# shell only opens the file and execs; hyperfine subtracts the cost of spawning the shell.
-hf() { # NAME, then hyperfine args
-    local name=$1
-    shift
-    hyperfine --style none --export-json "$out/json/$name.json" "$@" >&2
-}
-
-log "row 1: ops with nothing to do vs /bin/true"
-for op in "start begin" "started begin" "release end"; do
-    name=row1-${op%% *}
-    hf "$name" --warmup 10 --runs "$RUNS" \
-        -n "hook $op" "exec $hook bench-vm $op - < $in/nostate.xml" \
-        -n "/bin/true" "exec /bin/true bench-vm $op - < $in/nostate.xml"
-done
-hf row1-release-withstate --warmup 10 --runs "$RUNS" \
-    -n "hook release end (9 KiB state in metadata)" "exec $hook bench-vm release end - < $in/typical.xml" \
-    -n "/bin/true" "exec /bin/true bench-vm release end - < $in/typical.xml"
-
-log "row 2: prepare restoring a state (each run restores: --prepare resets the scratch tree)"
-for size in typical large; do
-    # check once that it really restores
-    $reset
-    "$hook" bench-vm prepare begin - <"$in/$size.xml"
-    cmp "$root/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall" \
-        "$([[ $size == typical ]] && echo "$typical" || echo "$large")"
-    hf "row2-$size" --warmup 5 --runs "$RUNS" --prepare "$reset" \
-        -n "hook prepare ($size)" "exec $hook bench-vm prepare begin - < $in/$size.xml" \
-        -n "shell hook" "exec $shell_hook bench-vm prepare begin - < $in/$size.xml"
-done
-
 # ------------------------------------------------------------------ row 3 (a private libvirt world)
 log "row 3: store vs one virsh metadata --set, in a private libvirt world"
-unset VIRT_TPM_STATE_ROOT
 tests/e2e/world.sh up "$world" >/dev/null 2>&1
 in_world() { tests/e2e/world.sh exec "$world" "$@"; }
 wroot=$world/root
@@ -110,12 +76,25 @@ install -d -m 0700 -o tss -g tss "$wroot/var/lib/libvirt/swtpm/$uuid/tpm2"
 install -m 0600 -o tss -g tss "$typical" "$wroot/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall"
 conf=/etc/libvirt/qemu/bench-vm.xml
 remove="virsh -q metadata bench-vm urn:virt-tpm-state:1 --remove --config"
-element=$(<"$in/element.xml")
-[[ $element != *"'"* ]] || { log "element has a single quote"; exit 1; }
+# store's default: an envelope-encrypted element sealed with a host key (`install` creates one).
+# A CLI without keys (format 1 plaintext only) skips this.
+if "$cli" --help | grep -q keygen; then
+    in_world "$cli" keygen >&2
+fi
 # One store by hand: it must say "stored" and change the config file.
 before=$(in_world stat -c '%i %Y.%y' "$conf")
 in_world "$cli" store bench-vm | grep -q 'stored generation' || { log "store did not store"; exit 1; }
 [[ $(in_world stat -c '%i %Y.%y' "$conf") != "$before" ]] || { log "store did not write $conf"; exit 1; }
+# The floor sets the very element store wrote (as libvirt returns it: no prefix, no xmlns).
+in_world virsh metadata bench-vm urn:virt-tpm-state:1 --config >"$in/stored-element.xml"
+element=$(<"$in/stored-element.xml")
+[[ $element != *"'"* ]] || { log "element has a single quote"; exit 1; }
+# The same domain with that element, for the hook (row 2, "as stored"), and the host's keys.
+in_world virsh dumpxml --inactive bench-vm >"$in/typical-stored.xml"
+if [[ -d $wroot/etc/virt-tpm-state/keys ]]; then
+    mkdir -p "$root/etc/virt-tpm-state"
+    cp -a "$wroot/etc/virt-tpm-state/keys" "$root/etc/virt-tpm-state/"
+fi
 in_world hyperfine --style none --export-json "$out/json/row3-store.json" --warmup 3 --runs "$STORE_RUNS" \
     --prepare "$remove" \
     -n "store (writes)" "exec $cli store bench-vm" \
@@ -137,7 +116,39 @@ done
 after=$(in_world stat -c '%i %Y.%y %s' "$conf")
 echo "{\"before\": \"$before\", \"after\": \"$after\"}" >"$out/json/row3-nowrite.json"
 tests/e2e/world.sh down "$world" >/dev/null 2>&1 || true
-export VIRT_TPM_STATE_ROOT=$root
+
+# ------------------------------------------------------------------ rows 1 and 2
+export VIRT_TPM_STATE_ROOT=$root   # the hook works in the scratch host from here on
+# hyperfine (1.15) has no --input: each command runs as `sh -c "exec PROG ARGS < FILE"`, so the
+# shell only opens the file and execs; hyperfine subtracts the cost of spawning the shell.
+hf() { # NAME, then hyperfine args
+    local name=$1
+    shift
+    hyperfine --style none --export-json "$out/json/$name.json" "$@" >&2
+}
+
+log "row 1: ops with nothing to do vs /bin/true"
+for op in "start begin" "started begin" "release end"; do
+    name=row1-${op%% *}
+    hf "$name" --warmup 10 --runs "$RUNS" \
+        -n "hook $op" "exec $hook bench-vm $op - < $in/nostate.xml" \
+        -n "/bin/true" "exec /bin/true bench-vm $op - < $in/nostate.xml"
+done
+hf row1-release-withstate --warmup 10 --runs "$RUNS" \
+    -n "hook release end (9 KiB state in metadata)" "exec $hook bench-vm release end - < $in/typical.xml" \
+    -n "/bin/true" "exec /bin/true bench-vm release end - < $in/typical.xml"
+
+log "row 2: prepare restoring a state (each run restores: --prepare resets the scratch tree)"
+for size in typical typical-stored large; do
+    # check once that it really restores
+    $reset
+    "$hook" bench-vm prepare begin - <"$in/$size.xml"
+    cmp "$root/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall" \
+        "$([[ $size == large ]] && echo "$large" || echo "$typical")"
+    hf "row2-$size" --warmup 5 --runs "$RUNS" --prepare "$reset" \
+        -n "hook prepare ($size)" "exec $hook bench-vm prepare begin - < $in/$size.xml" \
+        -n "shell hook" "exec $shell_hook bench-vm prepare begin - < $in/$size.xml"
+done
 
 # ------------------------------------------------------------------ row 4 (sizes)
 log "row 4: encoded sizes"
@@ -145,16 +156,17 @@ sizes() { # NAME PERMALL XML
     local name=$1 permall=$2 xml=$3 d ours ovirt floor
     d=$(mktemp -d "$out/state.XXXXXX")
     cp "$permall" "$d/tpm2-00.permall"
-    ours=$(sed -n 's:.*encoding="gzip+base64">\([^<]*\)<.*:\1:p' "$xml" | tr -d '\n' | wc -c)
+    ours=$(sed -n 's:.*encoding="[^"]*">\([^<]*\)<.*:\1:p' "$xml" | tr -d ' \n' | wc -c)
     ovirt=$(tar --create --xz --sort=name --directory "$d" . | base64 -w0 | wc -c)
     floor=$(xz -9 -c "$permall" | base64 -w0 | wc -c)
-    element=$(sed -n '/<vts:state/,/<\/vts:state>/p' "$xml" | sed 's/^    //' | wc -c)
+    element=$(sed -n '/<\(vts:\)\?state /,/<\/\(vts:\)\?state>/p' "$xml" | sed 's/^ *//' | wc -c)
     echo "{\"raw\": $(stat -c %s "$permall"), \"ours\": $ours, \"element\": $element, \"ovirt\": $ovirt, \"floor\": $floor}" \
         >"$out/json/row4-$name.json"
     rm -rf "$d"
 }
 sizes typical "$typical" "$in/typical.xml"
 sizes large "$large" "$in/large.xml"
+[[ -s $in/stored-element.xml ]] && sizes typical-stored "$typical" "$in/stored-element.xml"
 
 # ------------------------------------------------------------------ row 5 (peak RSS)
 log "row 5: peak RSS (/usr/bin/time -v), median of $RSS_RUNS"

@@ -1,9 +1,13 @@
 //! Envelope encryption of state files in the element (encoding
-//! `gzip+xchacha20poly1305+base64`, docs/FORMAT.md "Encrypted files").
+//! `gzip+chacha20poly1305+base64`, docs/FORMAT.md "Encrypted files").
 //!
 //! Each file gets a fresh random data key; the gzip stream is sealed with it
-//! (XChaCha20-Poly1305, random 24-byte nonce), and the data key is sealed
-//! with the host key named by `key`. Both seals carry associated data that
+//! (ChaCha20-Poly1305, RFC 8439, random 12-byte nonce), and the data key is
+//! sealed with the host key named by `key` (random 12-byte nonce: a data key
+//! is used once; random nonces under one host key stay far below the 2^32
+//! seals where a repeat becomes a concern). The IETF construction was chosen
+//! over XChaCha20 because every mainstream crypto library has it, so a
+//! manager can decrypt in any language. Both seals carry associated data that
 //! binds them to the domain UUID, the file's path and the key id, so a blob
 //! pasted into another domain, renamed, or attributed to another key fails
 //! to open. No I/O here but the OS random generator, which callers may
@@ -11,12 +15,12 @@
 
 use crate::state::Sha256Sum;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use std::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub const KEY_LEN: usize = 32;
-pub const NONCE_LEN: usize = 24;
+pub const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// `nonce || sealed data key` as stored in `wrapped-key`.
 pub const WRAPPED_KEY_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
@@ -151,24 +155,24 @@ pub fn seal(
     let mut wrap_nonce = [0u8; NONCE_LEN];
     fill(&mut wrap_nonce);
 
-    let ciphertext = XChaCha20Poly1305::new(dek.expose().into())
+    let ciphertext = ChaCha20Poly1305::new(dek.expose().into())
         .encrypt(
-            XNonce::from_slice(&nonce),
+            Nonce::from_slice(&nonce),
             Payload {
                 msg: plain,
                 aad: &associated_data("file", uuid, path, kek_id),
             },
         )
-        .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory sizes");
-    let sealed_dek = XChaCha20Poly1305::new(kek.expose().into())
+        .expect("ChaCha20-Poly1305 (RFC 8439) encryption cannot fail for in-memory sizes");
+    let sealed_dek = ChaCha20Poly1305::new(kek.expose().into())
         .encrypt(
-            XNonce::from_slice(&wrap_nonce),
+            Nonce::from_slice(&wrap_nonce),
             Payload {
                 msg: dek.expose(),
                 aad: &associated_data("key", uuid, path, kek_id),
             },
         )
-        .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory sizes");
+        .expect("ChaCha20-Poly1305 (RFC 8439) encryption cannot fail for in-memory sizes");
     let mut wrapped_key = wrap_nonce.to_vec();
     wrapped_key.extend_from_slice(&sealed_dek);
     Sealed {
@@ -185,9 +189,9 @@ pub fn open(s: &Sealed, uuid: &str, path: &str, kek: &SecretKey) -> Result<Vec<u
         return Err(OpenError::BadWrappedKey);
     }
     let (wrap_nonce, sealed_dek) = s.wrapped_key.split_at(NONCE_LEN);
-    let mut dek_bytes = XChaCha20Poly1305::new(kek.expose().into())
+    let mut dek_bytes = ChaCha20Poly1305::new(kek.expose().into())
         .decrypt(
-            XNonce::from_slice(wrap_nonce),
+            Nonce::from_slice(wrap_nonce),
             Payload {
                 msg: sealed_dek,
                 aad: &associated_data("key", uuid, path, &s.key_id),
@@ -199,9 +203,9 @@ pub fn open(s: &Sealed, uuid: &str, path: &str, kek: &SecretKey) -> Result<Vec<u
     dek_bytes.zeroize();
     let dek = SecretKey(arr);
     arr.zeroize();
-    XChaCha20Poly1305::new(dek.expose().into())
+    ChaCha20Poly1305::new(dek.expose().into())
         .decrypt(
-            XNonce::from_slice(&s.nonce),
+            Nonce::from_slice(&s.nonce),
             Payload {
                 msg: &s.ciphertext,
                 aad: &associated_data("file", uuid, path, &s.key_id),

@@ -21,7 +21,7 @@ pub const NAMESPACE_PREFIX: &str = "vts";
 pub const FORMAT_VERSION: &str = "1";
 pub const ENCODING_GZIP_BASE64: &str = "gzip+base64";
 /// Envelope-encrypted gzip (docs/FORMAT.md, "Encrypted files").
-pub const ENCODING_SEALED: &str = "gzip+xchacha20poly1305+base64";
+pub const ENCODING_SEALED: &str = "gzip+chacha20poly1305+base64";
 /// Default cap on one decompressed file: far above a real permall (~6 KiB,
 /// tens of KiB with many NV indices), far below what hurts the host.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;
@@ -178,7 +178,7 @@ pub fn gzip_deterministic(data: &[u8]) -> Vec<u8> {
 pub enum Protection<'a> {
     /// `gzip+base64`: readable by anyone who can read the domain XML.
     Plain,
-    /// `gzip+xchacha20poly1305+base64` under a host key; `fill` supplies
+    /// `gzip+chacha20poly1305+base64` under a host key; `fill` supplies
     /// randomness (the OS generator unless a test needs determinism).
     Sealed {
         key_id: &'a KeyId,
@@ -480,7 +480,7 @@ fn decode_file(
     Ok((StateFile { name, data }, key))
 }
 
-/// Opens a `gzip+xchacha20poly1305+base64` payload: the key named by `key`
+/// Opens a `gzip+chacha20poly1305+base64` payload: the key named by `key`
 /// must be in `keys`; the seal is bound to the element's uuid and the file.
 fn open_sealed(
     f: &XmlElement,
@@ -507,7 +507,7 @@ fn open_sealed(
             .try_into()
             .map_err(|_| FormatError::BadAttribute {
                 attribute: "nonce",
-                why: "not 24 bytes",
+                why: "not 12 bytes",
             })?;
     let kek = keys.get(&key_id).ok_or_else(|| FormatError::MissingKey {
         name: name.to_string(),
