@@ -52,6 +52,22 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     if args.after_stop {
         wait_inactive(&mut dom)?;
     }
+    if !dom.active && !dom.persistent {
+        // A transient domain on its way out: no definition is left to hold
+        // the state (the hook kept a copy). Writing nothing is the answer.
+        log::info!(
+            "VM {}: transient and stopped; nothing to store into (the hook kept a copy)",
+            shown_name(&dom.name)
+        );
+        if args.after_stop {
+            return Ok(());
+        }
+        return Err(CliError::NoTpm {
+            name: shown_name(&dom.name),
+            why: "the domain is transient and not running; there is no definition to store into"
+                .into(),
+        });
+    }
     let live_xml = dom.xml()?;
     let live_info = parse_domain(live_xml.as_bytes(), &ctx.config.namespace)?;
     let version = tpm_version_or_explain(&live_info)?;
@@ -95,9 +111,10 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     let element_holder = config_info.as_ref().unwrap_or(&live_info);
 
     if !targets.any() {
-        let m = match decoded(element_holder) {
-            Some(Ok(m)) => m,
-            _ => unreachable!("every target holds the digest"),
+        // Every copy that exists holds this digest (an active domain has a
+        // live copy, a persistent one a config copy; one of them is true).
+        let Some(Ok(m)) = decoded(element_holder) else {
+            unreachable!("no target to write, yet the definition does not hold the digest")
         };
         record_synced(ctx, &host, &dom, &state)?;
         return report(
