@@ -10,8 +10,8 @@
 # hook's fsyncs hit a real disk; never a tmpfs). Benchmarks are not part of the test suite: a
 # regression shows in the table, it fails nothing.
 #
-# Environment: BENCH_DIR, RUNS (default 60: rows 1 and 2), STORE_RUNS (default 30: row 3),
-# RSS_RUNS (default 7: row 5). Needs: hyperfine, /usr/bin/time (Debian package `time`), xz,
+# Environment: BENCH_DIR, RUNS (default 100: rows 1 and 2), STORE_RUNS (default 40: row 3),
+# RSS_RUNS (default 9: row 5). Needs: hyperfine, /usr/bin/time (Debian package `time`), xz,
 # python3, and for row 3 what tests/e2e/world.sh needs (libvirt, swtpm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +22,9 @@ for t in hyperfine /usr/bin/time xz python3 base64 tar; do
     command -v "$t" >/dev/null || { echo "run.sh: missing $t" >&2; exit 1; }
 done
 
-RUNS=${RUNS:-60}
-STORE_RUNS=${STORE_RUNS:-30}
-RSS_RUNS=${RSS_RUNS:-7}
+RUNS=${RUNS:-100}
+STORE_RUNS=${STORE_RUNS:-40}
+RSS_RUNS=${RSS_RUNS:-9}
 out=${BENCH_DIR:-$repo/target/bench}
 [[ $out == /* ]] || out=$repo/$out
 world=$out/world
@@ -95,17 +95,17 @@ if [[ -d $wroot/etc/virt-tpm-state/keys ]]; then
     mkdir -p "$root/etc/virt-tpm-state"
     cp -a "$wroot/etc/virt-tpm-state/keys" "$root/etc/virt-tpm-state/"
 fi
-in_world hyperfine --style none --export-json "$out/json/row3-store.json" --warmup 3 --runs "$STORE_RUNS" \
+in_world hyperfine -N --style none --export-json "$out/json/row3-store.json" --warmup 3 --runs "$STORE_RUNS" \
     --prepare "$remove" \
-    -n "store (writes)" "exec $cli store bench-vm" \
+    -n "store (writes)" "$cli store bench-vm" \
     -n "virsh metadata --set --config" \
-    "exec virsh -q metadata bench-vm --uri urn:virt-tpm-state:1 --key vts --set '$element' --config" >&2
+    "virsh -q metadata bench-vm --uri urn:virt-tpm-state:1 --key vts --set '$element' --config" >&2
 # unchanged: the metadata holds the state; store must not write the config at all.
 in_world "$cli" store bench-vm >/dev/null
-in_world hyperfine --style none --export-json "$out/json/row3-unchanged.json" --warmup 3 --runs "$STORE_RUNS" \
-    -n "store (unchanged)" "exec $cli store bench-vm" \
+in_world hyperfine -N --style none --export-json "$out/json/row3-unchanged.json" --warmup 3 --runs "$STORE_RUNS" \
+    -n "store (unchanged)" "$cli store bench-vm" \
     -n "virsh metadata --set --config" \
-    "exec virsh -q metadata bench-vm --uri urn:virt-tpm-state:1 --key vts --set '$element' --config" >&2
+    "virsh -q metadata bench-vm --uri urn:virt-tpm-state:1 --key vts --set '$element' --config" >&2
 # (The floor's element holds the same permall, so the same digest: store stays "unchanged".)
 # The floor above rewrites the config each run; check "no write" on its own:
 in_world "$cli" store bench-vm >/dev/null
@@ -119,24 +119,42 @@ tests/e2e/world.sh down "$world" >/dev/null 2>&1 || true
 
 # ------------------------------------------------------------------ rows 1 and 2
 export VIRT_TPM_STATE_ROOT=$root   # the hook works in the scratch host from here on
-# hyperfine (1.15) has no --input: each command runs as `sh -c "exec PROG ARGS < FILE"`, so the
-# shell only opens the file and execs; hyperfine subtracts the cost of spawning the shell.
+# hyperfine 1.15 has no --input, and its shell-spawn correction is noisier than these sub-ms
+# commands. So: no shell of hyperfine's (-N); each command is `sh -c 'exec PROG ARGS < FILE'`
+# (the shell opens the file and execs PROG), and `sh -c :` runs in the same invocation as the
+# wrapper's floor. report.py gives the ratio of medians with that floor subtracted from both
+# sides (PROG's exec + run), and the raw one (wrapper included, which flatters the product).
 hf() { # NAME, then hyperfine args
     local name=$1
     shift
-    hyperfine --style none --export-json "$out/json/$name.json" "$@" >&2
+    hyperfine -N --style none --export-json "$out/json/$name.json" "$@" \
+        -n "sh -c : (wrapper floor)" "sh -c :" >&2
 }
 
 log "row 1: ops with nothing to do vs /bin/true"
 for op in "start begin" "started begin" "release end"; do
     name=row1-${op%% *}
     hf "$name" --warmup 10 --runs "$RUNS" \
-        -n "hook $op" "exec $hook bench-vm $op - < $in/nostate.xml" \
-        -n "/bin/true" "exec /bin/true bench-vm $op - < $in/nostate.xml"
+        -n "hook $op" "sh -c 'exec $hook bench-vm $op - < $in/nostate.xml'" \
+        -n "/bin/true" "sh -c 'exec /bin/true bench-vm $op - < $in/nostate.xml'"
 done
 hf row1-release-withstate --warmup 10 --runs "$RUNS" \
-    -n "hook release end (9 KiB state in metadata)" "exec $hook bench-vm release end - < $in/typical.xml" \
-    -n "/bin/true" "exec /bin/true bench-vm release end - < $in/typical.xml"
+    -n "hook release end (9 KiB state in metadata)" "sh -c 'exec $hook bench-vm release end - < $in/typical.xml'" \
+    -n "/bin/true" "sh -c 'exec /bin/true bench-vm release end - < $in/typical.xml'"
+
+# Diagnosis for row 1: where a do-nothing Rust process stands against /bin/true. An empty
+# `fn main() {}` built by the same rustc (-O), dynamically linked (as the hook is: libc +
+# libgcc_s) and statically (+crt-static).
+diag=$out/diag
+mkdir -p "$diag"
+echo 'fn main() {}' >"$diag/empty.rs"
+rustc -O "$diag/empty.rs" -o "$diag/empty-rust-dynamic"
+rustc -O -C target-feature=+crt-static "$diag/empty.rs" -o "$diag/empty-rust-static"
+hf row1-diag --warmup 10 --runs "$RUNS" \
+    -n "hook start" "sh -c 'exec $hook bench-vm start begin - < $in/nostate.xml'" \
+    -n "/bin/true" "sh -c 'exec /bin/true < $in/nostate.xml'" \
+    -n "empty Rust main, dynamic" "sh -c 'exec $diag/empty-rust-dynamic < $in/nostate.xml'" \
+    -n "empty Rust main, static" "sh -c 'exec $diag/empty-rust-static < $in/nostate.xml'"
 
 log "row 2: prepare restoring a state (each run restores: --prepare resets the scratch tree)"
 for size in typical typical-stored large; do
@@ -146,17 +164,17 @@ for size in typical typical-stored large; do
     cmp "$root/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall" \
         "$([[ $size == large ]] && echo "$large" || echo "$typical")"
     hf "row2-$size" --warmup 5 --runs "$RUNS" --prepare "$reset" \
-        -n "hook prepare ($size)" "exec $hook bench-vm prepare begin - < $in/$size.xml" \
-        -n "shell hook" "exec $shell_hook bench-vm prepare begin - < $in/$size.xml"
+        -n "hook prepare ($size)" "sh -c 'exec $hook bench-vm prepare begin - < $in/$size.xml'" \
+        -n "shell hook" "sh -c 'exec $shell_hook bench-vm prepare begin - < $in/$size.xml'"
 done
 
 # ------------------------------------------------------------------ row 4 (sizes)
 log "row 4: encoded sizes"
 sizes() { # NAME PERMALL XML
-    local name=$1 permall=$2 xml=$3 d ours ovirt floor
+    local name=$1 permall=$2 xml=$3 d ours ovirt floor element
     d=$(mktemp -d "$out/state.XXXXXX")
     cp "$permall" "$d/tpm2-00.permall"
-    ours=$(sed -n 's:.*encoding="[^"]*">\([^<]*\)<.*:\1:p' "$xml" | tr -d ' \n' | wc -c)
+    ours=$(sed -n 's:.*<\(vts\:\)\?file [^>]*>\([^<]*\)<.*:\2:p' "$xml" | tr -d ' \n' | wc -c)
     ovirt=$(tar --create --xz --sort=name --directory "$d" . | base64 -w0 | wc -c)
     floor=$(xz -9 -c "$permall" | base64 -w0 | wc -c)
     element=$(sed -n '/<\(vts:\)\?state /,/<\/\(vts:\)\?state>/p' "$xml" | sed 's/^ *//' | wc -c)

@@ -7,13 +7,20 @@
 //! The payload is a real `tpm2-00.permall` / `tpm-00.permall` when one is
 //! found under `fixtures/` (`fixtures/swtpm/...`), else a fixed synthetic
 //! swtpm blob of the same size as a fresh one.
+//!
+//! Encrypted vectors use the fixed TEST keys it also writes to
+//! `fixtures/vectors/keys/` (derived from public strings: never use them for
+//! anything else) and a deterministic stand-in for the random generator, so
+//! their text is as reproducible as the rest.
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
+use virt_tpm_state::envelope::SecretKey;
 use virt_tpm_state::format::{
-    digest_of_sums, encode, gzip_deterministic, Provenance, Style, NAMESPACE_URI,
+    digest_of_sums, encode, encode_with, gzip_deterministic, Protection, Provenance, Style,
+    NAMESPACE_URI,
 };
 use virt_tpm_state::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::{check_header, synthetic_blob};
@@ -99,6 +106,11 @@ fn state(version: TpmVersion, data: Vec<u8>) -> TpmState {
 
 /// Wraps an element in a minimal domain XML, after the expectation comment.
 fn domain(expect: &str, version: TpmVersion, element: &str) -> String {
+    domain_with_uuid(expect, version, element, UUID)
+}
+
+/// [`domain`] for a domain whose `<uuid>` is `uuid`.
+fn domain_with_uuid(expect: &str, version: TpmVersion, element: &str, uuid: &str) -> String {
     let model = match version {
         TpmVersion::V2_0 => "tpm-crb",
         TpmVersion::V1_2 => "tpm-tis",
@@ -108,7 +120,7 @@ fn domain(expect: &str, version: TpmVersion, element: &str) -> String {
         .map(|l| format!("    {l}\n"))
         .collect::<String>();
     format!(
-        "<!-- expect: {expect} -->\n<domain type='kvm'>\n  <name>vector</name>\n  <uuid>{UUID}</uuid>\n  <metadata>\n{element}  </metadata>\n  <devices>\n    <tpm model='{model}'>\n      <backend type='emulator' version='{version}'/>\n    </tpm>\n  </devices>\n</domain>\n"
+        "<!-- expect: {expect} -->\n<domain type='kvm'>\n  <name>vector</name>\n  <uuid>{uuid}</uuid>\n  <metadata>\n{element}  </metadata>\n  <devices>\n    <tpm model='{model}'>\n      <backend type='emulator' version='{version}'/>\n    </tpm>\n  </devices>\n</domain>\n"
     )
 }
 
@@ -128,11 +140,87 @@ fn ok_expect(s: &TpmState, p: &Provenance) -> String {
     )
 }
 
-/// The base64 text of the (first) file element.
+/// [`ok_expect`] for a state sealed with `key`: adds `key=ID`.
+fn ok_sealed_expect(s: &TpmState, p: &Provenance, key: &SecretKey) -> String {
+    format!("{} key={}", ok_expect(s, p), key.id())
+}
+
+/// The text (base64) of the (first) file element.
 fn b64_of(element: &str) -> &str {
-    let start = element.find("gzip+base64\">").unwrap() + "gzip+base64\">".len();
+    let file = element.find("<vts:file ").unwrap();
+    let start = element[file..].find('>').unwrap() + file + 1;
     let end = element[start..].find('<').unwrap() + start;
     &element[start..end]
+}
+
+/// The value of attribute `name` in the (first) file element.
+fn file_attr<'a>(element: &'a str, name: &str) -> &'a str {
+    let file = element.find("<vts:file ").unwrap();
+    let needle = format!(" {name}=\"");
+    let start = element[file..].find(&needle).unwrap() + file + needle.len();
+    let end = element[start..].find('"').unwrap() + start;
+    &element[start..end]
+}
+
+/// Base64 `b64` with byte `at` of its decoded bytes flipped.
+fn flip_b64(b64: &str, at: usize) -> String {
+    let mut raw = STANDARD.decode(b64).unwrap();
+    raw[at] ^= 0x01;
+    STANDARD.encode(raw)
+}
+
+/// The committed TEST host keys, `fixtures/vectors/keys/<stamp>-<id>.key`:
+/// 32 bytes of SHA-256 of a public label. Test vectors only, never a host.
+fn test_key(label: &str) -> SecretKey {
+    let h = Sha256::digest(format!("virt-tpm-state TEST vector key {label}").as_bytes());
+    SecretKey::from_bytes(h.into())
+}
+
+/// A deterministic stand-in for the OS random generator: consecutive bytes
+/// of [`stream`] for `seed` (one seed per vector, so vectors do not depend
+/// on the order they are generated in).
+fn counter_fill(seed: &str) -> impl FnMut(&mut [u8]) {
+    let seed = format!("virt-tpm-state TEST vector randomness {seed}");
+    let mut used = 0usize;
+    move |buf: &mut [u8]| {
+        let bytes = stream(&seed, used + buf.len());
+        buf.copy_from_slice(&bytes[used..]);
+        used += buf.len();
+    }
+}
+
+/// `encode` sealed with `key` (`gzip+chacha20poly1305+base64`), its data
+/// keys and nonces drawn from [`counter_fill`]`(seed)`.
+fn sealed(s: &TpmState, p: &Provenance, key: &SecretKey, seed: &str) -> String {
+    let key_id = key.id();
+    let mut fill = counter_fill(seed);
+    encode_with(
+        s,
+        p,
+        Style::Standalone,
+        Protection::Sealed {
+            key_id: &key_id,
+            key,
+            fill: &mut fill,
+        },
+    )
+}
+
+/// Writes the test keys as `statefs::create_key` would: `<stamp>-<id>.key`,
+/// one line of standard base64, mode 0600; removes other `*.key` files.
+fn write_keys(dir: &Path, keys: &[(&str, &SecretKey)]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "key") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    for (stamp, key) in keys {
+        let path = dir.join(format!("{stamp}-{}.key", key.id()));
+        std::fs::write(&path, format!("{}\n", STANDARD.encode(key.expose()))).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
 }
 
 fn replace_once(s: &str, from: &str, to: &str) -> String {
@@ -507,6 +595,198 @@ fn main() {
         // Valid format, but the state belongs to another domain: a clone.
         let e = encode(&s2, &provenance(OTHER_UUID), Style::Standalone);
         add("refused-clone-other-uuid", domain("refused Clone", v2, &e));
+    }
+
+    // ------------------------------------------------------------ encrypted
+    // docs/FORMAT.md 2.6. The keyring is fixtures/vectors/keys/: an older and
+    // a newer test key; new stores use the newest (last name in sort order).
+    let old_key = test_key("old");
+    let new_key = test_key("new");
+    let absent_key = test_key("absent (not in fixtures/vectors/keys)");
+    write_keys(
+        &out_dir.join("keys"),
+        &[
+            ("20250101T000000Z", &old_key),
+            ("20260101T000000Z", &new_key),
+        ],
+    );
+    let enc2 = sealed(&s2, &prov, &new_key, "ok-encrypted");
+    add(
+        "ok-encrypted",
+        domain(&ok_sealed_expect(&s2, &prov, &new_key), v2, &enc2),
+    );
+    add(
+        "ok-encrypted-tpm12",
+        domain(
+            &ok_sealed_expect(&s12, &prov, &new_key),
+            TpmVersion::V1_2,
+            &sealed(&s12, &prov, &new_key, "ok-encrypted-tpm12"),
+        ),
+    );
+    add(
+        "ok-encrypted-older-key",
+        domain(
+            &ok_sealed_expect(&s2, &prov, &old_key),
+            v2,
+            &sealed(&s2, &prov, &old_key, "ok-encrypted-older-key"),
+        ),
+    );
+    add(
+        "refused-encrypted-missing-key",
+        domain(
+            "refused MissingKey",
+            v2,
+            &sealed(&s2, &prov, &absent_key, "refused-encrypted-missing-key"),
+        ),
+    );
+    {
+        let ct = b64_of(&enc2).to_string();
+        let middle = STANDARD.decode(&ct).unwrap().len() / 2;
+        add(
+            "refused-encrypted-tampered-ciphertext",
+            domain(
+                "refused Decrypt",
+                v2,
+                &replace_once(&enc2, &ct, &flip_b64(&ct, middle)),
+            ),
+        );
+        let nonce = file_attr(&enc2, "nonce").to_string();
+        add(
+            "refused-encrypted-tampered-nonce",
+            domain(
+                "refused Decrypt",
+                v2,
+                &replace_once(
+                    &enc2,
+                    &format!("nonce=\"{nonce}\""),
+                    &format!("nonce=\"{}\"", flip_b64(&nonce, 0)),
+                ),
+            ),
+        );
+        let wk = file_attr(&enc2, "wrapped-key").to_string();
+        // Byte 20: inside the sealed data key (after the 12-byte wrap nonce).
+        add(
+            "refused-encrypted-tampered-wrapped-key",
+            domain(
+                "refused Decrypt",
+                v2,
+                &replace_once(
+                    &enc2,
+                    &format!("wrapped-key=\"{wk}\""),
+                    &format!("wrapped-key=\"{}\"", flip_b64(&wk, 20)),
+                ),
+            ),
+        );
+        let mut short = STANDARD.decode(&wk).unwrap();
+        short.truncate(short.len() - 1);
+        add(
+            "refused-encrypted-wrapped-key-truncated",
+            domain(
+                "refused Decrypt",
+                v2,
+                &replace_once(
+                    &enc2,
+                    &format!("wrapped-key=\"{wk}\""),
+                    &format!("wrapped-key=\"{}\"", STANDARD.encode(short)),
+                ),
+            ),
+        );
+        // 24 bytes (an XChaCha20 nonce) where the IETF construction takes 12.
+        let mut long = STANDARD.decode(&nonce).unwrap();
+        long.extend_from_slice(&stream("nonce extension", 12));
+        add(
+            "refused-encrypted-bad-nonce-length",
+            domain(
+                "refused BadAttribute",
+                v2,
+                &replace_once(
+                    &enc2,
+                    &format!("nonce=\"{nonce}\""),
+                    &format!("nonce=\"{}\"", STANDARD.encode(long)),
+                ),
+            ),
+        );
+        add(
+            "refused-encrypted-missing-nonce",
+            domain(
+                "refused MissingAttribute",
+                v2,
+                &replace_once(&enc2, &format!(" nonce=\"{nonce}\""), ""),
+            ),
+        );
+        let id = new_key.id().to_string();
+        add(
+            "refused-encrypted-key-id-uppercase",
+            domain(
+                "refused BadAttribute",
+                v2,
+                &replace_once(
+                    &enc2,
+                    &format!("key=\"{id}\""),
+                    &format!("key=\"{}\"", id.to_uppercase()),
+                ),
+            ),
+        );
+        // The id of another key the reader has: opens with neither.
+        add(
+            "refused-encrypted-other-key-id",
+            domain(
+                "refused Decrypt",
+                v2,
+                &replace_once(
+                    &enc2,
+                    &format!("key=\"{id}\""),
+                    &format!("key=\"{}\"", old_key.id()),
+                ),
+            ),
+        );
+        // Plaintext attributes are still checked after decryption.
+        add(
+            "refused-encrypted-wrong-sha256",
+            domain(
+                "refused Sha256Mismatch",
+                v2,
+                &replace_once(
+                    &enc2,
+                    &format!("sha256=\"{sha2}\""),
+                    &format!("sha256=\"{other_sha}\""),
+                ),
+            ),
+        );
+    }
+    {
+        // Moved to another domain: element uuid and domain uuid agree (no
+        // clone), size, sha256 and digest are unchanged (they do not involve
+        // the uuid): only the associated data catches it.
+        let e = replace_once(
+            &enc2,
+            &format!("uuid=\"{UUID}\""),
+            &format!("uuid=\"{OTHER_UUID}\""),
+        );
+        add(
+            "refused-encrypted-wrong-uuid",
+            domain_with_uuid("refused Decrypt", v2, &e, OTHER_UUID),
+        );
+    }
+    {
+        // Format 1 allows one file name per TPM version, so no rename stays
+        // within the allowed names. The closest: the same bytes sealed for
+        // `tpm/tpm-00.permall` (a 1.2 section), relabelled as a consistent
+        // 2.0 element (`tpm2-00.permall`, its digest): only the path in the
+        // associated data catches it.
+        let as12 = state(TpmVersion::V1_2, data2.clone());
+        let e = sealed(&as12, &prov, &new_key, "refused-encrypted-renamed");
+        let e = replace_once(&e, "version=\"1.2\"", "version=\"2.0\"");
+        let e = replace_once(&e, "name=\"tpm-00.permall\"", "name=\"tpm2-00.permall\"");
+        let e = replace_once(
+            &e,
+            &format!("digest=\"{}\"", as12.digest()),
+            &format!("digest=\"{digest2}\""),
+        );
+        add(
+            "refused-encrypted-renamed",
+            domain("refused Decrypt", v2, &e),
+        );
     }
 
     for (name, text) in &vectors {

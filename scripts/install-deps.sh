@@ -8,6 +8,7 @@ packages=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
     qemu-system-x86 ovmf python3 libxml2-utils
+    hyperfine time xz-utils
 )
 
 missing=()

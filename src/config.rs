@@ -38,6 +38,11 @@ pub struct Config {
     /// who can read the domain XML (by default every local user, through a
     /// read-only connection) can then read the TPM's secrets.
     pub allow_plaintext: bool,
+    /// `watch`: seconds between full reconciles (a safety net for anything
+    /// inotify missed; between them an idle host costs nothing).
+    pub reconcile_interval_secs: u64,
+    /// `status` exits 20 when a domain has been out of sync longer than this.
+    pub status_max_lag_secs: u64,
 }
 
 impl Default for Config {
@@ -54,6 +59,8 @@ impl Default for Config {
             settle_attempts: 10,
             lock_timeout_secs: 30,
             allow_plaintext: false,
+            reconcile_interval_secs: 300,
+            status_max_lag_secs: 600,
         }
     }
 }
@@ -98,6 +105,9 @@ impl Config {
             return Err(
                 "max_file_size must be > 0, settle_attempts >= 2, namespace non-empty".into(),
             );
+        }
+        if c.reconcile_interval_secs == 0 {
+            return Err("reconcile_interval_secs must be > 0".into());
         }
         Ok(c)
     }

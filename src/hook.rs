@@ -101,6 +101,11 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
     if op == HookOp::Ignored {
         return Ok(());
     }
+    // `release end` only clears a marker: with none on the host (the common
+    // case), there is nothing to read or parse.
+    if op == HookOp::Release && !HostData::new(paths).any_incoming() {
+        return Ok(());
+    }
     let xml = read_stdin(stdin)?;
     let config = Config::load(paths)?;
     match op {

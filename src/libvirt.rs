@@ -105,6 +105,11 @@ impl Libvirt {
         &self.uri
     }
 
+    /// Whether the connection still works (false once libvirtd went away).
+    pub fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
     /// Looks a domain up by UUID (when the argument is one) or by name.
     pub fn domain(&self, name_or_uuid: &str) -> Result<DomainHandle, LibvirtError> {
         let by_uuid = DomainUuid::parse(name_or_uuid)

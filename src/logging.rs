@@ -1,16 +1,53 @@
 //! Logging for both binaries: syslog (the journal picks it up) when it can be
 //! reached, otherwise stderr. The hook's stderr is what libvirt shows the user
 //! on failure, so without syslog only warnings and errors go there, and the
-//! final error line is printed once by `main`, not by the logger.
+//! final error line is printed once, by [`report_error`].
+//!
+//! syslog is opened on the first line logged, not at start: the hook runs in
+//! every VM start, and most of its runs log nothing.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use syslog::{Facility, Formatter3164, Logger, LoggerBackend};
 
+type Syslog = Logger<LoggerBackend, Formatter3164>;
+
 struct Dual {
-    syslog: Option<Mutex<Logger<LoggerBackend, Formatter3164>>>,
+    ident: String,
+    /// `None` until first use; then `Some(None)` when syslog is unreachable.
+    syslog: Mutex<Option<Option<Syslog>>>,
     stderr_level: LevelFilter,
     level: LevelFilter,
+}
+
+static LOGGER: OnceLock<Dual> = OnceLock::new();
+
+impl Dual {
+    /// Sends `msg` to syslog, connecting on first use; false when unreachable.
+    fn to_syslog(&self, level: Level, msg: &str) -> bool {
+        let Ok(mut slot) = self.syslog.lock() else {
+            return false;
+        };
+        let conn = slot.get_or_insert_with(|| {
+            syslog::unix(Formatter3164 {
+                facility: Facility::LOG_DAEMON,
+                hostname: None,
+                process: self.ident.clone(),
+                pid: std::process::id(),
+            })
+            .ok()
+        });
+        let Some(s) = conn else {
+            return false;
+        };
+        let sent = match level {
+            Level::Error => s.err(msg),
+            Level::Warn => s.warning(msg),
+            Level::Info => s.info(msg),
+            Level::Debug | Level::Trace => s.debug(msg),
+        };
+        sent.is_ok()
+    }
 }
 
 impl Log for Dual {
@@ -23,57 +60,34 @@ impl Log for Dual {
             return;
         }
         let msg = r.args().to_string();
-        match &self.syslog {
-            Some(s) => {
-                if let Ok(mut s) = s.lock() {
-                    let _ = match r.level() {
-                        Level::Error => s.err(&msg),
-                        Level::Warn => s.warning(&msg),
-                        Level::Info => s.info(&msg),
-                        Level::Debug | Level::Trace => s.debug(&msg),
-                    };
-                }
-            }
-            None => {
-                if r.level() <= self.stderr_level {
-                    eprintln!("{}: {}", r.level().as_str().to_lowercase(), msg);
-                }
-            }
+        if !self.to_syslog(r.level(), &msg) && r.level() <= self.stderr_level {
+            eprintln!("{}: {}", r.level().as_str().to_lowercase(), msg);
         }
     }
 
     fn flush(&self) {}
 }
 
-/// Whether log lines reach syslog (else they go to stderr, filtered).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sink {
-    Syslog,
-    Stderr,
-}
-
 /// Installs the logger. `stderr_level` applies when syslog is unreachable;
 /// `level` is the overall verbosity.
-pub fn init(ident: &str, level: LevelFilter, stderr_level: LevelFilter) -> Sink {
-    let formatter = Formatter3164 {
-        facility: Facility::LOG_DAEMON,
-        hostname: None,
-        process: ident.to_string(),
-        pid: std::process::id(),
-    };
-    let syslog = syslog::unix(formatter).ok().map(Mutex::new);
-    let sink = if syslog.is_some() {
-        Sink::Syslog
-    } else {
-        Sink::Stderr
-    };
-    let _ = log::set_boxed_logger(Box::new(Dual {
-        syslog,
+pub fn init(ident: &str, level: LevelFilter, stderr_level: LevelFilter) {
+    let dual = LOGGER.get_or_init(|| Dual {
+        ident: ident.to_string(),
+        syslog: Mutex::new(None),
         stderr_level,
         level,
-    }));
+    });
+    let _ = log::set_logger(dual);
     log::set_max_level(level);
-    sink
+}
+
+/// The one error line of a failed run: to stderr (what libvirt shows the
+/// user), and to syslog when it can be reached.
+pub fn report_error(line: &str) {
+    if let Some(l) = LOGGER.get() {
+        l.to_syslog(Level::Error, line);
+    }
+    eprintln!("{line}");
 }
 
 /// Replaces Rust's multi-line panic report with one line that names the
@@ -84,10 +98,8 @@ pub fn install_panic_hook(program: &'static str) {
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        let line = format!(
+        report_error(&format!(
             "{program}: internal error at {at}; nothing more was done. Please report this bug."
-        );
-        log::error!("{line}");
-        eprintln!("{line}");
+        ));
     }));
 }

@@ -829,6 +829,13 @@ impl HostData {
         }
     }
 
+    /// Whether any incoming marker exists at all (cheap: one directory read).
+    pub fn any_incoming(&self) -> bool {
+        std::fs::read_dir(self.run_dir.join("incoming"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    }
+
     pub fn clear_incoming(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         let path = self.run_dir.join("incoming").join(uuid.as_str());
         match std::fs::remove_file(&path) {

@@ -92,6 +92,29 @@ fn define_on_second_host() {
     b.install_hook();
     assert!(!b.swtpm_uuid_dir_exists(&vm.uuid));
     b.define_xml("dump.xml", &xml);
+    // Host B has its own key, not A's: the start is refused, naming A's key.
+    let a_key = a.keys().pop().expect("host A has a key");
+    let a_key_id = a_key
+        .trim_end_matches(".key")
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .to_string();
+    let args = ["virsh", "start", "--paused", "mover"];
+    let out = b.exec(&args);
+    if out.status.success() {
+        b.fail("started without host A's key", &args, &out);
+    }
+    let err = stderr(&out);
+    assert!(
+        err.contains(&a_key_id) && err.contains("virt-tpm-state:"),
+        "the refusal does not name key {a_key_id}: {err}"
+    );
+    assert!(
+        !b.swtpm_uuid_dir_exists(&vm.uuid),
+        "written without the key"
+    );
+    a.copy_keys_to(&b);
     b.start(&vm.name, true);
     assert!(
         b.must_permall(&vm) == stored,
@@ -113,10 +136,10 @@ fn transient_domain() {
     let ek = vm_with_secret(&a, &vm, "transient-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
-    drop(a);
-
     let b = World::up("trans-b");
     b.install_hook();
+    a.copy_keys_to(&b);
+    drop(a);
     let path = b.file("dump.xml");
     std::fs::write(&path, &xml).unwrap();
     b.must_virsh(&["create", "--paused", &path.display().to_string()]);
@@ -510,11 +533,11 @@ fn tpm12_roundtrip() {
     );
     a.destroy(&vm.name);
     assert_eq!(a.ek_pub(&vm), ek);
-    drop(a);
 
     // Another host: from the metadata alone.
     let b = World::up("tpm12-b");
     b.install_hook();
+    a.copy_keys_to(&b);
     b.define_xml("dump.xml", &xml);
     b.start(&vm.name, true);
     assert!(
@@ -523,4 +546,150 @@ fn tpm12_roundtrip() {
     );
     b.destroy(&vm.name);
     assert_eq!(b.ek_pub(&vm), ek);
+}
+
+/// Asserts `out` failed with exit `code` and exactly one line on stderr.
+fn assert_cli_error(w: &World, args: &[&str], code: i32) -> String {
+    let out = w.vts(args);
+    let err = stderr(&out);
+    if out.status.code() != Some(code) || err.trim_end().lines().count() != 1 {
+        w.fail(
+            &format!("expected exit {code} and one stderr line"),
+            args,
+            &out,
+        );
+    }
+    err
+}
+
+#[test]
+fn cli_show_store_extract_and_errors() {
+    if !require_env("cli_show_store_extract_and_errors") {
+        return;
+    }
+    let w = World::up("cli");
+    w.install_hook();
+    let vm = Vm::new("cli", Tpm::V2);
+    w.manufacture(&vm);
+    // The post-stop store of the first run stored generation 1.
+    w.write_secret(&vm, "gen-two");
+    let first = w.show_json(&vm.name, true);
+    assert_eq!(first["generation"], 1, "{first:#}");
+    let out = stdout(&w.must_vts(&["store", &vm.name]));
+    assert!(out.contains("stored generation 2"), "store said: {out}");
+
+    // show --json fields
+    let j = w.show_json(&vm.name, true);
+    let permall = w.must_permall(&vm);
+    assert_eq!(j["domain"], "cli");
+    assert_eq!(j["uuid"], vm.uuid.as_str());
+    assert_eq!(j["element_uuid"], vm.uuid.as_str());
+    assert_eq!(j["belongs_to_domain"], true);
+    assert_eq!(j["present"], true);
+    assert_eq!(j["valid"], true);
+    assert_eq!(j["format"], "1");
+    assert_eq!(j["tpm_version"], "2.0");
+    // Encrypted with the host key `install` created: protection names its id.
+    let key = w.keys().pop().expect("install created no host key");
+    let key_id = key.trim_end_matches(".key").rsplit('-').next().unwrap();
+    assert_eq!(j["protection"], format!("virt-tpm-state:{key_id}"), "{j:#}");
+    assert_eq!(j["generation"], 2);
+    assert_eq!(j["parent"], first["digest"], "parent chain: {j:#}");
+    assert_eq!(j["files"][0]["name"], "tpm2-00.permall");
+    assert_eq!(j["files"][0]["size"], permall.len());
+    assert_eq!(j["files"][0]["sha256"], sha256_hex(&permall).as_str());
+    let expected_digest =
+        sha256_hex(format!("tpm/tpm2-00.permall {}\n", sha256_hex(&permall)).as_bytes());
+    assert_eq!(j["digest"], expected_digest.as_str(), "{j:#}");
+    assert_eq!(j["local"]["digest"], expected_digest.as_str(), "{j:#}");
+    assert_eq!(j["local"]["matches"], true);
+    assert_eq!(j["host"].as_str().map(|h| !h.is_empty()), Some(true));
+
+    // store again: unchanged, the config file untouched (bytes and mtime).
+    let cfg = w.host_path(&format!("/etc/libvirt/qemu/{}.xml", vm.name));
+    let before = std::fs::read(&cfg).unwrap();
+    let mtime = std::fs::metadata(&cfg).unwrap().modified().unwrap();
+    let out = stdout(&w.must_vts(&["store", &vm.name]));
+    assert!(out.contains("unchanged"), "second store said: {out}");
+    assert!(
+        std::fs::read(&cfg).unwrap() == before,
+        "config XML rewritten"
+    );
+    assert_eq!(std::fs::metadata(&cfg).unwrap().modified().unwrap(), mtime);
+    let json: serde_json::Value =
+        serde_json::from_slice(&w.must_vts(&["store", "--json", &vm.name]).stdout).unwrap();
+    assert_eq!(json["result"], "unchanged", "{json:#}");
+    assert_eq!(json["generation"], 2, "{json:#}");
+
+    // A third state: generation 3 over 2.
+    w.write_secret(&vm, "gen-three");
+    let json: serde_json::Value =
+        serde_json::from_slice(&w.must_vts(&["store", "--json", &vm.name]).stdout).unwrap();
+    assert_eq!(json["result"], "stored", "{json:#}");
+    assert_eq!(json["generation"], 3, "{json:#}");
+    let k = w.show_json(&vm.name, true);
+    assert_eq!(k["parent"], j["digest"], "{k:#}");
+
+    // extract gives the stored permall byte for byte.
+    let (dump, _) = w.dump(&vm.name, "dump.xml", true);
+    let out_dir = w.file("extracted");
+    w.must_vts(&[
+        "extract",
+        "--xml",
+        dump.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let extracted = std::fs::read(out_dir.join("tpm2-00.permall")).expect("extracted permall");
+    assert!(
+        extracted == w.must_permall(&vm),
+        "extracted permall differs"
+    );
+    let out = w.vts(&["verify", &vm.name]);
+    assert!(out.status.success(), "{}", describe(&["verify"], &out));
+
+    // Errors: one line each, documented exit codes.
+    assert_cli_error(&w, &["store", "no-such-vm"], 14);
+    assert_cli_error(&w, &["show", "no-such-vm"], 14);
+    let no_tpm = new_uuid();
+    w.define_xml("notpm.xml", &domain_xml("notpm", &no_tpm, None));
+    assert_cli_error(&w, &["store", "notpm"], 15);
+    let err = assert_cli_error(&w, &["verify", "notpm"], 4);
+    assert!(err.contains("no TPM state element"), "{err}");
+    let bogus = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    assert_cli_error(&w, &["-c", bogus, "store", &vm.name], 13);
+    assert_cli_error(&w, &["-c", bogus, "show", &vm.name], 13);
+
+    // A read-only connection reads, and is refused a write.
+    let out = w.must_vts(&["-r", "show", "--json", &vm.name]);
+    let ro: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ro["generation"], 3, "{ro:#}");
+    w.write_secret(&vm, "gen-four");
+    let err = assert_cli_error(&w, &["-r", "store", &vm.name], 16);
+    assert!(!err.is_empty());
+}
+
+#[test]
+fn host_untouched() {
+    if !require_env("host_untouched") {
+        return;
+    }
+    let check = || {
+        let out = std::process::Command::new(world_sh())
+            .arg("host-check")
+            .output()
+            .expect("world.sh host-check");
+        assert!(out.status.success(), "{}", describe(&["host-check"], &out));
+        stdout(&out)
+    };
+    let before = check();
+    {
+        let w = World::up("host-check");
+        w.install_hook();
+        let vm = Vm::new("hc", Tpm::V2);
+        vm_with_secret(&w, &vm, "host-check");
+        w.start(&vm.name, true);
+        w.destroy(&vm.name);
+    }
+    assert_eq!(check(), before, "the host's libvirt dirs changed");
 }

@@ -1,12 +1,16 @@
 //! Runs every test vector in `fixtures/vectors/` through the reader
-//! (`domain::parse_domain` + `format::decode` + the uuid ownership check) and
-//! asserts the result stated in the vector's first line, exactly.
+//! (`domain::parse_domain` + `format::decode_with_keys`, with the test keys
+//! of `fixtures/vectors/keys/`, + the uuid ownership check) and asserts the
+//! result stated in the vector's first line, exactly.
 //! Regenerate the vectors with `cargo run --example make-vectors`.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use virt_tpm_state::domain::parse_domain;
-use virt_tpm_state::format::{decode, DecodeLimits, NAMESPACE_URI};
+use virt_tpm_state::envelope::{Keyring, SecretKey, KEY_LEN};
+use virt_tpm_state::format::{decode_with_keys, DecodeLimits, NAMESPACE_URI};
 
 /// Fewer vectors than this means the directory lost some: fail.
 const MIN_VECTORS: usize = 30;
@@ -61,8 +65,37 @@ fn variant<E: std::fmt::Debug>(e: &E) -> String {
         .collect()
 }
 
-/// What a format-1 reader makes of a vector.
-fn actual(xml: &[u8]) -> Expect {
+/// The `*.key` files of `fixtures/vectors/keys/`, by name (so oldest first),
+/// each parsed as `statefs::load_keyring` does: one line of standard base64
+/// of 32 bytes.
+fn key_files() -> Vec<(String, SecretKey)> {
+    let dir = vectors_dir().join("keys");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("fixtures/vectors/keys exists")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".key") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let text = std::fs::read_to_string(dir.join(&n)).unwrap();
+            let raw = STANDARD
+                .decode(text.trim())
+                .unwrap_or_else(|_| panic!("{n}: not base64"));
+            let raw = <[u8; KEY_LEN]>::try_from(raw.as_slice())
+                .unwrap_or_else(|_| panic!("{n}: not {KEY_LEN} bytes"));
+            (n, SecretKey::from_bytes(raw))
+        })
+        .collect()
+}
+
+fn test_keyring() -> Keyring {
+    Keyring::new(key_files().into_iter().map(|(_, k)| k).collect())
+}
+
+/// What a format-1 reader holding `keys` makes of a vector.
+fn actual(xml: &[u8], keys: &Keyring) -> Expect {
     let info = match parse_domain(xml, NAMESPACE_URI) {
         Ok(i) => i,
         Err(e) => return Expect::Refused(variant(&e)),
@@ -70,7 +103,7 @@ fn actual(xml: &[u8]) -> Expect {
     let Some(el) = &info.metadata else {
         return Expect::None;
     };
-    let m = match decode(el, DecodeLimits::default()) {
+    let m = match decode_with_keys(el, DecodeLimits::default(), keys) {
         Ok(m) => m,
         Err(e) => return Expect::Refused(variant(&e)),
     };
@@ -90,6 +123,10 @@ fn actual(xml: &[u8]) -> Expect {
     kv.insert("uuid".into(), m.provenance.uuid.to_string());
     kv.insert("version".into(), m.tpm.version.to_string());
     kv.insert("files".into(), files.join(","));
+    if !m.sealed_with.is_empty() {
+        let ids: Vec<&str> = m.sealed_with.iter().map(|k| k.as_str()).collect();
+        kv.insert("key".into(), ids.join(","));
+    }
     Expect::Ok(kv)
 }
 
@@ -105,6 +142,7 @@ fn every_vector_gives_its_stated_result() {
         .filter(|p| p.extension().is_some_and(|x| x == "xml"))
         .collect();
     paths.sort();
+    let keys = test_keyring();
     let mut failures = Vec::new();
     let (mut ok, mut refused, mut none) = (0, 0, 0);
     for p in &paths {
@@ -132,7 +170,7 @@ fn every_vector_gives_its_stated_result() {
         if !class_ok {
             failures.push(format!("{name}: file name does not match {expect:?}"));
         }
-        let got = actual(&bytes);
+        let got = actual(&bytes, &keys);
         if got != expect {
             failures.push(format!(
                 "{name}:\n  expected {expect:?}\n  got      {got:?}"
@@ -205,4 +243,119 @@ printf 'tpm/tpm2-00.permall %s\n' "$(sha256sum < tpm2-00.permall | cut -d' ' -f1
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), kv["digest"]);
+}
+
+/// The test keys are named as `statefs::create_key` names host keys,
+/// `<UTC stamp>-<key id>.key`, with the id derived from the key (FORMAT.md
+/// 2.6), and the newest (last by name) is the one `ok-encrypted` uses.
+#[test]
+fn test_keys_are_named_by_stamp_and_id() {
+    let files = key_files();
+    assert!(files.len() >= 2, "expected an older and a newer test key");
+    for (name, key) in &files {
+        let (stamp, rest) = name.split_once('-').unwrap();
+        assert!(
+            stamp.len() == 16
+                && stamp.as_bytes()[8] == b'T'
+                && stamp.ends_with('Z')
+                && stamp[..8]
+                    .bytes()
+                    .chain(stamp[9..15].bytes())
+                    .all(|b| b.is_ascii_digit()),
+            "{name}: stamp is not YYYYMMDDTHHMMSSZ"
+        );
+        assert_eq!(rest, format!("{}.key", key.id()), "{name}: id");
+    }
+    let ring = test_keyring();
+    let newest = ring.newest().unwrap().0.as_str().to_string();
+    assert!(files.last().unwrap().0.ends_with(&format!("-{newest}.key")));
+    let text = std::fs::read_to_string(vectors_dir().join("ok-encrypted.xml")).unwrap();
+    let Expect::Ok(kv) = parse_header(&text).unwrap() else {
+        panic!("not an ok vector")
+    };
+    assert_eq!(kv["key"], newest);
+}
+
+/// The code block under `### Python: encrypted files` in docs/FORMAT.md.
+fn python_decrypt_example() -> String {
+    let spec =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/FORMAT.md"))
+            .unwrap();
+    let section = spec
+        .split_once("### Python: encrypted files")
+        .expect("FORMAT.md has the encrypted-files Python example")
+        .1;
+    let code = section.split_once("```python\n").unwrap().1;
+    code.split_once("```").unwrap().0.to_string()
+}
+
+/// The spec's decryption example (docs/FORMAT.md section 7), run for real on
+/// the encrypted vectors with the test keys when python3 and its
+/// `cryptography` package are installed.
+#[test]
+fn python_example_decrypts_the_vectors() {
+    let has = std::process::Command::new("python3")
+        .args(["-c", "import cryptography.hazmat.primitives.ciphers.aead"])
+        .output();
+    if !has.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIP: python3 with the cryptography package not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("open_state.py");
+    std::fs::write(&script, python_decrypt_example()).unwrap();
+    let run = |vector: &str| {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .arg(vectors_dir().join(format!("{vector}.xml")))
+            .arg(vectors_dir().join("keys"))
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let mut ran = 0;
+    let mut names: Vec<String> = std::fs::read_dir(vectors_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".xml").map(str::to_string))
+        .filter(|n| n.contains("-encrypted") || n == "ok-tpm2" || n == "ok-tpm12")
+        .collect();
+    names.sort();
+    for name in &names {
+        let text = std::fs::read_to_string(vectors_dir().join(format!("{name}.xml"))).unwrap();
+        let out = run(name);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match parse_header(&text).unwrap() {
+            Expect::Ok(kv) => {
+                assert!(out.status.success(), "{name}: {stderr}");
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    format!("{} {}", kv["version"], kv["digest"]),
+                    "{name}"
+                );
+                for spec in kv["files"].split(',') {
+                    let mut parts = spec.split(':');
+                    let (file, size, sha) = (
+                        parts.next().unwrap(),
+                        parts.next().unwrap(),
+                        parts.next().unwrap(),
+                    );
+                    let data = std::fs::read(dir.path().join(file)).unwrap();
+                    assert_eq!(data.len().to_string(), size, "{name}: {file}");
+                    assert_eq!(
+                        virt_tpm_state::state::Sha256Sum::of(&data).hex(),
+                        sha,
+                        "{name}: {file}"
+                    );
+                    std::fs::remove_file(dir.path().join(file)).unwrap();
+                }
+            }
+            _ => assert!(
+                !out.status.success() && stderr.starts_with("refused: "),
+                "{name}: the example did not refuse it: {stderr}"
+            ),
+        }
+        ran += 1;
+    }
+    assert!(ran >= 12, "only {ran} encrypted vectors");
 }

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::install_panic_hook("virt-tpm-state-hook");
-    let sink = logging::init(
+    logging::init(
         "virt-tpm-state-hook",
         log::LevelFilter::Info,
         log::LevelFilter::Warn,
@@ -23,11 +23,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: libvirt shows it as the reason the operation failed.
-            let line = format!("virt-tpm-state: {e}");
-            if sink == logging::Sink::Syslog {
-                log::error!("{line}");
-            }
-            eprintln!("{line}");
+            logging::report_error(&format!("virt-tpm-state: {e}"));
             ExitCode::from(e.exit_code())
         }
     }

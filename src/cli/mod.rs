@@ -269,9 +269,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if after_stop {
-                log::error!("{e}");
+                // Detached: stderr is /dev/null, syslog is the only reader.
+                crate::logging::report_error(&format!("virt-tpm-state: {e}"));
+            } else {
+                eprintln!("virt-tpm-state: {e}");
             }
-            eprintln!("virt-tpm-state: {e}");
             ExitCode::from(e.exit_code())
         }
     }

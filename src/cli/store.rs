@@ -68,12 +68,63 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
                 .into(),
         });
     }
+    let done = store_domain(
+        ctx,
+        &dom,
+        StoreOptions {
+            allow_plaintext: args.allow_plaintext,
+            ..StoreOptions::default()
+        },
+    )?;
+    if args.after_stop && done.result == "stored" {
+        log::info!("{}", done.line);
+    }
+    report(args, &dom, &done)
+}
+
+/// How [`store_domain`] runs; the defaults are `store`'s.
+#[derive(Default)]
+pub struct StoreOptions {
+    /// Store plaintext when this host has no key.
+    pub allow_plaintext: bool,
+    /// A state the caller already saw settle (the watch daemon reads it
+    /// twice a settle interval apart itself); `None`: read it here.
+    pub settled: Option<TpmState>,
+    /// The watch daemon: a running domain's write always includes the live
+    /// copy, so libvirt refuses it once the domain has stopped (the post-stop
+    /// store owns that state); the sync journal is written only when it
+    /// changes, and only while the state dir still holds the stored state.
+    pub watch: bool,
+}
+
+/// What [`store_domain`] did.
+pub struct StoreDone {
+    /// "stored" or "unchanged".
+    pub result: &'static str,
+    pub m: MetadataState,
+    pub element_bytes: usize,
+    pub targets: Targets,
+    pub state: TpmState,
+    /// The one-line summary `store` prints.
+    pub line: String,
+}
+
+/// The store itself, on a looked-up domain: local state -> metadata (what
+/// `store` does after finding the domain; the watch daemon calls it too).
+pub fn store_domain(
+    ctx: &Ctx,
+    dom: &DomainHandle,
+    opts: StoreOptions,
+) -> Result<StoreDone, CliError> {
     let live_xml = dom.xml()?;
     let live_info = parse_domain(live_xml.as_bytes(), &ctx.config.namespace)?;
     let version = tpm_version_or_explain(&live_info)?;
     let location = state_location(&ctx.paths, &live_info, version)?;
     let host = HostData::new(&ctx.paths);
-    let state = read_settled(ctx, &dom, &location, &host, &live_info, version)?;
+    let state = match opts.settled {
+        Some(s) => s,
+        None => read_settled(ctx, dom, &location, &host, &live_info, version)?,
+    };
     for f in state.files() {
         check_header(&f.data).map_err(|e| CliError::NoTpm {
             name: shown_name(&dom.name),
@@ -104,9 +155,10 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
             .map(|el| decode_with_keys(el, limits, &keys))
     };
     let holds = |i: &DomainInfo| matches!(decoded(i), Some(Ok(m)) if m.digest == digest);
+    let config_needs = config_info.as_ref().is_some_and(|c| !holds(c));
     let targets = Targets {
-        live: dom.active && !holds(&live_info),
-        config: config_info.as_ref().is_some_and(|c| !holds(c)),
+        live: dom.active && (!holds(&live_info) || (opts.watch && config_needs)),
+        config: config_needs,
     };
     let element_holder = config_info.as_ref().unwrap_or(&live_info);
 
@@ -116,22 +168,22 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         let Some(Ok(m)) = decoded(element_holder) else {
             unreachable!("no target to write, yet the definition does not hold the digest")
         };
-        record_synced(ctx, &host, &dom, &state)?;
-        return report(
-            args,
-            &dom,
-            "unchanged",
-            &m,
-            0,
-            targets,
-            &state,
-            format!(
+        if !opts.watch || host.read_synced(&dom.uuid)? != Some(digest) {
+            record_synced(ctx, &host, dom, &state, opts.watch.then_some(&location))?;
+        }
+        return Ok(StoreDone {
+            line: format!(
                 "VM {}: unchanged (generation {}, digest {}): the metadata already holds this state",
                 shown_name(&dom.name),
                 m.provenance.generation,
                 digest.short()
             ),
-        );
+            result: "unchanged",
+            m,
+            element_bytes: 0,
+            targets,
+            state,
+        });
     }
 
     // Keep one provenance for one digest: if a copy (live or config) already
@@ -185,7 +237,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
             },
             vec![key_id.clone()],
         ),
-        None if args.allow_plaintext || ctx.config.allow_plaintext || swtpm_encrypted => {
+        None if opts.allow_plaintext || ctx.config.allow_plaintext || swtpm_encrypted => {
             (Protection::Plain, Vec::new())
         }
         None => {
@@ -219,7 +271,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         &ctx.config.namespace,
         targets,
     )?;
-    record_synced(ctx, &host, &dom, &state)?;
+    record_synced(ctx, &host, dom, &state, opts.watch.then_some(&location))?;
     let m = MetadataState {
         provenance,
         digest,
@@ -239,32 +291,26 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         state.total_size(),
         element.len()
     );
-    if args.after_stop {
-        log::info!("{line}");
-    }
-    report(
-        args,
-        &dom,
-        "stored",
-        &m,
-        element.len(),
+    Ok(StoreDone {
+        result: "stored",
+        m,
+        element_bytes: element.len(),
         targets,
-        &state,
+        state,
         line,
-    )
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    args: &StoreArgs,
-    dom: &DomainHandle,
-    result: &'static str,
-    m: &MetadataState,
-    element_bytes: usize,
-    targets: Targets,
-    state: &TpmState,
-    line: String,
-) -> Result<(), CliError> {
+fn report(args: &StoreArgs, dom: &DomainHandle, done: &StoreDone) -> Result<(), CliError> {
+    let StoreDone {
+        result,
+        m,
+        element_bytes,
+        targets,
+        state,
+        line,
+    } = done;
+    let (result, element_bytes, targets) = (*result, *element_bytes, *targets);
     if args.json {
         let r = StoreResult {
             domain: &dom.name,
@@ -375,13 +421,28 @@ fn read_settled(
     })
 }
 
+/// Records `J` (and the kept copy). With `still_at` (the watch daemon), only
+/// when that state dir still holds `state` under the lock: a domain that
+/// stopped meanwhile has a newer final state, which the hook kept and the
+/// post-stop store records.
 fn record_synced(
     ctx: &Ctx,
     host: &HostData,
     dom: &DomainHandle,
     state: &TpmState,
+    still_at: Option<&StateLocation>,
 ) -> Result<(), CliError> {
     let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
+    if let Some(location) = still_at {
+        let now = location.read(state.version, ctx.config.max_file_size)?;
+        if now.as_ref().map(TpmState::digest) != Some(state.digest()) {
+            log::debug!(
+                "VM {}: the state changed again while it was stored; the sync journal waits for the next store",
+                shown_name(&dom.name)
+            );
+            return Ok(());
+        }
+    }
     host.record_sync(&dom.uuid, state)?;
     Ok(())
 }

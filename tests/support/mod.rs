@@ -369,6 +369,36 @@ impl World {
         out
     }
 
+    /// Names of the host keys in /etc/virt-tpm-state/keys/, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.host_path("/etc/virt-tpm-state/keys"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".key"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Copies this host's keys to `other` (name and mode kept), as a user
+    /// moving VMs between hosts must.
+    pub fn copy_keys_to(&self, other: &World) {
+        use std::os::unix::fs::PermissionsExt;
+        let keys = self.keys();
+        assert!(!keys.is_empty(), "world {} has no host key", self.name);
+        let dst = other.host_path("/etc/virt-tpm-state/keys");
+        std::fs::create_dir_all(&dst).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o700)).unwrap();
+        for k in keys {
+            let from = self.host_path("/etc/virt-tpm-state/keys").join(&k);
+            std::fs::copy(&from, dst.join(&k)).unwrap();
+            std::fs::set_permissions(dst.join(&k), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+
     /// Appends a line to the world's /etc/virt-tpm-state/config.toml.
     pub fn append_config(&self, line: &str) {
         use std::io::Write;
@@ -589,17 +619,13 @@ impl Drop for World {
     }
 }
 
-/// Flips one base64 character in the middle of our element's file text.
+/// Flips one base64 character in the middle of our element's file text
+/// (whatever its `encoding`).
 pub fn corrupt_base64(xml: &str) -> String {
-    let marker = "encoding=\"gzip+base64\">";
-    let start = xml
-        .find(marker)
-        .map(|i| i + marker.len())
-        .or_else(|| {
-            xml.find("encoding='gzip+base64'>")
-                .map(|i| i + "encoding='gzip+base64'>".len())
-        })
-        .expect("no gzip+base64 file element in the XML");
+    let file = xml
+        .find("<vts:file ")
+        .expect("no vts:file element in the XML");
+    let start = file + xml[file..].find('>').expect("unterminated vts:file tag") + 1;
     let end = start + xml[start..].find('<').expect("unterminated file element");
     let text = &xml[start..end];
     // The middle non-whitespace character.
