@@ -1,0 +1,897 @@
+//! `watch`: the per-host daemon that keeps running VMs' metadata in step with
+//! their TPM state, within seconds of a change and with no work at all while
+//! nothing changes.
+//!
+//! Everything is event-driven, in one thread around one `poll(2)`:
+//! - inotify on libvirt's own files finds domains: `/run/libvirt/qemu/<name>.xml`
+//!   (status file: written while a domain starts or changes, removed when it
+//!   stops), `/etc/libvirt/qemu/<name>.xml` (define, undefine, config writes),
+//!   and `/run/libvirt` itself (the daemon's socket appears: libvirtd is back).
+//!   An event names a domain; after a short debounce it is looked up once.
+//! - inotify on each running domain's state dir (`IN_MOVED_TO` /
+//!   `IN_CLOSE_WRITE` of the permall file: swtpm writes a temp file and
+//!   renames it) starts the settle rule of `store`: the state is read at once
+//!   and again `settle_interval_ms` later; when two reads agree it is stored
+//!   through the very code of `store` ([`super::store::store_domain`]).
+//! - a signalfd delivers SIGTERM/SIGINT (stop after the current store) and
+//!   SIGHUP (reload the config).
+//! - timers: settle reads, the reconnect backoff while libvirt is away (1 s
+//!   doubling to 60 s), and the full reconcile every `reconcile_interval_secs`
+//!   (the safety net for anything inotify missed). Nothing else wakes it.
+//!
+//! Stopped domains are never written by the daemon: the hook's post-stop
+//! store owns the final state. A daemon write always includes the live copy,
+//! so libvirt itself refuses it once the domain stopped; see
+//! [`super::store::StoreOptions::watch`].
+//!
+//! It publishes what it knows (pending work, out of sync since when, last
+//! error) in `/run/virt-tpm-state/status.json` for `status`, rewritten only
+//! when that changes.
+
+use super::store::{store_domain, StoreOptions};
+use super::{CliError, Ctx};
+use crate::config::Config;
+use crate::domain::parse_domain;
+use crate::format::read_header;
+use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
+use crate::restore::{domain_tpm_version, shown_name, state_location};
+use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
+use crate::statefs::{create_private_dir_all, write_file_atomically_mode, StateLocation};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::inotify::{self, ReadFlags, WatchFlags};
+use rustix::io::Errno;
+use std::collections::{BTreeMap, HashMap};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// libvirt's runtime dir: its sockets appear here when the daemon starts.
+const RUN_LIBVIRT: &str = "/run/libvirt";
+/// Status files of running QEMU domains.
+const RUN_QEMU: &str = "/run/libvirt/qemu";
+/// Persistent QEMU domain definitions.
+const ETC_QEMU: &str = "/etc/libvirt/qemu";
+/// Sockets whose appearance means libvirt is (back) up.
+const SOCKETS: [&str; 2] = ["libvirt-sock", "virtqemud-sock"];
+/// Debounce of domain-file events (libvirt rewrites a status file several
+/// times while a domain starts).
+const REFRESH_DELAY: Duration = Duration::from_millis(300);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Name of the daemon's status file in the run dir.
+pub const STATUS_FILE: &str = "status.json";
+
+/// What `status` reads: the daemon's view, per domain UUID.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    /// RFC 3339, when this daemon started.
+    pub started: String,
+    /// `None` while connected; else RFC 3339 since when libvirt is unreachable.
+    pub libvirt_unreachable_since: Option<String>,
+    pub domains: BTreeMap<String, DomainStatus>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DomainStatus {
+    pub name: String,
+    /// A change seen and not stored yet (settling, or waiting for libvirt).
+    pub pending: bool,
+    /// RFC 3339: since when the local state is known to differ from the metadata.
+    pub out_of_sync_since: Option<String>,
+    pub last_error: Option<String>,
+    /// RFC 3339 of the daemon's last store of this domain.
+    pub last_stored: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StaticDir {
+    RunLibvirt,
+    RunQemu,
+    EtcQemu,
+}
+
+impl StaticDir {
+    const ALL: [StaticDir; 3] = [StaticDir::RunLibvirt, StaticDir::RunQemu, StaticDir::EtcQemu];
+
+    fn path(self) -> &'static str {
+        match self {
+            StaticDir::RunLibvirt => RUN_LIBVIRT,
+            StaticDir::RunQemu => RUN_QEMU,
+            StaticDir::EtcQemu => ETC_QEMU,
+        }
+    }
+}
+
+/// The settle rule in progress for one domain.
+#[derive(Debug)]
+struct Settle {
+    /// Digest of the previous read (`None`: none yet).
+    prev: Option<Sha256Sum>,
+    due: Instant,
+    reads: u32,
+    warned: bool,
+}
+
+/// A running domain with an emulated TPM.
+struct Watched {
+    name: String,
+    version: TpmVersion,
+    location: StateLocation,
+    wd: Option<i32>,
+    settle: Option<Settle>,
+    status: DomainStatus,
+    /// Looks left for a state dir that did not exist yet.
+    dir_retries: u32,
+}
+
+struct Notify {
+    fd: OwnedFd,
+    buf: Vec<MaybeUninit<u8>>,
+}
+
+struct Event {
+    wd: i32,
+    flags: ReadFlags,
+    name: Option<String>,
+}
+
+impl Notify {
+    fn new() -> std::io::Result<Self> {
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+        Ok(Notify {
+            fd,
+            buf: vec![MaybeUninit::uninit(); 64 * 1024],
+        })
+    }
+
+    fn add(&self, path: &Path, flags: WatchFlags) -> Result<i32, Errno> {
+        inotify::add_watch(&self.fd, path, flags)
+    }
+
+    fn remove(&self, wd: i32) {
+        let _ = inotify::remove_watch(&self.fd, wd);
+    }
+
+    fn drain(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut reader = inotify::Reader::new(&self.fd, &mut self.buf);
+        loop {
+            match reader.next() {
+                Ok(e) => out.push(Event {
+                    wd: e.wd(),
+                    flags: e.events(),
+                    name: e.file_name().map(|n| n.to_string_lossy().into_owned()),
+                }),
+                Err(Errno::INTR) => continue,
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The daemon's whole state.
+struct Daemon {
+    ctx: Ctx,
+    notify: Notify,
+    statics: Vec<(StaticDir, Option<i32>)>,
+    doms: HashMap<DomainUuid, Watched>,
+    by_wd: HashMap<i32, DomainUuid>,
+    /// Domain names to look up, with when.
+    refresh: HashMap<String, Instant>,
+    lv: Option<Rc<Libvirt>>,
+    outage: Option<(Instant, SystemTime)>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    reconcile_at: Instant,
+    started: SystemTime,
+    status_written: Option<String>,
+}
+
+pub fn watch(ctx: Ctx) -> Result<(), CliError> {
+    // Signals are taken through a signalfd: block them first (one thread).
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    mask.thread_block()
+        .map_err(|e| CliError::Usage(format!("cannot block signals: {e}")))?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| CliError::Usage(format!("cannot create a signalfd: {e}")))?;
+    let notify =
+        Notify::new().map_err(|e| CliError::Usage(format!("cannot initialise inotify: {e}")))?;
+    let now = Instant::now();
+    let mut d = Daemon {
+        ctx,
+        notify,
+        statics: StaticDir::ALL.iter().map(|s| (*s, None)).collect(),
+        doms: HashMap::new(),
+        by_wd: HashMap::new(),
+        refresh: HashMap::new(),
+        lv: None,
+        outage: None,
+        backoff: BACKOFF_MIN,
+        retry_at: None,
+        reconcile_at: now,
+        started: SystemTime::now(),
+        status_written: None,
+    };
+    log::info!(
+        "watching {} (settle {} ms, full reconcile every {} s)",
+        d.ctx.uri,
+        d.ctx.config.settle_interval_ms,
+        d.ctx.config.reconcile_interval_secs
+    );
+    d.ensure_static_watches();
+    loop {
+        let timeout = d.next_deadline().map(|t| {
+            let left = t.saturating_duration_since(Instant::now());
+            rustix::fs::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            }
+        });
+        let (sig_ready, ino_ready) = {
+            let mut fds = [
+                PollFd::new(&sfd, PollFlags::IN),
+                PollFd::new(&d.notify.fd, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(CliError::Usage(format!("poll failed: {e}"))),
+            }
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+        };
+        if sig_ready {
+            let mut stop = false;
+            while let Ok(Some(info)) = sfd.read_signal() {
+                match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGHUP) => d.reload(),
+                    Ok(s) => {
+                        log::info!("{s}: stopping");
+                        stop = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            if stop {
+                let pending = d.doms.values().filter(|w| w.settle.is_some()).count();
+                if pending > 0 {
+                    log::info!(
+                        "{pending} change(s) not stored yet; the next start of the daemon (or the post-stop store) picks them up"
+                    );
+                }
+                d.write_status();
+                return Ok(());
+            }
+        }
+        if ino_ready {
+            for ev in d.notify.drain() {
+                d.on_event(ev);
+            }
+        }
+        d.run_timers();
+        d.write_status();
+    }
+}
+
+impl Daemon {
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut t = Some(self.reconcile_at);
+        let mut consider = |x: Instant| {
+            t = Some(t.map_or(x, |y| y.min(x)));
+        };
+        if self.lv.is_none() {
+            if let Some(r) = self.retry_at {
+                consider(r);
+            }
+        }
+        for due in self.refresh.values() {
+            consider(*due);
+        }
+        for w in self.doms.values() {
+            if let Some(s) = &w.settle {
+                consider(s.due);
+            }
+        }
+        t
+    }
+
+    fn reload(&mut self) {
+        match Config::load(&self.ctx.paths) {
+            Ok(c) => {
+                let interval = Duration::from_secs(c.reconcile_interval_secs);
+                self.reconcile_at = self.reconcile_at.min(Instant::now() + interval);
+                self.ctx.config = c;
+                log::info!(
+                    "SIGHUP: configuration reloaded (settle {} ms, reconcile every {} s)",
+                    self.ctx.config.settle_interval_ms,
+                    self.ctx.config.reconcile_interval_secs
+                );
+            }
+            Err(e) => log::error!("SIGHUP: {e}; keeping the previous configuration"),
+        }
+    }
+
+    /// Watches libvirt's directories, those that exist (the others are
+    /// tried again at the next reconcile or when their parent reports them).
+    fn ensure_static_watches(&mut self) {
+        let mask = WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::MOVED_TO
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::CLOSE_WRITE
+            | WatchFlags::ONLYDIR;
+        for i in 0..self.statics.len() {
+            let (kind, wd) = self.statics[i];
+            if wd.is_some() {
+                continue;
+            }
+            match self.notify.add(Path::new(kind.path()), mask) {
+                Ok(wd) => self.statics[i].1 = Some(wd),
+                Err(e) => log::debug!("cannot watch {} yet: {e}", kind.path()),
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        if ev.flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+            log::warn!("inotify queue overflowed; reconciling everything");
+            self.reconcile_at = Instant::now();
+            return;
+        }
+        if let Some(i) = self.statics.iter().position(|(_, wd)| *wd == Some(ev.wd)) {
+            let kind = self.statics[i].0;
+            if ev.flags.contains(ReadFlags::IGNORED) {
+                // The directory went away (libvirt's runtime dir on a restart).
+                self.statics[i].1 = None;
+                return;
+            }
+            let Some(name) = ev.name else { return };
+            match kind {
+                StaticDir::RunLibvirt => {
+                    if name == "qemu" {
+                        self.ensure_static_watches();
+                        self.reconcile_at = Instant::now();
+                    } else if SOCKETS.contains(&name.as_str())
+                        && ev.flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO)
+                    {
+                        // libvirt is (back) up: reconnect now, not at the
+                        // end of the backoff; a stale connection is dropped.
+                        if let Some(lv) = &self.lv {
+                            if !lv.is_alive() {
+                                self.lv = None;
+                            }
+                        }
+                        self.retry_at = Some(Instant::now() + Duration::from_millis(500));
+                        self.backoff = BACKOFF_MIN;
+                    }
+                }
+                StaticDir::RunQemu | StaticDir::EtcQemu => {
+                    if let Some(dom) = name.strip_suffix(".xml") {
+                        if !dom.is_empty() {
+                            self.refresh
+                                .entry(dom.to_string())
+                                .or_insert_with(|| Instant::now() + REFRESH_DELAY);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let Some(uuid) = self.by_wd.get(&ev.wd).cloned() else {
+            return;
+        };
+        if ev.flags.contains(ReadFlags::IGNORED) {
+            // The state dir is gone (the domain stopped and libvirt removed
+            // it, or it was undefined): look the domain up again.
+            self.by_wd.remove(&ev.wd);
+            if let Some(w) = self.doms.get_mut(&uuid) {
+                w.wd = None;
+                let name = w.name.clone();
+                self.refresh.insert(name, Instant::now() + REFRESH_DELAY);
+            }
+            return;
+        }
+        let Some(w) = self.doms.get_mut(&uuid) else {
+            return;
+        };
+        if ev.name.as_deref() == Some(w.version.permall_name()) {
+            log::debug!("VM {}: state file changed", shown_name(&w.name));
+            begin_settle(w, Instant::now());
+        }
+    }
+
+    fn run_timers(&mut self) {
+        let now = Instant::now();
+        if self.lv.is_none() && self.retry_at.is_some_and(|t| t <= now) {
+            let _ = self.libvirt();
+        }
+        let due: Vec<String> = self
+            .refresh
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            if self.lv.is_none() && self.outage.is_some() {
+                // Looked up again by the reconcile after libvirt is back.
+                self.refresh.remove(&name);
+                continue;
+            }
+            self.refresh.remove(&name);
+            self.refresh_name(&name);
+        }
+        if self.reconcile_at <= Instant::now() {
+            self.reconcile();
+        }
+        let due: Vec<DomainUuid> = self
+            .doms
+            .iter()
+            .filter(|(_, w)| w.settle.as_ref().is_some_and(|s| s.due <= Instant::now()))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for uuid in due {
+            self.settle_step(&uuid);
+        }
+    }
+
+    /// The connection, (re)connecting when needed and allowed by the backoff.
+    fn libvirt(&mut self) -> Option<Rc<Libvirt>> {
+        if let Some(lv) = &self.lv {
+            return Some(lv.clone());
+        }
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|t| t > now) {
+            return None;
+        }
+        match Libvirt::connect(&self.ctx.uri, false) {
+            Ok(lv) => {
+                if let Some((since, _)) = self.outage.take() {
+                    log::warn!(
+                        "libvirt reachable again after {} s; reconciling",
+                        since.elapsed().as_secs()
+                    );
+                }
+                self.backoff = BACKOFF_MIN;
+                self.retry_at = None;
+                // Anything may have happened while we were not connected.
+                self.reconcile_at = now;
+                let lv = Rc::new(lv);
+                self.lv = Some(lv.clone());
+                Some(lv)
+            }
+            Err(e) => {
+                if self.outage.is_none() {
+                    log::warn!("libvirt unreachable ({e}); retrying quietly with backoff up to {} s", BACKOFF_MAX.as_secs());
+                    self.outage = Some((now, SystemTime::now()));
+                }
+                self.retry_at = Some(now + self.backoff);
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                None
+            }
+        }
+    }
+
+    /// After a failed call: drop a dead connection (reconnect at once).
+    /// Returns true when the connection was lost.
+    fn check_lost(&mut self, lv: &Libvirt) -> bool {
+        if lv.is_alive() {
+            return false;
+        }
+        log::debug!("the libvirt connection is gone; reconnecting");
+        self.lv = None;
+        self.retry_at = None;
+        true
+    }
+
+    fn reconcile(&mut self) {
+        let interval = Duration::from_secs(self.ctx.config.reconcile_interval_secs);
+        self.reconcile_at = Instant::now() + interval;
+        self.ensure_static_watches();
+        let Some(lv) = self.libvirt() else { return };
+        let handles = match lv.all_domains() {
+            Ok(h) => h,
+            Err(e) => {
+                if !self.check_lost(&lv) {
+                    log::warn!("cannot list domains: {e}");
+                }
+                // Try again soon rather than in a full interval.
+                self.reconcile_at = Instant::now() + BACKOFF_MIN;
+                return;
+            }
+        };
+        let mut running = Vec::new();
+        for h in handles {
+            if h.active {
+                running.push(h.uuid.clone());
+                self.refresh_handle(&lv, h);
+            }
+        }
+        let gone: Vec<DomainUuid> = self
+            .doms
+            .keys()
+            .filter(|u| !running.contains(u))
+            .cloned()
+            .collect();
+        for u in gone {
+            self.forget(&u);
+        }
+        log::debug!("reconciled: {} running domain(s) with an emulated TPM watched", self.doms.len());
+    }
+
+    fn refresh_name(&mut self, name: &str) {
+        let Some(lv) = self.libvirt() else { return };
+        match lv.domain(name) {
+            Ok(h) => {
+                if h.active {
+                    self.refresh_handle(&lv, h);
+                } else {
+                    self.forget(&h.uuid);
+                }
+            }
+            Err(LibvirtError::NoDomain(_)) => {
+                let gone: Vec<DomainUuid> = self
+                    .doms
+                    .iter()
+                    .filter(|(_, w)| w.name == name)
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                for u in gone {
+                    self.forget(&u);
+                }
+            }
+            Err(e) => {
+                if !self.check_lost(&lv) {
+                    log::debug!("cannot look up domain {}: {e}", shown_name(name));
+                }
+            }
+        }
+    }
+
+    /// A running domain: (re)establish its watch, and start the settle rule
+    /// when its local state differs from what its metadata holds.
+    fn refresh_handle(&mut self, lv: &Libvirt, h: DomainHandle) {
+        let ns = self.ctx.config.namespace.clone();
+        let info = match h.xml().map(|x| parse_domain(x.as_bytes(), &ns)) {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => {
+                log::debug!("VM {}: unreadable XML: {e}", shown_name(&h.name));
+                return;
+            }
+            Err(e) => {
+                if !self.check_lost(lv) && !matches!(e, LibvirtError::NoDomain(_)) {
+                    log::debug!("VM {}: {e}", shown_name(&h.name));
+                }
+                return;
+            }
+        };
+        let version = match domain_tpm_version(&info) {
+            Ok(Some(v)) => v,
+            _ => {
+                self.forget(&h.uuid);
+                return;
+            }
+        };
+        let location = match state_location(&self.ctx.paths, &info, version) {
+            Ok(l) => l,
+            Err(e) => {
+                let w = self.doms.get(&h.uuid);
+                if w.and_then(|w| w.status.last_error.as_deref()) != Some(&e.to_string()) {
+                    log::warn!("VM {}: {e}", shown_name(&h.name));
+                }
+                return;
+            }
+        };
+        let config_digest = if h.persistent {
+            match h.inactive_xml().map(|x| parse_domain(x.as_bytes(), &ns)) {
+                Ok(Ok(i)) => Some(header_digest(&i)),
+                _ => Some(None),
+            }
+        } else {
+            None
+        };
+        let live_digest = header_digest(&info);
+        // Keep the entry (and its pending state) when nothing moved.
+        let entry = self.doms.entry(h.uuid.clone()).or_insert_with(|| Watched {
+            name: h.name.clone(),
+            version,
+            location: location.clone(),
+            wd: None,
+            settle: None,
+            status: DomainStatus {
+                name: h.name.clone(),
+                ..DomainStatus::default()
+            },
+            dir_retries: 0,
+        });
+        entry.name = h.name.clone();
+        entry.status.name = h.name.clone();
+        entry.version = version;
+        if entry.location != location {
+            if let Some(wd) = entry.wd.take() {
+                self.notify.remove(wd);
+                self.by_wd.remove(&wd);
+            }
+            entry.location = location.clone();
+        }
+        if entry.wd.is_none() {
+            let mask = WatchFlags::MOVED_TO
+                | WatchFlags::CLOSE_WRITE
+                | WatchFlags::ONLYDIR
+                | WatchFlags::DONT_FOLLOW;
+            match self.notify.add(&location.path(), mask) {
+                Ok(wd) => {
+                    entry.wd = Some(wd);
+                    entry.dir_retries = 0;
+                    self.by_wd.insert(wd, h.uuid.clone());
+                    log::info!(
+                        "VM {}: watching {}",
+                        shown_name(&h.name),
+                        location.path().display()
+                    );
+                }
+                Err(Errno::NOENT) if entry.dir_retries < 5 => {
+                    // Started a moment ago: libvirt creates the dir soon.
+                    entry.dir_retries += 1;
+                    self.refresh
+                        .insert(h.name.clone(), Instant::now() + Duration::from_secs(2));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "VM {}: cannot watch {}: {e}; relying on the periodic reconcile",
+                        shown_name(&h.name),
+                        location.path().display()
+                    );
+                }
+            }
+        }
+        // Compare the local state with the metadata (cheap: attributes only;
+        // the store validates everything before it writes).
+        let local = match location.read(version, self.ctx.config.max_file_size) {
+            Ok(Some(s)) => s.digest(),
+            Ok(None) => return,
+            Err(e) => {
+                log::debug!("VM {}: {e}", shown_name(&h.name));
+                return;
+            }
+        };
+        let live_ok = live_digest == Some(local);
+        let config_ok = config_digest.is_none_or(|c| c == Some(local));
+        if !(live_ok && config_ok) && entry.settle.is_none() {
+            if entry.status.out_of_sync_since.is_none() {
+                let since = std::fs::metadata(location.path().join(version.permall_name()))
+                    .and_then(|m| m.modified())
+                    .unwrap_or_else(|_| SystemTime::now());
+                entry.status.out_of_sync_since = Some(rfc3339(since));
+            }
+            log::debug!(
+                "VM {}: local state {} is not in the metadata; settling",
+                shown_name(&h.name),
+                local.short()
+            );
+            begin_settle(entry, Instant::now());
+        } else if live_ok && config_ok {
+            entry.status.out_of_sync_since = None;
+        }
+    }
+
+    fn forget(&mut self, uuid: &DomainUuid) {
+        if let Some(w) = self.doms.remove(uuid) {
+            if let Some(wd) = w.wd {
+                self.notify.remove(wd);
+                self.by_wd.remove(&wd);
+            }
+            log::info!(
+                "VM {}: no longer running here; not watched (a stop is stored by the post-stop store)",
+                shown_name(&w.name)
+            );
+        }
+    }
+
+    /// One step of the settle rule: read; two equal reads in a row store.
+    fn settle_step(&mut self, uuid: &DomainUuid) {
+        let interval = Duration::from_millis(self.ctx.config.settle_interval_ms);
+        let attempts = self.ctx.config.settle_attempts;
+        let max = self.ctx.config.max_file_size;
+        let Some(w) = self.doms.get_mut(uuid) else {
+            return;
+        };
+        let state = match w.location.read(w.version, max) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                w.settle = None;
+                return;
+            }
+            Err(e) => {
+                note_error(w, &e.to_string());
+                w.settle = None;
+                return;
+            }
+        };
+        let digest = state.digest();
+        let s = w.settle.as_mut().expect("settling");
+        if s.prev != Some(digest) {
+            s.prev = Some(digest);
+            s.reads += 1;
+            s.due = Instant::now() + interval;
+            if s.reads > attempts && !s.warned {
+                s.warned = true;
+                log::warn!(
+                    "VM {}: the TPM state is still changing after {} reads {} ms apart; storing once it settles",
+                    shown_name(&w.name),
+                    attempts,
+                    interval.as_millis()
+                );
+            }
+            return;
+        }
+        self.store(uuid, state);
+    }
+
+    fn store(&mut self, uuid: &DomainUuid, state: TpmState) {
+        let Some(lv) = self.libvirt() else {
+            // Stays out of sync; the reconcile after reconnecting resumes it.
+            if let Some(w) = self.doms.get_mut(uuid) {
+                w.settle = None;
+            }
+            return;
+        };
+        let mut dom = match lv.domain(uuid.as_str()) {
+            Ok(d) => d,
+            Err(LibvirtError::NoDomain(_)) => {
+                self.forget(uuid);
+                return;
+            }
+            Err(e) => {
+                if !self.check_lost(&lv) {
+                    if let Some(w) = self.doms.get_mut(uuid) {
+                        note_error(w, &e.to_string());
+                    }
+                }
+                if let Some(w) = self.doms.get_mut(uuid) {
+                    w.settle = None;
+                }
+                return;
+            }
+        };
+        if !dom.active {
+            self.forget(uuid);
+            return;
+        }
+        let res = store_domain(
+            &self.ctx,
+            &dom,
+            StoreOptions {
+                settled: Some(state),
+                watch: true,
+                ..StoreOptions::default()
+            },
+        );
+        match res {
+            Ok(done) => {
+                let Some(w) = self.doms.get_mut(uuid) else {
+                    return;
+                };
+                w.settle = None;
+                w.status.out_of_sync_since = None;
+                w.status.last_error = None;
+                if done.result == "stored" {
+                    w.status.last_stored = Some(rfc3339(SystemTime::now()));
+                    log::info!("{}", done.line);
+                } else {
+                    log::debug!("{}", done.line);
+                }
+            }
+            Err(e) => {
+                let lost = self.check_lost(&lv);
+                let stopped = !lost && dom.refresh().is_ok_and(|()| !dom.active);
+                if stopped {
+                    log::info!(
+                        "VM {}: stopped while its state was stored; the post-stop store has the final state",
+                        shown_name(&dom.name)
+                    );
+                    self.forget(uuid);
+                    return;
+                }
+                if let Some(w) = self.doms.get_mut(uuid) {
+                    w.settle = None;
+                    if !lost {
+                        note_error(w, &e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            pid: std::process::id(),
+            started: rfc3339(self.started),
+            libvirt_unreachable_since: self.outage.map(|(_, t)| rfc3339(t)),
+            domains: self
+                .doms
+                .iter()
+                .map(|(u, w)| {
+                    let mut s = w.status.clone();
+                    s.pending = w.settle.is_some();
+                    if s.pending && s.out_of_sync_since.is_none() {
+                        s.out_of_sync_since = Some(rfc3339(SystemTime::now()));
+                    }
+                    (u.to_string(), s)
+                })
+                .collect(),
+        }
+    }
+
+    /// Publishes the status for `status`, only when it changed.
+    fn write_status(&mut self) {
+        let text = serde_json::to_string_pretty(&self.status()).expect("serializable") + "\n";
+        if self.status_written.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        let dir = self.ctx.paths.run_dir();
+        let res = create_private_dir_all(&dir)
+            .and_then(|()| write_file_atomically_mode(&dir, STATUS_FILE, text.as_bytes(), 0o644));
+        match res {
+            Ok(()) => self.status_written = Some(text),
+            Err(e) => {
+                // Not retried until the status changes again: no error loop.
+                log::warn!("cannot write the status file: {e}");
+                self.status_written = Some(text);
+            }
+        }
+    }
+}
+
+/// Starts (or restarts) the settle rule: first read right away.
+fn begin_settle(w: &mut Watched, now: Instant) {
+    if w.settle.is_none() {
+        w.settle = Some(Settle {
+            prev: None,
+            due: now,
+            reads: 0,
+            warned: false,
+        });
+        if w.status.out_of_sync_since.is_none() {
+            w.status.out_of_sync_since = Some(rfc3339(SystemTime::now()));
+        }
+    }
+}
+
+/// Logs an error once per distinct message per domain (no error loops).
+fn note_error(w: &mut Watched, msg: &str) {
+    if w.status.last_error.as_deref() != Some(msg) {
+        log::error!("{msg}");
+        w.status.last_error = Some(msg.to_string());
+    }
+}
+
+/// The `digest` attribute of the domain's element (not validated).
+fn header_digest(info: &crate::domain::DomainInfo) -> Option<Sha256Sum> {
+    info.metadata
+        .as_ref()
+        .and_then(|el| read_header(el).ok())
+        .map(|(_, d)| d)
+}
+
+/// Reads the daemon's status file, if a live daemon wrote it.
+pub fn read_daemon_status(ctx: &Ctx) -> Option<DaemonStatus> {
+    let path: PathBuf = ctx.paths.run_dir().join(STATUS_FILE);
+    let text = std::fs::read_to_string(path).ok()?;
+    let s: DaemonStatus = serde_json::from_str(&text).ok()?;
+    let alive = rustix::process::Pid::from_raw(s.pid as i32)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+    let ours = std::fs::read_to_string(format!("/proc/{}/cmdline", s.pid))
+        .is_ok_and(|c| c.split('\0').any(|a| a == "watch"));
+    (alive && ours).then_some(s)
+}
