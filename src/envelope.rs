@@ -128,7 +128,7 @@ pub struct Sealed {
 pub enum OpenError {
     #[error("the wrapped data key has the wrong length")]
     BadWrappedKey,
-    #[error("the key does not open it: a wrong key, or the blob, its nonce, its file name or the domain uuid was altered")]
+    #[error("the key does not open the wrapped data key: a wrong key, or the wrapped key, the file name, the key id or the domain uuid was altered")]
     WrongKeyOrTampered,
     #[error("the data does not open with its key: the ciphertext or its nonce was altered")]
     Tampered,

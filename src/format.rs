@@ -112,7 +112,7 @@ pub enum FormatError {
     DuplicateFile(String),
     #[error("the <tpm> section holds no file")]
     NoFiles,
-    #[error("file {0:?}: encoding {1:?} is not supported (this version reads gzip+base64)")]
+    #[error("file {0:?}: encoding {1:?} is not supported (this version reads gzip+base64 and gzip+chacha20poly1305+base64); upgrade virt-tpm-state")]
     UnknownEncoding(String, String),
     #[error("file {0:?}: the base64 text is invalid")]
     BadBase64(String),
@@ -138,7 +138,7 @@ pub enum FormatError {
     BadSwtpmHeader { name: String, source: HeaderError },
     #[error("digest is {declared}…, but the files hash to {actual}…")]
     DigestMismatch { declared: String, actual: String },
-    #[error("file {name:?} is encrypted with key {key_id}, which this host does not have (in /etc/virt-tpm-state/keys/); copy that key from a host that has it")]
+    #[error("file {name:?} is encrypted with key {key_id}, which this host does not have in its keys directory (/etc/virt-tpm-state/keys/); copy that key from a host that has it")]
     MissingKey { name: String, key_id: KeyId },
     #[error("file {name:?} does not decrypt with key {key_id}: {source}")]
     Decrypt {

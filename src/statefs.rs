@@ -999,6 +999,19 @@ pub fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
         let path = dir_path.join(&name);
         let st = statat(&dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| io_err("stat", &path, e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(FsError::Unsafe {
+                path,
+                what: "a key file that is a symlink or not a regular file",
+            });
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if st.st_uid != 0 && st.st_uid != me {
+            return Err(FsError::Unsafe {
+                path,
+                what: "a key file owned by another user (chown root it)",
+            });
+        }
         if st.st_mode & 0o077 != 0 {
             return Err(FsError::Unsafe {
                 path,

@@ -129,8 +129,15 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     let limits = DecodeLimits {
         max_file_size: ctx.config.max_file_size,
     };
-    // Without root the keys are unreadable; show what can be shown.
-    let keys = load_keyring(&ctx.paths).unwrap_or_default();
+    // Without root the keys are unreadable; show what can be shown, and say
+    // why when the keys exist but cannot be used.
+    let keys = match load_keyring(&ctx.paths) {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!("host keys not loaded: {e}");
+            Default::default()
+        }
+    };
     let decoded = info
         .metadata
         .as_ref()
