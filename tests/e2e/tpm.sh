@@ -62,12 +62,13 @@ start_swtpm() {
             PORT=$p
             CTRL_PORT=$((p + 1))
             export TPM2TOOLS_TCTI="swtpm:host=127.0.0.1,port=$PORT"
-            # wait until the data port answers
-            for ((i = 0; i < 50; i++)); do
-                port_busy "$PORT" && return 0
+            # wait until both ports listen (a busy machine can take seconds)
+            for ((i = 0; i < 200; i++)); do
+                port_busy "$PORT" && port_busy "$CTRL_PORT" && return 0
                 sleep 0.05
             done
-            return 0
+            cat "$log" >&2 || true
+            die "swtpm on $dir does not listen on ports $PORT/$CTRL_PORT after 10s"
         fi
     done
     cat "$log" >&2 || true
@@ -88,8 +89,11 @@ stop_swtpm() {
 }
 
 # (tpm2_nvreadpublic of an undefined index segfaults in tpm2-tools 5.4: ask getcap first)
+# A failing tpm2_getcap is an error, not "undefined".
 nv_defined() {
-    tpm2_getcap handles-nv-index | grep -qi "^- *${NV_INDEX}\$"
+    local caps
+    caps=$(tpm2_getcap handles-nv-index) || die "tpm2_getcap handles-nv-index failed (TCTI $TPM2TOOLS_TCTI)"
+    grep -qi "^- *${NV_INDEX}\$" <<<"$caps"
 }
 
 state_ver() { # STATEDIR [--tpm1 given] -> 2.0|1.2
