@@ -18,4 +18,6 @@ status=${PIPESTATUS[0]}
 set -e
 echo "==> summary"
 grep -E '^(test result:|     Running )' target/test-output.log | sed 's/^/    /'
+awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f }' target/test-output.log
 exit "$status"
