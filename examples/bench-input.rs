@@ -58,7 +58,7 @@ fn element(template: &str, permall: &str, style: Style) -> String {
         stored: "2026-01-01T00:00:00Z".into(),
         host: "bench-host".into(),
     };
-    encode(&tpm, &provenance, style)
+    encode(&tpm.into(), &provenance, style)
 }
 
 /// Another application's metadata, about `bytes` long (compressible text,

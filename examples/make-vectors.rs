@@ -22,7 +22,7 @@ use virt_tpm_state::format::{
     digest_of_sums, encode, encode_with, gzip_deterministic, Protection, Provenance, Style,
     NAMESPACE_URI,
 };
-use virt_tpm_state::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use virt_tpm_state::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::{check_header, synthetic_blob};
 
 const UUID: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
@@ -94,14 +94,23 @@ fn provenance(uuid: &str) -> Provenance {
     }
 }
 
-fn state(version: TpmVersion, data: Vec<u8>) -> TpmState {
-    TpmState::new(
+fn state(version: TpmVersion, data: Vec<u8>) -> MachineState {
+    MachineState::from(TpmState::new(
         version,
         vec![StateFile {
             name: version.permall_name().into(),
             data,
         }],
-    )
+    ))
+}
+
+/// A synthetic OVMF-like variable store of the 4 MiB build's size (540672
+/// bytes): deterministic pseudo-random variable data, then erased flash
+/// (0xff), which is what makes real stores compress to a few KiB.
+fn vars_payload() -> Vec<u8> {
+    let mut v = stream("virt-tpm-state TEST vector nvram", 6000);
+    v.resize(540672, 0xff);
+    v
 }
 
 /// Wraps an element in a minimal domain XML, after the expectation comment.
@@ -124,24 +133,27 @@ fn domain_with_uuid(expect: &str, version: TpmVersion, element: &str, uuid: &str
     )
 }
 
-fn ok_expect(s: &TpmState, p: &Provenance) -> String {
-    let files: Vec<String> = s
-        .files()
+fn ok_expect(s: &MachineState, p: &Provenance) -> String {
+    let mut sections = s.sections();
+    sections.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    let files: Vec<String> = sections
         .iter()
-        .map(|f| format!("{}:{}:{}", f.name, f.data.len(), f.sha256()))
+        .map(|(_, f)| format!("{}:{}:{}", f.name, f.data.len(), f.sha256()))
         .collect();
     format!(
         "ok digest={} generation={} uuid={} version={} files={}",
         s.digest(),
         p.generation,
         p.uuid,
-        s.version,
+        s.tpm
+            .as_ref()
+            .map_or("none".to_string(), |t| t.version.to_string()),
         files.join(",")
     )
 }
 
 /// [`ok_expect`] for a state sealed with `key`: adds `key=ID`.
-fn ok_sealed_expect(s: &TpmState, p: &Provenance, key: &SecretKey) -> String {
+fn ok_sealed_expect(s: &MachineState, p: &Provenance, key: &SecretKey) -> String {
     format!("{} key={}", ok_expect(s, p), key.id())
 }
 
@@ -191,7 +203,7 @@ fn counter_fill(seed: &str) -> impl FnMut(&mut [u8]) {
 
 /// `encode` sealed with `key` (`gzip+chacha20poly1305+base64`), its data
 /// keys and nonces drawn from [`counter_fill`]`(seed)`.
-fn sealed(s: &TpmState, p: &Provenance, key: &SecretKey, seed: &str) -> String {
+fn sealed(s: &MachineState, p: &Provenance, key: &SecretKey, seed: &str) -> String {
     let key_id = key.id();
     let mut fill = counter_fill(seed);
     encode_with(
@@ -267,7 +279,7 @@ fn main() {
     let ok12 = ok_expect(&s12, &prov);
     let v2 = TpmVersion::V2_0;
     let b64 = b64_of(&el2).to_string();
-    let sha2 = s2.files()[0].sha256().hex();
+    let sha2 = s2.sections()[0].1.sha256().hex();
     let digest2 = s2.digest().hex();
 
     let mut vectors: Vec<(&str, String)> = Vec::new();
@@ -541,9 +553,21 @@ fn main() {
         );
     }
     add(
-        "refused-unknown-section-nvram",
+        "refused-unknown-section",
         domain(
             "refused UnknownSection",
+            v2,
+            &replace_once(
+                &el2,
+                "</vts:tpm>\n",
+                "</vts:tpm>\n  <vts:cmos version=\"1\"/>\n",
+            ),
+        ),
+    );
+    add(
+        "refused-nvram-no-file",
+        domain(
+            "refused NoFiles",
             v2,
             &replace_once(
                 &el2,
@@ -552,6 +576,47 @@ fn main() {
             ),
         ),
     );
+
+    // ------------------------------------------------------------- nvram
+    let vars = vars_payload();
+    let s2n = MachineState::new(s2.tpm.clone(), Some(vars.clone()));
+    let sn = MachineState::new(None, Some(vars.clone()));
+    let el2n = encode(&s2n, &prov, Style::Standalone);
+    add("ok-tpm2-nvram", domain(&ok_expect(&s2n, &prov), v2, &el2n));
+    add(
+        "ok-nvram-only",
+        domain(
+            &ok_expect(&sn, &prov),
+            v2,
+            &encode(&sn, &prov, Style::Standalone),
+        ),
+    );
+    add(
+        "refused-nvram-name-other",
+        domain(
+            "refused NvramFileNameNotAllowed",
+            v2,
+            &replace_once(&el2n, "name=\"VARS.fd\"", "name=\"OVMF_VARS.fd\""),
+        ),
+    );
+    {
+        let start = el2n.find("  <vts:nvram>").unwrap();
+        let end = el2n.find("</vts:nvram>\n").unwrap() + "</vts:nvram>\n".len();
+        let e = format!("{}{}{}", &el2n[..end], &el2n[start..end], &el2n[end..]);
+        add(
+            "refused-two-nvram-sections",
+            domain("refused DuplicateNvramSection", v2, &e),
+        );
+    }
+    {
+        // The VARS file moved into the <tpm> section: refused by name there.
+        let e = replace_once(&el2n, "</vts:tpm>\n  <vts:nvram>\n", "");
+        let e = replace_once(&e, "</vts:nvram>", "</vts:tpm>");
+        add(
+            "refused-nvram-file-in-tpm-section",
+            domain("refused FileNameNotAllowed", v2, &e),
+        );
+    }
     {
         let start = el2.find("  <vts:tpm ").unwrap();
         let end = el2.find("</vts:tpm>\n").unwrap() + "</vts:tpm>\n".len();
@@ -611,6 +676,17 @@ fn main() {
         ],
     );
     let enc2 = sealed(&s2, &prov, &new_key, "ok-encrypted");
+    {
+        let s2n = MachineState::new(s2.tpm.clone(), Some(vars_payload()));
+        add(
+            "ok-encrypted-nvram",
+            domain(
+                &ok_sealed_expect(&s2n, &prov, &new_key),
+                v2,
+                &sealed(&s2n, &prov, &new_key, "ok-encrypted-nvram"),
+            ),
+        );
+    }
     add(
         "ok-encrypted",
         domain(&ok_sealed_expect(&s2, &prov, &new_key), v2, &enc2),

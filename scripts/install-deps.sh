@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
-    qemu-system-x86 ovmf python3 libxml2-utils
+    qemu-system-x86 ovmf python3 python3-pip libxml2-utils
     hyperfine time xz-utils
 )
 
@@ -43,3 +43,19 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+# From PyPI, only when missing: virt-firmware (virt-fw-vars; tests/nvram.rs
+# edits an OVMF variable store with it) and cryptography (tests/vectors.rs
+# runs the spec's Python decryption example).
+pip_install() {
+    python3 -m pip install --quiet "$@" 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages "$@"
+}
+if ! command -v virt-fw-vars >/dev/null; then
+    echo "==> installing virt-firmware (virt-fw-vars) with pip"
+    pip_install virt-firmware
+fi
+if ! python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' 2>/dev/null; then
+    echo "==> installing cryptography with pip"
+    pip_install cryptography
+fi

@@ -38,6 +38,12 @@ pub struct Config {
     /// who can read the domain XML (by default every local user, through a
     /// read-only connection) can then read the TPM's secrets.
     pub allow_plaintext: bool,
+    /// Carry the domain's UEFI variable store (its `<nvram>` file) in the
+    /// element beside the TPM state.
+    pub nvram: bool,
+    /// Also carry the variable store of UEFI domains without an emulated
+    /// TPM (the element then holds NVRAM only).
+    pub nvram_without_tpm: bool,
     /// `watch`: seconds between full reconciles (a safety net for anything
     /// inotify missed; between them an idle host costs nothing).
     pub reconcile_interval_secs: u64,
@@ -59,6 +65,8 @@ impl Default for Config {
             settle_attempts: 10,
             lock_timeout_secs: 30,
             allow_plaintext: false,
+            nvram: true,
+            nvram_without_tpm: false,
             reconcile_interval_secs: 300,
             status_max_lag_secs: 600,
         }

@@ -88,12 +88,69 @@ impl TpmDevice {
     }
 }
 
+/// The firmware facts of `<os>` that decide whether the domain has a UEFI
+/// variable store (NVRAM) and where.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OsFirmware {
+    /// `<os firmware='efi'>` (firmware autoselection).
+    pub efi: bool,
+    /// `<loader type='pflash'>`.
+    pub pflash: bool,
+    /// `<loader stateless='yes'>`: no variable store at all.
+    pub stateless: bool,
+    /// `<nvram>`, if present: its `type` attribute and its path (the text,
+    /// or `<source file=...>` for `type='file'`).
+    pub nvram: Option<NvramElement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NvramElement {
+    pub kind: Option<String>,
+    pub path: String,
+}
+
+/// Where a domain keeps its UEFI variable store, as the XML says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NvramSpec {
+    /// UEFI without a path in the XML: libvirt's default,
+    /// `/var/lib/libvirt/qemu/nvram/<name>_VARS.fd` (the XML of `prepare`
+    /// with firmware autoselection has no path yet).
+    Default,
+    /// `<nvram>PATH</nvram>` or `<nvram type='file'><source file=PATH/>`:
+    /// not validated yet.
+    Path(String),
+    /// `<nvram type='network'|'block'|...>`: not a file this tool carries.
+    Unsupported(String),
+}
+
+impl OsFirmware {
+    /// The variable store the domain has, if any.
+    pub fn nvram(&self) -> Option<NvramSpec> {
+        if self.stateless {
+            return None;
+        }
+        if let Some(n) = &self.nvram {
+            match n.kind.as_deref() {
+                None | Some("file") => {}
+                Some(other) => return Some(NvramSpec::Unsupported(other.to_string())),
+            }
+            let path = n.path.trim();
+            if !path.is_empty() {
+                return Some(NvramSpec::Path(path.to_string()));
+            }
+        }
+        (self.efi || self.pflash || self.nvram.is_some()).then_some(NvramSpec::Default)
+    }
+}
+
 /// What the tool needs from a domain XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainInfo {
     pub name: String,
     pub uuid: DomainUuid,
     pub tpms: Vec<TpmDevice>,
+    /// `<os>`: UEFI firmware and its variable store.
+    pub os: OsFirmware,
     /// Our element (namespace [`crate::format::NAMESPACE_URI`]), if present.
     pub metadata: Option<XmlElement>,
 }
@@ -145,6 +202,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
     let mut uuid_text: Option<String> = None;
     let mut tpms: Vec<TpmDevice> = Vec::new();
     let mut metadata: Vec<XmlElement> = Vec::new();
+    let mut os = OsFirmware::default();
     // Open elements of our metadata subtree while inside it.
     let mut kept_stack: Vec<XmlElement> = Vec::new();
     let mut kept_count = 0usize;
@@ -195,6 +253,25 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                     text_target = Some("name");
                 } else if depth == 1 && local == "uuid" {
                     text_target = Some("uuid");
+                } else if depth == 1 && local == "os" {
+                    let attrs = attributes(&e, &reader)?;
+                    os.efi = find(&attrs, "firmware").as_deref() == Some("efi");
+                } else if depth == 2 && path[1] == "os" && local == "loader" {
+                    let attrs = attributes(&e, &reader)?;
+                    os.pflash = find(&attrs, "type").as_deref() == Some("pflash");
+                    os.stateless = find(&attrs, "stateless").as_deref() == Some("yes");
+                } else if depth == 2 && path[1] == "os" && local == "nvram" {
+                    let attrs = attributes(&e, &reader)?;
+                    os.nvram = Some(NvramElement {
+                        kind: find(&attrs, "type"),
+                        path: String::new(),
+                    });
+                    text_target = Some("nvram");
+                } else if depth == 3 && path[1] == "os" && path[2] == "nvram" && local == "source" {
+                    let attrs = attributes(&e, &reader)?;
+                    if let (Some(n), Some(file)) = (os.nvram.as_mut(), find(&attrs, "file")) {
+                        n.path = file;
+                    }
                 } else if depth == 2 && path[1] == "devices" && local == "tpm" {
                     let attrs = attributes(&e, &reader)?;
                     tpms.push(TpmDevice {
@@ -253,6 +330,14 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                 let text = t.unescape().map_err(malformed)?;
                 if let Some(top) = kept_stack.last_mut() {
                     top.text.push_str(&text);
+                } else if text_target == Some("nvram") {
+                    if let Some(n) = os.nvram.as_mut() {
+                        // Text of a `type='file'` element with <source> is
+                        // whitespace only; a path is the element's text.
+                        if !text.trim().is_empty() {
+                            n.path.push_str(&text);
+                        }
+                    }
                 } else if let Some(target) = text_target {
                     let slot = if target == "name" {
                         &mut name
@@ -295,6 +380,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
         name,
         uuid,
         tpms,
+        os,
         metadata: metadata.pop(),
     })
 }
@@ -462,6 +548,42 @@ mod tests {
             parse_domain(xml.as_bytes(), NS),
             Err(DomainXmlError::DuplicateMetadata(2, _))
         ));
+    }
+
+    #[test]
+    fn nvram_specs() {
+        let os = |inner: &str| {
+            parse_domain(domain(inner).as_bytes(), NS)
+                .unwrap()
+                .os
+                .nvram()
+        };
+        assert_eq!(os("<os><type>hvm</type></os>"), None);
+        assert_eq!(
+            os("<os firmware='efi'><type>hvm</type></os>"),
+            Some(NvramSpec::Default)
+        );
+        assert_eq!(
+            os("<os><loader type='pflash'>/c.fd</loader><nvram template='/t.fd'/></os>"),
+            Some(NvramSpec::Default)
+        );
+        assert_eq!(
+            os("<os><loader type='pflash'>/c.fd</loader><nvram template='/t.fd'>/var/lib/libvirt/qemu/nvram/v_VARS.fd</nvram></os>"),
+            Some(NvramSpec::Path("/var/lib/libvirt/qemu/nvram/v_VARS.fd".into()))
+        );
+        assert_eq!(
+            os("<os firmware='efi'><nvram type='file'>\n <source file='/srv/v.fd'/>\n</nvram></os>"),
+            Some(NvramSpec::Path("/srv/v.fd".into()))
+        );
+        assert_eq!(
+            os("<os firmware='efi'><nvram type='network'><source protocol='iscsi' name='x'/></nvram></os>"),
+            Some(NvramSpec::Unsupported("network".into()))
+        );
+        assert_eq!(
+            os("<os firmware='efi'><loader stateless='yes'/></os>"),
+            None
+        );
+        assert_eq!(os("<os><loader type='rom'>/bios.bin</loader></os>"), None);
     }
 
     #[test]

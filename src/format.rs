@@ -7,7 +7,9 @@ use crate::domain::XmlElement;
 use crate::envelope::{
     open, os_random, seal, KeyId, Keyring, OpenError, Sealed, SecretKey, NONCE_LEN,
 };
-use crate::state::{state_digest, DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use crate::state::{
+    state_digest, DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
+};
 use crate::swtpm::{check_header, HeaderError};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -23,7 +25,8 @@ pub const ENCODING_GZIP_BASE64: &str = "gzip+base64";
 /// Envelope-encrypted gzip (docs/FORMAT.md, "Encrypted files").
 pub const ENCODING_SEALED: &str = "gzip+chacha20poly1305+base64";
 /// Default cap on one decompressed file: far above a real permall (~6 KiB,
-/// tens of KiB with many NV indices), far below what hurts the host.
+/// tens of KiB with many NV indices) and an x86 OVMF VARS store (128 KiB or
+/// 528 KiB), far below what hurts the host.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;
 
 /// Who stored a state, when, and over what: everything in the element but
@@ -57,7 +60,8 @@ impl serde::Serialize for Sha256Sum {
 pub struct MetadataState {
     pub provenance: Provenance,
     pub digest: Sha256Sum,
-    pub tpm: TpmState,
+    /// The sections: a TPM state, a UEFI variable store, or both.
+    pub state: MachineState,
     /// Host keys the files were sealed with (empty: plaintext).
     pub sealed_with: Vec<KeyId>,
 }
@@ -96,10 +100,12 @@ pub enum FormatError {
     },
     #[error("unknown section <{0}>; a newer virt-tpm-state wrote it, upgrade to read it")]
     UnknownSection(String),
-    #[error("no <tpm> section")]
-    NoTpmSection,
+    #[error("no <tpm> or <nvram> section")]
+    NoSection,
     #[error("more than one <tpm> section")]
     DuplicateTpmSection,
+    #[error("more than one <nvram> section")]
+    DuplicateNvramSection,
     #[error("TPM version {0:?} is not 1.2 or 2.0")]
     BadTpmVersion(String),
     #[error("file name {name:?} is not allowed for a TPM {version} state (allowed: {allowed})")]
@@ -108,10 +114,12 @@ pub enum FormatError {
         version: TpmVersion,
         allowed: String,
     },
+    #[error("file name {0:?} is not allowed in the <nvram> section (allowed: VARS.fd)")]
+    NvramFileNameNotAllowed(String),
     #[error("file {0:?} appears twice")]
     DuplicateFile(String),
-    #[error("the <tpm> section holds no file")]
-    NoFiles,
+    #[error("the <{0}> section holds no file")]
+    NoFiles(&'static str),
     #[error("file {0:?}: encoding {1:?} is not supported (this version reads gzip+base64 and gzip+chacha20poly1305+base64); upgrade virt-tpm-state")]
     UnknownEncoding(String, String),
     #[error("file {0:?}: the base64 text is invalid")]
@@ -187,21 +195,21 @@ pub enum Protection<'a> {
     },
 }
 
-/// Encodes `tpm` as a format v1 element, in plaintext.
-pub fn encode(tpm: &TpmState, provenance: &Provenance, style: Style) -> String {
-    encode_with(tpm, provenance, style, Protection::Plain)
+/// Encodes `state` as a format v1 element, in plaintext.
+pub fn encode(state: &MachineState, provenance: &Provenance, style: Style) -> String {
+    encode_with(state, provenance, style, Protection::Plain)
 }
 
-/// Encodes `tpm` sealed with host key `key` (random nonces and data keys).
+/// Encodes `state` sealed with host key `key` (random nonces and data keys).
 pub fn encode_sealed(
-    tpm: &TpmState,
+    state: &MachineState,
     provenance: &Provenance,
     style: Style,
     key_id: &KeyId,
     key: &SecretKey,
 ) -> String {
     encode_with(
-        tpm,
+        state,
         provenance,
         style,
         Protection::Sealed {
@@ -213,7 +221,7 @@ pub fn encode_sealed(
 }
 
 pub fn encode_with(
-    tpm: &TpmState,
+    state: &MachineState,
     provenance: &Provenance,
     style: Style,
     mut protection: Protection<'_>,
@@ -237,46 +245,57 @@ pub fn encode_with(
         "<{p}state{xmlns} format=\"{FORMAT_VERSION}\" uuid=\"{}\" generation=\"{}\" digest=\"{}\" parent=\"{}\" stored=\"{}\" host=\"{}\">{nl}",
         provenance.uuid,
         provenance.generation,
-        tpm.digest().hex(),
+        state.digest().hex(),
         parent,
         escape(provenance.stored.as_str()),
         escape(provenance.host.as_str()),
     );
-    out.push_str(&format!("{i1}<{p}tpm version=\"{}\">{nl}", tpm.version));
-    for f in tpm.files() {
-        let gz = gzip_deterministic(&f.data);
-        let (encoding, extra, payload) = match &mut protection {
-            Protection::Plain => (ENCODING_GZIP_BASE64, String::new(), gz),
-            Protection::Sealed { key_id, key, fill } => {
-                let sealed = seal(
-                    &gz,
-                    provenance.uuid.as_str(),
-                    &format!("tpm/{}", f.name),
-                    key_id,
-                    key,
-                    *fill,
-                );
-                (
-                    ENCODING_SEALED,
-                    format!(
-                        " key=\"{}\" wrapped-key=\"{}\" nonce=\"{}\"",
-                        sealed.key_id,
-                        STANDARD.encode(&sealed.wrapped_key),
-                        STANDARD.encode(sealed.nonce)
-                    ),
-                    sealed.ciphertext,
-                )
-            }
-        };
-        out.push_str(&format!(
-            "{i2}<{p}file name=\"{}\" size=\"{}\" sha256=\"{}\" encoding=\"{encoding}\"{extra}>{}</{p}file>{nl}",
-            escape(f.name.as_str()),
-            f.data.len(),
-            f.sha256().hex(),
-            STANDARD.encode(payload),
-        ));
+    // Sections in a fixed order: <tpm> first, then <nvram>.
+    let mut sections: Vec<(&str, String, &[StateFile])> = Vec::new();
+    if let Some(tpm) = &state.tpm {
+        sections.push(("tpm", format!(" version=\"{}\"", tpm.version), tpm.files()));
     }
-    out.push_str(&format!("{i1}</{p}tpm>{nl}</{p}state>"));
+    if let Some(nvram) = &state.nvram {
+        sections.push(("nvram", String::new(), std::slice::from_ref(nvram)));
+    }
+    for (section, attrs, files) in sections {
+        out.push_str(&format!("{i1}<{p}{section}{attrs}>{nl}"));
+        for f in files {
+            let gz = gzip_deterministic(&f.data);
+            let (encoding, extra, payload) = match &mut protection {
+                Protection::Plain => (ENCODING_GZIP_BASE64, String::new(), gz),
+                Protection::Sealed { key_id, key, fill } => {
+                    let sealed = seal(
+                        &gz,
+                        provenance.uuid.as_str(),
+                        &format!("{section}/{}", f.name),
+                        key_id,
+                        key,
+                        *fill,
+                    );
+                    (
+                        ENCODING_SEALED,
+                        format!(
+                            " key=\"{}\" wrapped-key=\"{}\" nonce=\"{}\"",
+                            sealed.key_id,
+                            STANDARD.encode(&sealed.wrapped_key),
+                            STANDARD.encode(sealed.nonce)
+                        ),
+                        sealed.ciphertext,
+                    )
+                }
+            };
+            out.push_str(&format!(
+                "{i2}<{p}file name=\"{}\" size=\"{}\" sha256=\"{}\" encoding=\"{encoding}\"{extra}>{}</{p}file>{nl}",
+                escape(f.name.as_str()),
+                f.data.len(),
+                f.sha256().hex(),
+                STANDARD.encode(payload),
+            ));
+        }
+        out.push_str(&format!("{i1}</{p}{section}>{nl}"));
+    }
+    out.push_str(&format!("</{p}state>"));
     out
 }
 
@@ -341,30 +360,106 @@ pub fn decode_with_keys(
 ) -> Result<MetadataState, FormatError> {
     let (provenance, declared_digest) = read_header(el)?;
     let uuid = provenance.uuid.clone();
-    // MUST: exactly one <tpm> section; unknown sections are refused, because
-    // their files take part in `digest` and cannot be skipped.
+    // MUST: at most one <tpm> and one <nvram> section, at least one of the
+    // two; unknown sections are refused, because their files take part in
+    // `digest` and cannot be skipped.
     let mut tpm_section = None;
+    let mut nvram_section = None;
     for child in &el.children {
         match child.name.as_str() {
             "tpm" if tpm_section.is_some() => return Err(FormatError::DuplicateTpmSection),
             "tpm" => tpm_section = Some(child),
+            "nvram" if nvram_section.is_some() => return Err(FormatError::DuplicateNvramSection),
+            "nvram" => nvram_section = Some(child),
             other => return Err(FormatError::UnknownSection(other.to_string())),
         }
     }
-    let section = tpm_section.ok_or(FormatError::NoTpmSection)?;
-    let version_text = section
-        .attr("version")
-        .ok_or(FormatError::MissingAttribute("version"))?;
-    let version = TpmVersion::parse(version_text)
-        .ok_or_else(|| FormatError::BadTpmVersion(version_text.to_string()))?;
-
-    let mut files: Vec<StateFile> = Vec::new();
+    if tpm_section.is_none() && nvram_section.is_none() {
+        return Err(FormatError::NoSection);
+    }
     let mut sealed_with: Vec<KeyId> = Vec::new();
+    let mut tpm = None;
+    if let Some(section) = tpm_section {
+        let version_text = section
+            .attr("version")
+            .ok_or(FormatError::MissingAttribute("version"))?;
+        let version = TpmVersion::parse(version_text)
+            .ok_or_else(|| FormatError::BadTpmVersion(version_text.to_string()))?;
+        let files = decode_section(
+            section,
+            Section::Tpm(version),
+            limits,
+            uuid.as_str(),
+            keys,
+            &mut sealed_with,
+        )?;
+        tpm = Some(TpmState::new(version, files));
+    }
+    let mut nvram = None;
+    if let Some(section) = nvram_section {
+        let mut files = decode_section(
+            section,
+            Section::Nvram,
+            limits,
+            uuid.as_str(),
+            keys,
+            &mut sealed_with,
+        )?;
+        // The name check allows VARS.fd only and duplicates are refused:
+        // exactly one file.
+        nvram = files.pop();
+    }
+    let state = MachineState { tpm, nvram };
+    // MUST: `digest` equals the sha256 of the sorted `<section>/<name> <sha256>\n` lines.
+    let actual = state.digest();
+    if actual != declared_digest {
+        return Err(FormatError::DigestMismatch {
+            declared: declared_digest.short(),
+            actual: actual.short(),
+        });
+    }
+    Ok(MetadataState {
+        provenance,
+        digest: actual,
+        state,
+        sealed_with,
+    })
+}
+
+/// Which section a file belongs to: decides the allowed names, the
+/// content check and the path in the seal's associated data.
+#[derive(Debug, Clone, Copy)]
+enum Section {
+    Tpm(TpmVersion),
+    Nvram,
+}
+
+impl Section {
+    fn name(self) -> &'static str {
+        match self {
+            Section::Tpm(_) => "tpm",
+            Section::Nvram => "nvram",
+        }
+    }
+}
+
+fn decode_section(
+    section: &XmlElement,
+    kind: Section,
+    limits: DecodeLimits,
+    uuid: &str,
+    keys: &Keyring,
+    sealed_with: &mut Vec<KeyId>,
+) -> Result<Vec<StateFile>, FormatError> {
+    let mut files: Vec<StateFile> = Vec::new();
     for f in &section.children {
         if f.name != "file" {
-            return Err(FormatError::UnexpectedElement(f.name.clone(), "tpm".into()));
+            return Err(FormatError::UnexpectedElement(
+                f.name.clone(),
+                kind.name().into(),
+            ));
         }
-        let (file, key) = decode_file(f, version, limits, uuid.as_str(), keys)?;
+        let (file, key) = decode_file(f, kind, limits, uuid, keys)?;
         if let Some(k) = key {
             if !sealed_with.contains(&k) {
                 sealed_with.push(k);
@@ -377,28 +472,14 @@ pub fn decode_with_keys(
         files.push(file);
     }
     if files.is_empty() {
-        return Err(FormatError::NoFiles);
+        return Err(FormatError::NoFiles(kind.name()));
     }
-    let tpm = TpmState::new(version, files);
-    // MUST: `digest` equals the sha256 of the sorted `tpm/<name> <sha256>\n` lines.
-    let actual = tpm.digest();
-    if actual != declared_digest {
-        return Err(FormatError::DigestMismatch {
-            declared: declared_digest.short(),
-            actual: actual.short(),
-        });
-    }
-    Ok(MetadataState {
-        provenance,
-        digest: actual,
-        tpm,
-        sealed_with,
-    })
+    Ok(files)
 }
 
 fn decode_file(
     f: &XmlElement,
-    version: TpmVersion,
+    section: Section,
     limits: DecodeLimits,
     uuid: &str,
     keys: &Keyring,
@@ -412,13 +493,20 @@ fn decode_file(
             "file".into(),
         ));
     }
-    // MUST: only the names listed for the section's version; never a path.
-    if !version.allowed_files().contains(&name.as_str()) {
-        return Err(FormatError::FileNameNotAllowed {
-            name,
-            version,
-            allowed: version.allowed_files().join(", "),
-        });
+    // MUST: only the names listed for the section (and the TPM version);
+    // never a path.
+    match section {
+        Section::Tpm(version) if !version.allowed_files().contains(&name.as_str()) => {
+            return Err(FormatError::FileNameNotAllowed {
+                name,
+                version,
+                allowed: version.allowed_files().join(", "),
+            });
+        }
+        Section::Nvram if name != NVRAM_FILE => {
+            return Err(FormatError::NvramFileNameNotAllowed(name));
+        }
+        _ => {}
     }
     let encoding = req(f, "encoding")?;
     if encoding != ENCODING_GZIP_BASE64 && encoding != ENCODING_SEALED {
@@ -446,7 +534,7 @@ fn decode_file(
         .decode(&compact)
         .map_err(|_| FormatError::BadBase64(name.clone()))?;
     let (gz, key) = if encoding == ENCODING_SEALED {
-        let (gz, key) = open_sealed(f, &name, payload, uuid, keys)?;
+        let (gz, key) = open_sealed(f, section, &name, payload, uuid, keys)?;
         (gz, Some(key))
     } else {
         (payload, None)
@@ -473,10 +561,14 @@ fn decode_file(
             actual: actual_sha.short(),
         });
     }
-    check_header(&data).map_err(|source| FormatError::BadSwtpmHeader {
-        name: name.clone(),
-        source,
-    })?;
+    // The swtpm header check applies to TPM files; a VARS store is opaque
+    // firmware data (size and sha256 above are its checks).
+    if let Section::Tpm(_) = section {
+        check_header(&data).map_err(|source| FormatError::BadSwtpmHeader {
+            name: name.clone(),
+            source,
+        })?;
+    }
     Ok((StateFile { name, data }, key))
 }
 
@@ -484,6 +576,7 @@ fn decode_file(
 /// must be in `keys`; the seal is bound to the element's uuid and the file.
 fn open_sealed(
     f: &XmlElement,
+    section: Section,
     name: &str,
     ciphertext: Vec<u8>,
     uuid: &str,
@@ -519,7 +612,7 @@ fn open_sealed(
         nonce,
         ciphertext,
     };
-    let gz = open(&sealed, uuid, &format!("tpm/{name}"), kek).map_err(|source| {
+    let gz = open(&sealed, uuid, &format!("{}/{name}", section.name()), kek).map_err(|source| {
         FormatError::Decrypt {
             name: name.to_string(),
             key_id: key_id.clone(),
@@ -589,14 +682,14 @@ mod tests {
 
     const UUID: &str = "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d";
 
-    fn sample() -> (TpmState, Provenance) {
-        let tpm = TpmState::new(
+    fn sample() -> (MachineState, Provenance) {
+        let tpm = MachineState::from(TpmState::new(
             TpmVersion::V2_0,
             vec![StateFile {
                 name: "tpm2-00.permall".into(),
                 data: synthetic_blob(0, &[7u8; 300]),
             }],
-        );
+        ));
         let prov = Provenance {
             uuid: DomainUuid::parse(UUID).unwrap(),
             generation: 3,
@@ -622,7 +715,7 @@ mod tests {
         let (tpm, prov) = sample();
         let text = encode(&tpm, &prov, Style::Standalone);
         let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
-        assert_eq!(back.tpm, tpm);
+        assert_eq!(back.state, tpm);
         assert_eq!(back.provenance, prov);
         assert_eq!(back.digest, tpm.digest());
     }
@@ -638,7 +731,7 @@ mod tests {
         );
         let text = text.replace("</state>", "</vts:state>");
         let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
-        assert_eq!(back.tpm, tpm);
+        assert_eq!(back.state, tpm);
     }
 
     #[test]
@@ -716,7 +809,7 @@ mod tests {
         let t = sample_text().replace("size=\"310\"", "size=\"99999999999\"");
         assert!(matches!(refused(&t), FormatError::DeclaredTooLarge { .. }));
         let (tpm, _) = sample();
-        let sha = tpm.files()[0].sha256().hex();
+        let sha = tpm.tpm.as_ref().unwrap().files()[0].sha256().hex();
         let t = sample_text().replace(&sha, &Sha256Sum::of(b"x").hex());
         assert!(matches!(refused(&t), FormatError::Sha256Mismatch { .. }));
         let t = sample_text().replace(&tpm.digest().hex(), &Sha256Sum::of(b"x").hex());
@@ -760,20 +853,85 @@ mod tests {
     #[test]
     fn refuses_non_swtpm_content_and_unknown_sections() {
         let data = b"just some bytes, not a swtpm blob".to_vec();
-        let tpm = TpmState::new(
+        let tpm = MachineState::from(TpmState::new(
             TpmVersion::V2_0,
             vec![StateFile {
                 name: "tpm2-00.permall".into(),
                 data,
             }],
-        );
+        ));
         let (_, prov) = sample();
         let t = encode(&tpm, &prov, Style::Standalone);
         assert!(matches!(refused(&t), FormatError::BadSwtpmHeader { .. }));
+        let t = sample_text().replace("</vts:tpm>", "</vts:tpm><vts:cmos/>");
+        assert_eq!(refused(&t), FormatError::UnknownSection("cmos".into()));
         let t = sample_text().replace("</vts:tpm>", "</vts:tpm><vts:nvram/>");
-        assert_eq!(refused(&t), FormatError::UnknownSection("nvram".into()));
+        assert_eq!(refused(&t), FormatError::NoFiles("nvram"));
         let t = sample_text().replace("version=\"2.0\"", "version=\"3.0\"");
         assert!(matches!(refused(&t), FormatError::BadTpmVersion(_)));
+    }
+
+    fn with_nvram(tpm: bool) -> (MachineState, Provenance) {
+        let (m, prov) = sample();
+        let mut vars = vec![0xffu8; 540672];
+        vars[..16].copy_from_slice(b"not a swtpm blob");
+        (
+            MachineState::new(if tpm { m.tpm } else { None }, Some(vars)),
+            prov,
+        )
+    }
+
+    #[test]
+    fn nvram_round_trips_alone_and_with_the_tpm() {
+        for tpm in [true, false] {
+            let (state, prov) = with_nvram(tpm);
+            let text = encode(&state, &prov, Style::Standalone);
+            assert!(text.len() < 8000, "{} bytes", text.len());
+            let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+            assert_eq!(back.state, state);
+            assert_eq!(back.digest, state.digest());
+            // Sealed: the AD path is nvram/VARS.fd.
+            let key = SecretKey::from_bytes([9; 32]);
+            let id = key.id();
+            let text = encode_sealed(&state, &prov, Style::Standalone, &id, &key);
+            let keys = Keyring::new(vec![key.clone()]);
+            let back = decode_with_keys(&in_domain(&text), DecodeLimits::default(), &keys).unwrap();
+            assert_eq!(back.state, state);
+            assert_eq!(back.sealed_with, vec![id]);
+        }
+    }
+
+    #[test]
+    fn nvram_refusals() {
+        let (state, prov) = with_nvram(true);
+        let text = encode(&state, &prov, Style::Standalone);
+        let t = text.replace("name=\"VARS.fd\"", "name=\"../VARS.fd\"");
+        assert!(matches!(
+            refused(&t),
+            FormatError::NvramFileNameNotAllowed(_)
+        ));
+        let start = text.find("  <vts:nvram>").unwrap();
+        let end = text.find("</vts:nvram>\n").unwrap() + "</vts:nvram>\n".len();
+        let dup = format!("{}{}{}", &text[..end], &text[start..end], &text[end..]);
+        assert_eq!(refused(&dup), FormatError::DuplicateNvramSection);
+        let t = text.replace("<vts:nvram>", "<vts:nvram><vts:x/>");
+        assert!(matches!(refused(&t), FormatError::UnexpectedElement(..)));
+        // A TPM file name in the nvram section is refused by name.
+        let t = text.replace("name=\"VARS.fd\"", "name=\"tpm2-00.permall\"");
+        assert_eq!(
+            refused(&t),
+            FormatError::NvramFileNameNotAllowed("tpm2-00.permall".into())
+        );
+        let e = decode(
+            &in_domain(&text),
+            DecodeLimits {
+                max_file_size: 100_000,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, FormatError::DeclaredTooLarge { .. }), "{e:?}");
+        let none = "<vts:state xmlns:vts=\"urn:virt-tpm-state:1\" format=\"1\" uuid=\"6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d\" generation=\"1\" digest=\"0000000000000000000000000000000000000000000000000000000000000000\"/>";
+        assert_eq!(refused(none), FormatError::NoSection);
     }
 
     #[test]

@@ -6,9 +6,7 @@
 use crate::config::{Config, ConfigError};
 use crate::domain::{parse_domain, DomainXmlError};
 use crate::paths::Paths;
-use crate::restore::{
-    domain_tpm_version, prepare, shown_name, state_location, PrepareOptions, RestoreError,
-};
+use crate::restore::{carried, prepare, shown_name, PrepareOptions, RestoreError};
 use crate::statefs::{FsError, HostData};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -116,7 +114,7 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
         }
         HookOp::Incoming(what) => {
             let info = parse_domain(&xml, &config.namespace)?;
-            if domain_tpm_version(&info)?.is_none() {
+            if carried(paths, &config, &info)?.is_empty() {
                 return Ok(());
             }
             HostData::new(paths)
@@ -151,30 +149,39 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
 /// the store to the helper in a detached process.
 fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> {
     let info = parse_domain(xml, &config.namespace)?;
-    let Some(version) = domain_tpm_version(&info)? else {
+    let carried = carried(paths, config, &info)?;
+    if carried.is_empty() {
         return Ok(());
-    };
+    }
     let name = shown_name(&info.name);
     let fs = |source| HookError::Fs {
         name: name.clone(),
         source,
     };
-    let location = state_location(paths, &info, version)?;
     let host = HostData::new(paths);
     {
         let _lock = host
             .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
             .map_err(fs)?;
-        let Some(state) = location.read(version, config.max_file_size).map_err(fs)? else {
+        // The TPM state and the VARS file together: one kept copy.
+        let Some(state) = carried
+            .read_live(true, true, config.max_file_size)
+            .map_err(fs)?
+        else {
             return Ok(());
         };
         let kept = host
-            .read_kept(&info.uuid, version, config.max_file_size)
+            .read_kept_state(
+                &info.uuid,
+                carried.tpm_version(),
+                carried.nvram.is_some(),
+                config.max_file_size,
+            )
             .map_err(fs)?;
         if kept.as_ref().map(|k| k.digest()) != Some(state.digest()) {
             host.write_kept(&info.uuid, &state).map_err(fs)?;
             log::info!(
-                "VM {name} ({}): kept a copy of the final TPM state (digest {}, {} bytes)",
+                "VM {name} ({}): kept a copy of the final state (digest {}, {} bytes)",
                 info.uuid,
                 state.digest().short(),
                 state.total_size()

@@ -52,6 +52,11 @@ impl Paths {
         self.under_root(Path::new("/var/lib/libvirt/swtpm"))
     }
 
+    /// libvirt's default UEFI variable stores: `<dir>/<name>_VARS.fd`.
+    pub fn nvram_dir(&self) -> PathBuf {
+        self.under_root(Path::new("/var/lib/libvirt/qemu/nvram"))
+    }
+
     pub fn qemu_conf(&self) -> PathBuf {
         self.under_root(Path::new("/etc/libvirt/qemu.conf"))
     }
@@ -97,6 +102,7 @@ mod tests {
         let p = Paths::from_root_var(Some("/tmp/x".into()));
         for path in [
             p.swtpm_base(),
+            p.nvram_dir(),
             p.qemu_conf(),
             p.libvirt_hooks_dir(),
             p.config_dir(),

@@ -5,12 +5,12 @@
 
 use crate::config::Config;
 use crate::decision::{decide, Decision, DecisionInput, Refusal, Why};
-use crate::domain::{parse_domain, DomainInfo, DomainXmlError, TpmBackend};
+use crate::domain::{parse_domain, DomainInfo, DomainXmlError, NvramSpec, TpmBackend};
 use crate::envelope::Keyring;
 use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_SEALED};
 use crate::paths::Paths;
-use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
-use crate::statefs::{load_keyring, FsError, HostData, Owner, StateLocation};
+use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState, TpmVersion};
+use crate::statefs::{load_keyring, FsError, HostData, NvramLocation, Owner, StateLocation};
 use crate::swtpm::check_header;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,12 +30,15 @@ pub enum Outcome {
     NotOurs(&'static str),
     /// Decided to leave the state dir as it is.
     Unchanged { why: Why, location: PathBuf },
-    /// Wrote a state into the state dir.
+    /// Wrote a state into the state dir (and/or the VARS file).
     Restored {
         why: Why,
         digest: Sha256Sum,
         size: usize,
+        /// The TPM state dir, or the VARS file of a state without a TPM.
         location: PathBuf,
+        /// The VARS file written beside the TPM state, if any.
+        nvram: Option<PathBuf>,
         backup: Option<PathBuf>,
         generation: Option<u64>,
     },
@@ -59,6 +62,7 @@ impl PrepareReport {
                 digest,
                 size,
                 location,
+                nvram,
                 backup,
                 generation,
             } => {
@@ -69,8 +73,19 @@ impl PrepareReport {
                     .as_ref()
                     .map(|b| format!("; previous state backed up to {}", b.display()))
                     .unwrap_or_default();
+                let what = if location.ends_with("_VARS.fd") && nvram.is_none() {
+                    "UEFI variables"
+                } else if nvram.is_some() {
+                    "TPM state and UEFI variables"
+                } else {
+                    "TPM state"
+                };
+                let nvram = nvram
+                    .as_ref()
+                    .map(|n| format!(" and {}", n.display()))
+                    .unwrap_or_default();
                 format!(
-                    "{who}: restored TPM state ({generation}digest {}, {size} bytes) into {}: {}{backup}",
+                    "{who}: restored {what} ({generation}digest {}, {size} bytes) into {}{nvram}: {}{backup}",
                     digest.short(),
                     location.display(),
                     why.describe()
@@ -198,6 +213,81 @@ pub fn state_location(
     }
 }
 
+/// What the element carries for one domain on this host: its emulated TPM
+/// (version and state dir) and/or its UEFI variable store. The same rule
+/// decides what `store` writes and what the hook restores.
+#[derive(Debug, Clone)]
+pub struct Carried {
+    pub tpm: Option<(TpmVersion, StateLocation)>,
+    pub nvram: Option<NvramLocation>,
+}
+
+impl Carried {
+    pub fn is_empty(&self) -> bool {
+        self.tpm.is_none() && self.nvram.is_none()
+    }
+
+    pub fn tpm_version(&self) -> Option<TpmVersion> {
+        self.tpm.as_ref().map(|(v, _)| *v)
+    }
+
+    /// The live state of the carried parts restricted to `tpm`/`nvram`
+    /// (the sections the metadata holds): `None` when the TPM state (or,
+    /// without a TPM, the VARS file) does not exist. A missing VARS file
+    /// beside a TPM state is a state without NVRAM.
+    pub fn read_live(
+        &self,
+        tpm: bool,
+        nvram: bool,
+        max: u64,
+    ) -> Result<Option<MachineState>, FsError> {
+        let tpm_state = match (&self.tpm, tpm) {
+            (Some((version, location)), true) => match location.read(*version, max)? {
+                Some(s) => Some(s),
+                None => return Ok(None),
+            },
+            _ => None,
+        };
+        let vars = match (&self.nvram, nvram) {
+            (Some(location), true) => location.read(max)?,
+            _ => None,
+        };
+        let state = MachineState::new(tpm_state, vars);
+        Ok((!state.is_empty()).then_some(state))
+    }
+}
+
+/// What of the domain in `info` the element carries here, from its XML and
+/// the config (`nvram`, `nvram_without_tpm`).
+pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carried, RestoreError> {
+    let tpm = match domain_tpm_version(info)? {
+        Some(v) => Some((v, state_location(paths, info, v)?)),
+        None => None,
+    };
+    let nvram = if config.nvram && (tpm.is_some() || config.nvram_without_tpm) {
+        match info.os.nvram() {
+            None => None,
+            Some(NvramSpec::Default) => Some(
+                NvramLocation::default_for(paths, &info.name)
+                    .map_err(RestoreError::fs(&info.name))?,
+            ),
+            Some(NvramSpec::Path(p)) => {
+                Some(NvramLocation::from_path(paths, &p).map_err(RestoreError::fs(&info.name))?)
+            }
+            Some(NvramSpec::Unsupported(kind)) => {
+                log::warn!(
+                    "VM {}: its <nvram type='{kind}'> is not a file; its UEFI variables are not carried",
+                    shown_name(&info.name)
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Carried { tpm, nvram })
+}
+
 /// The emulated TPM's version, if the domain has an emulated TPM.
 pub fn domain_tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, RestoreError> {
     match info.emulated_tpm().and_then(|t| t.version()) {
@@ -283,38 +373,74 @@ pub fn prepare_domain(
             "no virt-tpm-state element in the metadata",
         )));
     }
-    let Some(domain_version) = domain_tpm_version(info)? else {
+    let carried = carried(paths, config, info)?;
+    if carried.is_empty() {
         log::warn!(
             "VM {name}: the metadata holds TPM state but the domain has no emulated TPM; ignoring it"
         );
         return Ok(report(Outcome::NotOurs("the domain has no emulated TPM")));
-    };
-    let m = metadata_state(paths, info, config)?.expect("element present");
-    if m.tpm.version != domain_version {
-        return Err(RestoreError::VersionMismatch {
-            name,
-            ns: config.namespace.clone(),
-            metadata: m.tpm.version,
-            domain: domain_version,
-        });
     }
-    check_encryption(info, &m, &name)?;
-    let location = state_location(paths, info, domain_version)?;
+    let m = metadata_state(paths, info, config)?.expect("element present");
+    // The sections that apply here: those the element holds and the domain
+    // (and config) carries. One digest over exactly those decides.
+    let use_tpm = m.state.tpm.is_some() && carried.tpm.is_some();
+    let use_nvram = m.state.nvram.is_some() && carried.nvram.is_some();
+    if m.state.nvram.is_some() && !use_nvram {
+        log::warn!(
+            "VM {name}: the metadata holds UEFI variables but the domain has no UEFI variable store here (or nvram = false); ignoring that section"
+        );
+    }
+    if m.state.tpm.is_some() && !use_tpm {
+        log::warn!(
+            "VM {name}: the metadata holds TPM state but the domain has no emulated TPM; ignoring that section"
+        );
+    }
+    if !use_tpm && !use_nvram {
+        return Ok(report(Outcome::NotOurs(
+            "the metadata holds no section this domain uses",
+        )));
+    }
+    if let (Some(tpm), Some(domain_version)) = (
+        m.state.tpm.as_ref().filter(|_| use_tpm),
+        carried.tpm_version(),
+    ) {
+        if tpm.version != domain_version {
+            return Err(RestoreError::VersionMismatch {
+                name,
+                ns: config.namespace.clone(),
+                metadata: tpm.version,
+                domain: domain_version,
+            });
+        }
+        check_encryption(info, tpm, &name)?;
+    }
+    let m_here = m.state.only(use_tpm, use_nvram);
+    let m_digest = m_here.digest();
+    let tpm_location = carried.tpm.as_ref().filter(|_| use_tpm).map(|(_, l)| l);
+    let nvram_location = carried.nvram.as_ref().filter(|_| use_nvram);
     // Links in the way are refused before anything is written or locked.
-    location
-        .check_safe()
-        .map_err(RestoreError::fs(&info.name))?;
+    if let Some(l) = tpm_location {
+        l.check_safe().map_err(RestoreError::fs(&info.name))?;
+    }
+    if let Some(l) = nvram_location {
+        l.check_safe().map_err(RestoreError::fs(&info.name))?;
+    }
 
     let host = HostData::new(paths);
     let _lock = host
         .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
         .map_err(RestoreError::fs(&info.name))?;
     let max = config.max_file_size;
-    let live = location
-        .read(domain_version, max)
+    let live = carried
+        .read_live(use_tpm, use_nvram, max)
         .map_err(RestoreError::fs(&info.name))?;
     let kept = host
-        .read_kept(&info.uuid, domain_version, max)
+        .read_kept_state(
+            &info.uuid,
+            carried.tpm_version().filter(|_| use_tpm),
+            use_nvram,
+            max,
+        )
         .map_err(RestoreError::fs(&info.name))?;
     let journal = host
         .read_synced(&info.uuid)
@@ -325,10 +451,10 @@ pub fn prepare_domain(
 
     let mut decision = decide(&DecisionInput {
         domain_uuid: &info.uuid,
-        metadata: Some((&m.provenance.uuid, m.digest)),
+        metadata: Some((&m.provenance.uuid, m_digest)),
         journal,
-        live: live.as_ref().map(TpmState::digest),
-        kept: kept.as_ref().map(TpmState::digest),
+        live: live.as_ref().map(MachineState::digest),
+        kept: kept.as_ref().map(MachineState::digest),
         incoming,
         policy: config.on_conflict,
     });
@@ -343,11 +469,62 @@ pub fn prepare_domain(
             };
         }
     }
-    let shown_location = location.path();
+    let shown_location = tpm_location
+        .map(StateLocation::path)
+        .or_else(|| nvram_location.map(NvramLocation::path))
+        .expect("a section applies");
+    let shown_nvram = |state: &MachineState| {
+        state
+            .nvram
+            .as_ref()
+            .and(tpm_location)
+            .and(nvram_location)
+            .map(NvramLocation::path)
+    };
+    // Writes one machine state: the VARS file first, then the TPM dir (one
+    // rename each). The caller records J last, so a crash in between
+    // leaves L != J and the next prepare decides (and writes) again.
+    let write = |state: &MachineState| -> Result<(), RestoreError> {
+        if let (Some(vars), Some(l)) = (&state.nvram, nvram_location) {
+            l.replace(
+                &vars.data,
+                Owner::qemu(paths).map_err(RestoreError::fs(&info.name))?,
+            )
+            .map_err(RestoreError::fs(&info.name))?;
+        }
+        if let (Some(tpm), Some(l)) = (&state.tpm, tpm_location) {
+            l.replace(
+                tpm.files(),
+                Owner::swtpm(paths).map_err(RestoreError::fs(&info.name))?,
+            )
+            .map_err(RestoreError::fs(&info.name))?;
+        }
+        Ok(())
+    };
+    // A VARS file present while the TPM state is not (`undefine
+    // --keep-nvram`, a TPM dir deleted by hand) is not part of L, yet a
+    // restore replaces it: back it up first when it differs, so nothing is
+    // lost without a copy.
+    let backup_stray_vars = |target: &MachineState| -> Result<Option<PathBuf>, RestoreError> {
+        let (Some(l), Some(want)) = (nvram_location, &target.nvram) else {
+            return Ok(None);
+        };
+        match l.read(max).map_err(RestoreError::fs(&info.name))? {
+            Some(v) if v != want.data => Ok(Some(
+                host.backup(
+                    &info.uuid,
+                    &MachineState::new(None, Some(v)),
+                    config.backups_per_domain,
+                )
+                .map_err(RestoreError::fs(&info.name))?,
+            )),
+            _ => Ok(None),
+        }
+    };
     match decision {
         Decision::Nothing(why) => {
             if why == Why::AlreadyCurrent {
-                host.record_sync(&info.uuid, &m.tpm)
+                host.record_sync(&info.uuid, &m_here)
                     .map_err(RestoreError::fs(&info.name))?;
             }
             Ok(report(Outcome::Unchanged {
@@ -357,14 +534,10 @@ pub fn prepare_domain(
         }
         Decision::RestoreKept(why) => {
             let state = kept.expect("decided on a kept copy");
-            location
-                .replace(
-                    state.files(),
-                    Owner::swtpm(paths).map_err(RestoreError::fs(&info.name))?,
-                )
-                .map_err(RestoreError::fs(&info.name))?;
+            let backup = backup_stray_vars(&state)?;
+            write(&state)?;
             if why == Why::AlreadyCurrent {
-                host.record_sync(&info.uuid, &m.tpm)
+                host.record_sync(&info.uuid, &m_here)
                     .map_err(RestoreError::fs(&info.name))?;
             }
             Ok(report(Outcome::Restored {
@@ -372,12 +545,12 @@ pub fn prepare_domain(
                 digest: state.digest(),
                 size: state.total_size(),
                 location: shown_location,
-                backup: None,
+                nvram: shown_nvram(&state),
+                backup,
                 generation: None,
             }))
         }
         Decision::RestoreMetadata { backup_local, why } => {
-            let owner = Owner::swtpm(paths).map_err(RestoreError::fs(&info.name))?;
             let mut backup = None;
             if backup_local {
                 if let Some(local) = live.as_ref().or(kept.as_ref()) {
@@ -387,16 +560,18 @@ pub fn prepare_domain(
                     );
                 }
             }
-            location
-                .replace(m.tpm.files(), owner)
-                .map_err(RestoreError::fs(&info.name))?;
-            host.record_sync(&info.uuid, &m.tpm)
+            if backup.is_none() {
+                backup = backup_stray_vars(&m_here)?;
+            }
+            write(&m_here)?;
+            host.record_sync(&info.uuid, &m_here)
                 .map_err(RestoreError::fs(&info.name))?;
             Ok(report(Outcome::Restored {
                 why,
-                digest: m.digest,
-                size: m.tpm.total_size(),
+                digest: m_digest,
+                size: m_here.total_size(),
                 location: shown_location,
+                nvram: shown_nvram(&m_here),
                 backup,
                 generation: Some(m.provenance.generation),
             }))
@@ -417,7 +592,7 @@ pub fn prepare_domain(
 
 /// swtpm reads an encrypted state only with the key, and a plain one only
 /// without: a mismatch would start a TPM that fails, so refuse it here.
-fn check_encryption(info: &DomainInfo, m: &MetadataState, name: &str) -> Result<(), RestoreError> {
+fn check_encryption(info: &DomainInfo, tpm: &TpmState, name: &str) -> Result<(), RestoreError> {
     let domain_encrypts = matches!(
         info.emulated_tpm().map(|t| &t.backend),
         Some(TpmBackend::Emulator {
@@ -425,7 +600,7 @@ fn check_encryption(info: &DomainInfo, m: &MetadataState, name: &str) -> Result<
             ..
         })
     );
-    let state_encrypted = m.tpm.files().iter().any(|f| {
+    let state_encrypted = tpm.files().iter().any(|f| {
         check_header(&f.data)
             .map(|h| h.is_encrypted())
             .unwrap_or(false)

@@ -182,6 +182,82 @@ impl TpmState {
     }
 }
 
+/// The one file of the `<nvram>` section: the domain's UEFI variable store
+/// (libvirt's `<nvram>` file, e.g. `<name>_VARS.fd`). A fixed name: the
+/// domain decides where it lives.
+pub const NVRAM_FILE: &str = "VARS.fd";
+
+/// Everything of one machine that travels in the element: its TPM state,
+/// its UEFI variable store, or both. One digest names the whole, so one
+/// decision restores both pieces together (never a TPM from one
+/// generation and VARS from another).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MachineState {
+    pub tpm: Option<TpmState>,
+    /// The VARS file; its `name` is always [`NVRAM_FILE`].
+    pub nvram: Option<StateFile>,
+}
+
+impl MachineState {
+    pub fn new(tpm: Option<TpmState>, nvram: Option<Vec<u8>>) -> Self {
+        MachineState {
+            tpm,
+            nvram: nvram.map(|data| StateFile {
+                name: NVRAM_FILE.to_string(),
+                data,
+            }),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tpm.is_none() && self.nvram.is_none()
+    }
+
+    /// Every file with its section: `("tpm", file)`, `("nvram", file)`.
+    pub fn sections(&self) -> Vec<(&'static str, &StateFile)> {
+        let mut out: Vec<(&'static str, &StateFile)> = Vec::new();
+        if let Some(t) = &self.tpm {
+            out.extend(t.files().iter().map(|f| ("tpm", f)));
+        }
+        if let Some(n) = &self.nvram {
+            out.push(("nvram", n));
+        }
+        out
+    }
+
+    pub fn total_size(&self) -> usize {
+        self.sections().iter().map(|(_, f)| f.data.len()).sum()
+    }
+
+    /// Format v1's digest over all sections: sha256 of the sorted lines
+    /// `tpm/<name> <sha256>\n` and `nvram/VARS.fd <sha256>\n`. A TPM-only
+    /// state has the same digest as its [`TpmState`].
+    pub fn digest(&self) -> Sha256Sum {
+        state_digest(
+            self.sections()
+                .into_iter()
+                .map(|(s, f)| (format!("{s}/{}", f.name), f.sha256())),
+        )
+    }
+
+    /// This state restricted to the sections in `keep` (`tpm`, `nvram`).
+    pub fn only(&self, tpm: bool, nvram: bool) -> MachineState {
+        MachineState {
+            tpm: if tpm { self.tpm.clone() } else { None },
+            nvram: if nvram { self.nvram.clone() } else { None },
+        }
+    }
+}
+
+impl From<TpmState> for MachineState {
+    fn from(tpm: TpmState) -> Self {
+        MachineState {
+            tpm: Some(tpm),
+            nvram: None,
+        }
+    }
+}
+
 /// The `digest` rule of format v1 over `(section/name, sha256)` pairs.
 pub fn state_digest(entries: impl IntoIterator<Item = (String, Sha256Sum)>) -> Sha256Sum {
     let mut lines: Vec<String> = entries
@@ -246,6 +322,28 @@ mod tests {
         );
         let expected_line = format!("tpm/tpm2-00.permall {}\n", Sha256Sum::of(b"abc").hex());
         assert_eq!(s.digest(), Sha256Sum::of(expected_line.as_bytes()));
+    }
+
+    #[test]
+    fn machine_digest_joins_sections() {
+        let tpm = TpmState::new(
+            TpmVersion::V2_0,
+            vec![StateFile {
+                name: "tpm2-00.permall".into(),
+                data: b"abc".to_vec(),
+            }],
+        );
+        let only_tpm = MachineState::from(tpm.clone());
+        assert_eq!(only_tpm.digest(), tpm.digest());
+        let both = MachineState::new(Some(tpm.clone()), Some(b"vars".to_vec()));
+        let lines = [
+            format!("nvram/VARS.fd {}\n", Sha256Sum::of(b"vars").hex()),
+            format!("tpm/tpm2-00.permall {}\n", Sha256Sum::of(b"abc").hex()),
+        ]
+        .concat();
+        assert_eq!(both.digest(), Sha256Sum::of(lines.as_bytes()));
+        assert_eq!(both.only(true, false), only_tpm);
+        assert_eq!(both.total_size(), 7);
     }
 
     #[test]

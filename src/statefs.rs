@@ -14,7 +14,9 @@
 
 use crate::envelope::{KeyId, Keyring, SecretKey, KEY_LEN};
 use crate::paths::Paths;
-use crate::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use crate::state::{
+    DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
+};
 use rustix::fs::{
     fchmod, fchown, fstat, fsync, mkdirat, openat, renameat_with, statat, unlinkat, AtFlags, Dir,
     FileType, FlockOperation, Mode, OFlags, RenameFlags,
@@ -120,6 +122,27 @@ impl Owner {
         };
         Ok(Owner { uid, gid })
     }
+
+    /// The owner libvirt gives a UEFI variable store: qemu.conf's
+    /// `user`/`group`, defaulting to libvirt's build defaults
+    /// (`libvirt-qemu` on Debian, `qemu` elsewhere), or root where neither
+    /// exists.
+    pub fn qemu(paths: &Paths) -> Result<Self, FsError> {
+        let conf = std::fs::read_to_string(paths.qemu_conf()).unwrap_or_default();
+        let uid = match conf_value(&conf, "user") {
+            Some(u) => resolve_user(&u)?,
+            None => resolve_user("libvirt-qemu")
+                .or_else(|_| resolve_user("qemu"))
+                .unwrap_or(0),
+        };
+        let gid = match conf_value(&conf, "group") {
+            Some(g) => resolve_group(&g)?,
+            None => resolve_group("libvirt-qemu")
+                .or_else(|_| resolve_group("qemu"))
+                .unwrap_or(0),
+        };
+        Ok(Owner { uid, gid })
+    }
 }
 
 /// Reads `key = "value"` from libvirt's qemu.conf syntax (the last one wins,
@@ -190,39 +213,9 @@ impl StateLocation {
     /// Validates a `<source type='dir' path=...>` before it goes near the
     /// filesystem: absolute, normal components only.
     pub fn from_source(paths: &Paths, raw: &str) -> Result<Self, FsError> {
-        let bad = |why| FsError::BadSourcePath {
-            path: raw.to_string(),
-            why,
-        };
-        if raw.len() > 4096 || raw.contains('\0') {
-            return Err(bad("too long or contains NUL"));
-        }
-        let p = Path::new(raw);
-        if !p.is_absolute() {
-            return Err(bad("not an absolute path"));
-        }
-        // Path::components() silently drops "." and repeated "/": check
-        // the raw segments so what we walk is exactly what was written.
-        if raw[1..]
-            .split('/')
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-        {
-            return Err(bad("contains '.', '..' or an empty component"));
-        }
-        let mut clean = PathBuf::new();
-        for c in p.components() {
-            match c {
-                Component::RootDir => {}
-                Component::Normal(n) => clean.push(n),
-                _ => return Err(bad("contains '.' or '..'")),
-            }
-        }
-        if clean.as_os_str().is_empty() {
-            return Err(bad("is the root directory"));
-        }
         Ok(StateLocation::Source {
             root: paths.root().to_path_buf(),
-            path: clean,
+            path: validated_abs_path(raw)?,
         })
     }
 
@@ -277,18 +270,7 @@ impl StateLocation {
                     .map(|fd| (fd, uuid_path)))
             }
             StateLocation::Source { root, path } => {
-                let mut fd = open_trusted_dir(root)?;
-                let mut at = root.clone();
-                let parent = path.parent().unwrap_or(Path::new(""));
-                for comp in parent.components() {
-                    let name = comp.as_os_str();
-                    at.push(name);
-                    match open_dir_nofollow(&fd, name, &at)? {
-                        Some(next) => fd = next,
-                        None => return Ok(None),
-                    }
-                }
-                Ok(Some((fd, at)))
+                walk_nofollow(root, path.parent().unwrap_or(Path::new("")))
             }
         }
     }
@@ -335,6 +317,238 @@ impl StateLocation {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })?;
         replace_dir(&parent, &parent_path, &self.leaf(), files, owner)
+    }
+}
+
+/// Validates an absolute path from the domain XML (`<source path>`,
+/// `<nvram>`) before it goes near the filesystem: absolute, no NUL, normal
+/// components only. Returns it relative to the root.
+fn validated_abs_path(raw: &str) -> Result<PathBuf, FsError> {
+    let bad = |why| FsError::BadSourcePath {
+        path: raw.to_string(),
+        why,
+    };
+    if raw.len() > 4096 || raw.contains('\0') {
+        return Err(bad("too long or contains NUL"));
+    }
+    let p = Path::new(raw);
+    if !p.is_absolute() {
+        return Err(bad("not an absolute path"));
+    }
+    // Path::components() silently drops "." and repeated "/": check
+    // the raw segments so what we walk is exactly what was written.
+    if raw[1..]
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(bad("contains '.', '..' or an empty component"));
+    }
+    let mut clean = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => clean.push(n),
+            _ => return Err(bad("contains '.' or '..'")),
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(bad("is the root directory"));
+    }
+    Ok(clean)
+}
+
+/// Walks the directories of `rel` (relative to `root`) without following
+/// links; `Ok(None)` when one does not exist.
+fn walk_nofollow(root: &Path, rel: &Path) -> Result<Option<(OwnedFd, PathBuf)>, FsError> {
+    let mut fd = open_trusted_dir(root)?;
+    let mut at = root.to_path_buf();
+    for comp in rel.components() {
+        let name = comp.as_os_str();
+        at.push(name);
+        match open_dir_nofollow(&fd, name, &at)? {
+            Some(next) => fd = next,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some((fd, at)))
+}
+
+// ------------------------------------------------------------ UEFI NVRAM
+
+/// Longest domain name that can become `<name>_VARS.fd` (255-byte names).
+const MAX_NVRAM_NAME: usize = 255 - "_VARS.fd".len();
+/// Mode libvirt gives a VARS file (and our temp file while it is written).
+const NVRAM_MODE: u32 = 0o600;
+const NVRAM_TEMP: &str = ".vts-nvram-new.";
+
+/// Where a domain's UEFI variable store (libvirt's `<nvram>` file) lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NvramLocation {
+    /// `<nvram_dir>/<name>_VARS.fd`: `dir` is trusted (libvirt's own dir,
+    /// re-rootable), `file` built from a validated domain name.
+    Default { dir: PathBuf, file: String },
+    /// A validated absolute path from the domain XML, walked without
+    /// following links from the (re-rooted) root.
+    Path { root: PathBuf, path: PathBuf },
+}
+
+impl NvramLocation {
+    /// libvirt's default path for domain `name`. The name is validated
+    /// first: a name that could not be a plain file name never becomes
+    /// part of a path.
+    pub fn default_for(paths: &Paths, name: &str) -> Result<Self, FsError> {
+        let bad = |why| FsError::BadSourcePath {
+            path: format!("{}/{name:?}_VARS.fd", paths.nvram_dir().display()),
+            why,
+        };
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(bad("the domain name is empty, '.' or '..'"));
+        }
+        if name.contains('/') || name.contains('\0') {
+            return Err(bad("the domain name contains '/' or NUL"));
+        }
+        if name.len() > MAX_NVRAM_NAME {
+            return Err(bad("the domain name is too long for a file name"));
+        }
+        Ok(NvramLocation::Default {
+            dir: paths.nvram_dir(),
+            file: format!("{name}_VARS.fd"),
+        })
+    }
+
+    /// An explicit `<nvram>PATH</nvram>` / `<source file=PATH/>`.
+    pub fn from_path(paths: &Paths, raw: &str) -> Result<Self, FsError> {
+        Ok(NvramLocation::Path {
+            root: paths.root().to_path_buf(),
+            path: validated_abs_path(raw)?,
+        })
+    }
+
+    /// The file's full path, for messages.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            NvramLocation::Default { dir, file } => dir.join(file),
+            NvramLocation::Path { root, path } => root.join(path),
+        }
+    }
+
+    fn file_name(&self) -> String {
+        match self {
+            NvramLocation::Default { file, .. } => file.clone(),
+            NvramLocation::Path { path, .. } => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Opens the directory that holds the file; `Ok(None)`: it does not
+    /// exist. `create` makes libvirt's default dir (0755, owned by `owner`,
+    /// as libvirt does) when missing; an explicit path's dir is never created.
+    fn open_dir(&self, create: Option<Owner>) -> Result<Option<(OwnedFd, PathBuf)>, FsError> {
+        match self {
+            NvramLocation::Default { dir, .. } => {
+                if let Some(owner) = create {
+                    if std::fs::symlink_metadata(dir).is_err() {
+                        std::fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
+                        let fd = open_trusted_dir(dir)?;
+                        set_owner_mode(&fd, owner, 0o755, dir)?;
+                    }
+                }
+                match open_trusted_dir(dir) {
+                    Ok(fd) => Ok(Some((fd, dir.clone()))),
+                    Err(FsError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            NvramLocation::Path { root, path } => {
+                walk_nofollow(root, path.parent().unwrap_or(Path::new("")))
+            }
+        }
+    }
+
+    /// Reads the VARS file: `None` when it (or its dir) does not exist.
+    /// Refuses a symlink, a hard link and anything but a regular file.
+    pub fn read(&self, max: u64) -> Result<Option<Vec<u8>>, FsError> {
+        let Some((dir, dir_path)) = self.open_dir(None)? else {
+            return Ok(None);
+        };
+        let name = self.file_name();
+        read_regular_file(dir.as_fd(), &name, &dir_path.join(&name), max)
+    }
+
+    /// Refuses early (before anything is written) when the file's dir is
+    /// reached through a link, or the file is a symlink, a hard link or not
+    /// a regular file.
+    pub fn check_safe(&self) -> Result<(), FsError> {
+        if let Some((dir, dir_path)) = self.open_dir(None)? {
+            let name = self.file_name();
+            match statat(&dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile => {
+                    return Err(FsError::Unsafe {
+                        path: dir_path.join(&name),
+                        what: "a symlink or not a regular file",
+                    })
+                }
+                Ok(st) if st.st_nlink != 1 => {
+                    return Err(FsError::Unsafe {
+                        path: dir_path.join(&name),
+                        what: "a hard link (more than one name)",
+                    })
+                }
+                Ok(_) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(io_err("stat", &dir_path.join(&name), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the VARS file with `data`, owned by `owner`, mode 0600: a
+    /// temp file created `O_EXCL|O_NOFOLLOW` in the same dir (which the
+    /// less trusted qemu user may write), `fchown`/`fchmod` on its fd,
+    /// fsync, `rename` over the target (a planted symlink is replaced, never
+    /// followed), fsync of the dir.
+    pub fn replace(&self, data: &[u8], owner: Owner) -> Result<(), FsError> {
+        let (dir, dir_path) = self.open_dir(Some(owner))?.ok_or_else(|| FsError::Io {
+            action: "open the directory of",
+            path: self.path(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        let name = self.file_name();
+        let target = dir_path.join(&name);
+        let temp = format!("{NVRAM_TEMP}{}", unique_suffix());
+        let temp_path = dir_path.join(&temp);
+        let fd = openat(
+            &dir,
+            temp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(NVRAM_MODE),
+        )
+        .map_err(|e| io_err("create", &temp_path, e))?;
+        let result = (|| {
+            set_owner_mode(&fd, owner, NVRAM_MODE, &temp_path)?;
+            let mut f = File::from(fd);
+            f.write_all(data)
+                .map_err(|e| io_err("write", &temp_path, e))?;
+            f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
+            renameat_with(
+                &dir,
+                temp.as_str(),
+                &dir,
+                name.as_str(),
+                RenameFlags::empty(),
+            )
+            .map_err(|e| io_err("rename into place", &target, e))?;
+            fsync(&dir).map_err(|e| io_err("fsync", &dir_path, e))
+        })();
+        if result.is_err() {
+            let _ = unlinkat(&dir, temp.as_str(), AtFlags::empty());
+        }
+        result
     }
 }
 
@@ -454,6 +668,61 @@ fn read_state_dir(
         ))),
         None => Ok(None),
     }
+}
+
+/// The leaf of a kept copy or backup: the TPM's state subdir (the VARS
+/// file, if any, beside the permall in the same dir, so that one rename
+/// swaps both), or `nvram` for a state without a TPM.
+fn machine_leaf(tpm: Option<TpmVersion>) -> &'static str {
+    tpm.map_or("nvram", TpmVersion::state_subdir)
+}
+
+/// Every file of a machine state, flat: what a kept copy or backup holds.
+fn machine_files(state: &MachineState) -> Vec<StateFile> {
+    state
+        .sections()
+        .into_iter()
+        .map(|(_, f)| f.clone())
+        .collect()
+}
+
+/// Reads a kept copy or backup dir: the permall when a TPM is expected
+/// (required), `VARS.fd` when `nvram` (optional beside a TPM, required
+/// without one).
+fn read_machine_dir(
+    parent: &OwnedFd,
+    leaf: &str,
+    dir_path: &Path,
+    tpm: Option<TpmVersion>,
+    nvram: bool,
+    max: u64,
+) -> Result<Option<MachineState>, FsError> {
+    let Some(dir) = open_dir_nofollow(parent, leaf, dir_path)? else {
+        return Ok(None);
+    };
+    let tpm_state = match tpm {
+        Some(version) => {
+            let name = version.permall_name();
+            match read_regular_file(dir.as_fd(), name, &dir_path.join(name), max)? {
+                Some(data) => Some(TpmState::new(
+                    version,
+                    vec![StateFile {
+                        name: name.to_string(),
+                        data,
+                    }],
+                )),
+                None => return Ok(None),
+            }
+        }
+        None => None,
+    };
+    let vars = if nvram {
+        read_regular_file(dir.as_fd(), NVRAM_FILE, &dir_path.join(NVRAM_FILE), max)?
+    } else {
+        None
+    };
+    let state = MachineState::new(tpm_state, vars);
+    Ok((!state.is_empty()).then_some(state))
 }
 
 /// A name unique to this process and moment, for temp entries.
@@ -704,15 +973,33 @@ impl HostData {
         read_state_dir(&dir, leaf, &path.join(leaf), version, max)
     }
 
-    pub fn write_kept(&self, uuid: &DomainUuid, state: &TpmState) -> Result<(), FsError> {
+    /// The kept copy as a machine state: the TPM part (when `tpm`) and
+    /// the VARS file (when `nvram`), from one directory.
+    pub fn read_kept_state(
+        &self,
+        uuid: &DomainUuid,
+        tpm: Option<TpmVersion>,
+        nvram: bool,
+        max: u64,
+    ) -> Result<Option<MachineState>, FsError> {
+        let Some((dir, path)) = self.uuid_dir(&self.data_dir, "kept", uuid, false)? else {
+            return Ok(None);
+        };
+        let leaf = machine_leaf(tpm);
+        read_machine_dir(&dir, leaf, &path.join(leaf), tpm, nvram, max)
+    }
+
+    /// Replaces the kept copy with `state`: its TPM file(s) and VARS file
+    /// in one directory, swapped in with one rename.
+    pub fn write_kept(&self, uuid: &DomainUuid, state: &MachineState) -> Result<(), FsError> {
         let (dir, path) = self
             .uuid_dir(&self.data_dir, "kept", uuid, true)?
             .expect("created");
         replace_dir(
             &dir,
             &path,
-            state.version.state_subdir(),
-            state.files(),
+            machine_leaf(state.tpm.as_ref().map(|t| t.version)),
+            &machine_files(state),
             Owner::current(),
         )
     }
@@ -722,7 +1009,7 @@ impl HostData {
     pub fn backup(
         &self,
         uuid: &DomainUuid,
-        state: &TpmState,
+        state: &MachineState,
         keep: usize,
     ) -> Result<PathBuf, FsError> {
         let (dir, path) = self
@@ -736,11 +1023,11 @@ impl HostData {
         let name = format!(
             "{stamp}-{}-{}",
             state.digest().short(),
-            state.version.state_subdir()
+            machine_leaf(state.tpm.as_ref().map(|t| t.version))
         );
         let full = path.join(&name);
         if !full.exists() {
-            replace_dir(&dir, &path, &name, state.files(), Owner::current())?;
+            replace_dir(&dir, &path, &name, &machine_files(state), Owner::current())?;
         }
         let mut names: Vec<String> = list_dir(&dir, &path)?
             .into_iter()
@@ -786,9 +1073,14 @@ impl HostData {
     /// `state` (the decision rule's `J`). The kept copy is brought up to the
     /// same state first: a kept copy older than `J` would otherwise look
     /// "newer than the metadata" once libvirt deletes the live dir.
-    pub fn record_sync(&self, uuid: &DomainUuid, state: &TpmState) -> Result<(), FsError> {
-        let kept = self.read_kept(uuid, state.version, KEPT_READ_LIMIT)?;
-        if kept.as_ref().map(TpmState::digest) != Some(state.digest()) {
+    pub fn record_sync(&self, uuid: &DomainUuid, state: &MachineState) -> Result<(), FsError> {
+        let kept = self.read_kept_state(
+            uuid,
+            state.tpm.as_ref().map(|t| t.version),
+            state.nvram.is_some(),
+            KEPT_READ_LIMIT,
+        )?;
+        if kept.as_ref().map(MachineState::digest) != Some(state.digest()) {
             self.write_kept(uuid, state)?;
         }
         let dir_path = self.data_dir.join("synced");

@@ -130,7 +130,7 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     // it refuses (plaintext is readable through read-only connections).
     super::keys::ensure_key(ctx)?;
     reload(ctx, args);
-    Ok(())
+    install_watch_unit(ctx, args)
 }
 
 pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
@@ -158,7 +158,103 @@ pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
         path.display()
     );
     reload(ctx, args);
+    uninstall_watch_unit(ctx, args);
     Ok(())
+}
+
+/// The watch daemon's systemd unit (dist/), with `ExecStart` pointing at the
+/// installed binary.
+const WATCH_UNIT: &str = include_str!("../../dist/virt-tpm-state-watch.service");
+const WATCH_UNIT_NAME: &str = "virt-tpm-state-watch.service";
+const WATCH_UNIT_DIR: &str = "/etc/systemd/system";
+const WATCH_EXEC_START: &str = "ExecStart=/usr/local/bin/virt-tpm-state watch";
+
+/// systemd is the running service manager (sd_booted's test), and this is
+/// the real host (not a re-rooted test tree).
+fn systemd_runs(ctx: &Ctx) -> bool {
+    !ctx.paths.is_rerooted() && Path::new("/run/systemd/system").is_dir()
+}
+
+fn systemctl(args: &[&str]) -> bool {
+    match std::process::Command::new("systemctl").args(args).status() {
+        Ok(st) if st.success() => true,
+        Ok(st) => {
+            println!("`systemctl {}` failed ({st})", args.join(" "));
+            false
+        }
+        Err(e) => {
+            println!("cannot run `systemctl {}`: {e}", args.join(" "));
+            false
+        }
+    }
+}
+
+/// Places the watch daemon's unit in /etc/systemd/system and enables it,
+/// where systemd runs; elsewhere says how to run the daemon.
+fn install_watch_unit(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
+    if args.no_watch {
+        return Ok(());
+    }
+    let exe =
+        std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/local/bin/virt-tpm-state"));
+    if !systemd_runs(ctx) {
+        println!(
+            "systemd is not running here, so the watch daemon (it keeps running VMs' metadata in sync within seconds) was not installed as a service; run `{} watch` under your service manager (dist/{WATCH_UNIT_NAME} is the systemd unit)",
+            exe.display()
+        );
+        return Ok(());
+    }
+    let dir = Path::new(WATCH_UNIT_DIR);
+    let path = dir.join(WATCH_UNIT_NAME);
+    if let Ok(old) = std::fs::read_to_string(&path) {
+        if !old.contains("virt-tpm-state watch") {
+            println!(
+                "{} exists and is not ours; left alone (the watch daemon is not enabled)",
+                path.display()
+            );
+            return Ok(());
+        }
+    }
+    let unit = WATCH_UNIT.replace(
+        WATCH_EXEC_START,
+        &format!("ExecStart={} watch", exe.display()),
+    );
+    create_dir_0755(dir)?;
+    write_file_atomically_mode(dir, WATCH_UNIT_NAME, unit.as_bytes(), 0o644)?;
+    println!("installed {}", path.display());
+    if args.no_reload {
+        println!(
+            "to start the watch daemon: systemctl daemon-reload && systemctl enable --now {WATCH_UNIT_NAME}"
+        );
+        return Ok(());
+    }
+    if systemctl(&["daemon-reload"]) && systemctl(&["enable", "--now", WATCH_UNIT_NAME]) {
+        println!("enabled and started {WATCH_UNIT_NAME}");
+    }
+    Ok(())
+}
+
+fn uninstall_watch_unit(ctx: &Ctx, args: &InstallArgs) {
+    if args.no_watch || !systemd_runs(ctx) {
+        return;
+    }
+    let path = Path::new(WATCH_UNIT_DIR).join(WATCH_UNIT_NAME);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.contains("virt-tpm-state watch") => {}
+        _ => return,
+    }
+    if !args.no_reload {
+        systemctl(&["disable", "--now", WATCH_UNIT_NAME]);
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            println!("removed {}", path.display());
+            if !args.no_reload {
+                systemctl(&["daemon-reload"]);
+            }
+        }
+        Err(e) => println!("cannot remove {}: {e}", path.display()),
+    }
 }
 
 fn create_dir_0755(dir: &Path) -> Result<(), CliError> {

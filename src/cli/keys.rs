@@ -96,7 +96,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
             }
             // Same state, same provenance: only the protection changes.
             let element = encode_sealed(
-                &m.tpm,
+                &m.state,
                 &m.provenance,
                 Style::ForSetMetadata,
                 newest_id,

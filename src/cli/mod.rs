@@ -5,7 +5,9 @@
 mod install;
 mod keys;
 mod show;
+mod status;
 mod store;
+mod watch;
 
 use crate::config::{Config, ConfigError};
 use crate::domain::DomainXmlError;
@@ -64,6 +66,20 @@ pub enum Command {
     Install(InstallArgs),
     /// Remove the hook installed by `install` (keeps backups, copies and metadata)
     Uninstall(InstallArgs),
+    /// Keep running VMs' metadata in step with their TPM state (a service; logs to syslog, with -v to stderr)
+    Watch,
+    /// Per domain: metadata generation and age, whether the local state matches; exit 20 when out of sync too long
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON for monitoring
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds out of sync before exiting 20 (default: status_max_lag_secs from the config)
+    #[arg(long, value_name = "SECS")]
+    pub max_lag: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +171,9 @@ pub struct InstallArgs {
     /// Do not signal libvirtd/virqemud; print what to run instead
     #[arg(long)]
     pub no_reload: bool,
+    /// Do not install and enable the watch daemon's systemd unit
+    #[arg(long)]
+    pub no_watch: bool,
 }
 
 /// Every way the CLI fails, each with its exit code (README, "Exit codes").
@@ -207,6 +226,8 @@ pub enum CliError {
     Key(String),
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    OutOfSync(String),
 }
 
 impl CliError {
@@ -233,6 +254,7 @@ impl CliError {
             CliError::Running(_) => 17,
             CliError::HookConflict(_) => 18,
             CliError::Key(_) => 19,
+            CliError::OutOfSync(_) => 20,
         }
     }
 }
@@ -261,6 +283,13 @@ pub fn main() -> ExitCode {
             "virt-tpm-state",
             log::LevelFilter::Info,
             log::LevelFilter::Warn,
+        );
+    } else if matches!(cli.command, Command::Watch) && cli.verbose == 0 {
+        // The daemon: syslog (the journal), stderr when syslog is unreachable.
+        crate::logging::init(
+            "virt-tpm-state",
+            log::LevelFilter::Info,
+            log::LevelFilter::Info,
         );
     } else {
         init_stderr_logger(level);
@@ -323,6 +352,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rekey(a) => keys::rekey(&ctx, &a),
         Command::Install(a) => install::install(&ctx, &a),
         Command::Uninstall(a) => install::uninstall(&ctx, &a),
+        Command::Watch => watch::watch(ctx),
+        Command::Status(a) => status::status(&ctx, &a),
     }
 }
 

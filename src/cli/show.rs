@@ -5,9 +5,7 @@ use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, Sourc
 use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::libvirt::Libvirt;
-use crate::restore::{
-    domain_tpm_version, prepare_domain, shown_name, state_location, PrepareOptions,
-};
+use crate::restore::{carried, prepare_domain, shown_name, PrepareOptions};
 use crate::statefs::load_keyring;
 use crate::statefs::{write_new_file, HostData};
 use crate::swtpm::check_header;
@@ -63,6 +61,8 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
 
 #[derive(serde::Serialize)]
 struct FileJson {
+    /// `tpm` or `nvram`.
+    section: &'static str,
     name: String,
     size: usize,
     sha256: String,
@@ -103,11 +103,11 @@ struct ShowJson {
 
 /// `virt-tpm-state:<key ids>`, `swtpm`, both joined by `+`, or `none`.
 fn protection(m: &MetadataState) -> String {
-    let swtpm = m
-        .tpm
-        .files()
-        .iter()
-        .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()));
+    let swtpm = m.state.tpm.as_ref().is_some_and(|t| {
+        t.files()
+            .iter()
+            .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
+    });
     let mut parts = Vec::new();
     if !m.sealed_with.is_empty() {
         let ids: Vec<&str> = m.sealed_with.iter().map(|k| k.as_str()).collect();
@@ -176,17 +176,19 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
             j.parent = m.provenance.parent.map(|p| p.hex());
             j.stored = Some(m.provenance.stored.clone());
             j.host = Some(m.provenance.host.clone());
-            j.tpm_version = Some(m.tpm.version.to_string());
+            j.tpm_version = m.state.tpm.as_ref().map(|t| t.version.to_string());
             j.protection = Some(protection(m));
             j.files = m
-                .tpm
-                .files()
-                .iter()
-                .map(|f| FileJson {
+                .state
+                .sections()
+                .into_iter()
+                .map(|(section, f)| FileJson {
+                    section,
                     name: f.name.clone(),
                     size: f.data.len(),
                     sha256: f.sha256().hex(),
-                    swtpm_encrypted: check_header(&f.data).is_ok_and(|h| h.is_encrypted()),
+                    swtpm_encrypted: section == "tpm"
+                        && check_header(&f.data).is_ok_and(|h| h.is_encrypted()),
                 })
                 .collect();
         }
@@ -259,16 +261,39 @@ fn local_state(
     ctx: &Ctx,
     info: &DomainInfo,
 ) -> Option<(String, Result<Option<crate::state::Sha256Sum>, String>)> {
-    let version = domain_tpm_version(info).ok()??;
-    let location = state_location(&ctx.paths, info, version).ok()?;
-    let path = location.path().display().to_string();
+    let carried = carried(&ctx.paths, &ctx.config, info).ok()?;
+    let mut paths: Vec<String> = Vec::new();
+    if let Some((_, l)) = &carried.tpm {
+        paths.push(l.path().display().to_string());
+    }
+    if let Some(l) = &carried.nvram {
+        paths.push(l.path().display().to_string());
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    // Compared over the sections the element holds (as the hook does).
+    let (tpm, nvram) = match info.metadata.as_ref().map(|e| {
+        let has = |n: &str| e.children.iter().any(|c| c.name == n);
+        (has("tpm"), has("nvram"))
+    }) {
+        Some((t, n)) if t || n => (t, n),
+        _ => (true, true),
+    };
     let max = ctx.config.max_file_size;
-    let read = location.read(version, max).and_then(|live| match live {
-        Some(s) => Ok(Some(s)),
-        None => HostData::new(&ctx.paths).read_kept(&info.uuid, version, max),
-    });
+    let read = carried
+        .read_live(tpm, nvram, max)
+        .and_then(|live| match live {
+            Some(s) => Ok(Some(s)),
+            None => HostData::new(&ctx.paths).read_kept_state(
+                &info.uuid,
+                carried.tpm_version().filter(|_| tpm),
+                nvram && carried.nvram.is_some(),
+                max,
+            ),
+        });
     Some((
-        path,
+        paths.join(" + "),
         read.map(|s| s.map(|s| s.digest()))
             .map_err(|e| e.to_string()),
     ))
@@ -317,14 +342,20 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
                 j.element_uuid.as_deref().unwrap_or("?")
             );
         }
-        println!(
-            "  TPM:         {}, {} file(s)",
-            j.tpm_version.as_deref().unwrap_or("?"),
-            j.files.len()
-        );
+        let tpm_files = j.files.iter().filter(|f| f.section == "tpm").count();
+        if let Some(v) = &j.tpm_version {
+            println!("  TPM:         {v}, {tpm_files} file(s)");
+        } else {
+            println!("  TPM:         none (UEFI variables only)");
+        }
         for f in &j.files {
+            let label = if f.section == "nvram" {
+                "  (UEFI variables, nvram)"
+            } else {
+                ""
+            };
             println!(
-                "    {}  {} bytes  sha256 {}…",
+                "    {}  {} bytes  sha256 {}…{label}",
                 f.name,
                 f.size,
                 &f.sha256[..12]
@@ -429,7 +460,7 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     // Names were checked against the allow-list by `decode`: no path can
     // leave DIR, and files are created O_EXCL|O_NOFOLLOW inside it.
     crate::statefs::create_private_dir_all(&args.out)?;
-    for f in m.tpm.files() {
+    for (_, f) in m.state.sections() {
         write_new_file(&args.out, &f.name, &f.data)?;
         println!(
             "{}  {} bytes  sha256 {}",

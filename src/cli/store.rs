@@ -8,9 +8,9 @@ use crate::format::{
     Provenance, Style, NAMESPACE_PREFIX,
 };
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
-use crate::restore::{domain_tpm_version, shown_name, state_location};
-use crate::state::{TpmState, TpmVersion};
-use crate::statefs::{keys_dir, load_keyring, HostData, StateLocation};
+use crate::restore::{carried, shown_name, Carried};
+use crate::state::{MachineState, TpmState};
+use crate::statefs::{keys_dir, load_keyring, HostData};
 use crate::swtpm::check_header;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -87,8 +87,9 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
 pub struct StoreOptions {
     /// Store plaintext when this host has no key.
     pub allow_plaintext: bool,
-    /// A state the caller already saw settle (the watch daemon reads it
-    /// twice a settle interval apart itself); `None`: read it here.
+    /// A TPM state the caller already saw settle (the watch daemon reads
+    /// it twice a settle interval apart itself); `None`: read it here. The
+    /// domain's VARS file, when carried, is read (settled) here either way.
     pub settled: Option<TpmState>,
     /// The watch daemon: a running domain's write always includes the live
     /// copy, so libvirt refuses it once the domain has stopped (the post-stop
@@ -104,7 +105,7 @@ pub struct StoreDone {
     pub m: MetadataState,
     pub element_bytes: usize,
     pub targets: Targets,
-    pub state: TpmState,
+    pub state: MachineState,
     /// The one-line summary `store` prints.
     pub line: String,
 }
@@ -118,21 +119,38 @@ pub fn store_domain(
 ) -> Result<StoreDone, CliError> {
     let live_xml = dom.xml()?;
     let live_info = parse_domain(live_xml.as_bytes(), &ctx.config.namespace)?;
-    let version = tpm_version_or_explain(&live_info)?;
-    let location = state_location(&ctx.paths, &live_info, version)?;
+    let carried = carried_or_explain(ctx, &live_info)?;
     let host = HostData::new(&ctx.paths);
     let state = match opts.settled {
-        Some(s) => s,
-        None => read_settled(ctx, dom, &location, &host, &live_info, version)?,
+        Some(tpm) => {
+            // The TPM part settled already; settle the VARS file alone.
+            let nvram_only = Carried {
+                tpm: None,
+                nvram: carried.nvram.clone(),
+            };
+            let vars = if nvram_only.is_empty() {
+                None
+            } else {
+                read_settled(ctx, dom, &nvram_only, &host, &live_info, true)?.and_then(|s| s.nvram)
+            };
+            MachineState {
+                tpm: Some(tpm),
+                nvram: vars,
+            }
+        }
+        None => read_settled(ctx, dom, &carried, &host, &live_info, false)?
+            .expect("a missing state is an error unless asked otherwise"),
     };
-    for f in state.files() {
-        check_header(&f.data).map_err(|e| CliError::NoTpm {
-            name: shown_name(&dom.name),
-            why: format!(
-                "the local state file {} is not a valid swtpm state ({e}); nothing was stored",
-                location.path().join(&f.name).display()
-            ),
-        })?;
+    if let (Some(tpm), Some((_, location))) = (&state.tpm, &carried.tpm) {
+        for f in tpm.files() {
+            check_header(&f.data).map_err(|e| CliError::NoTpm {
+                name: shown_name(&dom.name),
+                why: format!(
+                    "the local state file {} is not a valid swtpm state ({e}); nothing was stored",
+                    location.path().join(&f.name).display()
+                ),
+            })?;
+        }
     }
     let digest = state.digest();
 
@@ -169,7 +187,7 @@ pub fn store_domain(
             unreachable!("no target to write, yet the definition does not hold the digest")
         };
         if !opts.watch || host.read_synced(&dom.uuid)? != Some(digest) {
-            record_synced(ctx, &host, dom, &state, opts.watch.then_some(&location))?;
+            record_synced(ctx, &host, dom, &state, opts.watch.then_some(&carried))?;
         }
         return Ok(StoreDone {
             line: format!(
@@ -223,10 +241,13 @@ pub fn store_domain(
             }
         }
     };
-    let swtpm_encrypted = state
-        .files()
-        .iter()
-        .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()));
+    // swtpm's own encryption makes the TPM blob ciphertext; a VARS file
+    // beside it travels as it is (UEFI variables, no TPM secrets).
+    let swtpm_encrypted = state.tpm.as_ref().is_some_and(|t| {
+        t.files()
+            .iter()
+            .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
+    });
     let mut fill = os_random;
     let (protection, sealed_with) = match keys.newest() {
         Some((key_id, key)) => (
@@ -271,11 +292,11 @@ pub fn store_domain(
         &ctx.config.namespace,
         targets,
     )?;
-    record_synced(ctx, &host, dom, &state, opts.watch.then_some(&location))?;
+    record_synced(ctx, &host, dom, &state, opts.watch.then_some(&carried))?;
     let m = MetadataState {
         provenance,
         digest,
-        tpm: state.clone(),
+        state: state.clone(),
         sealed_with,
     };
     let where_ = match (targets.live, targets.config) {
@@ -343,19 +364,26 @@ fn approx_element_len(xml: &str) -> usize {
     xml[start..].find(&end_tag).map_or(0, |e| e + end_tag.len())
 }
 
-fn tpm_version_or_explain(info: &DomainInfo) -> Result<TpmVersion, CliError> {
-    match domain_tpm_version(info)? {
-        Some(v) => Ok(v),
-        None => Err(CliError::NoTpm {
-            name: shown_name(&info.name),
-            why: if info.tpms.is_empty() {
-                "the domain has no <tpm> device; nothing to store".to_string()
-            } else {
-                "its <tpm> is not an emulated (swtpm) TPM; only emulator backends have state to store"
-                    .to_string()
-            },
-        }),
+/// What this host carries for the domain (TPM, VARS or both); an error
+/// naming why when that is nothing.
+fn carried_or_explain(ctx: &Ctx, info: &DomainInfo) -> Result<Carried, CliError> {
+    let c = carried(&ctx.paths, &ctx.config, info)?;
+    if !c.is_empty() {
+        return Ok(c);
     }
+    let nvram_hint = if info.os.nvram().is_some() && !ctx.config.nvram_without_tpm {
+        " (its UEFI variables are carried only with a TPM, unless nvram_without_tpm = true)"
+    } else {
+        ""
+    };
+    Err(CliError::NoTpm {
+        name: shown_name(&info.name),
+        why: if info.tpms.is_empty() {
+            format!("the domain has no <tpm> device; nothing to store{nvram_hint}")
+        } else {
+            format!("its <tpm> is not an emulated (swtpm) TPM; only emulator backends have state to store{nvram_hint}")
+        },
+    })
 }
 
 fn wait_inactive(dom: &mut DomainHandle) -> Result<(), CliError> {
@@ -377,48 +405,75 @@ fn wait_inactive(dom: &mut DomainHandle) -> Result<(), CliError> {
     }
 }
 
-/// Reads the local state: once for a stopped domain (from the state dir, or
-/// the copy kept at stop when the dir is gone); for a running one, until two
-/// reads a settle interval apart agree.
+/// Reads the local state (the carried TPM state and VARS file together):
+/// once for a stopped domain (from the live files, or the copy kept at stop
+/// when the TPM dir is gone); for a running one, until two reads a settle
+/// interval apart agree. A VARS file that does not exist yet (never started)
+/// is stored without. `Ok(None)` only with `missing_ok`.
 fn read_settled(
     ctx: &Ctx,
     dom: &DomainHandle,
-    location: &StateLocation,
+    carried: &Carried,
     host: &HostData,
     info: &DomainInfo,
-    version: TpmVersion,
-) -> Result<TpmState, CliError> {
+    missing_ok: bool,
+) -> Result<Option<MachineState>, CliError> {
     let max = ctx.config.max_file_size;
     let missing = || CliError::NoTpm {
         name: shown_name(&dom.name),
-        why: format!(
-            "no TPM state at {} yet; start the VM once so libvirt creates it",
-            location.path().display()
-        ),
+        why: match (&carried.tpm, &carried.nvram) {
+            (Some((_, l)), _) => format!(
+                "no TPM state at {} yet; start the VM once so libvirt creates it",
+                l.path().display()
+            ),
+            (None, Some(l)) => format!(
+                "no UEFI variable store at {} yet; start the VM once so libvirt creates it",
+                l.path().display()
+            ),
+            (None, None) => "nothing to store".to_string(),
+        },
     };
-    if !dom.active {
-        return match location.read(version, max)? {
-            Some(s) => Ok(s),
-            None => host
-                .read_kept(&info.uuid, version, max)?
-                .ok_or_else(missing),
-        };
-    }
-    let interval = Duration::from_millis(ctx.config.settle_interval_ms);
-    let mut previous = location.read(version, max)?.ok_or_else(missing)?;
-    for _ in 1..ctx.config.settle_attempts {
-        std::thread::sleep(interval);
-        let now = location.read(version, max)?.ok_or_else(missing)?;
-        if now.digest() == previous.digest() {
-            return Ok(now);
+    let read =
+        || -> Result<Option<MachineState>, CliError> { Ok(carried.read_live(true, true, max)?) };
+    let result = if !dom.active {
+        match read()? {
+            Some(s) => Some(s),
+            None => host.read_kept_state(
+                &info.uuid,
+                carried.tpm_version(),
+                carried.nvram.is_some(),
+                max,
+            )?,
         }
-        previous = now;
+    } else {
+        let interval = Duration::from_millis(ctx.config.settle_interval_ms);
+        let mut previous = read()?;
+        let mut settled = None;
+        for _ in 1..ctx.config.settle_attempts {
+            std::thread::sleep(interval);
+            let now = read()?;
+            if now.as_ref().map(MachineState::digest) == previous.as_ref().map(MachineState::digest)
+            {
+                settled = Some(now);
+                break;
+            }
+            previous = now;
+        }
+        match settled {
+            Some(s) => s,
+            None => {
+                return Err(CliError::StillChanging {
+                    name: shown_name(&dom.name),
+                    attempts: ctx.config.settle_attempts,
+                    interval_ms: ctx.config.settle_interval_ms,
+                })
+            }
+        }
+    };
+    match result {
+        None if !missing_ok => Err(missing()),
+        r => Ok(r),
     }
-    Err(CliError::StillChanging {
-        name: shown_name(&dom.name),
-        attempts: ctx.config.settle_attempts,
-        interval_ms: ctx.config.settle_interval_ms,
-    })
 }
 
 /// Records `J` (and the kept copy). With `still_at` (the watch daemon), only
@@ -429,13 +484,13 @@ fn record_synced(
     ctx: &Ctx,
     host: &HostData,
     dom: &DomainHandle,
-    state: &TpmState,
-    still_at: Option<&StateLocation>,
+    state: &MachineState,
+    still_at: Option<&Carried>,
 ) -> Result<(), CliError> {
     let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
-    if let Some(location) = still_at {
-        let now = location.read(state.version, ctx.config.max_file_size)?;
-        if now.as_ref().map(TpmState::digest) != Some(state.digest()) {
+    if let Some(carried) = still_at {
+        let now = carried.read_live(true, true, ctx.config.max_file_size)?;
+        if now.as_ref().map(MachineState::digest) != Some(state.digest()) {
             log::debug!(
                 "VM {}: the state changed again while it was stored; the sync journal waits for the next store",
                 shown_name(&dom.name)
@@ -504,7 +559,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         },
         _ => Protection::Plain,
     };
-    let element = encode_with(&m.tpm, &provenance, Style::ForSetMetadata, protection);
+    let element = encode_with(&m.state, &provenance, Style::ForSetMetadata, protection);
     let targets = Targets {
         live: dom.active,
         config: dom.persistent,

@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::domain::parse_domain;
 use crate::format::read_header;
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
-use crate::restore::{domain_tpm_version, shown_name, state_location};
+use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
 use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
 use crate::statefs::{create_private_dir_all, write_file_atomically_mode, StateLocation};
 use nix::sys::signal::{SigSet, Signal};
@@ -96,7 +96,11 @@ enum StaticDir {
 }
 
 impl StaticDir {
-    const ALL: [StaticDir; 3] = [StaticDir::RunLibvirt, StaticDir::RunQemu, StaticDir::EtcQemu];
+    const ALL: [StaticDir; 3] = [
+        StaticDir::RunLibvirt,
+        StaticDir::RunQemu,
+        StaticDir::EtcQemu,
+    ];
 
     fn path(self) -> &'static str {
         match self {
@@ -197,7 +201,31 @@ struct Daemon {
     status_written: Option<String>,
 }
 
+/// One daemon per host: an exclusive lock on `/run/virt-tpm-state/watch.lock`,
+/// held for the life of the process.
+fn single_instance(ctx: &Ctx) -> Result<OwnedFd, CliError> {
+    use rustix::fs::{flock, openat, FlockOperation, Mode, OFlags, CWD};
+    let dir = ctx.paths.run_dir();
+    create_private_dir_all(&dir)?;
+    let path = dir.join("watch.lock");
+    let fd = openat(
+        CWD,
+        &path,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", path.display())))?;
+    flock(&fd, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        CliError::Usage(format!(
+            "another `virt-tpm-state watch` is running (it holds {})",
+            path.display()
+        ))
+    })?;
+    Ok(fd)
+}
+
 pub fn watch(ctx: Ctx) -> Result<(), CliError> {
+    let _instance = single_instance(&ctx)?;
     // Signals are taken through a signalfd: block them first (one thread).
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -472,7 +500,10 @@ impl Daemon {
             }
             Err(e) => {
                 if self.outage.is_none() {
-                    log::warn!("libvirt unreachable ({e}); retrying quietly with backoff up to {} s", BACKOFF_MAX.as_secs());
+                    log::warn!(
+                        "libvirt unreachable ({e}); retrying quietly with backoff up to {} s",
+                        BACKOFF_MAX.as_secs()
+                    );
                     self.outage = Some((now, SystemTime::now()));
                 }
                 self.retry_at = Some(now + self.backoff);
@@ -490,7 +521,9 @@ impl Daemon {
         }
         log::debug!("the libvirt connection is gone; reconnecting");
         self.lv = None;
-        self.retry_at = None;
+        // Reconnect at the next turn of the loop (and log the outage once
+        // if that fails); the reconcile after reconnecting resumes the work.
+        self.retry_at = Some(Instant::now());
         true
     }
 
@@ -526,7 +559,10 @@ impl Daemon {
         for u in gone {
             self.forget(&u);
         }
-        log::debug!("reconciled: {} running domain(s) with an emulated TPM watched", self.doms.len());
+        log::debug!(
+            "reconciled: {} running domain(s) with an emulated TPM watched",
+            self.doms.len()
+        );
     }
 
     fn refresh_name(&mut self, name: &str) {
@@ -657,7 +693,16 @@ impl Daemon {
         }
         // Compare the local state with the metadata (cheap: attributes only;
         // the store validates everything before it writes).
-        let local = match location.read(version, self.ctx.config.max_file_size) {
+        // Everything the element carries for this domain (the TPM and, for
+        // UEFI domains, the VARS file): the digest `store` would write.
+        let carried_now = match carried(&self.ctx.paths, &self.ctx.config, &info) {
+            Ok(c) => c,
+            Err(e) => {
+                log::debug!("VM {}: {e}", shown_name(&h.name));
+                return;
+            }
+        };
+        let local = match carried_now.read_live(true, true, self.ctx.config.max_file_size) {
             Ok(Some(s)) => s.digest(),
             Ok(None) => return,
             Err(e) => {
@@ -666,7 +711,7 @@ impl Daemon {
             }
         };
         let live_ok = live_digest == Some(local);
-        let config_ok = config_digest.is_none_or(|c| c == Some(local));
+        let config_ok = config_digest.map_or(true, |c| c == Some(local));
         if !(live_ok && config_ok) && entry.settle.is_none() {
             if entry.status.out_of_sync_since.is_none() {
                 let since = std::fs::metadata(location.path().join(version.permall_name()))
@@ -824,9 +869,6 @@ impl Daemon {
                 .map(|(u, w)| {
                     let mut s = w.status.clone();
                     s.pending = w.settle.is_some();
-                    if s.pending && s.out_of_sync_since.is_none() {
-                        s.out_of_sync_since = Some(rfc3339(SystemTime::now()));
-                    }
                     (u.to_string(), s)
                 })
                 .collect(),

@@ -1,0 +1,234 @@
+//! `status`: per domain with an emulated TPM, what the metadata holds, how
+//! old it is, whether this host's local state matches it, and the watch
+//! daemon's pending work. Exits 20 when a domain has been out of sync longer
+//! than `status_max_lag_secs`, for monitoring.
+
+use super::watch::{read_daemon_status, DaemonStatus};
+use super::{CliError, Ctx, StatusArgs};
+use crate::domain::{parse_domain, DomainInfo};
+use crate::format::read_header;
+use crate::libvirt::Libvirt;
+use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
+use crate::state::Sha256Sum;
+use crate::statefs::HostData;
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    domain: String,
+    uuid: String,
+    running: bool,
+    persistent: bool,
+    /// Generation in the metadata (the config copy for a persistent domain).
+    generation: Option<u64>,
+    digest: Option<String>,
+    stored: Option<String>,
+    age_secs: Option<u64>,
+    local_digest: Option<String>,
+    /// Every copy of the metadata (live and config) holds the local state.
+    in_sync: bool,
+    out_of_sync_since: Option<String>,
+    out_of_sync_secs: Option<u64>,
+    pending: bool,
+    last_error: Option<String>,
+    /// Out of sync longer than the threshold.
+    alert: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    daemon: Option<DaemonStatus>,
+    max_lag_secs: u64,
+    domains: Vec<Row>,
+}
+
+fn parse_time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(s).ok()
+}
+
+fn secs_since(t: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(t)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+fn header(info: &DomainInfo) -> Option<(crate::format::Provenance, Sha256Sum)> {
+    info.metadata.as_ref().and_then(|el| read_header(el).ok())
+}
+
+pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
+    let max_lag = args.max_lag.unwrap_or(ctx.config.status_max_lag_secs);
+    let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
+    let daemon = read_daemon_status(ctx);
+    let host = HostData::new(&ctx.paths);
+    let ns = &ctx.config.namespace;
+    let mut rows = Vec::new();
+    for dom in lv.all_domains()? {
+        let Ok(live) = dom.xml() else { continue };
+        let Ok(live_info) = parse_domain(live.as_bytes(), ns) else {
+            continue;
+        };
+        let Ok(Some(version)) = domain_tpm_version(&live_info) else {
+            continue;
+        };
+        let config_info = if dom.persistent {
+            dom.inactive_xml()
+                .ok()
+                .and_then(|x| parse_domain(x.as_bytes(), ns).ok())
+        } else {
+            None
+        };
+        let holder = config_info.as_ref().unwrap_or(&live_info);
+        let meta = header(holder);
+        // The local state: the live dir, or the copy kept at the last stop.
+        // Everything the element carries (the TPM and, for UEFI domains,
+        // the VARS file): the digest `store` would write.
+        let location = state_location(&ctx.paths, &live_info, version).ok();
+        let max = ctx.config.max_file_size;
+        let carried_now = carried(&ctx.paths, &ctx.config, &live_info).ok();
+        let local = match carried_now.as_ref().map(|c| c.read_live(true, true, max)) {
+            Some(Ok(Some(s))) => Some(s),
+            _ if !dom.active => host
+                .read_kept_state(
+                    &dom.uuid,
+                    Some(version),
+                    carried_now.as_ref().is_some_and(|c| c.nvram.is_some()),
+                    max,
+                )
+                .ok()
+                .flatten(),
+            _ => None,
+        };
+        let local_digest = local.as_ref().map(|s| s.digest());
+        let mut copies = Vec::new();
+        if dom.active {
+            copies.push(header(&live_info).map(|(_, d)| d));
+        }
+        if let Some(c) = &config_info {
+            copies.push(header(c).map(|(_, d)| d));
+        }
+        // No local state yet (never started): nothing to be out of sync with.
+        let in_sync = local_digest.is_none() || copies.iter().all(|d| *d == local_digest);
+        let entry = daemon
+            .as_ref()
+            .and_then(|d| d.domains.get(dom.uuid.as_str()));
+        let since = if in_sync {
+            None
+        } else {
+            // The daemon's first sighting, else the local file's change time
+            // (a lower bound: the state changed then at the latest).
+            entry
+                .and_then(|e| e.out_of_sync_since.as_deref())
+                .and_then(parse_time)
+                .or_else(|| {
+                    location
+                        .as_ref()
+                        .map(|l| l.path().join(version.permall_name()))
+                        .and_then(|p| std::fs::metadata(p).ok())
+                        .and_then(|m| m.modified().ok())
+                })
+                .or_else(|| Some(SystemTime::now()))
+        };
+        let out_of_sync_secs = since.map(secs_since);
+        let stored = meta.as_ref().map(|(p, _)| p.stored.clone());
+        rows.push(Row {
+            domain: dom.name.clone(),
+            uuid: dom.uuid.to_string(),
+            running: dom.active,
+            persistent: dom.persistent,
+            generation: meta.as_ref().map(|(p, _)| p.generation),
+            digest: meta.as_ref().map(|(_, d)| d.hex()),
+            age_secs: stored.as_deref().and_then(parse_time).map(secs_since),
+            stored,
+            local_digest: local_digest.map(|d| d.hex()),
+            in_sync,
+            out_of_sync_since: since.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            out_of_sync_secs,
+            pending: entry.is_some_and(|e| e.pending),
+            last_error: entry.and_then(|e| e.last_error.clone()),
+            alert: out_of_sync_secs.is_some_and(|s| s > max_lag),
+        });
+    }
+    rows.sort_by(|a, b| a.domain.cmp(&b.domain));
+    let late: Vec<String> = rows
+        .iter()
+        .filter(|r| r.alert)
+        .map(|r| shown_name(&r.domain))
+        .collect();
+    let report = Report {
+        daemon,
+        max_lag_secs: max_lag,
+        domains: rows,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    } else {
+        print_table(&report);
+    }
+    if late.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::OutOfSync(format!(
+            "out of sync for more than {max_lag} s: {}",
+            late.join(", ")
+        )))
+    }
+}
+
+fn ago(secs: Option<u64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(s) if s < 120 => format!("{s}s ago"),
+        Some(s) if s < 7200 => format!("{}m ago", s / 60),
+        Some(s) if s < 172_800 => format!("{}h ago", s / 3600),
+        Some(s) => format!("{}d ago", s / 86400),
+    }
+}
+
+fn print_table(r: &Report) {
+    match &r.daemon {
+        Some(d) => println!(
+            "watch daemon: running (pid {}, since {}){}",
+            d.pid,
+            d.started,
+            d.libvirt_unreachable_since
+                .as_deref()
+                .map(|t| format!(", libvirt unreachable since {t}"))
+                .unwrap_or_default()
+        ),
+        None => println!("watch daemon: not running"),
+    }
+    println!(
+        "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
+        "DOMAIN", "STATE", "GEN", "STORED", "LOCAL", "PENDING"
+    );
+    for row in &r.domains {
+        let sync = if row.local_digest.is_none() {
+            "no local state".to_string()
+        } else if row.in_sync {
+            "in sync".to_string()
+        } else {
+            format!(
+                "OUT OF SYNC {}{}",
+                ago(row.out_of_sync_secs).trim_end_matches(" ago"),
+                if row.alert { " (!)" } else { "" }
+            )
+        };
+        println!(
+            "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
+            row.domain,
+            if row.running { "running" } else { "shut off" },
+            row.generation.map_or("-".into(), |g| g.to_string()),
+            ago(row.age_secs),
+            sync,
+            if row.pending { "yes" } else { "no" }
+        );
+        if let Some(e) = &row.last_error {
+            println!("  last error: {e}");
+        }
+    }
+}
