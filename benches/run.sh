@@ -50,6 +50,9 @@ large=$in/large.permall
 "$input" synth-permall 262144 "$large"
 "$input" domain "$template" "$typical" >"$in/typical.xml"
 "$input" domain "$template" "$large" >"$in/large.xml"
+vars=/usr/share/OVMF/OVMF_VARS_4M.fd               # a real 540 KiB OVMF variable store
+"$input" domain-vars "$template" "$large" "$vars" >"$in/large-vars.xml"
+vm_name=$(sed -n 's:.*<name>\(.*\)</name>.*:\1:p' "$template" | head -1)
 "$input" domain "$template" "$large" 3145728 >"$in/large-padded.xml"
 cp "$template" "$in/nostate.xml"                  # the same domain, no metadata at all
 "$input" element "$template" "$typical" >"$in/element.xml"
@@ -157,13 +160,17 @@ hf row1-diag --warmup 10 --runs "$RUNS" \
     -n "empty Rust main, static" "sh -c 'exec $diag/empty-rust-static < $in/nostate.xml'"
 
 log "row 2: prepare restoring a state (each run restores: --prepare resets the scratch tree)"
-for size in typical typical-stored large; do
+reset_vars="$reset $root/var/lib/libvirt/qemu/nvram"
+for size in typical typical-stored large large-vars; do
     # check once that it really restores
-    $reset
+    $reset_vars
     "$hook" bench-vm prepare begin - <"$in/$size.xml"
     cmp "$root/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall" \
-        "$([[ $size == large ]] && echo "$large" || echo "$typical")"
-    hf "row2-$size" --warmup 5 --runs "$RUNS" --prepare "$reset" \
+        "$([[ $size == large* ]] && echo "$large" || echo "$typical")"
+    if [[ $size == large-vars ]]; then
+        cmp "$root/var/lib/libvirt/qemu/nvram/${vm_name}_VARS.fd" "$vars"
+    fi
+    hf "row2-$size" --warmup 5 --runs "$RUNS" --prepare "$reset_vars" \
         -n "hook prepare ($size)" "sh -c 'exec $hook bench-vm prepare begin - < $in/$size.xml'" \
         -n "shell hook" "sh -c 'exec $shell_hook bench-vm prepare begin - < $in/$size.xml'"
 done

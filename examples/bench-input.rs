@@ -10,6 +10,9 @@
 //!     <metadata> holding our element for PERMALL (format::encode,
 //!     Style::Standalone), plus PAD_BYTES of another application's metadata
 //!     (to show the hook's memory does not grow with the XML)
+//! cargo run --release --example bench-input -- domain-vars TEMPLATE PERMALL VARS
+//!     like `domain`, for a UEFI domain (`<os firmware='efi'>`) whose element
+//!     also carries VARS (an OVMF variable store) in its <nvram> section
 //! cargo run --release --example bench-input -- element TEMPLATE PERMALL
 //!     prints only the element as `virt-tpm-state store` passes it to
 //!     virDomainSetMetadata (Style::ForSetMetadata: no prefix, no xmlns)
@@ -18,7 +21,7 @@
 use sha2::{Digest as _, Sha256};
 use std::process::ExitCode;
 use virt_tpm_state::format::{encode, Provenance, Style};
-use virt_tpm_state::state::{DomainUuid, StateFile, TpmState, TpmVersion};
+use virt_tpm_state::state::{DomainUuid, MachineState, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::{check_header, synthetic_blob};
 
 fn stream(seed: &str, len: usize) -> Vec<u8> {
@@ -42,6 +45,11 @@ fn uuid_of(xml: &str) -> String {
 }
 
 fn element(template: &str, permall: &str, style: Style) -> String {
+    element_with(template, permall, None, style)
+}
+
+fn element_with(template: &str, permall: &str, vars: Option<&str>, style: Style) -> String {
+    let vars = vars.map(|v| std::fs::read(v).unwrap_or_else(|e| panic!("{v}: {e}")));
     let data = std::fs::read(permall).unwrap_or_else(|e| panic!("{permall}: {e}"));
     check_header(&data).unwrap_or_else(|e| panic!("{permall}: not a swtpm state file: {e}"));
     let tpm = TpmState::new(
@@ -58,7 +66,7 @@ fn element(template: &str, permall: &str, style: Style) -> String {
         stored: "2026-01-01T00:00:00Z".into(),
         host: "bench-host".into(),
     };
-    encode(&tpm.into(), &provenance, style)
+    encode(&MachineState::new(Some(tpm), vars), &provenance, style)
 }
 
 /// Another application's metadata, about `bytes` long (compressible text,
@@ -78,7 +86,11 @@ fn padding(bytes: usize) -> String {
 }
 
 fn domain(template: &str, permall: &str, pad: usize) -> String {
-    let el: String = element(template, permall, Style::Standalone)
+    domain_with(template, permall, None, pad)
+}
+
+fn domain_with(template: &str, permall: &str, vars: Option<&str>, pad: usize) -> String {
+    let el: String = element_with(template, permall, vars, Style::Standalone)
         .lines()
         .map(|l| format!("    {l}\n"))
         .collect();
@@ -110,12 +122,19 @@ fn main() -> ExitCode {
             let t = std::fs::read_to_string(template).unwrap_or_else(|e| panic!("{template}: {e}"));
             print!("{}", domain(&t, permall, pad));
         }
+        ["domain-vars", template, permall, vars] => {
+            let t = std::fs::read_to_string(template).unwrap_or_else(|e| panic!("{template}: {e}"));
+            // A UEFI domain: the hook derives libvirt's default VARS path.
+            let t = t.replacen("<os>", "<os firmware='efi'>", 1);
+            assert!(t.contains("<os firmware='efi'>"), "template has no plain <os>");
+            print!("{}", domain_with(&t, permall, Some(vars), 0));
+        }
         ["element", template, permall] => {
             let t = std::fs::read_to_string(template).unwrap_or_else(|e| panic!("{template}: {e}"));
             print!("{}", element(&t, permall, Style::ForSetMetadata));
         }
         _ => {
-            eprintln!("usage: bench-input synth-permall SIZE OUT | domain TEMPLATE PERMALL [PAD_BYTES] | element TEMPLATE PERMALL");
+            eprintln!("usage: bench-input synth-permall SIZE OUT | domain TEMPLATE PERMALL [PAD_BYTES] | domain-vars TEMPLATE PERMALL VARS | element TEMPLATE PERMALL");
             return ExitCode::from(2);
         }
     }
