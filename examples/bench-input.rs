@@ -126,7 +126,10 @@ fn main() -> ExitCode {
             let t = std::fs::read_to_string(template).unwrap_or_else(|e| panic!("{template}: {e}"));
             // A UEFI domain: the hook derives libvirt's default VARS path.
             let t = t.replacen("<os>", "<os firmware='efi'>", 1);
-            assert!(t.contains("<os firmware='efi'>"), "template has no plain <os>");
+            assert!(
+                t.contains("<os firmware='efi'>"),
+                "template has no plain <os>"
+            );
             print!("{}", domain_with(&t, permall, Some(vars), 0));
         }
         ["element", template, permall] => {
