@@ -1083,6 +1083,10 @@ impl HostData {
         if kept.as_ref().map(MachineState::digest) != Some(state.digest()) {
             self.write_kept(uuid, state)?;
         }
+        // Already recorded: write nothing (an unchanged store stays a read).
+        if self.read_synced(uuid)? == Some(state.digest()) {
+            return Ok(());
+        }
         let dir_path = self.data_dir.join("synced");
         create_private_dir_all(&dir_path)?;
         write_file_atomically(

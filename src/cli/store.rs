@@ -154,10 +154,11 @@ pub fn store_domain(
     }
     let digest = state.digest();
 
-    let config_xml = if dom.persistent {
-        Some(dom.inactive_xml()?)
-    } else {
-        None
+    // A stopped domain has one definition: the XML read above is it.
+    let config_xml = match (dom.persistent, dom.active) {
+        (true, true) => Some(dom.inactive_xml()?),
+        (true, false) => Some(live_xml.clone()),
+        (false, _) => None,
     };
     let config_info = match &config_xml {
         Some(x) => Some(parse_domain(x.as_bytes(), &ctx.config.namespace)?),
