@@ -6,6 +6,7 @@
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
 
+#[cfg(feature = "libvirt")]
 pub mod cli;
 pub mod config;
 pub mod decision;
@@ -13,6 +14,7 @@ pub mod domain;
 pub mod envelope;
 pub mod format;
 pub mod hook;
+#[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod logging;
 pub mod paths;
