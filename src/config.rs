@@ -38,6 +38,10 @@ pub struct Config {
     /// who can read the domain XML (by default every local user, through a
     /// read-only connection) can then read the TPM's secrets.
     pub allow_plaintext: bool,
+    /// Directories below which a domain XML's `<tpm><backend><source
+    /// type='dir' path=...>` or `<nvram>` path may point (absolute). The XML
+    /// is untrusted input: by default only libvirt's own dirs are written.
+    pub state_path_prefixes: Vec<PathBuf>,
     /// Carry the domain's UEFI variable store (its `<nvram>` file) in the
     /// element beside the TPM state.
     pub nvram: bool,
@@ -65,6 +69,7 @@ impl Default for Config {
             settle_attempts: 10,
             lock_timeout_secs: 30,
             allow_plaintext: false,
+            state_path_prefixes: Vec::new(),
             nvram: true,
             nvram_without_tpm: false,
             reconcile_interval_secs: 300,

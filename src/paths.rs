@@ -8,6 +8,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+/// libvirt's directory for VARS files (not re-rooted: see [`Paths::nvram_dir`]).
+pub const LIBVIRT_NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
+
 /// Environment variable that re-roots every path.
 pub const ROOT_ENV: &str = "VIRT_TPM_STATE_ROOT";
 
@@ -54,7 +57,7 @@ impl Paths {
 
     /// libvirt's default UEFI variable stores: `<dir>/<name>_VARS.fd`.
     pub fn nvram_dir(&self) -> PathBuf {
-        self.under_root(Path::new("/var/lib/libvirt/qemu/nvram"))
+        self.under_root(Path::new(LIBVIRT_NVRAM_DIR))
     }
 
     pub fn qemu_conf(&self) -> PathBuf {

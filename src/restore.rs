@@ -193,6 +193,7 @@ pub struct PrepareOptions {
 /// Where the domain's swtpm state lives, from its `<tpm>` device.
 pub fn state_location(
     paths: &Paths,
+    config: &Config,
     info: &DomainInfo,
     version: TpmVersion,
 ) -> Result<StateLocation, RestoreError> {
@@ -201,9 +202,8 @@ pub fn state_location(
         Some(TpmBackend::Emulator {
             source: Some(src), ..
         }) => match src.kind.as_str() {
-            "dir" => {
-                StateLocation::from_source(paths, &src.path).map_err(RestoreError::fs(&info.name))
-            }
+            "dir" => StateLocation::from_source(paths, &src.path, &config.state_path_prefixes)
+                .map_err(RestoreError::fs(&info.name)),
             other => Err(RestoreError::UnsupportedSource {
                 name,
                 kind: other.to_string(),
@@ -261,7 +261,7 @@ impl Carried {
 /// the config (`nvram`, `nvram_without_tpm`).
 pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carried, RestoreError> {
     let tpm = match domain_tpm_version(info)? {
-        Some(v) => Some((v, state_location(paths, info, v)?)),
+        Some(v) => Some((v, state_location(paths, config, info, v)?)),
         None => None,
     };
     let nvram = if config.nvram && (tpm.is_some() || config.nvram_without_tpm) {
@@ -272,7 +272,12 @@ pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carr
                     .map_err(RestoreError::fs(&info.name))?,
             ),
             Some(NvramSpec::Path(p)) => {
-                Some(NvramLocation::from_path(paths, &p).map_err(RestoreError::fs(&info.name))?)
+                let mut allowed = vec![PathBuf::from(crate::paths::LIBVIRT_NVRAM_DIR)];
+                allowed.extend(config.state_path_prefixes.iter().cloned());
+                Some(
+                    NvramLocation::from_path(paths, &p, &allowed)
+                        .map_err(RestoreError::fs(&info.name))?,
+                )
             }
             Some(NvramSpec::Unsupported(kind)) => {
                 log::warn!(

@@ -212,10 +212,14 @@ impl StateLocation {
 
     /// Validates a `<source type='dir' path=...>` before it goes near the
     /// filesystem: absolute, normal components only.
-    pub fn from_source(paths: &Paths, raw: &str) -> Result<Self, FsError> {
+    ///
+    /// The path must lie below one of `allowed` (absolute, not re-rooted):
+    /// the XML is hostile, and without this a `<source path='/etc'>` would
+    /// have the hook swap out and delete any directory on the host.
+    pub fn from_source(paths: &Paths, raw: &str, allowed: &[PathBuf]) -> Result<Self, FsError> {
         Ok(StateLocation::Source {
             root: paths.root().to_path_buf(),
-            path: validated_abs_path(raw)?,
+            path: confined(raw, allowed)?,
         })
     }
 
@@ -323,6 +327,21 @@ impl StateLocation {
 /// Validates an absolute path from the domain XML (`<source path>`,
 /// `<nvram>`) before it goes near the filesystem: absolute, no NUL, normal
 /// components only. Returns it relative to the root.
+fn confined(raw: &str, allowed: &[PathBuf]) -> Result<PathBuf, FsError> {
+    let path = validated_abs_path(raw)?;
+    let inside = allowed.iter().any(|prefix| {
+        let prefix = prefix.strip_prefix("/").unwrap_or(prefix);
+        !prefix.as_os_str().is_empty() && path.starts_with(prefix) && path != prefix
+    });
+    if !inside {
+        return Err(FsError::BadSourcePath {
+            path: raw.to_string(),
+            why: "outside the directories virt-tpm-state may write (libvirt's own, or state_path_prefixes in /etc/virt-tpm-state/config.toml)",
+        });
+    }
+    Ok(path)
+}
+
 fn validated_abs_path(raw: &str) -> Result<PathBuf, FsError> {
     let bad = |why| FsError::BadSourcePath {
         path: raw.to_string(),
@@ -417,10 +436,14 @@ impl NvramLocation {
     }
 
     /// An explicit `<nvram>PATH</nvram>` / `<source file=PATH/>`.
-    pub fn from_path(paths: &Paths, raw: &str) -> Result<Self, FsError> {
+    ///
+    /// The path must lie below one of `allowed` (libvirt's nvram dir and
+    /// the admin's `state_path_prefixes`): without this, `<nvram>/etc/shadow`
+    /// would have the hook overwrite (and the post-stop store read) any file.
+    pub fn from_path(paths: &Paths, raw: &str, allowed: &[PathBuf]) -> Result<Self, FsError> {
         Ok(NvramLocation::Path {
             root: paths.root().to_path_buf(),
-            path: validated_abs_path(raw)?,
+            path: confined(raw, allowed)?,
         })
     }
 
@@ -1372,13 +1395,30 @@ mod tests {
     #[test]
     fn source_paths_are_validated() {
         let p = Paths::with_root("/r");
-        assert!(StateLocation::from_source(&p, "/srv/tpm/vm1").is_ok());
-        for bad in ["relative/x", "/srv/../etc", "/srv/./x", "/", ""] {
-            assert!(StateLocation::from_source(&p, bad).is_err(), "{bad}");
+        let allowed = [PathBuf::from("/srv/tpm")];
+        assert!(StateLocation::from_source(&p, "/srv/tpm/vm1", &allowed).is_ok());
+        for bad in [
+            "relative/x",
+            "/srv/../etc",
+            "/srv/./x",
+            "/",
+            "",
+            "/etc",
+            "/srv/tpm",
+            "/srv/tpmx/vm1",
+            "/srv/tpm/../../etc",
+        ] {
+            assert!(
+                StateLocation::from_source(&p, bad, &allowed).is_err(),
+                "{bad}"
+            );
         }
+        assert!(StateLocation::from_source(&p, "/srv/tpm/vm1", &[]).is_err());
         assert_eq!(
-            StateLocation::from_source(&p, "/srv/tpm").unwrap().path(),
-            PathBuf::from("/r/srv/tpm")
+            StateLocation::from_source(&p, "/srv/tpm/vm1", &allowed)
+                .unwrap()
+                .path(),
+            PathBuf::from("/r/srv/tpm/vm1")
         );
     }
 }

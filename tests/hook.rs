@@ -1379,6 +1379,8 @@ fn nvram_is_restored_with_the_tpm_in_one_decision() {
 fn nvram_explicit_paths_are_honoured() {
     let s = uefi_scratch();
     std::fs::create_dir_all(s.path("srv/nv")).unwrap();
+    // Outside libvirt's own dirs only where the admin allows it.
+    s.config("state_path_prefixes = [\"/srv/nv\"]");
     let v = vars("explicit");
     for os in [
         "<os><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/srv/nv/a_VARS.fd</nvram>",
@@ -1407,8 +1409,9 @@ fn nvram_links_and_bad_paths_are_refused_before_anything_is_written() {
     let s = uefi_scratch();
     std::fs::hard_link(s.path("elsewhere/host-file"), s.path(VARS_REL)).unwrap();
     s.refused("prepare", &uefi_xml(EFI, Some(&data), Some(&v)), 7);
-    // A directory of an explicit path that is a symlink.
+    // A directory of an explicit (allowed) path that is a symlink.
     let s = uefi_scratch();
+    s.config("state_path_prefixes = [\"/srv\"]");
     std::os::unix::fs::symlink(s.path("elsewhere"), s.path("srv")).unwrap();
     s.refused(
         "prepare",
@@ -1521,4 +1524,55 @@ fn skip_or_fail(test: &str, why: &str) {
         panic!("{test}: {why} (CI=true: the environment must provide it)");
     }
     eprintln!("SKIP {test}: {why}");
+}
+
+/// The XML is hostile: an explicit `<nvram>` or `<source type='dir'>` path
+/// outside libvirt's dirs (and the admin's `state_path_prefixes`) is refused
+/// before anything is read or written, so `<nvram>/etc/shadow` cannot
+/// overwrite (or leak) a host file and `<source path='/etc/x'>` cannot swap
+/// out a host directory.
+#[test]
+fn paths_outside_allowed_dirs_are_refused() {
+    let v = vars("hostile");
+    let data = blob("h");
+    for target in ["/elsewhere/host-file", "/var/lib/libvirt/qemu/other.fd"] {
+        let s = uefi_scratch();
+        let run = s.refused(
+            "prepare",
+            &uefi_xml(
+                &format!("<os firmware='efi'><nvram>{target}</nvram>"),
+                Some(&data),
+                Some(&v),
+            ),
+            7,
+        );
+        assert!(run.stderr.contains("state_path_prefixes"), "{run}");
+        assert_eq!(
+            std::fs::read_to_string(s.path("elsewhere/host-file")).unwrap(),
+            "a host file the hook must never touch\n"
+        );
+    }
+    // A VARS file in libvirt's own nvram dir needs no configuration.
+    let s = uefi_scratch();
+    s.prepare(&uefi_xml(
+        "<os firmware='efi'><nvram>/var/lib/libvirt/qemu/nvram/explicit_VARS.fd</nvram>",
+        Some(&data),
+        Some(&v),
+    ))
+    .ok();
+    // A TPM <source type='dir'> outside any allowed prefix.
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("etc/victimdir/sub")).unwrap();
+    std::fs::write(s.path("etc/victimdir/sub/b"), "keep me").unwrap();
+    let xml = xml_with(&blob("x")).replace(
+        "<backend type='emulator' version='2.0'/>",
+        "<backend type='emulator' version='2.0'>\n        <source type='dir' path='/etc/victimdir'/>\n      </backend>",
+    );
+    assert!(xml.contains("/etc/victimdir"));
+    let run = s.refused("prepare", &xml, 7);
+    assert!(run.stderr.contains("state_path_prefixes"), "{run}");
+    assert_eq!(
+        std::fs::read_to_string(s.path("etc/victimdir/sub/b")).unwrap(),
+        "keep me"
+    );
 }

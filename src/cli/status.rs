@@ -84,7 +84,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         // The local state: the live dir, or the copy kept at the last stop.
         // Everything the element carries (the TPM and, for UEFI domains,
         // the VARS file): the digest `store` would write.
-        let location = state_location(&ctx.paths, &live_info, version).ok();
+        let location = state_location(&ctx.paths, &ctx.config, &live_info, version).ok();
         let max = ctx.config.max_file_size;
         let carried_now = carried(&ctx.paths, &ctx.config, &live_info).ok();
         let local = match carried_now.as_ref().map(|c| c.read_live(true, true, max)) {

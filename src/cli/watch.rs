@@ -618,7 +618,7 @@ impl Daemon {
                 return;
             }
         };
-        let location = match state_location(&self.ctx.paths, &info, version) {
+        let location = match state_location(&self.ctx.paths, &self.ctx.config, &info, version) {
             Ok(l) => l,
             Err(e) => {
                 let w = self.doms.get(&h.uuid);
