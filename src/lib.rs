@@ -6,6 +6,9 @@
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
 
+// No unsafe code anywhere in the crate: the README's security section promises it.
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "libvirt")]
 pub mod cli;
 pub mod config;

@@ -1,6 +1,7 @@
 //! The only module that speaks to libvirt (through the `virt` crate). Used by
 //! the CLI alone: the hook must never call libvirt, and does not link it.
 
+use crate::format::NAMESPACE_PREFIX;
 use crate::state::DomainUuid;
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -189,21 +190,21 @@ impl DomainHandle {
             .map_err(|e| LibvirtError::call("dumpxml --inactive", &self.name, e))
     }
 
-    /// `virDomainSetMetadata` of one element in namespace `uri` with prefix
-    /// `key`; `element` carries no `xmlns` (libvirt adds it). `None` removes.
-    pub fn set_metadata(
+    /// Writes our state element (`virDomainSetMetadata`, type ELEMENT) into
+    /// namespace `namespace`, replacing the previous one. `element` carries
+    /// no `xmlns`: libvirt adds it, with our fixed prefix.
+    pub fn write_state_element(
         &self,
-        element: Option<&str>,
-        key: &str,
-        uri: &str,
+        element: &str,
+        namespace: &str,
         targets: Targets,
     ) -> Result<(), LibvirtError> {
         self.dom
             .set_metadata(
                 sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                element,
-                element.map(|_| key),
-                Some(uri),
+                Some(element),
+                Some(NAMESPACE_PREFIX),
+                Some(namespace),
                 targets.flags(),
             )
             .map_err(|e| LibvirtError::call("set metadata", &self.name, e))

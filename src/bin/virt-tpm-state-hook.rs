@@ -1,6 +1,8 @@
 //! libvirt qemu hook. Install with `virt-tpm-state install`.
 //! Exit codes: see README ("Exit codes"). Never writes to stdout.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use virt_tpm_state::{hook, logging, paths::Paths};
 

@@ -3,7 +3,7 @@
 use super::{CliError, Ctx, RekeyArgs};
 use crate::domain::parse_domain;
 use crate::envelope::{os_random, SecretKey};
-use crate::format::{decode_with_keys, encode_sealed, DecodeLimits, Style, NAMESPACE_PREFIX};
+use crate::format::{decode_with_keys, encode_sealed, DecodeLimits, Style};
 use crate::libvirt::{DomainHandle, Libvirt, Targets};
 use crate::restore::shown_name;
 use crate::statefs::{create_key, load_keyring};
@@ -102,12 +102,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
                 newest_id,
                 newest,
             );
-            dom.set_metadata(
-                Some(&element),
-                NAMESPACE_PREFIX,
-                &ctx.config.namespace,
-                targets,
-            )?;
+            dom.write_state_element(&element, &ctx.config.namespace, targets)?;
             println!(
                 "VM {} ({which}): re-encrypted generation {} with key {newest_id}",
                 shown_name(&dom.name),

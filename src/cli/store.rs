@@ -287,12 +287,7 @@ pub fn store_domain(
             limit: ctx.config.max_domain_xml_size,
         });
     }
-    dom.set_metadata(
-        Some(&element),
-        NAMESPACE_PREFIX,
-        &ctx.config.namespace,
-        targets,
-    )?;
+    dom.write_state_element(&element, &ctx.config.namespace, targets)?;
     record_synced(ctx, &host, dom, &state, opts.watch.then_some(&carried))?;
     let m = MetadataState {
         provenance,
@@ -565,12 +560,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         live: dom.active,
         config: dom.persistent,
     };
-    dom.set_metadata(
-        Some(&element),
-        NAMESPACE_PREFIX,
-        &ctx.config.namespace,
-        targets,
-    )?;
+    dom.write_state_element(&element, &ctx.config.namespace, targets)?;
     println!(
         "VM {}: adopted the TPM state of domain {} as generation {} (digest {})",
         shown_name(&dom.name),
