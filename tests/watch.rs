@@ -80,6 +80,14 @@ impl Watch {
         let _ = self.child.wait();
     }
 
+    fn hup(&self) {
+        let st = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -HUP failed");
+    }
+
     /// SIGTERM; returns the exit status.
     fn term(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
@@ -204,6 +212,35 @@ fn watch_syncs_a_change_into_live_and_config() {
     let out = w.vts(&["watch"]);
     assert!(!out.status.success(), "a second daemon ran");
     assert!(stderr(&out).contains("another `virt-tpm-state watch`"));
+
+    // SIGHUP reloads the config: a valid change is taken...
+    w.append_config("settle_interval_ms = 700");
+    d.hup();
+    d.wait_log(
+        "configuration reloaded (settle 700 ms",
+        Duration::from_secs(10),
+    );
+    // ...an invalid one is refused with one line, and the daemon keeps
+    // working with the previous configuration.
+    w.append_config("no_such_key = 1");
+    d.hup();
+    d.wait_log(
+        "keeping the previous configuration",
+        Duration::from_secs(10),
+    );
+    // Repair the file for the CLI calls below, without telling the daemon:
+    // the next change is synced under the configuration it kept.
+    let cfg = w.host_path("/etc/virt-tpm-state/config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("no_such_key = 1\n", "")).unwrap();
+    swtpm_like_write(&w, &vm, 4);
+    wait_synced(&w, &vm, true, Duration::from_secs(1 + 5));
+    assert_eq!(
+        generation(&w.show_json(&vm.name, true)),
+        before + 4,
+        "{}",
+        d.log()
+    );
 
     // SIGTERM: clean exit 0.
     let st = d.term();
