@@ -13,6 +13,7 @@
 //! `CI=true` (scripts/test.sh builds with it).
 
 mod scratch;
+mod support;
 
 use scratch::*;
 use std::collections::BTreeMap;
@@ -646,4 +647,139 @@ mount -o remount,bind,ro "$ROOT""#,
     assert!(diff.is_empty(), "{diff:?}");
     ok(&second, "once writable again");
     Scenario::Replace.check_converged(&after2, "read-only root, then writable");
+}
+
+// ================================================================ store
+
+/// Kills `store` (or fails it with `action`) at every step it takes in a
+/// private libvirt world, each time from the same start (metadata at
+/// generation 1, the local state changed since), and checks: the metadata
+/// is the old or the new state, J never runs ahead of it, a `restore` then
+/// changes nothing (no blank or stale TPM), and the next store converges.
+fn store_fault_each(test: &str, action: &str) {
+    if !need_faults(test) || !support::require_env(test) {
+        return;
+    }
+    let w = support::World::up(&format!("faults-{action}"));
+    w.install_hook();
+    w.append_config("store_after_stop = false");
+    let vm = support::Vm::new("fvm", support::Tpm::V2);
+    w.manufacture(&vm);
+    w.must_vts(&["store", &vm.name]);
+    let (gen1, _) = w.dump(&vm.name, "gen1.xml", true);
+    let gen1 = gen1.display().to_string();
+    let j_path = w.host_path(&format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid));
+    let j1 = std::fs::read_to_string(&j_path).expect("J after the first store");
+    let d1 = w.show_json(&vm.name, true)["digest"].clone();
+    w.write_secret(&vm, "faults");
+    let permall = w.must_permall(&vm);
+    // The kept copy (from the stop, before the secret) is part of the start.
+    let kept = w.host_path(&format!("/var/lib/virt-tpm-state/kept/{}", vm.uuid));
+    let kept_saved = w.file("kept-saved");
+    let cp = |from: &Path, to: &Path| {
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cp -a\n{}", show(&out));
+    };
+    cp(&kept, &kept_saved);
+    let state_dirs = [
+        w.host_path("/var/lib/virt-tpm-state"),
+        w.host_path("/var/lib/libvirt/swtpm"),
+    ];
+    let leftovers = || {
+        let mut out = Vec::new();
+        for d in &state_dirs {
+            find_leftovers(d, d, &mut out);
+        }
+        out
+    };
+
+    let trace_file = w.file("trace");
+    let trace_arg = trace_file.display().to_string();
+    w.check(
+        &["store"],
+        w.exec_env(
+            &[support::VTS, "store", &vm.name],
+            &[(fault::TRACE_ENV, &trace_arg)],
+        ),
+    );
+    let trace = read_trace(&trace_file);
+    let d2 = w.show_json(&vm.name, true)["local"]["digest"].clone();
+    assert_ne!(d1, d2, "the secret did not change the state");
+    for p in ["store.settled", "store.metadata_set"] {
+        assert!(
+            trace.iter().any(|t| t == p),
+            "store never reached {p}: {trace:?}"
+        );
+    }
+
+    for i in 0..trace.len() {
+        let spec = format!("{}={action}", at_hit(&trace, i));
+        let what = format!("store with {spec} (step {i} of {trace:?})");
+        // Back to the start: generation 1 in the config, J at it.
+        w.must_virsh(&["define", &gen1]);
+        std::fs::write(&j_path, &j1).unwrap();
+        std::fs::remove_dir_all(&kept).unwrap();
+        cp(&kept_saved, &kept);
+        let out = w.exec_env(
+            &[support::VTS, "store", &vm.name],
+            &[(fault::FAULT_ENV, &spec)],
+        );
+        if action == "kill" {
+            assert!(
+                out.status.signal() == Some(9) || out.status.code() == Some(137),
+                "{what}: not killed\n{}",
+                show(&out)
+            );
+        } else if out.status.success() {
+            assert!(
+                ["dir.swapped", "dir.old_removed", "file.renamed"].contains(&trace[i].as_str()),
+                "{what}: an injected error was swallowed\n{}",
+                show(&out)
+            );
+        } else {
+            failed(&out, 8, &what);
+            assert!(leftovers().is_empty(), "{what}: {:?}", leftovers());
+        }
+        let m = w.show_json(&vm.name, true)["digest"].clone();
+        assert!(m == d1 || m == d2, "{what}: metadata is neither state: {m}");
+        let j = std::fs::read_to_string(&j_path).unwrap();
+        assert!(j == j1 || j.trim() == d2.as_str().unwrap(), "{what}: J {j}");
+        if j != j1 {
+            assert_eq!(m, d2, "{what}: J recorded before the metadata");
+        }
+        // What the next start would do: nothing to the newer local state.
+        w.must_vts(&["restore", &vm.name]);
+        assert_eq!(
+            w.must_permall(&vm),
+            permall,
+            "{what}: restore changed the state"
+        );
+        w.must_vts(&["store", &vm.name]);
+        let after = w.show_json(&vm.name, true);
+        assert_eq!(
+            after["digest"], d2,
+            "{what}: the next store did not converge"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&j_path).unwrap().trim(),
+            d2.as_str().unwrap(),
+            "{what}: J after the next store"
+        );
+        assert!(leftovers().is_empty(), "{what}: {:?}", leftovers());
+    }
+}
+
+#[test]
+fn store_killed_at_every_step_converges() {
+    store_fault_each("store_killed_at_every_step_converges", "kill");
+}
+
+#[test]
+fn store_disk_full_at_every_step_converges() {
+    store_fault_each("store_disk_full_at_every_step_converges", "enospc");
 }
