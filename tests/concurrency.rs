@@ -6,6 +6,7 @@
 //! clear line, writing nothing.
 
 mod scratch;
+mod support;
 
 use scratch::*;
 use std::os::fd::AsFd;
@@ -212,4 +213,71 @@ fn different_domains_do_not_wait_for_each_other() {
     );
     assert_eq!(s.live().as_ref(), Some(&a));
     assert_eq!(s.j(), Some(a.digest()));
+}
+
+/// Many `store`s (and `restore`s) at once on two domains of one private
+/// libvirt world: all succeed, and each domain's metadata, J and local
+/// state agree at the end.
+#[test]
+fn parallel_stores_in_a_world_agree() {
+    if !support::require_env("parallel_stores_in_a_world_agree") {
+        return;
+    }
+    let w = support::World::up("concurrent-stores");
+    w.install_hook();
+    w.append_config("store_after_stop = false");
+    let vms = [
+        support::Vm::new("cvm1", support::Tpm::V2),
+        support::Vm::new("cvm2", support::Tpm::V2),
+    ];
+    for (i, vm) in vms.iter().enumerate() {
+        w.manufacture(vm);
+        w.must_vts(&["store", &vm.name]);
+        w.write_secret(vm, &format!("concurrent-{i}"));
+    }
+    let outs: Vec<(String, Output)> =
+        std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for vm in &vms {
+                for k in 0..4 {
+                    let op = if k == 3 { "restore" } else { "store" };
+                    let name = vm.name.clone();
+                    let w = &w;
+                    handles.push(scope.spawn(move || {
+                        (format!("{op} {name}"), w.exec(&[support::VTS, op, &name]))
+                    }));
+                }
+            }
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+    for (what, out) in &outs {
+        assert!(
+            out.status.success(),
+            "{what} failed\n{}",
+            support::describe(&[what], out)
+        );
+    }
+    for vm in &vms {
+        let permall = w.must_permall(vm);
+        let j = w.show_json(&vm.name, true);
+        assert_eq!(j["valid"], true, "{j:#}");
+        assert_eq!(
+            j["local"]["matches"], true,
+            "{}: metadata != local state: {j:#}",
+            vm.name
+        );
+        let journal = std::fs::read_to_string(
+            w.host_path(&format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid)),
+        )
+        .unwrap();
+        assert_eq!(Some(journal.trim()), j["digest"].as_str(), "{}: J", vm.name);
+        // A restore may run before the stores: it keeps the newer local state.
+        assert_eq!(w.must_permall(vm), permall);
+    }
+    let mut left = Vec::new();
+    for d in ["/var/lib/virt-tpm-state", "/var/lib/libvirt/swtpm"] {
+        let p = w.host_path(d);
+        find_leftovers(&p, &p, &mut left);
+    }
+    assert!(left.is_empty(), "{left:?}");
 }
