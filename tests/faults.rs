@@ -783,3 +783,71 @@ fn store_killed_at_every_step_converges() {
 fn store_disk_full_at_every_step_converges() {
     store_fault_each("store_disk_full_at_every_step_converges", "enospc");
 }
+
+/// A real full disk under `store`: the world's /var/lib/virt-tpm-state (J,
+/// kept copies, backups) on a tiny full tmpfs inside the world. The store
+/// fails with exit 8 and one line; the metadata holds a whole state and J
+/// is untouched; once there is room, a restore changes nothing and the next
+/// store converges, with no temp files left.
+#[test]
+fn store_disk_full_on_a_real_tmpfs_converges() {
+    let test = "store_disk_full_on_a_real_tmpfs_converges";
+    if !support::require_env(test) {
+        return;
+    }
+    let w = support::World::up("faults-tmpfs");
+    w.install_hook();
+    w.append_config("store_after_stop = false");
+    let vm = support::Vm::new("fullvm", support::Tpm::V2);
+    w.manufacture(&vm);
+    w.must_vts(&["store", &vm.name]);
+    let d1 = w.show_json(&vm.name, true)["digest"].clone();
+    let j_path = format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid);
+    let cat_j = || support::stdout(&w.must(&["cat", &j_path]));
+    let j1 = cat_j();
+    w.write_secret(&vm, "full-disk");
+    let permall = w.must_permall(&vm);
+    let stage = w.file("stage").display().to_string();
+    w.must(&[
+        "sh",
+        "-euc",
+        r#"mkdir "$1"; cp -a /var/lib/virt-tpm-state/. "$1/"
+mount -t tmpfs -o size=1m,mode=0755 vts-full /var/lib/virt-tpm-state
+cp -a "$1/." /var/lib/virt-tpm-state/
+dd if=/dev/zero of=/var/lib/virt-tpm-state/filler bs=4096 2>/dev/null || true"#,
+        "sh",
+        &stage,
+    ]);
+    let out = w.vts(&["store", &vm.name]);
+    let line = failed(&out, 8, "store on a full disk");
+    assert!(line.contains("No space left on device"), "{line}");
+    let m = w.show_json(&vm.name, true)["digest"].clone();
+    let d2 = w.show_json(&vm.name, true)["local"]["digest"].clone();
+    assert!(m == d1 || m == d2, "metadata is neither state");
+    assert_eq!(cat_j(), j1, "J changed on a full disk");
+    let leftovers = || {
+        support::stdout(&w.must(&[
+            "find",
+            "/var/lib/virt-tpm-state",
+            "/var/lib/libvirt/swtpm",
+            "-name",
+            "*.vts-*",
+        ]))
+    };
+    assert_eq!(leftovers(), "", "temp files left on a full disk");
+
+    w.must(&["rm", "/var/lib/virt-tpm-state/filler"]);
+    w.must_vts(&["restore", &vm.name]);
+    assert_eq!(
+        w.must_permall(&vm),
+        permall,
+        "restore changed the newer local state"
+    );
+    w.must_vts(&["store", &vm.name]);
+    let after = w.show_json(&vm.name, true);
+    assert_eq!(after["digest"], d2, "{after:#}");
+    assert_eq!(after["local"]["matches"], true, "{after:#}");
+    assert_eq!(cat_j().trim(), d2.as_str().unwrap());
+    assert_eq!(leftovers(), "");
+    w.must(&["umount", "/var/lib/virt-tpm-state"]);
+}
