@@ -163,6 +163,12 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
         let _lock = host
             .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
             .map_err(fs)?;
+        crate::restore::remove_leftovers(
+            &host,
+            &info.uuid,
+            carried.tpm.as_ref().map(|(_, l)| l),
+            carried.nvram.as_ref(),
+        );
         // The TPM state and the VARS file together: one kept copy.
         let Some(state) = carried
             .read_live(true, true, config.max_file_size)

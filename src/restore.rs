@@ -435,6 +435,13 @@ pub fn prepare_domain(
     let _lock = host
         .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
         .map_err(RestoreError::fs(&info.name))?;
+    fault(&info.name, "restore.locked")?;
+    remove_leftovers(
+        &host,
+        &info.uuid,
+        carried.tpm.as_ref().map(|(_, l)| l),
+        carried.nvram.as_ref(),
+    );
     let max = config.max_file_size;
     let live = carried
         .read_live(use_tpm, use_nvram, max)
@@ -568,9 +575,12 @@ pub fn prepare_domain(
             if backup.is_none() {
                 backup = backup_stray_vars(&m_here)?;
             }
+            fault(&info.name, "restore.backed_up")?;
             write(&m_here)?;
+            fault(&info.name, "restore.written")?;
             host.record_sync(&info.uuid, &m_here)
                 .map_err(RestoreError::fs(&info.name))?;
+            fault(&info.name, "restore.synced")?;
             Ok(report(Outcome::Restored {
                 why,
                 digest: m_digest,
@@ -593,6 +603,35 @@ pub fn prepare_domain(
             metadata: metadata.short(),
         }),
     }
+}
+
+/// A fault point of the `fault-injection` test build (nothing otherwise).
+fn fault(name: &str, point: &'static str) -> Result<(), RestoreError> {
+    crate::fault::point(point).map_err(|source| RestoreError::Fs {
+        name: shown_name(name),
+        source: FsError::Io {
+            action: "continue at",
+            path: PathBuf::from(point),
+            source,
+        },
+    })
+}
+
+/// Removes what an interrupted earlier run left beside the state dir, the
+/// VARS file and in our own data for `uuid`. Call with the lock held.
+pub fn remove_leftovers(
+    host: &HostData,
+    uuid: &DomainUuid,
+    tpm: Option<&StateLocation>,
+    nvram: Option<&NvramLocation>,
+) {
+    if let Some(l) = tpm {
+        l.remove_leftovers();
+    }
+    if let Some(l) = nvram {
+        l.remove_leftovers();
+    }
+    host.remove_leftovers(uuid);
 }
 
 /// swtpm reads an encrypted state only with the key, and a plain one only

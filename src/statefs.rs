@@ -13,6 +13,7 @@
 //!   never sees an empty or half-written state dir, even if we are killed.
 
 use crate::envelope::{KeyId, Keyring, SecretKey, KEY_LEN};
+use crate::fault;
 use crate::paths::Paths;
 use crate::state::{
     DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
@@ -313,6 +314,16 @@ impl StateLocation {
         self.exists().map(|_| ())
     }
 
+    /// Removes what an interrupted earlier replace left beside the state dir
+    /// (`.<leaf>.vts-new.*`, `.<leaf>.vts-old.*`; call with the domain's
+    /// lock held). Best effort: they never affect libvirt, but a run that
+    /// then decides to change nothing would otherwise leave them forever.
+    pub fn remove_leftovers(&self) {
+        if let Ok(Some((parent, parent_path))) = self.open_parent(false) {
+            remove_stale_temps(&parent, &parent_path, &self.leaf());
+        }
+    }
+
     /// Replaces the state dir with exactly `files`, owned by `owner`.
     pub fn replace(&self, files: &[StateFile], owner: Owner) -> Result<(), FsError> {
         let (parent, parent_path) = self.open_parent(true)?.ok_or_else(|| FsError::Io {
@@ -530,6 +541,30 @@ impl NvramLocation {
         Ok(())
     }
 
+    /// Temp files of this VARS file: the dir may be shared by all domains,
+    /// so the prefix names the file (hashed: a long name plus a suffix would
+    /// not fit in one path component).
+    fn temp_prefix(&self) -> String {
+        format!(
+            "{NVRAM_TEMP}{}.",
+            Sha256Sum::of(self.file_name().as_bytes()).short()
+        )
+    }
+
+    /// Removes temp files an interrupted earlier write of this VARS file left
+    /// behind (call with the domain's lock held). Best effort.
+    pub fn remove_leftovers(&self) {
+        let Ok(Some((dir, dir_path))) = self.open_dir(None) else {
+            return;
+        };
+        let prefix = self.temp_prefix();
+        for name in list_dir(&dir, &dir_path).unwrap_or_default() {
+            if name.starts_with(&prefix) {
+                let _ = remove_entry_nofollow(&dir, &name);
+            }
+        }
+    }
+
     /// Replaces the VARS file with `data`, owned by `owner`, mode 0600: a
     /// temp file created `O_EXCL|O_NOFOLLOW` in the same dir (which the
     /// less trusted qemu user may write), `fchown`/`fchmod` on its fd,
@@ -543,7 +578,7 @@ impl NvramLocation {
         })?;
         let name = self.file_name();
         let target = dir_path.join(&name);
-        let temp = format!("{NVRAM_TEMP}{}", unique_suffix());
+        let temp = format!("{}{}", self.temp_prefix(), unique_suffix());
         let temp_path = dir_path.join(&temp);
         let fd = openat(
             &dir,
@@ -553,11 +588,14 @@ impl NvramLocation {
         )
         .map_err(|e| io_err("create", &temp_path, e))?;
         let result = (|| {
+            fault::point("nvram.created").map_err(|e| io_err("create", &temp_path, e))?;
             set_owner_mode(&fd, owner, NVRAM_MODE, &temp_path)?;
             let mut f = File::from(fd);
+            fault::point("nvram.write").map_err(|e| io_err("write", &temp_path, e))?;
             f.write_all(data)
                 .map_err(|e| io_err("write", &temp_path, e))?;
             f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
+            fault::point("nvram.rename").map_err(|e| io_err("rename into place", &target, e))?;
             renameat_with(
                 &dir,
                 temp.as_str(),
@@ -566,6 +604,7 @@ impl NvramLocation {
                 RenameFlags::empty(),
             )
             .map_err(|e| io_err("rename into place", &target, e))?;
+            let _ = fault::point("nvram.renamed");
             fsync(&dir).map_err(|e| io_err("fsync", &dir_path, e))
         })();
         if result.is_err() {
@@ -783,18 +822,31 @@ fn replace_dir(
     let temp_path = parent_path.join(&temp);
     mkdirat(parent, temp.as_str(), Mode::from_raw_mode(DIR_MODE))
         .map_err(|e| io_err("create", &temp_path, e))?;
-    let built = fill_dir(parent, &temp, &temp_path, files, owner);
+    let built = fault::point("dir.created")
+        .map_err(|e| io_err("create", &temp_path, e))
+        .and_then(|()| fill_dir(parent, &temp, &temp_path, files, owner))
+        .and_then(|()| fault::point("dir.filled").map_err(|e| io_err("fsync", &temp_path, e)));
     if let Err(e) = built {
         let _ = remove_dir_nofollow(parent, &temp, 0);
         return Err(e);
     }
-    let swapped = match renameat_with(parent, temp.as_str(), parent, leaf, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(false),
-        Err(Errno::EXIST) => {
-            renameat_with(parent, temp.as_str(), parent, leaf, RenameFlags::EXCHANGE).map(|()| true)
+    let swapped = match fault::point("dir.rename") {
+        Err(e) => Err(Errno::from_io_error(&e).unwrap_or(Errno::IO)),
+        Ok(()) => {
+            match renameat_with(parent, temp.as_str(), parent, leaf, RenameFlags::NOREPLACE) {
+                Ok(()) => Ok(false),
+                Err(Errno::EXIST) => {
+                    renameat_with(parent, temp.as_str(), parent, leaf, RenameFlags::EXCHANGE)
+                        .map(|()| true)
+                }
+                Err(e) => Err(e),
+            }
         }
-        Err(e) => Err(e),
     };
+    if swapped.is_ok() {
+        // Swapped in; a kill here leaves the old dir at the temp name.
+        let _ = fault::point("dir.swapped");
+    }
     match swapped {
         Ok(true) => {
             // The old state dir now sits at the temp name: rename it out of
@@ -813,6 +865,7 @@ fn replace_dir(
             } else {
                 let _ = remove_dir_nofollow(parent, &temp, 0);
             }
+            let _ = fault::point("dir.old_removed");
         }
         Ok(false) => {}
         Err(e) => {
@@ -849,6 +902,7 @@ fn fill_dir(
         .map_err(|e| io_err("create", &path, e))?;
         set_owner_mode(&fd, owner, FILE_MODE, &path)?;
         let mut file = File::from(fd);
+        fault::point("dir.write").map_err(|e| io_err("write", &path, e))?;
         file.write_all(&f.data)
             .map_err(|e| io_err("write", &path, e))?;
         file.sync_all().map_err(|e| io_err("fsync", &path, e))?;
@@ -881,8 +935,18 @@ fn remove_stale_temps(parent: &OwnedFd, parent_path: &Path, leaf: &str) {
     let old_prefix = format!(".{leaf}{OLD_MARK}");
     for name in names {
         if name.starts_with(&new_prefix) || name.starts_with(&old_prefix) {
-            let _ = remove_dir_nofollow(parent, &name, 0);
+            let _ = remove_entry_nofollow(parent, &name);
         }
+    }
+}
+
+/// Removes one entry below `parent` (a file, a link or a whole directory),
+/// never following a link.
+fn remove_entry_nofollow(parent: &OwnedFd, name: &str) -> Result<(), FsError> {
+    match unlinkat(parent, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => remove_dir_nofollow(parent, name, 0),
+        Err(e) => Err(io_err("remove", Path::new(name), e)),
     }
 }
 
@@ -1077,6 +1141,34 @@ impl HostData {
         Ok(names.into_iter().map(|n| path.join(n)).collect())
     }
 
+    /// Removes what interrupted earlier runs left in this domain's own data
+    /// (temp and old dirs of kept copies and backups, temp files of `J`).
+    /// Call with the domain's lock held: every writer of these holds it.
+    /// Best effort.
+    pub fn remove_leftovers(&self, uuid: &DomainUuid) {
+        let ours = |name: &str| {
+            name.starts_with('.') && (name.contains(TEMP_MARK) || name.contains(OLD_MARK))
+        };
+        for section in ["kept", "backups"] {
+            if let Ok(Some((dir, path))) = self.uuid_dir(&self.data_dir, section, uuid, false) {
+                for name in list_dir(&dir, &path).unwrap_or_default() {
+                    if ours(&name) {
+                        let _ = remove_entry_nofollow(&dir, &name);
+                    }
+                }
+            }
+        }
+        let synced = self.data_dir.join("synced");
+        if let Ok(dir) = open_trusted_dir(&synced) {
+            let prefix = format!(".{uuid}{TEMP_MARK}");
+            for name in list_dir(&dir, &synced).unwrap_or_default() {
+                if name.starts_with(&prefix) {
+                    let _ = remove_entry_nofollow(&dir, &name);
+                }
+            }
+        }
+    }
+
     /// `J`: the digest this host last synced with the metadata for `uuid`.
     pub fn read_synced(&self, uuid: &DomainUuid) -> Result<Option<Sha256Sum>, FsError> {
         let dir_path = self.data_dir.join("synced");
@@ -1105,6 +1197,7 @@ impl HostData {
         )?;
         if kept.as_ref().map(MachineState::digest) != Some(state.digest()) {
             self.write_kept(uuid, state)?;
+            fault::point("sync.kept").map_err(|e| io_err("write", &self.data_dir, e))?;
         }
         // Already recorded: write nothing (an unchanged store stays a read).
         if self.read_synced(uuid)? == Some(state.digest()) {
@@ -1244,13 +1337,18 @@ pub fn write_file_atomically_mode(
     )
     .map_err(|e| io_err("create", &temp_path, e))?;
     let result = (|| {
+        fault::point("file.created").map_err(|e| io_err("create", &temp_path, e))?;
         fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", &temp_path, e))?;
         let mut f = File::from(fd);
+        fault::point("file.write").map_err(|e| io_err("write", &temp_path, e))?;
         f.write_all(data)
             .map_err(|e| io_err("write", &temp_path, e))?;
         f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
+        fault::point("file.rename")
+            .map_err(|e| io_err("rename into place", &dir_path.join(name), e))?;
         renameat_with(&dir, temp.as_str(), &dir, name, RenameFlags::empty())
             .map_err(|e| io_err("rename into place", &dir_path.join(name), e))?;
+        let _ = fault::point("file.renamed");
         fsync(&dir).map_err(|e| io_err("fsync", dir_path, e))
     })();
     if result.is_err() {

@@ -287,7 +287,9 @@ pub fn store_domain(
             limit: ctx.config.max_domain_xml_size,
         });
     }
+    store_fault("store.settled")?;
     dom.write_state_element(&element, &ctx.config.namespace, targets)?;
+    store_fault("store.metadata_set")?;
     record_synced(ctx, &host, dom, &state, opts.watch.then_some(&carried))?;
     let m = MetadataState {
         provenance,
@@ -472,6 +474,17 @@ fn read_settled(
     }
 }
 
+/// A fault point of the `fault-injection` test build (nothing otherwise).
+fn store_fault(point: &'static str) -> Result<(), CliError> {
+    crate::fault::point(point).map_err(|source| {
+        CliError::from(crate::statefs::FsError::Io {
+            action: "continue at",
+            path: std::path::PathBuf::from(point),
+            source,
+        })
+    })
+}
+
 /// Records `J` (and the kept copy). With `still_at` (the watch daemon), only
 /// when that state dir still holds `state` under the lock: a domain that
 /// stopped meanwhile has a newer final state, which the hook kept and the
@@ -484,6 +497,7 @@ fn record_synced(
     still_at: Option<&Carried>,
 ) -> Result<(), CliError> {
     let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
+    host.remove_leftovers(&dom.uuid);
     if let Some(carried) = still_at {
         let now = carried.read_live(true, true, ctx.config.max_file_size)?;
         if now.as_ref().map(MachineState::digest) != Some(state.digest()) {
