@@ -11,12 +11,20 @@ use crate::state::{DomainUuid, TpmVersion};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::NsReader;
+use std::collections::HashSet;
 
 /// Deepest nesting accepted anywhere in a domain XML. libvirt's own documents
 /// stay under 10; anything far deeper is an attack on the reader.
 const MAX_DEPTH: usize = 64;
 /// Most elements kept from our metadata subtree (state, tpm, a few files).
 const MAX_KEPT_ELEMENTS: usize = 64;
+/// Most namespace declarations in scope at once. libvirt's documents have a
+/// handful (one per application's metadata element). The XML reader looks a
+/// prefix up by scanning every binding in scope, once per element, so
+/// without a bound a document with many declarations and many elements costs
+/// time quadratic in its size (minutes for a few MiB, in the start path of
+/// every VM, with libvirt holding the domain's lock).
+const MAX_NAMESPACES_IN_SCOPE: usize = 128;
 
 /// A small owned element tree: what we keep of our metadata element.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -184,6 +192,8 @@ pub enum DomainXmlError {
     DuplicateMetadata(usize, String),
     #[error("the virt-tpm-state metadata element is too large or too deeply structured")]
     MetadataTooComplex,
+    #[error("domain XML declares more than {MAX_NAMESPACES_IN_SCOPE} XML namespaces in one scope; libvirt never writes that many")]
+    TooManyNamespaces,
 }
 
 fn malformed(e: impl std::fmt::Display) -> DomainXmlError {
@@ -208,6 +218,9 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
     let mut kept_count = 0usize;
     let mut text_target: Option<&'static str> = None;
     let mut seen_root = false;
+    // Namespace declarations on each open element, and their sum.
+    let mut ns_decls: Vec<usize> = Vec::new();
+    let mut ns_in_scope = 0usize;
 
     loop {
         let (ns, event) = reader.read_resolved_event().map_err(malformed)?;
@@ -224,6 +237,12 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                 if path.len() >= MAX_DEPTH {
                     return Err(DomainXmlError::TooDeep);
                 }
+                let decls = namespace_declarations(&e);
+                ns_in_scope += decls;
+                if ns_in_scope > MAX_NAMESPACES_IN_SCOPE {
+                    return Err(DomainXmlError::TooManyNamespaces);
+                }
+                ns_decls.push(decls);
                 let ns_uri = match ns {
                     ResolveResult::Bound(n) => {
                         Some(String::from_utf8_lossy(n.into_inner()).into_owned())
@@ -318,6 +337,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
             }
             Event::End(_) => {
                 path.pop();
+                ns_in_scope -= ns_decls.pop().unwrap_or(0);
                 text_target = None;
                 if let Some(done) = kept_stack.pop() {
                     match kept_stack.last_mut() {
@@ -391,13 +411,34 @@ fn local_name(e: &BytesStart<'_>) -> Result<String, DomainXmlError> {
         .map_err(malformed)
 }
 
+/// How many `xmlns` / `xmlns:*` declarations an element carries.
+fn namespace_declarations(e: &BytesStart<'_>) -> usize {
+    e.attributes()
+        .with_checks(false)
+        .filter_map(Result::ok)
+        .filter(|a| a.key.as_namespace_binding().is_some())
+        .count()
+}
+
 fn attributes(
     e: &BytesStart<'_>,
     reader: &NsReader<&[u8]>,
 ) -> Result<Vec<(String, String)>, DomainXmlError> {
     let mut out = Vec::new();
-    for a in e.attributes() {
+    // quick-xml's own duplicate check compares each attribute with every
+    // earlier one: quadratic in the attribute count, which the hostile XML
+    // chooses (an element with 1e6 attributes took over an hour). A set
+    // over all keys, prefixed ones included, does the same job in linear
+    // time.
+    let mut seen: HashSet<&[u8]> = HashSet::new();
+    for a in e.attributes().with_checks(false) {
         let a = a.map_err(malformed)?;
+        if !seen.insert(a.key.into_inner()) {
+            return Err(DomainXmlError::Malformed(format!(
+                "duplicate attribute {:?}",
+                String::from_utf8_lossy(a.key.as_ref())
+            )));
+        }
         // Namespace declarations and prefixed attributes are not ours.
         if a.key.prefix().is_some() || a.key.as_ref() == b"xmlns" {
             continue;
@@ -405,11 +446,6 @@ fn attributes(
         let key = std::str::from_utf8(a.key.as_ref())
             .map_err(malformed)?
             .to_string();
-        if out.iter().any(|(k, _): &(String, String)| *k == key) {
-            return Err(DomainXmlError::Malformed(format!(
-                "duplicate attribute {key:?}"
-            )));
-        }
         let value = a
             .decode_and_unescape_value(reader.decoder())
             .map_err(malformed)?
@@ -521,6 +557,69 @@ mod tests {
         assert_eq!(
             parse_domain(xml.as_bytes(), NS),
             Err(DomainXmlError::TooDeep)
+        );
+    }
+
+    /// Runs `f` on its own thread and fails if it has not returned after a
+    /// minute: a hang detector for inputs that used to take time quadratic
+    /// in their size (each now takes milliseconds, so the deadline is
+    /// thousands of times the expected time and cannot flake).
+    fn finishes<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("parse_domain hung (quadratic work on a hostile input?)")
+    }
+
+    #[test]
+    fn many_attributes_take_linear_time() {
+        // Regression: quick-xml's duplicate check and ours compared each
+        // attribute with all earlier ones; 1e6 attributes on our element or
+        // on <os> kept the hook busy for over an hour.
+        let attrs: String = (0..200_000).map(|i| format!(" a{i}=''")).collect();
+        for el in [
+            format!("<metadata><vts:state xmlns:vts='{NS}'{attrs}/></metadata>"),
+            format!("<os{attrs}/>"),
+        ] {
+            let xml = domain(&el);
+            let r = finishes(move || parse_domain(xml.as_bytes(), NS).map(|_| ()));
+            assert_eq!(r, Ok(()));
+        }
+        // Duplicates are still refused, prefixed ones included.
+        for dup in [" a1='x' a1='y'", " p:a='x' p:a='y'"] {
+            let xml = domain(&format!("<os xmlns:p='urn:p'{dup}/>"));
+            assert!(matches!(
+                parse_domain(xml.as_bytes(), NS),
+                Err(DomainXmlError::Malformed(m)) if m.contains("duplicate attribute")
+            ));
+        }
+    }
+
+    #[test]
+    fn refuses_too_many_namespaces_in_scope() {
+        // Regression: the reader scans every binding in scope per element,
+        // so many declarations times many elements was quadratic (about a
+        // minute for 4 MiB).
+        let decls =
+            |n: usize| -> String { (0..n).map(|i| format!(" xmlns:p{i}='urn:p{i}'")).collect() };
+        let xml = domain(&format!(
+            "<description{}>{}</description>",
+            decls(200_000),
+            "<a/>".repeat(200_000)
+        ));
+        let r = finishes(move || parse_domain(xml.as_bytes(), NS).map(|_| ()));
+        assert_eq!(r, Err(DomainXmlError::TooManyNamespaces));
+        // Up to the bound, spread over nested elements, is fine; the count
+        // drops again when an element closes.
+        let half = MAX_NAMESPACES_IN_SCOPE / 2;
+        let xml = domain(&format!("<a{0}><b{0}/></a><c{0}><d{0}/></c>", decls(half)));
+        assert!(parse_domain(xml.as_bytes(), NS).is_ok());
+        let xml = domain(&format!("<a{0}><b{0} xmlns:x='urn:x'/></a>", decls(half)));
+        assert_eq!(
+            parse_domain(xml.as_bytes(), NS),
+            Err(DomainXmlError::TooManyNamespaces)
         );
     }
 
