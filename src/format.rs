@@ -247,8 +247,8 @@ pub fn encode_with(
         provenance.generation,
         state.digest().hex(),
         parent,
-        escape(provenance.stored.as_str()),
-        escape(provenance.host.as_str()),
+        attribute_text(&provenance.stored),
+        attribute_text(&provenance.host),
     );
     // Sections in a fixed order: <tpm> first, then <nvram>.
     let mut sections: Vec<(&str, String, &[StateFile])> = Vec::new();
@@ -297,6 +297,40 @@ pub fn encode_with(
     }
     out.push_str(&format!("</{p}state>"));
     out
+}
+
+/// `s` as an attribute value that any conforming XML parser (libvirt's
+/// libxml2 included) reads back as `s`: markup characters escaped, and tab,
+/// newline and carriage return as character references, because a parser
+/// normalizes them to spaces when they appear literally in an attribute.
+/// Characters XML 1.0 cannot carry at all (most C0 controls, U+FFFE, U+FFFF)
+/// become U+FFFD: libvirt would refuse the whole element otherwise. Only the
+/// informational `stored` and `host` need this; everything else the encoder
+/// writes is hex, decimal or a fixed name.
+fn attribute_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' => out.push_str("&#9;"),
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
+            c => out.push(xml_char(c)),
+        }
+    }
+    out
+}
+
+/// `c` if XML 1.0 allows it in a document, else U+FFFD.
+fn xml_char(c: char) -> char {
+    match c {
+        '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'.. => c,
+        _ => char::REPLACEMENT_CHARACTER,
+    }
 }
 
 // ---------------------------------------------------------------- decoding
@@ -932,6 +966,21 @@ mod tests {
         assert!(matches!(e, FormatError::DeclaredTooLarge { .. }), "{e:?}");
         let none = "<vts:state xmlns:vts=\"urn:virt-tpm-state:1\" format=\"1\" uuid=\"6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d\" generation=\"1\" digest=\"0000000000000000000000000000000000000000000000000000000000000000\"/>";
         assert_eq!(refused(none), FormatError::NoSection);
+    }
+
+    #[test]
+    fn informational_attributes_survive_any_xml_parser() {
+        // Regression: `stored` and `host` were escaped for markup only; a
+        // literal tab or newline in an attribute is normalized to a space by
+        // libxml2, and a control character made the element unparsable.
+        let (tpm, mut prov) = sample();
+        prov.host = "a\tb\nc\r\nd \"'<>&".into();
+        prov.stored = "x\u{1}y\u{FFFE}".into();
+        let text = encode(&tpm, &prov, Style::Standalone);
+        assert!(text.contains("host=\"a&#9;b&#10;c&#13;&#10;d &quot;&apos;&lt;&gt;&amp;\""));
+        let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+        assert_eq!(back.provenance.host, prov.host);
+        assert_eq!(back.provenance.stored, "x\u{FFFD}y\u{FFFD}");
     }
 
     #[test]
