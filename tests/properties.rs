@@ -1125,11 +1125,11 @@ struct HookRun {
     stderr: String,
 }
 
-fn run_hook(root: &Path, xml: Vec<u8>) -> HookRun {
+fn run_hook(root: &Path, op: [&str; 2], xml: Vec<u8>) -> HookRun {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new(HOOK)
-        .args(["vm", "prepare", "begin", "-"])
+        .args(["vm", op[0], op[1], "-"])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LC_ALL", "C")
@@ -1226,9 +1226,20 @@ fn hook_on_mutated_domain_xml_writes_only_a_complete_state() {
     let seen: RefCell<BTreeMap<i32, u32>> = RefCell::default();
     run(
         "hook on mutated XML",
-        150,
-        (0..n, proptest::collection::vec(mutation(), 0..3)),
-        |(i, muts)| {
+        200,
+        (
+            0..n,
+            proptest::collection::vec(mutation(), 0..3),
+            // Mostly `prepare begin`, the op that restores.
+            prop_oneof![
+                6 => Just(["prepare", "begin"]),
+                1 => Just(["stopped", "end"]),
+                1 => Just(["release", "end"]),
+                1 => Just(["migrate", "begin"]),
+                1 => Just(["restore", "begin"]),
+            ],
+        ),
+        |(i, muts, op)| {
             let mut xml = seeds[i].clone();
             for m in &muts {
                 apply(&mut xml, m, &seeds);
@@ -1236,9 +1247,9 @@ fn hook_on_mutated_domain_xml_writes_only_a_complete_state() {
             let tmp = scratch();
             let root = tmp.path().join("root");
             let before = snapshot(&root);
-            let run = run_hook(&root, xml.clone());
+            let run = run_hook(&root, op, xml.clone());
             let after = snapshot(&root);
-            let shown = format!("exit {:?}, stderr {:?}", run.code, run.stderr);
+            let shown = format!("{op:?}: exit {:?}, stderr {:?}", run.code, run.stderr);
 
             // Never a crash, never stdout, one line on failure.
             let code = run
