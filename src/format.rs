@@ -346,14 +346,14 @@ pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, Fo
 /// enough to continue a generation chain when the payload cannot be opened.
 pub fn read_header(el: &XmlElement) -> Result<(Provenance, Sha256Sum), FormatError> {
     if el.name != "state" {
-        return Err(FormatError::WrongElement(el.name.clone()));
+        return Err(FormatError::WrongElement(shown(&el.name)));
     }
     // MUST: a reader refuses an element whose `format` it does not know.
     let format = el
         .attr("format")
         .ok_or(FormatError::MissingAttribute("format"))?;
     if format != FORMAT_VERSION {
-        return Err(FormatError::UnknownFormat(format.to_string()));
+        return Err(FormatError::UnknownFormat(shown(format)));
     }
     let uuid = DomainUuid::parse(req(el, "uuid")?).ok_or(FormatError::BadAttribute {
         attribute: "uuid",
@@ -405,7 +405,7 @@ pub fn decode_with_keys(
             "tpm" => tpm_section = Some(child),
             "nvram" if nvram_section.is_some() => return Err(FormatError::DuplicateNvramSection),
             "nvram" => nvram_section = Some(child),
-            other => return Err(FormatError::UnknownSection(other.to_string())),
+            other => return Err(FormatError::UnknownSection(shown(other))),
         }
     }
     if tpm_section.is_none() && nvram_section.is_none() {
@@ -418,7 +418,7 @@ pub fn decode_with_keys(
             .attr("version")
             .ok_or(FormatError::MissingAttribute("version"))?;
         let version = TpmVersion::parse(version_text)
-            .ok_or_else(|| FormatError::BadTpmVersion(version_text.to_string()))?;
+            .ok_or_else(|| FormatError::BadTpmVersion(shown(version_text)))?;
         let files = decode_section(
             section,
             Section::Tpm(version),
@@ -489,7 +489,7 @@ fn decode_section(
     for f in &section.children {
         if f.name != "file" {
             return Err(FormatError::UnexpectedElement(
-                f.name.clone(),
+                shown(&f.name),
                 kind.name().into(),
             ));
         }
@@ -523,7 +523,7 @@ fn decode_file(
     // silently while its surrounding text is decoded.
     if let Some(child) = f.children.first() {
         return Err(FormatError::UnexpectedElement(
-            child.name.clone(),
+            shown(&child.name),
             "file".into(),
         ));
     }
@@ -532,19 +532,19 @@ fn decode_file(
     match section {
         Section::Tpm(version) if !version.allowed_files().contains(&name.as_str()) => {
             return Err(FormatError::FileNameNotAllowed {
-                name,
+                name: shown(&name),
                 version,
                 allowed: version.allowed_files().join(", "),
             });
         }
         Section::Nvram if name != NVRAM_FILE => {
-            return Err(FormatError::NvramFileNameNotAllowed(name));
+            return Err(FormatError::NvramFileNameNotAllowed(shown(&name)));
         }
         _ => {}
     }
     let encoding = req(f, "encoding")?;
     if encoding != ENCODING_GZIP_BASE64 && encoding != ENCODING_SEALED {
-        return Err(FormatError::UnknownEncoding(name, encoding.to_string()));
+        return Err(FormatError::UnknownEncoding(name, shown(encoding)));
     }
     let size = parse_decimal(req(f, "size")?).ok_or(FormatError::BadAttribute {
         attribute: "size",
@@ -681,6 +681,26 @@ fn gunzip_capped(gz: &[u8], cap: u64) -> Result<Vec<u8>, GunzipError> {
         return Err(GunzipError::Invalid);
     }
     Ok(out)
+}
+
+/// A value from the hostile element as an error message may show it: at
+/// most 40 characters, control characters escaped, so a refusal stays one
+/// short line (on the hook's stderr and in syslog) whatever the element holds.
+fn shown(s: &str) -> String {
+    const MAX: usize = 40;
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn req<'a>(el: &'a XmlElement, name: &'static str) -> Result<&'a str, FormatError> {
@@ -981,6 +1001,23 @@ mod tests {
         let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
         assert_eq!(back.provenance.host, prov.host);
         assert_eq!(back.provenance.stored, "x\u{FFFD}y\u{FFFD}");
+    }
+
+    #[test]
+    fn refusals_quote_hostile_values_short_and_on_one_line() {
+        // Regression (found by fuzzing): a refused `encoding`, `format`,
+        // `version` or name was quoted whole, newlines (`&#10;`) included.
+        let long = format!("x&#10;y{}", "z".repeat(10_000));
+        for t in [
+            sample_text().replace("gzip+base64\">", &format!("{long}\">")),
+            sample_text().replace("format=\"1\"", &format!("format=\"{long}\"")),
+            sample_text().replace("version=\"2.0\"", &format!("version=\"{long}\"")),
+            sample_text().replace("name=\"tpm2-00.permall\"", &format!("name=\"{long}\"")),
+        ] {
+            let msg = refused(&t).to_string();
+            assert!(!msg.contains('\n') && msg.len() < 400, "{msg}");
+            assert!(msg.contains("x\\") && msg.contains('…'), "{msg}");
+        }
     }
 
     #[test]

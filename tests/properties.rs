@@ -190,10 +190,11 @@ fn cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// A runner with `n` cases (unless VTS_PROPTEST_CASES says otherwise), a
-/// fixed seed unless PROPTEST_RNG_SEED / a random run is asked for, and no
+/// A runner with `default_cases` cases (unless VTS_PROPTEST_CASES says
+/// otherwise); a fixed seed, so CI runs the same cases every time, unless
+/// VTS_PROPTEST_RANDOM is set (then a fresh seed, or PROPTEST_RNG_SEED); no
 /// regression files written into the source tree (a failure prints its
-/// minimal input; it becomes a named regression test).
+/// minimal input, which becomes a named regression test).
 fn runner(default_cases: u32) -> TestRunner {
     let config = Config {
         cases: cases(default_cases),
@@ -392,13 +393,23 @@ fn in_domain(element: &str, style: Style, uuid: &str) -> Vec<u8> {
 }
 
 /// The reader as the hook uses it: domain XML in, our element decoded.
+/// Every refusal must also make a short one-line message (it becomes the
+/// hook's one stderr line): checked here, for every input of every test.
 fn read(xml: &[u8], limits: DecodeLimits, keys: &Keyring) -> Result<Outcome, String> {
-    let info = parse_domain(xml, NAMESPACE_URI).map_err(|e| variant(&e))?;
+    fn refusal<E: std::fmt::Debug + std::fmt::Display>(e: E) -> String {
+        let msg = e.to_string();
+        assert!(
+            !msg.chars().any(char::is_control) && msg.chars().count() <= 400,
+            "refusal message is not one short line: {msg:?}"
+        );
+        variant(&e)
+    }
+    let info = parse_domain(xml, NAMESPACE_URI).map_err(refusal)?;
     match info.metadata {
         None => Ok(Outcome::NoElement),
         Some(el) => decode_with_keys(&el, limits, keys)
             .map(|m| Outcome::State(Box::new(m)))
-            .map_err(|e| variant(&e)),
+            .map_err(refusal),
     }
 }
 
