@@ -765,10 +765,7 @@ mod tests {
         ] {
             let xml = domain(bad);
             let msg = parse_domain(xml.as_bytes(), NS).unwrap_err().to_string();
-            assert!(
-                !msg.contains("zzqq") && !msg.contains('\n'),
-                "{bad}: {msg}"
-            );
+            assert!(!msg.contains("zzqq") && !msg.contains('\n'), "{bad}: {msg}");
         }
     }
 

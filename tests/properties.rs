@@ -1378,3 +1378,32 @@ fn hook_on_mutated_domain_xml_writes_only_a_complete_state() {
     assert!(seen.get(&0).copied().unwrap_or(0) >= 5, "{seen:?}");
     assert!(seen.len() >= 3, "{seen:?}");
 }
+
+#[test]
+fn hook_refusals_are_one_line_whatever_the_xml_quotes() {
+    // Regression (found by fuzzing the hook): one flipped byte, `</name>`
+    // to `</name?`, made the XML library's message quote the document up to
+    // the next `>`, newline included: two lines on stderr (and a garbled end
+    // tag inside <file> would have quoted the state's base64). Values the
+    // refusals do quote (a TPM state path with `&#10;`) stay escaped.
+    let prepared = String::from_utf8(hook_seeds().swap_remove(0)).unwrap();
+    let garbled = prepared.replacen("</name>", "</name?", 1);
+    let path = prepared.replacen(
+        "<backend type='emulator' version='2.0'/>",
+        "<backend type='emulator' version='2.0'><source type='dir' path='/srv/a&#10;b/../../etc'/></backend>",
+        1,
+    );
+    for (xml, code) in [(garbled, 3), (path, 7)] {
+        assert_ne!(xml, prepared, "the fixture changed");
+        let tmp = scratch();
+        let run = run_hook(
+            &tmp.path().join("root"),
+            ["prepare", "begin"],
+            xml.into_bytes(),
+        );
+        assert_eq!(run.code, Some(code), "{}", run.stderr);
+        assert!(run.stdout.is_empty());
+        assert_eq!(run.stderr.lines().count(), 1, "{:?}", run.stderr);
+        assert!(!run.stderr.contains("<uuid>"), "{:?}", run.stderr);
+    }
+}
