@@ -25,7 +25,7 @@ fi
 
 # Seed corpus: every fixture (valid and invalid vectors, captured domains).
 mkdir -p fuzz/corpus/read_domain fuzz/corpus/round_trip
-cp fixtures/vectors/*.xml fixtures/domains/*.xml fuzz/corpus/read_domain/
+cp fixtures/vectors/*.xml fixtures/domains/*.xml fuzz/regressions/read_domain-* fuzz/corpus/read_domain/
 
 status=0
 for target in read_domain round_trip; do

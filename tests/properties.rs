@@ -165,10 +165,20 @@ fn vector_keys() -> Vec<SecretKey> {
         .collect()
 }
 
-/// Every XML file of `fixtures/` (vectors and captured domains): the seeds
-/// of the mutation fuzzer.
+/// Every XML file of `fixtures/` (vectors and captured domains), and every
+/// input libFuzzer once failed on (`fuzz/regressions/`): the seeds of the
+/// mutation fuzzer.
 fn seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
+    let regressions = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions"));
+    let mut paths: Vec<_> = std::fs::read_dir(regressions)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "fuzz/regressions lost its inputs");
+    out.extend(paths.iter().map(|p| std::fs::read(p).unwrap()));
     for sub in ["vectors", "domains"] {
         let mut paths: Vec<_> = std::fs::read_dir(fixtures().join(sub))
             .unwrap()
