@@ -1417,3 +1417,57 @@ fn hook_refusals_are_one_line_whatever_the_xml_quotes() {
         assert!(!run.stderr.contains("<uuid>"), "{:?}", run.stderr);
     }
 }
+
+/// libvirt parses the element with libxml2, which normalizes a literal tab,
+/// newline or CR in an attribute value to a space and refuses control
+/// characters. Checked with libxml2 itself (xmllint): what the encoder
+/// writes for `stored` and `host` reads back unchanged there too.
+#[test]
+fn libxml2_reads_stored_and_host_back() {
+    if std::process::Command::new("xmllint")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let why = "xmllint (libxml2-utils) not installed";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "libxml2_reads_stored_and_host_back: {why} (CI=true: the environment must provide it)"
+        );
+        eprintln!("SKIP libxml2_reads_stored_and_host_back: {why}");
+        return;
+    }
+    let state = MachineState::new(None, Some(vec![1, 2, 3]));
+    let prov = Provenance {
+        uuid: DomainUuid::parse(UUID).unwrap(),
+        generation: 1,
+        parent: None,
+        stored: "2026-11-23T00:00:00Z\u{1}x".into(),
+        host: "a\tb\nc\r\nd <&>'\" é\u{10FFFF}".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("element.xml");
+    std::fs::write(
+        &file,
+        encode_with(&state, &prov, Style::Standalone, Protection::Plain),
+    )
+    .unwrap();
+    for (attr, expect) in [
+        ("host", prov.host.clone()),
+        ("stored", "2026-11-23T00:00:00Z\u{FFFD}x".to_string()),
+    ] {
+        let out = std::process::Command::new("xmllint")
+            .args(["--xpath", &format!("string(/*/@{attr})")])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // xmllint ends its output with one newline of its own.
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.strip_suffix('\n'), Some(expect.as_str()), "{attr}");
+    }
+}
