@@ -8,11 +8,14 @@
 # property tests (tests/properties.rs, stable) are, and cover the same
 # properties with fixed mutation strategies.
 #
-# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 300)
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET [TARGET...]]   (default 300, both)
 # Env:   FUZZ_TOOLCHAIN (default nightly)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-300}"
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(read_domain round_trip)
 toolchain="${FUZZ_TOOLCHAIN:-nightly}"
 CARGO_FUZZ_VERSION=0.13.1
 
@@ -28,7 +31,7 @@ mkdir -p fuzz/corpus/read_domain fuzz/corpus/round_trip
 cp fixtures/vectors/*.xml fixtures/domains/*.xml fuzz/regressions/read_domain-* fuzz/corpus/read_domain/
 
 status=0
-for target in read_domain round_trip; do
+for target in "${targets[@]}"; do
     extra=()
     [ "$target" = read_domain ] && extra=(-dict=fuzz/xml.dict -max_len=131072)
     echo "==> fuzzing $target for ${secs}s"
