@@ -11,12 +11,25 @@ use crate::state::{DomainUuid, TpmVersion};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::NsReader;
+use std::collections::HashSet;
 
 /// Deepest nesting accepted anywhere in a domain XML. libvirt's own documents
 /// stay under 10; anything far deeper is an attack on the reader.
 const MAX_DEPTH: usize = 64;
 /// Most elements kept from our metadata subtree (state, tpm, a few files).
 const MAX_KEPT_ELEMENTS: usize = 64;
+/// Most namespace declarations in scope at once. libvirt's documents have a
+/// handful (one per application's metadata element). The XML reader looks a
+/// prefix up by scanning every binding in scope, once per element, so
+/// without a bound a document with many declarations and many elements costs
+/// time quadratic in its size (minutes for a few MiB, in the start path of
+/// every VM, with libvirt holding the domain's lock).
+const MAX_NAMESPACES_IN_SCOPE: usize = 128;
+/// Most attributes on an element whose attributes we read (ours: at most
+/// 8; libvirt's <os>, <loader>, <tpm>...: a handful). Keeps the memory
+/// spent on one element proportional to what it can legitimately hold
+/// rather than ~20 times the hostile input.
+const MAX_ATTRIBUTES: usize = 64;
 
 /// A small owned element tree: what we keep of our metadata element.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -184,10 +197,76 @@ pub enum DomainXmlError {
     DuplicateMetadata(usize, String),
     #[error("the virt-tpm-state metadata element is too large or too deeply structured")]
     MetadataTooComplex,
+    #[error("domain XML declares more than {MAX_NAMESPACES_IN_SCOPE} XML namespaces in one scope; libvirt never writes that many")]
+    TooManyNamespaces,
+    #[error("element <{0}> of the domain XML has more than {MAX_ATTRIBUTES} attributes; libvirt never writes that many")]
+    TooManyAttributes(String),
 }
 
-fn malformed(e: impl std::fmt::Display) -> DomainXmlError {
-    DomainXmlError::Malformed(e.to_string())
+/// A well-formedness error, by kind and place only. The XML library's own
+/// messages quote the document (an end tag it did not expect can run on into
+/// the base64 of a state file, and can hold a newline), while this message
+/// ends up on the hook's one stderr line and in syslog.
+fn malformed_at(xml: &[u8], pos: u64, what: &str) -> DomainXmlError {
+    let pos = usize::try_from(pos).unwrap_or(usize::MAX).min(xml.len());
+    let before = &xml[..pos];
+    let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
+    let column = 1 + pos
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+    DomainXmlError::Malformed(format!("{what} (line {line}, column {column})"))
+}
+
+/// An element name as an error message shows it: at most 40 characters
+/// (names hold no control characters: those are refused up front).
+fn short(name: &str) -> String {
+    match name.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &name[..i]),
+        None => name.to_string(),
+    }
+}
+
+/// What went wrong, without the document text the library's message quotes.
+fn describe(e: &quick_xml::Error) -> &'static str {
+    use quick_xml::errors::{Error as E, IllFormedError as I, SyntaxError as S};
+    match e {
+        E::Syntax(S::InvalidBangMarkup) => "unknown markup after `<!`",
+        E::Syntax(S::UnclosedPIOrXmlDecl) => "a processing instruction is not closed",
+        E::Syntax(S::UnclosedComment) => "a comment is not closed",
+        E::Syntax(S::UnclosedDoctype) => "a DOCTYPE is not closed",
+        E::Syntax(S::UnclosedCData) => "a CDATA section is not closed",
+        E::Syntax(S::UnclosedTag) => "a tag is not closed",
+        E::IllFormed(I::MissingEndTag(_)) => "an element is not closed",
+        E::IllFormed(I::UnmatchedEndTag(_)) => "an end tag has no start tag",
+        E::IllFormed(I::MismatchedEndTag { .. }) => "an end tag does not match its start tag",
+        E::IllFormed(_) => "ill-formed markup",
+        E::InvalidAttr(_) => "invalid attribute syntax",
+        E::Encoding(_) => "text that is not UTF-8",
+        E::Escape(_) => "an undefined entity or an invalid character reference",
+        E::Namespace(_) => "an invalid namespace declaration",
+        E::Io(_) => "a read error",
+    }
+}
+
+/// Whether XML 1.0 allows `c` in a document (production `Char`). quick-xml
+/// does not check it; libxml2 (libvirt) does, so such a document never
+/// comes from libvirt, and a character the encoder could not write back
+/// must not be accepted.
+fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// Offset of the first byte that starts a character XML forbids (C0
+/// controls but tab, newline, CR; U+FFFE, U+FFFF), if any.
+fn first_forbidden_byte(xml: &[u8]) -> Option<usize> {
+    xml.iter().enumerate().position(|(i, &b)| {
+        (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
+            || (b == 0xEF
+                && xml.get(i + 1) == Some(&0xBF)
+                && matches!(xml.get(i + 2), Some(0xBE | 0xBF)))
+    })
 }
 
 /// Reads a domain XML. `namespace` is the URI of our element (configurable,
@@ -208,32 +287,53 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
     let mut kept_count = 0usize;
     let mut text_target: Option<&'static str> = None;
     let mut seen_root = false;
+    // Namespace declarations on each open element, and their sum.
+    let mut ns_decls: Vec<usize> = Vec::new();
+    let mut ns_in_scope = 0usize;
 
+    if let Some(pos) = first_forbidden_byte(xml) {
+        return Err(malformed_at(
+            xml,
+            pos as u64,
+            "a character XML does not allow",
+        ));
+    }
     loop {
-        let (ns, event) = reader.read_resolved_event().map_err(malformed)?;
+        // Errors are placed at the start of the event they occur in.
+        let here = reader.buffer_position();
+        let (ns, event) = reader
+            .read_resolved_event()
+            .map_err(|e| malformed_at(xml, here, describe(&e)))?;
         match event {
             Event::DocType(_) => return Err(DomainXmlError::Doctype),
             Event::Start(e) => {
-                let local = local_name(&e)?;
+                let local = local_name(&e, xml, here)?;
                 if !seen_root {
                     seen_root = true;
                     if local != "domain" {
-                        return Err(DomainXmlError::NotADomain(local));
+                        return Err(DomainXmlError::NotADomain(short(&local)));
                     }
                 }
                 if path.len() >= MAX_DEPTH {
                     return Err(DomainXmlError::TooDeep);
                 }
+                let decls = namespace_declarations(&e);
+                ns_in_scope += decls;
+                if ns_in_scope > MAX_NAMESPACES_IN_SCOPE {
+                    return Err(DomainXmlError::TooManyNamespaces);
+                }
+                ns_decls.push(decls);
                 let ns_uri = match ns {
                     ResolveResult::Bound(n) => {
                         Some(String::from_utf8_lossy(n.into_inner()).into_owned())
                     }
                     ResolveResult::Unbound => None,
-                    ResolveResult::Unknown(p) => {
-                        return Err(DomainXmlError::Malformed(format!(
-                            "undeclared namespace prefix {:?}",
-                            String::from_utf8_lossy(&p)
-                        )))
+                    ResolveResult::Unknown(_) => {
+                        return Err(malformed_at(
+                            xml,
+                            here,
+                            "an element with an undeclared namespace prefix",
+                        ))
                     }
                 };
                 let depth = path.len();
@@ -246,7 +346,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                     kept_stack.push(XmlElement {
                         namespace: ns_uri,
                         name: local.clone(),
-                        attributes: attributes(&e, &reader)?,
+                        attributes: attributes(&e, xml, here, &reader)?,
                         ..Default::default()
                     });
                 } else if depth == 1 && local == "name" {
@@ -254,32 +354,32 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                 } else if depth == 1 && local == "uuid" {
                     text_target = Some("uuid");
                 } else if depth == 1 && local == "os" {
-                    let attrs = attributes(&e, &reader)?;
+                    let attrs = attributes(&e, xml, here, &reader)?;
                     os.efi = find(&attrs, "firmware").as_deref() == Some("efi");
                 } else if depth == 2 && path[1] == "os" && local == "loader" {
-                    let attrs = attributes(&e, &reader)?;
+                    let attrs = attributes(&e, xml, here, &reader)?;
                     os.pflash = find(&attrs, "type").as_deref() == Some("pflash");
                     os.stateless = find(&attrs, "stateless").as_deref() == Some("yes");
                 } else if depth == 2 && path[1] == "os" && local == "nvram" {
-                    let attrs = attributes(&e, &reader)?;
+                    let attrs = attributes(&e, xml, here, &reader)?;
                     os.nvram = Some(NvramElement {
                         kind: find(&attrs, "type"),
                         path: String::new(),
                     });
                     text_target = Some("nvram");
                 } else if depth == 3 && path[1] == "os" && path[2] == "nvram" && local == "source" {
-                    let attrs = attributes(&e, &reader)?;
+                    let attrs = attributes(&e, xml, here, &reader)?;
                     if let (Some(n), Some(file)) = (os.nvram.as_mut(), find(&attrs, "file")) {
                         n.path = file;
                     }
                 } else if depth == 2 && path[1] == "devices" && local == "tpm" {
-                    let attrs = attributes(&e, &reader)?;
+                    let attrs = attributes(&e, xml, here, &reader)?;
                     tpms.push(TpmDevice {
                         model: find(&attrs, "model"),
                         backend: TpmBackend::Other(String::new()),
                     });
                 } else if depth == 3 && path[2] == "tpm" && local == "backend" {
-                    let attrs = attributes(&e, &reader)?;
+                    let attrs = attributes(&e, xml, here, &reader)?;
                     if let Some(t) = tpms.last_mut() {
                         t.backend = match find(&attrs, "type").as_deref() {
                             Some("emulator") => TpmBackend::Emulator {
@@ -293,7 +393,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                         };
                     }
                 } else if depth == 4 && path[2] == "tpm" && path[3] == "backend" {
-                    let attrs = attributes(&e, &reader)?;
+                    let attrs = attributes(&e, xml, here, &reader)?;
                     if let Some(TpmDevice {
                         backend:
                             TpmBackend::Emulator {
@@ -318,6 +418,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
             }
             Event::End(_) => {
                 path.pop();
+                ns_in_scope -= ns_decls.pop().unwrap_or(0);
                 text_target = None;
                 if let Some(done) = kept_stack.pop() {
                     match kept_stack.last_mut() {
@@ -327,7 +428,13 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                 }
             }
             Event::Text(t) => {
-                let text = t.unescape().map_err(malformed)?;
+                let at = |what| malformed_at(xml, here, what);
+                let text = t.unescape().map_err(|e| at(describe(&e)))?;
+                if !text.chars().all(xml_char) {
+                    return Err(at(
+                        "a character reference to a character XML does not allow",
+                    ));
+                }
                 if let Some(top) = kept_stack.last_mut() {
                     top.text.push_str(&text);
                 } else if text_target == Some("nvram") {
@@ -349,7 +456,9 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
             }
             Event::CData(c) => {
                 if let Some(top) = kept_stack.last_mut() {
-                    top.text.push_str(&String::from_utf8_lossy(&c.into_inner()));
+                    let text = std::str::from_utf8(&c)
+                        .map_err(|_| malformed_at(xml, here, "text that is not UTF-8"))?;
+                    top.text.push_str(text);
                 }
             }
             Event::Eof => break,
@@ -385,35 +494,60 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
     })
 }
 
-fn local_name(e: &BytesStart<'_>) -> Result<String, DomainXmlError> {
+fn local_name(e: &BytesStart<'_>, xml: &[u8], here: u64) -> Result<String, DomainXmlError> {
     std::str::from_utf8(e.local_name().into_inner())
         .map(str::to_string)
-        .map_err(malformed)
+        .map_err(|_| malformed_at(xml, here, "a name that is not UTF-8"))
+}
+
+/// How many `xmlns` / `xmlns:*` declarations an element carries.
+fn namespace_declarations(e: &BytesStart<'_>) -> usize {
+    e.attributes()
+        .with_checks(false)
+        .filter_map(Result::ok)
+        .filter(|a| a.key.as_namespace_binding().is_some())
+        .count()
 }
 
 fn attributes(
     e: &BytesStart<'_>,
+    xml: &[u8],
+    here: u64,
     reader: &NsReader<&[u8]>,
 ) -> Result<Vec<(String, String)>, DomainXmlError> {
+    let at = |what| malformed_at(xml, here, what);
     let mut out = Vec::new();
-    for a in e.attributes() {
-        let a = a.map_err(malformed)?;
+    // quick-xml's own duplicate check compares each attribute with every
+    // earlier one: quadratic in the attribute count, which the hostile XML
+    // chooses (an element with 1e6 attributes took over an hour). A set
+    // over all keys, prefixed ones included, does the same job in linear
+    // time.
+    let mut seen: HashSet<&[u8]> = HashSet::new();
+    for a in e.attributes().with_checks(false) {
+        let a = a.map_err(|_| at("invalid attribute syntax"))?;
+        if seen.len() == MAX_ATTRIBUTES {
+            let name = String::from_utf8_lossy(e.local_name().into_inner()).into_owned();
+            return Err(DomainXmlError::TooManyAttributes(short(&name)));
+        }
+        if !seen.insert(a.key.into_inner()) {
+            return Err(at("a duplicate attribute"));
+        }
         // Namespace declarations and prefixed attributes are not ours.
         if a.key.prefix().is_some() || a.key.as_ref() == b"xmlns" {
             continue;
         }
         let key = std::str::from_utf8(a.key.as_ref())
-            .map_err(malformed)?
+            .map_err(|_| at("a name that is not UTF-8"))?
             .to_string();
-        if out.iter().any(|(k, _): &(String, String)| *k == key) {
-            return Err(DomainXmlError::Malformed(format!(
-                "duplicate attribute {key:?}"
-            )));
-        }
         let value = a
             .decode_and_unescape_value(reader.decoder())
-            .map_err(malformed)?
+            .map_err(|e| at(describe(&e)))?
             .into_owned();
+        if !value.chars().all(xml_char) {
+            return Err(at(
+                "a character reference to a character XML does not allow",
+            ));
+        }
         out.push((key, value));
     }
     Ok(out)
@@ -522,6 +656,147 @@ mod tests {
             parse_domain(xml.as_bytes(), NS),
             Err(DomainXmlError::TooDeep)
         );
+    }
+
+    /// Runs `f` on its own thread and fails if it has not returned after a
+    /// minute: a hang detector for inputs that used to take time quadratic
+    /// in their size (each now takes milliseconds, so the deadline is
+    /// thousands of times the expected time and cannot flake).
+    fn finishes<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("parse_domain hung (quadratic work on a hostile input?)")
+    }
+
+    #[test]
+    fn many_attributes_are_refused_in_linear_time() {
+        // Regression: quick-xml's duplicate check and ours compared each
+        // attribute with all earlier ones; 1e6 attributes on our element or
+        // on <os> kept the hook busy for over an hour.
+        let attrs = |n: usize| -> String { (0..n).map(|i| format!(" a{i}=''")).collect() };
+        for (el, name) in [
+            (
+                format!(
+                    "<metadata><vts:state xmlns:vts='{NS}'{}/></metadata>",
+                    attrs(200_000)
+                ),
+                "state",
+            ),
+            (format!("<os{}/>", attrs(200_000)), "os"),
+        ] {
+            let xml = domain(&el);
+            let r = finishes(move || parse_domain(xml.as_bytes(), NS).map(|_| ()));
+            assert_eq!(r, Err(DomainXmlError::TooManyAttributes(name.into())));
+        }
+        // Elements whose attributes are never read may carry any number.
+        let xml = domain(&format!("<description{}/>", attrs(200_000)));
+        assert!(finishes(move || parse_domain(xml.as_bytes(), NS).is_ok()));
+        // Up to the bound is fine (the xmlns declaration counts).
+        let xml = domain(&format!(
+            "<metadata><vts:state xmlns:vts='{NS}'{}/></metadata>",
+            attrs(MAX_ATTRIBUTES - 1)
+        ));
+        assert!(parse_domain(xml.as_bytes(), NS).unwrap().metadata.is_some());
+        // Duplicates are still refused, prefixed ones included.
+        for dup in [" a1='x' a1='y'", " p:a='x' p:a='y'"] {
+            let xml = domain(&format!("<os xmlns:p='urn:p'{dup}/>"));
+            assert!(matches!(
+                parse_domain(xml.as_bytes(), NS),
+                Err(DomainXmlError::Malformed(m)) if m.contains("duplicate attribute")
+            ));
+        }
+    }
+
+    #[test]
+    fn refuses_too_many_namespaces_in_scope() {
+        // Regression: the reader scans every binding in scope per element,
+        // so many declarations times many elements was quadratic (about a
+        // minute for 4 MiB).
+        let decls =
+            |n: usize| -> String { (0..n).map(|i| format!(" xmlns:p{i}='urn:p{i}'")).collect() };
+        let xml = domain(&format!(
+            "<description{}>{}</description>",
+            decls(200_000),
+            "<a/>".repeat(200_000)
+        ));
+        let r = finishes(move || parse_domain(xml.as_bytes(), NS).map(|_| ()));
+        assert_eq!(r, Err(DomainXmlError::TooManyNamespaces));
+        // Up to the bound, spread over nested elements, is fine; the count
+        // drops again when an element closes.
+        let half = MAX_NAMESPACES_IN_SCOPE / 2;
+        let xml = domain(&format!("<a{0}><b{0}/></a><c{0}><d{0}/></c>", decls(half)));
+        assert!(parse_domain(xml.as_bytes(), NS).is_ok());
+        let xml = domain(&format!("<a{0}><b{0} xmlns:x='urn:x'/></a>", decls(half)));
+        assert_eq!(
+            parse_domain(xml.as_bytes(), NS),
+            Err(DomainXmlError::TooManyNamespaces)
+        );
+    }
+
+    #[test]
+    fn malformed_messages_quote_nothing_and_stay_on_one_line() {
+        // Regression (found by fuzzing the hook): quick-xml's message for a
+        // garbled end tag quoted the document up to the next `>`, newlines
+        // included: a second stderr line, and possibly a state file's base64.
+        let xml = domain(&format!(
+            "<metadata><vts:state xmlns:vts='{NS}'><vts:tpm version='2.0'>\
+             <vts:file name='tpm2-00.permall'>SECRETBASE64\nMORE</vts:fileSECRET\nX></vts:tpm></vts:state></metadata>"
+        ));
+        let e = parse_domain(xml.as_bytes(), NS).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, DomainXmlError::Malformed(_)), "{e:?}");
+        assert!(!msg.contains("SECRET") && !msg.contains('\n'), "{msg}");
+        assert!(
+            msg.contains("end tag does not match") && msg.contains("(line 2, column 5)"),
+            "{msg}"
+        );
+        for bad in [
+            "<a>x</b>",
+            // (Attributes are parsed on the elements the reader reads.)
+            "<os b='1' b='2'/>",
+            "<x:a/>",
+            "<a>&zzqq;</a>",
+            "<os b=c/>",
+            "<!-- x",
+            "<a",
+        ] {
+            let xml = domain(bad);
+            let msg = parse_domain(xml.as_bytes(), NS).unwrap_err().to_string();
+            assert!(!msg.contains("zzqq") && !msg.contains('\n'), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn refuses_characters_xml_does_not_allow() {
+        // Regression (found by fuzzing): quick-xml accepted control
+        // characters, raw or as character references; an accepted `host`
+        // holding one could not be written back.
+        for bad in [
+            format!("<metadata><vts:state xmlns:vts='{NS}' host='a\u{16}b'/></metadata>"),
+            format!("<metadata><vts:state xmlns:vts='{NS}' host='a&#1;b'/></metadata>"),
+            format!("<metadata><vts:state xmlns:vts='{NS}'>&#x1F;</vts:state></metadata>"),
+            "<description>\u{0}</description>".to_string(),
+            "<description>\u{FFFE}</description>".to_string(),
+            "<description>&#xFFFF;</description>".to_string(),
+        ] {
+            let xml = domain(&bad);
+            assert!(
+                matches!(
+                    parse_domain(xml.as_bytes(), NS),
+                    Err(DomainXmlError::Malformed(_))
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        // Tab, newline and CR are characters, raw or as references.
+        let xml = domain(&format!(
+            "<metadata><vts:state xmlns:vts='{NS}' host='a&#9;&#10;&#13;b\t'/></metadata>"
+        ));
+        let m = parse_domain(xml.as_bytes(), NS).unwrap().metadata.unwrap();
+        assert_eq!(m.attr("host"), Some("a\t\n\rb\t"));
     }
 
     #[test]

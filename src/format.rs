@@ -247,8 +247,8 @@ pub fn encode_with(
         provenance.generation,
         state.digest().hex(),
         parent,
-        escape(provenance.stored.as_str()),
-        escape(provenance.host.as_str()),
+        attribute_text(&provenance.stored),
+        attribute_text(&provenance.host),
     );
     // Sections in a fixed order: <tpm> first, then <nvram>.
     let mut sections: Vec<(&str, String, &[StateFile])> = Vec::new();
@@ -299,6 +299,40 @@ pub fn encode_with(
     out
 }
 
+/// `s` as an attribute value that any conforming XML parser (libvirt's
+/// libxml2 included) reads back as `s`: markup characters escaped, and tab,
+/// newline and carriage return as character references, because a parser
+/// normalizes them to spaces when they appear literally in an attribute.
+/// Characters XML 1.0 cannot carry at all (most C0 controls, U+FFFE, U+FFFF)
+/// become U+FFFD: libvirt would refuse the whole element otherwise. Only the
+/// informational `stored` and `host` need this; everything else the encoder
+/// writes is hex, decimal or a fixed name.
+fn attribute_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' => out.push_str("&#9;"),
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
+            c => out.push(xml_char(c)),
+        }
+    }
+    out
+}
+
+/// `c` if XML 1.0 allows it in a document, else U+FFFD.
+fn xml_char(c: char) -> char {
+    match c {
+        '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'.. => c,
+        _ => char::REPLACEMENT_CHARACTER,
+    }
+}
+
 // ---------------------------------------------------------------- decoding
 
 /// Decodes and validates our element. Nothing is trusted until every check
@@ -312,14 +346,14 @@ pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, Fo
 /// enough to continue a generation chain when the payload cannot be opened.
 pub fn read_header(el: &XmlElement) -> Result<(Provenance, Sha256Sum), FormatError> {
     if el.name != "state" {
-        return Err(FormatError::WrongElement(el.name.clone()));
+        return Err(FormatError::WrongElement(shown(&el.name)));
     }
     // MUST: a reader refuses an element whose `format` it does not know.
     let format = el
         .attr("format")
         .ok_or(FormatError::MissingAttribute("format"))?;
     if format != FORMAT_VERSION {
-        return Err(FormatError::UnknownFormat(format.to_string()));
+        return Err(FormatError::UnknownFormat(shown(format)));
     }
     let uuid = DomainUuid::parse(req(el, "uuid")?).ok_or(FormatError::BadAttribute {
         attribute: "uuid",
@@ -371,7 +405,7 @@ pub fn decode_with_keys(
             "tpm" => tpm_section = Some(child),
             "nvram" if nvram_section.is_some() => return Err(FormatError::DuplicateNvramSection),
             "nvram" => nvram_section = Some(child),
-            other => return Err(FormatError::UnknownSection(other.to_string())),
+            other => return Err(FormatError::UnknownSection(shown(other))),
         }
     }
     if tpm_section.is_none() && nvram_section.is_none() {
@@ -384,7 +418,7 @@ pub fn decode_with_keys(
             .attr("version")
             .ok_or(FormatError::MissingAttribute("version"))?;
         let version = TpmVersion::parse(version_text)
-            .ok_or_else(|| FormatError::BadTpmVersion(version_text.to_string()))?;
+            .ok_or_else(|| FormatError::BadTpmVersion(shown(version_text)))?;
         let files = decode_section(
             section,
             Section::Tpm(version),
@@ -455,7 +489,7 @@ fn decode_section(
     for f in &section.children {
         if f.name != "file" {
             return Err(FormatError::UnexpectedElement(
-                f.name.clone(),
+                shown(&f.name),
                 kind.name().into(),
             ));
         }
@@ -489,7 +523,7 @@ fn decode_file(
     // silently while its surrounding text is decoded.
     if let Some(child) = f.children.first() {
         return Err(FormatError::UnexpectedElement(
-            child.name.clone(),
+            shown(&child.name),
             "file".into(),
         ));
     }
@@ -498,19 +532,19 @@ fn decode_file(
     match section {
         Section::Tpm(version) if !version.allowed_files().contains(&name.as_str()) => {
             return Err(FormatError::FileNameNotAllowed {
-                name,
+                name: shown(&name),
                 version,
                 allowed: version.allowed_files().join(", "),
             });
         }
         Section::Nvram if name != NVRAM_FILE => {
-            return Err(FormatError::NvramFileNameNotAllowed(name));
+            return Err(FormatError::NvramFileNameNotAllowed(shown(&name)));
         }
         _ => {}
     }
     let encoding = req(f, "encoding")?;
     if encoding != ENCODING_GZIP_BASE64 && encoding != ENCODING_SEALED {
-        return Err(FormatError::UnknownEncoding(name, encoding.to_string()));
+        return Err(FormatError::UnknownEncoding(name, shown(encoding)));
     }
     let size = parse_decimal(req(f, "size")?).ok_or(FormatError::BadAttribute {
         attribute: "size",
@@ -647,6 +681,26 @@ fn gunzip_capped(gz: &[u8], cap: u64) -> Result<Vec<u8>, GunzipError> {
         return Err(GunzipError::Invalid);
     }
     Ok(out)
+}
+
+/// A value from the hostile element as an error message may show it: at
+/// most 40 characters, control characters escaped, so a refusal stays one
+/// short line (on the hook's stderr and in syslog) whatever the element holds.
+fn shown(s: &str) -> String {
+    const MAX: usize = 40;
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn req<'a>(el: &'a XmlElement, name: &'static str) -> Result<&'a str, FormatError> {
@@ -932,6 +986,38 @@ mod tests {
         assert!(matches!(e, FormatError::DeclaredTooLarge { .. }), "{e:?}");
         let none = "<vts:state xmlns:vts=\"urn:virt-tpm-state:1\" format=\"1\" uuid=\"6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d\" generation=\"1\" digest=\"0000000000000000000000000000000000000000000000000000000000000000\"/>";
         assert_eq!(refused(none), FormatError::NoSection);
+    }
+
+    #[test]
+    fn informational_attributes_survive_any_xml_parser() {
+        // Regression: `stored` and `host` were escaped for markup only; a
+        // literal tab or newline in an attribute is normalized to a space by
+        // libxml2, and a control character made the element unparsable.
+        let (tpm, mut prov) = sample();
+        prov.host = "a\tb\nc\r\nd \"'<>&".into();
+        prov.stored = "x\u{1}y\u{FFFE}".into();
+        let text = encode(&tpm, &prov, Style::Standalone);
+        assert!(text.contains("host=\"a&#9;b&#10;c&#13;&#10;d &quot;&apos;&lt;&gt;&amp;\""));
+        let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+        assert_eq!(back.provenance.host, prov.host);
+        assert_eq!(back.provenance.stored, "x\u{FFFD}y\u{FFFD}");
+    }
+
+    #[test]
+    fn refusals_quote_hostile_values_short_and_on_one_line() {
+        // Regression (found by fuzzing): a refused `encoding`, `format`,
+        // `version` or name was quoted whole, newlines (`&#10;`) included.
+        let long = format!("x&#10;y{}", "z".repeat(10_000));
+        for t in [
+            sample_text().replace("gzip+base64\">", &format!("{long}\">")),
+            sample_text().replace("format=\"1\"", &format!("format=\"{long}\"")),
+            sample_text().replace("version=\"2.0\"", &format!("version=\"{long}\"")),
+            sample_text().replace("name=\"tpm2-00.permall\"", &format!("name=\"{long}\"")),
+        ] {
+            let msg = refused(&t).to_string();
+            assert!(!msg.contains('\n') && msg.len() < 400, "{msg}");
+            assert!(msg.contains("x\\") && msg.contains('…'), "{msg}");
+        }
     }
 
     #[test]

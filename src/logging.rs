@@ -84,6 +84,19 @@ pub fn init(ident: &str, level: LevelFilter, stderr_level: LevelFilter) {
 /// The one error line of a failed run: to stderr (what libvirt shows the
 /// user), and to syslog when it can be reached.
 pub fn report_error(line: &str) {
+    // One line, whatever a message quotes from hostile input (a path or a
+    // name from the domain XML may hold a newline as `&#10;`).
+    let line: String = line
+        .chars()
+        .flat_map(|c| {
+            let escaped = c.is_control().then(|| c.escape_default());
+            escaped
+                .into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect();
+    let line = line.as_str();
     if let Some(l) = LOGGER.get() {
         l.to_syslog(Level::Error, line);
     }
