@@ -1,7 +1,7 @@
 //! virt-tpm-state: keep a libvirt VM's emulated TPM (swtpm) state inside its
 //! domain XML, so the XML alone recreates the VM with the same TPM.
 //!
-//! Layout: pure logic ([`state`], [`swtpm`], [`format`], [`domain`],
+//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`domain`],
 //! [`decision`]) does no I/O; [`statefs`] is the one place that touches the
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
@@ -14,6 +14,7 @@ pub mod domain;
 pub mod envelope;
 pub mod format;
 pub mod hook;
+pub mod linear;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod logging;
