@@ -14,9 +14,9 @@ pub mod domain;
 pub mod envelope;
 pub mod format;
 pub mod hook;
-pub mod linear;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod linear;
 pub mod logging;
 pub mod paths;
 pub mod restore;

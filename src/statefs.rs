@@ -384,14 +384,7 @@ impl StateLocation {
                 path: self.path(),
                 source,
             })?;
-            return replace_file(
-                &parent,
-                &parent_path,
-                &self.leaf(),
-                &data,
-                owner,
-                FILE_MODE,
-            );
+            return replace_file(&parent, &parent_path, &self.leaf(), &data, owner, FILE_MODE);
         }
         replace_dir(&parent, &parent_path, &self.leaf(), files, owner)
     }

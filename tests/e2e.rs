@@ -832,10 +832,7 @@ fn state_at_custom_location(kind: &str) {
     assert!(state_at(&w, other, &moved_path), "no state at {moved_path}");
     assert_eq!(fingerprint_at(&w, &moved_path), fp);
     w.destroy(&vm.name);
-    assert_eq!(
-        w.read_secret_at(&moved_path),
-        format!("secret-in-{kind}")
-    );
+    assert_eq!(w.read_secret_at(&moved_path), format!("secret-in-{kind}"));
     assert_eq!(w.ek_pub_at(&moved_path, Tpm::V2), ek);
 }
 

@@ -67,12 +67,19 @@ fn linear_file_holds_the_dir_backends_permall() {
     tpm_sh_run(&["write-secret", built.to_str().unwrap(), "in-a-built-file"]);
     let after = std::fs::read(&built).unwrap();
     let new_permall = linear::permall(&after).unwrap().unwrap();
-    assert_ne!(new_permall, &permall[..], "the secret did not change permall");
+    assert_ne!(
+        new_permall,
+        &permall[..],
+        "the secret did not change permall"
+    );
     assert_eq!(
         tpm_sh_run(&["read-secret", built.to_str().unwrap()]),
         "in-a-built-file"
     );
     // And its permall, alone in a dir, is that TPM with the secret.
     std::fs::write(dir.join("tpm2-00.permall"), new_permall).unwrap();
-    assert_eq!(tpm_sh_run(&["read-secret", dir.to_str().unwrap()]), "in-a-built-file");
+    assert_eq!(
+        tpm_sh_run(&["read-secret", dir.to_str().unwrap()]),
+        "in-a-built-file"
+    );
 }

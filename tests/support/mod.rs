@@ -70,8 +70,7 @@ pub fn require_env(test: &str) -> bool {
     // VTS_WORLD_ROOTFS: every world runs that root's libvirt (tests/e2e/world.sh).
     if let Some(root) = std::env::var_os("VTS_WORLD_ROOTFS") {
         let root = PathBuf::from(root);
-        if !root.join(".vts-root-complete").is_file() || !root.join("usr/sbin/libvirtd").is_file()
-        {
+        if !root.join(".vts-root-complete").is_file() || !root.join("usr/sbin/libvirtd").is_file() {
             missing.push(format!(
                 "VTS_WORLD_ROOTFS={} is not a complete root (scripts/make-libvirt-next-root.sh)",
                 root.display()
