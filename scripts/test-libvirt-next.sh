@@ -33,7 +33,10 @@ versions=$(chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' \
     libvirt-daemon qemu-system-x86 swtpm | tr '\n' ';' | sed 's/;$//; s/;/; /g')
 echo "==> libvirt-next: running the world tests against: $versions"
 # --test e2e runs first: it is the suite the issue is about; the others
-# (TPM state encryption, UEFI vars, the watcher) also run real worlds.
+# (TPM state encryption, UEFI vars, the watcher) also run real worlds. The
+# watcher's idle test watches for 60 s here instead of 600 (the main pass
+# holds the long window; this one checks 11.3 does not wake it at all).
+export VTS_WATCH_IDLE_SECS=${VTS_WATCH_IDLE_SECS:-60}
 set +e
 cargo test --locked --no-fail-fast --test e2e --test encryption --test nvram --test watch \
     -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee target/test-libvirt-next.log
