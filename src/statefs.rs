@@ -80,7 +80,9 @@ impl FsError {
     /// 7: unsafe path, 9: lock timeout, 8: any other filesystem failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            FsError::Unsafe { .. } | FsError::BadSourcePath { .. } => 7,
+            // A file that is not swtpm's where a state file goes is in the
+            // way like a link is: refused, left alone.
+            FsError::Unsafe { .. } | FsError::BadSourcePath { .. } | FsError::Linear { .. } => 7,
             FsError::LockTimeout { .. } => 9,
             _ => 8,
         }
@@ -384,7 +386,14 @@ impl StateLocation {
                 path: self.path(),
                 source,
             })?;
-            return replace_file(&parent, &parent_path, &self.leaf(), &data, owner, FILE_MODE);
+            return replace_file(
+                &parent,
+                &parent_path,
+                &self.leaf(),
+                &data,
+                (owner, FILE_MODE),
+                STATE_FILE_TEMP,
+            );
         }
         replace_dir(&parent, &parent_path, &self.leaf(), files, owner)
     }
@@ -465,6 +474,8 @@ const MAX_NVRAM_NAME: usize = 255 - "_VARS.fd".len();
 /// Mode libvirt gives a VARS file (and our temp file while it is written).
 const NVRAM_MODE: u32 = 0o600;
 const NVRAM_TEMP: &str = ".vts-nvram-new.";
+/// Temp name of a TPM state file (`<source type='file'>`) being written.
+const STATE_FILE_TEMP: &str = ".vts-state-new.";
 
 /// Where a domain's UEFI variable store (libvirt's `<nvram>` file) lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -607,7 +618,14 @@ impl NvramLocation {
             path: self.path(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })?;
-        replace_file(&dir, &dir_path, &self.file_name(), data, owner, NVRAM_MODE)
+        replace_file(
+            &dir,
+            &dir_path,
+            &self.file_name(),
+            data,
+            (owner, NVRAM_MODE),
+            NVRAM_TEMP,
+        )
     }
 }
 
@@ -621,11 +639,11 @@ fn replace_file(
     dir_path: &Path,
     name: &str,
     data: &[u8],
-    owner: Owner,
-    mode: u32,
+    (owner, mode): (Owner, u32),
+    temp_prefix: &str,
 ) -> Result<(), FsError> {
     let target = dir_path.join(name);
-    let temp = format!("{NVRAM_TEMP}{}", unique_suffix());
+    let temp = format!("{temp_prefix}{}", unique_suffix());
     let temp_path = dir_path.join(&temp);
     let fd = openat(
         dir,

@@ -1685,7 +1685,7 @@ fn source_file_links_bad_paths_and_foreign_files_are_refused() {
     // A regular file that is not a swtpm linear file: not ours to replace.
     let s = file_scratch();
     s.write("srv/tpm/vm.tpm", "not a TPM state\n");
-    let run = s.refused("prepare", &file_source_xml(&data, "/srv/tpm/vm.tpm"), 8);
+    let run = s.refused("prepare", &file_source_xml(&data, "/srv/tpm/vm.tpm"), 7);
     assert!(
         run.stderr.contains("swtpmlin") || run.stderr.contains("linear"),
         "{run}"
