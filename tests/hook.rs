@@ -1648,6 +1648,18 @@ fn source_file_is_restored_as_a_linear_file() {
         "{run}"
     );
     assert_eq!(backup_contents(&s), vec![local], "{run}");
+
+    // An empty file (swtpm had not formatted it yet) holds no state: the
+    // metadata's state is written into it, nothing is backed up.
+    std::fs::write(&file, b"").unwrap();
+    let run = s.prepare(&xml);
+    run.ok();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        linear::build(&newer).unwrap(),
+        "{run}"
+    );
+    assert_eq!(backups(&s).len(), 1, "{run}");
 }
 
 /// A hostile `<source type='file'>`: a symlink or hard link in its place, a
