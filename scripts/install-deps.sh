@@ -1,6 +1,7 @@
 #!/bin/bash
 # Installs what building and testing virt-tpm-state needs on Debian 12, as
-# root: libvirt (daemon, client, headers), swtpm, tpm2-tools, QEMU, OVMF.
+# root: libvirt (daemon, client, headers), swtpm, tpm2-tools, QEMU, OVMF;
+# debootstrap for the libvirt 11.3 root (scripts/make-libvirt-next-root.sh).
 # Idempotent: installs only what is missing. Rust itself comes from rustup.
 set -euo pipefail
 
@@ -9,6 +10,7 @@ packages=(
     swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
     qemu-system-x86 ovmf python3 python3-pip libxml2-utils
     hyperfine time xz-utils
+    debootstrap
 )
 
 missing=()

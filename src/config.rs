@@ -39,7 +39,7 @@ pub struct Config {
     /// read-only connection) can then read the TPM's secrets.
     pub allow_plaintext: bool,
     /// Directories below which a domain XML's `<tpm><backend><source
-    /// type='dir' path=...>` or `<nvram>` path may point (absolute). The XML
+    /// type='dir'|'file' path=...>` or `<nvram>` path may point (absolute). The XML
     /// is untrusted input: by default only libvirt's own dirs are written.
     pub state_path_prefixes: Vec<PathBuf>,
     /// Carry the domain's UEFI variable store (its `<nvram>` file) in the

@@ -1,7 +1,7 @@
 //! virt-tpm-state: keep a libvirt VM's emulated TPM (swtpm) state inside its
 //! domain XML, so the XML alone recreates the VM with the same TPM.
 //!
-//! Layout: pure logic ([`state`], [`swtpm`], [`format`], [`domain`],
+//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`domain`],
 //! [`decision`]) does no I/O; [`statefs`] is the one place that touches the
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
@@ -20,6 +20,7 @@ pub mod format;
 pub mod hook;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod linear;
 pub mod logging;
 pub mod paths;
 pub mod restore;

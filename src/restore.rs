@@ -118,7 +118,7 @@ pub enum RestoreError {
     },
     #[error("VM {name}: the TPM backend version {0:?} is not one this tool knows (1.2 or 2.0)", .version)]
     UnknownTpmVersion { name: String, version: String },
-    #[error("VM {name}: TPM state stored as <source type={kind:?}> is not supported yet (only type='dir'); remove the element or the <source>")]
+    #[error("VM {name}: TPM state stored as <source type={kind:?}> is not supported yet (only type='dir' and type='file'); remove the element or the <source>")]
     UnsupportedSource { name: String, kind: String },
     #[error("VM {name} ({uuid}): the TPM state in its metadata belongs to domain {element_uuid} (a cloned XML?); nothing was written. For a fresh TPM remove it: virsh metadata {name} --uri {ns} --remove --config; to take that TPM over deliberately: virt-tpm-state adopt {name}")]
     Clone {
@@ -204,6 +204,10 @@ pub fn state_location(
         }) => match src.kind.as_str() {
             "dir" => StateLocation::from_source(paths, &src.path, &config.state_path_prefixes)
                 .map_err(RestoreError::fs(&info.name)),
+            "file" => {
+                StateLocation::from_source_file(paths, &src.path, &config.state_path_prefixes)
+                    .map_err(RestoreError::fs(&info.name))
+            }
             other => Err(RestoreError::UnsupportedSource {
                 name,
                 kind: other.to_string(),
@@ -506,6 +510,7 @@ pub fn prepare_domain(
         }
         if let (Some(tpm), Some(l)) = (&state.tpm, tpm_location) {
             l.replace(
+                tpm.version,
                 tpm.files(),
                 Owner::swtpm(paths).map_err(RestoreError::fs(&info.name))?,
             )

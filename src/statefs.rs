@@ -70,13 +70,20 @@ pub enum FsError {
     },
     #[error("user or group {0:?} from qemu.conf does not exist on this host")]
     UnknownOwner(String),
+    #[error("TPM state file {path} is not usable: {source}; move it away to let libvirt create a fresh one")]
+    Linear {
+        path: PathBuf,
+        source: crate::linear::LinearError,
+    },
 }
 
 impl FsError {
     /// 7: unsafe path, 9: lock timeout, 8: any other filesystem failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            FsError::Unsafe { .. } | FsError::BadSourcePath { .. } => 7,
+            // A file that is not swtpm's where a state file goes is in the
+            // way like a link is: refused, left alone.
+            FsError::Unsafe { .. } | FsError::BadSourcePath { .. } | FsError::Linear { .. } => 7,
             FsError::LockTimeout { .. } => 9,
             _ => 8,
         }
@@ -200,6 +207,10 @@ pub enum StateLocation {
     /// `<source type='dir' path=...>`: an absolute path from the domain XML,
     /// walked without following links from the (re-rooted) root.
     Source { root: PathBuf, path: PathBuf },
+    /// `<source type='file' path=...>` (libvirt >= 10.10): one file in
+    /// swtpm's linear layout ([`crate::linear`]) instead of a dir; its slot 0
+    /// is the same permall the dir backend keeps in `tpm2-00.permall`.
+    File { root: PathBuf, path: PathBuf },
 }
 
 impl StateLocation {
@@ -224,7 +235,20 @@ impl StateLocation {
         })
     }
 
-    /// The state dir's full path, for messages.
+    /// Validates a `<source type='file' path=...>` the same way as a dir
+    /// source: the file is replaced on restore, so it is confined likewise.
+    pub fn from_source_file(
+        paths: &Paths,
+        raw: &str,
+        allowed: &[PathBuf],
+    ) -> Result<Self, FsError> {
+        Ok(StateLocation::File {
+            root: paths.root().to_path_buf(),
+            path: confined(raw, allowed)?,
+        })
+    }
+
+    /// The state dir's (or state file's) full path, for messages.
     pub fn path(&self) -> PathBuf {
         match self {
             StateLocation::Default {
@@ -232,14 +256,30 @@ impl StateLocation {
                 uuid,
                 version,
             } => base.join(uuid.as_str()).join(version.state_subdir()),
-            StateLocation::Source { root, path } => root.join(path),
+            StateLocation::Source { root, path } | StateLocation::File { root, path } => {
+                root.join(path)
+            }
         }
+    }
+
+    /// Where the state file `name` (e.g. the permall) lives, for messages
+    /// and its modification time: inside the state dir, or the one file.
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        match self {
+            StateLocation::File { .. } => self.path(),
+            _ => self.path().join(name),
+        }
+    }
+
+    /// A single state file (`<source type='file'>`) rather than a dir.
+    pub fn is_file(&self) -> bool {
+        matches!(self, StateLocation::File { .. })
     }
 
     fn leaf(&self) -> String {
         match self {
             StateLocation::Default { version, .. } => version.state_subdir().to_string(),
-            StateLocation::Source { path, .. } => path
+            StateLocation::Source { path, .. } | StateLocation::File { path, .. } => path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
@@ -274,18 +314,22 @@ impl StateLocation {
                 Ok(open_dir_nofollow(&base_fd, uuid.as_str(), &uuid_path)?
                     .map(|fd| (fd, uuid_path)))
             }
-            StateLocation::Source { root, path } => {
+            StateLocation::Source { root, path } | StateLocation::File { root, path } => {
                 walk_nofollow(root, path.parent().unwrap_or(Path::new("")))
             }
         }
     }
 
     /// Reads the state in this location: `None` when the dir or the
-    /// permanent-state file is absent.
+    /// permanent-state file is absent (for a state file: absent, empty, or
+    /// with no permall yet, as before libvirt's first `swtpm_setup`).
     pub fn read(&self, version: TpmVersion, max: u64) -> Result<Option<TpmState>, FsError> {
         let Some((parent, parent_path)) = self.open_parent(false)? else {
             return Ok(None);
         };
+        if let StateLocation::File { .. } = self {
+            return read_linear_file(&parent, &self.leaf(), &self.path(), version, max);
+        }
         read_state_dir(
             &parent,
             &self.leaf(),
@@ -295,11 +339,14 @@ impl StateLocation {
         )
     }
 
-    /// True when the state dir exists (even empty).
+    /// True when the state dir (state file) exists (even empty).
     pub fn exists(&self) -> Result<bool, FsError> {
         let Some((parent, parent_path)) = self.open_parent(false)? else {
             return Ok(false);
         };
+        if let StateLocation::File { .. } = self {
+            return check_regular_file(&parent, &self.leaf(), &self.path());
+        }
         Ok(open_dir_nofollow(
             &parent,
             self.leaf().as_str(),
@@ -315,22 +362,53 @@ impl StateLocation {
     }
 
     /// Removes what an interrupted earlier replace left beside the state dir
-    /// (`.<leaf>.vts-new.*`, `.<leaf>.vts-old.*`; call with the domain's
-    /// lock held). Best effort: they never affect libvirt, but a run that
-    /// then decides to change nothing would otherwise leave them forever.
+    /// or state file (`.<leaf>.vts-new.*`, `.<leaf>.vts-old.*`; call with
+    /// the domain's lock held). Best effort: they never affect libvirt, but
+    /// a run that then decides to change nothing would otherwise leave them
+    /// forever.
     pub fn remove_leftovers(&self) {
         if let Ok(Some((parent, parent_path))) = self.open_parent(false) {
             remove_stale_temps(&parent, &parent_path, &self.leaf());
         }
     }
 
-    /// Replaces the state dir with exactly `files`, owned by `owner`.
-    pub fn replace(&self, files: &[StateFile], owner: Owner) -> Result<(), FsError> {
+    /// Replaces the state dir with exactly `files`, owned by `owner`. A
+    /// state file is replaced by a linear file holding only the permall
+    /// (`version`'s name among `files`), as swtpm lays out a fresh one.
+    pub fn replace(
+        &self,
+        version: TpmVersion,
+        files: &[StateFile],
+        owner: Owner,
+    ) -> Result<(), FsError> {
         let (parent, parent_path) = self.open_parent(true)?.ok_or_else(|| FsError::Io {
             action: "open",
             path: self.path(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })?;
+        if let StateLocation::File { .. } = self {
+            let permall = files
+                .iter()
+                .find(|f| f.name == version.permall_name())
+                .ok_or_else(|| FsError::Linear {
+                    path: self.path(),
+                    source: crate::linear::LinearError::Empty,
+                })?;
+            let data = crate::linear::build(&permall.data).map_err(|source| FsError::Linear {
+                path: self.path(),
+                source,
+            })?;
+            return replace_file(
+                &parent,
+                &parent_path,
+                &self.leaf(),
+                &data,
+                (owner, FILE_MODE),
+                // Named after the file, so remove_leftovers finds it.
+                &format!(".{}{TEMP_MARK}", self.leaf()),
+                None,
+            );
+        }
         replace_dir(&parent, &parent_path, &self.leaf(), files, owner)
     }
 }
@@ -410,6 +488,12 @@ const MAX_NVRAM_NAME: usize = 255 - "_VARS.fd".len();
 /// Mode libvirt gives a VARS file (and our temp file while it is written).
 const NVRAM_MODE: u32 = 0o600;
 const NVRAM_TEMP: &str = ".vts-nvram-new.";
+const NVRAM_FAULT_POINTS: [&str; 4] = [
+    "nvram.created",
+    "nvram.write",
+    "nvram.rename",
+    "nvram.renamed",
+];
 
 /// Where a domain's UEFI variable store (libvirt's `<nvram>` file) lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -576,42 +660,126 @@ impl NvramLocation {
             path: self.path(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })?;
-        let name = self.file_name();
-        let target = dir_path.join(&name);
-        let temp = format!("{}{}", self.temp_prefix(), unique_suffix());
-        let temp_path = dir_path.join(&temp);
-        let fd = openat(
+        replace_file(
             &dir,
-            temp.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(NVRAM_MODE),
+            &dir_path,
+            &self.file_name(),
+            data,
+            (owner, NVRAM_MODE),
+            &self.temp_prefix(),
+            Some(NVRAM_FAULT_POINTS),
         )
-        .map_err(|e| io_err("create", &temp_path, e))?;
-        let result = (|| {
-            fault::point("nvram.created").map_err(|e| io_err("create", &temp_path, e))?;
-            set_owner_mode(&fd, owner, NVRAM_MODE, &temp_path)?;
-            let mut f = File::from(fd);
-            fault::point("nvram.write").map_err(|e| io_err("write", &temp_path, e))?;
-            f.write_all(data)
-                .map_err(|e| io_err("write", &temp_path, e))?;
-            f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
-            fault::point("nvram.rename").map_err(|e| io_err("rename into place", &target, e))?;
-            renameat_with(
-                &dir,
-                temp.as_str(),
-                &dir,
-                name.as_str(),
-                RenameFlags::empty(),
-            )
-            .map_err(|e| io_err("rename into place", &target, e))?;
-            let _ = fault::point("nvram.renamed");
-            fsync(&dir).map_err(|e| io_err("fsync", &dir_path, e))
-        })();
-        if result.is_err() {
-            let _ = unlinkat(&dir, temp.as_str(), AtFlags::empty());
-        }
-        result
     }
+}
+
+/// Replaces the file `name` in `dir` with `data`, owned by `owner` with
+/// `mode`: a temp file created `O_EXCL|O_NOFOLLOW` in the same dir (which a
+/// less trusted user may write), `fchown`/`fchmod` on its fd, fsync,
+/// `rename` over the target (a planted symlink is replaced, never
+/// followed), fsync of the dir. Readers see the old file or the new one.
+fn replace_file(
+    dir: &OwnedFd,
+    dir_path: &Path,
+    name: &str,
+    data: &[u8],
+    (owner, mode): (Owner, u32),
+    temp_prefix: &str,
+    points: Option<[&'static str; 4]>,
+) -> Result<(), FsError> {
+    // Fault points (test builds only) after create, before write, before
+    // rename, after rename.
+    let point = |i: usize| points.map_or(Ok(()), |p| fault::point(p[i]));
+    let target = dir_path.join(name);
+    let temp = format!("{temp_prefix}{}", unique_suffix());
+    let temp_path = dir_path.join(&temp);
+    let fd = openat(
+        dir,
+        temp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(|e| io_err("create", &temp_path, e))?;
+    let result = (|| {
+        point(0).map_err(|e| io_err("create", &temp_path, e))?;
+        set_owner_mode(&fd, owner, mode, &temp_path)?;
+        let mut f = File::from(fd);
+        point(1).map_err(|e| io_err("write", &temp_path, e))?;
+        f.write_all(data)
+            .map_err(|e| io_err("write", &temp_path, e))?;
+        f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
+        point(2).map_err(|e| io_err("rename into place", &target, e))?;
+        renameat_with(dir, temp.as_str(), dir, name, RenameFlags::empty())
+            .map_err(|e| io_err("rename into place", &target, e))?;
+        let _ = point(3);
+        fsync(dir).map_err(|e| io_err("fsync", dir_path, e))
+    })();
+    if result.is_err() {
+        let _ = unlinkat(dir, temp.as_str(), AtFlags::empty());
+    }
+    result
+}
+
+/// Whether `name` below `dir` exists as a regular, singly-linked file
+/// (refuses a symlink, a hard link or anything else in its place).
+fn check_regular_file(dir: &OwnedFd, name: &str, shown: &Path) -> Result<bool, FsError> {
+    match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile => {
+            Err(FsError::Unsafe {
+                path: shown.to_path_buf(),
+                what: "a symlink or not a regular file",
+            })
+        }
+        Ok(st) if st.st_nlink != 1 => Err(FsError::Unsafe {
+            path: shown.to_path_buf(),
+            what: "a hard link (more than one name)",
+        }),
+        Ok(_) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(io_err("stat", shown, e)),
+    }
+}
+
+/// Reads the permall out of a swtpm linear state file. The file holds up
+/// to three states, each padded to a power of two: it may be up to about
+/// six times the per-state cap.
+fn read_linear_file(
+    parent: &OwnedFd,
+    leaf: &str,
+    shown: &Path,
+    version: TpmVersion,
+    max: u64,
+) -> Result<Option<TpmState>, FsError> {
+    let file_max = max
+        .saturating_mul(6)
+        .saturating_add(crate::linear::HEADER_LEN as u64);
+    let Some(data) = read_regular_file(parent.as_fd(), leaf, shown, file_max)? else {
+        return Ok(None);
+    };
+    // An empty file is one swtpm has not formatted yet (no state).
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let permall = crate::linear::permall(&data).map_err(|source| FsError::Linear {
+        path: shown.to_path_buf(),
+        source,
+    })?;
+    let Some(permall) = permall else {
+        return Ok(None);
+    };
+    if permall.len() as u64 > max {
+        return Err(FsError::TooLarge {
+            path: shown.to_path_buf(),
+            size: permall.len() as u64,
+            limit: max,
+        });
+    }
+    Ok(Some(TpmState::new(
+        version,
+        vec![StateFile {
+            name: version.permall_name().to_string(),
+            data: permall.to_vec(),
+        }],
+    )))
 }
 
 /// Opens a directory we trust by configuration (following links, as any

@@ -704,3 +704,150 @@ fn host_untouched() {
     }
     assert_eq!(check(), before, "the host's libvirt dirs changed");
 }
+
+/// Where the `<source>` scenarios keep TPM state: a dir the admin made for
+/// it and allowed in `state_path_prefixes` (the XML is untrusted input).
+const CUSTOM_TPM_DIR: &str = "/var/lib/libvirt/custom-tpm";
+
+/// `vm`'s domain XML with its TPM state at `<source type=KIND path=PATH>`.
+fn source_xml(vm: &Vm, kind: &str, path: &str) -> String {
+    let xml = vm.xml();
+    let plain = "<backend type='emulator' version='2.0'/>";
+    assert!(xml.contains(plain), "unexpected domain XML: {xml}");
+    xml.replace(
+        plain,
+        &format!("<backend type='emulator' version='2.0'><source type='{kind}' path='{path}'/></backend>"),
+    )
+}
+
+/// sha256 of the permall at a state dir or state file (tests/e2e/tpm.sh).
+fn fingerprint_at(w: &World, path: &str) -> String {
+    let fp = stdout(&w.must(&[&tpm_sh(), "fingerprint", path]))
+        .trim()
+        .to_string();
+    assert_eq!(fp.len(), 64, "fingerprint printed {fp:?}");
+    fp
+}
+
+/// Whether a state dir (with its permall) or a state file exists at `path`.
+fn state_at(w: &World, kind: &str, path: &str) -> bool {
+    let p = w.host_path(path);
+    match kind {
+        "file" => p.is_file(),
+        _ => p.join("tpm2-00.permall").is_file(),
+    }
+}
+
+/// libvirt < 10.10 knows no `<source>` in a TPM backend: it drops it
+/// silently, and the state lives in the default place. Asserted, so that a
+/// libvirt that starts honouring (or rejecting) it is noticed.
+fn source_dropped_by_old_libvirt(w: &World, kind: &str) {
+    let vm = Vm::new(&format!("old-src-{kind}"), Tpm::V2);
+    let path = format!("{CUSTOM_TPM_DIR}/{}", vm.name);
+    w.define_xml("vm.xml", &source_xml(&vm, kind, &path));
+    let (_, xml) = w.dump(&vm.name, "dump.xml", true);
+    assert!(
+        xml.contains("<backend type='emulator' version='2.0'/>") && !xml.contains("<source type="),
+        "libvirt {:?} kept <source type='{kind}'>:\n{xml}",
+        w.libvirt_version()
+    );
+    w.start(&vm.name, false);
+    w.destroy(&vm.name);
+    assert!(w.permall(&vm).is_some(), "no state in the default dir");
+    assert!(!w.host_path(&path).exists(), "state appeared at {path}");
+}
+
+/// A VM whose TPM state lives at `<source type=KIND>` (libvirt >= 10.10):
+/// stored, undefined (libvirt deletes that state), defined again from the
+/// dumped XML: the hook restores the same TPM at the same place. Then the
+/// same XML moved to the other kind of storage keeps the TPM too: the
+/// element does not depend on where the state lives.
+fn state_at_custom_location(kind: &str) {
+    let w = World::up(&format!("source-{kind}"));
+    if w.libvirt_version() < (10, 10, 0) {
+        source_dropped_by_old_libvirt(&w, kind);
+        return;
+    }
+    w.install_hook();
+    w.append_config(&format!("state_path_prefixes = [\"{CUSTOM_TPM_DIR}\"]"));
+    // libvirt never creates a state file: swtpm (user tss) does, in a dir it may write.
+    w.must(&[
+        "install",
+        "-d",
+        "-m",
+        "0700",
+        "-o",
+        "tss",
+        "-g",
+        "tss",
+        CUSTOM_TPM_DIR,
+    ]);
+    let vm = Vm::new(&format!("src-{kind}"), Tpm::V2);
+    let path = format!("{CUSTOM_TPM_DIR}/{}.{kind}", vm.name);
+    w.define_xml("vm.xml", &source_xml(&vm, kind, &path));
+    w.start(&vm.name, false);
+    w.destroy(&vm.name);
+    assert!(state_at(&w, kind, &path), "libvirt made no state at {path}");
+    assert!(
+        !w.swtpm_uuid_dir_exists(&vm.uuid),
+        "state went to the default dir as well"
+    );
+    w.write_secret_at(&path, &format!("secret-in-{kind}"));
+    let ek = w.ek_pub_at(&path, Tpm::V2);
+    let fp = fingerprint_at(&w, &path);
+    let out = stdout(&w.must_vts(&["store", &vm.name]));
+    assert!(out.contains("stored generation"), "store said: {out}");
+    assert_metadata_is_local(&w, &vm);
+
+    let (dump, xml) = w.dump(&vm.name, "dump.xml", false);
+    assert!(
+        xml.contains(&format!("<source type='{kind}' path='{path}'/>")),
+        "{xml}"
+    );
+    w.must_virsh(&["undefine", &vm.name]);
+    assert!(
+        !w.host_path(&path).exists(),
+        "libvirt {:?} kept {path} on undefine",
+        w.libvirt_version()
+    );
+    w.must_virsh(&["define", &dump.display().to_string()]);
+    w.start(&vm.name, true);
+    assert_eq!(fingerprint_at(&w, &path), fp, "restored permall differs");
+    w.destroy(&vm.name);
+    assert_eq!(w.read_secret_at(&path), format!("secret-in-{kind}"));
+    assert_eq!(w.ek_pub_at(&path, Tpm::V2), ek);
+
+    // The same XML, its state moved to the other kind of storage.
+    let other = if kind == "dir" { "file" } else { "dir" };
+    let moved_path = format!("{CUSTOM_TPM_DIR}/{}-moved.{other}", vm.name);
+    let (_, xml) = w.dump(&vm.name, "before-move.xml", true);
+    let moved = xml.replace(
+        &format!("<source type='{kind}' path='{path}'/>"),
+        &format!("<source type='{other}' path='{moved_path}'/>"),
+    );
+    assert_ne!(moved, xml);
+    w.must_virsh(&["undefine", &vm.name]);
+    w.define_xml("moved.xml", &moved);
+    w.start(&vm.name, true);
+    assert!(state_at(&w, other, &moved_path), "no state at {moved_path}");
+    assert_eq!(fingerprint_at(&w, &moved_path), fp);
+    w.destroy(&vm.name);
+    assert_eq!(w.read_secret_at(&moved_path), format!("secret-in-{kind}"));
+    assert_eq!(w.ek_pub_at(&moved_path, Tpm::V2), ek);
+}
+
+#[test]
+fn tpm_state_in_source_dir() {
+    if !require_env("tpm_state_in_source_dir") {
+        return;
+    }
+    state_at_custom_location("dir");
+}
+
+#[test]
+fn tpm_state_in_source_file() {
+    if !require_env("tpm_state_in_source_file") {
+        return;
+    }
+    state_at_custom_location("file");
+}

@@ -1576,3 +1576,131 @@ fn paths_outside_allowed_dirs_are_refused() {
         "keep me"
     );
 }
+
+// ================================================================ <source type='file'>
+
+/// `xml_with(data)` with the TPM state at `<source type='file' path=PATH>`.
+fn file_source_xml(data: &[u8], path: &str) -> String {
+    let xml = xml_with(data).replace(
+        "<backend type='emulator' version='2.0'/>",
+        &format!("<backend type='emulator' version='2.0'>\n        <source type='file' path='{path}'/>\n      </backend>"),
+    );
+    assert!(xml.contains(path), "fixture has no plain emulator backend");
+    xml
+}
+
+fn file_scratch() -> Scratch {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("srv/tpm")).unwrap();
+    s.config("state_path_prefixes = [\"/srv/tpm\"]");
+    s
+}
+
+/// The hook restores a `<source type='file'>` state as swtpm's linear file
+/// holding the permall alone, owned by swtpm_user, 0600; a local file that
+/// differs is replaced and kept as a backup; the same state again writes
+/// nothing.
+#[test]
+fn source_file_is_restored_as_a_linear_file() {
+    use virt_tpm_state::linear;
+    let s = file_scratch();
+    let file = s.path("srv/tpm/vm.tpm");
+    let data = blob("file-1");
+    let run = s.prepare(&file_source_xml(&data, "/srv/tpm/vm.tpm"));
+    run.ok();
+    let written = std::fs::read(&file).unwrap();
+    assert_eq!(linear::permall(&written).unwrap(), Some(&data[..]), "{run}");
+    assert_eq!(written, linear::build(&data).unwrap());
+    assert_eq!(mode(&file), 0o600);
+    let (_, _, uid, gid) = current_user();
+    assert_eq!(owner(&file), (uid, gid));
+    assert!(!s.live_dir().exists(), "wrote the default dir too\n{run}");
+    assert_eq!(names(&s.path("srv/tpm")), vec!["vm.tpm".to_string()]);
+
+    // The same metadata again: nothing to do, the file is not rewritten.
+    let ino = std::fs::metadata(&file).unwrap().ino();
+    s.prepare(&file_source_xml(&data, "/srv/tpm/vm.tpm")).ok();
+    assert_eq!(std::fs::metadata(&file).unwrap().ino(), ino);
+
+    // A local file swtpm wrote (permall, then volatile state) that differs
+    // from newer metadata: replaced, its permall kept as a backup.
+    let local = blob("file-local");
+    let mut swtpm_file = linear::build(&local).unwrap();
+    swtpm_file.extend_from_slice(&[0u8; 64]);
+    let at = 12 + 12; // slot 1: the volatile state
+    let vol_offset = (swtpm_file.len() - 64) as u32;
+    swtpm_file[at..at + 4].copy_from_slice(&vol_offset.to_le_bytes());
+    swtpm_file[at + 4..at + 8].copy_from_slice(&64u32.to_le_bytes());
+    swtpm_file[at + 8..at + 12].copy_from_slice(&64u32.to_le_bytes());
+    std::fs::write(&file, &swtpm_file).unwrap();
+    let newer = blob("file-2");
+    let base = prepare_xml();
+    let uuid = fixture_uuid(&base);
+    let xml = with_element(&base, &element(&uuid, TpmVersion::V2_0, &newer, 2)).replace(
+        "<backend type='emulator' version='2.0'/>",
+        "<backend type='emulator' version='2.0'>\n        <source type='file' path='/srv/tpm/vm.tpm'/>\n      </backend>",
+    );
+    let run = s.prepare(&xml);
+    run.ok();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        linear::build(&newer).unwrap(),
+        "{run}"
+    );
+    assert_eq!(backup_contents(&s), vec![local], "{run}");
+
+    // An empty file (swtpm had not formatted it yet) holds no state: the
+    // metadata's state is written into it, nothing is backed up.
+    std::fs::write(&file, b"").unwrap();
+    let run = s.prepare(&xml);
+    run.ok();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        linear::build(&newer).unwrap(),
+        "{run}"
+    );
+    assert_eq!(backups(&s).len(), 1, "{run}");
+}
+
+/// A hostile `<source type='file'>`: a symlink or hard link in its place, a
+/// path outside the allowed dirs, a file that is not swtpm's: refused
+/// before anything is written.
+#[test]
+fn source_file_links_bad_paths_and_foreign_files_are_refused() {
+    let data = blob("hostile-file");
+    // A symlink to a host file where the state file goes.
+    let s = file_scratch();
+    std::os::unix::fs::symlink(s.path("elsewhere/host-file"), s.path("srv/tpm/vm.tpm")).unwrap();
+    let run = s.refused("prepare", &file_source_xml(&data, "/srv/tpm/vm.tpm"), 7);
+    assert!(run.stderr.contains("symlink"), "{run}");
+    // A hard link to a host file.
+    let s = file_scratch();
+    std::fs::hard_link(s.path("elsewhere/host-file"), s.path("srv/tpm/vm.tpm")).unwrap();
+    let run = s.refused("prepare", &file_source_xml(&data, "/srv/tpm/vm.tpm"), 7);
+    assert!(run.stderr.contains("hard link"), "{run}");
+    // Outside the allowed dirs: a host file is never replaced.
+    let s = file_scratch();
+    let run = s.refused(
+        "prepare",
+        &file_source_xml(&data, "/elsewhere/host-file"),
+        7,
+    );
+    assert!(run.stderr.contains("state_path_prefixes"), "{run}");
+    // A parent dir that is a symlink.
+    let s = file_scratch();
+    std::os::unix::fs::symlink(s.path("elsewhere"), s.path("srv/tpm/sub")).unwrap();
+    s.refused(
+        "prepare",
+        &file_source_xml(&data, "/srv/tpm/sub/host-file"),
+        7,
+    );
+    // A regular file that is not a swtpm linear file: not ours to replace.
+    let s = file_scratch();
+    s.write("srv/tpm/vm.tpm", "not a TPM state\n");
+    let run = s.refused("prepare", &file_source_xml(&data, "/srv/tpm/vm.tpm"), 7);
+    assert!(
+        run.stderr.contains("swtpmlin") || run.stderr.contains("linear"),
+        "{run}"
+    );
+    assert!(!run.stderr.contains("not a TPM state"), "{run}");
+}

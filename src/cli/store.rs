@@ -147,7 +147,7 @@ pub fn store_domain(
                 name: shown_name(&dom.name),
                 why: format!(
                     "the local state file {} is not a valid swtpm state ({e}); nothing was stored",
-                    location.path().join(&f.name).display()
+                    location.file_path(&f.name).display()
                 ),
             })?;
         }

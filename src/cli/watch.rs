@@ -660,7 +660,10 @@ impl Daemon {
             }
             entry.location = location.clone();
         }
-        if entry.wd.is_none() {
+        // swtpm writes a <source type='file'> state in place through mmap,
+        // which inotify does not report: such a domain is kept in sync by
+        // the periodic reconcile alone.
+        if entry.wd.is_none() && !location.is_file() {
             let mask = WatchFlags::MOVED_TO
                 | WatchFlags::CLOSE_WRITE
                 | WatchFlags::ONLYDIR
@@ -714,7 +717,7 @@ impl Daemon {
         let config_ok = config_digest.map_or(true, |c| c == Some(local));
         if !(live_ok && config_ok) && entry.settle.is_none() {
             if entry.status.out_of_sync_since.is_none() {
-                let since = std::fs::metadata(location.path().join(version.permall_name()))
+                let since = std::fs::metadata(location.file_path(version.permall_name()))
                     .and_then(|m| m.modified())
                     .unwrap_or_else(|_| SystemTime::now());
                 entry.status.out_of_sync_since = Some(rfc3339(since));

@@ -2,7 +2,9 @@
 # tpm.sh - a guest-free TPM: serve a libvirt swtpm state dir with swtpm on 127.0.0.1 and talk
 # to it with tpm2-tools, to plant a secret in a TPM and check later that it is still there.
 #
-# Usage (STATEDIR absolute, e.g. /var/lib/libvirt/swtpm/<uuid>/tpm2; the domain must be shut off):
+# Usage (STATEDIR absolute, e.g. /var/lib/libvirt/swtpm/<uuid>/tpm2; the domain must be shut off;
+# STATEDIR may also be a swtpm linear state file, libvirt's <source type='file'>, served with
+# --tpmstate backend-uri=file://; fingerprint then needs python3 to take permall out of it):
 #   tpm.sh write-secret STATEDIR SECRET   store SECRET in NV index 0x1500016 (in place;
 #                                         file ownership is restored afterwards)
 #   tpm.sh read-secret STATEDIR           print the secret (no trailing newline added)
@@ -47,7 +49,9 @@ start_swtpm() {
         port_busy "$p" && continue
         port_busy "$((p + 1))" && continue
         rm -f "$pidf"
-        if swtpm socket "${verflag[@]}" --tpmstate "dir=$dir,mode=0600" \
+        local state="dir=$dir,mode=0600"
+        [[ -f $dir ]] && state="backend-uri=file://$dir,mode=0600"
+        if swtpm socket "${verflag[@]}" --tpmstate "$state" \
             --server "type=tcp,port=$p,bindaddr=127.0.0.1" \
             --ctrl "type=tcp,port=$((p + 1)),bindaddr=127.0.0.1" \
             --flags not-need-init,startup-clear --pid "file=$pidf" \
@@ -98,7 +102,7 @@ nv_defined() {
 
 state_ver() { # STATEDIR [--tpm1 given] -> 2.0|1.2
     local dir=$1 tpm1=$2
-    if [[ $tpm1 == 1 || (-e $dir/tpm-00.permall && ! -e $dir/tpm2-00.permall) ]]; then
+    if [[ $tpm1 == 1 || (-d $dir && -e $dir/tpm-00.permall && ! -e $dir/tpm2-00.permall) ]]; then
         echo 1.2
     else
         echo 2.0
@@ -107,10 +111,15 @@ state_ver() { # STATEDIR [--tpm1 given] -> 2.0|1.2
 
 check_dir() {
     [[ $1 == /* ]] || die "STATEDIR must be absolute: $1"
-    [[ -d $1 ]] || die "no such state dir: $1"
+    [[ -d $1 || -f $1 ]] || die "no such state dir or file: $1"
 }
 
-copy_aside() { # copy STATEDIR to a temp dir, print its path
+copy_aside() { # copy STATEDIR to a temp dir (a state file to a temp file), print its path
+    if [[ -f $1 ]]; then
+        cp "$1" "$TMPD/state.lin"
+        echo "$TMPD/state.lin"
+        return 0
+    fi
     mkdir -p "$TMPD/state"
     cp -a "$1/." "$TMPD/state/"
     rm -f "$TMPD/state/.lock"
@@ -120,7 +129,7 @@ copy_aside() { # copy STATEDIR to a temp dir, print its path
 cmd_write_secret() {
     local dir=$1 secret=$2 owner size
     check_dir "$dir"
-    [[ -e $dir/tpm2-00.permall ]] || die "$dir holds no TPM 2.0 state (tpm2-00.permall)"
+    [[ -f $dir || -e $dir/tpm2-00.permall ]] || die "$dir holds no TPM 2.0 state (tpm2-00.permall)"
     size=${#secret}
     ((size > 0 && size <= MAX_SECRET)) || die "SECRET must be 1..$MAX_SECRET bytes"
     owner=$(stat -c %u:%g "$dir")
@@ -193,9 +202,28 @@ cmd_ek_pub() {
     stop_swtpm
 }
 
+# permall (slot 0) of a swtpm linear file, raw, to stdout (layout: src/linear.rs).
+linear_permall() {
+    python3 - "$1" <<'EOF'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+magic, ver, _, hdrsize = struct.unpack_from("<QBBH", d)
+if magic != 0x737774706d6c696e or ver != 1:
+    sys.exit("not a swtpm linear state file")
+off, length, _ = struct.unpack_from("<III", d, 12)
+if off == 0 or off + length > len(d):
+    sys.exit("no permall in the linear state file")
+sys.stdout.buffer.write(d[off:off + length])
+EOF
+}
+
 cmd_fingerprint() {
     local dir=$1 ver=$2 f
     check_dir "$dir"
+    if [[ -f $dir ]]; then
+        linear_permall "$dir" | sha256sum | cut -d' ' -f1
+        return 0
+    fi
     f=$dir/tpm2-00.permall
     [[ $ver == 1.2 ]] && f=$dir/tpm-00.permall
     [[ -f $f ]] || die "no $f"

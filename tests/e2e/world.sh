@@ -21,7 +21,16 @@
 #   world.sh host-check        fingerprint of the host's libvirt dirs (run on the host)
 #
 # Files in DIR: root/ (scratch trees), holder.pid, holder.ns, libvirtd.pid, virtlogd.pid,
-# libvirtd.log (libvirtd's log, hook calls at debug level), virtlogd.log.
+# libvirtd.log (libvirtd's log, hook calls at debug level), virtlogd.log, rootfs (see below).
+#
+# Another libvirt: with VTS_WORLD_ROOTFS=/abs/root at `up` (a Debian root with its own libvirt,
+# QEMU and swtpm, e.g. from scripts/make-libvirt-next-root.sh), the world runs that root's
+# programs instead of the host's: in the world's namespace the root gets /proc, /sys, /dev
+# (with a /dev/kvm for the root's kvm group), /tmp, a private /run, this project's dir and DIR
+# at the same absolute paths, and the scratch dirs over its libvirt dirs; the daemons and every
+# `exec` run chrooted into it. /etc/libvirt is copied from the root, not from the host, and the
+# skeleton's owners are the root's users. The root is recorded in DIR/rootfs, so exec, reload
+# and down need no variable. The root itself is never written (only mountpoint dirs made).
 set -euo pipefail
 
 # Real path -> "mode owner:group" of the scratch dir created for it (if not copied).
@@ -63,6 +72,7 @@ SKELETON=(
 )
 
 SANE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+PROJECT_DIR=$(cd "$(dirname "$0")/../.." && pwd -P)
 
 die() { echo "world.sh: $*" >&2; exit 1; }
 
@@ -84,13 +94,72 @@ holder_pid() {
     echo "$pid"
 }
 
+# The world's root file system ("" = the host's), recorded at `up`.
+rootfs_of() {
+    [[ -f $1/rootfs ]] && cat "$1/rootfs"
+    return 0
+}
+
+# The prefix that enters the world's root: nothing, or `chroot ROOT env --chdir=CWD`
+# (CWD: $2, a path that exists inside the root).
+enter_root() {
+    local rootfs
+    rootfs=$(rootfs_of "$1")
+    [[ -n $rootfs ]] && printf '%s\0' chroot "$rootfs" env --chdir="$2"
+    return 0
+}
+
 # Run a command inside the world's mount namespace with a clean environment.
 in_world() {
-    local dir=$1 pid
+    local dir=$1 pid enter=()
     shift
     pid=$(holder_pid "$dir") || die "world $dir is not up"
-    nsenter -t "$pid" -m -- env -i PATH="$SANE_PATH" HOME=/root LC_ALL=C \
+    mapfile -d '' -t enter < <(enter_root "$dir" /)
+    nsenter -t "$pid" -m -- "${enter[@]}" env -i PATH="$SANE_PATH" HOME=/root LC_ALL=C \
         LIBVIRT_DEFAULT_URI=qemu:///system "$@"
+}
+
+# uid:gid of user:group as the world's root (host or VTS_WORLD_ROOTFS) knows them.
+ids_of() {
+    local rootfs=$1 own=$2 u g
+    u=${own%%:*} g=${own##*:}
+    if [[ -z $rootfs ]]; then
+        echo "$u:$g"
+        return 0
+    fi
+    u=$(chroot "$rootfs" id -u "$u") || die "user $u does not exist in $rootfs"
+    g=$(chroot "$rootfs" getent group "$g" | cut -d: -f3)
+    [[ -n $g ]] || die "group ${own##*:} does not exist in $rootfs"
+    echo "$u:$g"
+}
+
+# Mounts the world's root for the namespace of $1 (holder pid): see the header.
+mount_rootfs() {
+    local holder=$1 dir=$2 rootfs=$3 d kvm_gid
+    local -a ns=(nsenter -t "$holder" -m --)
+    "${ns[@]}" mount --rbind /proc "$rootfs/proc"
+    "${ns[@]}" mount --rbind /sys "$rootfs/sys"
+    "${ns[@]}" mount --rbind /dev "$rootfs/dev"
+    "${ns[@]}" mount --bind /tmp "$rootfs/tmp"
+    "${ns[@]}" mount -t tmpfs -o mode=0755 tmpfs "$rootfs/run"
+    # The host's /dev/kvm belongs to the host's kvm group, which is another gid in the root:
+    # give the root a node of its own (on the private /run) so its qemu user can open it.
+    if [[ -c /dev/kvm ]]; then
+        kvm_gid=$(chroot "$rootfs" getent group kvm | cut -d: -f3)
+        if [[ -n $kvm_gid ]]; then
+            "${ns[@]}" mknod -m 0660 "$rootfs/run/.world-kvm" c 10 232
+            "${ns[@]}" chgrp "$kvm_gid" "$rootfs/run/.world-kvm"
+            "${ns[@]}" mount --bind "$rootfs/run/.world-kvm" "$rootfs/dev/kvm"
+        fi
+    fi
+    for d in "$PROJECT_DIR" "$dir"; do
+        mkdir -p "$rootfs$d"
+        "${ns[@]}" mount --bind "$d" "$rootfs$d"
+    done
+    for d in "${BIND_DIRS[@]}"; do
+        "${ns[@]}" mkdir -p "$rootfs$d"
+        "${ns[@]}" mount --bind "$dir/root$d" "$rootfs$d"
+    done
 }
 
 wait_virsh() {
@@ -123,23 +192,33 @@ read_pidfile() {
 
 cmd_up() {
     need_dir "${1:-}"
-    local dir=$1 root=$1/root entry path mode own d holder hostns i
+    local dir=$1 root=$1/root entry path mode own d holder hostns i rootfs=${VTS_WORLD_ROOTFS:-}
     if holder_pid "$dir" >/dev/null; then
         die "world $dir is already up"
     fi
+    if [[ -n $rootfs ]]; then
+        [[ $rootfs == /* ]] || die "VTS_WORLD_ROOTFS must be absolute: $rootfs"
+        [[ -x $rootfs/usr/sbin/libvirtd ]] || die "VTS_WORLD_ROOTFS=$rootfs has no usr/sbin/libvirtd; build it with scripts/make-libvirt-next-root.sh"
+        rootfs=$(cd "$rootfs" && pwd -P)
+    fi
     mkdir -p "$dir"
+    if [[ -e $dir/rootfs || -d $root ]] && [[ $(rootfs_of "$dir") != "$rootfs" ]]; then
+        die "world $dir was made with another root file system ('$(rootfs_of "$dir")'); use a new DIR"
+    fi
+    if [[ -n $rootfs ]]; then echo "$rootfs" >"$dir/rootfs"; else rm -f "$dir/rootfs"; fi
     # /run is a tmpfs on a real host: a world brought up again ("rebooted") starts with
     # empty runtime dirs, but keeps its /etc and /var scratch trees.
     rm -rf "$root/run"
     for entry in "${SKELETON[@]}"; do
         read -r path mode own <<<"$entry"
         if [[ ! -d $root$path ]]; then
+            own=$(ids_of "$rootfs" "$own")
             install -d -m "$mode" -o "${own%%:*}" -g "${own##*:}" "$root$path"
         fi
     done
     if [[ ! -e $root/etc/libvirt/.world-copied ]]; then
         mkdir -p "$root/etc"
-        cp -a /etc/libvirt "$root/etc/"
+        cp -a "$rootfs/etc/libvirt" "$root/etc/"
         touch "$root/etc/libvirt/.world-copied"
     fi
     mkdir -p "$root/etc/libvirt/hooks/qemu.d"
@@ -158,10 +237,12 @@ cmd_up() {
     conf_set "$qconf" namespaces '[ ]'
     conf_set "$root/etc/libvirt/virtlogd.conf" log_outputs "\"3:file:$dir/virtlogd.log\""
 
-    # Mountpoints on the host (empty dirs only).
-    for d in "${BIND_DIRS[@]}"; do
-        [[ -d $d ]] || mkdir -p "$d"
-    done
+    # Mountpoints on the host (empty dirs only; with a root they are made inside it).
+    if [[ -z $rootfs ]]; then
+        for d in "${BIND_DIRS[@]}"; do
+            [[ -d $d ]] || mkdir -p "$d"
+        done
+    fi
 
     hostns=$(ns_of $$)
     setsid unshare --mount --propagation private -- sleep infinity </dev/null >/dev/null 2>&1 &
@@ -174,9 +255,13 @@ cmd_up() {
     echo "$holder" >"$dir/holder.pid"
     ns_of "$holder" >"$dir/holder.ns"
 
-    for d in "${BIND_DIRS[@]}"; do
-        nsenter -t "$holder" -m -- mount --bind "$root$d" "$d"
-    done
+    if [[ -n $rootfs ]]; then
+        mount_rootfs "$holder" "$dir" "$rootfs" || { cmd_down "$dir"; die "cannot mount $rootfs for the world"; }
+    else
+        for d in "${BIND_DIRS[@]}"; do
+            nsenter -t "$holder" -m -- mount --bind "$root$d" "$d"
+        done
+    fi
 
     : >"$dir/libvirtd.log"
     in_world "$dir" virtlogd -d --pid-file "$dir/virtlogd.pid" </dev/null >/dev/null 2>&1 \
@@ -189,16 +274,17 @@ cmd_up() {
         cmd_down "$dir"
         die "libvirtd in $dir did not answer within 20s"
     fi
-    echo "world $dir is up (holder $holder)" >&2
+    echo "world $dir is up (holder $holder${rootfs:+, root $rootfs})" >&2
 }
 
 cmd_exec() {
     need_dir "${1:-}"
-    local dir=$1 pid
+    local dir=$1 pid enter=()
     shift
     [[ $# -ge 1 ]] || die "exec: missing CMD"
     pid=$(holder_pid "$dir") || die "world $dir is not up"
-    exec nsenter -t "$pid" -m --wd="$PWD" -- env LIBVIRT_DEFAULT_URI=qemu:///system "$@"
+    mapfile -d '' -t enter < <(enter_root "$dir" "$PWD")
+    exec nsenter -t "$pid" -m --wd="$PWD" -- "${enter[@]}" env LIBVIRT_DEFAULT_URI=qemu:///system "$@"
 }
 
 cmd_reload() {

@@ -67,6 +67,16 @@ pub fn require_env(test: &str) -> bool {
             missing.push(format!("{cmd} not found"));
         }
     }
+    // VTS_WORLD_ROOTFS: every world runs that root's libvirt (tests/e2e/world.sh).
+    if let Some(root) = std::env::var_os("VTS_WORLD_ROOTFS") {
+        let root = PathBuf::from(root);
+        if !root.join(".vts-root-complete").is_file() || !root.join("usr/sbin/libvirtd").is_file() {
+            missing.push(format!(
+                "VTS_WORLD_ROOTFS={} is not a complete root (scripts/make-libvirt-next-root.sh)",
+                root.display()
+            ));
+        }
+    }
     if missing.is_empty() {
         return true;
     }
@@ -576,6 +586,32 @@ impl World {
         let out = self.must_vts(&args);
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| self.fail(&format!("show --json is not JSON: {e}"), &args, &out))
+    }
+
+    /// The world's libvirt version (`virsh version`'s library line), e.g. (11, 3, 0).
+    pub fn libvirt_version(&self) -> (u32, u32, u32) {
+        let out = stdout(&self.must_virsh(&["version"]));
+        let v = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Using library: libvirt "))
+            .unwrap_or_else(|| panic!("no library version in virsh version:\n{out}"));
+        let n: Vec<u32> = v
+            .trim()
+            .split('.')
+            .map(|x| x.parse().expect("numeric libvirt version"))
+            .collect();
+        assert_eq!(n.len(), 3, "libvirt version {v:?}");
+        (n[0], n[1], n[2])
+    }
+
+    /// The world's QEMU version (`virsh version`'s hypervisor line).
+    pub fn qemu_version(&self) -> String {
+        let out = stdout(&self.must_virsh(&["version"]));
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("Running hypervisor: QEMU "))
+            .unwrap_or_else(|| panic!("no hypervisor version in virsh version:\n{out}"))
+            .trim()
+            .to_string()
     }
 
     /// Relative paths of every entry under a host path, sorted (dirs end in '/').
