@@ -381,7 +381,7 @@ fn watch_unit_file_verifies() {
         .expect("dist/virt-tpm-state-watch.service");
     assert!(
         unit.lines()
-            .any(|l| l == "ExecStart=/usr/local/bin/virt-tpm-state watch"),
+            .any(|l| l == "ExecStart=/usr/bin/virt-tpm-state watch"),
         "install rewrites exactly this ExecStart line"
     );
     for key in [

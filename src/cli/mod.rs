@@ -16,7 +16,7 @@ use crate::libvirt::{LibvirtError, DEFAULT_URI};
 use crate::paths::Paths;
 use crate::restore::RestoreError;
 use crate::statefs::FsError;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -174,6 +174,13 @@ pub struct InstallArgs {
     /// Do not install and enable the watch daemon's systemd unit
     #[arg(long)]
     pub no_watch: bool,
+}
+
+/// The CLI's clap definition, for generated man pages and shell completions
+/// (examples/gen-docs.rs): generated from the parser itself, so they cannot
+/// drift from what the program accepts.
+pub fn command() -> clap::Command {
+    Cli::command()
 }
 
 /// Every way the CLI fails, each with its exit code (README, "Exit codes").
