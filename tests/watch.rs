@@ -406,7 +406,7 @@ fn watch_unit_file_verifies() {
     std::fs::write(
         &path,
         unit.replace(
-            "ExecStart=/usr/local/bin/virt-tpm-state watch",
+            "ExecStart=/usr/bin/virt-tpm-state watch",
             &format!("ExecStart={VTS} watch"),
         ),
     )
