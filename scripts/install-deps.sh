@@ -9,7 +9,7 @@ packages=(
     swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
     qemu-system-x86 ovmf python3 python3-pip libxml2-utils
     hyperfine time xz-utils
-    man-db dpkg-dev binutils
+    man-db dpkg-dev binutils systemd
 )
 
 missing=()

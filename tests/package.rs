@@ -31,7 +31,15 @@ fn require_package_env(test: &str) -> bool {
     if !matches!(deb, Ok(ref o) if o.status.success()) {
         missing.push("cargo-deb not installed (scripts/install-deps.sh)".to_string());
     }
-    for cmd in ["dpkg", "dpkg-deb", "dpkg-shlibdeps", "man", "gzip", "strip"] {
+    for cmd in [
+        "dpkg",
+        "dpkg-deb",
+        "dpkg-shlibdeps",
+        "man",
+        "gzip",
+        "strip",
+        "systemd-analyze",
+    ] {
         let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
             .any(|d| d.join(cmd).is_file());
@@ -236,6 +244,16 @@ fn deb_installs_runs_the_hook_removes_and_purges() {
         "the installed config is not dist/deb/config.toml"
     );
     assert!(exists_in(&p, WANTS), "the watch unit is not enabled");
+    // The packaged unit names the installed binary and passes systemd's check.
+    let unit = "/usr/lib/systemd/system/virt-tpm-state-watch.service";
+    let out = sys(&p, &["systemd-analyze", "verify", unit]);
+    if !out.status.success() || !out.stderr.is_empty() {
+        p.fail(
+            "systemd-analyze verify failed",
+            &["systemd-analyze", "verify", unit],
+            &out,
+        );
+    }
     let version = must_sys(&p, &["virt-tpm-state", "--version"]);
     assert_eq!(
         version.trim(),
