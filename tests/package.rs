@@ -254,6 +254,20 @@ fn deb_installs_runs_the_hook_removes_and_purges() {
             &out,
         );
     }
+    // Installing again (the upgrade path: prerm upgrade, postinst configure
+    // with the old version) keeps the hook wired and makes no second key.
+    let log = must_sys(&p, &["dpkg", "--log=/dev/null", "-i", &deb_arg]);
+    assert!(
+        log.contains(&format!("installed {HOOK} (from {PACKAGED_HOOK})"))
+            && !log.contains("created key"),
+        "reinstall:\n{log}"
+    );
+    assert_eq!(p.tree("/etc/libvirt/hooks/qemu.d"), vec!["virt-tpm-state"]);
+    assert_eq!(
+        key_files(&p),
+        packaged_key,
+        "the reinstall changed the keys"
+    );
     let version = must_sys(&p, &["virt-tpm-state", "--version"]);
     assert_eq!(
         version.trim(),
