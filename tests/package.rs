@@ -162,6 +162,23 @@ fn key_files(w: &World) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// /var/lib/virt-tpm-state (kept copies, backups, sync journal): every
+/// entry, with the sha256 of each file, so "left alone" means byte for byte.
+fn var_snapshot(w: &World) -> Vec<String> {
+    let base = w.host_path("/var/lib/virt-tpm-state");
+    w.tree("/var/lib/virt-tpm-state")
+        .into_iter()
+        .map(|rel| {
+            let path = base.join(&rel);
+            if path.is_file() {
+                format!("{rel} {}", sha256_hex(&std::fs::read(&path).unwrap()))
+            } else {
+                rel
+            }
+        })
+        .collect()
+}
+
 /// The metadata element's digest and generation in the persistent definition,
 /// read with the development CLI (the packaged one may be gone).
 fn metadata(w: &World, vm: &Vm) -> (String, u64) {
@@ -323,12 +340,32 @@ fn deb_installs_runs_the_hook_removes_and_purges() {
     // /usr/bin/virt-tpm-state, has settled).
     let shown = must_sys(&p, &["virt-tpm-state", "show", "--inactive", &vm.name]);
     assert!(!shown.is_empty());
-    let meta = metadata(&p, &vm);
-    let var_tree = p.tree("/var/lib/virt-tpm-state");
+
+    // The VM comes back from host A with a newer TPM: the hook restores it
+    // and backs up the local state it replaces (a backup the removal must keep).
+    a.write_secret(&vm, "newer-secret");
+    let out = stdout(&a.must_vts(&["store", &vm.name]));
+    assert!(out.contains("stored generation"), "store said: {out}");
+    let (_, newer_xml) = a.dump(&vm.name, "newer.xml", true);
+    p.define_xml("newer.xml", &newer_xml);
+    p.start(&vm.name, true);
+    p.destroy(&vm.name);
+    assert_eq!(p.read_secret(&vm), "newer-secret");
+    let backups = format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid);
     assert!(
-        var_tree.iter().any(|e| e.starts_with("kept/")),
-        "no kept copy: {var_tree:?}"
+        !p.tree(&backups).is_empty(),
+        "the replaced state was not backed up"
     );
+    let meta = metadata(&p, &vm);
+    let var_tree = var_snapshot(&p);
+    for what in ["kept/", "backups/", "synced/"] {
+        assert!(
+            var_tree
+                .iter()
+                .any(|e| e.starts_with(what) && e.len() > what.len()),
+            "nothing in {what}: {var_tree:?}"
+        );
+    }
     let keys = key_files(&p);
     assert!(keys.len() == 2 && keys.iter().any(|k| packaged_key.contains(k)));
 
@@ -347,12 +384,12 @@ fn deb_installs_runs_the_hook_removes_and_purges() {
     assert_eq!(status, "deinstall ok config-files");
     assert!(p.host_path("/etc/virt-tpm-state/config.toml").is_file());
     assert_eq!(key_files(&p), keys, "keys changed on remove");
-    assert_eq!(p.tree("/var/lib/virt-tpm-state"), var_tree);
+    assert_eq!(var_snapshot(&p), var_tree);
     assert_eq!(metadata(&p, &vm), meta, "metadata changed on remove");
     // libvirt starts the VM without the hook (nothing dangling in its way).
     p.start(&vm.name, true);
     p.must_virsh(&["destroy", &vm.name]);
-    assert_eq!(p.tree("/var/lib/virt-tpm-state"), var_tree);
+    assert_eq!(var_snapshot(&p), var_tree);
 
     // Purge: the config and the unit's enablement go; keys, kept copies,
     // backups and metadata stay, and the postrm says so.
@@ -365,7 +402,7 @@ fn deb_installs_runs_the_hook_removes_and_purges() {
     assert!(!p.host_path("/etc/virt-tpm-state/config.toml").exists());
     assert!(!exists_in(&p, WANTS), "the watch unit is still enabled");
     assert_eq!(key_files(&p), keys, "keys changed on purge");
-    assert_eq!(p.tree("/var/lib/virt-tpm-state"), var_tree);
+    assert_eq!(var_snapshot(&p), var_tree);
     assert_eq!(metadata(&p, &vm), meta, "metadata changed on purge");
 
     drop(p);
