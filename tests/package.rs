@@ -370,8 +370,15 @@ fn deb_installs_runs_the_hook_removes_and_purges() {
     assert!(keys.len() == 2 && keys.iter().any(|k| packaged_key.contains(k)));
 
     // Remove: the hook is unwired, the programs go, the config (a conffile),
-    // keys, kept copies, backups and the metadata stay.
+    // keys, kept copies, backups and the metadata stay. With a broken config
+    // too: it must not keep the hook wired.
+    let config = p.host_path("/etc/virt-tpm-state/config.toml");
+    let config_text = std::fs::read(&config).unwrap();
+    p.append_config("no_such_key = 1");
+    let out = p.vts(&["show", &vm.name]);
+    assert_eq!(out.status.code(), Some(10), "the config is not broken");
     let log = must_sys(&p, &["dpkg", "--log=/dev/null", "-r", PKG]);
+    std::fs::write(&config, &config_text).unwrap();
     assert!(
         log.contains(&format!("removed {HOOK}")) && log.contains("sent SIGHUP to libvirtd"),
         "prerm did not unwire the hook:\n{log}"

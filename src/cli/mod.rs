@@ -334,7 +334,13 @@ fn init_stderr_logger(level: log::LevelFilter) {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let paths = Paths::from_env();
-    let config = Config::load(&paths)?;
+    // `uninstall` uses nothing from the config, and a broken config must not
+    // keep the hook wired (the Debian package's prerm runs it on removal).
+    let config = if matches!(cli.command, Command::Uninstall(_)) {
+        Config::default()
+    } else {
+        Config::load(&paths)?
+    };
     let ctx = Ctx {
         paths,
         config,
