@@ -11,6 +11,7 @@ packages=(
     qemu-system-x86 ovmf python3 python3-pip libxml2-utils
     hyperfine time xz-utils
     debootstrap
+    man-db dpkg-dev binutils systemd
 )
 
 missing=()
@@ -45,6 +46,13 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+# cargo-deb builds the Debian package (scripts/build-deb.sh, tests/package.rs).
+CARGO_DEB_VERSION=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+    echo "==> installing cargo-deb $CARGO_DEB_VERSION (cargo install --locked)"
+    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
+fi
 
 # From PyPI, only when missing: virt-firmware (virt-fw-vars; tests/nvram.rs
 # edits an OVMF variable store with it) and cryptography (tests/vectors.rs

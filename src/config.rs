@@ -130,6 +130,45 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The config the package installs (dist/deb/config.toml) is all
+    /// defaults, names every key, and each commented line, uncommented,
+    /// is valid and holds the default (so the file documents the truth).
+    #[test]
+    fn packaged_config_documents_every_key_with_its_default() {
+        let text = include_str!("../dist/deb/config.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+        // The keys the parser knows, from its own "unknown field" message.
+        let err = Config::parse("no_such_key = 1").unwrap_err();
+        let known: std::collections::BTreeSet<String> = err
+            .split('`')
+            .skip(3)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        assert!(known.len() >= 15, "cannot read the field list from {err:?}");
+        let mut documented = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let Some(setting) = line.strip_prefix("# ") else {
+                continue;
+            };
+            let Some((key, _)) = setting.split_once(" = ") else {
+                continue;
+            };
+            let c = Config::parse(setting).unwrap_or_else(|e| panic!("{setting:?}: {e}"));
+            if key == "helper_path" {
+                // No default value: shown with the packaged path.
+                assert_eq!(
+                    c.helper_path.as_deref(),
+                    Some(Path::new("/usr/bin/virt-tpm-state"))
+                );
+            } else {
+                assert_eq!(c, Config::default(), "{setting:?} is not the default");
+            }
+            documented.insert(key.to_string());
+        }
+        assert_eq!(documented, known);
+    }
+
     #[test]
     fn defaults_and_overrides() {
         assert_eq!(Config::parse("").unwrap(), Config::default());

@@ -90,12 +90,83 @@ fn read_stdin(stdin: impl Read) -> Result<Vec<u8>, HookError> {
     Ok(buf)
 }
 
+/// The hook's arguments as libvirt passes them: `DOMAIN OP SUBOP EXTRA`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookArgs<'a> {
+    pub domain: &'a str,
+    pub op: &'a str,
+    pub subop: &'a str,
+    /// libvirt always passes it (`-` for most ops); absent is accepted.
+    pub extra: Option<&'a str>,
+}
+
+/// Parses argv (without the program name). Deliberately not clap: this runs
+/// in every VM start, stop and migration, and the shape is fixed by libvirt.
+/// Arguments after EXTRA are ignored. [`command`] describes the same shape
+/// for the man page; a unit test keeps the two in agreement.
+pub fn parse_args(args: &[String]) -> Result<HookArgs<'_>, HookError> {
+    match args {
+        [domain, op, subop, rest @ ..] => Ok(HookArgs {
+            domain,
+            op,
+            subop,
+            extra: rest.first().map(String::as_str),
+        }),
+        _ => Err(HookError::Usage),
+    }
+}
+
+/// The hook's command line as a clap definition: never used to parse (see
+/// [`parse_args`]), only to generate the virt-tpm-state-hook(8) man page.
+pub fn command() -> clap::Command {
+    use clap::{Arg, ArgAction, Command};
+    let positional = |name: &'static str, help: &'static str| {
+        Arg::new(name)
+            .value_name(name)
+            .required(true)
+            .allow_hyphen_values(true)
+            .help(help)
+    };
+    Command::new("virt-tpm-state-hook")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("libvirt qemu hook of virt-tpm-state: restore a VM's TPM state from its domain XML")
+        .long_about(
+            "libvirt runs this program as a qemu hook (installed by `virt-tpm-state install` as \
+/etc/libvirt/hooks/qemu.d/virt-tpm-state), with the full domain XML on standard input. It is not \
+meant to be run by hand.\n\n\
+On `prepare begin` it restores the TPM state (and UEFI VARS) carried in the domain's \
+<metadata> element (namespace urn:virt-tpm-state:1) into libvirt's state dir before libvirt \
+starts swtpm, unless the local state is newer; a replaced local state is backed up first. On \
+`stopped end` it keeps a copy of the final state and starts `virt-tpm-state store --after-stop` \
+detached, which writes the state into the metadata through libvirt's API. `migrate begin` and \
+`restore begin` mark the domain so that its next prepare does not restore (the state travels with \
+the VM); `release end` clears that mark. Every other operation exits 0 at once.\n\n\
+It never calls libvirt, never writes to standard output, and on failure prints one line on \
+standard error (libvirt shows it as the reason the operation failed) and to syslog.",
+        )
+        .disable_help_flag(true)
+        .disable_version_flag(true)
+        .arg(positional("DOMAIN", "Domain name"))
+        .arg(positional(
+            "OP",
+            "Operation: prepare, start, started, stopped, release, migrate, restore, reconnect, attach",
+        ))
+        .arg(positional("SUBOP", "Sub-operation: begin or end"))
+        .arg(
+            Arg::new("EXTRA")
+                .value_name("EXTRA")
+                .num_args(0..)
+                .action(ArgAction::Append)
+                .allow_hyphen_values(true)
+                .trailing_var_arg(true)
+                .help("libvirt's extra argument: '-', or the shutoff reason on `release end` (libvirt >= 10.5); later arguments are ignored"),
+        )
+}
+
 /// Runs one hook invocation. `args` excludes the program name.
 pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookError> {
-    if args.len() < 3 {
-        return Err(HookError::Usage);
-    }
-    let op = HookOp::from_args(&args[1], &args[2]);
+    let parsed = parse_args(args)?;
+    let op = HookOp::from_args(parsed.op, parsed.subop);
     if op == HookOp::Ignored {
         return Ok(());
     }
@@ -241,5 +312,79 @@ fn spawn_store(paths: &Paths, config: &Config, uuid: &crate::state::DomainUuid, 
             child.id()
         ),
         Err(e) => log::warn!("VM {name}: cannot start {}: {e}", helper.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The man page's clap definition accepts exactly the argument lists the
+    /// hook accepts, and reads the same DOMAIN, OP, SUBOP and EXTRA from them.
+    #[test]
+    fn man_page_command_matches_the_parser() {
+        command().debug_assert();
+        // Not "--": clap always reads it as its end-of-options marker, while
+        // the hook takes every word literally (a domain named "--" is the
+        // one case the generated synopsis does not describe).
+        let words = [
+            "vm1", "prepare", "begin", "-", "--help", "-h", "-x", "", "x y", "-V",
+        ];
+        let mut cases: Vec<Vec<String>> = vec![vec![]];
+        // Every argument list of up to 3 words from `words`; of the longer
+        // ones a deterministic stride (every 7th of 4, every 37th of 5).
+        for len in 1..=5u32 {
+            let total = words.len().pow(len);
+            for n in (0..total).step_by(match len {
+                4 => 7,
+                5 => 37,
+                _ => 1,
+            }) {
+                let mut v = Vec::new();
+                let mut k = n;
+                for _ in 0..len {
+                    v.push(words[k % words.len()].to_string());
+                    k /= words.len();
+                }
+                cases.push(v);
+            }
+        }
+        // libvirt's real calls.
+        for call in [
+            ["vm1", "prepare", "begin", "-"],
+            ["vm1", "release", "end", "shutdown"],
+            ["-odd-name", "stopped", "end", "-"],
+        ] {
+            cases.push(call.iter().map(|s| s.to_string()).collect());
+        }
+        let cmd = command();
+        let mut accepted = 0;
+        for args in &cases {
+            let ours = parse_args(args);
+            let clap = cmd.clone().try_get_matches_from(
+                std::iter::once("virt-tpm-state-hook".to_string()).chain(args.iter().cloned()),
+            );
+            match (&ours, &clap) {
+                (Ok(a), Ok(m)) => {
+                    accepted += 1;
+                    let one = |id: &str| m.get_one::<String>(id).map(String::as_str);
+                    assert_eq!(one("DOMAIN"), Some(a.domain), "{args:?}");
+                    assert_eq!(one("OP"), Some(a.op), "{args:?}");
+                    assert_eq!(one("SUBOP"), Some(a.subop), "{args:?}");
+                    let extra = m
+                        .get_many::<String>("EXTRA")
+                        .and_then(|mut v| v.next())
+                        .map(String::as_str);
+                    assert_eq!(extra, a.extra, "{args:?}");
+                }
+                (Err(_), Err(_)) => {}
+                _ => panic!(
+                    "{args:?}: the hook says {:?}, the man page's definition says {:?}",
+                    ours.map(|_| "accepted"),
+                    clap.map(|_| "accepted").map_err(|e| e.kind())
+                ),
+            }
+        }
+        assert!(accepted > 100, "only {accepted} accepted cases");
     }
 }

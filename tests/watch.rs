@@ -418,7 +418,7 @@ fn watch_unit_file_verifies() {
         .expect("dist/virt-tpm-state-watch.service");
     assert!(
         unit.lines()
-            .any(|l| l == "ExecStart=/usr/local/bin/virt-tpm-state watch"),
+            .any(|l| l == "ExecStart=/usr/bin/virt-tpm-state watch"),
         "install rewrites exactly this ExecStart line"
     );
     for key in [
@@ -443,7 +443,7 @@ fn watch_unit_file_verifies() {
     std::fs::write(
         &path,
         unit.replace(
-            "ExecStart=/usr/local/bin/virt-tpm-state watch",
+            "ExecStart=/usr/bin/virt-tpm-state watch",
             &format!("ExecStart={VTS} watch"),
         ),
     )

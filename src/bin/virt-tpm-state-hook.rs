@@ -12,8 +12,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // Ops we do nothing for return before any set-up: this hook runs inside
     // every VM start, stop and migration on the host.
-    if args.len() >= 3 && hook::HookOp::from_args(&args[1], &args[2]) == hook::HookOp::Ignored {
-        return ExitCode::SUCCESS;
+    if let Ok(a) = hook::parse_args(&args) {
+        if hook::HookOp::from_args(a.op, a.subop) == hook::HookOp::Ignored {
+            return ExitCode::SUCCESS;
+        }
     }
     logging::install_panic_hook("virt-tpm-state-hook");
     logging::init(

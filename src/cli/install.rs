@@ -167,7 +167,7 @@ pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
 const WATCH_UNIT: &str = include_str!("../../dist/virt-tpm-state-watch.service");
 const WATCH_UNIT_NAME: &str = "virt-tpm-state-watch.service";
 const WATCH_UNIT_DIR: &str = "/etc/systemd/system";
-const WATCH_EXEC_START: &str = "ExecStart=/usr/local/bin/virt-tpm-state watch";
+const WATCH_EXEC_START: &str = "ExecStart=/usr/bin/virt-tpm-state watch";
 
 /// systemd is the running service manager (sd_booted's test), and this is
 /// the real host (not a re-rooted test tree).

@@ -16,7 +16,7 @@ use crate::libvirt::{LibvirtError, DEFAULT_URI};
 use crate::paths::Paths;
 use crate::restore::RestoreError;
 use crate::statefs::FsError;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -176,6 +176,13 @@ pub struct InstallArgs {
     pub no_watch: bool,
 }
 
+/// The CLI's clap definition, for generated man pages and shell completions
+/// (examples/gen-docs.rs): generated from the parser itself, so they cannot
+/// drift from what the program accepts.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
 /// Every way the CLI fails, each with its exit code (README, "Exit codes").
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -327,7 +334,13 @@ fn init_stderr_logger(level: log::LevelFilter) {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     let paths = Paths::from_env();
-    let config = Config::load(&paths)?;
+    // `uninstall` uses nothing from the config, and a broken config must not
+    // keep the hook wired (the Debian package's prerm runs it on removal).
+    let config = if matches!(cli.command, Command::Uninstall(_)) {
+        Config::default()
+    } else {
+        Config::load(&paths)?
+    };
     let ctx = Ctx {
         paths,
         config,

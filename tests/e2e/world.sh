@@ -20,6 +20,12 @@
 #   world.sh status DIR        exit 0 if the world is up
 #   world.sh host-check        fingerprint of the host's libvirt dirs (run on the host)
 #
+# With WORLD_OVERLAY="/usr /etc /var" (absolute dirs) `up` also mounts, inside the world only,
+# an overlayfs over each of them whose writes land in DIR/overlay/<name>/upper (before the
+# scratch binds, which stay on top): `dpkg -i` inside such a world installs a package into
+# scratch, its dpkg database and maintainer scripts included, and the host's /usr, /etc and
+# /var never change (tests/package.rs).
+#
 # Files in DIR: root/ (scratch trees), holder.pid, holder.ns, libvirtd.pid, virtlogd.pid,
 # libvirtd.log (libvirtd's log, hook calls at debug level), virtlogd.log, rootfs (see below).
 #
@@ -255,6 +261,17 @@ cmd_up() {
     echo "$holder" >"$dir/holder.pid"
     ns_of "$holder" >"$dir/holder.ns"
 
+    local o name
+    for o in ${WORLD_OVERLAY:-}; do
+        [[ -z $rootfs ]] || { cmd_down "$dir"; die "WORLD_OVERLAY and VTS_WORLD_ROOTFS do not mix"; }
+        [[ $o == /* && -d $o ]] || { cmd_down "$dir"; die "WORLD_OVERLAY: $o is not an absolute dir"; }
+        name=${o#/}
+        name=${name//\//_}
+        mkdir -p "$dir/overlay/$name/upper" "$dir/overlay/$name/work"
+        nsenter -t "$holder" -m -- mount -t overlay "world-$name" \
+            -o "lowerdir=$o,upperdir=$dir/overlay/$name/upper,workdir=$dir/overlay/$name/work" "$o" \
+            || { cmd_down "$dir"; die "cannot mount an overlay over $o"; }
+    done
     if [[ -n $rootfs ]]; then
         mount_rootfs "$holder" "$dir" "$rootfs" || { cmd_down "$dir"; die "cannot mount $rootfs for the world"; }
     else

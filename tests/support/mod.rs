@@ -217,6 +217,11 @@ pub struct World {
 impl World {
     /// Brings up a world in `target/e2e-worlds/<name>-<pid>`.
     pub fn up(name: &str) -> World {
+        World::up_env(name, &[])
+    }
+
+    /// [`World::up`] with environment for world.sh (e.g. `WORLD_OVERLAY`).
+    pub fn up_env(name: &str, env: &[(&str, &str)]) -> World {
         let base = root_dir().join("target/e2e-worlds");
         std::fs::create_dir_all(&base).expect("create target/e2e-worlds");
         let dir = base.join(format!("{name}-{}", std::process::id()));
@@ -228,6 +233,7 @@ impl World {
         let out = Command::new(world_sh())
             .arg("up")
             .arg(&dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("run world.sh up");
