@@ -70,7 +70,7 @@ pub enum FsError {
     },
     #[error("user or group {0:?} from qemu.conf does not exist on this host")]
     UnknownOwner(String),
-    #[error("TPM state file {path} is not usable: {source}; move it away to let libvirt create a fresh one")]
+    #[error("TPM state file {path} is not a swtpm state file virt-tpm-state can read ({source}); it was left untouched: keep a copy of it before changing anything")]
     Linear {
         path: PathBuf,
         source: crate::linear::LinearError,
@@ -231,7 +231,7 @@ impl StateLocation {
     pub fn from_source(paths: &Paths, raw: &str, allowed: &[PathBuf]) -> Result<Self, FsError> {
         Ok(StateLocation::Source {
             root: paths.root().to_path_buf(),
-            path: confined(raw, allowed)?,
+            path: source_leaf_checked(raw, confined(raw, allowed)?)?,
         })
     }
 
@@ -244,7 +244,7 @@ impl StateLocation {
     ) -> Result<Self, FsError> {
         Ok(StateLocation::File {
             root: paths.root().to_path_buf(),
-            path: confined(raw, allowed)?,
+            path: source_leaf_checked(raw, confined(raw, allowed)?)?,
         })
     }
 
@@ -410,6 +410,34 @@ impl StateLocation {
             );
         }
         replace_dir(&parent, &parent_path, &self.leaf(), files, owner)
+    }
+}
+
+/// The last component of a `<source>` path names our temp and old entries
+/// beside it (`.<leaf>.vts-new.*`, `.<leaf>.vts-old.*`), and leftovers are
+/// found by that prefix in a dir other domains may share. So the leaf may
+/// not look like one of those names (or it could match another domain's
+/// prefix), and it must leave room for the suffix within NAME_MAX.
+fn source_leaf_checked(raw: &str, path: PathBuf) -> Result<PathBuf, FsError> {
+    let leaf = path
+        .file_name()
+        .map(|l| l.to_string_lossy())
+        .unwrap_or_default();
+    let why = if leaf.starts_with('.') {
+        Some("its last component starts with '.'")
+    } else if leaf.contains(TEMP_MARK) || leaf.contains(OLD_MARK) {
+        Some("its last component contains a name virt-tpm-state uses for temp files")
+    } else if leaf.len() > 200 {
+        Some("its last component is longer than 200 bytes")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(FsError::BadSourcePath {
+            path: raw.to_string(),
+            why,
+        }),
+        None => Ok(path),
     }
 }
 
@@ -763,7 +791,8 @@ fn read_linear_file(
         path: shown.to_path_buf(),
         source,
     })?;
-    let Some(permall) = permall else {
+    // An allocated but empty slot 0 holds no state either.
+    let Some(permall) = permall.filter(|p| !p.is_empty()) else {
         return Ok(None);
     };
     if permall.len() as u64 > max {
@@ -1673,12 +1702,24 @@ mod tests {
             "/srv/tpm",
             "/srv/tpmx/vm1",
             "/srv/tpm/../../etc",
+            // Leaves that could collide with another domain's temp names.
+            "/srv/tpm/.vm1",
+            "/srv/tpm/vm1.vts-new.1",
+            "/srv/tpm/vm1.vts-old.1",
         ] {
             assert!(
                 StateLocation::from_source(&p, bad, &allowed).is_err(),
                 "{bad}"
             );
+            assert!(
+                StateLocation::from_source_file(&p, bad, &allowed).is_err(),
+                "{bad}"
+            );
         }
+        let long = format!("/srv/tpm/{}", "x".repeat(201));
+        assert!(StateLocation::from_source_file(&p, &long, &allowed).is_err());
+        let ok = format!("/srv/tpm/{}", "x".repeat(200));
+        assert!(StateLocation::from_source_file(&p, &ok, &allowed).is_ok());
         assert!(StateLocation::from_source(&p, "/srv/tpm/vm1", &[]).is_err());
         assert_eq!(
             StateLocation::from_source(&p, "/srv/tpm/vm1", &allowed)

@@ -10,7 +10,7 @@ use crate::format::{
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::restore::{carried, shown_name, Carried};
 use crate::state::{MachineState, TpmState};
-use crate::statefs::{keys_dir, load_keyring, HostData};
+use crate::statefs::{keys_dir, load_keyring, FsError, HostData};
 use crate::swtpm::check_header;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -444,16 +444,27 @@ fn read_settled(
             )?,
         }
     } else {
+        // swtpm rewrites a `<source type='file'>` state in place (mmap), so
+        // a read may see it half-written: that is "still changing" (None
+        // here), not a broken file.
+        let read_running = || -> Result<Option<Option<MachineState>>, CliError> {
+            match carried.read_live(true, true, max) {
+                Ok(s) => Ok(Some(s)),
+                Err(FsError::Linear { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        };
         let interval = Duration::from_millis(ctx.config.settle_interval_ms);
-        let mut previous = read()?;
+        let mut previous = read_running()?;
         let mut settled = None;
         for _ in 1..ctx.config.settle_attempts {
             std::thread::sleep(interval);
-            let now = read()?;
-            if now.as_ref().map(MachineState::digest) == previous.as_ref().map(MachineState::digest)
-            {
-                settled = Some(now);
-                break;
+            let now = read_running()?;
+            if let (Some(p), Some(n)) = (&previous, &now) {
+                if n.as_ref().map(MachineState::digest) == p.as_ref().map(MachineState::digest) {
+                    settled = now;
+                    break;
+                }
             }
             previous = now;
         }
