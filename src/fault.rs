@@ -50,6 +50,11 @@ pub const POINTS: &[&str] = &[
     "nvram.write",
     "nvram.rename",
     "nvram.renamed",
+    // replace_file() for a `<source type='file'>` TPM state file
+    "statefile.created",
+    "statefile.write",
+    "statefile.rename",
+    "statefile.renamed",
     // HostData::record_sync: kept copy written, J not yet
     "sync.kept",
     // store (src/cli/store.rs)

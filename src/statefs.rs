@@ -406,7 +406,7 @@ impl StateLocation {
                 (owner, FILE_MODE),
                 // Named after the file, so remove_leftovers finds it.
                 &format!(".{}{TEMP_MARK}", self.leaf()),
-                None,
+                STATE_FILE_FAULT_POINTS,
             );
         }
         replace_dir(&parent, &parent_path, &self.leaf(), files, owner)
@@ -516,6 +516,12 @@ const MAX_NVRAM_NAME: usize = 255 - "_VARS.fd".len();
 /// Mode libvirt gives a VARS file (and our temp file while it is written).
 const NVRAM_MODE: u32 = 0o600;
 const NVRAM_TEMP: &str = ".vts-nvram-new.";
+const STATE_FILE_FAULT_POINTS: [&str; 4] = [
+    "statefile.created",
+    "statefile.write",
+    "statefile.rename",
+    "statefile.renamed",
+];
 const NVRAM_FAULT_POINTS: [&str; 4] = [
     "nvram.created",
     "nvram.write",
@@ -695,7 +701,7 @@ impl NvramLocation {
             data,
             (owner, NVRAM_MODE),
             &self.temp_prefix(),
-            Some(NVRAM_FAULT_POINTS),
+            NVRAM_FAULT_POINTS,
         )
     }
 }
@@ -712,11 +718,11 @@ fn replace_file(
     data: &[u8],
     (owner, mode): (Owner, u32),
     temp_prefix: &str,
-    points: Option<[&'static str; 4]>,
+    points: [&'static str; 4],
 ) -> Result<(), FsError> {
     // Fault points (test builds only) after create, before write, before
     // rename, after rename.
-    let point = |i: usize| points.map_or(Ok(()), |p| fault::point(p[i]));
+    let point = |i: usize| fault::point(points[i]);
     let target = dir_path.join(name);
     let temp = format!("{temp_prefix}{}", unique_suffix());
     let temp_path = dir_path.join(&temp);

@@ -84,6 +84,23 @@ enum Scenario {
     Fresh,
     /// `stopped end` after the guest changed A to C: a new kept copy.
     StoppedKeeps,
+    /// As Replace, with the TPM state in a `<source type='file'>` (swtpm's
+    /// linear file) instead of libvirt's state dir.
+    ReplaceFile,
+}
+
+/// Where ReplaceFile keeps its TPM state (below `state_path_prefixes`).
+const STATE_FILE: &str = "srv/tpm/vm.tpm";
+
+/// `xml` with its TPM state in [`STATE_FILE`].
+fn in_state_file(xml: String) -> String {
+    let from = "<backend type='emulator' version='2.0'/>";
+    assert!(xml.contains(from), "fixture <tpm> changed");
+    xml.replacen(
+        from,
+        &format!("<backend type='emulator' version='2.0'>\n        <source type='file' path='/{STATE_FILE}'/>\n      </backend>"),
+        1,
+    )
 }
 
 struct Case {
@@ -103,15 +120,46 @@ impl Case {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Replace,
         Scenario::PutBackKept,
         Scenario::Fresh,
         Scenario::StoppedKeeps,
+        Scenario::ReplaceFile,
     ];
+
+    /// The prepare XML whose metadata holds `st`.
+    fn xml(self, st: &St, gen: u64) -> String {
+        match self {
+            Scenario::ReplaceFile => in_state_file(xml_with(st, gen)),
+            _ => xml_with(st, gen),
+        }
+    }
+
+    /// The live TPM state (and VARS file): `None` when absent; panics on
+    /// an empty or partial one.
+    fn live(self, c: &Case) -> Option<St> {
+        if !matches!(self, Scenario::ReplaceFile) {
+            return c.s.live();
+        }
+        let data = std::fs::read(c.s.path(STATE_FILE)).ok()?;
+        let permall = virt_tpm_state::linear::permall(&data)
+            .expect("the state file is a whole linear file")
+            .expect("the state file holds a permall")
+            .to_vec();
+        let vars = std::fs::read(c.s.path(VARS_REL)).unwrap_or_default();
+        Some(St { permall, vars })
+    }
 
     fn setup(self) -> Case {
         let s = Scratch::new();
+        if let Scenario::ReplaceFile = self {
+            s.write(
+                "etc/virt-tpm-state/config.toml",
+                "store_after_stop = false\nlock_timeout_secs = 5\nstate_path_prefixes = [\"/srv/tpm\"]\n",
+            );
+            std::fs::create_dir_all(s.path(STATE_FILE).parent().unwrap()).unwrap();
+        }
         let a = St::new("A");
         let b = match self {
             Scenario::StoppedKeeps => St::new("C"),
@@ -119,7 +167,7 @@ impl Scenario {
         };
         match self {
             Scenario::Fresh => {}
-            _ => ok(&s.prepare(&xml_with(&a, 1), &[]), "setup: restore A"),
+            _ => ok(&s.prepare(&self.xml(&a, 1), &[]), "setup: restore A"),
         }
         match self {
             Scenario::PutBackKept => {
@@ -137,7 +185,7 @@ impl Scenario {
 
     fn run(self, c: &Case, env: &[(&str, String)]) -> Output {
         match self {
-            Scenario::Replace => c.s.prepare(&xml_with(&c.b, 2), env),
+            Scenario::Replace | Scenario::ReplaceFile => c.s.prepare(&self.xml(&c.b, 2), env),
             Scenario::PutBackKept | Scenario::Fresh => c.s.prepare(&xml_with(&c.a, 1), env),
             Scenario::StoppedKeeps => c.s.hook("stopped", "end", &xml_with(&c.a, 1), env),
         }
@@ -147,11 +195,11 @@ impl Scenario {
     /// previous or the new one, complete (never empty or partial).
     fn check_consistent(self, c: &Case, what: &str) {
         let (a, b) = (&c.a, &c.b);
-        let live = c.s.live();
+        let live = self.live(c);
         let kept = c.s.kept();
         let j = c.s.j();
         match self {
-            Scenario::Replace => {
+            Scenario::Replace | Scenario::ReplaceFile => {
                 // The VARS file goes first, then the state dir, J last: a
                 // start killed in between (and so aborted) may have either
                 // part from either state; the next prepare writes B again.
@@ -230,8 +278,8 @@ impl Scenario {
             "{what}: leftovers after the next run: {left:?}"
         );
         match self {
-            Scenario::Replace => {
-                assert_eq!(c.s.live().as_ref(), Some(b), "{what}: live");
+            Scenario::Replace | Scenario::ReplaceFile => {
+                assert_eq!(self.live(c).as_ref(), Some(b), "{what}: live");
                 assert_eq!(c.s.kept().as_ref(), Some(b), "{what}: kept");
                 assert_eq!(c.s.j(), Some(b.digest()), "{what}: J");
                 assert!(
@@ -295,7 +343,8 @@ fn inject_each(scenario: Scenario, action: &str, pick: impl Fn(&str) -> bool) ->
                     "dir.swapped",
                     "dir.old_removed",
                     "file.renamed",
-                    "nvram.renamed"
+                    "nvram.renamed",
+                    "statefile.renamed"
                 ]
                 .contains(&trace[i].as_str()),
                 "{what}: an injected error was swallowed\n{}",
@@ -392,7 +441,12 @@ fn restore_killed_at_every_step_keeps_a_whole_state() {
     if !need_faults("restore_killed_at_every_step_keeps_a_whole_state") {
         return;
     }
-    for s in [Scenario::Replace, Scenario::PutBackKept, Scenario::Fresh] {
+    for s in [
+        Scenario::Replace,
+        Scenario::PutBackKept,
+        Scenario::Fresh,
+        Scenario::ReplaceFile,
+    ] {
         let n = inject_each(s, "kill", |_| true);
         assert!(n >= 8, "{s:?}: only {n} steps");
     }
