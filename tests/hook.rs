@@ -1660,6 +1660,21 @@ fn source_file_is_restored_as_a_linear_file() {
         "{run}"
     );
     assert_eq!(backups(&s).len(), 1, "{run}");
+
+    // A formatted file whose permall slot is allocated but empty holds no
+    // state either.
+    let mut empty_slot = linear::build(&newer).unwrap();
+    empty_slot[12 + 4..12 + 8].copy_from_slice(&0u32.to_le_bytes());
+    assert_eq!(linear::permall(&empty_slot).unwrap(), Some(&[][..]));
+    std::fs::write(&file, &empty_slot).unwrap();
+    let run = s.prepare(&xml);
+    run.ok();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        linear::build(&newer).unwrap(),
+        "{run}"
+    );
+    assert_eq!(backups(&s).len(), 1, "{run}");
 }
 
 /// A hostile `<source type='file'>`: a symlink or hard link in its place, a
