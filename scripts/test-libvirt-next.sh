@@ -38,7 +38,9 @@ echo "==> libvirt-next: running the world tests against: $versions"
 # holds the long window; this one checks 11.3 does not wake it at all).
 export VTS_WATCH_IDLE_SECS=${VTS_WATCH_IDLE_SECS:-60}
 set +e
-cargo test --locked --no-fail-fast --test e2e --test encryption --test nvram --test watch \
+# Same features as scripts/test.sh, so its build is reused, not redone.
+cargo test --locked --no-fail-fast --features fault-injection \
+    --test e2e --test encryption --test nvram --test watch \
     -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee target/test-libvirt-next.log
 status=${PIPESTATUS[0]}
 set -e
