@@ -208,27 +208,8 @@ impl Scratch {
     }
 
     /// Starts the hook with `xml` written to its stdin (closed after).
-    pub fn spawn_hook(&self, op: &str, subop: &str, xml: &str) -> std::process::Child {
-        let mut child = Command::new(HOOK)
-            .args([NAME, op, subop, "-"])
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("LC_ALL", "C")
-            .env("VIRT_TPM_STATE_ROOT", self.root())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let input = xml.as_bytes().to_vec();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-        child
-    }
-
-    pub fn hook(&self, op: &str, subop: &str, xml: &str, env: &[(&str, String)]) -> Output {
+    /// The hook as libvirt runs it (clean environment), re-rooted here.
+    fn hook_command(&self, op: &str, subop: &str) -> Command {
         let mut cmd = Command::new(HOOK);
         cmd.args([NAME, op, subop, "-"])
             .env_clear()
@@ -238,6 +219,21 @@ impl Scratch {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        cmd
+    }
+
+    pub fn spawn_hook(&self, op: &str, subop: &str, xml: &str) -> std::process::Child {
+        let mut child = self.hook_command(op, subop).spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = xml.as_bytes().to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        child
+    }
+
+    pub fn hook(&self, op: &str, subop: &str, xml: &str, env: &[(&str, String)]) -> Output {
+        let mut cmd = self.hook_command(op, subop);
         for (k, v) in env {
             cmd.env(k, v);
         }
