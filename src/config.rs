@@ -4,7 +4,10 @@
 
 use crate::decision::ConflictPolicy;
 use crate::format::{DEFAULT_MAX_FILE_SIZE, NAMESPACE_URI};
-use crate::paths::Paths;
+use crate::paths::{Paths, CONFIG_FILE};
+
+/// A config larger than this is not one of ours.
+const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -80,11 +83,8 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read the config: {0}")]
+    Read(crate::fs::FsError),
     #[error("{path} is invalid: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -92,22 +92,18 @@ pub enum ConfigError {
 impl Config {
     /// Loads the config file of `paths`, or the defaults when there is none.
     pub fn load(paths: &Paths) -> Result<Self, ConfigError> {
-        Self::load_from(&paths.config_file())
-    }
-
-    pub fn load_from(path: &Path) -> Result<Self, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+        let text = crate::fs::read_file(
+            paths,
+            &crate::fs::Anchor::Config,
+            Path::new(CONFIG_FILE),
+            MAX_CONFIG_SIZE,
+        )
+        .map_err(ConfigError::Read)?;
+        let Some(text) = text else {
+            return Ok(Config::default());
         };
-        Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.to_path_buf(),
+        Self::parse(&String::from_utf8_lossy(&text)).map_err(|message| ConfigError::Invalid {
+            path: paths.config_file(),
             message,
         })
     }
@@ -186,7 +182,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_defaults() {
-        let c = Config::load_from(Path::new("/nonexistent/virt-tpm-state.toml")).unwrap();
+        let c = Config::load(&Paths::with_root("/nonexistent")).unwrap();
         assert_eq!(c, Config::default());
     }
 }

@@ -84,16 +84,44 @@ impl fmt::Display for KeyId {
 }
 
 /// The host keys this process may use, oldest first; the newest encrypts.
+/// Key files that could not be used are listed by name, so that an element
+/// sealed with one of them says which file to fix, and no other element
+/// suffers from it.
 #[derive(Debug, Clone, Default)]
 pub struct Keyring {
     keys: Vec<(KeyId, SecretKey)>,
+    rejected: Vec<RejectedKey>,
+}
+
+/// A key file that was not loaded, and why (never its content).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedKey {
+    /// The file's name in the keys dir.
+    pub file: String,
+    /// The key id its name carries (`<time>-<id>.key`), if any.
+    pub id: Option<KeyId>,
+    pub why: &'static str,
 }
 
 impl Keyring {
     pub fn new(keys: Vec<SecretKey>) -> Self {
+        Self::with_rejected(keys, Vec::new())
+    }
+
+    pub fn with_rejected(keys: Vec<SecretKey>, rejected: Vec<RejectedKey>) -> Self {
         Keyring {
             keys: keys.into_iter().map(|k| (k.id(), k)).collect(),
+            rejected,
         }
+    }
+
+    /// The key file named for `id` that could not be used, if any.
+    pub fn rejected_for(&self, id: &KeyId) -> Option<&RejectedKey> {
+        self.rejected.iter().find(|r| r.id.as_ref() == Some(id))
+    }
+
+    pub fn rejected(&self) -> &[RejectedKey] {
+        &self.rejected
     }
 
     pub fn is_empty(&self) -> bool {

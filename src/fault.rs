@@ -32,7 +32,7 @@ pub const POINTS: &[&str] = &[
     "restore.backed_up",
     "restore.written",
     "restore.synced",
-    // a directory built aside and swapped in (statefs::replace_dir): state
+    // a directory built aside and swapped in (fs::replace_dir): state
     // dirs, kept copies, backups
     "dir.created",
     "dir.write",
@@ -40,12 +40,12 @@ pub const POINTS: &[&str] = &[
     "dir.rename",
     "dir.swapped",
     "dir.old_removed",
-    // a file replaced atomically (statefs::write_file_atomically): J
+    // a file replaced atomically (fs::write_file_atomically): J
     "file.created",
     "file.write",
     "file.rename",
     "file.renamed",
-    // the VARS file (statefs::NvramLocation::replace)
+    // the VARS file (fs::NvramLocation::replace)
     "nvram.created",
     "nvram.write",
     "nvram.rename",

@@ -148,6 +148,13 @@ pub enum FormatError {
     DigestMismatch { declared: String, actual: String },
     #[error("file {name:?} is encrypted with key {key_id}, which this host does not have in its keys directory (/etc/virt-tpm-state/keys/); copy that key from a host that has it")]
     MissingKey { name: String, key_id: KeyId },
+    #[error("file {name:?} is encrypted with key {key_id}, whose key file {file} cannot be used: {why}")]
+    UnusableKey {
+        name: String,
+        key_id: KeyId,
+        file: String,
+        why: &'static str,
+    },
     #[error("file {name:?} does not decrypt with key {key_id}: {source}")]
     Decrypt {
         name: String,
@@ -636,9 +643,17 @@ fn open_sealed(
                 attribute: "nonce",
                 why: "not 12 bytes",
             })?;
-    let kek = keys.get(&key_id).ok_or_else(|| FormatError::MissingKey {
-        name: name.to_string(),
-        key_id: key_id.clone(),
+    let kek = keys.get(&key_id).ok_or_else(|| match keys.rejected_for(&key_id) {
+        Some(bad) => FormatError::UnusableKey {
+            name: name.to_string(),
+            key_id: key_id.clone(),
+            file: bad.file.clone(),
+            why: bad.why,
+        },
+        None => FormatError::MissingKey {
+            name: name.to_string(),
+            key_id: key_id.clone(),
+        },
     })?;
     let sealed = Sealed {
         key_id: key_id.clone(),

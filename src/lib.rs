@@ -2,7 +2,7 @@
 //! domain XML, so the XML alone recreates the VM with the same TPM.
 //!
 //! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`domain`],
-//! [`decision`]) does no I/O; [`statefs`] is the one place that touches the
+//! [`decision`]) does no I/O; [`fs`] is the one place that touches the
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
 
@@ -17,6 +17,7 @@ pub mod domain;
 pub mod envelope;
 pub mod fault;
 pub mod format;
+pub mod fs;
 pub mod hook;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
@@ -25,5 +26,4 @@ pub mod logging;
 pub mod paths;
 pub mod restore;
 pub mod state;
-pub mod statefs;
 pub mod swtpm;

@@ -8,8 +8,21 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-/// libvirt's directory for VARS files (not re-rooted: see [`Paths::nvram_dir`]).
+/// libvirt's directory for VARS files (as the domain XML names it; re-rooted
+/// by [`Paths::nvram_dir`]).
 pub const LIBVIRT_NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
+/// libvirt's default swtpm state base: `<base>/<uuid>/tpm2`.
+pub const LIBVIRT_SWTPM_DIR: &str = "/var/lib/libvirt/swtpm";
+/// libvirt's configuration (qemu.conf, hooks).
+pub const LIBVIRT_CONFIG_DIR: &str = "/etc/libvirt";
+/// Our configuration: config.toml, host keys.
+pub const CONFIG_DIR: &str = "/etc/virt-tpm-state";
+/// The config file's name in [`CONFIG_DIR`].
+pub const CONFIG_FILE: &str = "config.toml";
+/// Our root-only persistent data: backups, copies kept at stop, sync journal.
+pub const DATA_DIR: &str = "/var/lib/virt-tpm-state";
+/// Our volatile data: locks and "do not restore" markers.
+pub const RUN_DIR: &str = "/run/virt-tpm-state";
 
 /// Environment variable that re-roots every path.
 pub const ROOT_ENV: &str = "VIRT_TPM_STATE_ROOT";
@@ -52,7 +65,7 @@ impl Paths {
 
     /// libvirt's default swtpm state base: `<base>/<uuid>/tpm2`.
     pub fn swtpm_base(&self) -> PathBuf {
-        self.under_root(Path::new("/var/lib/libvirt/swtpm"))
+        self.under_root(Path::new(LIBVIRT_SWTPM_DIR))
     }
 
     /// libvirt's default UEFI variable stores: `<dir>/<name>_VARS.fd`.
@@ -61,29 +74,29 @@ impl Paths {
     }
 
     pub fn qemu_conf(&self) -> PathBuf {
-        self.under_root(Path::new("/etc/libvirt/qemu.conf"))
+        self.under_root(Path::new(LIBVIRT_CONFIG_DIR)).join("qemu.conf")
     }
 
     pub fn libvirt_hooks_dir(&self) -> PathBuf {
-        self.under_root(Path::new("/etc/libvirt/hooks"))
+        self.under_root(Path::new(LIBVIRT_CONFIG_DIR)).join("hooks")
     }
 
     pub fn config_dir(&self) -> PathBuf {
-        self.under_root(Path::new("/etc/virt-tpm-state"))
+        self.under_root(Path::new(CONFIG_DIR))
     }
 
     pub fn config_file(&self) -> PathBuf {
-        self.config_dir().join("config.toml")
+        self.config_dir().join(CONFIG_FILE)
     }
 
     /// Root-only persistent data: backups, copies kept at stop, sync journal.
     pub fn data_dir(&self) -> PathBuf {
-        self.under_root(Path::new("/var/lib/virt-tpm-state"))
+        self.under_root(Path::new(DATA_DIR))
     }
 
     /// Volatile data: locks and "do not restore" markers.
     pub fn run_dir(&self) -> PathBuf {
-        self.under_root(Path::new("/run/virt-tpm-state"))
+        self.under_root(Path::new(RUN_DIR))
     }
 }
 

@@ -10,7 +10,7 @@ use crate::envelope::Keyring;
 use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_SEALED};
 use crate::paths::Paths;
 use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState, TpmVersion};
-use crate::statefs::{load_keyring, FsError, HostData, NvramLocation, Owner, StateLocation};
+use crate::fs::{load_keyring, FsError, HostData, NvramLocation, Owner, StateLocation};
 use crate::swtpm::check_header;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -341,7 +341,9 @@ pub fn metadata_state(
     )
     .map(Some)
     .map_err(|source| match source {
-        FormatError::MissingKey { .. } | FormatError::Decrypt { .. } => RestoreError::Key {
+        FormatError::MissingKey { .. }
+        | FormatError::UnusableKey { .. }
+        | FormatError::Decrypt { .. } => RestoreError::Key {
             name: shown_name(&info.name),
             source,
         },

@@ -17,6 +17,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
+    // Nothing this process creates is ever more open than it sets it.
+    virt_tpm_state::fs::restrict_umask();
     logging::install_panic_hook("virt-tpm-state-hook");
     logging::init(
         "virt-tpm-state-hook",

@@ -3,8 +3,12 @@
 
 use super::{CliError, Ctx, InstallArgs};
 use crate::hook::HOOK_MARKER;
-use crate::statefs::{create_private_dir_all, write_file_atomically_mode};
+use crate::fs::{Anchor, Dir, EntryKind};
+use crate::paths::CONFIG_FILE;
 use std::path::{Path, PathBuf};
+
+/// Largest file read back from the hooks dir or the config (a hook binary).
+const MAX_READ: u64 = 256 * 1024 * 1024;
 
 /// Where the hook goes for these arguments.
 fn target(ctx: &Ctx, args: &InstallArgs) -> Result<(PathBuf, String), CliError> {
@@ -27,6 +31,28 @@ fn target(ctx: &Ctx, args: &InstallArgs) -> Result<(PathBuf, String), CliError> 
     Ok((hooks.join("qemu.d"), args.name.clone()))
 }
 
+/// Opens the directory the hook goes in (below `/etc/libvirt`, by the trust
+/// rule), creating `hooks/` and `qemu.d/` (0755) when `create`.
+fn open_hooks_dir(ctx: &Ctx, args: &InstallArgs, create: bool) -> Result<Option<Dir>, CliError> {
+    let mut dir = match Anchor::LibvirtConfig.open(&ctx.paths)? {
+        Some(d) => d,
+        None if create => Anchor::LibvirtConfig.open_or_create(&ctx.paths, 0o755)?,
+        None => return Ok(None),
+    };
+    let mut names = vec!["hooks"];
+    if !args.as_qemu {
+        names.push("qemu.d");
+    }
+    for name in names {
+        dir = match dir.open_subdir(name)? {
+            Some(d) => d,
+            None if create => dir.ensure_subdir(name, 0o755)?,
+            None => return Ok(None),
+        };
+    }
+    Ok(Some(dir))
+}
+
 fn is_our_hook(bytes: &[u8]) -> bool {
     let marker = HOOK_MARKER.as_bytes();
     bytes.windows(marker.len()).any(|w| w == marker)
@@ -38,27 +64,22 @@ enum Existing {
     Foreign(&'static str),
 }
 
-fn existing(path: &Path) -> Result<Existing, CliError> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Existing::Absent),
-        Err(e) => Err(CliError::ReadInput {
-            path: path.to_path_buf(),
-            source: e,
-        }),
-        Ok(m) if m.file_type().is_symlink() => Ok(Existing::Foreign("a symlink")),
-        Ok(m) if !m.is_file() => Ok(Existing::Foreign("not a regular file")),
-        Ok(_) => {
-            let bytes = std::fs::read(path).map_err(|source| CliError::ReadInput {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            Ok(if is_our_hook(&bytes) {
-                Existing::Ours
-            } else {
-                Existing::Foreign("another program's hook")
-            })
+fn existing(dir: Option<&Dir>, name: &str) -> Result<Existing, CliError> {
+    let Some(dir) = dir else {
+        return Ok(Existing::Absent);
+    };
+    Ok(match dir.entry(name)? {
+        EntryKind::Missing => Existing::Absent,
+        EntryKind::Symlink => Existing::Foreign("a symlink"),
+        EntryKind::File | EntryKind::HardLink => {
+            match dir.read_file(name, MAX_READ) {
+                Ok(Some(bytes)) if is_our_hook(&bytes) => Existing::Ours,
+                Ok(_) => Existing::Foreign("another program's hook"),
+                Err(_) => Existing::Foreign("a file virt-tpm-state does not read (a hard link?)"),
+            }
         }
-    }
+        _ => Existing::Foreign("not a regular file"),
+    })
 }
 
 /// The hook binary to install: `--hook`, or `virt-tpm-state-hook` next to
@@ -96,9 +117,10 @@ fn hook_source(args: &InstallArgs) -> Result<PathBuf, CliError> {
 }
 
 pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
-    let (dir, name) = target(ctx, args)?;
-    let path = dir.join(&name);
-    if let Existing::Foreign(what) = existing(&path)? {
+    let (dir_path, name) = target(ctx, args)?;
+    let path = dir_path.join(&name);
+    let dir = open_hooks_dir(ctx, args, false)?;
+    if let Existing::Foreign(what) = existing(dir.as_ref(), &name)? {
         return Err(CliError::HookConflict(format!(
             "{} exists and is {what}; not replacing it. {}",
             path.display(),
@@ -120,10 +142,13 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
             source.display()
         )));
     }
-    create_dir_0755(&dir)?;
-    // Written aside without its exec bit and renamed into place complete:
-    // libvirt never runs a half-copied hook.
-    write_file_atomically_mode(&dir, &name, &bytes, 0o755)?;
+    let dir = match dir {
+        Some(d) => d,
+        None => open_hooks_dir(ctx, args, true)?.expect("created"),
+    };
+    // Written aside and renamed into place complete: libvirt never runs a
+    // half-copied hook.
+    dir.write_file_atomically(&name, &bytes, 0o755)?;
     println!("installed {} (from {})", path.display(), source.display());
     record_helper_path(ctx)?;
     // With a key, `store` encrypts the state in the domain XML; without one
@@ -134,9 +159,10 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
 }
 
 pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
-    let (dir, name) = target(ctx, args)?;
-    let path = dir.join(&name);
-    match existing(&path)? {
+    let (dir_path, name) = target(ctx, args)?;
+    let path = dir_path.join(&name);
+    let dir = open_hooks_dir(ctx, args, false)?;
+    match existing(dir.as_ref(), &name)? {
         Existing::Absent => {
             println!("{} is not installed; nothing to do", path.display());
             return Ok(());
@@ -149,10 +175,7 @@ pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
         }
         Existing::Ours => {}
     }
-    std::fs::remove_file(&path).map_err(|e| CliError::ReadInput {
-        path: path.clone(),
-        source: e,
-    })?;
+    dir.expect("the hook exists").remove_file(&name)?;
     println!(
         "removed {}; backups, kept copies and domain metadata are left as they are",
         path.display()
@@ -204,10 +227,10 @@ fn install_watch_unit(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    let dir = Path::new(WATCH_UNIT_DIR);
-    let path = dir.join(WATCH_UNIT_NAME);
-    if let Ok(old) = std::fs::read_to_string(&path) {
-        if !old.contains("virt-tpm-state watch") {
+    let path = Path::new(WATCH_UNIT_DIR).join(WATCH_UNIT_NAME);
+    let dir = crate::fs::open_user_dir(Path::new(WATCH_UNIT_DIR), true)?.expect("created");
+    if let Ok(Some(old)) = dir.read_file(WATCH_UNIT_NAME, MAX_READ) {
+        if !String::from_utf8_lossy(&old).contains("virt-tpm-state watch") {
             println!(
                 "{} exists and is not ours; left alone (the watch daemon is not enabled)",
                 path.display()
@@ -219,8 +242,7 @@ fn install_watch_unit(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
         WATCH_EXEC_START,
         &format!("ExecStart={} watch", exe.display()),
     );
-    create_dir_0755(dir)?;
-    write_file_atomically_mode(dir, WATCH_UNIT_NAME, unit.as_bytes(), 0o644)?;
+    dir.write_file_atomically(WATCH_UNIT_NAME, unit.as_bytes(), 0o644)?;
     println!("installed {}", path.display());
     if args.no_reload {
         println!(
@@ -239,14 +261,17 @@ fn uninstall_watch_unit(ctx: &Ctx, args: &InstallArgs) {
         return;
     }
     let path = Path::new(WATCH_UNIT_DIR).join(WATCH_UNIT_NAME);
-    match std::fs::read_to_string(&path) {
-        Ok(text) if text.contains("virt-tpm-state watch") => {}
+    let Ok(Some(dir)) = crate::fs::open_user_dir(Path::new(WATCH_UNIT_DIR), false) else {
+        return;
+    };
+    match dir.read_file(WATCH_UNIT_NAME, MAX_READ) {
+        Ok(Some(text)) if String::from_utf8_lossy(&text).contains("virt-tpm-state watch") => {}
         _ => return,
     }
     if !args.no_reload {
         systemctl(&["disable", "--now", WATCH_UNIT_NAME]);
     }
-    match std::fs::remove_file(&path) {
+    match dir.remove_file(WATCH_UNIT_NAME) {
         Ok(()) => {
             println!("removed {}", path.display());
             if !args.no_reload {
@@ -255,21 +280,6 @@ fn uninstall_watch_unit(ctx: &Ctx, args: &InstallArgs) {
         }
         Err(e) => println!("cannot remove {}: {e}", path.display()),
     }
-}
-
-fn create_dir_0755(dir: &Path) -> Result<(), CliError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(|e| {
-            CliError::Fs(crate::statefs::FsError::Io {
-                action: "create",
-                path: dir.to_path_buf(),
-                source: e,
-            })
-        })
 }
 
 /// The hook starts `virt-tpm-state store` after a stop; when this program is
@@ -293,7 +303,10 @@ fn record_helper_path(ctx: &Ctx) -> Result<(), CliError> {
         return Ok(());
     }
     let file = ctx.paths.config_file();
-    let mut text = std::fs::read_to_string(&file).unwrap_or_default();
+    let old = crate::fs::read_file(&ctx.paths, &Anchor::Config, Path::new(CONFIG_FILE), MAX_READ)?;
+    let mut text = old
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
@@ -301,13 +314,9 @@ fn record_helper_path(ctx: &Ctx) -> Result<(), CliError> {
         "# Added by `virt-tpm-state install`: the helper the hook starts after a VM stops.\nhelper_path = {:?}\n",
         exe.display().to_string()
     ));
-    create_private_dir_all(&ctx.paths.config_dir())?;
-    write_file_atomically_mode(
-        &ctx.paths.config_dir(),
-        "config.toml",
-        text.as_bytes(),
-        0o644,
-    )?;
+    Anchor::Config
+        .open_or_create(&ctx.paths, 0o755)?
+        .write_file_atomically(CONFIG_FILE, text.as_bytes(), 0o644)?;
     println!(
         "recorded helper_path = {} in {}",
         exe.display(),

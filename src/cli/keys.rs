@@ -6,7 +6,7 @@ use crate::envelope::{os_random, SecretKey};
 use crate::format::{decode_with_keys, encode_sealed, DecodeLimits, Style};
 use crate::libvirt::{DomainHandle, Libvirt, Targets};
 use crate::restore::shown_name;
-use crate::statefs::{create_key, load_keyring};
+use crate::fs::{create_key, load_keyring};
 
 pub fn keygen(ctx: &Ctx) -> Result<(), CliError> {
     let key = SecretKey::generate(&mut os_random);
@@ -31,7 +31,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
     let Some((newest_id, newest)) = keys.newest() else {
         return Err(CliError::Key(format!(
             "no key in {}; create one with `virt-tpm-state keygen`",
-            crate::statefs::keys_dir(&ctx.paths).display()
+            crate::fs::keys_dir(&ctx.paths).display()
         )));
     };
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;

@@ -15,7 +15,7 @@ use crate::format::FormatError;
 use crate::libvirt::{LibvirtError, DEFAULT_URI};
 use crate::paths::Paths;
 use crate::restore::RestoreError;
-use crate::statefs::FsError;
+use crate::fs::FsError;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -243,7 +243,10 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::DomainXml(_) | CliError::ReadInput { .. } => 3,
             CliError::InvalidElement {
-                source: FormatError::MissingKey { .. } | FormatError::Decrypt { .. },
+                source:
+                    FormatError::MissingKey { .. }
+                    | FormatError::UnusableKey { .. }
+                    | FormatError::Decrypt { .. },
                 ..
             } => 19,
             CliError::InvalidElement { .. } | CliError::NoElement(_) => 4,
@@ -276,6 +279,8 @@ pub struct Ctx {
 
 /// Entry point of the `virt-tpm-state` binary.
 pub fn main() -> ExitCode {
+    // Nothing this process creates is ever more open than it sets it.
+    crate::fs::restrict_umask();
     crate::logging::install_panic_hook("virt-tpm-state");
     let cli = Cli::parse();
     let after_stop = matches!(&cli.command, Command::Store(s) if s.after_stop);

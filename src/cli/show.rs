@@ -6,8 +6,8 @@ use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::libvirt::Libvirt;
 use crate::restore::{carried, prepare_domain, shown_name, PrepareOptions};
-use crate::statefs::load_keyring;
-use crate::statefs::{write_new_file, HostData};
+use crate::fs::load_keyring;
+use crate::fs::HostData;
 use crate::swtpm::check_header;
 
 /// Where the XML came from, for messages.
@@ -131,12 +131,15 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     };
     // Without root the keys are unreadable; show what can be shown, and say
     // why when the keys exist but cannot be used.
-    let keys = match load_keyring(&ctx.paths) {
-        Ok(k) => k,
-        Err(e) => {
+    let sealed = info.metadata.as_ref().is_some_and(crate::restore::el_is_sealed);
+    let keys = match sealed.then(|| load_keyring(&ctx.paths)) {
+        Some(Ok(k)) => k,
+        Some(Err(e)) => {
             log::warn!("host keys not loaded: {e}");
             Default::default()
         }
+        // A plaintext element needs no keys.
+        None => Default::default(),
     };
     let decoded = info
         .metadata
@@ -194,7 +197,9 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         }
         Some(Err(e)) => {
             j.error = Some(e.to_string());
-            if let FormatError::MissingKey { key_id, .. } = e {
+            if let FormatError::MissingKey { key_id, .. } | FormatError::UnusableKey { key_id, .. } =
+                e
+            {
                 j.missing_key = Some(key_id.to_string());
             }
             // What can be read without opening the files.
@@ -451,7 +456,12 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
         DecodeLimits {
             max_file_size: ctx.config.max_file_size,
         },
-        &load_keyring(&ctx.paths)?,
+        // A plaintext element needs no keys (and no root).
+        &if crate::restore::el_is_sealed(el) {
+            load_keyring(&ctx.paths)?
+        } else {
+            Default::default()
+        },
     )
     .map_err(|source| CliError::InvalidElement {
         context: args.xml.display().to_string(),
@@ -459,9 +469,9 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     })?;
     // Names were checked against the allow-list by `decode`: no path can
     // leave DIR, and files are created O_EXCL|O_NOFOLLOW inside it.
-    crate::statefs::create_private_dir_all(&args.out)?;
+    let out = crate::fs::open_user_dir(&args.out, true)?.expect("created");
     for (_, f) in m.state.sections() {
-        write_new_file(&args.out, &f.name, &f.data)?;
+        out.create_new_file(&f.name, &f.data, 0o600)?;
         println!(
             "{}  {} bytes  sha256 {}",
             args.out.join(&f.name).display(),

@@ -10,7 +10,7 @@ use crate::format::read_header;
 use crate::libvirt::Libvirt;
 use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
 use crate::state::Sha256Sum;
-use crate::statefs::HostData;
+use crate::fs::HostData;
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, serde::Serialize)]
@@ -122,11 +122,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
                 .and_then(|e| e.out_of_sync_since.as_deref())
                 .and_then(parse_time)
                 .or_else(|| {
-                    location
-                        .as_ref()
-                        .map(|l| l.path().join(version.permall_name()))
-                        .and_then(|p| std::fs::metadata(p).ok())
-                        .and_then(|m| m.modified().ok())
+                    location.as_ref().and_then(|l| l.modified(version))
                 })
                 .or_else(|| Some(SystemTime::now()))
         };

@@ -10,7 +10,7 @@ use crate::format::{
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::restore::{carried, shown_name, Carried};
 use crate::state::{MachineState, TpmState};
-use crate::statefs::{keys_dir, load_keyring, FsError, HostData};
+use crate::fs::{keys_dir, load_keyring, FsError, HostData};
 use crate::swtpm::check_header;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -488,7 +488,7 @@ fn read_settled(
 /// A fault point of the `fault-injection` test build (nothing otherwise).
 fn store_fault(point: &'static str) -> Result<(), CliError> {
     crate::fault::point(point).map_err(|source| {
-        CliError::from(crate::statefs::FsError::Io {
+        CliError::from(crate::fs::FsError::Io {
             action: "continue at",
             path: std::path::PathBuf::from(point),
             source,

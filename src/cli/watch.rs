@@ -36,7 +36,7 @@ use crate::format::read_header;
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
 use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
 use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
-use crate::statefs::{create_private_dir_all, write_file_atomically_mode, StateLocation};
+use crate::fs::{HostData, StateLocation};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use rustix::event::{PollFd, PollFlags};
@@ -45,7 +45,7 @@ use rustix::io::Errno;
 use std::collections::{BTreeMap, HashMap};
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -64,6 +64,8 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Name of the daemon's status file in the run dir.
 pub const STATUS_FILE: &str = "status.json";
+/// The status file is a few hundred bytes per domain.
+const STATUS_FILE_MAX: u64 = 64 * 1024 * 1024;
 
 /// What `status` reads: the daemon's view, per domain UUID.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -204,24 +206,12 @@ struct Daemon {
 /// One daemon per host: an exclusive lock on `/run/virt-tpm-state/watch.lock`,
 /// held for the life of the process.
 fn single_instance(ctx: &Ctx) -> Result<OwnedFd, CliError> {
-    use rustix::fs::{flock, openat, FlockOperation, Mode, OFlags, CWD};
-    let dir = ctx.paths.run_dir();
-    create_private_dir_all(&dir)?;
-    let path = dir.join("watch.lock");
-    let fd = openat(
-        CWD,
-        &path,
-        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", path.display())))?;
-    flock(&fd, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+    HostData::new(&ctx.paths).try_lock_watch()?.ok_or_else(|| {
         CliError::Usage(format!(
             "another `virt-tpm-state watch` is running (it holds {})",
-            path.display()
+            ctx.paths.run_dir().join("watch.lock").display()
         ))
-    })?;
-    Ok(fd)
+    })
 }
 
 pub fn watch(ctx: Ctx) -> Result<(), CliError> {
@@ -717,9 +707,9 @@ impl Daemon {
         let config_ok = config_digest.map_or(true, |c| c == Some(local));
         if !(live_ok && config_ok) && entry.settle.is_none() {
             if entry.status.out_of_sync_since.is_none() {
-                let since = std::fs::metadata(location.file_path(version.permall_name()))
-                    .and_then(|m| m.modified())
-                    .unwrap_or_else(|_| SystemTime::now());
+                let since = location
+                    .modified(version)
+                    .unwrap_or_else(SystemTime::now);
                 entry.status.out_of_sync_since = Some(rfc3339(since));
             }
             log::debug!(
@@ -884,9 +874,7 @@ impl Daemon {
         if self.status_written.as_deref() == Some(text.as_str()) {
             return;
         }
-        let dir = self.ctx.paths.run_dir();
-        let res = create_private_dir_all(&dir)
-            .and_then(|()| write_file_atomically_mode(&dir, STATUS_FILE, text.as_bytes(), 0o644));
+        let res = HostData::new(&self.ctx.paths).write_run_file(STATUS_FILE, text.as_bytes());
         match res {
             Ok(()) => self.status_written = Some(text),
             Err(e) => {
@@ -931,9 +919,10 @@ fn header_digest(info: &crate::domain::DomainInfo) -> Option<Sha256Sum> {
 
 /// Reads the daemon's status file, if a live daemon wrote it.
 pub fn read_daemon_status(ctx: &Ctx) -> Option<DaemonStatus> {
-    let path: PathBuf = ctx.paths.run_dir().join(STATUS_FILE);
-    let text = std::fs::read_to_string(path).ok()?;
-    let s: DaemonStatus = serde_json::from_str(&text).ok()?;
+    let text = HostData::new(&ctx.paths)
+        .read_run_file(STATUS_FILE, STATUS_FILE_MAX)
+        .ok()??;
+    let s: DaemonStatus = serde_json::from_slice(&text).ok()?;
     let alive = rustix::process::Pid::from_raw(s.pid as i32)
         .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
     let ours = std::fs::read_to_string(format!("/proc/{}/cmdline", s.pid))

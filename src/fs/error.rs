@@ -1,0 +1,79 @@
+//! The filesystem layer's one error type.
+
+use crate::state::DomainUuid;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{path} is {what}; refusing to touch it (never follows or writes through links)")]
+    Unsafe { path: PathBuf, what: &'static str },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is {size} bytes, more than the limit of {limit}")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("TPM state path {path:?} from the domain XML is not usable: {why}")]
+    BadSourcePath { path: String, why: &'static str },
+    #[error("another virt-tpm-state process has held the lock of {uuid} for {secs}s; try again, or look for a stuck process holding {lock}")]
+    LockTimeout {
+        uuid: DomainUuid,
+        secs: u64,
+        lock: PathBuf,
+    },
+    #[error("user or group {0:?} from qemu.conf does not exist on this host")]
+    UnknownOwner(String),
+    #[error("TPM state file {path} is not a swtpm state file virt-tpm-state can read ({source}); it was left untouched: keep a copy of it before changing anything")]
+    Linear {
+        path: PathBuf,
+        source: crate::linear::LinearError,
+    },
+    #[error("libvirt's UEFI variable directory {path} does not exist (libvirtd creates it when it starts): restart libvirtd, then start the VM again; nothing was written")]
+    NvramDirMissing { path: PathBuf },
+    #[error("{path} holds more than {limit} entries; stopped removing it (something keeps adding to it?): remove it by hand with rm -rf")]
+    TooManyEntries { path: PathBuf, limit: usize },
+    #[error("{path} is writable by a user other than root ({what}); refusing to use the keys in it: chown root:root {path} && chmod 700 {path}")]
+    UnsafeKeysDir { path: PathBuf, what: &'static str },
+}
+
+impl FsError {
+    /// 7: unsafe path, 9: lock timeout, 8: any other filesystem failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            // A file that is not swtpm's where a state file goes is in the
+            // way like a link is: refused, left alone.
+            FsError::Unsafe { .. }
+            | FsError::BadSourcePath { .. }
+            | FsError::Linear { .. }
+            | FsError::UnsafeKeysDir { .. } => 7,
+            FsError::LockTimeout { .. } => 9,
+            _ => 8,
+        }
+    }
+
+    pub(crate) fn unsafe_path(path: impl Into<PathBuf>, what: &'static str) -> Self {
+        FsError::Unsafe {
+            path: path.into(),
+            what,
+        }
+    }
+
+    /// True for "does not exist".
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, FsError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+pub(crate) fn io_err(action: &'static str, path: &Path, e: impl Into<std::io::Error>) -> FsError {
+    FsError::Io {
+        action,
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}

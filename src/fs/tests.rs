@@ -1,0 +1,181 @@
+//! The trust rule and the tree removal, on real directories.
+
+use super::*;
+use crate::state::{StateFile, TpmVersion};
+use std::os::unix::fs::{symlink, PermissionsExt};
+
+fn scratch() -> (tempfile::TempDir, Paths) {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let paths = Paths::with_root(t.path());
+    (t, paths)
+}
+
+fn mkdir(p: &Path, mode: u32) {
+    std::fs::create_dir_all(p).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_link_made_in_a_trusted_dir_is_followed_above_the_anchor() {
+    let (t, paths) = scratch();
+    mkdir(&t.path().join("var/lib"), 0o755);
+    mkdir(&t.path().join("srv/big/libvirt/swtpm"), 0o711);
+    // The admin moved /var/lib/libvirt to a bigger disk.
+    symlink("../../srv/big/libvirt", t.path().join("var/lib/libvirt")).unwrap();
+    let dir = Anchor::SwtpmBase.open(&paths).unwrap().expect("reached");
+    assert!(dir.trusted());
+    assert!(dir.path().ends_with("srv/big/libvirt/swtpm"), "{:?}", dir.path());
+}
+
+#[test]
+fn the_anchor_itself_is_never_a_link() {
+    let (t, paths) = scratch();
+    mkdir(&t.path().join("var/lib/libvirt"), 0o755);
+    mkdir(&t.path().join("elsewhere"), 0o755);
+    symlink("../../../elsewhere", t.path().join("var/lib/libvirt/swtpm")).unwrap();
+    let e = Anchor::SwtpmBase.open(&paths).unwrap_err();
+    assert_eq!(e.exit_code(), 7, "{e}");
+    assert!(e.to_string().contains("symlink"), "{e}");
+}
+
+#[test]
+fn a_link_in_a_dir_others_can_write_is_refused() {
+    let (t, paths) = scratch();
+    // /var/lib/libvirt/qemu writable by others: its nvram entry is theirs.
+    mkdir(&t.path().join("var/lib/libvirt/qemu"), 0o777);
+    mkdir(&t.path().join("victim"), 0o755);
+    symlink("../../../../victim", t.path().join("var/lib/libvirt/qemu/nvram")).unwrap();
+    let e = Anchor::NvramDir.open(&paths).unwrap_err();
+    assert_eq!(e.exit_code(), 7, "{e}");
+    // And a real dir there is reached, but not trusted.
+    std::fs::remove_file(t.path().join("var/lib/libvirt/qemu/nvram")).unwrap();
+    mkdir(&t.path().join("var/lib/libvirt/qemu/nvram"), 0o755);
+    let dir = Anchor::NvramDir.open(&paths).unwrap().unwrap();
+    assert!(!dir.trusted());
+}
+
+#[test]
+fn nothing_below_an_anchor_is_followed_with_or_without_openat2() {
+    for fallback in [false, true] {
+        let (t, paths) = scratch();
+        mkdir(&t.path().join("srv/tpm/real"), 0o755);
+        symlink("real", t.path().join("srv/tpm/link")).unwrap();
+        let anchor = Anchor::Other(PathBuf::from("/srv/tpm"));
+        walk::force_openat2_fallback(fallback);
+        let dir = anchor.open(&paths).unwrap().unwrap();
+        let e = dir.open_beneath(Path::new("link")).unwrap_err();
+        assert_eq!(e.exit_code(), 7, "fallback {fallback}: {e}");
+        assert!(dir.open_beneath(Path::new("real")).unwrap().is_some());
+        std::fs::write(t.path().join("srv/tpm/real/f"), b"x").unwrap();
+        symlink("real/f", t.path().join("srv/tpm/flink")).unwrap();
+        let e = dir.read_file("flink", 10).unwrap_err();
+        assert_eq!(e.exit_code(), 7, "fallback {fallback}: {e}");
+        walk::force_openat2_fallback(false);
+    }
+}
+
+#[test]
+fn created_dirs_get_their_mode_whatever_the_umask() {
+    for umask in [0o000, 0o022, 0o077] {
+        let (t, paths) = scratch();
+        mkdir(&t.path().join("var/lib/libvirt"), 0o755);
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(umask));
+        let loc = StateLocation::default_for(
+            &paths,
+            &crate::state::DomainUuid::parse("6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11").unwrap(),
+            TpmVersion::V2_0,
+        );
+        let blob = crate::swtpm::synthetic_blob(0, &[7u8; 64]);
+        let result = loc.replace(
+            TpmVersion::V2_0,
+            &[StateFile {
+                name: "tpm2-00.permall".into(),
+                data: blob,
+            }],
+            Owner::current(),
+        );
+        rustix::process::umask(old);
+        result.unwrap();
+        let mode = |rel: &str| {
+            std::fs::metadata(t.path().join(rel)).unwrap().permissions().mode() & 0o7777
+        };
+        assert_eq!(mode("var/lib/libvirt/swtpm"), 0o711, "umask {umask:o}");
+        assert_eq!(
+            mode("var/lib/libvirt/swtpm/6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11"),
+            0o711
+        );
+        assert_eq!(
+            mode("var/lib/libvirt/swtpm/6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11/tpm2"),
+            0o700
+        );
+        assert_eq!(
+            mode("var/lib/libvirt/swtpm/6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11/tpm2/tpm2-00.permall"),
+            0o600
+        );
+    }
+}
+
+#[test]
+fn an_existing_dir_keeps_its_mode() {
+    let (t, paths) = scratch();
+    mkdir(&t.path().join("var/lib/libvirt/swtpm"), 0o755);
+    Anchor::SwtpmBase.open_or_create(&paths, 0o711).unwrap();
+    let mode = std::fs::metadata(t.path().join("var/lib/libvirt/swtpm"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+}
+
+#[test]
+fn a_deep_tree_is_removed_entirely() {
+    let (t, paths) = scratch();
+    let top = Anchor::Other(PathBuf::from("/d"));
+    let mut p = t.path().join("d/victim");
+    for i in 0..300 {
+        p.push(format!("level{i}"));
+    }
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("f"), b"x").unwrap();
+    symlink("/etc/passwd", p.join("link")).unwrap();
+    let dir = top.open(&paths).unwrap().unwrap();
+    dir.remove_tree("victim", ".victim.vts-old.").unwrap();
+    let left: Vec<_> = std::fs::read_dir(t.path().join("d")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(Path::new("/etc/passwd").exists());
+}
+
+#[test]
+fn a_tree_past_the_entry_budget_fails_loudly() {
+    let (t, paths) = scratch();
+    let victim = t.path().join("d/victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    // Directories cannot be unlinked in the first pass: each costs a turn.
+    for i in 0..60 {
+        std::fs::create_dir(victim.join(format!("{i}"))).unwrap();
+    }
+    let dir = Anchor::Other(PathBuf::from("/d")).open(&paths).unwrap().unwrap();
+    let e = dir
+        .remove_tree_within("victim", ".victim.vts-old.", 100)
+        .unwrap_err();
+    assert!(matches!(e, FsError::TooManyEntries { .. }), "{e}");
+    // What is left carries names the leftover rule finds.
+    for entry in std::fs::read_dir(t.path().join("d")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            name == "victim" || name.starts_with(".victim.vts-old."),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_nvram_dir_is_refused_not_created() {
+    let (t, paths) = scratch();
+    mkdir(&t.path().join("var/lib/libvirt/qemu"), 0o755);
+    let loc = NvramLocation::default_for(&paths, "vm1").unwrap();
+    let e = loc.replace(b"vars", Owner::current()).unwrap_err();
+    assert!(matches!(e, FsError::NvramDirMissing { .. }), "{e}");
+    assert!(!t.path().join("var/lib/libvirt/qemu/nvram").exists());
+}
