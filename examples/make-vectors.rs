@@ -218,7 +218,7 @@ fn sealed(s: &MachineState, p: &Provenance, key: &SecretKey, seed: &str) -> Stri
     )
 }
 
-/// Writes the test keys as `statefs::create_key` would: `<stamp>-<id>.key`,
+/// Writes the test keys as `fs::create_key` would: `<stamp>-<id>.key`,
 /// one line of standard base64, mode 0600; removes other `*.key` files.
 fn write_keys(dir: &Path, keys: &[(&str, &SecretKey)]) {
     use std::os::unix::fs::PermissionsExt as _;

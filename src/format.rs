@@ -148,12 +148,12 @@ pub enum FormatError {
     DigestMismatch { declared: String, actual: String },
     #[error("file {name:?} is encrypted with key {key_id}, which this host does not have in its keys directory (/etc/virt-tpm-state/keys/); copy that key from a host that has it")]
     MissingKey { name: String, key_id: KeyId },
-    #[error("file {name:?} is encrypted with key {key_id}, whose key file {file} cannot be used: {why}")]
+    #[error("file {name:?} is encrypted with key {key_id}, whose {problem}")]
     UnusableKey {
         name: String,
         key_id: KeyId,
-        file: String,
-        why: &'static str,
+        /// "key file PATH cannot be used: WHY".
+        problem: Box<str>,
     },
     #[error("file {name:?} does not decrypt with key {key_id}: {source}")]
     Decrypt {
@@ -643,18 +643,19 @@ fn open_sealed(
                 attribute: "nonce",
                 why: "not 12 bytes",
             })?;
-    let kek = keys.get(&key_id).ok_or_else(|| match keys.rejected_for(&key_id) {
-        Some(bad) => FormatError::UnusableKey {
-            name: name.to_string(),
-            key_id: key_id.clone(),
-            file: bad.file.clone(),
-            why: bad.why,
-        },
-        None => FormatError::MissingKey {
-            name: name.to_string(),
-            key_id: key_id.clone(),
-        },
-    })?;
+    let kek = keys
+        .get(&key_id)
+        .ok_or_else(|| match keys.rejected_for(&key_id) {
+            Some(bad) => FormatError::UnusableKey {
+                name: name.to_string(),
+                key_id: key_id.clone(),
+                problem: format!("key file {} cannot be used: {}", bad.file, bad.why).into(),
+            },
+            None => FormatError::MissingKey {
+                name: name.to_string(),
+                key_id: key_id.clone(),
+            },
+        })?;
     let sealed = Sealed {
         key_id: key_id.clone(),
         wrapped_key,

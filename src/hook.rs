@@ -5,9 +5,9 @@
 
 use crate::config::{Config, ConfigError};
 use crate::domain::{parse_domain, DomainXmlError};
+use crate::fs::{FsError, HostData};
 use crate::paths::Paths;
 use crate::restore::{carried, prepare, shown_name, PrepareOptions, RestoreError};
-use crate::fs::{FsError, HostData};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

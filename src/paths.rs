@@ -74,7 +74,8 @@ impl Paths {
     }
 
     pub fn qemu_conf(&self) -> PathBuf {
-        self.under_root(Path::new(LIBVIRT_CONFIG_DIR)).join("qemu.conf")
+        self.under_root(Path::new(LIBVIRT_CONFIG_DIR))
+            .join("qemu.conf")
     }
 
     pub fn libvirt_hooks_dir(&self) -> PathBuf {

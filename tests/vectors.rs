@@ -66,7 +66,7 @@ fn variant<E: std::fmt::Debug>(e: &E) -> String {
 }
 
 /// The `*.key` files of `fixtures/vectors/keys/`, by name (so oldest first),
-/// each parsed as `statefs::load_keyring` does: one line of standard base64
+/// each parsed as `fs::load_keyring` does: one line of standard base64
 /// of 32 bytes.
 fn key_files() -> Vec<(String, SecretKey)> {
     let dir = vectors_dir().join("keys");
@@ -252,7 +252,7 @@ printf 'tpm/tpm2-00.permall %s\n' "$(sha256sum < tpm2-00.permall | cut -d' ' -f1
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), kv["digest"]);
 }
 
-/// The test keys are named as `statefs::create_key` names host keys,
+/// The test keys are named as `fs::create_key` names host keys,
 /// `<UTC stamp>-<key id>.key`, with the id derived from the key (FORMAT.md
 /// 2.6), and the newest (last by name) is the one `ok-encrypted` uses.
 #[test]

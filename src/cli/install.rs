@@ -2,8 +2,8 @@
 //! somebody else's hook, and make the running daemon see it.
 
 use super::{CliError, Ctx, InstallArgs};
-use crate::hook::HOOK_MARKER;
 use crate::fs::{Anchor, Dir, EntryKind};
+use crate::hook::HOOK_MARKER;
 use crate::paths::CONFIG_FILE;
 use std::path::{Path, PathBuf};
 
@@ -71,15 +71,27 @@ fn existing(dir: Option<&Dir>, name: &str) -> Result<Existing, CliError> {
     Ok(match dir.entry(name)? {
         EntryKind::Missing => Existing::Absent,
         EntryKind::Symlink => Existing::Foreign("a symlink"),
-        EntryKind::File | EntryKind::HardLink => {
-            match dir.read_file(name, MAX_READ) {
-                Ok(Some(bytes)) if is_our_hook(&bytes) => Existing::Ours,
-                Ok(_) => Existing::Foreign("another program's hook"),
-                Err(_) => Existing::Foreign("a file virt-tpm-state does not read (a hard link?)"),
-            }
-        }
+        EntryKind::File | EntryKind::HardLink => match dir.read_file(name, MAX_READ) {
+            Ok(Some(bytes)) if is_our_hook(&bytes) => Existing::Ours,
+            Ok(_) => Existing::Foreign("another program's hook"),
+            Err(_) => Existing::Foreign("a file virt-tpm-state does not read (a hard link?)"),
+        },
         _ => Existing::Foreign("not a regular file"),
     })
+}
+
+/// Reads the hook binary to install (a regular file, never through a link
+/// that a user other than root could have placed).
+fn read_hook_binary(source: &Path) -> Result<Vec<u8>, CliError> {
+    let parent = source.parent().unwrap_or(Path::new("."));
+    let name = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    crate::fs::open_user_dir(parent, false)?
+        .and_then(|dir| dir.read_file(&name, MAX_READ).transpose())
+        .transpose()?
+        .ok_or_else(|| CliError::Usage(format!("{} does not exist", source.display())))
 }
 
 /// The hook binary to install: `--hook`, or `virt-tpm-state-hook` next to
@@ -132,10 +144,7 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
         )));
     }
     let source = hook_source(args)?;
-    let bytes = std::fs::read(&source).map_err(|e| CliError::ReadInput {
-        path: source.clone(),
-        source: e,
-    })?;
+    let bytes = read_hook_binary(&source)?;
     if !is_our_hook(&bytes) {
         return Err(CliError::Usage(format!(
             "{} is not a virt-tpm-state-hook binary",
@@ -303,7 +312,12 @@ fn record_helper_path(ctx: &Ctx) -> Result<(), CliError> {
         return Ok(());
     }
     let file = ctx.paths.config_file();
-    let old = crate::fs::read_file(&ctx.paths, &Anchor::Config, Path::new(CONFIG_FILE), MAX_READ)?;
+    let old = crate::fs::read_file(
+        &ctx.paths,
+        &Anchor::Config,
+        Path::new(CONFIG_FILE),
+        MAX_READ,
+    )?;
     let mut text = old
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();

@@ -4,9 +4,9 @@ use super::{CliError, Ctx, RekeyArgs};
 use crate::domain::parse_domain;
 use crate::envelope::{os_random, SecretKey};
 use crate::format::{decode_with_keys, encode_sealed, DecodeLimits, Style};
+use crate::fs::{create_key, load_keyring};
 use crate::libvirt::{DomainHandle, Libvirt, Targets};
 use crate::restore::shown_name;
-use crate::fs::{create_key, load_keyring};
 
 pub fn keygen(ctx: &Ctx) -> Result<(), CliError> {
     let key = SecretKey::generate(&mut os_random);

@@ -4,10 +4,10 @@
 use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, SourceArgs};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
-use crate::libvirt::Libvirt;
-use crate::restore::{carried, prepare_domain, shown_name, PrepareOptions};
 use crate::fs::load_keyring;
 use crate::fs::HostData;
+use crate::libvirt::Libvirt;
+use crate::restore::{carried, prepare_domain, shown_name, PrepareOptions};
 use crate::swtpm::check_header;
 
 /// Where the XML came from, for messages.
@@ -131,7 +131,10 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     };
     // Without root the keys are unreadable; show what can be shown, and say
     // why when the keys exist but cannot be used.
-    let sealed = info.metadata.as_ref().is_some_and(crate::restore::el_is_sealed);
+    let sealed = info
+        .metadata
+        .as_ref()
+        .is_some_and(crate::restore::el_is_sealed);
     let keys = match sealed.then(|| load_keyring(&ctx.paths)) {
         Some(Ok(k)) => k,
         Some(Err(e)) => {
@@ -197,8 +200,8 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         }
         Some(Err(e)) => {
             j.error = Some(e.to_string());
-            if let FormatError::MissingKey { key_id, .. } | FormatError::UnusableKey { key_id, .. } =
-                e
+            if let FormatError::MissingKey { key_id, .. }
+            | FormatError::UnusableKey { key_id, .. } = e
             {
                 j.missing_key = Some(key_id.to_string());
             }

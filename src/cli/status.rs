@@ -7,10 +7,10 @@ use super::watch::{read_daemon_status, DaemonStatus};
 use super::{CliError, Ctx, StatusArgs};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::format::read_header;
+use crate::fs::HostData;
 use crate::libvirt::Libvirt;
 use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
 use crate::state::Sha256Sum;
-use crate::fs::HostData;
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, serde::Serialize)]
@@ -121,9 +121,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
             entry
                 .and_then(|e| e.out_of_sync_since.as_deref())
                 .and_then(parse_time)
-                .or_else(|| {
-                    location.as_ref().and_then(|l| l.modified(version))
-                })
+                .or_else(|| location.as_ref().and_then(|l| l.modified(version)))
                 .or_else(|| Some(SystemTime::now()))
         };
         let out_of_sync_secs = since.map(secs_since);

@@ -7,10 +7,10 @@ use crate::format::{
     decode_with_keys, encode_with, read_header, DecodeLimits, MetadataState, Protection,
     Provenance, Style, NAMESPACE_PREFIX,
 };
+use crate::fs::{keys_dir, load_keyring, FsError, HostData};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::restore::{carried, shown_name, Carried};
 use crate::state::{MachineState, TpmState};
-use crate::fs::{keys_dir, load_keyring, FsError, HostData};
 use crate::swtpm::check_header;
 use std::time::{Duration, Instant, SystemTime};
 

@@ -33,10 +33,10 @@ use super::{CliError, Ctx};
 use crate::config::Config;
 use crate::domain::parse_domain;
 use crate::format::read_header;
+use crate::fs::{HostData, StateLocation};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
 use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
 use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
-use crate::fs::{HostData, StateLocation};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use rustix::event::{PollFd, PollFlags};
@@ -707,9 +707,7 @@ impl Daemon {
         let config_ok = config_digest.map_or(true, |c| c == Some(local));
         if !(live_ok && config_ok) && entry.settle.is_none() {
             if entry.status.out_of_sync_since.is_none() {
-                let since = location
-                    .modified(version)
-                    .unwrap_or_else(SystemTime::now);
+                let since = location.modified(version).unwrap_or_else(SystemTime::now);
                 entry.status.out_of_sync_since = Some(rfc3339(since));
             }
             log::debug!(

@@ -79,7 +79,8 @@ impl Dir {
     /// replaced only by root or this process's user: the directory is
     /// theirs and not group/other-writable, or sticky and the entry theirs.
     pub(super) fn protects(&self, entry_uid: u32) -> bool {
-        self.writable_only_by_us() || (ours(self.uid) && self.mode & S_ISVTX != 0 && ours(entry_uid))
+        self.writable_only_by_us()
+            || (ours(self.uid) && self.mode & S_ISVTX != 0 && ours(entry_uid))
     }
 
     /// Whether only root (or this process's user) can add, rename or remove
@@ -167,7 +168,8 @@ impl Dir {
                 "a directory a user other than root can change, so virt-tpm-state creates no directory in it",
             ));
         }
-        mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)).map_err(|e| io_err("create", &at, e))?;
+        mkdirat(&self.fd, name, Mode::from_raw_mode(0o700))
+            .map_err(|e| io_err("create", &at, e))?;
         let mut d = self
             .open_subdir(name)?
             .ok_or_else(|| io_err("open", &at, Errno::NOENT))?;
@@ -320,8 +322,14 @@ impl Dir {
                 .map_err(|e| io_err("write", &temp_path, e))?;
             f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
             point(2).map_err(|e| io_err("rename into place", &target, e))?;
-            renameat_with(&self.fd, temp.as_str(), &self.fd, name, RenameFlags::empty())
-                .map_err(|e| io_err("rename into place", &target, e))?;
+            renameat_with(
+                &self.fd,
+                temp.as_str(),
+                &self.fd,
+                name,
+                RenameFlags::empty(),
+            )
+            .map_err(|e| io_err("rename into place", &target, e))?;
             let _ = point(3);
             self.sync()
         })();
@@ -443,7 +451,10 @@ impl Dir {
     pub fn remove_leftovers_of(&self, leaf: &str) {
         let new_prefix = format!(".{leaf}{TEMP_MARK}");
         let old_prefix = format!(".{leaf}{OLD_MARK}");
-        self.remove_matching(|n| n.starts_with(&new_prefix) || n.starts_with(&old_prefix), leaf);
+        self.remove_matching(
+            |n| n.starts_with(&new_prefix) || n.starts_with(&old_prefix),
+            leaf,
+        );
     }
 
     /// Removes every entry whose name `matches` (files, links, and trees

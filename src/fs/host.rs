@@ -9,7 +9,9 @@ use super::owner::Owner;
 use super::Anchor;
 use crate::fault;
 use crate::paths::Paths;
-use crate::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE};
+use crate::state::{
+    DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
+};
 use rustix::fs::FlockOperation;
 use rustix::io::Errno;
 use std::os::fd::OwnedFd;
@@ -218,7 +220,11 @@ impl HostData {
             return Ok(());
         }
         let dir = self.section(Anchor::Data, SYNCED, true)?.expect("created");
-        write_private_file(&dir, uuid.as_str(), format!("{}\n", state.digest()).as_bytes())
+        write_private_file(
+            &dir,
+            uuid.as_str(),
+            format!("{}\n", state.digest()).as_bytes(),
+        )
     }
 
     /// Marks that the next `prepare` of `uuid` is an incoming migration or a

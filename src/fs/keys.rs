@@ -84,8 +84,8 @@ fn key_id_of_file(name: &str) -> Option<KeyId> {
 }
 
 fn load_key(dir: &Dir, name: &str) -> Result<SecretKey, &'static str> {
-    let st = statat(dir.fd(), name, AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(|_| "it cannot be examined")?;
+    let st =
+        statat(dir.fd(), name, AtFlags::SYMLINK_NOFOLLOW).map_err(|_| "it cannot be examined")?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err("it is a symlink or not a regular file");
     }

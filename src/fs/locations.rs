@@ -537,9 +537,7 @@ impl NvramLocation {
             NvramLocation::Default { paths, .. } => FsError::NvramDirMissing {
                 path: paths.nvram_dir(),
             },
-            NvramLocation::Path(_) => {
-                io_err("open the directory of", &self.path(), Errno::NOENT)
-            }
+            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::NOENT),
         })?;
         dir.replace_file(
             &self.file_name(),

@@ -181,9 +181,8 @@ pub fn open_user_dir(path: &Path, create: bool) -> Result<Option<Dir>, FsError> 
         return Ok(None);
     }
     let (parent, leaf) = split_rel(&abs);
-    let parent = walk::resolve(Path::new("/"), parent)?.ok_or_else(|| {
-        error::io_err("create", &abs, rustix::io::Errno::NOENT)
-    })?;
+    let parent = walk::resolve(Path::new("/"), parent)?
+        .ok_or_else(|| error::io_err("create", &abs, rustix::io::Errno::NOENT))?;
     parent.ensure_subdir(&leaf, 0o700).map(Some)
 }
 

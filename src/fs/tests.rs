@@ -25,7 +25,11 @@ fn a_link_made_in_a_trusted_dir_is_followed_above_the_anchor() {
     symlink("../../srv/big/libvirt", t.path().join("var/lib/libvirt")).unwrap();
     let dir = Anchor::SwtpmBase.open(&paths).unwrap().expect("reached");
     assert!(dir.trusted());
-    assert!(dir.path().ends_with("srv/big/libvirt/swtpm"), "{:?}", dir.path());
+    assert!(
+        dir.path().ends_with("srv/big/libvirt/swtpm"),
+        "{:?}",
+        dir.path()
+    );
 }
 
 #[test]
@@ -45,7 +49,11 @@ fn a_link_in_a_dir_others_can_write_is_refused() {
     // /var/lib/libvirt/qemu writable by others: its nvram entry is theirs.
     mkdir(&t.path().join("var/lib/libvirt/qemu"), 0o777);
     mkdir(&t.path().join("victim"), 0o755);
-    symlink("../../../../victim", t.path().join("var/lib/libvirt/qemu/nvram")).unwrap();
+    symlink(
+        "../../../../victim",
+        t.path().join("var/lib/libvirt/qemu/nvram"),
+    )
+    .unwrap();
     let e = Anchor::NvramDir.open(&paths).unwrap_err();
     assert_eq!(e.exit_code(), 7, "{e}");
     // And a real dir there is reached, but not trusted.
@@ -98,7 +106,11 @@ fn created_dirs_get_their_mode_whatever_the_umask() {
         rustix::process::umask(old);
         result.unwrap();
         let mode = |rel: &str| {
-            std::fs::metadata(t.path().join(rel)).unwrap().permissions().mode() & 0o7777
+            std::fs::metadata(t.path().join(rel))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
         };
         assert_eq!(mode("var/lib/libvirt/swtpm"), 0o711, "umask {umask:o}");
         assert_eq!(
@@ -155,7 +167,10 @@ fn a_tree_past_the_entry_budget_fails_loudly() {
     for i in 0..60 {
         std::fs::create_dir(victim.join(format!("{i}"))).unwrap();
     }
-    let dir = Anchor::Other(PathBuf::from("/d")).open(&paths).unwrap().unwrap();
+    let dir = Anchor::Other(PathBuf::from("/d"))
+        .open(&paths)
+        .unwrap()
+        .unwrap();
     let e = dir
         .remove_tree_within("victim", ".victim.vts-old.", 100)
         .unwrap_err();

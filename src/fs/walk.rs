@@ -22,8 +22,8 @@ const MAX_LINKS: usize = 40;
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
 /// For tests: use the `O_NOFOLLOW` fallback as if `openat2` were missing.
-#[doc(hidden)]
-pub fn force_openat2_fallback(on: bool) {
+#[cfg(test)]
+pub(super) fn force_openat2_fallback(on: bool) {
     NO_OPENAT2.store(on, Ordering::Relaxed);
 }
 
@@ -71,7 +71,11 @@ pub(super) fn resolve(root: &Path, abs: &Path) -> Result<Option<Dir>, FsError> {
     for (i, c) in comps.into_iter().enumerate() {
         pending.push_back((c, i == last));
     }
-    let mut stack = vec![open_root(root)?];
+    let mut stack = match open_root(root) {
+        Ok(r) => vec![r],
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let mut links = 0;
     while let Some((name, is_anchor)) = pending.pop_front() {
         let cur = stack.last().expect("the root stays");
@@ -128,8 +132,7 @@ pub(super) fn resolve(root: &Path, abs: &Path) -> Result<Option<Dir>, FsError> {
                 }
             }
             FileType::Directory => {
-                let fd = match open_entry(cur.fd(), &name, OFlags::RDONLY | OFlags::DIRECTORY, 0)
-                {
+                let fd = match open_entry(cur.fd(), &name, OFlags::RDONLY | OFlags::DIRECTORY, 0) {
                     Ok(fd) => fd,
                     Err(Errno::NOENT) => return Ok(None),
                     Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
