@@ -685,15 +685,7 @@ fn host_untouched() {
     if !require_env("host_untouched") {
         return;
     }
-    let check = || {
-        let out = std::process::Command::new(world_sh())
-            .arg("host-check")
-            .output()
-            .expect("world.sh host-check");
-        assert!(out.status.success(), "{}", describe(&["host-check"], &out));
-        stdout(&out)
-    };
-    let before = check();
+    let before = host_fingerprint();
     {
         let w = World::up("host-check");
         w.install_hook();
@@ -702,7 +694,11 @@ fn host_untouched() {
         w.start(&vm.name, true);
         w.destroy(&vm.name);
     }
-    assert_eq!(check(), before, "the host's libvirt dirs changed");
+    assert_eq!(
+        host_fingerprint(),
+        before,
+        "the host's libvirt dirs changed"
+    );
 }
 
 /// Where the `<source>` scenarios keep TPM state: a dir the admin made for

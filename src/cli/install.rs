@@ -80,18 +80,14 @@ fn existing(dir: Option<&Dir>, name: &str) -> Result<Existing, CliError> {
     })
 }
 
-/// Reads the hook binary to install (a regular file, never through a link
-/// that a user other than root could have placed).
+/// Reads the hook binary to install: a build's or the package's file,
+/// outside libvirt's and our dirs (cargo's are hard links, so not read by
+/// the layer's single-link rule).
 fn read_hook_binary(source: &Path) -> Result<Vec<u8>, CliError> {
-    let parent = source.parent().unwrap_or(Path::new("."));
-    let name = source
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    crate::fs::open_user_dir(parent, false)?
-        .and_then(|dir| dir.read_file(&name, MAX_READ).transpose())
-        .transpose()?
-        .ok_or_else(|| CliError::Usage(format!("{} does not exist", source.display())))
+    std::fs::read(source).map_err(|e| CliError::ReadInput {
+        path: source.to_path_buf(),
+        source: e,
+    })
 }
 
 /// The hook binary to install: `--hook`, or `virt-tpm-state-hook` next to

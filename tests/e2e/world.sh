@@ -26,6 +26,15 @@
 # scratch, its dpkg database and maintainer scripts included, and the host's /usr, /etc and
 # /var never change (tests/package.rs).
 #
+# A relocated /var/lib/libvirt: with WORLD_LIBVIRT_LIB_LINK=1 at `up`, /var/lib/libvirt inside
+# the world is a symlink made by root, as an administrator relocating libvirt to a bigger disk
+# makes it: /var/lib (of the host, or of VTS_WORLD_ROOTFS) gets an overlay, inside the world
+# only, whose upper dir (DIR/overlay/var_lib-link/upper, prepared before the mount) holds
+# `libvirt -> /var/lib/libvirt-real` and an empty `libvirt-real`; the scratch /var/lib/libvirt
+# is bound on /var/lib/libvirt-real. Nothing is removed or written below the host's /var/lib
+# (the upper entry only hides the host's dir inside the world), and DIR/root/var/lib/libvirt
+# stays the scratch tree. Give it again at every `up` of that DIR.
+#
 # Files in DIR: root/ (scratch trees), holder.pid, holder.ns, libvirtd.pid, virtlogd.pid,
 # libvirtd.log (libvirtd's log, hook calls at debug level), virtlogd.log, rootfs (see below).
 #
@@ -76,6 +85,9 @@ SKELETON=(
     "/var/lib/virt-tpm-state 755 root:root"
     "/run/virt-tpm-state 755 root:root"
 )
+
+# WORLD_LIBVIRT_LIB_LINK=1: where the link /var/lib/libvirt points inside the world.
+LIB_LINK_TARGET=/var/lib/libvirt-real
 
 SANE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 PROJECT_DIR=$(cd "$(dirname "$0")/../.." && pwd -P)
@@ -139,9 +151,37 @@ ids_of() {
     echo "$u:$g"
 }
 
+# Where the scratch copy of $1 (one of BIND_DIRS) is bound inside the world.
+bind_target() {
+    if [[ ${WORLD_LIBVIRT_LIB_LINK:-} == 1 && $1 == /var/lib/libvirt ]]; then
+        echo "$LIB_LINK_TARGET"
+    else
+        echo "$1"
+    fi
+}
+
+# WORLD_LIBVIRT_LIB_LINK=1 (see the header): an overlay over $3/var/lib ($3: the world's root
+# file system, "" for the host's) in the namespace of $1, whose upper dir (in $2) holds the link.
+link_var_lib_libvirt() {
+    local holder=$1 dir=$2 rootfs=$3 lib=$3/var/lib up=$2/overlay/var_lib-link
+    mkdir -p "$up/upper" "$up/work"
+    # The merged /var/lib looks like the real one (owner, mode).
+    chown --reference="$lib" "$up/upper"
+    chmod --reference="$lib" "$up/upper"
+    if [[ ! -L $up/upper/libvirt ]]; then
+        rm -rf "${up:?}/upper/libvirt"
+        ln -s "$LIB_LINK_TARGET" "$up/upper/libvirt"
+    fi
+    install -d -m 0755 -o 0 -g 0 "$up/upper/${LIB_LINK_TARGET##*/}"
+    nsenter -t "$holder" -m -- mount -t overlay world-var_lib-link \
+        -o "lowerdir=$lib,upperdir=$up/upper,workdir=$up/work" "$lib"
+    # Inside the world: a link, made by root, in a root-owned dir others cannot write.
+    [[ $(nsenter -t "$holder" -m -- stat -c '%F %u' "$lib/libvirt") == "symbolic link 0" ]]
+}
+
 # Mounts the world's root for the namespace of $1 (holder pid): see the header.
 mount_rootfs() {
-    local holder=$1 dir=$2 rootfs=$3 d kvm_gid
+    local holder=$1 dir=$2 rootfs=$3 d d2 kvm_gid
     local -a ns=(nsenter -t "$holder" -m --)
     "${ns[@]}" mount --rbind /proc "$rootfs/proc"
     "${ns[@]}" mount --rbind /sys "$rootfs/sys"
@@ -163,8 +203,9 @@ mount_rootfs() {
         "${ns[@]}" mount --bind "$d" "$rootfs$d"
     done
     for d in "${BIND_DIRS[@]}"; do
-        "${ns[@]}" mkdir -p "$rootfs$d"
-        "${ns[@]}" mount --bind "$dir/root$d" "$rootfs$d"
+        d2=$(bind_target "$d")
+        "${ns[@]}" mkdir -p "$rootfs$d2"
+        "${ns[@]}" mount --bind "$dir/root$d" "$rootfs$d2"
     done
 }
 
@@ -272,11 +313,15 @@ cmd_up() {
             -o "lowerdir=$o,upperdir=$dir/overlay/$name/upper,workdir=$dir/overlay/$name/work" "$o" \
             || { cmd_down "$dir"; die "cannot mount an overlay over $o"; }
     done
+    if [[ ${WORLD_LIBVIRT_LIB_LINK:-} == 1 ]]; then
+        link_var_lib_libvirt "$holder" "$dir" "$rootfs" \
+            || { cmd_down "$dir"; die "cannot make /var/lib/libvirt a link inside the world"; }
+    fi
     if [[ -n $rootfs ]]; then
         mount_rootfs "$holder" "$dir" "$rootfs" || { cmd_down "$dir"; die "cannot mount $rootfs for the world"; }
     else
         for d in "${BIND_DIRS[@]}"; do
-            nsenter -t "$holder" -m -- mount --bind "$root$d" "$d"
+            nsenter -t "$holder" -m -- mount --bind "$root$d" "$(bind_target "$d")"
         done
     fi
 

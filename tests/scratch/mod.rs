@@ -210,7 +210,21 @@ impl Scratch {
     /// Starts the hook with `xml` written to its stdin (closed after).
     /// The hook as libvirt runs it (clean environment), re-rooted here.
     fn hook_command(&self, op: &str, subop: &str) -> Command {
-        let mut cmd = Command::new(HOOK);
+        self.hook_command_umask(op, subop, None)
+    }
+
+    /// [`Scratch::hook_command`], started by `sh` under `umask` when given
+    /// (the hook inherits whatever umask libvirtd or an admin's wrapper has).
+    fn hook_command_umask(&self, op: &str, subop: &str, umask: Option<&str>) -> Command {
+        let mut cmd = match umask {
+            None => Command::new(HOOK),
+            Some(m) => {
+                assert!(m.bytes().all(|b| b.is_ascii_digit()), "umask {m:?}");
+                let mut c = Command::new("/bin/sh");
+                c.args(["-c", &format!("umask {m} && exec \"$0\" \"$@\""), HOOK]);
+                c
+            }
+        };
         cmd.args([NAME, op, subop, "-"])
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -233,18 +247,37 @@ impl Scratch {
     }
 
     pub fn hook(&self, op: &str, subop: &str, xml: &str, env: &[(&str, String)]) -> Output {
-        let mut cmd = self.hook_command(op, subop);
+        self.hook_umask(op, subop, xml, env, None)
+    }
+
+    /// [`Scratch::hook`] started under `umask` (e.g. "000").
+    pub fn hook_umask(
+        &self,
+        op: &str,
+        subop: &str,
+        xml: &str,
+        env: &[(&str, String)],
+        umask: Option<&str>,
+    ) -> Output {
+        let mut cmd = self.hook_command_umask(op, subop, umask);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(xml.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the hook {HOOK}: {e}"));
+        let written = child.stdin.take().unwrap().write_all(xml.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        // A hook that exits before it read all of its stdin breaks the
+        // pipe: its exit status and stderr say why.
+        if let Err(e) = written {
+            assert!(
+                e.kind() == std::io::ErrorKind::BrokenPipe && !out.status.success(),
+                "writing the hook's stdin: {e}\n{}",
+                show(&out)
+            );
+        }
+        out
     }
 
     pub fn prepare(&self, xml: &str, env: &[(&str, String)]) -> Output {
@@ -373,4 +406,301 @@ pub fn failed(out: &Output, code: i32, what: &str) -> String {
     assert_eq!(err.lines().count(), 1, "{what}: one line\n{}", show(out));
     assert!(err.starts_with("virt-tpm-state: "), "{what}\n{}", show(out));
     err
+}
+
+/// Failed with one of `codes` and one clear line on stderr (see [`failed`]);
+/// returns the code and the line.
+pub fn failed_any(out: &Output, codes: &[i32], what: &str) -> (i32, String) {
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        codes.contains(&code),
+        "{what}: expected exit {codes:?}\n{}",
+        show(out)
+    );
+    (code, failed(out, code, what))
+}
+
+// ================================================================ less trusted users (issue 16)
+
+/// The less trusted users of a Debian host, as ids: the QEMU user (owns
+/// `/var/lib/libvirt/qemu`) and the swtpm user (owns each `tpm2/`).
+#[derive(Clone, Copy, Debug)]
+pub struct Users {
+    pub qemu_uid: u32,
+    pub qemu_gid: u32,
+    pub tss_uid: u32,
+    pub tss_gid: u32,
+}
+
+/// `libvirt-qemu` and `tss`, each with a group of its name, created with
+/// `useradd --system` / `groupadd --system` where missing (root only; once
+/// per test process). The gids are those of the groups named like the users
+/// (Debian's `libvirt-qemu` has primary group `kvm`, and a `libvirt-qemu`
+/// group that qemu.conf's `group` names).
+pub fn users() -> Users {
+    static USERS: std::sync::OnceLock<Users> = std::sync::OnceLock::new();
+    *USERS.get_or_init(|| {
+        let (qemu_uid, qemu_gid) = ensure_user("libvirt-qemu");
+        let (tss_uid, tss_gid) = ensure_user("tss");
+        Users {
+            qemu_uid,
+            qemu_gid,
+            tss_uid,
+            tss_gid,
+        }
+    })
+}
+
+fn ensure_user(name: &str) -> (u32, u32) {
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+        assert!(out.status.success(), "{args:?}\n{}", show(&out));
+    };
+    if nix::unistd::User::from_name(name).ok().flatten().is_none() {
+        run(&[
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ]);
+    }
+    if nix::unistd::Group::from_name(name).ok().flatten().is_none() {
+        run(&["groupadd", "--system", name]);
+    }
+    let u = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("user {name} missing after useradd"));
+    let g = nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("group {name} missing after groupadd"));
+    (u.uid.as_raw(), g.gid.as_raw())
+}
+
+/// `cmd...` as `uid:gid` without supplementary groups or capabilities
+/// (`setpriv`), with a clean environment.
+pub fn as_user(uid: u32, gid: u32, cmd: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--inh-caps=-all")
+        .arg("--")
+        .args(cmd)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs [`as_user`]; panics with everything unless it succeeded.
+pub fn must_as_user(uid: u32, gid: u32, cmd: &[&str]) -> Output {
+    let out = as_user(uid, gid, cmd).output().expect("run setpriv");
+    assert!(
+        out.status.success(),
+        "as {uid}:{gid}: {cmd:?}\n{}",
+        show(&out)
+    );
+    out
+}
+
+pub fn chown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+}
+
+pub fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+}
+
+/// (uid, gid, mode & 0o7777) of `p`, not following a link.
+pub fn stat_of(p: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// One entry, never following a link: kind, owner, mode, and for a file
+/// the digest of its content, for a link its target ("absent" if none).
+pub fn meta_of(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::symlink_metadata(p) else {
+        return "absent".into();
+    };
+    let ft = m.file_type();
+    let head = format!("{}:{} {:04o}", m.uid(), m.gid(), m.mode() & 0o7777);
+    if ft.is_symlink() {
+        let t = std::fs::read_link(p).unwrap_or_default();
+        format!("link {head} -> {}", t.display())
+    } else if ft.is_dir() {
+        format!("dir {head}")
+    } else if ft.is_file() {
+        let data = std::fs::read(p).unwrap_or_default();
+        format!("file {head} {}", Sha256Sum::of(&data).short())
+    } else {
+        format!("other {head}")
+    }
+}
+
+/// [`meta_of`] for `dir` (as ".") and everything below it, never following
+/// a link; the subtrees at the relative paths in `skip` are listed but not
+/// entered.
+pub fn meta_tree(dir: &Path, skip: &[&str]) -> BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, skip: &[&str], out: &mut BTreeMap<String, String>) {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        names.sort();
+        for p in names {
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let meta = meta_of(&p);
+            let is_dir = meta.starts_with("dir ");
+            out.insert(rel.clone(), meta);
+            if is_dir && !skip.contains(&rel.as_str()) {
+                walk(base, &p, skip, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    out.insert(".".into(), meta_of(dir));
+    walk(dir, dir, skip, &mut out);
+    out
+}
+
+/// (relative path, uid, gid) of every entry below `dir`, never following a
+/// link nor entering the subtrees at `skip` (cheap: no content read).
+pub fn owners(dir: &Path, skip: &[&str]) -> Vec<(String, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            if m.file_type().is_dir() && !skip.contains(&rel.as_str()) {
+                todo.push(p);
+            }
+            out.push((rel, m.uid(), m.gid()));
+        }
+    }
+    out
+}
+
+/// The entries whose [`meta_of`] differs between two [`meta_tree`]s.
+pub fn meta_diff(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (k, v) in before {
+        match after.get(k) {
+            None => d.push(format!("- {k}  ({v})")),
+            Some(w) if w != v => d.push(format!("~ {k}  {v}  =>  {w}")),
+            _ => {}
+        }
+    }
+    for (k, v) in after {
+        if !before.contains_key(k) {
+            d.push(format!("+ {k}  ({v})"));
+        }
+    }
+    d
+}
+
+pub fn show_meta(t: &BTreeMap<String, String>) -> String {
+    t.iter().map(|(k, v)| format!("  {k}  {v}\n")).collect()
+}
+
+/// libvirt's default VARS file of [`NAME`] (firmware autoselection).
+pub const AUTO_VARS_REL: &str = "var/lib/libvirt/qemu/nvram/tpm2-with-metadata_VARS.fd";
+
+/// The prepare-begin XML of a UEFI domain by firmware autoselection (no
+/// `<nvram>` path: libvirt passes none to `prepare`), its metadata holding
+/// `st` (generation `gen`), VARS included: restored to [`AUTO_VARS_REL`].
+pub fn xml_auto(st: &St, gen: u64) -> String {
+    let fixture = fixture_xml();
+    let base = fixture.replacen("<os>", "<os firmware='efi'>", 1);
+    assert_ne!(base, fixture, "fixture <os> changed");
+    with_element(&base, st, gen, &fixture_uuid(&fixture))
+}
+
+/// The CLI under test (`virt-tpm-state`).
+pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_virt-tpm-state");
+
+impl Scratch {
+    /// A scratch host laid out and owned as Debian's libvirt packages do,
+    /// with the real less trusted users: `var/lib/libvirt` root 0755,
+    /// `var/lib/libvirt/qemu` libvirt-qemu 0750, its `nvram` libvirt-qemu
+    /// 0755 (the QEMU user can rename it and put a link in its place);
+    /// qemu.conf names `libvirt-qemu` as `user`/`group` and leaves
+    /// `swtpm_user` at its default (`tss`). Everything down to the root is
+    /// traversable by those users (the temp dir is 0755). No swtpm base yet.
+    pub fn debian(u: &Users) -> Scratch {
+        let s = Scratch::new();
+        s.write(
+            "etc/libvirt/qemu.conf",
+            "user = \"libvirt-qemu\"\ngroup = \"libvirt-qemu\"\n",
+        );
+        chmod(s.tmp.path(), 0o755);
+        for rel in [
+            "",
+            "var",
+            "var/lib",
+            "var/lib/libvirt",
+            "etc",
+            "etc/libvirt",
+            "etc/libvirt/qemu.conf",
+            "etc/virt-tpm-state",
+            "etc/virt-tpm-state/config.toml",
+        ] {
+            let p = s.path(rel);
+            chown(&p, 0, 0);
+            chmod(&p, if p.is_dir() { 0o755 } else { 0o644 });
+        }
+        let qemu = s.path("var/lib/libvirt/qemu");
+        chown(&qemu, u.qemu_uid, u.qemu_gid);
+        chmod(&qemu, 0o750);
+        let nvram = qemu.join("nvram");
+        chown(&nvram, u.qemu_uid, u.qemu_gid);
+        chmod(&nvram, 0o755);
+        s
+    }
+
+    /// The CLI, re-rooted here, with a clean environment; as `user`
+    /// (uid, gid) through `setpriv` when given.
+    pub fn cli(&self, args: &[&str], user: Option<(u32, u32)>) -> Output {
+        let mut cmd = match user {
+            Some((uid, gid)) => as_user(uid, gid, &[CLI_BIN]),
+            None => {
+                let mut c = Command::new(CLI_BIN);
+                c.env_clear()
+                    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                    .env("LC_ALL", "C")
+                    .stdin(Stdio::null());
+                c
+            }
+        };
+        cmd.args(args)
+            .env("VIRT_TPM_STATE_ROOT", self.root())
+            .output()
+            .expect("run virt-tpm-state")
+    }
 }

@@ -77,6 +77,28 @@ pub fn require_env(test: &str) -> bool {
             ));
         }
     }
+    gate(test, missing)
+}
+
+/// Root and `cmds` (on PATH or in /usr/sbin, /sbin), for tests that need
+/// real users but no libvirt (scratch roots): the same rule as
+/// [`require_env`], `SKIP` or a failure under `CI=true`.
+pub fn require_root_and(test: &str, cmds: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if !rustix::process::geteuid().is_root() {
+        missing.push("not root".to_string());
+    }
+    for cmd in cmds {
+        if !on_path(cmd) {
+            missing.push(format!("{cmd} not found"));
+        }
+    }
+    gate(test, missing)
+}
+
+/// `true` when nothing is missing; else `SKIP <test>: <reason>`, or a
+/// panic under `CI=true` (CI provides everything).
+pub fn gate(test: &str, missing: Vec<String>) -> bool {
     if missing.is_empty() {
         return true;
     }
@@ -86,6 +108,17 @@ pub fn require_env(test: &str) -> bool {
     }
     eprintln!("SKIP {test}: {reason}");
     false
+}
+
+/// `world.sh host-check`: a fingerprint of the host's own libvirt dirs
+/// (names, types, sizes, modes, owners, mtimes), to show a world left them alone.
+pub fn host_fingerprint() -> String {
+    let out = Command::new(world_sh())
+        .arg("host-check")
+        .output()
+        .expect("world.sh host-check");
+    assert!(out.status.success(), "{}", describe(&["host-check"], &out));
+    stdout(&out)
 }
 
 /// A random UUID (from the kernel).
@@ -272,6 +305,19 @@ impl World {
                 describe(&["world.sh", "down"], &o)
             ),
             Err(e) => eprintln!("world {}: cannot run world.sh down: {e}", self.name),
+        }
+    }
+
+    /// `world.sh reload`: SIGHUP to libvirtd, so it sees a changed hook.
+    pub fn reload(&self) {
+        let out = Command::new(world_sh())
+            .arg("reload")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run world.sh reload");
+        if !out.status.success() {
+            self.fail("reload failed", &["world.sh", "reload"], &out);
         }
     }
 
