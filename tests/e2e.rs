@@ -705,6 +705,36 @@ fn host_untouched() {
 /// it and allowed in `state_path_prefixes` (the XML is untrusted input).
 const CUSTOM_TPM_DIR: &str = "/var/lib/libvirt/custom-tpm";
 
+/// Where a state of `kind` goes in [`CUSTOM_TPM_DIR`]: state files in a dir
+/// swtpm's user may write (libvirt never creates a state file, swtpm does),
+/// state dirs in a root-owned one (libvirt creates them; virt-tpm-state builds
+/// a replacement dir only where no user but root can change it).
+fn custom_state_path(kind: &str, name: &str) -> String {
+    format!("{CUSTOM_TPM_DIR}/{kind}s/{name}.{kind}")
+}
+
+/// Makes [`CUSTOM_TPM_DIR`] with its `dirs/` (root 0711) and `files/` (tss
+/// 0700), as an admin would for each kind of `<source>`.
+fn make_custom_tpm_dirs(w: &World) {
+    for (sub, mode, owner) in [
+        ("", "0755", "root"),
+        ("dirs", "0711", "root"),
+        ("files", "0700", "tss"),
+    ] {
+        w.must(&[
+            "install",
+            "-d",
+            "-m",
+            mode,
+            "-o",
+            owner,
+            "-g",
+            owner,
+            &format!("{CUSTOM_TPM_DIR}/{sub}"),
+        ]);
+    }
+}
+
 /// `vm`'s domain XML with its TPM state at `<source type=KIND path=PATH>`.
 fn source_xml(vm: &Vm, kind: &str, path: &str) -> String {
     let xml = vm.xml();
@@ -739,7 +769,7 @@ fn state_at(w: &World, kind: &str, path: &str) -> bool {
 /// libvirt that starts honouring (or rejecting) it is noticed.
 fn source_dropped_by_old_libvirt(w: &World, kind: &str) {
     let vm = Vm::new(&format!("old-src-{kind}"), Tpm::V2);
-    let path = format!("{CUSTOM_TPM_DIR}/{}", vm.name);
+    let path = custom_state_path(kind, &vm.name);
     w.define_xml("vm.xml", &source_xml(&vm, kind, &path));
     let (_, xml) = w.dump(&vm.name, "dump.xml", true);
     assert!(
@@ -766,20 +796,9 @@ fn state_at_custom_location(kind: &str) {
     }
     w.install_hook();
     w.append_config(&format!("state_path_prefixes = [\"{CUSTOM_TPM_DIR}\"]"));
-    // libvirt never creates a state file: swtpm (user tss) does, in a dir it may write.
-    w.must(&[
-        "install",
-        "-d",
-        "-m",
-        "0700",
-        "-o",
-        "tss",
-        "-g",
-        "tss",
-        CUSTOM_TPM_DIR,
-    ]);
+    make_custom_tpm_dirs(&w);
     let vm = Vm::new(&format!("src-{kind}"), Tpm::V2);
-    let path = format!("{CUSTOM_TPM_DIR}/{}.{kind}", vm.name);
+    let path = custom_state_path(kind, &vm.name);
     w.define_xml("vm.xml", &source_xml(&vm, kind, &path));
     w.start(&vm.name, false);
     w.destroy(&vm.name);
@@ -815,7 +834,7 @@ fn state_at_custom_location(kind: &str) {
 
     // The same XML, its state moved to the other kind of storage.
     let other = if kind == "dir" { "file" } else { "dir" };
-    let moved_path = format!("{CUSTOM_TPM_DIR}/{}-moved.{other}", vm.name);
+    let moved_path = custom_state_path(other, &format!("{}-moved", vm.name));
     let (_, xml) = w.dump(&vm.name, "before-move.xml", true);
     let moved = xml.replace(
         &format!("<source type='{kind}' path='{path}'/>"),
