@@ -102,8 +102,21 @@ impl Anchor {
     }
 
     /// Opens the anchor by the trust rule. `Ok(None)`: it does not exist.
+    /// One of our own dirs must moreover be one nobody but root can change:
+    /// what is in it (kept copies, `J`, keys, locks) decides what the hook
+    /// restores.
     pub fn open(&self, paths: &Paths) -> Result<Option<Dir>, FsError> {
-        walk::resolve(paths.root(), self.abs())
+        let dir = walk::resolve(paths.root(), self.abs())?;
+        if let Some(d) = &dir {
+            let ours = matches!(self, Anchor::Config | Anchor::Data | Anchor::Run);
+            if ours && !(d.trusted() && d.writable_only_by_us()) {
+                return Err(FsError::unsafe_path(
+                    d.path().to_path_buf(),
+                    "not root's, or writable by group or others (or below such a directory); it must be root's, mode 0700 or 0755",
+                ));
+            }
+        }
+        Ok(dir)
     }
 
     /// Opens the anchor, creating what is missing of it (and of its

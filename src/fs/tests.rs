@@ -194,3 +194,17 @@ fn a_missing_nvram_dir_is_refused_not_created() {
     assert!(matches!(e, FsError::NvramDirMissing { .. }), "{e}");
     assert!(!t.path().join("var/lib/libvirt/qemu/nvram").exists());
 }
+
+#[test]
+fn our_own_dirs_must_be_ours() {
+    let (t, paths) = scratch();
+    mkdir(&t.path().join("var/lib/virt-tpm-state"), 0o777);
+    let e = Anchor::Data.open(&paths).unwrap_err();
+    assert_eq!(e.exit_code(), 7, "{e}");
+    std::fs::set_permissions(
+        t.path().join("var/lib/virt-tpm-state"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    assert!(Anchor::Data.open(&paths).unwrap().is_some());
+}
