@@ -131,19 +131,10 @@ pub(super) fn resolve(root: &Path, abs: &Path) -> Result<Option<Dir>, FsError> {
                     pending.push_front(c);
                 }
             }
-            FileType::Directory => {
-                let fd = match open_entry(cur.fd(), &name, OFlags::RDONLY | OFlags::DIRECTORY, 0) {
-                    Ok(fd) => fd,
-                    Err(Errno::NOENT) => return Ok(None),
-                    Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
-                        return Err(FsError::unsafe_path(at, "replaced while being opened"))
-                    }
-                    Err(e) => return Err(io_err("open", &at, e)),
-                };
-                let st = fstat(&fd).map_err(|e| io_err("stat", &at, e))?;
-                let trusted = cur.trusted() && cur.protects(st.st_uid);
-                stack.push(Dir::new(fd, at, trusted, &st));
-            }
+            FileType::Directory => match cur.open_subdir(&name)? {
+                Some(dir) => stack.push(dir),
+                None => return Ok(None),
+            },
             _ => return Err(FsError::unsafe_path(at, "not a directory")),
         }
     }
