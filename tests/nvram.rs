@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::process::Command;
 use support::*;
 
@@ -168,4 +168,300 @@ fn uefi_vars_travel_with_the_tpm() {
         "the firmware dropped the variable"
     );
     assert_eq!(b.read_secret(&vm).trim(), "nvram-secret");
+}
+
+// ================================================================ issue 16: root-safe filesystem layer
+
+/// `fw_vars` present, else SKIP (a failure under CI=true), as above.
+fn need_fw_vars(test: &str) -> bool {
+    if has_fw_vars() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: virt-fw-vars missing (pip install virt-firmware; scripts/install-deps.sh)");
+    }
+    eprintln!("SKIP {test}: virt-fw-vars not installed");
+    false
+}
+
+/// uid and gid of `user`/`group` as the world's root knows them (the host,
+/// or the libvirt 11.3 root of VTS_WORLD_ROOTFS).
+fn ids_in(w: &World, user: &str, group: &str) -> (u32, u32) {
+    let uid = stdout(&w.must(&["id", "-u", user])).trim().parse().unwrap();
+    let g = stdout(&w.must(&["getent", "group", group]));
+    let gid = g.split(':').nth(2).unwrap().trim().parse().unwrap();
+    (uid, gid)
+}
+
+/// `uid:gid 0mode` of a path inside the world, not following a link.
+fn stat_in(w: &World, abs: &str) -> String {
+    let m = std::fs::symlink_metadata(w.host_path(abs))
+        .unwrap_or_else(|e| panic!("stat {abs}: {e}\n{}", w.log_tail(30)));
+    om(m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+fn om(uid: u32, gid: u32, mode: u32) -> String {
+    format!("{uid}:{gid} {mode:04o}")
+}
+
+/// Changes the VARS file (offline, as the firmware would keep it) and, with
+/// a secret, the TPM: the state a guest leaves behind. Returns the EK.
+fn change_state(w: &World, vm: &Vm, vars: &str, secret: Option<&str>) -> String {
+    if let Some(secret) = secret {
+        w.write_secret(vm, secret);
+    }
+    fw_vars(&[
+        "--inplace",
+        &w.host_path(vars).display().to_string(),
+        "--set-shim-verbose",
+    ]);
+    w.ek_pub(vm)
+}
+
+fn vars_file_in(json: &serde_json::Value) -> Option<String> {
+    json["files"]
+        .as_array()?
+        .iter()
+        .find(|f| f["name"] == "VARS.fd" && f["section"] == "nvram")
+        .and_then(|f| f["sha256"].as_str().map(str::to_string))
+}
+
+/// The hook as an admin's wrapper may start it: under the umask written in
+/// /etc/libvirt/hooks/vts-umask. The installed copy moves beside qemu.d/
+/// (libvirt runs only qemu and qemu.d/*), a script takes its place.
+fn wrap_hook_in_umask(w: &World) {
+    let hook = w.host_path("/etc/libvirt/hooks/qemu.d/virt-tpm-state");
+    std::fs::rename(&hook, w.host_path("/etc/libvirt/hooks/vts-real-hook")).unwrap();
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\numask \"$(cat /etc/libvirt/hooks/vts-umask)\"\n\
+         exec /etc/libvirt/hooks/vts-real-hook \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    w.reload();
+}
+
+/// Issue 16: whatever umask the hook is started with, a fresh
+/// /var/lib/libvirt/swtpm, the `<uuid>` dir, the state dir and its files,
+/// and the VARS file get libvirt's owners and modes, the VM starts with its
+/// TPM and VARS from the metadata, and the post-stop store still stores.
+/// One VM, defined again from its metadata under each umask in turn.
+#[test]
+fn umask_wrapped_hook_starts_uefi_tpm_vms() {
+    if !require_env("umask_wrapped_hook_starts_uefi_tpm_vms")
+        || !need_fw_vars("umask_wrapped_hook_starts_uefi_tpm_vms")
+    {
+        return;
+    }
+    let w = World::up("nvram-umask");
+    w.install_hook();
+    wrap_hook_in_umask(&w);
+    let (tss_uid, tss_gid) = ids_in(&w, "tss", "tss");
+    let (qemu_uid, qemu_gid) = ids_in(&w, "libvirt-qemu", "libvirt-qemu");
+    let umask_file = w.host_path("/etc/libvirt/hooks/vts-umask");
+    std::fs::write(&umask_file, "022").unwrap();
+    let vm = Vm::new("umasked", Tpm::V2);
+    let vars = vars_path(&vm);
+    w.define_xml("umasked.xml", &uefi_xml(&vm));
+    w.start(&vm.name, false);
+    w.destroy(&vm.name);
+    // The TPM as libvirt made it (its EK and bytes are checked), the VARS
+    // changed.
+    let ek = change_state(&w, &vm, &vars, None);
+    let out = stdout(&w.must_vts(&["store", &vm.name]));
+    assert!(out.contains("stored generation"), "store said: {out}");
+    for umask in ["000", "022", "077"] {
+        let what = format!("umask {umask}");
+        std::fs::write(&umask_file, umask).unwrap();
+        // What the metadata holds is the local state (the post-stop store
+        // of the run before, under the umask before, stored it).
+        let j = w.show_json(&vm.name, true);
+        assert_eq!(j["local"]["matches"], true, "{what}: {j:#}");
+        let stored_vars = std::fs::read(w.host_path(&vars)).unwrap();
+        let stored_permall = w.must_permall(&vm);
+        let (dump, _) = w.dump(&vm.name, &format!("umasked-{umask}.xml"), true);
+        w.must_virsh(&["undefine", "--nvram", &vm.name]);
+        // A fresh host: no swtpm base at all, the hook makes it.
+        std::fs::remove_dir_all(w.host_path("/var/lib/libvirt/swtpm")).unwrap();
+        w.must_virsh(&["define", &dump.display().to_string()]);
+        w.start(&vm.name, true);
+        let base = "/var/lib/libvirt/swtpm".to_string();
+        let uuid_dir = format!("{base}/{}", vm.uuid);
+        let permall = format!("{}/{}", vm.state_dir(), vm.tpm.permall());
+        for (p, want) in [
+            (&base, om(0, 0, 0o711)),
+            (&uuid_dir, om(0, 0, 0o711)),
+            (&vm.state_dir(), om(tss_uid, tss_gid, 0o700)),
+            (&permall, om(tss_uid, tss_gid, 0o600)),
+            (&vars, om(qemu_uid, qemu_gid, 0o600)),
+        ] {
+            assert_eq!(
+                stat_in(&w, p),
+                want,
+                "{what}: owner and mode of {p}\n{:#?}\n{}",
+                w.tree("/var/lib/libvirt"),
+                w.log_tail(30)
+            );
+        }
+        assert!(w.must_permall(&vm) == stored_permall, "{what}: permall");
+        assert!(
+            std::fs::read(w.host_path(&vars)).unwrap() == stored_vars,
+            "{what}: VARS"
+        );
+        // And it runs (the guest itself may stop on KVM errors under
+        // nested virtualization here: the domain stays active either way).
+        w.must_virsh(&["resume", &vm.name]);
+        let state = stdout(&w.must_virsh(&["domstate", &vm.name]));
+        assert!(
+            ["running", "paused"].contains(&state.trim()),
+            "{what}: {state}\n{}",
+            w.log_tail(30)
+        );
+        w.destroy(&vm.name);
+        assert_eq!(w.ek_pub(&vm), ek, "{what}");
+    }
+    let j = w.show_json(&vm.name, true);
+    assert_eq!(j["local"]["matches"], true, "after the last stop: {j:#}");
+}
+
+/// `dump` without its `<nvram …>…</nvram>` (or `<nvram …/>`): firmware
+/// autoselection again, as a manager that never wrote a path defines it.
+fn strip_nvram(xml: &str) -> String {
+    let Some(start) = xml.find("<nvram") else {
+        return xml.to_string();
+    };
+    let rest = &xml[start..];
+    let tag_end = rest.find('>').unwrap();
+    let end = if rest[..tag_end].ends_with('/') {
+        start + tag_end + 1
+    } else {
+        start + rest.find("</nvram>").unwrap() + "</nvram>".len()
+    };
+    format!("{}{}", &xml[..start], &xml[end..])
+}
+
+/// Issue 16: /var/lib/libvirt relocated by the administrator (a link made
+/// by root, inside the world only: world.sh WORLD_LIBVIRT_LIB_LINK). UEFI+TPM
+/// domains with and without an explicit `<nvram>` path store after stop
+/// (the hook's post-stop store) and start again from the metadata alone.
+#[test]
+fn relocated_var_lib_libvirt_starts_and_stores() {
+    if !require_env("relocated_var_lib_libvirt_starts_and_stores")
+        || !need_fw_vars("relocated_var_lib_libvirt_starts_and_stores")
+    {
+        return;
+    }
+    let host_before = host_fingerprint();
+    {
+        let w = World::up_env("nvram-link", &[("WORLD_LIBVIRT_LIB_LINK", "1")]);
+        let link = stdout(&w.must(&["stat", "-c", "%F %u %N", "/var/lib/libvirt"]));
+        assert!(
+            link.starts_with("symbolic link 0 ") && link.contains("/var/lib/libvirt-real"),
+            "/var/lib/libvirt in the world is not root's link: {link}"
+        );
+        w.install_hook();
+        let (qemu_uid, qemu_gid) = ids_in(&w, "libvirt-qemu", "libvirt-qemu");
+        for explicit in [false, true] {
+            let what = if explicit {
+                "explicit <nvram>"
+            } else {
+                "firmware autoselection, no <nvram> path"
+            };
+            let vm = Vm::new(if explicit { "link-expl" } else { "link-auto" }, Tpm::V2);
+            let vars = if explicit {
+                format!("/var/lib/libvirt/qemu/nvram/{}-explicit.fd", vm.name)
+            } else {
+                vars_path(&vm)
+            };
+            let mut xml = uefi_xml(&vm);
+            if explicit {
+                xml = xml.replacen("</os>", &format!("<nvram>{vars}</nvram></os>"), 1);
+            }
+            w.define_xml(&format!("{}.xml", vm.name), &xml);
+            // First run: libvirt makes TPM and VARS; the post-stop store
+            // stores both.
+            w.start(&vm.name, false);
+            w.destroy(&vm.name);
+            let j = w.show_json(&vm.name, true);
+            assert_eq!(
+                j["present"],
+                true,
+                "{what}: nothing stored after the first stop\n{j:#}\n{}",
+                w.log_tail(40)
+            );
+            assert!(vars_file_in(&j).is_some(), "{what}: no VARS stored\n{j:#}");
+            let gen1 = j["generation"].as_u64().unwrap();
+
+            // The guest changes TPM and VARS; it starts (the newer local
+            // state is kept) and stops: the post-stop store stores it.
+            let secret = format!("relocated, {what}");
+            let ek = change_state(&w, &vm, &vars, Some(&secret));
+            let changed_vars = std::fs::read(w.host_path(&vars)).unwrap();
+            let changed_permall = w.must_permall(&vm);
+            w.start(&vm.name, true);
+            assert!(
+                w.must_permall(&vm) == changed_permall,
+                "{what}: the newer local TPM was replaced\n{}",
+                w.log_tail(30)
+            );
+            w.destroy(&vm.name);
+            let j = w.show_json(&vm.name, true);
+            assert_eq!(j["valid"], true, "{what}: {j:#}");
+            assert!(
+                j["generation"].as_u64().unwrap() > gen1,
+                "{what}: the post-stop store stored nothing new\n{j:#}\n{}",
+                w.log_tail(40)
+            );
+            assert_eq!(j["local"]["matches"], true, "{what}: {j:#}");
+            assert_eq!(
+                vars_file_in(&j),
+                Some(sha256_hex(&changed_vars)),
+                "{what}: stored VARS\n{j:#}"
+            );
+
+            // From the metadata alone.
+            let (_, dump) = w.dump(&vm.name, &format!("{}-stored.xml", vm.name), true);
+            let dump = if explicit {
+                assert!(dump.contains(&vars), "{what}: {dump}");
+                dump
+            } else {
+                strip_nvram(&dump)
+            };
+            w.must_virsh(&["undefine", "--nvram", &vm.name]);
+            assert!(!w.host_path(&vars).exists(), "{what}: VARS left");
+            assert!(!w.swtpm_uuid_dir_exists(&vm.uuid), "{what}: state left");
+            w.define_xml(&format!("{}-again.xml", vm.name), &dump);
+            w.start(&vm.name, true);
+            assert!(
+                w.must_permall(&vm) == changed_permall,
+                "{what}: restored permall differs\n{}",
+                w.log_tail(30)
+            );
+            assert!(
+                std::fs::read(w.host_path(&vars)).unwrap() == changed_vars,
+                "{what}: restored VARS differ"
+            );
+            assert_eq!(stat_in(&w, &vars), om(qemu_uid, qemu_gid, 0o600), "{what}");
+            w.destroy(&vm.name);
+            assert_eq!(w.read_secret(&vm), secret, "{what}");
+            assert_eq!(w.ek_pub(&vm), ek, "{what}");
+            let j = w.show_json(&vm.name, true);
+            assert_eq!(j["local"]["matches"], true, "{what}: {j:#}");
+        }
+    }
+    assert_eq!(
+        host_fingerprint(),
+        host_before,
+        "the host's libvirt dirs changed"
+    );
+    let host_lib = std::fs::symlink_metadata("/var/lib/libvirt").unwrap();
+    assert!(
+        host_lib.is_dir(),
+        "the host's /var/lib/libvirt is no longer a dir"
+    );
+    assert!(
+        std::fs::symlink_metadata("/var/lib/libvirt-real").is_err(),
+        "/var/lib/libvirt-real appeared on the host"
+    );
 }

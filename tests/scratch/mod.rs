@@ -525,11 +525,21 @@ pub fn chmod(p: &Path, mode: u32) {
         .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
 }
 
-/// (uid, gid, mode & 0o7777) of `p`, not following a link.
-pub fn stat_of(p: &Path) -> (u32, u32, u32) {
+/// Owner and mode: uid, gid, mode & 0o7777 (shown as `uid:gid 0mode`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Om(pub u32, pub u32, pub u32);
+
+impl std::fmt::Debug for Om {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{} {:04o}", self.0, self.1, self.2)
+    }
+}
+
+/// Owner and mode of `p`, not following a link.
+pub fn stat_of(p: &Path) -> Om {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
-    (m.uid(), m.gid(), m.mode() & 0o7777)
+    Om(m.uid(), m.gid(), m.mode() & 0o7777)
 }
 
 /// One entry, never following a link: kind, owner, mode, and for a file
