@@ -137,6 +137,8 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         .is_some_and(crate::restore::el_is_sealed);
     let keys = match sealed.then(|| load_keyring(&ctx.paths)) {
         Some(Ok(k)) => k,
+        // A keys dir others can write is refused, never read around.
+        Some(Err(e)) if e.exit_code() == 7 => return Err(e.into()),
         Some(Err(e)) => {
             log::warn!("host keys not loaded: {e}");
             Default::default()

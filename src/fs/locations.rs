@@ -219,7 +219,8 @@ impl StateLocation {
         match self.open_parent(false) {
             Ok(Some(parent)) => parent.remove_leftovers_of(&self.leaf()),
             Ok(None) => {}
-            Err(e) => log::warn!("{e}"),
+            // The write that follows meets the same and reports it.
+            Err(e) => log::debug!("{e}"),
         }
     }
 
@@ -526,7 +527,8 @@ impl NvramLocation {
                 dir.remove_matching(|n| n.starts_with(&prefix), &self.file_name());
             }
             Ok(None) => {}
-            Err(e) => log::warn!("{e}"),
+            // The write that follows meets the same and reports it.
+            Err(e) => log::debug!("{e}"),
         }
     }
 

@@ -106,7 +106,7 @@ impl Anchor {
     /// what is in it (kept copies, `J`, keys, locks) decides what the hook
     /// restores.
     pub fn open(&self, paths: &Paths) -> Result<Option<Dir>, FsError> {
-        let dir = walk::resolve(paths.root(), self.abs())?;
+        let dir = walk::resolve(paths.root(), self.abs(), walk::Last::Anchor)?;
         if let Some(d) = &dir {
             let ours = matches!(self, Anchor::Config | Anchor::Data | Anchor::Run);
             if ours && !(d.trusted() && d.writable_only_by_us()) {
@@ -128,16 +128,27 @@ impl Anchor {
             return Ok(dir);
         }
         let abs = self.abs();
-        let parent = abs.parent().unwrap_or(Path::new("/"));
-        let leaf = abs
-            .file_name()
-            .ok_or_else(|| FsError::unsafe_path(self.shown(paths), "the root directory"))?;
-        let parent_dir = match walk::resolve(paths.root(), parent)? {
-            Some(d) => d,
-            None => Anchor::Other(parent.to_path_buf()).open_or_create(paths, 0o755)?,
-        };
-        parent_dir.ensure_subdir(&leaf.to_string_lossy(), mode)
+        let (parent, leaf) = split_rel(abs);
+        open_or_create_parent(paths, parent)?.ensure_subdir(&leaf, mode)
     }
+}
+
+/// Opens `abs`, a directory above an anchor (links in trusted directories
+/// followed, its own last component included), creating what is missing of
+/// it (0755) where the directory above protects new entries.
+fn open_or_create_parent(paths: &Paths, abs: &Path) -> Result<Dir, FsError> {
+    if let Some(dir) = walk::resolve(paths.root(), abs, walk::Last::Parent)? {
+        return Ok(dir);
+    }
+    if abs.parent().is_none() {
+        return Err(error::io_err(
+            "open",
+            &paths.under_root(abs),
+            rustix::io::Errno::NOENT,
+        ));
+    }
+    let (parent, leaf) = split_rel(abs);
+    open_or_create_parent(paths, parent)?.ensure_subdir(&leaf, 0o755)
 }
 
 /// Sets the process umask to 077: nothing this process creates is ever
@@ -187,14 +198,14 @@ pub fn open_user_dir(path: &Path, create: bool) -> Result<Option<Dir>, FsError> 
             .map_err(|e| error::io_err("find the current directory for", path, e))?
             .join(path)
     };
-    if let Some(dir) = walk::resolve(Path::new("/"), &abs)? {
+    if let Some(dir) = walk::resolve(Path::new("/"), &abs, walk::Last::Anchor)? {
         return Ok(Some(dir));
     }
     if !create {
         return Ok(None);
     }
     let (parent, leaf) = split_rel(&abs);
-    let parent = walk::resolve(Path::new("/"), parent)?
+    let parent = walk::resolve(Path::new("/"), parent, walk::Last::Parent)?
         .ok_or_else(|| error::io_err("create", &abs, rustix::io::Errno::NOENT))?;
     parent.ensure_subdir(&leaf, 0o700).map(Some)
 }

@@ -56,9 +56,18 @@ pub(super) fn open_entry(
     openat(dir, name, flags, Mode::from_raw_mode(mode))
 }
 
+/// Whether the last component of a resolved path may itself be a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Last {
+    /// An anchor: its last component is never followed.
+    Anchor,
+    /// A directory above an anchor: followed like every other component.
+    Parent,
+}
+
 /// Resolves the anchor `abs` (absolute) below `root` by the trust rule.
 /// `Ok(None)` when a component does not exist.
-pub(super) fn resolve(root: &Path, abs: &Path) -> Result<Option<Dir>, FsError> {
+pub(super) fn resolve(root: &Path, abs: &Path, last_rule: Last) -> Result<Option<Dir>, FsError> {
     let mut pending: VecDeque<(OsString, bool)> = VecDeque::new();
     let comps: Vec<OsString> = abs
         .components()
@@ -69,7 +78,7 @@ pub(super) fn resolve(root: &Path, abs: &Path) -> Result<Option<Dir>, FsError> {
         .collect();
     let last = comps.len().saturating_sub(1);
     for (i, c) in comps.into_iter().enumerate() {
-        pending.push_back((c, i == last));
+        pending.push_back((c, i == last && last_rule == Last::Anchor));
     }
     let mut stack = match open_root(root) {
         Ok(r) => vec![r],
