@@ -136,7 +136,12 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         .as_ref()
         .is_some_and(crate::restore::el_is_sealed);
     let keys = match sealed.then(|| load_keyring(&ctx.paths)) {
-        Some(Ok(k)) => k,
+        Some(Ok(k)) => {
+            for bad in k.rejected() {
+                log::warn!("key file {} skipped: {}", bad.file, bad.why);
+            }
+            k
+        }
         // A keys dir others can write is refused, never read around.
         Some(Err(e)) if e.exit_code() == 7 => return Err(e.into()),
         Some(Err(e)) => {

@@ -43,7 +43,7 @@ fn check_keys_dir(dir: &Dir) -> Result<(), FsError> {
 /// Loads every `*.key` in the keys dir, oldest first (file names start with
 /// their creation time, so the newest sorts last). A key file that is a
 /// link, not regular, not root's, readable by group or others, or
-/// malformed is skipped with a warning naming it (never its content), and
+/// malformed is skipped with a log line naming it (never its content), and
 /// listed in the keyring: only an element sealed with that key fails, and
 /// its error names the file. A keys dir others can write fails every call.
 pub fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
@@ -62,7 +62,9 @@ pub fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
         match load_key(&dir, &name) {
             Ok(key) => keys.push(key),
             Err(why) => {
-                log::warn!(
+                // Syslog only (in the hook): the refusal of an element that
+                // needs this key names the file itself, in one line.
+                log::info!(
                     "key file {} skipped: {why}",
                     dir.path().join(&name).display()
                 );
