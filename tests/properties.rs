@@ -1137,6 +1137,8 @@ fn scratch() -> tempfile::TempDir {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
     }
+    // libvirtd creates its nvram dir when it starts; the hook never does.
+    std::fs::create_dir_all(root.join("var/lib/libvirt/qemu/nvram")).unwrap();
     tmp
 }
 
