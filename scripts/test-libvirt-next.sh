@@ -8,9 +8,9 @@
 # run unchanged; the <source type='dir'|'file'> scenarios in tests/e2e.rs
 # exercise what only this libvirt has.
 # Run as root after a build:   sudo ./scripts/test-libvirt-next.sh
-# scripts/test.sh runs it after the main suite (VTS_SKIP_LIBVIRT_NEXT=1 skips
-# it there). Without root or debootstrap it prints SKIP and exits 0, except
-# with CI=true, where that is a failure. Result in docs/LIBVIRT-NEXT.md.
+# A heavy job: .ci/run runs it after scripts/test.sh. Without root or
+# debootstrap it prints SKIP and exits 0, except with CI=true, where that is
+# a failure. Result in docs/LIBVIRT-NEXT.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
