@@ -2,6 +2,7 @@
 //! function per subcommand, and the error type that maps every failure to a
 //! documented exit code. The binary only calls [`main`].
 
+mod input;
 mod install;
 mod keys;
 mod show;
@@ -155,6 +156,9 @@ pub struct ExtractArgs {
     /// Directory to write the files into (created if missing; existing files are not overwritten)
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Extract even what `verify` refuses for this domain (another domain's uuid, a TPM version or encryption mismatch)
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

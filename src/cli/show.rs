@@ -1,18 +1,21 @@
 //! `show`/`verify`, `restore` and `extract`: reading the element, and the
 //! hook's prepare logic run by hand.
 
+use super::input::parse_input;
 use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, SourceArgs};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::fs::load_keyring;
 use crate::fs::HostData;
 use crate::libvirt::Libvirt;
-use crate::restore::{carried, prepare_domain, shown_name, PrepareOptions};
+use crate::restore::{carried, prepare_domain, reader_check, shown_name, PrepareOptions};
 use crate::swtpm::check_header;
 
 /// Where the XML came from, for messages.
 struct Source {
     info: DomainInfo,
+    /// false: a bare element (no domain to check it against).
+    bound: bool,
     from: String,
     /// Whether libvirt says the domain runs (`None`: not asked / unknown).
     active: Option<bool>,
@@ -22,8 +25,10 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
     match (&src.domain, &src.xml) {
         (_, Some(path)) => {
             let bytes = read_input(path)?;
+            let input = parse_input(&bytes, &ctx.config.namespace)?;
             Ok(Source {
-                info: parse_domain(&bytes, &ctx.config.namespace)?,
+                info: input.info,
+                bound: input.domain_bound,
                 from: if path.as_os_str() == "-" {
                     "stdin".into()
                 } else {
@@ -47,6 +52,7 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
             };
             Ok(Source {
                 info: parse_domain(xml.as_bytes(), &ctx.config.namespace)?,
+                bound: true,
                 from: format!(
                     "libvirt {} ({})",
                     lv.uri(),
@@ -155,14 +161,24 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         .metadata
         .as_ref()
         .map(|el| decode_with_keys(el, limits, &keys));
-    let local = local_state(ctx, info);
+    // The reader rules that compare the element with its domain (uuid
+    // binding, TPM version, swtpm encryption): what the hook refuses.
+    let refused = match &decoded {
+        Some(Ok(m)) => reader_check(info, m, &ctx.config.namespace, src.bound).err(),
+        _ => None,
+    };
+    let local = if src.bound {
+        local_state(ctx, info)
+    } else {
+        None
+    };
     let mut j = ShowJson {
         domain: info.name.clone(),
         uuid: info.uuid.to_string(),
         source: src.from.clone(),
         present: decoded.is_some(),
-        valid: matches!(decoded, Some(Ok(_))),
-        error: None,
+        valid: matches!(decoded, Some(Ok(_))) && refused.is_none(),
+        error: refused.as_ref().map(|e| e.to_string()),
         format: info
             .metadata
             .as_ref()
@@ -264,7 +280,10 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 context: format!("VM {} ({})", shown_name(&info.name), src.from),
                 source,
             }),
-            Some(Ok(_)) => Ok(()),
+            Some(Ok(_)) => match refused {
+                Some(e) => Err(e.into()),
+                None => Ok(()),
+            },
         };
     }
     Ok(())
@@ -453,7 +472,8 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
 
 pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     let bytes = read_input(&args.xml)?;
-    let info = parse_domain(&bytes, &ctx.config.namespace)?;
+    let input = parse_input(&bytes, &ctx.config.namespace)?;
+    let info = &input.info;
     let el = info.metadata.as_ref().ok_or_else(|| {
         CliError::NoElement(format!(
             "{}: no TPM state element (namespace {})",
@@ -477,6 +497,13 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
         context: args.xml.display().to_string(),
         source,
     })?;
+    // What `verify` refuses is not extracted, unless asked for.
+    if let Err(e) = reader_check(info, &m, &ctx.config.namespace, input.domain_bound) {
+        if !args.force {
+            return Err(e.into());
+        }
+        log::warn!("extracting anyway (--force): {e}");
+    }
     // Names were checked against the allow-list by `decode`: no path can
     // leave DIR, and files are created O_EXCL|O_NOFOLLOW inside it.
     let out = crate::fs::open_user_dir(&args.out, true)?.expect("created");
