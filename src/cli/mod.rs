@@ -41,6 +41,10 @@ pub struct Cli {
     /// More output (-v: info, -vv: debug); logs go to stderr
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Read host keys from DIR instead of /etc/virt-tpm-state/keys (commands that open or seal
+    /// elements; DIR must be yours or root's and not group/other-writable, key files 0600)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub keys: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -342,7 +346,17 @@ fn init_stderr_logger(level: log::LevelFilter) {
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    let paths = Paths::from_env();
+    if cli.keys.is_some()
+        && matches!(
+            cli.command,
+            Command::Keygen | Command::Install(_) | Command::Uninstall(_) | Command::Status(_)
+        )
+    {
+        return Err(CliError::Usage(
+            "--keys applies to commands that open or seal an element (show, verify, extract, restore, store, adopt, rekey, pack, watch)".into(),
+        ));
+    }
+    let paths = Paths::from_env().with_keys_dir(cli.keys.clone());
     // `uninstall` uses nothing from the config, and a broken config must not
     // keep the hook wired (the Debian package's prerm runs it on removal).
     let config = if matches!(cli.command, Command::Uninstall(_)) {
