@@ -5,6 +5,7 @@
 mod input;
 mod install;
 mod keys;
+mod pack;
 mod show;
 mod status;
 mod store;
@@ -63,6 +64,8 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Take over a TPM state whose element names another domain (a deliberate clone)
     Adopt(DomainArg),
+    /// Build an element offline (no libvirt) from a state dir, permall, linear or oVirt file, or this host's kept copy
+    Pack(Box<PackArgs>),
     /// Create a new host key in /etc/virt-tpm-state/keys (new stores use the newest key)
     Keygen,
     /// Re-encrypt the metadata of a domain (or --all) with the newest host key
@@ -163,6 +166,58 @@ pub struct ExtractArgs {
     /// Extract even what `verify` refuses for this domain (another domain's uuid, a TPM version or encryption mismatch)
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// The domain's UUID (the element is bound to it)
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<String>,
+    /// A swtpm state dir holding tpm2-00.permall or tpm-00.permall (or its tpm2/ or tpm1.2/ subdir)
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A swtpm permall file (tpm2-00.permall, tpm-00.permall, or another name with --tpm-version)
+    #[arg(long, value_name = "FILE")]
+    pub permall: Option<PathBuf>,
+    /// swtpm's linear state file (<source type='file'>, Proxmox's tpmstate volume)
+    #[arg(long, value_name = "FILE")]
+    pub linear: Option<PathBuf>,
+    /// oVirt's form: base64 of a tar.xz of the swtpm state dir ("-" for stdin)
+    #[arg(long, value_name = "FILE")]
+    pub ovirt: Option<PathBuf>,
+    /// This host's copy kept at the domain's last stop (the final state of a transient domain)
+    #[arg(long, value_name = "UUID")]
+    pub kept: Option<String>,
+    /// A UEFI variable store (VARS file) to carry beside the TPM
+    #[arg(long, value_name = "FILE")]
+    pub vars: Option<PathBuf>,
+    /// TPM version of the state (default: from the file name; 2.0 for a linear file)
+    #[arg(long, value_name = "VERSION")]
+    pub tpm_version: Option<String>,
+    /// Seal with this host key (its id, 16 hex digits; see --keys)
+    #[arg(long, value_name = "ID", conflicts_with = "plaintext")]
+    pub key: Option<String>,
+    /// Write the state unencrypted (anyone who can read the XML can read the TPM)
+    #[arg(long)]
+    pub plaintext: bool,
+    /// generation attribute
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub generation: u64,
+    /// parent attribute: digest of the state this one follows (default: none)
+    #[arg(long, value_name = "HEX")]
+    pub parent: Option<String>,
+    /// stored attribute, RFC 3339 UTC (default: now)
+    #[arg(long, value_name = "TIME")]
+    pub stored: Option<String>,
+    /// host attribute (default: this host's name)
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// Print this domain XML with the element in its <metadata> (replacing one there) instead of the element ("-" for stdin)
+    #[arg(long, value_name = "DOMAIN.xml")]
+    pub into: Option<PathBuf>,
+    /// Print JSON (docs/JSON.md)
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -384,6 +439,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Restore(a) => show::restore(&ctx, &a),
         Command::Extract(a) => show::extract(&ctx, &a),
         Command::Adopt(a) => store::adopt(&ctx, &a.domain),
+        Command::Pack(a) => {
+            if !a.plaintext && a.key.is_none() && a.kept.is_none() {
+                return Err(CliError::Usage(
+                    "pack needs --key ID (seal with that host key) or --plaintext".into(),
+                ));
+            }
+            pack::pack(&ctx, &a)
+        }
         Command::Keygen => keys::keygen(&ctx),
         Command::Rekey(a) => keys::rekey(&ctx, &a),
         Command::Install(a) => install::install(&ctx, &a),
@@ -391,6 +454,27 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Watch => watch::watch(ctx),
         Command::Status(a) => status::status(&ctx, &a),
     }
+}
+
+/// Writes `s` to stdout. A closed pipe (`show | head`) ends the process
+/// quietly with exit 0: the reader has what it wanted.
+pub fn out(s: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("virt-tpm-state: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`out`]: quiet on a closed pipe.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli::out("\n") };
+    ($($arg:tt)*) => { $crate::cli::out(&format!("{}\n", format_args!($($arg)*))) };
 }
 
 /// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.

@@ -261,7 +261,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         });
     }
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&j).expect("serializable")
         );
@@ -339,48 +339,48 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
         Some(false) => ", shut off",
         None => "",
     };
-    println!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
+    crate::outln!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
     if !j.present {
-        println!("  metadata:    no virt-tpm-state element");
+        crate::outln!("  metadata:    no virt-tpm-state element");
     } else if let Some(key) = &j.missing_key {
-        println!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
+        crate::outln!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
         if let (Some(g), Some(d)) = (j.generation, &j.digest) {
-            println!("  generation:  {g}, digest {}…", &d[..12]);
+            crate::outln!("  generation:  {g}, digest {}…", &d[..12]);
         }
     } else if let Some(e) = &j.error {
-        println!("  metadata:    INVALID: {e}");
+        crate::outln!("  metadata:    INVALID: {e}");
     } else {
-        println!(
+        crate::outln!(
             "  metadata:    valid, format {}",
             j.format.as_deref().unwrap_or("?")
         );
-        println!(
+        crate::outln!(
             "  generation:  {} (parent {})",
             j.generation.unwrap_or(0),
             j.parent
                 .as_deref()
                 .map_or("none".to_string(), |p| format!("{}…", &p[..12]))
         );
-        println!(
+        crate::outln!(
             "  stored:      {} on {}",
             j.stored.as_deref().unwrap_or("?"),
             j.host.as_deref().unwrap_or("?")
         );
-        println!(
+        crate::outln!(
             "  digest:      {}…",
             &j.digest.as_deref().unwrap_or("????????????")[..12]
         );
         if j.belongs_to_domain == Some(false) {
-            println!(
+            crate::outln!(
                 "  owner:       domain {} (a clone: the hook refuses to start with it; see `virt-tpm-state adopt`)",
                 j.element_uuid.as_deref().unwrap_or("?")
             );
         }
         let tpm_files = j.files.iter().filter(|f| f.section == "tpm").count();
         if let Some(v) = &j.tpm_version {
-            println!("  TPM:         {v}, {tpm_files} file(s)");
+            crate::outln!("  TPM:         {v}, {tpm_files} file(s)");
         } else {
-            println!("  TPM:         none (UEFI variables only)");
+            crate::outln!("  TPM:         none (UEFI variables only)");
         }
         for f in &j.files {
             let label = if f.section == "nvram" {
@@ -388,7 +388,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             } else {
                 ""
             };
-            println!(
+            crate::outln!(
                 "    {}  {} bytes  sha256 {}…{label}",
                 f.name,
                 f.size,
@@ -396,7 +396,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             );
         }
         let p = j.protection.as_deref().unwrap_or("none");
-        println!(
+        crate::outln!(
             "  protection:  {}",
             if let Some(ids) = p.strip_prefix("virt-tpm-state:") {
                 format!("encrypted with host key {ids} (readers of the XML without the key see ciphertext)")
@@ -418,7 +418,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             }
             (None, Some(d), None) => format!("digest {}…", &d[..12]),
         };
-        println!("  local state: {what} ({})", l.path);
+        crate::outln!("  local state: {what} ({})", l.path);
     }
 }
 
@@ -466,7 +466,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
             force_metadata: args.force,
         },
     )?;
-    println!("{}", report.summary());
+    crate::outln!("{}", report.summary());
     Ok(())
 }
 
@@ -509,7 +509,7 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     let out = crate::fs::open_user_dir(&args.out, true)?.expect("created");
     for (_, f) in m.state.sections() {
         out.create_new_file(&f.name, &f.data, 0o600)?;
-        println!(
+        crate::outln!(
             "{}  {} bytes  sha256 {}",
             args.out.join(&f.name).display(),
             f.data.len(),

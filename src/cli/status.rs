@@ -156,7 +156,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         domains: rows,
     };
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("serializable")
         );
@@ -185,7 +185,7 @@ fn ago(secs: Option<u64>) -> String {
 
 fn print_table(r: &Report) {
     match &r.daemon {
-        Some(d) => println!(
+        Some(d) => crate::outln!(
             "watch daemon: running (pid {}, since {}){}",
             d.pid,
             d.started,
@@ -194,11 +194,16 @@ fn print_table(r: &Report) {
                 .map(|t| format!(", libvirt unreachable since {t}"))
                 .unwrap_or_default()
         ),
-        None => println!("watch daemon: not running"),
+        None => crate::outln!("watch daemon: not running"),
     }
-    println!(
+    crate::outln!(
         "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
-        "DOMAIN", "STATE", "GEN", "STORED", "LOCAL", "PENDING"
+        "DOMAIN",
+        "STATE",
+        "GEN",
+        "STORED",
+        "LOCAL",
+        "PENDING"
     );
     for row in &r.domains {
         let sync = if row.local_digest.is_none() {
@@ -212,7 +217,7 @@ fn print_table(r: &Report) {
                 if row.alert { " (!)" } else { "" }
             )
         };
-        println!(
+        crate::outln!(
             "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
             row.domain,
             if row.running { "running" } else { "shut off" },
@@ -222,7 +227,7 @@ fn print_table(r: &Report) {
             if row.pending { "yes" } else { "no" }
         );
         if let Some(e) = &row.last_error {
-            println!("  last error: {e}");
+            crate::outln!("  last error: {e}");
         }
     }
 }
