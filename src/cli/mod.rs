@@ -57,7 +57,7 @@ pub enum Command {
     /// Show what the domain's metadata holds
     Show(ShowArgs),
     /// Check the metadata element; exit non-zero when it is absent or invalid
-    Verify(SourceArgs),
+    Verify(VerifyArgs),
     /// Restore the metadata state into the state dir of a stopped domain (what the hook does on start)
     Restore(RestoreArgs),
     /// Write the raw state files out of a saved domain XML
@@ -132,6 +132,15 @@ pub struct SourceArgs {
     /// With a domain: read the persistent definition (dumpxml --inactive)
     #[arg(long)]
     pub inactive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Print the `show --json` object (docs/JSON.md)
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +310,39 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// The stable error kind of docs/JSON.md (`{"error": {"kind", …}}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CliError::Usage(_) => "usage",
+            CliError::DomainXml(_) => "domain-xml",
+            CliError::ReadInput { .. } => "input",
+            CliError::InvalidElement { .. } if self.exit_code() == 19 => "key",
+            CliError::InvalidElement { .. } => "invalid-element",
+            CliError::NoElement(_) => "no-element",
+            CliError::Restore(r) => restore_kind(r),
+            CliError::Fs(e) => fs_kind(e),
+            CliError::Config(_) => "config",
+            CliError::StillChanging { .. } => "not-settled",
+            CliError::TooLarge { .. } => "too-large",
+            CliError::Libvirt(LibvirtError::Connect { .. }) => "connect",
+            CliError::Libvirt(LibvirtError::NoDomain(_)) => "no-domain",
+            CliError::Libvirt(LibvirtError::Denied { .. }) => "denied",
+            CliError::Libvirt(LibvirtError::Call { .. }) => "libvirt",
+            CliError::NoTpm { .. } => "no-tpm",
+            CliError::Running(_) => "running",
+            CliError::HookConflict(_) => "foreign-hook",
+            CliError::Key(_) => "key",
+            CliError::OutOfSync(_) => "out-of-sync",
+        }
+    }
+
+    /// `{"error": {"kind", "exit", "message"}}` (docs/JSON.md).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": error_member(self.kind(), self.exit_code(), &format!("virt-tpm-state: {self}"))
+        })
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
@@ -332,6 +374,40 @@ impl CliError {
     }
 }
 
+/// The kind of a refusal shared with the hook.
+pub(crate) fn restore_kind(r: &RestoreError) -> &'static str {
+    use crate::restore::RestoreError as R;
+    match r {
+        R::DomainXml(_) => "domain-xml",
+        R::Key { .. } => "key",
+        R::InvalidMetadata { .. } => "invalid-element",
+        R::VersionMismatch { .. } | R::UnknownTpmVersion { .. } => "tpm-version",
+        R::EncryptionMismatch { .. } => "swtpm-encryption",
+        R::UnsupportedSource { .. } => "unsupported-source",
+        R::Clone { .. } => "clone",
+        R::Conflict { .. } => "conflict",
+        R::Fs { source, .. } => fs_kind(source),
+    }
+}
+
+/// `{kind, exit, message}`: the member of `{"error": …}`.
+pub(crate) fn error_member(kind: &str, exit: u8, message: &str) -> serde_json::Value {
+    serde_json::json!({ "kind": kind, "exit": exit, "message": message })
+}
+
+fn fs_kind(e: &FsError) -> &'static str {
+    match e.exit_code() {
+        7 => "unsafe-path",
+        9 => "lock-timeout",
+        _ => "filesystem",
+    }
+}
+
+/// Set once a command has printed its JSON object on stdout, whose
+/// `error` member then already carries the failure (`show`, `verify`).
+pub(crate) static JSON_PRINTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Context every subcommand gets.
 pub struct Ctx {
     pub paths: Paths,
@@ -345,7 +421,26 @@ pub fn main() -> ExitCode {
     // Nothing this process creates is ever more open than it sets it.
     crate::fs::restrict_umask();
     crate::logging::install_panic_hook("virt-tpm-state");
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if e.use_stderr() && std::env::args().any(|a| a == "--json") {
+                let rendered = e.render().to_string();
+                let first = rendered.lines().next().unwrap_or("usage error");
+                let err = CliError::Usage(first.trim_start_matches("error: ").to_string());
+                out(&format!("{}\n", err.json()));
+            }
+            e.exit()
+        }
+    };
+    let json = match &cli.command {
+        Command::Show(a) => a.json,
+        Command::Verify(a) => a.json,
+        Command::Store(a) => a.json,
+        Command::Status(a) => a.json,
+        Command::Pack(a) => a.json,
+        _ => false,
+    };
     let after_stop = matches!(&cli.command, Command::Store(s) if s.after_stop);
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
@@ -377,6 +472,9 @@ pub fn main() -> ExitCode {
                 crate::logging::report_error(&format!("virt-tpm-state: {e}"));
             } else {
                 eprintln!("virt-tpm-state: {e}");
+                if json && !JSON_PRINTED.load(std::sync::atomic::Ordering::SeqCst) {
+                    out(&format!("{}\n", e.json()));
+                }
             }
             ExitCode::from(e.exit_code())
         }
@@ -431,8 +529,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Verify(a) => show::show(
             &ctx,
             &ShowArgs {
-                source: a,
-                json: false,
+                source: a.source,
+                json: a.json,
                 check: true,
             },
         ),

@@ -90,7 +90,8 @@ struct ShowJson {
     source: String,
     present: bool,
     valid: bool,
-    error: Option<String>,
+    /// Why the reader refuses (or the check failed): `{kind, exit, message}`.
+    error: Option<serde_json::Value>,
     format: Option<String>,
     element_uuid: Option<String>,
     belongs_to_domain: Option<bool>,
@@ -178,7 +179,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         source: src.from.clone(),
         present: decoded.is_some(),
         valid: matches!(decoded, Some(Ok(_))) && refused.is_none(),
-        error: refused.as_ref().map(|e| e.to_string()),
+        error: None,
         format: info
             .metadata
             .as_ref()
@@ -222,7 +223,21 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 .collect();
         }
         Some(Err(e)) => {
-            j.error = Some(e.to_string());
+            let key = matches!(
+                e,
+                FormatError::MissingKey { .. }
+                    | FormatError::UnusableKey { .. }
+                    | FormatError::Decrypt { .. }
+            );
+            j.error = Some(super::error_member(
+                if key { "key" } else { "invalid-element" },
+                if key { 19 } else { 4 },
+                &format!(
+                    "virt-tpm-state: VM {} ({}): the TPM state element is invalid: {e}",
+                    shown_name(&info.name),
+                    src.from
+                ),
+            ));
             if let FormatError::MissingKey { key_id, .. }
             | FormatError::UnusableKey { key_id, .. } = e
             {
@@ -237,6 +252,29 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 j.parent = p.parent.map(|x| x.hex());
                 j.stored = Some(p.stored);
                 j.host = Some(p.host);
+            }
+            // Sections and files are readable without keys (their
+            // attributes are in clear).
+            if let Some(el) = info.metadata.as_ref() {
+                for sec in &el.children {
+                    let section = match sec.name.as_str() {
+                        "tpm" => {
+                            j.tpm_version = sec.attr("version").map(str::to_string);
+                            "tpm"
+                        }
+                        "nvram" => "nvram",
+                        _ => continue,
+                    };
+                    for f in sec.children.iter().filter(|f| f.name == "file") {
+                        j.files.push(FileJson {
+                            section,
+                            name: f.attr("name").unwrap_or_default().to_string(),
+                            size: f.attr("size").and_then(|s| s.parse().ok()).unwrap_or(0),
+                            sha256: f.attr("sha256").unwrap_or_default().to_string(),
+                            swtpm_encrypted: false,
+                        });
+                    }
+                }
             }
         }
         None => {}
@@ -260,11 +298,37 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
             },
         });
     }
+    if let (None, Some(e)) = (&j.error, &refused) {
+        j.error = Some(super::error_member(
+            super::restore_kind(e),
+            e.exit_code(),
+            &format!("virt-tpm-state: {e}"),
+        ));
+    }
+    if let (true, None) = (args.check, &info.metadata) {
+        j.error = Some(
+            CliError::NoElement(format!(
+                "VM {}: no TPM state element (namespace {}) in {}",
+                shown_name(&info.name),
+                ctx.config.namespace,
+                src.from
+            ))
+            .json()["error"]
+                .clone(),
+        );
+    }
+    if j.stored.as_deref() == Some("") {
+        j.stored = None;
+    }
+    if j.host.as_deref() == Some("") {
+        j.host = None;
+    }
     if args.json {
         crate::outln!(
             "{}",
             serde_json::to_string_pretty(&j).expect("serializable")
         );
+        super::JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
     } else {
         print_human(&j, src.active);
     }
@@ -348,7 +412,11 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             crate::outln!("  generation:  {g}, digest {}…", &d[..12]);
         }
     } else if let Some(e) = &j.error {
-        crate::outln!("  metadata:    INVALID: {e}");
+        let m = e["message"].as_str().unwrap_or("");
+        crate::outln!(
+            "  metadata:    INVALID: {}",
+            m.strip_prefix("virt-tpm-state: ").unwrap_or(m)
+        );
     } else {
         crate::outln!(
             "  metadata:    valid, format {}",
