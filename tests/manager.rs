@@ -691,3 +691,183 @@ fn a_closed_stdout_is_quiet() {
         assert!(o.stderr.is_empty(), "{cmd}: {}", stderr(&o));
     }
 }
+
+fn tool_or_skip(test: &str, probe: &[&str]) -> bool {
+    let ok = Command::new(probe[0])
+        .args(&probe[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: {probe:?} unavailable under CI"
+        );
+        eprintln!("SKIP {test}: {probe:?} unavailable");
+    }
+    ok
+}
+
+fn python_reader() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/python/virt_tpm_state.py")
+}
+
+/// contrib/python/virt_tpm_state.py gives the Rust reader's exit code on
+/// every vector (0 exactly when it accepts), with the vector keys.
+#[test]
+fn python_reference_reader_agrees_on_every_vector() {
+    if !tool_or_skip(
+        "python_reference_reader_agrees_on_every_vector",
+        &["python3", "-c", "import cryptography"],
+    ) {
+        return;
+    }
+    let mut failures = Vec::new();
+    for v in vectors() {
+        let want = expected_exit(&expectation(&v));
+        let o = Command::new("python3")
+            .arg(python_reader())
+            .args(["verify", "--keys"])
+            .arg(vectors_dir().join("keys"))
+            .arg(&v)
+            .output()
+            .unwrap();
+        if o.status.code() != Some(want as i32) {
+            failures.push(format!(
+                "{}: python exit {:?}, want {want}: {}",
+                v.display(),
+                o.status.code(),
+                stderr(&o)
+            ));
+        }
+    }
+    // And on what `pack` writes, sealed and plain, as a bare element.
+    let env = Env::new();
+    let (d, _) = tpm2_state(&env);
+    let keys = env.keys();
+    for protect in [vec!["--plaintext"], vec!["--key", "f01e608db5c1c5c4"]] {
+        let mut args = vec![
+            "pack",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--uuid",
+            "6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11",
+            "--state-dir",
+            d.to_str().unwrap(),
+        ];
+        args.extend(&protect);
+        let el = env.run(&args, None).stdout;
+        let mut c = Command::new("python3")
+            .arg(python_reader())
+            .args(["verify", "--keys"])
+            .arg(&keys)
+            .arg("-")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(&el).unwrap();
+        let o = c.wait_with_output().unwrap();
+        if !o.status.success() {
+            failures.push(format!("pack {protect:?}: python refuses: {}", stderr(&o)));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Vectors whose element is structurally invalid: schema/virt-tpm-state.rng
+/// rejects them. Every other element (valid, or refused only for what a
+/// schema cannot see: digests, gzip, keys, the domain) validates.
+const SCHEMA_INVALID: &[&str] = &[
+    "refused-bad-base64",
+    "refused-base64-missing-padding",
+    "refused-base64-nonzero-padding-bits",
+    "refused-base64-url-alphabet",
+    "refused-digest-uppercase-hex",
+    "refused-duplicate-file",
+    "refused-element-inside-file",
+    "refused-encrypted-bad-nonce-length",
+    "refused-encrypted-key-id-uppercase",
+    "refused-encrypted-missing-nonce",
+    "refused-encrypted-wrapped-key-truncated",
+    "refused-name-other-version",
+    "refused-name-traversal",
+    "refused-name-volatilestate",
+    "refused-nvram-file-in-tpm-section",
+    "refused-nvram-name-other",
+    "refused-nvram-no-file",
+    "refused-tpm-version-3.0",
+    "refused-two-nvram-sections",
+    "refused-two-tpm-sections",
+    "refused-unknown-encoding",
+    "refused-unknown-format",
+    "refused-unknown-section",
+    "refused-uuid-newline-reference",
+    "refused-uuid-padded",
+];
+
+#[test]
+fn relaxng_schema_agrees_with_the_reader_on_every_vector() {
+    if !tool_or_skip("relaxng_schema", &["xmllint", "--version"])
+        || !tool_or_skip("relaxng_schema", &["python3", "-c", "pass"])
+    {
+        return;
+    }
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/virt-tpm-state.rng");
+    let tmp = tempfile::tempdir().unwrap();
+    let validate = |el: &Path| -> bool {
+        Command::new("xmllint")
+            .args(["--noout", "--relaxng"])
+            .arg(&schema)
+            .arg(el)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let mut failures = Vec::new();
+    let (mut valid, mut invalid) = (0, 0);
+    for v in vectors() {
+        let stem = v.file_stem().unwrap().to_string_lossy().into_owned();
+        let expect = expectation(&v);
+        // No element, or a domain refused before its element is read.
+        if expect == "none" || expect.ends_with("Doctype") || expect.ends_with("DuplicateMetadata")
+        {
+            continue;
+        }
+        // The element alone and namespaced, cut out by Python's parser
+        // (an implementation independent of the Rust reader).
+        let o = Command::new("python3")
+            .arg(python_reader())
+            .arg("element")
+            .arg(&v)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{stem}: {}", stderr(&o));
+        let el = tmp.path().join(format!("{stem}.xml"));
+        std::fs::write(&el, &o.stdout).unwrap();
+        let want = !SCHEMA_INVALID.contains(&stem.as_str());
+        if want != validate(&el) {
+            failures.push(format!("{stem}: schema says {}, want {want}", !want));
+        }
+        if want {
+            valid += 1;
+        } else {
+            invalid += 1;
+        }
+    }
+    // The writer vectors' elements, as written.
+    for case in std::fs::read_dir(vectors_dir().join("writer")).unwrap() {
+        let el = case.unwrap().path().join("element.xml");
+        if !validate(&el) {
+            failures.push(format!("{}: invalid", el.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        valid >= 20 && invalid >= 20,
+        "{valid} valid, {invalid} invalid"
+    );
+}
