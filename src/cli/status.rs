@@ -40,6 +40,8 @@ struct Report {
     daemon: Option<DaemonStatus>,
     max_lag_secs: u64,
     domains: Vec<Row>,
+    /// Set when the command fails (exit 20): `{kind, exit, message}`.
+    error: Option<serde_json::Value>,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -150,26 +152,30 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         .filter(|r| r.alert)
         .map(|r| shown_name(&r.domain))
         .collect();
+    let failure = (!late.is_empty()).then(|| {
+        CliError::OutOfSync(format!(
+            "out of sync for more than {max_lag} s: {}",
+            late.join(", ")
+        ))
+    });
     let report = Report {
         daemon,
         max_lag_secs: max_lag,
         domains: rows,
+        error: failure.as_ref().map(|e| e.json()["error"].clone()),
     };
     if args.json {
         crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("serializable")
         );
+        super::JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
     } else {
         print_table(&report);
     }
-    if late.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::OutOfSync(format!(
-            "out of sync for more than {max_lag} s: {}",
-            late.join(", ")
-        )))
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(e),
     }
 }
 
