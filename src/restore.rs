@@ -299,7 +299,10 @@ pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carr
 
 /// The emulated TPM's version, if the domain has an emulated TPM.
 pub fn domain_tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, RestoreError> {
-    match info.emulated_tpm().and_then(|t| t.version()) {
+    match info
+        .emulated_tpm()
+        .and_then(|t| t.version_on(info.os.arch.as_deref()))
+    {
         None => Ok(None),
         Some(Ok(v)) => Ok(Some(v)),
         Some(Err(v)) => Err(RestoreError::UnknownTpmVersion {

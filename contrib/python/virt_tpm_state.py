@@ -307,7 +307,13 @@ def domain_tpm(dom):
             continue
         version = backend.get("version")
         if version is None:
-            version = "2.0" if tpm.get("model") == "tpm-crb" else "1.2"
+            # libvirt's default: 1.2 only for tpm-tis on x86, else 2.0; the
+            # model defaults to tpm-spapr on ppc64, tpm-tis elsewhere.
+            arch = dom.find("os/type")
+            arch = arch.get("arch") if arch is not None else None
+            x86 = arch in (None, "x86_64", "i686")
+            model = tpm.get("model") or ("tpm-spapr" if (arch or "").startswith("ppc64") else "tpm-tis")
+            version = "1.2" if model == "tpm-tis" and x86 else "2.0"
         enc = backend.find("encryption")
         return version, enc is not None and enc.get("secret") is not None
     return None
