@@ -563,10 +563,21 @@ fn attributes(
         let key = std::str::from_utf8(a.key.as_ref())
             .map_err(|_| at("a name that is not UTF-8"))?
             .to_string();
-        let value = a
-            .decode_and_unescape_value(reader.decoder())
-            .map_err(|e| at(describe(&e)))?
-            .into_owned();
+        // XML 1.0 §3.3.3 (what libxml2, and so libvirt, does): a literal
+        // tab, newline or carriage return (CR LF counts once) in an
+        // attribute value is a space; character references stay what they
+        // name.
+        let value = if a.value.iter().any(|b| matches!(b, b'\t' | b'\n' | b'\r')) {
+            let raw = std::str::from_utf8(&a.value).map_err(|_| at("text that is not UTF-8"))?;
+            let normalized = raw.replace("\r\n", " ").replace(['\t', '\n', '\r'], " ");
+            quick_xml::escape::unescape(&normalized)
+                .map_err(|_| at("an invalid character or entity reference"))?
+                .into_owned()
+        } else {
+            a.decode_and_unescape_value(reader.decoder())
+                .map_err(|e| at(describe(&e)))?
+                .into_owned()
+        };
         if !value.chars().all(xml_char) {
             return Err(at(
                 "a character reference to a character XML does not allow",
@@ -815,12 +826,13 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
-        // Tab, newline and CR are characters, raw or as references.
+        // Tab, newline and CR are characters: kept as references, spaces
+        // when literal (XML 1.0 §3.3.3, as libxml2 reads them).
         let xml = domain(&format!(
             "<metadata><vts:state xmlns:vts='{NS}' host='a&#9;&#10;&#13;b\t'/></metadata>"
         ));
         let m = parse_domain(xml.as_bytes(), NS).unwrap().metadata.unwrap();
-        assert_eq!(m.attr("host"), Some("a\t\n\rb\t"));
+        assert_eq!(m.attr("host"), Some("a\t\n\rb "));
     }
 
     #[test]
@@ -921,5 +933,14 @@ mod tests {
             <devices><tpm model="tpm-tis"><backend type="emulator"/></tpm></devices></domain>"#;
         let d = parse_domain(xml, crate::format::NAMESPACE_URI).unwrap();
         assert_eq!(d.os.arch.as_deref(), Some("aarch64"));
+    }
+
+    #[test]
+    fn attribute_values_are_normalised_as_xml_says() {
+        let xml = "<domain><name>a</name><uuid>1b4e28ba-2fa1-41d2-883f-0016d3cca427</uuid><metadata><s:state xmlns:s=\"urn:virt-tpm-state:1\" host=\"a\tb\r\nc\nd&#10;e&#9;f\" stored=\"x\ry\"/></metadata></domain>";
+        let d = parse_domain(xml.as_bytes(), crate::format::NAMESPACE_URI).unwrap();
+        let el = d.metadata.unwrap();
+        assert_eq!(el.attr("host"), Some("a b c d\ne\tf"));
+        assert_eq!(el.attr("stored"), Some("x y"));
     }
 }
