@@ -871,3 +871,47 @@ fn relaxng_schema_agrees_with_the_reader_on_every_vector() {
         "{valid} valid, {invalid} invalid"
     );
 }
+
+/// `pack --into` over an element continues its chain as `store` would.
+#[test]
+fn pack_into_continues_the_generation_chain() {
+    let env = Env::new();
+    let (d, _) = tpm2_state(&env);
+    let fixture = scratch::fixture_xml().replace("urn:virt-tpm-state:1", "urn:example:other");
+    let uuid = scratch::fixture_uuid(&fixture);
+    let f = env.path("dom.xml");
+    std::fs::write(&f, &fixture).unwrap();
+    let pack = |extra: &[&str]| -> (String, serde_json::Value) {
+        let mut args = vec![
+            "pack",
+            "--uuid",
+            &uuid,
+            "--state-dir",
+            d.to_str().unwrap(),
+            "--plaintext",
+            "--into",
+            f.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = env.run(&args, None);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let xml = String::from_utf8(o.stdout).unwrap();
+        let j = show_json(&env, xml.as_bytes(), &[]);
+        std::fs::write(&f, &xml).unwrap();
+        (xml, j)
+    };
+    let (_, j1) = pack(&[]);
+    assert_eq!(j1["generation"], 1);
+    assert!(j1["parent"].is_null());
+    // The same state again: unchanged provenance chain.
+    let (_, j2) = pack(&[]);
+    assert_eq!(j2["generation"], 1);
+    // Another state (VARS added): the next generation over the old digest.
+    let vars = d.join("VARS.fd");
+    let (_, j3) = pack(&["--vars", vars.to_str().unwrap()]);
+    assert_eq!(j3["generation"], 2);
+    assert_eq!(j3["parent"], j1["digest"]);
+    // An explicit --generation wins.
+    let (_, j4) = pack(&["--generation", "7"]);
+    assert_eq!(j4["generation"], 7);
+}

@@ -209,10 +209,10 @@ pub struct PackArgs {
     /// Write the state unencrypted (anyone who can read the XML can read the TPM)
     #[arg(long)]
     pub plaintext: bool,
-    /// generation attribute
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub generation: u64,
-    /// parent attribute: digest of the state this one follows (default: none)
+    /// generation attribute (default: 1, or with --into over an element, its generation + 1)
+    #[arg(long, value_name = "N")]
+    pub generation: Option<u64>,
+    /// parent attribute: digest of the state this one follows (default: none, or with --into the replaced element's digest)
     #[arg(long, value_name = "HEX")]
     pub parent: Option<String>,
     /// stored attribute, RFC 3339 UTC (default: now)

@@ -286,16 +286,35 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
         return Err(usage("the VARS file is empty"));
     }
 
+    // With --into over an element, the chain continues as `store` continues
+    // it: the next generation, over that element's digest (the same state
+    // keeps its generation and parent).
+    let into = match &args.into {
+        Some(path) => Some((path, read_input(path)?)),
+        None => None,
+    };
+    let previous = match &into {
+        Some((_, bytes)) => crate::domain::parse_domain(bytes, &ctx.config.namespace)?
+            .metadata
+            .as_ref()
+            .and_then(|el| crate::format::read_header(el).ok()),
+        None => None,
+    };
+    let (default_generation, default_parent) = match &previous {
+        Some((p, d)) if *d == state.digest() => (p.generation, p.parent),
+        Some((p, d)) => (p.generation.saturating_add(1), Some(*d)),
+        None => (1, None),
+    };
     let parent =
         match &args.parent {
             Some(p) => Some(Sha256Sum::parse_hex(p).ok_or_else(|| {
                 usage(format!("--parent {p:?}: expected 64 lowercase hex digits"))
             })?),
-            None => None,
+            None => default_parent,
         };
     let provenance = Provenance {
         uuid: uuid.clone(),
-        generation: args.generation,
+        generation: args.generation.unwrap_or(default_generation),
         parent,
         stored: match &args.stored {
             Some(s) => {
@@ -376,8 +395,8 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
     };
     let element = encode_with(&state, &provenance, Style::Standalone, protection);
 
-    let domain_xml = match &args.into {
-        Some(path) => Some(insert_into(ctx, path, &uuid, &element)?),
+    let domain_xml = match &into {
+        Some((path, bytes)) => Some(insert_into(ctx, path, bytes, &uuid, &element)?),
         None => None,
     };
     if args.json {
@@ -420,13 +439,13 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
 fn insert_into(
     ctx: &Ctx,
     path: &Path,
+    bytes: &[u8],
     uuid: &DomainUuid,
     element: &str,
 ) -> Result<String, CliError> {
     use quick_xml::events::Event;
     use quick_xml::name::ResolveResult;
-    let bytes = read_input(path)?;
-    let info = crate::domain::parse_domain(&bytes, &ctx.config.namespace)?;
+    let info = crate::domain::parse_domain(bytes, &ctx.config.namespace)?;
     if &info.uuid != uuid {
         return Err(CliError::Restore(crate::restore::RestoreError::Clone {
             name: crate::restore::shown_name(&info.name),
@@ -435,7 +454,7 @@ fn insert_into(
             ns: ctx.config.namespace.clone(),
         }));
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad_input(path, "not UTF-8"))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| bad_input(path, "not UTF-8"))?;
     // Byte spans from quick-xml's own positions: where `<metadata>` opens
     // and closes (or is empty), our element in it, and `</domain>`.
     let mut reader = quick_xml::reader::NsReader::from_str(text);
