@@ -915,3 +915,49 @@ fn pack_into_continues_the_generation_chain() {
     let (_, j4) = pack(&["--generation", "7"]);
     assert_eq!(j4["generation"], 7);
 }
+
+/// `pack --bare` prints exactly what `store` hands to virDomainSetMetadata
+/// for the same input (`format::encode`, `Style::ForSetMetadata`).
+#[test]
+fn pack_bare_is_what_store_passes_to_libvirt() {
+    use virt_tpm_state::format::{encode, Provenance, Style};
+    use virt_tpm_state::state::{
+        DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion,
+    };
+    let env = Env::new();
+    let case = vectors_dir().join("writer/tpm2-vars-first");
+    let args = std::fs::read_to_string(case.join("args")).unwrap();
+    let words: Vec<&str> = args.split_whitespace().collect();
+    let val = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1];
+    let mut argv = vec!["pack", "--bare"];
+    argv.extend(&words);
+    let o = Command::new(CLI)
+        .args(&argv)
+        .current_dir(&case)
+        .env("VIRT_TPM_STATE_ROOT", env.path("root"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let state = MachineState::new(
+        Some(TpmState::new(
+            TpmVersion::V2_0,
+            vec![StateFile {
+                name: "tpm2-00.permall".into(),
+                data: std::fs::read(case.join("tpm2-00.permall")).unwrap(),
+            }],
+        )),
+        Some(std::fs::read(case.join("VARS.fd")).unwrap()),
+    );
+    let prov = Provenance {
+        uuid: DomainUuid::parse(val("--uuid")).unwrap(),
+        generation: val("--generation").parse().unwrap(),
+        parent: words
+            .contains(&"--parent")
+            .then(|| Sha256Sum::parse_hex(val("--parent")).unwrap()),
+        stored: val("--stored").into(),
+        host: val("--host").into(),
+    };
+    let want = format!("{}\n", encode(&state, &prov, Style::ForSetMetadata));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), want);
+    assert!(!want.contains("vts:") && !want.contains("xmlns"));
+}

@@ -224,6 +224,10 @@ pub struct PackArgs {
     /// Print this domain XML with the element in its <metadata> (replacing one there) instead of the element ("-" for stdin)
     #[arg(long, value_name = "DOMAIN.xml")]
     pub into: Option<PathBuf>,
+    /// Print the element as `store` passes it to virDomainSetMetadata (no prefix, no namespace,
+    /// compact; key "vts", uri "urn:virt-tpm-state:1"), byte for byte
+    #[arg(long, conflicts_with = "into")]
+    pub bare: bool,
     /// Print JSON (docs/JSON.md)
     #[arg(long)]
     pub json: bool,

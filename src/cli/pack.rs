@@ -5,7 +5,7 @@
 //! domain). The encoder is `store`'s own ([`crate::format::encode_with`]).
 
 use super::{read_input, CliError, Ctx, PackArgs};
-use crate::format::{encode_with, Protection, Provenance, Style, NAMESPACE_PREFIX};
+use crate::format::{encode_with, Protection, Provenance, Style};
 use crate::fs::{keys_dir, load_keyring, open_user_dir, HostData};
 use crate::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 use crate::swtpm::check_header;
@@ -393,7 +393,12 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
             format!("virt-tpm-state:{}", chosen.0.as_str()),
         )
     };
-    let element = encode_with(&state, &provenance, Style::Standalone, protection);
+    let style = if args.bare {
+        Style::ForSetMetadata
+    } else {
+        Style::Standalone
+    };
+    let element = encode_with(&state, &provenance, style, protection);
 
     let domain_xml = match &into {
         Some((path, bytes)) => Some(insert_into(ctx, path, bytes, &uuid, &element)?),
@@ -546,6 +551,5 @@ fn insert_into(
             path.display()
         )));
     }
-    let _ = NAMESPACE_PREFIX;
     Ok(out)
 }
