@@ -8,9 +8,9 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use virt_tpm_state::cli::input::parse_input;
 use virt_tpm_state::envelope::{Keyring, SecretKey, KEY_LEN};
 use virt_tpm_state::format::{decode_with_keys, DecodeLimits, NAMESPACE_URI};
+use virt_tpm_state::input::parse_input;
 use virt_tpm_state::restore::reader_check;
 
 /// Fewer vectors than this means the directory lost some: fail.

@@ -2,7 +2,6 @@
 //! function per subcommand, and the error type that maps every failure to a
 //! documented exit code. The binary only calls [`main`].
 
-pub mod input;
 mod install;
 mod keys;
 mod pack;

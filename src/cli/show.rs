@@ -1,12 +1,12 @@
 //! `show`/`verify`, `restore` and `extract`: reading the element, and the
 //! hook's prepare logic run by hand.
 
-use super::input::parse_input;
 use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, SourceArgs};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::fs::load_keyring;
 use crate::fs::HostData;
+use crate::input::parse_input;
 use crate::libvirt::Libvirt;
 use crate::restore::{carried, prepare_domain, reader_check, shown_name, PrepareOptions};
 use crate::swtpm::check_header;

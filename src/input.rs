@@ -1,4 +1,4 @@
-//! The forms an XML input may take (docs/FORMAT.md §2.1): a full domain XML,
+//! The forms an XML input of the CLI may take (docs/FORMAT.md §2.1): a full domain XML,
 //! our element on its own in our namespace (`virsh dumpxml` cut down, a
 //! manager's database), or the namespace-less element that
 //! `virDomainGetMetadata` / `virsh metadata` return.
