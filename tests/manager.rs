@@ -961,3 +961,115 @@ fn pack_bare_is_what_store_passes_to_libvirt() {
     assert_eq!(String::from_utf8(o.stdout).unwrap(), want);
     assert!(!want.contains("vts:") && !want.contains("xmlns"));
 }
+
+/// `--keys DIR`: a dir others can write is refused (7) before any key is
+/// read; commands that neither open nor seal refuse the flag (2); `pack
+/// --json` prints the documented object.
+#[test]
+fn keys_dir_rules_and_pack_json() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::new();
+    let v = vectors_dir().join("ok-encrypted.xml");
+    let keys = env.keys();
+    let o = env.run(
+        &[
+            "verify",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--xml",
+            v.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Without --keys the scratch host has no key: 19.
+    let o = env.run(&["verify", "--xml", v.to_str().unwrap()], None);
+    assert_eq!(code(&o), 19, "{}", stderr(&o));
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for args in [
+        vec![
+            "verify",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--xml",
+            v.to_str().unwrap(),
+        ],
+        vec![
+            "extract",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--xml",
+            v.to_str().unwrap(),
+            "--out",
+            "/nonexistent/x",
+        ],
+    ] {
+        let o = env.run(&args, None);
+        assert_eq!(code(&o), 7, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("chmod 700"), "{}", stderr(&o));
+    }
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let missing = env.path("no-such-keys");
+    let o = env.run(
+        &[
+            "verify",
+            "--keys",
+            missing.to_str().unwrap(),
+            "--xml",
+            v.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    let o = env.run(&["keygen", "--keys", keys.to_str().unwrap()], None);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+
+    let (d, st) = tpm2_state(&env);
+    let o = env.run(
+        &[
+            "pack",
+            "--json",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--key",
+            "a969ca0c7ba0a7cb",
+            "--uuid",
+            "6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11",
+            "--state-dir",
+            d.to_str().unwrap(),
+            "--vars",
+            d.join("VARS.fd").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let obj = j.as_object().unwrap();
+    for k in [
+        "uuid",
+        "generation",
+        "digest",
+        "parent",
+        "stored",
+        "host",
+        "tpm_version",
+        "files",
+        "protection",
+        "element",
+        "domain_xml",
+    ] {
+        assert!(obj.contains_key(k), "pack --json lacks {k}");
+    }
+    assert_eq!(j["digest"].as_str().unwrap(), st.digest());
+    assert_eq!(j["protection"], "virt-tpm-state:a969ca0c7ba0a7cb");
+    assert_eq!(j["files"].as_array().unwrap().len(), 2);
+    assert!(j["parent"].is_null() && j["domain_xml"].is_null());
+    // The element it carries is what the reader accepts.
+    let shown = show_json(
+        &env,
+        j["element"].as_str().unwrap().as_bytes(),
+        &["--keys", keys.to_str().unwrap()],
+    );
+    assert_eq!(shown["valid"], true, "{shown}");
+    assert_eq!(shown["digest"], j["digest"]);
+}

@@ -149,8 +149,11 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
             }
             k
         }
-        // A keys dir others can write is refused, never read around.
-        Some(Err(e)) if e.exit_code() == 7 => return Err(e.into()),
+        // A keys dir others can write is refused, never read around; so is
+        // a dir named with --keys that cannot be opened.
+        Some(Err(e)) if e.exit_code() == 7 || ctx.paths.keys_override().is_some() => {
+            return Err(e.into())
+        }
         Some(Err(e)) => {
             log::warn!("host keys not loaded: {e}");
             Default::default()
