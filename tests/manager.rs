@@ -1073,3 +1073,64 @@ fn keys_dir_rules_and_pack_json() {
     assert_eq!(shown["valid"], true, "{shown}");
     assert_eq!(shown["digest"], j["digest"]);
 }
+
+/// The domain fixtures (`fixtures/domains/`): the CLI, the Python reader and
+/// (where there is an element) the schema agree on each.
+#[test]
+fn fixtures_agree_across_the_three_readers() {
+    if !tool_or_skip("fixtures_agree", &["xmllint", "--version"])
+        || !tool_or_skip("fixtures_agree", &["python3", "-c", "import cryptography"])
+    {
+        return;
+    }
+    let env = Env::new();
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/virt-tpm-state.rng");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/domains");
+    let mut n = 0;
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().map_or(true, |x| x != "xml") {
+            continue;
+        }
+        let rust = code(&env.run(&["verify", "--xml", f.to_str().unwrap()], None));
+        let py = Command::new("python3")
+            .arg(python_reader())
+            .arg("verify")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert_eq!(
+            py.status.code(),
+            Some(rust as i32),
+            "{}: {}",
+            f.display(),
+            stderr(&py)
+        );
+        let el = Command::new("python3")
+            .arg(python_reader())
+            .arg("element")
+            .arg(&f)
+            .output()
+            .unwrap();
+        if el.status.success() {
+            let tmp = env.path("fixture-element.xml");
+            std::fs::write(&tmp, &el.stdout).unwrap();
+            let ok = Command::new("xmllint")
+                .args(["--noout", "--relaxng"])
+                .arg(&schema)
+                .arg(&tmp)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert_eq!(
+                ok,
+                rust == 0,
+                "{}: schema {ok}, CLI exit {rust}",
+                f.display()
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no fixture with an element");
+}
