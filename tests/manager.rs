@@ -367,7 +367,7 @@ fn pack_reads_every_source_and_seals_with_a_named_key() {
                 "2.0",
                 "--plaintext",
             ],
-            2,
+            3,
         ),
         (
             vec!["pack", "--uuid", uuid, "--linear", &vars, "--plaintext"],

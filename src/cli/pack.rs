@@ -274,16 +274,16 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
     };
     if let Some(t) = &state.tpm {
         for f in t.files() {
-            check_header(&f.data).map_err(|e| {
-                CliError::Usage(format!(
-                    "{} is not a swtpm state file ({e}); nothing was written",
-                    f.name
-                ))
-            })?;
+            if let Err(e) = check_header(&f.data) {
+                return Err(bad_input(
+                    Path::new(&f.name),
+                    format!("not a swtpm state file ({e}); nothing was written"),
+                ));
+            }
         }
     }
     if state.nvram.as_ref().is_some_and(|v| v.data.is_empty()) {
-        return Err(usage("the VARS file is empty"));
+        return Err(bad_input(Path::new("VARS.fd"), "the VARS file is empty"));
     }
 
     // With --into over an element, the chain continues as `store` continues
