@@ -865,6 +865,134 @@ fn main() {
         );
     }
 
+    // ------------------------------------------------------------ #19
+    {
+        // The uuid attribute is canonical: no whitespace around it, neither
+        // literal nor as a character reference.
+        let e = replace_once(
+            &el2,
+            &format!("uuid=\"{UUID}\""),
+            &format!("uuid=\" {UUID} \""),
+        );
+        add(
+            "refused-uuid-padded",
+            domain("refused BadAttribute", v2, &e),
+        );
+        let e = replace_once(
+            &el2,
+            &format!("uuid=\"{UUID}\""),
+            &format!("uuid=\"{UUID}&#10;\""),
+        );
+        add(
+            "refused-uuid-newline-reference",
+            domain("refused BadAttribute", v2, &e),
+        );
+    }
+    {
+        // Attributes this reader does not know are ignored (a later minor
+        // revision may add informational ones); unknown elements are not.
+        let e = replace_once(
+            &el2,
+            " format=\"1\"",
+            " format=\"1\" comment=\"added by a manager\"",
+        );
+        let e = replace_once(&e, "<vts:file ", "<vts:file origin=\"import\" ");
+        add("ok-unknown-attributes", domain(&ok2, v2, &e));
+    }
+    {
+        // Base64 whose padding bits are not zero: non-canonical, refused
+        // (RFC 4648 §3.5 lets decoders reject it; this format does).
+        let raw = STANDARD.decode(&b64).unwrap();
+        assert!(raw.len() % 3 != 0, "payload length leaves padding");
+        let mut chars: Vec<u8> = b64.trim_end_matches('=').bytes().collect();
+        let last = chars.pop().unwrap();
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let idx = alphabet.iter().position(|&c| c == last).unwrap();
+        chars.push(alphabet[idx | 1]);
+        let pad = b64.len() - b64.trim_end_matches('=').len();
+        let bad = format!("{}{}", String::from_utf8(chars).unwrap(), "=".repeat(pad));
+        assert_ne!(bad, b64);
+        let e = replace_once(&el2, &b64, &bad);
+        add(
+            "refused-base64-nonzero-padding-bits",
+            domain("refused BadBase64", v2, &e),
+        );
+    }
+    {
+        // A TPM 1.2 state in a domain whose emulated TPM is 2.0: a reader
+        // that knows the domain refuses it (restoring it would start a TPM
+        // swtpm cannot read).
+        let body = domain("refused VersionMismatch", TpmVersion::V1_2, &el12);
+        let body = body
+            .replace("version='1.2'", "version='2.0'")
+            .replace("tpm-tis", "tpm-crb");
+        add("refused-tpm-version-mismatch", body);
+    }
+    {
+        // The bare element: what `virDomainGetMetadata` / `virsh metadata`
+        // return (no prefix, no namespace), and the namespaced element cut
+        // out of a domain. No domain to check the uuid against.
+        let bare = encode(&s2, &prov, Style::ForSetMetadata);
+        add(
+            "ok-bare-namespace-less",
+            format!("<!-- expect: {ok2} -->\n{bare}\n"),
+        );
+        add(
+            "ok-bare-namespaced",
+            format!("<!-- expect: {ok2} -->\n{el2}\n"),
+        );
+    }
+
+    // Writer vectors: given files, uuid, generation, provenance and no key,
+    // the exact element (`virt-tpm-state pack --plaintext ...` prints it).
+    {
+        let wdir = out_dir.join("writer");
+        let _ = std::fs::remove_dir_all(&wdir);
+        std::fs::create_dir_all(&wdir).unwrap();
+        let small_vars: Vec<u8> = vars_payload()[..8192].to_vec();
+        let cases: Vec<(&str, MachineState, Provenance)> = vec![
+            ("tpm2", s2.clone(), prov.clone()),
+            ("tpm12", s12.clone(), provenance(UUID)),
+            (
+                "tpm2-vars-first",
+                MachineState::new(s2.tpm.clone(), Some(small_vars.clone())),
+                Provenance {
+                    generation: 1,
+                    parent: None,
+                    ..prov.clone()
+                },
+            ),
+        ];
+        for (name, st, p) in cases {
+            let d = wdir.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            let mut args = format!(
+                "--uuid {} --generation {} --stored {} --host {}",
+                p.uuid, p.generation, p.stored, p.host
+            );
+            if let Some(parent) = p.parent {
+                args.push_str(&format!(" --parent {parent}"));
+            }
+            if let Some(t) = &st.tpm {
+                for f in t.files() {
+                    std::fs::write(d.join(&f.name), &f.data).unwrap();
+                    args.push_str(&format!(" --permall {}", f.name));
+                }
+            }
+            if let Some(v) = &st.nvram {
+                std::fs::write(d.join("VARS.fd"), &v.data).unwrap();
+                args.push_str(" --vars VARS.fd");
+            }
+            args.push_str(" --plaintext\n");
+            std::fs::write(d.join("args"), args).unwrap();
+            std::fs::write(
+                d.join("element.xml"),
+                format!("{}\n", encode(&st, &p, Style::Standalone)),
+            )
+            .unwrap();
+        }
+    }
+
     for (name, text) in &vectors {
         std::fs::write(out_dir.join(format!("{name}.xml")), text).unwrap();
     }

@@ -85,16 +85,35 @@ pub struct TpmDevice {
 }
 
 impl TpmDevice {
-    /// The TPM version libvirt will run, when this is an emulator. libvirt
-    /// defaults to 1.2 when `version` is absent except for models that only
-    /// exist as 2.0 (tpm-crb, tpm-spapr's 2.0 is explicit anyway); newer
-    /// libvirt writes the attribute back into the XML, so it is usually there.
+    /// The TPM version libvirt will run, when this is an emulator, on an
+    /// x86 guest (see [`TpmDevice::version_on`]).
     pub fn version(&self) -> Option<Result<TpmVersion, String>> {
+        self.version_on(None)
+    }
+
+    /// The TPM version libvirt will run on a guest of architecture `arch`
+    /// (`<os><type arch=…>`; absent = x86, libvirt's default here). Without
+    /// a `version` attribute libvirt (qemuDomainTPMDefPostParse) picks 1.2
+    /// only for tpm-tis on x86 (the model defaults to tpm-spapr on ppc64,
+    /// tpm-tis elsewhere) and 2.0 otherwise; it writes the attribute back
+    /// into the XML, so it is usually there.
+    pub fn version_on(&self, arch: Option<&str>) -> Option<Result<TpmVersion, String>> {
+        let x86 = arch.map_or(true, |a| matches!(a, "x86_64" | "i686"));
+        let ppc64 = arch.is_some_and(|a| a.starts_with("ppc64"));
         match &self.backend {
             TpmBackend::Emulator { version, .. } => Some(match version.as_deref() {
                 Some(v) => TpmVersion::parse(v).ok_or_else(|| v.to_string()),
-                None if self.model.as_deref() == Some("tpm-crb") => Ok(TpmVersion::V2_0),
-                None => Ok(TpmVersion::V1_2),
+                None => {
+                    let tis = match self.model.as_deref() {
+                        Some(m) => m == "tpm-tis",
+                        None => !ppc64,
+                    };
+                    if tis && x86 {
+                        Ok(TpmVersion::V1_2)
+                    } else {
+                        Ok(TpmVersion::V2_0)
+                    }
+                }
             }),
             _ => None,
         }
@@ -114,6 +133,8 @@ pub struct OsFirmware {
     /// `<nvram>`, if present: its `type` attribute and its path (the text,
     /// or `<source file=...>` for `type='file'`).
     pub nvram: Option<NvramElement>,
+    /// `<os><type arch=…>`: decides libvirt's default TPM version.
+    pub arch: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -356,6 +377,9 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                 } else if depth == 1 && local == "os" {
                     let attrs = attributes(&e, xml, here, &reader)?;
                     os.efi = find(&attrs, "firmware").as_deref() == Some("efi");
+                } else if depth == 2 && path[1] == "os" && local == "type" {
+                    let attrs = attributes(&e, xml, here, &reader)?;
+                    os.arch = find(&attrs, "arch");
                 } else if depth == 2 && path[1] == "os" && local == "loader" {
                     let attrs = attributes(&e, xml, here, &reader)?;
                     os.pflash = find(&attrs, "type").as_deref() == Some("pflash");
@@ -539,10 +563,21 @@ fn attributes(
         let key = std::str::from_utf8(a.key.as_ref())
             .map_err(|_| at("a name that is not UTF-8"))?
             .to_string();
-        let value = a
-            .decode_and_unescape_value(reader.decoder())
-            .map_err(|e| at(describe(&e)))?
-            .into_owned();
+        // XML 1.0 §3.3.3 (what libxml2, and so libvirt, does): a literal
+        // tab, newline or carriage return (CR LF counts once) in an
+        // attribute value is a space; character references stay what they
+        // name.
+        let value = if a.value.iter().any(|b| matches!(b, b'\t' | b'\n' | b'\r')) {
+            let raw = std::str::from_utf8(&a.value).map_err(|_| at("text that is not UTF-8"))?;
+            let normalized = raw.replace("\r\n", " ").replace(['\t', '\n', '\r'], " ");
+            quick_xml::escape::unescape(&normalized)
+                .map_err(|_| at("an invalid character or entity reference"))?
+                .into_owned()
+        } else {
+            a.decode_and_unescape_value(reader.decoder())
+                .map_err(|e| at(describe(&e)))?
+                .into_owned()
+        };
         if !value.chars().all(xml_char) {
             return Err(at(
                 "a character reference to a character XML does not allow",
@@ -791,12 +826,13 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
-        // Tab, newline and CR are characters, raw or as references.
+        // Tab, newline and CR are characters: kept as references, spaces
+        // when literal (XML 1.0 §3.3.3, as libxml2 reads them).
         let xml = domain(&format!(
             "<metadata><vts:state xmlns:vts='{NS}' host='a&#9;&#10;&#13;b\t'/></metadata>"
         ));
         let m = parse_domain(xml.as_bytes(), NS).unwrap().metadata.unwrap();
-        assert_eq!(m.attr("host"), Some("a\t\n\rb\t"));
+        assert_eq!(m.attr("host"), Some("a\t\n\rb "));
     }
 
     #[test]
@@ -872,5 +908,39 @@ mod tests {
         );
         assert_eq!(d.tpms[1].backend, TpmBackend::Passthrough);
         assert_eq!(d.tpms[1].version(), None);
+    }
+
+    #[test]
+    fn default_tpm_version_follows_libvirt() {
+        let dev = |model: Option<&str>| TpmDevice {
+            model: model.map(str::to_string),
+            backend: TpmBackend::Emulator {
+                version: None,
+                source: None,
+                encryption_secret: None,
+            },
+        };
+        let v = |m, arch| dev(m).version_on(arch).unwrap().unwrap();
+        assert_eq!(v(Some("tpm-tis"), None), TpmVersion::V1_2);
+        assert_eq!(v(Some("tpm-tis"), Some("x86_64")), TpmVersion::V1_2);
+        assert_eq!(v(None, Some("i686")), TpmVersion::V1_2);
+        assert_eq!(v(Some("tpm-tis"), Some("aarch64")), TpmVersion::V2_0);
+        assert_eq!(v(None, Some("aarch64")), TpmVersion::V2_0);
+        assert_eq!(v(None, Some("ppc64le")), TpmVersion::V2_0);
+        assert_eq!(v(Some("tpm-crb"), Some("x86_64")), TpmVersion::V2_0);
+        let xml = br#"<domain><name>a</name><uuid>1b4e28ba-2fa1-41d2-883f-0016d3cca427</uuid>
+            <os><type arch="aarch64" machine="virt">hvm</type></os>
+            <devices><tpm model="tpm-tis"><backend type="emulator"/></tpm></devices></domain>"#;
+        let d = parse_domain(xml, crate::format::NAMESPACE_URI).unwrap();
+        assert_eq!(d.os.arch.as_deref(), Some("aarch64"));
+    }
+
+    #[test]
+    fn attribute_values_are_normalised_as_xml_says() {
+        let xml = "<domain><name>a</name><uuid>1b4e28ba-2fa1-41d2-883f-0016d3cca427</uuid><metadata><s:state xmlns:s=\"urn:virt-tpm-state:1\" host=\"a\tb\r\nc\nd&#10;e&#9;f\" stored=\"x\ry\"/></metadata></domain>";
+        let d = parse_domain(xml.as_bytes(), crate::format::NAMESPACE_URI).unwrap();
+        let el = d.metadata.unwrap();
+        assert_eq!(el.attr("host"), Some("a b c d\ne\tf"));
+        assert_eq!(el.attr("stored"), Some("x y"));
     }
 }

@@ -362,7 +362,7 @@ pub fn read_header(el: &XmlElement) -> Result<(Provenance, Sha256Sum), FormatErr
     if format != FORMAT_VERSION {
         return Err(FormatError::UnknownFormat(shown(format)));
     }
-    let uuid = DomainUuid::parse(req(el, "uuid")?).ok_or(FormatError::BadAttribute {
+    let uuid = DomainUuid::parse_canonical(req(el, "uuid")?).ok_or(FormatError::BadAttribute {
         attribute: "uuid",
         why: "not a UUID",
     })?;

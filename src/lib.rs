@@ -19,6 +19,7 @@ pub mod fault;
 pub mod format;
 pub mod fs;
 pub mod hook;
+pub mod input;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod linear;

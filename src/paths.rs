@@ -30,6 +30,9 @@ pub const ROOT_ENV: &str = "VIRT_TPM_STATE_ROOT";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
     root: PathBuf,
+    /// `--keys DIR`: host keys from a directory the user names instead of
+    /// `<config>/keys` (not re-rooted).
+    keys_override: Option<PathBuf>,
 }
 
 impl Paths {
@@ -46,7 +49,21 @@ impl Paths {
     }
 
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
-        Paths { root: root.into() }
+        Paths {
+            root: root.into(),
+            keys_override: None,
+        }
+    }
+
+    /// These paths with the host keys read from `dir` (`--keys DIR`).
+    pub fn with_keys_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.keys_override = dir;
+        self
+    }
+
+    /// The keys dir named with `--keys`, if any.
+    pub fn keys_override(&self) -> Option<&Path> {
+        self.keys_override.as_deref()
     }
 
     pub fn root(&self) -> &Path {

@@ -299,7 +299,10 @@ pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carr
 
 /// The emulated TPM's version, if the domain has an emulated TPM.
 pub fn domain_tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, RestoreError> {
-    match info.emulated_tpm().and_then(|t| t.version()) {
+    match info
+        .emulated_tpm()
+        .and_then(|t| t.version_on(info.os.arch.as_deref()))
+    {
         None => Ok(None),
         Some(Ok(v)) => Ok(Some(v)),
         Some(Err(v)) => Err(RestoreError::UnknownTpmVersion {
@@ -610,6 +613,45 @@ pub fn prepare_domain(
             metadata: metadata.short(),
         }),
     }
+}
+
+/// The reader rules that depend on the domain (docs/FORMAT.md §4, "Reader
+/// rules"): the checks `verify`, `show --check` and `extract` apply to a
+/// decoded element, in the hook's order and with its errors (so its exit
+/// codes): the TPM version against the domain's emulated TPM, swtpm's own
+/// encryption against `<encryption secret=…>`, then the uuid binding (a
+/// clone, exit 5). `domain_bound` is false for a bare element (no domain to
+/// compare with): then nothing here applies.
+pub fn reader_check(
+    info: &DomainInfo,
+    m: &MetadataState,
+    namespace: &str,
+    domain_bound: bool,
+) -> Result<(), RestoreError> {
+    if !domain_bound {
+        return Ok(());
+    }
+    let name = shown_name(&info.name);
+    if let (Some(tpm), Some(domain_version)) = (m.state.tpm.as_ref(), domain_tpm_version(info)?) {
+        if tpm.version != domain_version {
+            return Err(RestoreError::VersionMismatch {
+                name,
+                ns: namespace.to_string(),
+                metadata: tpm.version,
+                domain: domain_version,
+            });
+        }
+        check_encryption(info, tpm, &name)?;
+    }
+    if m.provenance.uuid != info.uuid {
+        return Err(RestoreError::Clone {
+            name,
+            uuid: info.uuid.clone(),
+            element_uuid: m.provenance.uuid.clone(),
+            ns: namespace.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// A fault point of the `fault-injection` test build (nothing otherwise).

@@ -296,6 +296,16 @@ impl DomainUuid {
         Some(DomainUuid(s.to_ascii_lowercase()))
     }
 
+    /// The canonical form only (docs/FORMAT.md §2.2): 8-4-4-4-12 hex with
+    /// nothing around it (an attribute value, where `parse` would forgive
+    /// the whitespace a `<uuid>` element's text may carry).
+    pub fn parse_canonical(s: &str) -> Option<Self> {
+        if s.len() != 36 {
+            return None;
+        }
+        Self::parse(s)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -1050,7 +1050,13 @@ fn keys_dir_others_can_write_refuses_every_sealed_operation() {
             };
             match op {
                 "show" => {
-                    refused(&s.cli(&["show", "--json", "--xml", xml.to_str().unwrap()], None))
+                    // (with --json, stdout carries the same refusal as an
+                    // error object: docs/JSON.md, tests/manager.rs)
+                    refused(&s.cli(&["show", "--xml", xml.to_str().unwrap()], None));
+                    let out = s.cli(&["show", "--json", "--xml", xml.to_str().unwrap()], None);
+                    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    assert_eq!(j["error"]["kind"], "unsafe-path", "{what}");
+                    assert_eq!(j["error"]["exit"], 7, "{what}");
                 }
                 "hook" => {
                     let before = meta_tree(&s.root(), &[]);

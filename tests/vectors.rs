@@ -8,9 +8,10 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::{Keyring, SecretKey, KEY_LEN};
 use virt_tpm_state::format::{decode_with_keys, DecodeLimits, NAMESPACE_URI};
+use virt_tpm_state::input::parse_input;
+use virt_tpm_state::restore::reader_check;
 
 /// Fewer vectors than this means the directory lost some: fail.
 const MIN_VECTORS: usize = 30;
@@ -96,10 +97,13 @@ fn test_keyring() -> Keyring {
 
 /// What a format-1 reader holding `keys` makes of a vector.
 fn actual(xml: &[u8], keys: &Keyring) -> Expect {
-    let info = match parse_domain(xml, NAMESPACE_URI) {
+    // Every input form: a domain XML, or the bare element (namespaced or
+    // namespace-less), as the CLI reads it.
+    let input = match parse_input(xml, NAMESPACE_URI) {
         Ok(i) => i,
         Err(e) => return Expect::Refused(variant(&e)),
     };
+    let info = input.info;
     let Some(el) = &info.metadata else {
         return Expect::None;
     };
@@ -107,9 +111,10 @@ fn actual(xml: &[u8], keys: &Keyring) -> Expect {
         Ok(m) => m,
         Err(e) => return Expect::Refused(variant(&e)),
     };
-    // The reader-level ownership rule (decision::Refusal::Clone).
-    if m.provenance.uuid != info.uuid {
-        return Expect::Refused("Clone".into());
+    // The reader rules that compare the element with its domain: TPM
+    // version, swtpm encryption, ownership (a clone).
+    if let Err(e) = reader_check(&info, &m, NAMESPACE_URI, input.domain_bound) {
+        return Expect::Refused(variant(&e));
     }
     // Every file of every section, sorted by name.
     let mut sections = m.state.sections();

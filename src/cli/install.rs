@@ -154,7 +154,7 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     // Written aside and renamed into place complete: libvirt never runs a
     // half-copied hook.
     dir.write_file_atomically(&name, &bytes, 0o755)?;
-    println!("installed {} (from {})", path.display(), source.display());
+    crate::outln!("installed {} (from {})", path.display(), source.display());
     record_helper_path(ctx)?;
     // With a key, `store` encrypts the state in the domain XML; without one
     // it refuses (plaintext is readable through read-only connections).
@@ -169,7 +169,7 @@ pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     let dir = open_hooks_dir(ctx, args, false)?;
     match existing(dir.as_ref(), &name)? {
         Existing::Absent => {
-            println!("{} is not installed; nothing to do", path.display());
+            crate::outln!("{} is not installed; nothing to do", path.display());
             return Ok(());
         }
         Existing::Foreign(what) => {
@@ -181,7 +181,7 @@ pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
         Existing::Ours => {}
     }
     dir.expect("the hook exists").remove_file(&name)?;
-    println!(
+    crate::outln!(
         "removed {}; backups, kept copies and domain metadata are left as they are",
         path.display()
     );
@@ -207,11 +207,11 @@ fn systemctl(args: &[&str]) -> bool {
     match std::process::Command::new("systemctl").args(args).status() {
         Ok(st) if st.success() => true,
         Ok(st) => {
-            println!("`systemctl {}` failed ({st})", args.join(" "));
+            crate::outln!("`systemctl {}` failed ({st})", args.join(" "));
             false
         }
         Err(e) => {
-            println!("cannot run `systemctl {}`: {e}", args.join(" "));
+            crate::outln!("cannot run `systemctl {}`: {e}", args.join(" "));
             false
         }
     }
@@ -226,7 +226,7 @@ fn install_watch_unit(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     let exe =
         std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/local/bin/virt-tpm-state"));
     if !systemd_runs(ctx) {
-        println!(
+        crate::outln!(
             "systemd is not running here, so the watch daemon (it keeps running VMs' metadata in sync within seconds) was not installed as a service; run `{} watch` under your service manager (dist/{WATCH_UNIT_NAME} is the systemd unit)",
             exe.display()
         );
@@ -236,7 +236,7 @@ fn install_watch_unit(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     let dir = crate::fs::open_user_dir(Path::new(WATCH_UNIT_DIR), true)?.expect("created");
     if let Ok(Some(old)) = dir.read_file(WATCH_UNIT_NAME, MAX_READ) {
         if !String::from_utf8_lossy(&old).contains("virt-tpm-state watch") {
-            println!(
+            crate::outln!(
                 "{} exists and is not ours; left alone (the watch daemon is not enabled)",
                 path.display()
             );
@@ -248,15 +248,15 @@ fn install_watch_unit(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
         &format!("ExecStart={} watch", exe.display()),
     );
     dir.write_file_atomically(WATCH_UNIT_NAME, unit.as_bytes(), 0o644)?;
-    println!("installed {}", path.display());
+    crate::outln!("installed {}", path.display());
     if args.no_reload {
-        println!(
+        crate::outln!(
             "to start the watch daemon: systemctl daemon-reload && systemctl enable --now {WATCH_UNIT_NAME}"
         );
         return Ok(());
     }
     if systemctl(&["daemon-reload"]) && systemctl(&["enable", "--now", WATCH_UNIT_NAME]) {
-        println!("enabled and started {WATCH_UNIT_NAME}");
+        crate::outln!("enabled and started {WATCH_UNIT_NAME}");
     }
     Ok(())
 }
@@ -278,12 +278,12 @@ fn uninstall_watch_unit(ctx: &Ctx, args: &InstallArgs) {
     }
     match dir.remove_file(WATCH_UNIT_NAME) {
         Ok(()) => {
-            println!("removed {}", path.display());
+            crate::outln!("removed {}", path.display());
             if !args.no_reload {
                 systemctl(&["daemon-reload"]);
             }
         }
-        Err(e) => println!("cannot remove {}: {e}", path.display()),
+        Err(e) => crate::outln!("cannot remove {}: {e}", path.display()),
     }
 }
 
@@ -300,7 +300,7 @@ fn record_helper_path(ctx: &Ctx) -> Result<(), CliError> {
         return Ok(());
     }
     if let Some(other) = &ctx.config.helper_path {
-        println!(
+        crate::outln!(
             "note: the config names helper {} (not this program, {}); left as it is",
             other.display(),
             exe.display()
@@ -327,7 +327,7 @@ fn record_helper_path(ctx: &Ctx) -> Result<(), CliError> {
     Anchor::Config
         .open_or_create(&ctx.paths, 0o755)?
         .write_file_atomically(CONFIG_FILE, text.as_bytes(), 0o644)?;
-    println!(
+    crate::outln!(
         "recorded helper_path = {} in {}",
         exe.display(),
         file.display()
@@ -340,12 +340,12 @@ fn record_helper_path(ctx: &Ctx) -> Result<(), CliError> {
 fn reload(ctx: &Ctx, args: &InstallArgs) {
     let manual = "run `systemctl reload libvirtd` (or virtqemud), or `kill -HUP` the daemon";
     if args.no_reload || ctx.paths.is_rerooted() {
-        println!("libvirt was not signalled; to make it see the change, {manual}");
+        crate::outln!("libvirt was not signalled; to make it see the change, {manual}");
         return;
     }
     let daemons = find_daemons();
     if daemons.is_empty() {
-        println!("libvirtd/virtqemud is not running; it will see the hook when it starts");
+        crate::outln!("libvirtd/virtqemud is not running; it will see the hook when it starts");
         return;
     }
     for (pid, comm) in daemons {
@@ -353,8 +353,8 @@ fn reload(ctx: &Ctx, args: &InstallArgs) {
             .ok_or(rustix::io::Errno::SRCH)
             .and_then(|p| rustix::process::kill_process(p, rustix::process::Signal::HUP));
         match sent {
-            Ok(()) => println!("sent SIGHUP to {comm} (pid {pid}) so it sees the change"),
-            Err(e) => println!("could not signal {comm} (pid {pid}): {e}; {manual}"),
+            Ok(()) => crate::outln!("sent SIGHUP to {comm} (pid {pid}) so it sees the change"),
+            Err(e) => crate::outln!("could not signal {comm} (pid {pid}): {e}; {manual}"),
         }
     }
     // The daemon reloads asynchronously; give it a moment, then make sure it

@@ -4,6 +4,7 @@
 
 mod install;
 mod keys;
+mod pack;
 mod show;
 mod status;
 mod store;
@@ -40,6 +41,10 @@ pub struct Cli {
     /// More output (-v: info, -vv: debug); logs go to stderr
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Read host keys from DIR instead of /etc/virt-tpm-state/keys (commands that open or seal
+    /// elements; DIR must be yours or root's and not group/other-writable, key files 0600)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub keys: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -51,13 +56,15 @@ pub enum Command {
     /// Show what the domain's metadata holds
     Show(ShowArgs),
     /// Check the metadata element; exit non-zero when it is absent or invalid
-    Verify(SourceArgs),
+    Verify(VerifyArgs),
     /// Restore the metadata state into the state dir of a stopped domain (what the hook does on start)
     Restore(RestoreArgs),
     /// Write the raw state files out of a saved domain XML
     Extract(ExtractArgs),
     /// Take over a TPM state whose element names another domain (a deliberate clone)
     Adopt(DomainArg),
+    /// Build an element offline (no libvirt) from a state dir, permall, linear or oVirt file, or this host's kept copy
+    Pack(Box<PackArgs>),
     /// Create a new host key in /etc/virt-tpm-state/keys (new stores use the newest key)
     Keygen,
     /// Re-encrypt the metadata of a domain (or --all) with the newest host key
@@ -127,6 +134,15 @@ pub struct SourceArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Print the `show --json` object (docs/JSON.md)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ShowArgs {
     #[command(flatten)]
     pub source: SourceArgs,
@@ -155,6 +171,65 @@ pub struct ExtractArgs {
     /// Directory to write the files into (created if missing; existing files are not overwritten)
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Extract even what `verify` refuses for this domain (another domain's uuid, a TPM version or encryption mismatch)
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// The domain's UUID (the element is bound to it)
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<String>,
+    /// A swtpm state dir holding tpm2-00.permall or tpm-00.permall (or its tpm2/ or tpm1.2/ subdir)
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A swtpm permall file (tpm2-00.permall, tpm-00.permall, or another name with --tpm-version)
+    #[arg(long, value_name = "FILE")]
+    pub permall: Option<PathBuf>,
+    /// swtpm's linear state file (<source type='file'>, Proxmox's tpmstate volume)
+    #[arg(long, value_name = "FILE")]
+    pub linear: Option<PathBuf>,
+    /// oVirt's form: base64 of a tar.xz of the swtpm state dir ("-" for stdin)
+    #[arg(long, value_name = "FILE")]
+    pub ovirt: Option<PathBuf>,
+    /// This host's copy kept at the domain's last stop (the final state of a transient domain)
+    #[arg(long, value_name = "UUID")]
+    pub kept: Option<String>,
+    /// A UEFI variable store (VARS file) to carry beside the TPM
+    #[arg(long, value_name = "FILE")]
+    pub vars: Option<PathBuf>,
+    /// TPM version of the state (default: from the file name; 2.0 for a linear file)
+    #[arg(long, value_name = "VERSION")]
+    pub tpm_version: Option<String>,
+    /// Seal with this host key (its id, 16 hex digits; see --keys)
+    #[arg(long, value_name = "ID", conflicts_with = "plaintext")]
+    pub key: Option<String>,
+    /// Write the state unencrypted (anyone who can read the XML can read the TPM)
+    #[arg(long)]
+    pub plaintext: bool,
+    /// generation attribute (default: 1, or with --into over an element, its generation + 1)
+    #[arg(long, value_name = "N")]
+    pub generation: Option<u64>,
+    /// parent attribute: digest of the state this one follows (default: none, or with --into the replaced element's digest)
+    #[arg(long, value_name = "HEX")]
+    pub parent: Option<String>,
+    /// stored attribute, RFC 3339 UTC (default: now)
+    #[arg(long, value_name = "TIME")]
+    pub stored: Option<String>,
+    /// host attribute (default: this host's name)
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// Print this domain XML with the element in its <metadata> (replacing one there) instead of the element ("-" for stdin)
+    #[arg(long, value_name = "DOMAIN.xml")]
+    pub into: Option<PathBuf>,
+    /// Print the element as `store` passes it to virDomainSetMetadata (no prefix, no namespace,
+    /// compact; key "vts", uri "urn:virt-tpm-state:1"), byte for byte
+    #[arg(long, conflicts_with = "into")]
+    pub bare: bool,
+    /// Print JSON (docs/JSON.md)
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +313,39 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// The stable error kind of docs/JSON.md (`{"error": {"kind", …}}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CliError::Usage(_) => "usage",
+            CliError::DomainXml(_) => "domain-xml",
+            CliError::ReadInput { .. } => "input",
+            CliError::InvalidElement { .. } if self.exit_code() == 19 => "key",
+            CliError::InvalidElement { .. } => "invalid-element",
+            CliError::NoElement(_) => "no-element",
+            CliError::Restore(r) => restore_kind(r),
+            CliError::Fs(e) => fs_kind(e),
+            CliError::Config(_) => "config",
+            CliError::StillChanging { .. } => "not-settled",
+            CliError::TooLarge { .. } => "too-large",
+            CliError::Libvirt(LibvirtError::Connect { .. }) => "connect",
+            CliError::Libvirt(LibvirtError::NoDomain(_)) => "no-domain",
+            CliError::Libvirt(LibvirtError::Denied { .. }) => "denied",
+            CliError::Libvirt(LibvirtError::Call { .. }) => "libvirt",
+            CliError::NoTpm { .. } => "no-tpm",
+            CliError::Running(_) => "running",
+            CliError::HookConflict(_) => "foreign-hook",
+            CliError::Key(_) => "key",
+            CliError::OutOfSync(_) => "out-of-sync",
+        }
+    }
+
+    /// `{"error": {"kind", "exit", "message"}}` (docs/JSON.md).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": error_member(self.kind(), self.exit_code(), &format!("virt-tpm-state: {self}"))
+        })
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
@@ -269,6 +377,40 @@ impl CliError {
     }
 }
 
+/// The kind of a refusal shared with the hook.
+pub(crate) fn restore_kind(r: &RestoreError) -> &'static str {
+    use crate::restore::RestoreError as R;
+    match r {
+        R::DomainXml(_) => "domain-xml",
+        R::Key { .. } => "key",
+        R::InvalidMetadata { .. } => "invalid-element",
+        R::VersionMismatch { .. } | R::UnknownTpmVersion { .. } => "tpm-version",
+        R::EncryptionMismatch { .. } => "swtpm-encryption",
+        R::UnsupportedSource { .. } => "unsupported-source",
+        R::Clone { .. } => "clone",
+        R::Conflict { .. } => "conflict",
+        R::Fs { source, .. } => fs_kind(source),
+    }
+}
+
+/// `{kind, exit, message}`: the member of `{"error": …}`.
+pub(crate) fn error_member(kind: &str, exit: u8, message: &str) -> serde_json::Value {
+    serde_json::json!({ "kind": kind, "exit": exit, "message": message })
+}
+
+fn fs_kind(e: &FsError) -> &'static str {
+    match e.exit_code() {
+        7 => "unsafe-path",
+        9 => "lock-timeout",
+        _ => "filesystem",
+    }
+}
+
+/// Set once a command has printed its JSON object on stdout, whose
+/// `error` member then already carries the failure (`show`, `verify`).
+pub(crate) static JSON_PRINTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Context every subcommand gets.
 pub struct Ctx {
     pub paths: Paths,
@@ -282,7 +424,26 @@ pub fn main() -> ExitCode {
     // Nothing this process creates is ever more open than it sets it.
     crate::fs::restrict_umask();
     crate::logging::install_panic_hook("virt-tpm-state");
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if e.use_stderr() && std::env::args().any(|a| a == "--json") {
+                let rendered = e.render().to_string();
+                let first = rendered.lines().next().unwrap_or("usage error");
+                let err = CliError::Usage(first.trim_start_matches("error: ").to_string());
+                out(&format!("{}\n", err.json()));
+            }
+            e.exit()
+        }
+    };
+    let json = match &cli.command {
+        Command::Show(a) => a.json,
+        Command::Verify(a) => a.json,
+        Command::Store(a) => a.json,
+        Command::Status(a) => a.json,
+        Command::Pack(a) => a.json,
+        _ => false,
+    };
     let after_stop = matches!(&cli.command, Command::Store(s) if s.after_stop);
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,
@@ -314,6 +475,9 @@ pub fn main() -> ExitCode {
                 crate::logging::report_error(&format!("virt-tpm-state: {e}"));
             } else {
                 eprintln!("virt-tpm-state: {e}");
+                if json && !JSON_PRINTED.load(std::sync::atomic::Ordering::SeqCst) {
+                    out(&format!("{}\n", e.json()));
+                }
             }
             ExitCode::from(e.exit_code())
         }
@@ -338,7 +502,17 @@ fn init_stderr_logger(level: log::LevelFilter) {
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    let paths = Paths::from_env();
+    if cli.keys.is_some()
+        && matches!(
+            cli.command,
+            Command::Keygen | Command::Install(_) | Command::Uninstall(_) | Command::Status(_)
+        )
+    {
+        return Err(CliError::Usage(
+            "--keys applies to commands that open or seal an element (show, verify, extract, restore, store, adopt, rekey, pack, watch)".into(),
+        ));
+    }
+    let paths = Paths::from_env().with_keys_dir(cli.keys.clone());
     // `uninstall` uses nothing from the config, and a broken config must not
     // keep the hook wired (the Debian package's prerm runs it on removal).
     let config = if matches!(cli.command, Command::Uninstall(_)) {
@@ -358,14 +532,22 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Verify(a) => show::show(
             &ctx,
             &ShowArgs {
-                source: a,
-                json: false,
+                source: a.source,
+                json: a.json,
                 check: true,
             },
         ),
         Command::Restore(a) => show::restore(&ctx, &a),
         Command::Extract(a) => show::extract(&ctx, &a),
         Command::Adopt(a) => store::adopt(&ctx, &a.domain),
+        Command::Pack(a) => {
+            if !a.plaintext && a.key.is_none() && a.kept.is_none() {
+                return Err(CliError::Usage(
+                    "pack needs --key ID (seal with that host key) or --plaintext".into(),
+                ));
+            }
+            pack::pack(&ctx, &a)
+        }
         Command::Keygen => keys::keygen(&ctx),
         Command::Rekey(a) => keys::rekey(&ctx, &a),
         Command::Install(a) => install::install(&ctx, &a),
@@ -373,6 +555,27 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Watch => watch::watch(ctx),
         Command::Status(a) => status::status(&ctx, &a),
     }
+}
+
+/// Writes `s` to stdout. A closed pipe (`show | head`) ends the process
+/// quietly with exit 0: the reader has what it wanted.
+pub fn out(s: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("virt-tpm-state: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`out`]: quiet on a closed pipe.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli::out("\n") };
+    ($($arg:tt)*) => { $crate::cli::out(&format!("{}\n", format_args!($($arg)*))) };
 }
 
 /// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.

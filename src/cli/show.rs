@@ -6,13 +6,16 @@ use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::fs::load_keyring;
 use crate::fs::HostData;
+use crate::input::parse_input;
 use crate::libvirt::Libvirt;
-use crate::restore::{carried, prepare_domain, shown_name, PrepareOptions};
+use crate::restore::{carried, prepare_domain, reader_check, shown_name, PrepareOptions};
 use crate::swtpm::check_header;
 
 /// Where the XML came from, for messages.
 struct Source {
     info: DomainInfo,
+    /// false: a bare element (no domain to check it against).
+    bound: bool,
     from: String,
     /// Whether libvirt says the domain runs (`None`: not asked / unknown).
     active: Option<bool>,
@@ -22,8 +25,10 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
     match (&src.domain, &src.xml) {
         (_, Some(path)) => {
             let bytes = read_input(path)?;
+            let input = parse_input(&bytes, &ctx.config.namespace)?;
             Ok(Source {
-                info: parse_domain(&bytes, &ctx.config.namespace)?,
+                info: input.info,
+                bound: input.domain_bound,
                 from: if path.as_os_str() == "-" {
                     "stdin".into()
                 } else {
@@ -47,6 +52,7 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
             };
             Ok(Source {
                 info: parse_domain(xml.as_bytes(), &ctx.config.namespace)?,
+                bound: true,
                 from: format!(
                     "libvirt {} ({})",
                     lv.uri(),
@@ -84,7 +90,8 @@ struct ShowJson {
     source: String,
     present: bool,
     valid: bool,
-    error: Option<String>,
+    /// Why the reader refuses (or the check failed): `{kind, exit, message}`.
+    error: Option<serde_json::Value>,
     format: Option<String>,
     element_uuid: Option<String>,
     belongs_to_domain: Option<bool>,
@@ -142,8 +149,11 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
             }
             k
         }
-        // A keys dir others can write is refused, never read around.
-        Some(Err(e)) if e.exit_code() == 7 => return Err(e.into()),
+        // A keys dir others can write is refused, never read around; so is
+        // a dir named with --keys that cannot be opened.
+        Some(Err(e)) if e.exit_code() == 7 || ctx.paths.keys_override().is_some() => {
+            return Err(e.into())
+        }
         Some(Err(e)) => {
             log::warn!("host keys not loaded: {e}");
             Default::default()
@@ -155,13 +165,23 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         .metadata
         .as_ref()
         .map(|el| decode_with_keys(el, limits, &keys));
-    let local = local_state(ctx, info);
+    // The reader rules that compare the element with its domain (uuid
+    // binding, TPM version, swtpm encryption): what the hook refuses.
+    let refused = match &decoded {
+        Some(Ok(m)) => reader_check(info, m, &ctx.config.namespace, src.bound).err(),
+        _ => None,
+    };
+    let local = if src.bound {
+        local_state(ctx, info)
+    } else {
+        None
+    };
     let mut j = ShowJson {
         domain: info.name.clone(),
         uuid: info.uuid.to_string(),
         source: src.from.clone(),
         present: decoded.is_some(),
-        valid: matches!(decoded, Some(Ok(_))),
+        valid: matches!(decoded, Some(Ok(_))) && refused.is_none(),
         error: None,
         format: info
             .metadata
@@ -206,7 +226,21 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 .collect();
         }
         Some(Err(e)) => {
-            j.error = Some(e.to_string());
+            let key = matches!(
+                e,
+                FormatError::MissingKey { .. }
+                    | FormatError::UnusableKey { .. }
+                    | FormatError::Decrypt { .. }
+            );
+            j.error = Some(super::error_member(
+                if key { "key" } else { "invalid-element" },
+                if key { 19 } else { 4 },
+                &format!(
+                    "virt-tpm-state: VM {} ({}): the TPM state element is invalid: {e}",
+                    shown_name(&info.name),
+                    src.from
+                ),
+            ));
             if let FormatError::MissingKey { key_id, .. }
             | FormatError::UnusableKey { key_id, .. } = e
             {
@@ -221,6 +255,29 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 j.parent = p.parent.map(|x| x.hex());
                 j.stored = Some(p.stored);
                 j.host = Some(p.host);
+            }
+            // Sections and files are readable without keys (their
+            // attributes are in clear).
+            if let Some(el) = info.metadata.as_ref() {
+                for sec in &el.children {
+                    let section = match sec.name.as_str() {
+                        "tpm" => {
+                            j.tpm_version = sec.attr("version").map(str::to_string);
+                            "tpm"
+                        }
+                        "nvram" => "nvram",
+                        _ => continue,
+                    };
+                    for f in sec.children.iter().filter(|f| f.name == "file") {
+                        j.files.push(FileJson {
+                            section,
+                            name: f.attr("name").unwrap_or_default().to_string(),
+                            size: f.attr("size").and_then(|s| s.parse().ok()).unwrap_or(0),
+                            sha256: f.attr("sha256").unwrap_or_default().to_string(),
+                            swtpm_encrypted: false,
+                        });
+                    }
+                }
             }
         }
         None => {}
@@ -244,11 +301,37 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
             },
         });
     }
+    if let (None, Some(e)) = (&j.error, &refused) {
+        j.error = Some(super::error_member(
+            super::restore_kind(e),
+            e.exit_code(),
+            &format!("virt-tpm-state: {e}"),
+        ));
+    }
+    if let (true, None) = (args.check, &info.metadata) {
+        j.error = Some(
+            CliError::NoElement(format!(
+                "VM {}: no TPM state element (namespace {}) in {}",
+                shown_name(&info.name),
+                ctx.config.namespace,
+                src.from
+            ))
+            .json()["error"]
+                .clone(),
+        );
+    }
+    if j.stored.as_deref() == Some("") {
+        j.stored = None;
+    }
+    if j.host.as_deref() == Some("") {
+        j.host = None;
+    }
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&j).expect("serializable")
         );
+        super::JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
     } else {
         print_human(&j, src.active);
     }
@@ -264,7 +347,10 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 context: format!("VM {} ({})", shown_name(&info.name), src.from),
                 source,
             }),
-            Some(Ok(_)) => Ok(()),
+            Some(Ok(_)) => match refused {
+                Some(e) => Err(e.into()),
+                None => Ok(()),
+            },
         };
     }
     Ok(())
@@ -320,48 +406,52 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
         Some(false) => ", shut off",
         None => "",
     };
-    println!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
+    crate::outln!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
     if !j.present {
-        println!("  metadata:    no virt-tpm-state element");
+        crate::outln!("  metadata:    no virt-tpm-state element");
     } else if let Some(key) = &j.missing_key {
-        println!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
+        crate::outln!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
         if let (Some(g), Some(d)) = (j.generation, &j.digest) {
-            println!("  generation:  {g}, digest {}…", &d[..12]);
+            crate::outln!("  generation:  {g}, digest {}…", &d[..12]);
         }
     } else if let Some(e) = &j.error {
-        println!("  metadata:    INVALID: {e}");
+        let m = e["message"].as_str().unwrap_or("");
+        crate::outln!(
+            "  metadata:    INVALID: {}",
+            m.strip_prefix("virt-tpm-state: ").unwrap_or(m)
+        );
     } else {
-        println!(
+        crate::outln!(
             "  metadata:    valid, format {}",
             j.format.as_deref().unwrap_or("?")
         );
-        println!(
+        crate::outln!(
             "  generation:  {} (parent {})",
             j.generation.unwrap_or(0),
             j.parent
                 .as_deref()
                 .map_or("none".to_string(), |p| format!("{}…", &p[..12]))
         );
-        println!(
+        crate::outln!(
             "  stored:      {} on {}",
             j.stored.as_deref().unwrap_or("?"),
             j.host.as_deref().unwrap_or("?")
         );
-        println!(
+        crate::outln!(
             "  digest:      {}…",
             &j.digest.as_deref().unwrap_or("????????????")[..12]
         );
         if j.belongs_to_domain == Some(false) {
-            println!(
+            crate::outln!(
                 "  owner:       domain {} (a clone: the hook refuses to start with it; see `virt-tpm-state adopt`)",
                 j.element_uuid.as_deref().unwrap_or("?")
             );
         }
         let tpm_files = j.files.iter().filter(|f| f.section == "tpm").count();
         if let Some(v) = &j.tpm_version {
-            println!("  TPM:         {v}, {tpm_files} file(s)");
+            crate::outln!("  TPM:         {v}, {tpm_files} file(s)");
         } else {
-            println!("  TPM:         none (UEFI variables only)");
+            crate::outln!("  TPM:         none (UEFI variables only)");
         }
         for f in &j.files {
             let label = if f.section == "nvram" {
@@ -369,7 +459,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             } else {
                 ""
             };
-            println!(
+            crate::outln!(
                 "    {}  {} bytes  sha256 {}…{label}",
                 f.name,
                 f.size,
@@ -377,7 +467,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             );
         }
         let p = j.protection.as_deref().unwrap_or("none");
-        println!(
+        crate::outln!(
             "  protection:  {}",
             if let Some(ids) = p.strip_prefix("virt-tpm-state:") {
                 format!("encrypted with host key {ids} (readers of the XML without the key see ciphertext)")
@@ -399,7 +489,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             }
             (None, Some(d), None) => format!("digest {}…", &d[..12]),
         };
-        println!("  local state: {what} ({})", l.path);
+        crate::outln!("  local state: {what} ({})", l.path);
     }
 }
 
@@ -447,13 +537,14 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
             force_metadata: args.force,
         },
     )?;
-    println!("{}", report.summary());
+    crate::outln!("{}", report.summary());
     Ok(())
 }
 
 pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     let bytes = read_input(&args.xml)?;
-    let info = parse_domain(&bytes, &ctx.config.namespace)?;
+    let input = parse_input(&bytes, &ctx.config.namespace)?;
+    let info = &input.info;
     let el = info.metadata.as_ref().ok_or_else(|| {
         CliError::NoElement(format!(
             "{}: no TPM state element (namespace {})",
@@ -477,12 +568,19 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
         context: args.xml.display().to_string(),
         source,
     })?;
+    // What `verify` refuses is not extracted, unless asked for.
+    if let Err(e) = reader_check(info, &m, &ctx.config.namespace, input.domain_bound) {
+        if !args.force {
+            return Err(e.into());
+        }
+        log::warn!("extracting anyway (--force): {e}");
+    }
     // Names were checked against the allow-list by `decode`: no path can
     // leave DIR, and files are created O_EXCL|O_NOFOLLOW inside it.
     let out = crate::fs::open_user_dir(&args.out, true)?.expect("created");
     for (_, f) in m.state.sections() {
         out.create_new_file(&f.name, &f.data, 0o600)?;
-        println!(
+        crate::outln!(
             "{}  {} bytes  sha256 {}",
             args.out.join(&f.name).display(),
             f.data.len(),

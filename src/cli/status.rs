@@ -40,6 +40,8 @@ struct Report {
     daemon: Option<DaemonStatus>,
     max_lag_secs: u64,
     domains: Vec<Row>,
+    /// Set when the command fails (exit 20): `{kind, exit, message}`.
+    error: Option<serde_json::Value>,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -150,26 +152,30 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         .filter(|r| r.alert)
         .map(|r| shown_name(&r.domain))
         .collect();
+    let failure = (!late.is_empty()).then(|| {
+        CliError::OutOfSync(format!(
+            "out of sync for more than {max_lag} s: {}",
+            late.join(", ")
+        ))
+    });
     let report = Report {
         daemon,
         max_lag_secs: max_lag,
         domains: rows,
+        error: failure.as_ref().map(|e| e.json()["error"].clone()),
     };
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("serializable")
         );
+        super::JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
     } else {
         print_table(&report);
     }
-    if late.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::OutOfSync(format!(
-            "out of sync for more than {max_lag} s: {}",
-            late.join(", ")
-        )))
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(e),
     }
 }
 
@@ -185,7 +191,7 @@ fn ago(secs: Option<u64>) -> String {
 
 fn print_table(r: &Report) {
     match &r.daemon {
-        Some(d) => println!(
+        Some(d) => crate::outln!(
             "watch daemon: running (pid {}, since {}){}",
             d.pid,
             d.started,
@@ -194,11 +200,16 @@ fn print_table(r: &Report) {
                 .map(|t| format!(", libvirt unreachable since {t}"))
                 .unwrap_or_default()
         ),
-        None => println!("watch daemon: not running"),
+        None => crate::outln!("watch daemon: not running"),
     }
-    println!(
+    crate::outln!(
         "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
-        "DOMAIN", "STATE", "GEN", "STORED", "LOCAL", "PENDING"
+        "DOMAIN",
+        "STATE",
+        "GEN",
+        "STORED",
+        "LOCAL",
+        "PENDING"
     );
     for row in &r.domains {
         let sync = if row.local_digest.is_none() {
@@ -212,7 +223,7 @@ fn print_table(r: &Report) {
                 if row.alert { " (!)" } else { "" }
             )
         };
-        println!(
+        crate::outln!(
             "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
             row.domain,
             if row.running { "running" } else { "shut off" },
@@ -222,7 +233,7 @@ fn print_table(r: &Report) {
             if row.pending { "yes" } else { "no" }
         );
         if let Some(e) = &row.last_error {
-            println!("  last error: {e}");
+            crate::outln!("  last error: {e}");
         }
     }
 }

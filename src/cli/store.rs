@@ -342,12 +342,12 @@ fn report(args: &StoreArgs, dom: &DomainHandle, done: &StoreDone) -> Result<(), 
             live: targets.live,
             config: targets.config,
         };
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&r).expect("serializable")
         );
     } else {
-        println!("{line}");
+        crate::outln!("{line}");
     }
     Ok(())
 }
@@ -553,7 +553,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         source,
     })?;
     if m.provenance.uuid == dom.uuid {
-        println!(
+        crate::outln!(
             "VM {}: the TPM state already belongs to this domain; nothing to do",
             shown_name(&dom.name)
         );
@@ -586,7 +586,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         config: dom.persistent,
     };
     dom.write_state_element(&element, &ctx.config.namespace, targets)?;
-    println!(
+    crate::outln!(
         "VM {}: adopted the TPM state of domain {} as generation {} (digest {})",
         shown_name(&dom.name),
         m.provenance.uuid,

@@ -14,12 +14,28 @@ const KEYS_DIR: &str = "keys";
 
 /// `<config>/keys`: root-only host keys, one per file.
 pub fn keys_dir(paths: &Paths) -> PathBuf {
-    paths.config_dir().join(KEYS_DIR)
+    match paths.keys_override() {
+        Some(dir) => dir.to_path_buf(),
+        None => paths.config_dir().join(KEYS_DIR),
+    }
 }
 
 /// Opens the keys dir, refusing one a user other than root (or this
 /// process's user) could write: a file dropped there would be a key.
 fn open_keys_dir(paths: &Paths) -> Result<Option<Dir>, FsError> {
+    if let Some(path) = paths.keys_override() {
+        // A dir the user names (`--keys DIR`): opened by the trust rule; it
+        // must exist, and only its owner (root or this user) may write it.
+        let dir = super::open_user_dir(path, false)?
+            .ok_or_else(|| io_err("open the keys dir", path, rustix::io::Errno::NOENT))?;
+        if !dir.writable_only_by_us() {
+            return Err(FsError::UnsafeKeysDir {
+                path: dir.path().to_path_buf(),
+                what: "it is not root's or yours, or is group/other-writable",
+            });
+        }
+        return Ok(Some(dir));
+    }
     let Some(config) = Anchor::Config.open(paths)? else {
         return Ok(None);
     };
