@@ -155,8 +155,17 @@ impl Dir {
         if let Some(d) = self.open_subdir(name)? {
             return Ok(d);
         }
-        let created = self.make_subdir(name, mode)?;
-        Ok(created)
+        match self.make_subdir(name, mode) {
+            Ok(created) => Ok(created),
+            // Another process made it meanwhile: use it as it is.
+            Err(FsError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                self.open_subdir(name)?
+                    .ok_or_else(|| io_err("open", &self.shown(name), Errno::NOENT))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates the subdirectory `name` (it must not exist), mode `mode`.
