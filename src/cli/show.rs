@@ -6,7 +6,7 @@ use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::fs::load_keyring;
 use crate::fs::HostData;
-use crate::libvirt::Libvirt;
+use crate::libvirt::{Libvirt, LibvirtError};
 use crate::restore::{carried, prepare_domain, shown_name, PrepareOptions};
 use crate::swtpm::check_header;
 
@@ -242,7 +242,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&j).expect("serializable")
+            crate::logging::json_safe(&serde_json::to_string_pretty(&j).expect("serializable"))
         );
     } else {
         print_human(&j, src.active);
@@ -315,48 +315,48 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
         Some(false) => ", shut off",
         None => "",
     };
-    println!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
+    crate::say!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
     if !j.present {
-        println!("  metadata:    no virt-tpm-state element");
+        crate::say!("  metadata:    no virt-tpm-state element");
     } else if let Some(key) = &j.missing_key {
-        println!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
+        crate::say!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
         if let (Some(g), Some(d)) = (j.generation, &j.digest) {
-            println!("  generation:  {g}, digest {}…", &d[..12]);
+            crate::say!("  generation:  {g}, digest {}…", &d[..12]);
         }
     } else if let Some(e) = &j.error {
-        println!("  metadata:    INVALID: {e}");
+        crate::say!("  metadata:    INVALID: {e}");
     } else {
-        println!(
+        crate::say!(
             "  metadata:    valid, format {}",
             j.format.as_deref().unwrap_or("?")
         );
-        println!(
+        crate::say!(
             "  generation:  {} (parent {})",
             j.generation.unwrap_or(0),
             j.parent
                 .as_deref()
                 .map_or("none".to_string(), |p| format!("{}…", &p[..12]))
         );
-        println!(
+        crate::say!(
             "  stored:      {} on {}",
             j.stored.as_deref().unwrap_or("?"),
             j.host.as_deref().unwrap_or("?")
         );
-        println!(
+        crate::say!(
             "  digest:      {}…",
             &j.digest.as_deref().unwrap_or("????????????")[..12]
         );
         if j.belongs_to_domain == Some(false) {
-            println!(
+            crate::say!(
                 "  owner:       domain {} (a clone: the hook refuses to start with it; see `virt-tpm-state adopt`)",
                 j.element_uuid.as_deref().unwrap_or("?")
             );
         }
         let tpm_files = j.files.iter().filter(|f| f.section == "tpm").count();
         if let Some(v) = &j.tpm_version {
-            println!("  TPM:         {v}, {tpm_files} file(s)");
+            crate::say!("  TPM:         {v}, {tpm_files} file(s)");
         } else {
-            println!("  TPM:         none (UEFI variables only)");
+            crate::say!("  TPM:         none (UEFI variables only)");
         }
         for f in &j.files {
             let label = if f.section == "nvram" {
@@ -364,7 +364,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             } else {
                 ""
             };
-            println!(
+            crate::say!(
                 "    {}  {} bytes  sha256 {}…{label}",
                 f.name,
                 f.size,
@@ -372,7 +372,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             );
         }
         let p = j.protection.as_deref().unwrap_or("none");
-        println!(
+        crate::say!(
             "  protection:  {}",
             if let Some(ids) = p.strip_prefix("virt-tpm-state:") {
                 format!("encrypted with host key {ids} (readers of the XML without the key see ciphertext)")
@@ -394,7 +394,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             }
             (None, Some(d), None) => format!("digest {}…", &d[..12]),
         };
-        println!("  local state: {what} ({})", l.path);
+        crate::say!("  local state: {what} ({})", l.path);
     }
 }
 
@@ -411,16 +411,25 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
     let running = match src.active {
         Some(a) => a,
         // A saved XML: ask libvirt whether a domain with that UUID runs here.
-        None => match Libvirt::connect(&ctx.uri, true) {
-            Ok(lv) => lv
-                .domain(src.info.uuid.as_str())
-                .map(|d| d.active)
-                .unwrap_or(false),
-            Err(e) => {
+        // Not knowing is not "stopped": while libvirtd restarts, a running
+        // VM's swtpm keeps running over whatever dir a restore swaps in.
+        None => match Libvirt::connect(&ctx.uri, true)
+            .and_then(|lv| lv.domain(src.info.uuid.as_str()).map(|d| d.active))
+        {
+            Ok(active) => active,
+            Err(LibvirtError::NoDomain(_)) => false,
+            Err(source) if args.force => {
                 log::warn!(
-                    "cannot ask libvirt whether the domain runs ({e}); assuming it does not"
+                    "VM {}: cannot ask libvirt whether it runs ({source}); --force: restoring as if it were stopped",
+                    shown_name(&src.info.name)
                 );
                 false
+            }
+            Err(source) => {
+                return Err(CliError::CannotTellRunning {
+                    name: shown_name(&src.info.name),
+                    source,
+                })
             }
         },
     };
@@ -442,7 +451,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
             force_metadata: args.force,
         },
     )?;
-    println!("{}", report.summary());
+    crate::say!("{}", report.summary());
     Ok(())
 }
 
@@ -477,7 +486,7 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     let out = crate::fs::open_user_dir(&args.out, true)?.expect("created");
     for (_, f) in m.state.sections() {
         out.create_new_file(&f.name, &f.data, 0o600)?;
-        println!(
+        crate::say!(
             "{}  {} bytes  sha256 {}",
             args.out.join(&f.name).display(),
             f.data.len(),

@@ -40,6 +40,10 @@ struct Report {
     daemon: Option<DaemonStatus>,
     max_lag_secs: u64,
     domains: Vec<Row>,
+    /// Bytes our data dir holds (kept copies, backups, J, intents), and
+    /// its cap.
+    disk_used_bytes: u64,
+    max_state_dir_bytes: u64,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -150,15 +154,23 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         .filter(|r| r.alert)
         .map(|r| shown_name(&r.domain))
         .collect();
+    let disk_used_bytes = crate::fs::HostData::new(&ctx.paths)
+        .scan_domains()
+        .map(|d| d.iter().map(|x| x.bytes).sum())
+        .unwrap_or(0);
     let report = Report {
         daemon,
         max_lag_secs: max_lag,
         domains: rows,
+        disk_used_bytes,
+        max_state_dir_bytes: ctx.config.max_state_dir_bytes,
     };
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
+            crate::logging::json_safe(
+                &serde_json::to_string_pretty(&report).expect("serializable")
+            )
         );
     } else {
         print_table(&report);
@@ -185,7 +197,7 @@ fn ago(secs: Option<u64>) -> String {
 
 fn print_table(r: &Report) {
     match &r.daemon {
-        Some(d) => println!(
+        Some(d) => crate::say!(
             "watch daemon: running (pid {}, since {}){}",
             d.pid,
             d.started,
@@ -194,11 +206,21 @@ fn print_table(r: &Report) {
                 .map(|t| format!(", libvirt unreachable since {t}"))
                 .unwrap_or_default()
         ),
-        None => println!("watch daemon: not running"),
+        None => crate::say!("watch daemon: not running"),
     }
-    println!(
+    crate::say!(
+        "disk used: {} bytes of max_state_dir_bytes {} (kept copies, backups, sync records)",
+        r.disk_used_bytes,
+        r.max_state_dir_bytes
+    );
+    crate::say!(
         "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
-        "DOMAIN", "STATE", "GEN", "STORED", "LOCAL", "PENDING"
+        "DOMAIN",
+        "STATE",
+        "GEN",
+        "STORED",
+        "LOCAL",
+        "PENDING"
     );
     for row in &r.domains {
         let sync = if row.local_digest.is_none() {
@@ -212,7 +234,7 @@ fn print_table(r: &Report) {
                 if row.alert { " (!)" } else { "" }
             )
         };
-        println!(
+        crate::say!(
             "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
             row.domain,
             if row.running { "running" } else { "shut off" },
@@ -222,7 +244,7 @@ fn print_table(r: &Report) {
             if row.pending { "yes" } else { "no" }
         );
         if let Some(e) = &row.last_error {
-            println!("  last error: {e}");
+            crate::say!("  last error: {e}");
         }
     }
 }
