@@ -593,6 +593,20 @@ pub fn prepare_domain(
                 backup = backup_stray_vars(&m_here)?;
             }
             fault(&info.name, "restore.backed_up")?;
+            // A missing nvram dir refuses before the journal is touched.
+            if let (Some(_), Some(l)) = (&m_here.nvram, nvram_location) {
+                l.check_dir_exists().map_err(RestoreError::fs(&info.name))?;
+            }
+            // What is live now, to tell a failed write that changed nothing.
+            let tpm_before = tpm_location.map(|l| {
+                l.read(
+                    m_here.tpm.as_ref().map_or(TpmVersion::V2_0, |t| t.version),
+                    max,
+                )
+                .ok()
+                .flatten()
+            });
+            let vars_before = nvram_location.map(|l| l.read(max).ok().flatten());
             // The journal: from here until J, the next run on this VM
             // finishes this restore before it decides anything.
             host.write_intent(
@@ -613,7 +627,26 @@ pub fn prepare_domain(
                 },
             )
             .map_err(RestoreError::fs(&info.name))?;
-            write(&m_here)?;
+            if let Err(e) = write(&m_here) {
+                // Failed (not killed): when nothing live changed, the intent
+                // goes too, so "nothing was written" stays true. Otherwise
+                // it stays for the next run to finish.
+                let now_tpm = tpm_location.map(|l| {
+                    l.read(
+                        m_here.tpm.as_ref().map_or(TpmVersion::V2_0, |t| t.version),
+                        max,
+                    )
+                    .ok()
+                    .flatten()
+                });
+                let now_vars = nvram_location.map(|l| l.read(max).ok().flatten());
+                if now_tpm == tpm_before && now_vars == vars_before {
+                    if let Err(e) = host.clear_intent(&info.uuid) {
+                        log::warn!("VM {name}: {e}");
+                    }
+                }
+                return Err(e);
+            }
             fault(&info.name, "restore.written")?;
             host.record_sync(&info.uuid, &m_here)
                 .map_err(RestoreError::fs(&info.name))?;
