@@ -517,3 +517,114 @@ fn hundred_transient_domains_stay_under_the_cap() {
     rest.dedup();
     assert_eq!(rest, vec![keep_uuid.to_string()]);
 }
+
+/// The listener that stands in for syslog: binds `/dev/log` (a datagram
+/// socket), writes each message as one record (`\0`-terminated) to argv[1],
+/// until 3 s pass without one.
+const SYSLOG_LISTENER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("/dev/log")
+open(sys.argv[1] + ".ready", "w").close()
+s.settimeout(3)
+with open(sys.argv[1], "wb") as f:
+    while True:
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            break
+        f.write(d + b"\0")
+        f.flush()
+"#;
+
+/// Issue 17: the same forged characters reach syslog escaped. The hook
+/// runs in a private mount namespace whose `/dev` is a fresh tmpfs holding
+/// a `/dev/log` socket this test reads (root, `unshare`, python3; else SKIP,
+/// a failure under CI=true).
+#[test]
+fn forged_controls_reach_syslog_escaped() {
+    let have = |c: &str| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok()
+    };
+    if !(rustix::process::geteuid().is_root() && have("unshare") && have("python3")) {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "needs root, unshare and python3 under CI=true"
+        );
+        eprintln!("SKIP forged_controls_reach_syslog_escaped: needs root, unshare, python3");
+        return;
+    }
+    let s = Scratch::new();
+    let a = St::new("A");
+    let forged: String = FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect();
+    let warn_xml = xml_with(&a, 1).replacen(
+        &format!("<nvram>/{VARS_REL}</nvram>"),
+        &format!("<nvram type='{forged}info: forged'/>"),
+        1,
+    );
+    let err_xml = xml_with(&a, 1).replacen(
+        &format!("<nvram>/{VARS_REL}</nvram>"),
+        &format!("<nvram>/etc/{forged}</nvram>"),
+        1,
+    );
+    let tmp = s.tmp.path();
+    std::fs::write(tmp.join("listener.py"), SYSLOG_LISTENER).unwrap();
+    std::fs::write(tmp.join("warn.xml"), &warn_xml).unwrap();
+    std::fs::write(tmp.join("err.xml"), &err_xml).unwrap();
+    let script = r#"mount -t tmpfs vts-dev /dev
+mknod -m 666 /dev/null c 1 3
+python3 "$TMP/listener.py" "$TMP/syslog" </dev/null &
+n=0
+while [ ! -e "$TMP/syslog.ready" ]; do
+    n=$((n + 1)); [ $n -lt 200 ] || { echo "the syslog listener did not start" >&2; exit 1; }
+    sleep 0.05
+done
+for x in warn err; do
+    set +e
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C VIRT_TPM_STATE_ROOT="$ROOT" \
+        "$HOOK" vm prepare begin - <"$TMP/$x.xml" >"$TMP/$x.out" 2>"$TMP/$x.err"
+    echo $? >"$TMP/$x.code"
+    set -e
+done
+wait
+"#;
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-euc", script])
+        .env("ROOT", s.root())
+        .env("HOOK", HOOK)
+        .env("TMP", tmp)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "namespace script: {}", show(&out));
+    let read = |n: &str| std::fs::read_to_string(tmp.join(n)).unwrap();
+    assert_eq!(read("warn.code").trim(), "0", "{}", read("warn.err"));
+    assert_eq!(read("err.code").trim(), "7", "{}", read("err.err"));
+    // With syslog there, warnings go only there; the error line goes to both.
+    assert_eq!(read("warn.err"), "", "warnings on stderr despite syslog");
+    assert_escaped(&read("err.err"), 1, "hook error line (stderr)");
+    let log = std::fs::read(tmp.join("syslog")).unwrap();
+    let records: Vec<String> = log
+        .split(|b| *b == 0)
+        .filter(|r| !r.is_empty())
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    let forged_records: Vec<&String> = records.iter().filter(|r| r.contains("x\\n")).collect();
+    assert!(
+        forged_records.len() >= 2,
+        "the warning and the error in syslog: {records:#?}"
+    );
+    for r in &records {
+        for (_, raw, _) in FORGED {
+            assert!(!r.contains(*raw), "raw {raw:?} in a syslog record: {r:?}");
+        }
+    }
+    for r in forged_records {
+        for (_, _, shown) in FORGED {
+            assert!(r.contains(shown), "{shown} missing in syslog record {r:?}");
+        }
+    }
+}
