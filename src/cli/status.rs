@@ -42,7 +42,8 @@ struct Report {
     domains: Vec<Row>,
     /// Bytes our data dir holds (kept copies, backups, J, intents), and
     /// its cap.
-    disk_used_bytes: u64,
+    /// `None` when our data dir cannot be read (not root): unknown, not 0.
+    disk_used_bytes: Option<u64>,
     max_state_dir_bytes: u64,
 }
 
@@ -154,10 +155,13 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         .filter(|r| r.alert)
         .map(|r| shown_name(&r.domain))
         .collect();
-    let disk_used_bytes = crate::fs::HostData::new(&ctx.paths)
-        .scan_domains()
-        .map(|d| d.iter().map(|x| x.bytes).sum())
-        .unwrap_or(0);
+    let disk_used_bytes = match crate::fs::HostData::new(&ctx.paths).scan_domains() {
+        Ok(d) => Some(d.iter().map(|x| x.bytes).sum()),
+        Err(e) => {
+            log::warn!("disk used unknown: {e}");
+            None
+        }
+    };
     let report = Report {
         daemon,
         max_lag_secs: max_lag,
@@ -209,8 +213,9 @@ fn print_table(r: &Report) {
         None => crate::say!("watch daemon: not running"),
     }
     crate::say!(
-        "disk used: {} bytes of max_state_dir_bytes {} (kept copies, backups, sync records)",
-        r.disk_used_bytes,
+        "disk used: {} of max_state_dir_bytes {} (kept copies, backups, sync records)",
+        r.disk_used_bytes
+            .map_or("unknown".to_string(), |b| format!("{b} bytes")),
         r.max_state_dir_bytes
     );
     crate::say!(
