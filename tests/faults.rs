@@ -584,6 +584,71 @@ fn restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation() {
     assert!(n >= 3 * 10, "only {n} runs");
 }
 
+/// Issue 17: finishing an interrupted restore is itself crash-safe. A
+/// restore of B (TPM + VARS) over A is killed right after the VARS rename
+/// (a mixed pair on disk, the intent recorded); the `stopped end` that
+/// finishes it is then killed at each of its steps; the next start with
+/// the previous XML still ends with A live, whole, B backed up, no intent
+/// and no leftovers.
+#[test]
+fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
+    if !need_faults("finishing_an_interrupted_restore_killed_at_every_step_converges") {
+        return;
+    }
+    let s = Scenario::Replace;
+    let first = (fault::FAULT_ENV, "nvram.renamed#1=kill".to_string());
+    let interrupted = || {
+        let c = s.setup();
+        let out = s.run(&c, std::slice::from_ref(&first));
+        assert_eq!(out.status.signal(), Some(9), "{}", show(&out));
+        assert_eq!(
+            c.s.live(),
+            Some(St {
+                permall: c.a.permall.clone(),
+                vars: c.b.vars.clone()
+            }),
+            "the mixed pair the journal must repair"
+        );
+        c
+    };
+    let c = interrupted();
+    let t = c.s.tmp.path().join("trace");
+    ok(
+        &c.s.hook("stopped", "end", &s.xml(&c.b, 2), &[trace_env(&t)]),
+        "traced finishing run",
+    );
+    let trace = read_trace(&t);
+    assert!(
+        trace.iter().any(|p| p == "restore.intent_cleared"),
+        "{trace:?}"
+    );
+    for i in 0..trace.len() {
+        let spec = at_hit(&trace, i);
+        let what = format!("finishing run killed at {spec} (step {i} of {trace:?})");
+        let c = interrupted();
+        let out = c.s.hook(
+            "stopped",
+            "end",
+            &s.xml(&c.b, 2),
+            &[(fault::FAULT_ENV, format!("{spec}=kill"))],
+        );
+        assert_eq!(out.status.signal(), Some(9), "{what}: {}", show(&out));
+        ok(
+            &c.s.prepare(&s.xml(&c.a, 1), &[]),
+            &format!("{what}: next start"),
+        );
+        assert_eq!(c.s.live().as_ref(), Some(&c.a), "{what}: live");
+        assert!(c.s.backups().contains(&c.b), "{what}: B not backed up");
+        assert!(c.s.backups().contains(&c.a), "{what}: A not backed up");
+        assert!(c.s.leftovers().is_empty(), "{what}: {:?}", c.s.leftovers());
+        assert!(
+            !c.s.path(&format!("var/lib/virt-tpm-state/intents/{}", c.s.uuid))
+                .exists(),
+            "{what}: intent left"
+        );
+    }
+}
+
 #[test]
 fn stopped_killed_at_every_step_keeps_a_whole_copy() {
     if !need_faults("stopped_killed_at_every_step_keeps_a_whole_copy") {
