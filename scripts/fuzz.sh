@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 secs="${1:-300}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(read_domain round_trip)
+[ ${#targets[@]} -gt 0 ] || targets=(read_domain round_trip strict_domain)
 toolchain="${FUZZ_TOOLCHAIN:-nightly}"
 CARGO_FUZZ_VERSION=0.13.1
 
@@ -27,13 +27,14 @@ if [ "$(cargo fuzz --version 2>/dev/null | awk '{print $2}')" != "$CARGO_FUZZ_VE
 fi
 
 # Seed corpus: every fixture (valid and invalid vectors, captured domains).
-mkdir -p fuzz/corpus/read_domain fuzz/corpus/round_trip
+mkdir -p fuzz/corpus/read_domain fuzz/corpus/round_trip fuzz/corpus/strict_domain
 cp fixtures/vectors/*.xml fixtures/domains/*.xml fuzz/regressions/read_domain-* fuzz/corpus/read_domain/
+cp fixtures/domains/*.xml fixtures/domains/strict/*.xml fuzz/corpus/strict_domain/
 
 status=0
 for target in "${targets[@]}"; do
     extra=()
-    [ "$target" = read_domain ] && extra=(-dict=fuzz/xml.dict -max_len=131072)
+    [ "$target" != round_trip ] && extra=(-dict=fuzz/xml.dict -max_len=131072)
     echo "==> fuzzing $target for ${secs}s"
     # -timeout: a hang; -malloc_limit_mb: one allocation far beyond the
     # decoder's caps; -rss_limit_mb: total memory.

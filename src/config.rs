@@ -56,6 +56,12 @@ pub struct Config {
     pub reconcile_interval_secs: u64,
     /// `status` exits 20 when a domain has been out of sync longer than this.
     pub status_max_lag_secs: u64,
+    /// Data of domains libvirt no longer knows is removed after this many
+    /// days (garbage collection, `virt-tpm-state gc`).
+    pub kept_retention_days: u64,
+    /// Total size cap of our data dir, enforced before each new kept copy
+    /// or backup (by removing data of domains libvirt no longer knows).
+    pub max_state_dir_bytes: u64,
 }
 
 impl Default for Config {
@@ -77,6 +83,8 @@ impl Default for Config {
             nvram_without_tpm: false,
             reconcile_interval_secs: 300,
             status_max_lag_secs: 600,
+            kept_retention_days: 30,
+            max_state_dir_bytes: 1024 * 1024 * 1024,
         }
     }
 }

@@ -140,7 +140,10 @@ pub struct OsFirmware {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NvramElement {
     pub kind: Option<String>,
+    /// `<source file=…>`, if any.
     pub path: String,
+    /// The element's own text (CDATA included), exactly as written.
+    pub text: String,
 }
 
 /// Where a domain keeps its UEFI variable store, as the XML says it.
@@ -168,9 +171,19 @@ impl OsFirmware {
                 None | Some("file") => {}
                 Some(other) => return Some(NvramSpec::Unsupported(other.to_string())),
             }
-            let path = n.path.trim();
-            if !path.is_empty() {
-                return Some(NvramSpec::Path(path.to_string()));
+            // `<source file=…>`, else the element's text as libvirt reads
+            // it: not trimmed (` /p ` is not an absolute path, and is
+            // refused as one). Text that is only whitespace (the
+            // indentation around a `<source>`) names no path.
+            if !n.path.is_empty() {
+                return Some(NvramSpec::Path(n.path.clone()));
+            }
+            if !n
+                .text
+                .chars()
+                .all(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
+            {
+                return Some(NvramSpec::Path(n.text.clone()));
             }
         }
         (self.efi || self.pflash || self.nvram.is_some()).then_some(NvramSpec::Default)
@@ -308,6 +321,10 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
     let mut kept_count = 0usize;
     let mut text_target: Option<&'static str> = None;
     let mut seen_root = false;
+    // The root element has ended: only whitespace, comments and PIs follow.
+    let mut root_done = false;
+    // Elements libvirt reads once: a second one is refused, not merged.
+    let mut once: HashSet<&'static str> = HashSet::new();
     // Namespace declarations on each open element, and their sum.
     let mut ns_decls: Vec<usize> = Vec::new();
     let mut ns_in_scope = 0usize;
@@ -329,6 +346,23 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
             Event::DocType(_) => return Err(DomainXmlError::Doctype),
             Event::Start(e) => {
                 let local = local_name(&e, xml, here)?;
+                if root_done {
+                    return Err(malformed_at(xml, here, "an element after the root element"));
+                }
+                let single = match (path.len(), local.as_str()) {
+                    (1, "name") => Some("a second <name>"),
+                    (1, "uuid") => Some("a second <uuid>"),
+                    (1, "metadata") => Some("a second <metadata>"),
+                    (1, "os") => Some("a second <os>"),
+                    (2, "nvram") if path[1] == "os" => Some("a second <os>/<nvram>"),
+                    (2, "loader") if path[1] == "os" => Some("a second <os>/<loader>"),
+                    _ => None,
+                };
+                if let Some(what) = single {
+                    if !once.insert(what) {
+                        return Err(malformed_at(xml, here, what));
+                    }
+                }
                 if !seen_root {
                     seen_root = true;
                     if local != "domain" {
@@ -389,6 +423,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                     os.nvram = Some(NvramElement {
                         kind: find(&attrs, "type"),
                         path: String::new(),
+                        text: String::new(),
                     });
                     text_target = Some("nvram");
                 } else if depth == 3 && path[1] == "os" && path[2] == "nvram" && local == "source" {
@@ -442,6 +477,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
             }
             Event::End(_) => {
                 path.pop();
+                root_done = path.is_empty();
                 ns_in_scope -= ns_decls.pop().unwrap_or(0);
                 text_target = None;
                 if let Some(done) = kept_stack.pop() {
@@ -453,37 +489,55 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
             }
             Event::Text(t) => {
                 let at = |what| malformed_at(xml, here, what);
-                let text = t.unescape().map_err(|e| at(describe(&e)))?;
+                let raw =
+                    std::str::from_utf8(t.as_ref()).map_err(|_| at("text that is not UTF-8"))?;
+                let text = quick_xml::escape::unescape(&normalize_line_ends(raw))
+                    .map_err(|e| at(describe(&quick_xml::Error::Escape(e))))?
+                    .into_owned();
                 if !text.chars().all(xml_char) {
                     return Err(at(
                         "a character reference to a character XML does not allow",
                     ));
                 }
-                if let Some(top) = kept_stack.last_mut() {
-                    top.text.push_str(&text);
-                } else if text_target == Some("nvram") {
-                    if let Some(n) = os.nvram.as_mut() {
-                        // Text of a `type='file'` element with <source> is
-                        // whitespace only; a path is the element's text.
-                        if !text.trim().is_empty() {
-                            n.path.push_str(&text);
-                        }
+                if path.is_empty() {
+                    if !text.chars().all(|c| matches!(c, ' ' | '\t' | '\n' | '\r')) {
+                        return Err(at(if root_done {
+                            "text after the root element"
+                        } else {
+                            "text before the root element"
+                        }));
                     }
-                } else if let Some(target) = text_target {
-                    let slot = if target == "name" {
-                        &mut name
-                    } else {
-                        &mut uuid_text
-                    };
-                    slot.get_or_insert_with(String::new).push_str(&text);
+                    continue;
                 }
+                take_text(
+                    &mut kept_stack,
+                    text_target,
+                    &mut os,
+                    &mut name,
+                    &mut uuid_text,
+                    &text,
+                );
             }
             Event::CData(c) => {
-                if let Some(top) = kept_stack.last_mut() {
-                    let text = std::str::from_utf8(&c)
-                        .map_err(|_| malformed_at(xml, here, "text that is not UTF-8"))?;
-                    top.text.push_str(text);
+                let at = |what| malformed_at(xml, here, what);
+                if path.is_empty() {
+                    return Err(at(if root_done {
+                        "a CDATA section after the root element"
+                    } else {
+                        "a CDATA section before the root element"
+                    }));
                 }
+                let text = std::str::from_utf8(&c).map_err(|_| at("text that is not UTF-8"))?;
+                // libxml2 reads a CDATA section as text, line ends normalized.
+                let text = normalize_line_ends(text);
+                take_text(
+                    &mut kept_stack,
+                    text_target,
+                    &mut os,
+                    &mut name,
+                    &mut uuid_text,
+                    &text,
+                );
             }
             Event::Eof => break,
             _ => {}
@@ -505,8 +559,9 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
     }
     let uuid_text = uuid_text.ok_or(DomainXmlError::MissingUuid)?;
     let uuid = DomainUuid::parse(&uuid_text).ok_or(DomainXmlError::BadUuid)?;
+    // libvirt takes the name as written (no trimming); its own check
+    // refuses the odd ones, and `NvramLocation` validates it before use.
     let name = name
-        .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .ok_or(DomainXmlError::MissingName)?;
     Ok(DomainInfo {
@@ -516,6 +571,49 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
         os,
         metadata: metadata.pop(),
     })
+}
+
+/// XML 1.0 §2.11: every `\r\n` and lone `\r` is read as `\n`.
+fn normalize_line_ends(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\r') {
+        std::borrow::Cow::Owned(s.replace("\r\n", "\n").replace('\r', "\n"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// XML 1.0 §3.3.3 for a CDATA-typed attribute (all of libvirt's): line ends
+/// normalized, then each literal tab, newline or CR becomes a space;
+/// character references (`&#10;`) keep their character.
+fn normalize_attribute(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains(['\r', '\n', '\t']) {
+        std::borrow::Cow::Owned(normalize_line_ends(s).replace(['\n', '\t'], " "))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// Text (or CDATA) of an element: into our element's text, the `<os>`
+/// `<nvram>` path, or `<name>`/`<uuid>`, as libvirt reads them (all the
+/// text of the element, CDATA included, nothing trimmed here).
+fn take_text(
+    kept_stack: &mut [XmlElement],
+    text_target: Option<&'static str>,
+    os: &mut OsFirmware,
+    name: &mut Option<String>,
+    uuid_text: &mut Option<String>,
+    text: &str,
+) {
+    if let Some(top) = kept_stack.last_mut() {
+        top.text.push_str(text);
+    } else if text_target == Some("nvram") {
+        if let Some(n) = os.nvram.as_mut() {
+            n.text.push_str(text);
+        }
+    } else if let Some(target) = text_target {
+        let slot = if target == "name" { name } else { uuid_text };
+        slot.get_or_insert_with(String::new).push_str(text);
+    }
 }
 
 fn local_name(e: &BytesStart<'_>, xml: &[u8], here: u64) -> Result<String, DomainXmlError> {
@@ -563,21 +661,13 @@ fn attributes(
         let key = std::str::from_utf8(a.key.as_ref())
             .map_err(|_| at("a name that is not UTF-8"))?
             .to_string();
-        // XML 1.0 §3.3.3 (what libxml2, and so libvirt, does): a literal
-        // tab, newline or carriage return (CR LF counts once) in an
-        // attribute value is a space; character references stay what they
-        // name.
-        let value = if a.value.iter().any(|b| matches!(b, b'\t' | b'\n' | b'\r')) {
-            let raw = std::str::from_utf8(&a.value).map_err(|_| at("text that is not UTF-8"))?;
-            let normalized = raw.replace("\r\n", " ").replace(['\t', '\n', '\r'], " ");
-            quick_xml::escape::unescape(&normalized)
-                .map_err(|_| at("an invalid character or entity reference"))?
-                .into_owned()
-        } else {
-            a.decode_and_unescape_value(reader.decoder())
-                .map_err(|e| at(describe(&e)))?
-                .into_owned()
-        };
+        let raw = reader
+            .decoder()
+            .decode(&a.value)
+            .map_err(|_| at("text that is not UTF-8"))?;
+        let value = quick_xml::escape::unescape(&normalize_attribute(&raw))
+            .map_err(|e| at(describe(&quick_xml::Error::Escape(e))))?
+            .into_owned();
         if !value.chars().all(xml_char) {
             return Err(at(
                 "a character reference to a character XML does not allow",
@@ -826,13 +916,13 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
-        // Tab, newline and CR are characters: kept as references, spaces
-        // when literal (XML 1.0 §3.3.3, as libxml2 reads them).
+        // Tab, newline and CR are characters as references; written raw in
+        // an attribute value they are read as a space (XML 1.0 §3.3.3).
         let xml = domain(&format!(
-            "<metadata><vts:state xmlns:vts='{NS}' host='a&#9;&#10;&#13;b\t'/></metadata>"
+            "<metadata><vts:state xmlns:vts='{NS}' host='a&#9;&#10;&#13;b\t\r\nc'/></metadata>"
         ));
         let m = parse_domain(xml.as_bytes(), NS).unwrap().metadata.unwrap();
-        assert_eq!(m.attr("host"), Some("a\t\n\rb "));
+        assert_eq!(m.attr("host"), Some("a\t\n\rb  c"));
     }
 
     #[test]

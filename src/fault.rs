@@ -30,8 +30,11 @@ pub const POINTS: &[&str] = &[
     // prepare (src/restore.rs)
     "restore.locked",
     "restore.backed_up",
+    // the restore journal (fs::HostData::write_intent / clear_intent)
+    "restore.intent",
     "restore.written",
     "restore.synced",
+    "restore.intent_cleared",
     // a directory built aside and swapped in (fs::replace_dir): state
     // dirs, kept copies, backups
     "dir.created",

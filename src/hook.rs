@@ -240,6 +240,10 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
             carried.tpm.as_ref().map(|(_, l)| l),
             carried.nvram.as_ref(),
         );
+        // A prepare killed mid-restore (libvirt runs `stopped` after a failed
+        // prepare): finish it first, so the kept copy and the post-stop
+        // store never see TPM and VARS of two generations.
+        crate::restore::finish_intent(paths, &host, &info, &carried)?;
         // The TPM state and the VARS file together: one kept copy.
         let Some(state) = carried
             .read_live(true, true, config.max_file_size)
@@ -256,6 +260,7 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
             )
             .map_err(fs)?;
         if kept.as_ref().map(|k| k.digest()) != Some(state.digest()) {
+            crate::gc::enforce(paths, config, &info.uuid);
             host.write_kept(&info.uuid, &state).map_err(fs)?;
             log::info!(
                 "VM {name} ({}): kept a copy of the final state (digest {}, {} bytes)",

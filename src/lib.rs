@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod fault;
 pub mod format;
 pub mod fs;
+pub mod gc;
 pub mod hook;
 pub mod input;
 #[cfg(feature = "libvirt")]

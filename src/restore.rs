@@ -8,7 +8,7 @@ use crate::decision::{decide, Decision, DecisionInput, Refusal, Why};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError, NvramSpec, TpmBackend};
 use crate::envelope::Keyring;
 use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_SEALED};
-use crate::fs::{load_keyring, FsError, HostData, NvramLocation, Owner, StateLocation};
+use crate::fs::{load_keyring, FsError, HostData, Intent, NvramLocation, Owner, StateLocation};
 use crate::paths::Paths;
 use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState, TpmVersion};
 use crate::swtpm::check_header;
@@ -141,6 +141,21 @@ pub enum RestoreError {
     },
     #[error("VM {name}: {source}")]
     Fs { name: String, source: FsError },
+    #[error("VM {name}: an interrupted restore (digest {digest}…) into {} must be finished first, but this XML names other state locations; nothing was written. Start it once with the XML naming those locations", describe_at(.tpm, .nvram))]
+    UnfinishedElsewhere {
+        name: String,
+        tpm: Option<String>,
+        nvram: Option<String>,
+        digest: String,
+    },
+}
+
+fn describe_at(tpm: &Option<String>, nvram: &Option<String>) -> String {
+    [tpm.as_deref(), nvram.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 impl RestoreError {
@@ -157,6 +172,7 @@ impl RestoreError {
             RestoreError::Clone { .. } => 5,
             RestoreError::Conflict { .. } => 6,
             RestoreError::Fs { source, .. } => source.exit_code(),
+            RestoreError::UnfinishedElsewhere { .. } => 8,
         }
     }
 
@@ -172,13 +188,8 @@ impl RestoreError {
 /// so a hostile name cannot forge log lines.
 pub fn shown_name(name: &str) -> String {
     let mut s = String::from("'");
-    for c in name.chars().take(200) {
-        if c.is_control() {
-            s.extend(c.escape_default());
-        } else {
-            s.push(c);
-        }
-    }
+    let short: String = name.chars().take(200).collect();
+    s.push_str(&crate::logging::escaped(&short));
     s.push('\'');
     s
 }
@@ -383,6 +394,19 @@ pub fn prepare_domain(
     };
     let name = shown_name(&info.name);
     if info.metadata.is_none() {
+        // An XML without the element (a manager rolling back) still must
+        // not start a half-restored state.
+        let host = HostData::new(paths);
+        if host
+            .has_intent(&info.uuid)
+            .map_err(RestoreError::fs(&info.name))?
+        {
+            let carried = carried(paths, config, info)?;
+            let _lock = host
+                .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
+                .map_err(RestoreError::fs(&info.name))?;
+            finish_intent(paths, &host, info, &carried)?;
+        }
         return Ok(report(Outcome::NotOurs(
             "no virt-tpm-state element in the metadata",
         )));
@@ -451,6 +475,7 @@ pub fn prepare_domain(
         carried.tpm.as_ref().map(|(_, l)| l),
         carried.nvram.as_ref(),
     );
+    finish_intent(paths, &host, info, &carried)?;
     let max = config.max_file_size;
     let live = carried
         .read_live(use_tpm, use_nvram, max)
@@ -502,26 +527,8 @@ pub fn prepare_domain(
             .and(nvram_location)
             .map(NvramLocation::path)
     };
-    // Writes one machine state: the VARS file first, then the TPM dir (one
-    // rename each). The caller records J last, so a crash in between
-    // leaves L != J and the next prepare decides (and writes) again.
     let write = |state: &MachineState| -> Result<(), RestoreError> {
-        if let (Some(vars), Some(l)) = (&state.nvram, nvram_location) {
-            l.replace(
-                &vars.data,
-                Owner::qemu(paths).map_err(RestoreError::fs(&info.name))?,
-            )
-            .map_err(RestoreError::fs(&info.name))?;
-        }
-        if let (Some(tpm), Some(l)) = (&state.tpm, tpm_location) {
-            l.replace(
-                tpm.version,
-                tpm.files(),
-                Owner::swtpm(paths).map_err(RestoreError::fs(&info.name))?,
-            )
-            .map_err(RestoreError::fs(&info.name))?;
-        }
-        Ok(())
+        write_state(paths, &info.name, state, tpm_location, nvram_location)
     };
     // A VARS file present while the TPM state is not (`undefine
     // --keep-nvram`, a TPM dir deleted by hand) is not part of L, yet a
@@ -555,6 +562,7 @@ pub fn prepare_domain(
             }))
         }
         Decision::RestoreKept(why) => {
+            crate::gc::enforce(paths, config, &info.uuid);
             let state = kept.expect("decided on a kept copy");
             let backup = backup_stray_vars(&state)?;
             write(&state)?;
@@ -573,6 +581,8 @@ pub fn prepare_domain(
             }))
         }
         Decision::RestoreMetadata { backup_local, why } => {
+            // Room first: a backup and a kept copy are about to be written.
+            crate::gc::enforce(paths, config, &info.uuid);
             let mut backup = None;
             if backup_local {
                 if let Some(local) = live.as_ref().or(kept.as_ref()) {
@@ -586,11 +596,66 @@ pub fn prepare_domain(
                 backup = backup_stray_vars(&m_here)?;
             }
             fault(&info.name, "restore.backed_up")?;
-            write(&m_here)?;
+            // A missing nvram dir refuses before the journal is touched.
+            if let (Some(_), Some(l)) = (&m_here.nvram, nvram_location) {
+                l.check_dir_exists().map_err(RestoreError::fs(&info.name))?;
+            }
+            // What is live now, to tell a failed write that changed nothing.
+            let tpm_before = tpm_location.map(|l| {
+                l.read(
+                    m_here.tpm.as_ref().map_or(TpmVersion::V2_0, |t| t.version),
+                    max,
+                )
+                .ok()
+                .flatten()
+            });
+            let vars_before = nvram_location.map(|l| l.read(max).ok().flatten());
+            // The journal: from here until J, the next run on this VM
+            // finishes this restore before it decides anything.
+            host.write_intent(
+                &info.uuid,
+                &Intent {
+                    target: m_here.clone(),
+                    tpm_at: m_here
+                        .tpm
+                        .as_ref()
+                        .and(tpm_location)
+                        .map(StateLocation::path),
+                    nvram_at: m_here
+                        .nvram
+                        .as_ref()
+                        .and(nvram_location)
+                        .map(NvramLocation::path),
+                    backup: backup.clone(),
+                },
+            )
+            .map_err(RestoreError::fs(&info.name))?;
+            if let Err(e) = write(&m_here) {
+                // Failed (not killed): when nothing live changed, the intent
+                // goes too, so "nothing was written" stays true. Otherwise
+                // it stays for the next run to finish.
+                let now_tpm = tpm_location.map(|l| {
+                    l.read(
+                        m_here.tpm.as_ref().map_or(TpmVersion::V2_0, |t| t.version),
+                        max,
+                    )
+                    .ok()
+                    .flatten()
+                });
+                let now_vars = nvram_location.map(|l| l.read(max).ok().flatten());
+                if now_tpm == tpm_before && now_vars == vars_before {
+                    if let Err(e) = host.clear_intent(&info.uuid) {
+                        log::warn!("VM {name}: {e}");
+                    }
+                }
+                return Err(e);
+            }
             fault(&info.name, "restore.written")?;
             host.record_sync(&info.uuid, &m_here)
                 .map_err(RestoreError::fs(&info.name))?;
             fault(&info.name, "restore.synced")?;
+            host.clear_intent(&info.uuid)
+                .map_err(RestoreError::fs(&info.name))?;
             Ok(report(Outcome::Restored {
                 why,
                 digest: m_digest,
@@ -651,6 +716,104 @@ pub fn reader_check(
             ns: namespace.to_string(),
         });
     }
+    Ok(())
+}
+
+/// Writes one machine state: the VARS file first, then the TPM state (one
+/// rename each). Idempotent: a restore interrupted anywhere is finished by
+/// writing the same state again.
+fn write_state(
+    paths: &Paths,
+    name: &str,
+    state: &MachineState,
+    tpm_location: Option<&StateLocation>,
+    nvram_location: Option<&NvramLocation>,
+) -> Result<(), RestoreError> {
+    if let (Some(vars), Some(l)) = (&state.nvram, nvram_location) {
+        l.replace(
+            &vars.data,
+            Owner::qemu(paths).map_err(RestoreError::fs(name))?,
+        )
+        .map_err(RestoreError::fs(name))?;
+    }
+    if let (Some(tpm), Some(l)) = (&state.tpm, tpm_location) {
+        l.replace(
+            tpm.version,
+            tpm.files(),
+            Owner::swtpm(paths).map_err(RestoreError::fs(name))?,
+        )
+        .map_err(RestoreError::fs(name))?;
+    }
+    Ok(())
+}
+
+/// Finishes a restore that an earlier run on this VM recorded and did not
+/// complete (killed, or failed after its first rename): writes the whole
+/// target state again (VARS file, TPM state), records `J`, removes the
+/// intent. So the live TPM and VARS are always of one generation, whatever
+/// XML this run got, before anything reads or decides on them. Call with
+/// the domain's lock held. The target locations must be the ones this XML
+/// names (else exit 8: the admin finishes it with the XML it was for).
+pub fn finish_intent(
+    paths: &Paths,
+    host: &HostData,
+    info: &DomainInfo,
+    carried: &Carried,
+) -> Result<(), RestoreError> {
+    let Some(intent) = host
+        .read_intent(&info.uuid)
+        .map_err(RestoreError::fs(&info.name))?
+    else {
+        return Ok(());
+    };
+    let tpm_location = carried.tpm.as_ref().map(|(_, l)| l);
+    let nvram_location = carried.nvram.as_ref();
+    let here_tpm = intent
+        .target
+        .tpm
+        .as_ref()
+        .and(tpm_location)
+        .map(StateLocation::path);
+    let here_nvram = intent
+        .target
+        .nvram
+        .as_ref()
+        .and(nvram_location)
+        .map(NvramLocation::path);
+    if here_tpm != intent.tpm_at || here_nvram != intent.nvram_at {
+        return Err(RestoreError::UnfinishedElsewhere {
+            name: shown_name(&info.name),
+            tpm: intent
+                .tpm_at
+                .map(|p| crate::logging::escaped(&p.to_string_lossy())),
+            nvram: intent
+                .nvram_at
+                .map(|p| crate::logging::escaped(&p.to_string_lossy())),
+            digest: intent.target.digest().short(),
+        });
+    }
+    write_state(
+        paths,
+        &info.name,
+        &intent.target,
+        tpm_location,
+        nvram_location,
+    )?;
+    host.record_sync(&info.uuid, &intent.target)
+        .map_err(RestoreError::fs(&info.name))?;
+    host.clear_intent(&info.uuid)
+        .map_err(RestoreError::fs(&info.name))?;
+    log::info!(
+        "VM {} ({}): finished an interrupted restore (digest {}, {} bytes){}",
+        shown_name(&info.name),
+        info.uuid,
+        intent.target.digest().short(),
+        intent.target.total_size(),
+        intent
+            .backup
+            .map(|b| format!("; the state it replaced is in {}", b.display()))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 

@@ -401,7 +401,11 @@ fn state_diff(before: &BTreeMap<String, String>, after: &BTreeMap<String, String
 /// Directories made on the way (libvirt's `<uuid>` dir, our section dirs)
 /// are not state.
 fn is_parent_dir_only(rel: &str) -> bool {
-    rel.starts_with("var/lib/virt-tpm-state/") && !rel.contains("/tpm2") && !rel.ends_with(".fd")
+    rel == "var/lib/virt-tpm-state"
+        || rel.starts_with("var/lib/virt-tpm-state/")
+            && !rel.contains("/tpm2")
+            && !rel.ends_with(".fd")
+            && !rel.ends_with("/intent")
         || rel.starts_with("var/lib/libvirt/swtpm/")
             && !rel.ends_with("tpm2")
             && !rel.contains("/tpm2/")
@@ -452,6 +456,199 @@ fn restore_killed_at_every_step_keeps_a_whole_state() {
     }
 }
 
+/// `xml` without our element (a manager's copy from before the first store).
+fn without_element(xml: &str) -> String {
+    let start = xml.find("<vts:state").expect("element in the XML");
+    let start = xml[..start].rfind('\n').unwrap() + 1;
+    let end = xml.find("</vts:state>").expect("element end") + "</vts:state>".len();
+    let end = xml[end..].find('\n').unwrap() + end + 1;
+    let out = format!("{}{}", &xml[..start], &xml[end..]);
+    assert!(
+        !out.contains("urn:virt-tpm-state:1"),
+        "element left in {out}"
+    );
+    out
+}
+
+/// Which of `a`/`b` the live TPM state and VARS file are, both from one:
+/// panics on a mixed pair (TPM of one generation, VARS of the other).
+fn one_generation<'a>(c: &'a Case, what: &str) -> &'a St {
+    let live =
+        c.s.live()
+            .unwrap_or_else(|| panic!("{what}: no live state"));
+    if live == c.a {
+        &c.a
+    } else if live == c.b {
+        &c.b
+    } else {
+        panic!(
+            "{what}: mixed generations live: TPM of {}, VARS of {}",
+            if live.permall == c.a.permall {
+                "A"
+            } else if live.permall == c.b.permall {
+                "B"
+            } else {
+                "neither"
+            },
+            if live.vars == c.a.vars {
+                "A"
+            } else if live.vars == c.b.vars {
+                "B"
+            } else {
+                "neither"
+            },
+        )
+    }
+}
+
+/// Issue 17: a restore carrying TPM + VARS (A live, metadata B) killed at
+/// every step; libvirt then runs `stopped end` (a failed prepare is still
+/// followed by it); then the next start gets the *previous* XML (a manager
+/// rolling back), the *new* one, or one without the element. Every time:
+/// the kept copy and the live TPM and VARS are of one generation, the
+/// journal never names a mixed state, and nothing is lost (A is live or
+/// in a backup; B, once it was live, too).
+#[test]
+fn restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation() {
+    if !need_faults("restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation") {
+        return;
+    }
+    let s = Scenario::Replace;
+    let trace = s.trace();
+    assert!(
+        trace.iter().any(|p| p == "restore.intent") && trace.iter().any(|p| p == "nvram.rename"),
+        "a TPM + VARS restore with its journal: {trace:?}"
+    );
+    let mut n = 0;
+    for i in 0..trace.len() {
+        let spec = at_hit(&trace, i);
+        for retry in ["previous", "new", "no element"] {
+            let what =
+                format!("killed at {spec} (step {i} of {trace:?}), retried with the {retry} XML");
+            let c = s.setup();
+            let xml_b = s.xml(&c.b, 2);
+            let out = s.run(&c, &[(fault::FAULT_ENV, format!("{spec}=kill"))]);
+            assert_eq!(
+                out.status.signal(),
+                Some(9),
+                "{what}: not killed\n{}",
+                show(&out)
+            );
+            // libvirt's `stopped end` after the failed prepare (same XML).
+            ok(
+                &c.s.hook("stopped", "end", &xml_b, &[]),
+                &format!("{what}: stopped end"),
+            );
+            let after_stop = one_generation(&c, &format!("{what}: after stopped end")).clone();
+            let kept = c.s.kept().expect("kept copy");
+            assert!(kept == c.a || kept == c.b, "{what}: kept copy mixed");
+            assert_eq!(kept, after_stop, "{what}: kept copy is not the live state");
+            assert_eq!(c.s.j(), Some(after_stop.digest()), "{what}: J");
+            let xml = match retry {
+                "previous" => s.xml(&c.a, 1),
+                "new" => xml_b.clone(),
+                _ => without_element(&s.xml(&c.a, 1)),
+            };
+            ok(&c.s.prepare(&xml, &[]), &format!("{what}: the next start"));
+            let live = one_generation(&c, &what).clone();
+            let expect = match retry {
+                "previous" => &c.a,
+                "new" => &c.b,
+                _ => &after_stop,
+            };
+            assert_eq!(&live, expect, "{what}: live");
+            let left = c.s.leftovers();
+            assert!(left.is_empty(), "{what}: leftovers {left:?}");
+            assert!(
+                !c.s.path(&format!(
+                    "var/lib/virt-tpm-state/intents/{}",
+                    fixture_uuid(&xml)
+                ))
+                .exists(),
+                "{what}: the journal still holds an intent"
+            );
+            // Nothing lost: every state that was whole and live is live or
+            // backed up.
+            let backups = c.s.backups();
+            for (tag, st) in [("A", &c.a), ("B", &after_stop)] {
+                assert!(
+                    live == *st || backups.contains(st),
+                    "{what}: {tag} lost (live {:?}, {} backups)",
+                    live == c.a,
+                    backups.len()
+                );
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 3 * 10, "only {n} runs");
+}
+
+/// Issue 17: finishing an interrupted restore is itself crash-safe. A
+/// restore of B (TPM + VARS) over A is killed right after the VARS rename
+/// (a mixed pair on disk, the intent recorded); the `stopped end` that
+/// finishes it is then killed at each of its steps; the next start with
+/// the previous XML still ends with A live, whole, B backed up, no intent
+/// and no leftovers.
+#[test]
+fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
+    if !need_faults("finishing_an_interrupted_restore_killed_at_every_step_converges") {
+        return;
+    }
+    let s = Scenario::Replace;
+    let first = (fault::FAULT_ENV, "nvram.renamed#1=kill".to_string());
+    let interrupted = || {
+        let c = s.setup();
+        let out = s.run(&c, std::slice::from_ref(&first));
+        assert_eq!(out.status.signal(), Some(9), "{}", show(&out));
+        assert_eq!(
+            c.s.live(),
+            Some(St {
+                permall: c.a.permall.clone(),
+                vars: c.b.vars.clone()
+            }),
+            "the mixed pair the journal must repair"
+        );
+        c
+    };
+    let c = interrupted();
+    let t = c.s.tmp.path().join("trace");
+    ok(
+        &c.s.hook("stopped", "end", &s.xml(&c.b, 2), &[trace_env(&t)]),
+        "traced finishing run",
+    );
+    let trace = read_trace(&t);
+    assert!(
+        trace.iter().any(|p| p == "restore.intent_cleared"),
+        "{trace:?}"
+    );
+    for i in 0..trace.len() {
+        let spec = at_hit(&trace, i);
+        let what = format!("finishing run killed at {spec} (step {i} of {trace:?})");
+        let c = interrupted();
+        let out = c.s.hook(
+            "stopped",
+            "end",
+            &s.xml(&c.b, 2),
+            &[(fault::FAULT_ENV, format!("{spec}=kill"))],
+        );
+        assert_eq!(out.status.signal(), Some(9), "{what}: {}", show(&out));
+        ok(
+            &c.s.prepare(&s.xml(&c.a, 1), &[]),
+            &format!("{what}: next start"),
+        );
+        assert_eq!(c.s.live().as_ref(), Some(&c.a), "{what}: live");
+        assert!(c.s.backups().contains(&c.b), "{what}: B not backed up");
+        assert!(c.s.backups().contains(&c.a), "{what}: A not backed up");
+        assert!(c.s.leftovers().is_empty(), "{what}: {:?}", c.s.leftovers());
+        assert!(
+            !c.s.path(&format!("var/lib/virt-tpm-state/intents/{}", c.s.uuid))
+                .exists(),
+            "{what}: intent left"
+        );
+    }
+}
+
 #[test]
 fn stopped_killed_at_every_step_keeps_a_whole_copy() {
     if !need_faults("stopped_killed_at_every_step_keeps_a_whole_copy") {
@@ -497,8 +694,8 @@ fn restore_rename_fails_keeps_previous_state() {
         .enumerate()
         .filter(|(_, p)| *p == "dir.rename")
         .map(|(i, _)| i)
-        .nth(1)
-        .expect("backup, then state dir");
+        .nth(2)
+        .expect("backup, intent, then state dir");
     let c = Scenario::Replace.setup();
     let out = Scenario::Replace.run(
         &c,
@@ -521,6 +718,13 @@ fn restore_rename_fails_keeps_previous_state() {
         "the previous TPM state must stay (the VARS file went first)"
     );
     assert_eq!(c.s.j(), Some(c.a.digest()));
+    // That pair is never used: the journal holds the intent, and the next
+    // run (whatever its XML) finishes B first.
+    assert!(
+        c.s.path(&format!("var/lib/virt-tpm-state/intents/{}", c.s.uuid))
+            .is_dir(),
+        "no intent recorded for the half-done restore"
+    );
     ok(&Scenario::Replace.run(&c, &[]), "after the rename fault");
     Scenario::Replace.check_converged(&c, "after the rename fault");
 }

@@ -596,6 +596,9 @@ fn restores_into_a_missing_state_dir() {
         format!("var/lib/virt-tpm-state/kept/{u}/tpm2/tpm2-00.permall"),
         "var/lib/virt-tpm-state/synced".into(),
         format!("var/lib/virt-tpm-state/synced/{u}"),
+        // The restore journal's dir (issue 17): its intent is gone once J
+        // is written.
+        "var/lib/virt-tpm-state/intents".into(),
     ]
     .iter()
     .map(|p| format!("+ {p}"))

@@ -1137,7 +1137,8 @@ fn scratch() -> tempfile::TempDir {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
     }
-    // libvirtd creates its nvram dir when it starts; the hook never does.
+    // libvirtd creates its nvram dir when it starts: a host where a UEFI
+    // domain starts has it (without it a restore of VARS refuses, exit 8).
     std::fs::create_dir_all(root.join("var/lib/libvirt/qemu/nvram")).unwrap();
     tmp
 }

@@ -11,7 +11,7 @@ use crate::restore::shown_name;
 pub fn keygen(ctx: &Ctx) -> Result<(), CliError> {
     let key = SecretKey::generate(&mut os_random);
     let (id, path) = create_key(&ctx.paths, &key)?;
-    crate::outln!(
+    crate::say!(
         "created key {id} at {} (0600); new stores use it. Copy it (same name, mode 0600) to every host that may run these VMs",
         path.display()
     );
@@ -69,7 +69,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
             let info = parse_domain(xml.as_bytes(), &ctx.config.namespace)?;
             let Some(el) = &info.metadata else {
                 if args.domain.is_some() {
-                    crate::outln!(
+                    crate::say!(
                         "VM {}: no TPM state in the {which} metadata",
                         shown_name(&dom.name)
                     );
@@ -80,15 +80,18 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!(
-                        "virt-tpm-state: VM {} ({which}): {e}; left as it is",
-                        shown_name(&dom.name)
+                        "{}",
+                        crate::logging::escaped(&format!(
+                            "virt-tpm-state: VM {} ({which}): {e}; left as it is",
+                            shown_name(&dom.name)
+                        ))
                     );
                     failures += 1;
                     continue;
                 }
             };
             if m.sealed_with == [newest_id.clone()] {
-                crate::outln!(
+                crate::say!(
                     "VM {} ({which}): already encrypted with key {newest_id}",
                     shown_name(&dom.name)
                 );
@@ -103,7 +106,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
                 newest,
             );
             dom.write_state_element(&element, &ctx.config.namespace, targets)?;
-            crate::outln!(
+            crate::say!(
                 "VM {} ({which}): re-encrypted generation {} with key {newest_id}",
                 shown_name(&dom.name),
                 m.provenance.generation

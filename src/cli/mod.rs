@@ -77,6 +77,18 @@ pub enum Command {
     Watch,
     /// Per domain: metadata generation and age, whether the local state matches; exit 20 when out of sync too long
     Status(StatusArgs),
+    /// Remove kept copies, backups and sync records of domains libvirt no longer knows (after kept_retention_days, or over max_state_dir_bytes)
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Say what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +288,12 @@ pub enum CliError {
     },
     #[error("{0}")]
     NoElement(String),
+    #[error("VM {name}: the metadata element's generation is {generation}, the largest there is; a store over it cannot count on, and nothing was written. Start a new chain: remove the element (virsh metadata {name} --uri {ns} --remove --config), then store again")]
+    GenerationExhausted {
+        name: String,
+        generation: u64,
+        ns: String,
+    },
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("cannot read {path}: {source}")]
@@ -302,6 +320,8 @@ pub enum CliError {
         "VM {0} is running; `restore` only works on a stopped domain (the hook restores on start)"
     )]
     Running(String),
+    #[error("VM {name}: cannot learn whether it runs: {source}; nothing was written (a running VM's swtpm would keep its state over the restored one). Retry once libvirt answers, or add --force if you know it is stopped")]
+    CannotTellRunning { name: String, source: LibvirtError },
     #[error("{0}")]
     HookConflict(String),
     #[error("{0}")]
@@ -336,6 +356,13 @@ impl CliError {
             CliError::HookConflict(_) => "foreign-hook",
             CliError::Key(_) => "key",
             CliError::OutOfSync(_) => "out-of-sync",
+            CliError::GenerationExhausted { .. } => "generation-exhausted",
+            CliError::CannotTellRunning { source, .. } => match source {
+                LibvirtError::Connect { .. } => "connect",
+                LibvirtError::NoDomain(_) => "no-domain",
+                LibvirtError::Denied { .. } => "denied",
+                LibvirtError::Call { .. } => "libvirt",
+            },
         }
     }
 
@@ -357,7 +384,9 @@ impl CliError {
                     | FormatError::Decrypt { .. },
                 ..
             } => 19,
-            CliError::InvalidElement { .. } | CliError::NoElement(_) => 4,
+            CliError::InvalidElement { .. }
+            | CliError::NoElement(_)
+            | CliError::GenerationExhausted { .. } => 4,
             // Same codes as the hook, from the same error types.
             CliError::Restore(r) => r.exit_code(),
             CliError::Fs(e) => e.exit_code(),
@@ -365,6 +394,12 @@ impl CliError {
             CliError::StillChanging { .. } => 11,
             CliError::TooLarge { .. } => 12,
             CliError::Libvirt(LibvirtError::Connect { .. }) => 13,
+            CliError::CannotTellRunning { source, .. } => match source {
+                LibvirtError::Connect { .. } => 13,
+                LibvirtError::NoDomain(_) => 14,
+                LibvirtError::Denied { .. } => 16,
+                LibvirtError::Call { .. } => 1,
+            },
             CliError::Libvirt(LibvirtError::NoDomain(_)) => 14,
             CliError::Libvirt(LibvirtError::Denied { .. }) => 16,
             CliError::Libvirt(LibvirtError::Call { .. }) => 1,
@@ -389,6 +424,7 @@ pub(crate) fn restore_kind(r: &RestoreError) -> &'static str {
         R::UnsupportedSource { .. } => "unsupported-source",
         R::Clone { .. } => "clone",
         R::Conflict { .. } => "conflict",
+        R::UnfinishedElsewhere { .. } => "unfinished-restore",
         R::Fs { source, .. } => fs_kind(source),
     }
 }
@@ -474,7 +510,10 @@ pub fn main() -> ExitCode {
                 // Detached: stderr is /dev/null, syslog is the only reader.
                 crate::logging::report_error(&format!("virt-tpm-state: {e}"));
             } else {
-                eprintln!("virt-tpm-state: {e}");
+                eprintln!(
+                    "virt-tpm-state: {}",
+                    crate::logging::escaped(&e.to_string())
+                );
                 if json && !JSON_PRINTED.load(std::sync::atomic::Ordering::SeqCst) {
                     out(&format!("{}\n", e.json()));
                 }
@@ -492,7 +531,11 @@ fn init_stderr_logger(level: log::LevelFilter) {
         }
         fn log(&self, r: &log::Record<'_>) {
             if self.enabled(r.metadata()) {
-                eprintln!("{}: {}", r.level().as_str().to_lowercase(), r.args());
+                eprintln!(
+                    "{}: {}",
+                    r.level().as_str().to_lowercase(),
+                    crate::logging::escaped(&r.args().to_string())
+                );
             }
         }
         fn flush(&self) {}
@@ -554,28 +597,55 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Uninstall(a) => install::uninstall(&ctx, &a),
         Command::Watch => watch::watch(ctx),
         Command::Status(a) => status::status(&ctx, &a),
+        Command::Gc(a) => gc(&ctx, &a),
     }
 }
 
-/// Writes `s` to stdout. A closed pipe (`show | head`) ends the process
-/// quietly with exit 0: the reader has what it wanted.
-pub fn out(s: &str) {
-    use std::io::Write;
-    let mut o = std::io::stdout().lock();
-    if let Err(e) = o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("virt-tpm-state: cannot write to stdout: {e}");
-        std::process::exit(1);
-    }
-}
+pub use crate::logging::out;
 
 /// `println!` through [`out`]: quiet on a closed pipe.
 #[macro_export]
 macro_rules! outln {
     () => { $crate::cli::out("\n") };
     ($($arg:tt)*) => { $crate::cli::out(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `gc [--dry-run] [--json]`: one line per removal (or JSON), then a total.
+fn gc(ctx: &Ctx, args: &GcArgs) -> Result<(), CliError> {
+    let r = crate::gc::run(&ctx.paths, &ctx.config, args.dry_run, None)?;
+    if args.json {
+        crate::outln!(
+            "{}",
+            crate::logging::json_safe(&serde_json::to_string_pretty(&r).expect("serializable"))
+        );
+        return Ok(());
+    }
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    for x in &r.removed {
+        crate::say!(
+            "{verb} domain {}: {} bytes, {} days old ({})",
+            x.uuid,
+            x.bytes,
+            x.age_days,
+            x.why
+        );
+    }
+    for u in &r.busy {
+        crate::say!("skipped domain {u}: another virt-tpm-state process holds its lock");
+    }
+    crate::say!(
+        "{} bytes used before, {} after (max_state_dir_bytes {}), {} domain(s) kept{}",
+        r.used_bytes_before,
+        r.used_bytes_after,
+        r.max_state_dir_bytes,
+        r.domains_kept,
+        if r.over_cap {
+            "; still over the cap: the rest belongs to domains libvirt knows"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 /// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.

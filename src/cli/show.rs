@@ -7,7 +7,7 @@ use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, Me
 use crate::fs::load_keyring;
 use crate::fs::HostData;
 use crate::input::parse_input;
-use crate::libvirt::Libvirt;
+use crate::libvirt::{Libvirt, LibvirtError};
 use crate::restore::{carried, prepare_domain, reader_check, shown_name, PrepareOptions};
 use crate::swtpm::check_header;
 
@@ -329,7 +329,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     if args.json {
         crate::outln!(
             "{}",
-            serde_json::to_string_pretty(&j).expect("serializable")
+            crate::logging::json_safe(&serde_json::to_string_pretty(&j).expect("serializable"))
         );
         super::JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
     } else {
@@ -406,52 +406,52 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
         Some(false) => ", shut off",
         None => "",
     };
-    crate::outln!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
+    crate::say!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
     if !j.present {
-        crate::outln!("  metadata:    no virt-tpm-state element");
+        crate::say!("  metadata:    no virt-tpm-state element");
     } else if let Some(key) = &j.missing_key {
-        crate::outln!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
+        crate::say!("  metadata:    encrypted with key {key}, which this host does not have: copy it into /etc/virt-tpm-state/keys/ (0600)");
         if let (Some(g), Some(d)) = (j.generation, &j.digest) {
-            crate::outln!("  generation:  {g}, digest {}…", &d[..12]);
+            crate::say!("  generation:  {g}, digest {}…", &d[..12]);
         }
     } else if let Some(e) = &j.error {
         let m = e["message"].as_str().unwrap_or("");
-        crate::outln!(
+        crate::say!(
             "  metadata:    INVALID: {}",
             m.strip_prefix("virt-tpm-state: ").unwrap_or(m)
         );
     } else {
-        crate::outln!(
+        crate::say!(
             "  metadata:    valid, format {}",
             j.format.as_deref().unwrap_or("?")
         );
-        crate::outln!(
+        crate::say!(
             "  generation:  {} (parent {})",
             j.generation.unwrap_or(0),
             j.parent
                 .as_deref()
                 .map_or("none".to_string(), |p| format!("{}…", &p[..12]))
         );
-        crate::outln!(
+        crate::say!(
             "  stored:      {} on {}",
             j.stored.as_deref().unwrap_or("?"),
             j.host.as_deref().unwrap_or("?")
         );
-        crate::outln!(
+        crate::say!(
             "  digest:      {}…",
             &j.digest.as_deref().unwrap_or("????????????")[..12]
         );
         if j.belongs_to_domain == Some(false) {
-            crate::outln!(
+            crate::say!(
                 "  owner:       domain {} (a clone: the hook refuses to start with it; see `virt-tpm-state adopt`)",
                 j.element_uuid.as_deref().unwrap_or("?")
             );
         }
         let tpm_files = j.files.iter().filter(|f| f.section == "tpm").count();
         if let Some(v) = &j.tpm_version {
-            crate::outln!("  TPM:         {v}, {tpm_files} file(s)");
+            crate::say!("  TPM:         {v}, {tpm_files} file(s)");
         } else {
-            crate::outln!("  TPM:         none (UEFI variables only)");
+            crate::say!("  TPM:         none (UEFI variables only)");
         }
         for f in &j.files {
             let label = if f.section == "nvram" {
@@ -459,7 +459,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             } else {
                 ""
             };
-            crate::outln!(
+            crate::say!(
                 "    {}  {} bytes  sha256 {}…{label}",
                 f.name,
                 f.size,
@@ -467,7 +467,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             );
         }
         let p = j.protection.as_deref().unwrap_or("none");
-        crate::outln!(
+        crate::say!(
             "  protection:  {}",
             if let Some(ids) = p.strip_prefix("virt-tpm-state:") {
                 format!("encrypted with host key {ids} (readers of the XML without the key see ciphertext)")
@@ -489,7 +489,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             }
             (None, Some(d), None) => format!("digest {}…", &d[..12]),
         };
-        crate::outln!("  local state: {what} ({})", l.path);
+        crate::say!("  local state: {what} ({})", l.path);
     }
 }
 
@@ -506,16 +506,25 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
     let running = match src.active {
         Some(a) => a,
         // A saved XML: ask libvirt whether a domain with that UUID runs here.
-        None => match Libvirt::connect(&ctx.uri, true) {
-            Ok(lv) => lv
-                .domain(src.info.uuid.as_str())
-                .map(|d| d.active)
-                .unwrap_or(false),
-            Err(e) => {
+        // Not knowing is not "stopped": while libvirtd restarts, a running
+        // VM's swtpm keeps running over whatever dir a restore swaps in.
+        None => match Libvirt::connect(&ctx.uri, true)
+            .and_then(|lv| lv.domain(src.info.uuid.as_str()).map(|d| d.active))
+        {
+            Ok(active) => active,
+            Err(LibvirtError::NoDomain(_)) => false,
+            Err(source) if args.force => {
                 log::warn!(
-                    "cannot ask libvirt whether the domain runs ({e}); assuming it does not"
+                    "VM {}: cannot ask libvirt whether it runs ({source}); --force: restoring as if it were stopped",
+                    shown_name(&src.info.name)
                 );
                 false
+            }
+            Err(source) => {
+                return Err(CliError::CannotTellRunning {
+                    name: shown_name(&src.info.name),
+                    source,
+                })
             }
         },
     };
@@ -537,7 +546,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
             force_metadata: args.force,
         },
     )?;
-    crate::outln!("{}", report.summary());
+    crate::say!("{}", report.summary());
     Ok(())
 }
 
@@ -580,7 +589,7 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     let out = crate::fs::open_user_dir(&args.out, true)?.expect("created");
     for (_, f) in m.state.sections() {
         out.create_new_file(&f.name, &f.data, 0o600)?;
-        crate::outln!(
+        crate::say!(
             "{}  {} bytes  sha256 {}",
             args.out.join(&f.name).display(),
             f.data.len(),

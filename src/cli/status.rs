@@ -42,6 +42,11 @@ struct Report {
     domains: Vec<Row>,
     /// Set when the command fails (exit 20): `{kind, exit, message}`.
     error: Option<serde_json::Value>,
+    /// Bytes our data dir holds (kept copies, backups, J, intents), and
+    /// its cap.
+    /// `None` when our data dir cannot be read (not root): unknown, not 0.
+    disk_used_bytes: Option<u64>,
+    max_state_dir_bytes: u64,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -158,16 +163,27 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
             late.join(", ")
         ))
     });
+    let disk_used_bytes = match crate::fs::HostData::new(&ctx.paths).scan_domains() {
+        Ok(d) => Some(d.iter().map(|x| x.bytes).sum()),
+        Err(e) => {
+            log::warn!("disk used unknown: {e}");
+            None
+        }
+    };
     let report = Report {
         daemon,
         max_lag_secs: max_lag,
         domains: rows,
         error: failure.as_ref().map(|e| e.json()["error"].clone()),
+        disk_used_bytes,
+        max_state_dir_bytes: ctx.config.max_state_dir_bytes,
     };
     if args.json {
         crate::outln!(
             "{}",
-            serde_json::to_string_pretty(&report).expect("serializable")
+            crate::logging::json_safe(
+                &serde_json::to_string_pretty(&report).expect("serializable")
+            )
         );
         super::JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
     } else {
@@ -191,7 +207,7 @@ fn ago(secs: Option<u64>) -> String {
 
 fn print_table(r: &Report) {
     match &r.daemon {
-        Some(d) => crate::outln!(
+        Some(d) => crate::say!(
             "watch daemon: running (pid {}, since {}){}",
             d.pid,
             d.started,
@@ -200,9 +216,15 @@ fn print_table(r: &Report) {
                 .map(|t| format!(", libvirt unreachable since {t}"))
                 .unwrap_or_default()
         ),
-        None => crate::outln!("watch daemon: not running"),
+        None => crate::say!("watch daemon: not running"),
     }
-    crate::outln!(
+    crate::say!(
+        "disk used: {} of max_state_dir_bytes {} (kept copies, backups, sync records)",
+        r.disk_used_bytes
+            .map_or("unknown".to_string(), |b| format!("{b} bytes")),
+        r.max_state_dir_bytes
+    );
+    crate::say!(
         "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
         "DOMAIN",
         "STATE",
@@ -223,7 +245,7 @@ fn print_table(r: &Report) {
                 if row.alert { " (!)" } else { "" }
             )
         };
-        crate::outln!(
+        crate::say!(
             "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
             row.domain,
             if row.running { "running" } else { "shut off" },
@@ -233,7 +255,7 @@ fn print_table(r: &Report) {
             if row.pending { "yes" } else { "no" }
         );
         if let Some(e) = &row.last_error {
-            crate::outln!("  last error: {e}");
+            crate::say!("  last error: {e}");
         }
     }
 }

@@ -121,6 +121,12 @@ pub fn store_domain(
     let live_info = parse_domain(live_xml.as_bytes(), &ctx.config.namespace)?;
     let carried = carried_or_explain(ctx, &live_info)?;
     let host = HostData::new(&ctx.paths);
+    if !dom.active && host.has_intent(&dom.uuid)? {
+        // A restore interrupted on this stopped domain: finish it before
+        // reading, so a store never takes TPM and VARS of two generations.
+        let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
+        crate::restore::finish_intent(&ctx.paths, &host, &live_info, &carried)?;
+    }
     let state = match opts.settled {
         Some(tpm) => {
             // The TPM part settled already; settle the VARS file alone.
@@ -220,7 +226,16 @@ pub fn store_domain(
             // when its files cannot be opened here (another host's key).
             let header = element_holder.metadata.as_ref().map(read_header);
             let (generation, parent) = match header {
-                Some(Ok((p, d))) => (p.generation + 1, Some(d)),
+                Some(Ok((p, d))) => (
+                    p.generation
+                        .checked_add(1)
+                        .ok_or_else(|| CliError::GenerationExhausted {
+                            name: shown_name(&dom.name),
+                            generation: p.generation,
+                            ns: ctx.config.namespace.clone(),
+                        })?,
+                    Some(d),
+                ),
                 Some(Err(e)) => {
                     log::warn!(
                         "VM {}: replacing an invalid TPM state element ({e})",
@@ -344,10 +359,10 @@ fn report(args: &StoreArgs, dom: &DomainHandle, done: &StoreDone) -> Result<(), 
         };
         crate::outln!(
             "{}",
-            serde_json::to_string_pretty(&r).expect("serializable")
+            crate::logging::json_safe(&serde_json::to_string_pretty(&r).expect("serializable"))
         );
     } else {
-        crate::outln!("{line}");
+        crate::say!("{line}");
     }
     Ok(())
 }
@@ -519,6 +534,7 @@ fn record_synced(
             return Ok(());
         }
     }
+    crate::gc::enforce(&ctx.paths, &ctx.config, &dom.uuid);
     host.record_sync(&dom.uuid, state)?;
     Ok(())
 }
@@ -553,7 +569,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         source,
     })?;
     if m.provenance.uuid == dom.uuid {
-        crate::outln!(
+        crate::say!(
             "VM {}: the TPM state already belongs to this domain; nothing to do",
             shown_name(&dom.name)
         );
@@ -561,7 +577,13 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
     }
     let provenance = Provenance {
         uuid: dom.uuid.clone(),
-        generation: m.provenance.generation + 1,
+        generation: m.provenance.generation.checked_add(1).ok_or_else(|| {
+            CliError::GenerationExhausted {
+                name: shown_name(&dom.name),
+                generation: m.provenance.generation,
+                ns: ctx.config.namespace.clone(),
+            }
+        })?,
         parent: Some(m.digest),
         stored: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         host: rustix::system::uname()
@@ -586,7 +608,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         config: dom.persistent,
     };
     dom.write_state_element(&element, &ctx.config.namespace, targets)?;
-    crate::outln!(
+    crate::say!(
         "VM {}: adopted the TPM state of domain {} as generation {} (digest {})",
         shown_name(&dom.name),
         m.provenance.uuid,

@@ -51,6 +51,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// libvirt's runtime dir: its sockets appear here when the daemon starts.
 const RUN_LIBVIRT: &str = "/run/libvirt";
+/// The daemon collects garbage (`gc`) once a day.
+const GC_INTERVAL: Duration = Duration::from_secs(86400);
 /// Status files of running QEMU domains.
 const RUN_QEMU: &str = "/run/libvirt/qemu";
 /// Persistent QEMU domain definitions.
@@ -199,6 +201,8 @@ struct Daemon {
     backoff: Duration,
     retry_at: Option<Instant>,
     reconcile_at: Instant,
+    /// Next garbage collection (daily; the first with the first reconcile).
+    gc_at: Instant,
     started: SystemTime,
     status_written: Option<String>,
 }
@@ -240,6 +244,7 @@ pub fn watch(ctx: Ctx) -> Result<(), CliError> {
         backoff: BACKOFF_MIN,
         retry_at: None,
         reconcile_at: now,
+        gc_at: now,
         started: SystemTime::now(),
         status_written: None,
     };
@@ -520,6 +525,23 @@ impl Daemon {
     fn reconcile(&mut self) {
         let interval = Duration::from_secs(self.ctx.config.reconcile_interval_secs);
         self.reconcile_at = Instant::now() + interval;
+        if self.gc_at <= Instant::now() {
+            self.gc_at = Instant::now() + GC_INTERVAL;
+            match crate::gc::run(&self.ctx.paths, &self.ctx.config, false, None) {
+                Ok(r) => {
+                    for x in &r.removed {
+                        log::info!(
+                            "gc: removed the data of domain {} ({} bytes, {} days old, {})",
+                            x.uuid,
+                            x.bytes,
+                            x.age_days,
+                            x.why
+                        );
+                    }
+                }
+                Err(e) => log::warn!("gc: {e}"),
+            }
+        }
         self.ensure_static_watches();
         let Some(lv) = self.libvirt() else { return };
         let handles = match lv.all_domains() {

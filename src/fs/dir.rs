@@ -227,6 +227,17 @@ impl Dir {
         }
     }
 
+    /// Size and modification time of `name` (never through a link).
+    pub fn size_and_modified(&self, name: &str) -> Option<(u64, SystemTime)> {
+        let st = statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let secs = u64::try_from(st.st_mtime).ok()?;
+        Some((
+            u64::try_from(st.st_size).unwrap_or(0),
+            SystemTime::UNIX_EPOCH
+                + std::time::Duration::new(secs, st.st_mtime_nsec.try_into().unwrap_or(0)),
+        ))
+    }
+
     /// The modification time of the file `name` (never through a link).
     pub fn modified(&self, name: &str) -> Option<SystemTime> {
         let st = statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;

@@ -31,6 +31,96 @@ const BACKUPS: &str = "backups";
 const SYNCED: &str = "synced";
 const INCOMING: &str = "incoming";
 const LOCKS: &str = "locks";
+const INTENTS: &str = "intents";
+/// The text file of an intent dir (beside the target's state files).
+const INTENT_FILE: &str = "intent";
+
+/// What our data dir holds for one domain (kept copy, backups, `J`,
+/// intent): bytes on disk and the newest modification among them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainData {
+    pub uuid: DomainUuid,
+    pub bytes: u64,
+    pub newest: SystemTime,
+}
+
+/// Bytes and newest mtime of `name` in `dir` (a file, or a tree at most
+/// `depth` levels deep; ours are two). Links are counted, never followed.
+fn usage_of(dir: &Dir, name: &str, depth: u32) -> (u64, SystemTime) {
+    let (size, mut newest) = dir
+        .size_and_modified(name)
+        .unwrap_or((0, SystemTime::UNIX_EPOCH));
+    if !matches!(dir.entry(name), Ok(EntryKind::Dir)) {
+        return (size, newest);
+    }
+    // A directory counts what it holds (file bytes), not itself.
+    let mut bytes = 0;
+    if depth > 0 {
+        if let Ok(Some(sub)) = dir.open_subdir(name) {
+            for n in sub.list().unwrap_or_default() {
+                let (b, t) = usage_of(&sub, &n, depth - 1);
+                bytes += b;
+                newest = newest.max(t);
+            }
+        }
+    }
+    (bytes, newest)
+}
+
+/// An unfinished restore (docs/FORMAT.md §6, "The restore journal"):
+/// recorded before the first rename of a restore, removed after `J`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    /// The state being restored (TPM files and VARS file, all of it).
+    pub target: MachineState,
+    /// Where its TPM state goes (the state dir or file), if it has one.
+    pub tpm_at: Option<PathBuf>,
+    /// Where its VARS file goes, if it has one.
+    pub nvram_at: Option<PathBuf>,
+    /// The backup holding the state it replaces, if any.
+    pub backup: Option<PathBuf>,
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex_bytes(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn path_field(p: Option<&PathBuf>) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    p.map_or("-".to_string(), |p| hex_bytes(p.as_os_str().as_bytes()))
+}
+
+fn parse_path_field(s: &str) -> Option<Option<PathBuf>> {
+    use std::os::unix::ffi::OsStringExt;
+    if s == "-" {
+        return Some(None);
+    }
+    unhex_bytes(s).map(|b| Some(PathBuf::from(std::ffi::OsString::from_vec(b))))
+}
+
+impl Intent {
+    /// The intent file: `key value` lines; paths hex-encoded (any byte).
+    fn text(&self) -> String {
+        format!(
+            "vts-intent 1\ntarget {}\ntpm {}\ntpm_at {}\nnvram_at {}\nbackup {}\n",
+            self.target.digest(),
+            self.target.tpm.as_ref().map_or("-", |t| t.version.as_str()),
+            path_field(self.tpm_at.as_ref()),
+            path_field(self.nvram_at.as_ref()),
+            path_field(self.backup.as_ref()),
+        )
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct HostData {
@@ -165,6 +255,158 @@ impl HostData {
         Ok(dir.path().join(name))
     }
 
+    /// Records the intent of a restore (target state and where it goes, and
+    /// the backup of what it replaces) in `<data>/intents/<uuid>/`, built
+    /// aside, fsynced, swapped in with one rename: it is there whole or not
+    /// at all. Call with the domain's lock held, before the first rename
+    /// of the restore.
+    pub fn write_intent(&self, uuid: &DomainUuid, intent: &Intent) -> Result<(), FsError> {
+        let dir = self.section(Anchor::Data, INTENTS, true)?.expect("created");
+        let mut files = machine_files(&intent.target);
+        files.push(StateFile {
+            name: INTENT_FILE.to_string(),
+            data: intent.text().into_bytes(),
+        });
+        dir.replace_dir(uuid.as_str(), &files, Owner::current())?;
+        fault::point("restore.intent")
+            .map_err(|e| io_err("write", &dir.path().join(uuid.as_str()), e))
+    }
+
+    /// Whether an unfinished restore of `uuid` is recorded (cheap).
+    pub fn has_intent(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
+        match self.section(Anchor::Data, INTENTS, false)? {
+            Some(d) => Ok(d.entry(uuid.as_str())? != EntryKind::Missing),
+            None => Ok(false),
+        }
+    }
+
+    /// The unfinished restore of `uuid`, if any. An intent dir that does not
+    /// read back whole (its files do not match its digest) is an error:
+    /// it was swapped in whole, so someone changed it.
+    pub fn read_intent(&self, uuid: &DomainUuid) -> Result<Option<Intent>, FsError> {
+        let Some(section) = self.section(Anchor::Data, INTENTS, false)? else {
+            return Ok(None);
+        };
+        let Some(dir) = section.open_subdir(uuid.as_str())? else {
+            return Ok(None);
+        };
+        let path = dir.path().to_path_buf();
+        let bad = |why: &'static str| FsError::unsafe_path(path.clone(), why);
+        let text = dir
+            .read_file(INTENT_FILE, 64 * 1024)?
+            .ok_or_else(|| bad("an intent dir without its intent file"))?;
+        let text = String::from_utf8(text).map_err(|_| bad("an unreadable intent file"))?;
+        let mut fields = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once(' ') {
+                fields.insert(k.to_string(), v.to_string());
+            }
+        }
+        let field = |k: &str| fields.get(k).map(String::as_str);
+        if field("vts-intent") != Some("1") {
+            return Err(bad("an intent file of an unknown format"));
+        }
+        let target = field("target")
+            .and_then(Sha256Sum::parse_hex)
+            .ok_or_else(|| bad("an intent file without a target digest"))?;
+        let version = match field("tpm") {
+            Some("-") => None,
+            Some(v) => Some(TpmVersion::parse(v).ok_or_else(|| bad("an unknown TPM version"))?),
+            None => return Err(bad("an intent file without a tpm line")),
+        };
+        let p = |k: &str| {
+            field(k)
+                .and_then(parse_path_field)
+                .ok_or_else(|| bad("an intent file with a bad path"))
+        };
+        let (tpm_at, nvram_at, backup) = (p("tpm_at")?, p("nvram_at")?, p("backup")?);
+        let tpm = match version {
+            Some(v) => Some(
+                read_permall(&dir, v, KEPT_READ_LIMIT)?
+                    .ok_or_else(|| bad("an intent dir without its TPM state"))?,
+            ),
+            None => None,
+        };
+        let vars = if nvram_at.is_some() {
+            Some(
+                dir.read_file(NVRAM_FILE, KEPT_READ_LIMIT)?
+                    .ok_or_else(|| bad("an intent dir without its VARS file"))?,
+            )
+        } else {
+            None
+        };
+        let state = MachineState::new(tpm, vars);
+        if state.digest() != target {
+            return Err(bad("an intent dir whose files do not match its digest"));
+        }
+        Ok(Some(Intent {
+            target: state,
+            tpm_at,
+            nvram_at,
+            backup,
+        }))
+    }
+
+    /// Removes the intent of `uuid`: the restore is complete (`J` written).
+    pub fn clear_intent(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        let Some(dir) = self.section(Anchor::Data, INTENTS, false)? else {
+            return Ok(());
+        };
+        dir.remove_tree(uuid.as_str(), &format!(".{uuid}{OLD_MARK}"))?;
+        dir.sync()?;
+        fault::point("restore.intent_cleared")
+            .map_err(|e| io_err("remove", &dir.path().join(uuid.as_str()), e))
+    }
+
+    /// Every domain our data dir holds something for, with its usage
+    /// (issue 17: garbage collection). Names that are not UUIDs (our temp
+    /// names) count toward no domain.
+    pub fn scan_domains(&self) -> Result<Vec<DomainData>, FsError> {
+        let mut all: std::collections::BTreeMap<String, DomainData> = Default::default();
+        for (section, depth) in [(KEPT, 2), (BACKUPS, 2), (SYNCED, 0), (INTENTS, 1)] {
+            let Some(dir) = self.section(Anchor::Data, section, false)? else {
+                continue;
+            };
+            for name in dir.list()? {
+                let Some(uuid) = DomainUuid::parse(&name) else {
+                    continue;
+                };
+                let (bytes, newest) = usage_of(&dir, &name, depth);
+                let d = all.entry(uuid.to_string()).or_insert(DomainData {
+                    uuid,
+                    bytes: 0,
+                    newest: SystemTime::UNIX_EPOCH,
+                });
+                d.bytes += bytes;
+                d.newest = d.newest.max(newest);
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// Removes everything our data dir holds for `uuid` (kept copy,
+    /// backups, `J`, intent). Call with the domain's lock held, only for a
+    /// domain libvirt no longer knows.
+    pub fn remove_domain_data(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        for section in [KEPT, BACKUPS, INTENTS] {
+            if let Some(dir) = self.section(Anchor::Data, section, false)? {
+                if dir.entry(uuid.as_str())? != EntryKind::Missing {
+                    dir.remove_tree(uuid.as_str(), &format!(".{uuid}{OLD_MARK}"))?;
+                }
+            }
+        }
+        if let Some(dir) = self.section(Anchor::Data, SYNCED, false)? {
+            dir.remove_file(uuid.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Takes the lock of `uuid` only if nobody holds it (for GC: a domain
+    /// someone works on is skipped, never waited for).
+    pub fn try_lock(&self, uuid: &DomainUuid) -> Option<DomainLock> {
+        self.lock(uuid, Duration::ZERO).ok()
+    }
+
     /// Removes what interrupted earlier runs left in this domain's own data
     /// (temp and old dirs of kept copies and backups, temp files of `J`).
     /// Call with the domain's lock held: every writer of these holds it.
@@ -185,6 +427,11 @@ impl HostData {
                 let prefix = format!(".{uuid}{TEMP_MARK}");
                 dir.remove_matching(|n| n.starts_with(&prefix), uuid.as_str());
             }
+            Ok(None) => {}
+            Err(e) => log::warn!("{e}"),
+        }
+        match self.section(Anchor::Data, INTENTS, false) {
+            Ok(Some(dir)) => dir.remove_leftovers_of(uuid.as_str()),
             Ok(None) => {}
             Err(e) => log::warn!("{e}"),
         }

@@ -532,6 +532,23 @@ impl NvramLocation {
         }
     }
 
+    /// Refuses early (before a restore records its intent) when the file's
+    /// dir does not exist: the same error [`Self::replace`] would give.
+    pub fn check_dir_exists(&self) -> Result<(), FsError> {
+        self.open_dir()?
+            .map(|_| ())
+            .ok_or_else(|| self.missing_dir())
+    }
+
+    fn missing_dir(&self) -> FsError {
+        match self {
+            NvramLocation::Default { paths, .. } => FsError::NvramDirMissing {
+                path: paths.nvram_dir(),
+            },
+            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::NOENT),
+        }
+    }
+
     /// Replaces the VARS file with `data`, owned by `owner`, mode 0600
     /// ([`Dir::replace_file`]: the dir is writable by the QEMU user).
     pub fn replace(&self, data: &[u8], owner: Owner) -> Result<(), FsError> {
