@@ -8,10 +8,15 @@
 //! - forged newlines, C1 controls and bidi overrides from the domain XML are
 //!   shown escaped on the hook's stderr, the CLI's stderr and in `show`.
 //!
+//! - gc in a real private libvirtd (a world): only the data of finished
+//!   transient and undefined domains goes, known through libvirt's real
+//!   config and status files (`gc_in_a_real_libvirt_removes_only_gone_domains`).
+//!
 //! The restore journal's kill tests are in tests/faults.rs
 //! (`restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation`).
 
 mod scratch;
+mod support;
 
 use scratch::*;
 use std::path::PathBuf;
@@ -627,4 +632,299 @@ wait
             assert!(r.contains(shown), "{shown} missing in syslog record {r:?}");
         }
     }
+}
+
+/// Files below `dir` (host path), relative name -> bytes.
+fn files_below(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(
+        root: &std::path::Path,
+        p: &std::path::Path,
+        out: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    ) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                walk(root, &e.path(), out);
+            } else {
+                let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The UUIDs that have any data (kept, backups, synced) in a world.
+fn uuids_with_data(w: &support::World) -> std::collections::BTreeSet<String> {
+    ["kept", "backups", "synced"]
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(w.host_path(&format!("/var/lib/virt-tpm-state/{d}")))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The first `<uuid>` of a file of libvirt's, read as src/gc.rs reads it.
+fn first_uuid_of(text: &str) -> Option<String> {
+    let start = text.find("<uuid>")? + "<uuid>".len();
+    let end = text[start..].find("</uuid>")? + start;
+    Some(text[start..end].trim().to_string())
+}
+
+fn world_gc(w: &support::World, dry_run: bool) -> serde_json::Value {
+    let mut args = vec!["gc", "--json"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let out = w.must_vts(&args);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", support::describe(&args, &out)))
+}
+
+fn removed_uuids(report: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    report["removed"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no removed list: {report:#}"))
+        .iter()
+        .map(|r| r["uuid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Issue 17, with real parts: in a private libvirtd with the hook installed
+/// (post-stop store on), ten transient TPM domains run and finish, one
+/// persistent domain is undefined, two persistent domains are started and
+/// stopped, one transient domain is left running (paused) with kept data
+/// from an earlier run of the same UUID. All our data is aged past
+/// `kept_retention_days`. `gc --dry-run --json` lists exactly the finished
+/// transient domains and the undefined one; the real `gc` removes exactly
+/// that; the defined domains' and the running domain's data stay byte for
+/// byte, the defined ones still start with the same TPM, and `status`
+/// shows the disk used. The gc runs see libvirt's swtpm dirs of the known
+/// domains hidden, so "known" comes from libvirt's real config and status
+/// files alone (their first `<uuid>` is the domain's).
+#[test]
+fn gc_in_a_real_libvirt_removes_only_gone_domains() {
+    use std::collections::BTreeSet;
+    use support::{stdout, Tpm, Vm, World};
+    if !support::require_env("gc_in_a_real_libvirt_removes_only_gone_domains") {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let w = World::up("gcworld");
+    eprintln!("libvirt {:?}", w.libvirt_version());
+    w.install_hook();
+
+    // Two persistent domains, started and stopped: kept copies that must stay.
+    let keep: Vec<Vm> = (0..2)
+        .map(|i| Vm::new(&format!("keep{i}"), Tpm::V2))
+        .collect();
+    for vm in &keep {
+        w.manufacture(vm);
+        assert!(
+            w.host_path(&vm.kept_dir()).is_dir(),
+            "no kept copy of {}",
+            vm.name
+        );
+    }
+    let eks: Vec<String> = keep.iter().map(|vm| w.ek_pub(vm)).collect();
+
+    // One persistent domain, then undefined: libvirt forgets it (and its
+    // TPM state); our data of it is garbage.
+    let undef = Vm::new("undef", Tpm::V2);
+    w.manufacture(&undef);
+    w.must_virsh(&["undefine", &undef.name]);
+    assert!(
+        !w.swtpm_uuid_dir_exists(&undef.uuid),
+        "undefine kept the TPM state"
+    );
+    let mut gone: BTreeSet<String> = BTreeSet::from([undef.uuid.clone()]);
+
+    // Transient domains with fresh UUIDs: create (paused), destroy.
+    let create = |vm: &Vm| {
+        let path = w.file(&format!("{}.xml", vm.name));
+        std::fs::write(&path, vm.xml()).unwrap();
+        w.must_virsh(&["create", "--paused", &path.display().to_string()]);
+    };
+    for i in 0..10 {
+        let vm = Vm::new(&format!("t{i}"), Tpm::V2);
+        create(&vm);
+        w.destroy(&vm.name);
+        assert!(
+            w.host_path(&vm.kept_dir()).is_dir(),
+            "no kept copy of {}",
+            vm.name
+        );
+        assert!(
+            !w.swtpm_uuid_dir_exists(&vm.uuid),
+            "{}: libvirt kept its TPM state",
+            vm.name
+        );
+        gone.insert(vm.uuid.clone());
+    }
+
+    // A transient domain that ran once (kept data) and runs again.
+    let run = Vm::new("running", Tpm::V2);
+    create(&run);
+    w.destroy(&run.name);
+    create(&run);
+    assert!(
+        w.host_path(&run.kept_dir()).is_dir(),
+        "no kept copy of the running domain"
+    );
+
+    // libvirt's real files name the domain by their first <uuid>.
+    let status = stdout(&w.must(&["cat", &format!("/run/libvirt/qemu/{}.xml", run.name)]));
+    // It opens with a comment, then <domstatus>, libvirt's private data
+    // (monitor, vcpus, qemuCaps, ...) and only then the <domain>.
+    let at = |what: &str| {
+        status
+            .find(what)
+            .unwrap_or_else(|| panic!("no {what} in\n{status}"))
+    };
+    assert!(
+        at("<domstatus") < at("<domain ") && at("<domain ") < at("<uuid>"),
+        "{status}"
+    );
+    eprintln!(
+        "--- /run/libvirt/qemu/{}.xml (the lines up to its first <uuid>, qemuCaps left out) ---\n{}",
+        run.name,
+        status[..at("</uuid>") + "</uuid>".len()]
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("<flag "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        first_uuid_of(&status).as_deref(),
+        Some(run.uuid.as_str()),
+        "{status}"
+    );
+    for vm in &keep {
+        let conf = stdout(&w.must(&["cat", &format!("/etc/libvirt/qemu/{}.xml", vm.name)]));
+        assert_eq!(
+            first_uuid_of(&conf).as_deref(),
+            Some(vm.uuid.as_str()),
+            "{conf}"
+        );
+    }
+
+    let known: BTreeSet<String> = keep
+        .iter()
+        .chain([&run])
+        .map(|vm| vm.uuid.clone())
+        .collect();
+    let all = uuids_with_data(&w);
+    assert_eq!(
+        all,
+        gone.union(&known).cloned().collect::<BTreeSet<_>>(),
+        "data of exactly these domains before gc"
+    );
+
+    // Age all our data past the retention.
+    w.append_config("kept_retention_days = 1");
+    let data_dir = w.host_path("/var/lib/virt-tpm-state");
+    let out = std::process::Command::new("find")
+        .arg(&data_dir)
+        .args(["-exec", "touch", "-h", "-d", "3 days ago", "{}", "+"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        support::describe(&["find"], &out)
+    );
+    let before: Vec<_> = known
+        .iter()
+        .map(|u| files_below(&data_dir.join("kept").join(u)))
+        .collect();
+    assert!(before.iter().all(|f| !f.is_empty()));
+
+    // A dry run as the admin sees it.
+    let tree = files_below(&data_dir);
+    let dry = world_gc(&w, true);
+    assert_eq!(
+        files_below(&data_dir),
+        tree,
+        "a dry run changed the data dir"
+    );
+    assert_eq!(removed_uuids(&dry), gone, "dry run: {dry:#}");
+    assert!(
+        dry["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["why"] == "retention"),
+        "{dry:#}"
+    );
+
+    // Only libvirt's config and status files say the rest is known: hide
+    // the known domains' swtpm dirs (none of their swtpm runs: the running
+    // one is paused, and they go back before anything else).
+    let hidden = |vm: &Vm| {
+        (
+            w.host_path(&format!("/var/lib/libvirt/swtpm/{}", vm.uuid)),
+            w.host_path(&format!("/var/lib/libvirt/swtpm-hidden-{}", vm.uuid)),
+        )
+    };
+    for vm in keep.iter().chain([&run]) {
+        let (a, b) = hidden(vm);
+        std::fs::rename(a, b).unwrap();
+    }
+    let dry2 = world_gc(&w, true);
+    assert_eq!(
+        dry2["removed"], dry["removed"],
+        "dry run by libvirt's files alone: {dry2:#}"
+    );
+    let real = world_gc(&w, false);
+    for vm in keep.iter().chain([&run]) {
+        let (a, b) = hidden(vm);
+        std::fs::rename(b, a).unwrap();
+    }
+    assert_eq!(
+        real["removed"], dry["removed"],
+        "dry run vs real run: {real:#}"
+    );
+    assert_eq!(real["busy"].as_array().map(Vec::len), Some(0), "{real:#}");
+    assert_eq!(
+        real["domains_kept"].as_u64(),
+        Some(known.len() as u64),
+        "{real:#}"
+    );
+    assert_eq!(uuids_with_data(&w), known, "data left after gc");
+    let after: Vec<_> = known
+        .iter()
+        .map(|u| files_below(&data_dir.join("kept").join(u)))
+        .collect();
+    assert!(before == after, "a known domain's kept copy changed");
+    let again = world_gc(&w, true);
+    assert_eq!(removed_uuids(&again), BTreeSet::new(), "{again:#}");
+
+    // status shows the disk used.
+    let out = w.must_vts(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", support::describe(&["status"], &out)));
+    let used: u64 = files_below(&data_dir)
+        .values()
+        .map(|v| v.len() as u64)
+        .sum();
+    assert!(used > 0);
+    assert_eq!(st["disk_used_bytes"].as_u64(), Some(used), "{st:#}");
+
+    // The running domain was never touched; it stops normally.
+    w.destroy(&run.name);
+    // The defined domains still start with their TPM.
+    for (vm, ek) in keep.iter().zip(&eks) {
+        w.start(&vm.name, true);
+        w.destroy(&vm.name);
+        assert_eq!(&w.ek_pub(vm), ek, "{}: another TPM", vm.name);
+        let j = w.show_json(&vm.name, true);
+        assert_eq!(j["valid"], true, "{j:#}");
+    }
+    eprintln!("gc world test took {:.1?}", t0.elapsed());
 }
