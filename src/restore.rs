@@ -11,7 +11,6 @@ use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, 
 use crate::fs::{load_keyring, FsError, HostData, Intent, NvramLocation, Owner, StateLocation};
 use crate::paths::Paths;
 use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState, TpmVersion};
-use crate::swtpm::check_header;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -856,11 +855,7 @@ fn check_encryption(info: &DomainInfo, tpm: &TpmState, name: &str) -> Result<(),
             ..
         })
     );
-    let state_encrypted = tpm.files().iter().any(|f| {
-        check_header(&f.data)
-            .map(|h| h.is_encrypted())
-            .unwrap_or(false)
-    });
+    let state_encrypted = crate::swtpm::state_is_encrypted(tpm);
     match (state_encrypted, domain_encrypts) {
         (true, false) => Err(RestoreError::EncryptionMismatch {
             name: name.to_string(),

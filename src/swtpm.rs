@@ -78,6 +78,23 @@ pub fn synthetic_blob(flags: u16, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Whether swtpm itself encrypted this TPM state (the domain's
+/// `<encryption secret=…>`): every file's header says so. The one answer to
+/// "is swtpm's state encrypted" for every caller: `store`/`pack` (may the
+/// blob go into the XML without our own seal?), `show` (which protection
+/// applies?) and the restore check (will swtpm read it with, or without, its
+/// key?). A carried TPM state is one permall, so "every" and "any" agree on
+/// real states; for a mixed or empty list "every" answers no, the safe side
+/// for all of them (it is then sealed, shown as unprotected by swtpm, and
+/// refused for a domain that expects encryption).
+pub fn state_is_encrypted(tpm: &crate::state::TpmState) -> bool {
+    let files = tpm.files();
+    !files.is_empty()
+        && files
+            .iter()
+            .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +108,32 @@ mod tests {
         assert!(check_header(&synthetic_blob(FLAG_ENCRYPTED, b"x"))
             .unwrap()
             .is_encrypted());
+    }
+
+    /// One answer for store, show and the restore check: a state is
+    /// swtpm-encrypted when every file is, and an empty or mixed list (which
+    /// a carried state never is) is not.
+    #[test]
+    fn state_is_encrypted_when_every_file_is() {
+        use crate::state::{StateFile, TpmState, TpmVersion};
+        let file = |name: &str, flags| StateFile {
+            name: name.into(),
+            data: synthetic_blob(flags, b"x"),
+        };
+        let state = |files| TpmState::new(TpmVersion::V2_0, files);
+        assert!(state_is_encrypted(&state(vec![file(
+            "tpm2-00.permall",
+            FLAG_ENCRYPTED
+        )])));
+        assert!(!state_is_encrypted(&state(vec![file(
+            "tpm2-00.permall",
+            0
+        )])));
+        assert!(!state_is_encrypted(&state(vec![])));
+        assert!(!state_is_encrypted(&state(vec![
+            file("a", FLAG_ENCRYPTED),
+            file("b", 0)
+        ])));
     }
 
     #[test]

@@ -336,11 +336,10 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
         },
     };
 
-    let swtpm_encrypted = state.tpm.as_ref().is_some_and(|t| {
-        t.files()
-            .iter()
-            .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
-    });
+    let swtpm_encrypted = state
+        .tpm
+        .as_ref()
+        .is_some_and(crate::swtpm::state_is_encrypted);
     let keys = if args.plaintext {
         Default::default()
     } else {

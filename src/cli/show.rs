@@ -110,11 +110,11 @@ struct ShowJson {
 
 /// `virt-tpm-state:<key ids>`, `swtpm`, both joined by `+`, or `none`.
 fn protection(m: &MetadataState) -> String {
-    let swtpm = m.state.tpm.as_ref().is_some_and(|t| {
-        t.files()
-            .iter()
-            .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
-    });
+    let swtpm = m
+        .state
+        .tpm
+        .as_ref()
+        .is_some_and(crate::swtpm::state_is_encrypted);
     let mut parts = Vec::new();
     if !m.sealed_with.is_empty() {
         let ids: Vec<&str> = m.sealed_with.iter().map(|k| k.as_str()).collect();

@@ -259,11 +259,10 @@ pub fn store_domain(
     };
     // swtpm's own encryption makes the TPM blob ciphertext; a VARS file
     // beside it travels as it is (UEFI variables, no TPM secrets).
-    let swtpm_encrypted = state.tpm.as_ref().is_some_and(|t| {
-        t.files()
-            .iter()
-            .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
-    });
+    let swtpm_encrypted = state
+        .tpm
+        .as_ref()
+        .is_some_and(crate::swtpm::state_is_encrypted);
     let mut fill = os_random;
     let (protection, sealed_with) = match keys.newest() {
         Some((key_id, key)) => (
