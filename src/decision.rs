@@ -1,4 +1,4 @@
-//! The restore decision on `prepare`, as DESIGN.md states it. Pure.
+//! The restore decision on `prepare` (README, "How the hook decides"). Pure.
 //!
 //! M = the state in the metadata, J = the digest this host last synced with
 //! the metadata for this UUID, L = the local state (the live state dir, or
