@@ -46,19 +46,37 @@ fn the_anchor_itself_is_never_a_link() {
 #[test]
 fn a_link_in_a_dir_others_can_write_is_refused() {
     let (t, paths) = scratch();
-    // /var/lib/libvirt/qemu writable by others: its nvram entry is theirs.
-    mkdir(&t.path().join("var/lib/libvirt/qemu"), 0o777);
-    mkdir(&t.path().join("victim"), 0o755);
-    symlink(
-        "../../../../victim",
-        t.path().join("var/lib/libvirt/qemu/nvram"),
+    // /var/lib writable by others: its libvirt entry (above the anchor, where
+    // a root-made link would be followed) is theirs to swap.
+    mkdir(&t.path().join("var/lib"), 0o777);
+    mkdir(&t.path().join("victim/swtpm"), 0o711);
+    symlink("../../victim", t.path().join("var/lib/libvirt")).unwrap();
+    let e = Anchor::SwtpmBase.open(&paths).unwrap_err();
+    assert_eq!(e.exit_code(), 7, "{e}");
+    assert!(
+        e.to_string().contains("a user other than root can change"),
+        "{e}"
+    );
+    // The same link in a root-only /var/lib is followed.
+    std::fs::set_permissions(
+        t.path().join("var/lib"),
+        std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    let e = Anchor::NvramDir.open(&paths).unwrap_err();
-    assert_eq!(e.exit_code(), 7, "{e}");
-    // And a real dir there is reached, but not trusted.
-    std::fs::remove_file(t.path().join("var/lib/libvirt/qemu/nvram")).unwrap();
-    mkdir(&t.path().join("var/lib/libvirt/qemu/nvram"), 0o755);
+    assert!(Anchor::SwtpmBase.open(&paths).unwrap().is_some());
+    // A real dir below an untrusted one is reached, but not trusted.
+    mkdir(&t.path().join("var/lib/libvirt-real/qemu/nvram"), 0o755);
+    std::fs::set_permissions(
+        t.path().join("var/lib/libvirt-real/qemu"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::remove_file(t.path().join("var/lib/libvirt")).unwrap();
+    std::fs::rename(
+        t.path().join("var/lib/libvirt-real"),
+        t.path().join("var/lib/libvirt"),
+    )
+    .unwrap();
     let dir = Anchor::NvramDir.open(&paths).unwrap().unwrap();
     assert!(!dir.trusted());
 }
