@@ -648,6 +648,19 @@ fn gc(ctx: &Ctx, args: &GcArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// This host's name, as an element's `host` records it.
+pub(crate) fn this_host() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Now, as an element's `stored` records it (RFC 3339, UTC, seconds).
+pub(crate) fn now_stamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 /// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.
 fn read_input(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
     use std::io::Read;

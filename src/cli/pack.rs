@@ -11,7 +11,6 @@ use crate::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, Tpm
 use crate::swtpm::check_header;
 use std::io::Read;
 use std::path::Path;
-use std::time::SystemTime;
 
 /// Largest oVirt blob read (base64 text): a TPM dir is a few KiB.
 const MAX_OVIRT_BLOB: u64 = 16 * 1024 * 1024;
@@ -325,14 +324,11 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
                 })?;
                 s.clone()
             }
-            None => humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            None => super::now_stamp(),
         },
         host: match &args.host {
             Some(h) => h.clone(),
-            None => rustix::system::uname()
-                .nodename()
-                .to_string_lossy()
-                .into_owned(),
+            None => super::this_host(),
         },
     };
 

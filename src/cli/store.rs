@@ -12,7 +12,7 @@ use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::restore::{carried, shown_name, Carried};
 use crate::state::{MachineState, TpmState};
 use crate::swtpm::check_header;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// How long `store --after-stop` waits for libvirt to finish stopping.
 const AFTER_STOP_WAIT: Duration = Duration::from_secs(120);
@@ -249,11 +249,8 @@ pub fn store_domain(
                 uuid: dom.uuid.clone(),
                 generation,
                 parent,
-                stored: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-                host: rustix::system::uname()
-                    .nodename()
-                    .to_string_lossy()
-                    .into_owned(),
+                stored: super::now_stamp(),
+                host: super::this_host(),
             }
         }
     };
@@ -584,11 +581,8 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
             }
         })?,
         parent: Some(m.digest),
-        stored: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        host: rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
+        stored: super::now_stamp(),
+        host: super::this_host(),
     };
     // The seal is bound to the uuid: re-seal (with the newest key) when the
     // state was sealed; a plaintext state stays plaintext.
