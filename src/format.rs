@@ -165,6 +165,20 @@ pub enum FormatError {
     UnexpectedElement(String, String),
 }
 
+impl FormatError {
+    /// A key problem (missing, unusable, or one that does not open the
+    /// blob) is [`Exit::Key`]; anything else about the element is
+    /// [`Exit::InvalidElement`].
+    pub fn exit_code(&self) -> crate::exit::Exit {
+        match self {
+            FormatError::MissingKey { .. }
+            | FormatError::UnusableKey { .. }
+            | FormatError::Decrypt { .. } => crate::exit::Exit::Key,
+            _ => crate::exit::Exit::InvalidElement,
+        }
+    }
+}
+
 // ---------------------------------------------------------------- encoding
 
 /// How to print the element.

@@ -5,6 +5,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::domain::{parse_domain, DomainXmlError};
+use crate::exit::Exit;
 use crate::fs::{FsError, HostData};
 use crate::paths::Paths;
 use crate::restore::{carried, prepare, shown_name, PrepareOptions, RestoreError};
@@ -67,11 +68,13 @@ pub enum HookError {
 
 impl HookError {
     /// Exit codes, documented in the README.
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit_code(&self) -> Exit {
         match self {
-            HookError::Usage => 2,
-            HookError::Stdin(_) | HookError::StdinTooLarge | HookError::DomainXml(_) => 3,
-            HookError::Config(_) => 10,
+            HookError::Usage => Exit::Usage,
+            HookError::Stdin(_) | HookError::StdinTooLarge | HookError::DomainXml(_) => {
+                Exit::DomainXml
+            }
+            HookError::Config(_) => Exit::Config,
             HookError::Fs { source, .. } => source.exit_code(),
             HookError::Restore(r) => r.exit_code(),
         }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod decision;
 pub mod domain;
 pub mod envelope;
+pub mod exit;
 pub mod fault;
 pub mod format;
 pub mod fs;

@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::decision::{decide, Decision, DecisionInput, Refusal, Why};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError, NvramSpec, TpmBackend};
 use crate::envelope::Keyring;
+use crate::exit::Exit;
 use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_SEALED};
 use crate::fs::{load_keyring, FsError, HostData, Intent, NvramLocation, Owner, StateLocation};
 use crate::paths::Paths;
@@ -159,19 +160,19 @@ fn describe_at(tpm: &Option<String>, nvram: &Option<String>) -> String {
 
 impl RestoreError {
     /// Exit codes shared by the hook and the CLI (README, "Exit codes").
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit_code(&self) -> Exit {
         match self {
-            RestoreError::DomainXml(_) => 3,
-            RestoreError::Key { .. } => 19,
+            RestoreError::DomainXml(_) => Exit::DomainXml,
+            RestoreError::Key { .. } => Exit::Key,
             RestoreError::InvalidMetadata { .. }
             | RestoreError::VersionMismatch { .. }
             | RestoreError::UnknownTpmVersion { .. }
             | RestoreError::UnsupportedSource { .. }
-            | RestoreError::EncryptionMismatch { .. } => 4,
-            RestoreError::Clone { .. } => 5,
-            RestoreError::Conflict { .. } => 6,
+            | RestoreError::EncryptionMismatch { .. } => Exit::InvalidElement,
+            RestoreError::Clone { .. } => Exit::Clone,
+            RestoreError::Conflict { .. } => Exit::Conflict,
             RestoreError::Fs { source, .. } => source.exit_code(),
-            RestoreError::UnfinishedElsewhere { .. } => 8,
+            RestoreError::UnfinishedElsewhere { .. } => Exit::Filesystem,
         }
     }
 

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: libvirt shows it as the reason the operation failed.
             logging::report_error(&format!("virt-tpm-state: {e}"));
-            ExitCode::from(e.exit_code())
+            e.exit_code().into()
         }
     }
 }

@@ -12,6 +12,7 @@ mod watch;
 
 use crate::config::{Config, ConfigError};
 use crate::domain::DomainXmlError;
+use crate::exit::Exit;
 use crate::format::FormatError;
 use crate::fs::FsError;
 use crate::libvirt::{LibvirtError, DEFAULT_URI};
@@ -339,7 +340,7 @@ impl CliError {
             CliError::Usage(_) => "usage",
             CliError::DomainXml(_) => "domain-xml",
             CliError::ReadInput { .. } => "input",
-            CliError::InvalidElement { .. } if self.exit_code() == 19 => "key",
+            CliError::InvalidElement { .. } if self.exit_code() == Exit::Key => "key",
             CliError::InvalidElement { .. } => "invalid-element",
             CliError::NoElement(_) => "no-element",
             CliError::Restore(r) => restore_kind(r),
@@ -373,42 +374,35 @@ impl CliError {
         })
     }
 
-    pub fn exit_code(&self) -> u8 {
+    pub fn exit_code(&self) -> Exit {
         match self {
-            CliError::Usage(_) => 2,
-            CliError::DomainXml(_) | CliError::ReadInput { .. } => 3,
-            CliError::InvalidElement {
-                source:
-                    FormatError::MissingKey { .. }
-                    | FormatError::UnusableKey { .. }
-                    | FormatError::Decrypt { .. },
-                ..
-            } => 19,
-            CliError::InvalidElement { .. }
-            | CliError::NoElement(_)
-            | CliError::GenerationExhausted { .. } => 4,
+            CliError::Usage(_) => Exit::Usage,
+            CliError::DomainXml(_) | CliError::ReadInput { .. } => Exit::DomainXml,
+            CliError::InvalidElement { source, .. } => source.exit_code(),
+            CliError::NoElement(_) | CliError::GenerationExhausted { .. } => Exit::InvalidElement,
             // Same codes as the hook, from the same error types.
             CliError::Restore(r) => r.exit_code(),
             CliError::Fs(e) => e.exit_code(),
-            CliError::Config(_) => 10,
-            CliError::StillChanging { .. } => 11,
-            CliError::TooLarge { .. } => 12,
-            CliError::Libvirt(LibvirtError::Connect { .. }) => 13,
-            CliError::CannotTellRunning { source, .. } => match source {
-                LibvirtError::Connect { .. } => 13,
-                LibvirtError::NoDomain(_) => 14,
-                LibvirtError::Denied { .. } => 16,
-                LibvirtError::Call { .. } => 1,
-            },
-            CliError::Libvirt(LibvirtError::NoDomain(_)) => 14,
-            CliError::Libvirt(LibvirtError::Denied { .. }) => 16,
-            CliError::Libvirt(LibvirtError::Call { .. }) => 1,
-            CliError::NoTpm { .. } => 15,
-            CliError::Running(_) => 17,
-            CliError::HookConflict(_) => 18,
-            CliError::Key(_) => 19,
-            CliError::OutOfSync(_) => 20,
+            CliError::Config(_) => Exit::Config,
+            CliError::StillChanging { .. } => Exit::StillChanging,
+            CliError::TooLarge { .. } => Exit::TooLarge,
+            CliError::Libvirt(e) | CliError::CannotTellRunning { source: e, .. } => libvirt_exit(e),
+            CliError::NoTpm { .. } => Exit::NoTpm,
+            CliError::Running(_) => Exit::Running,
+            CliError::HookConflict(_) => Exit::ForeignHook,
+            CliError::Key(_) => Exit::Key,
+            CliError::OutOfSync(_) => Exit::OutOfSync,
         }
+    }
+}
+
+/// One code per libvirt failure, wherever it is met.
+fn libvirt_exit(e: &LibvirtError) -> Exit {
+    match e {
+        LibvirtError::Connect { .. } => Exit::LibvirtUnreachable,
+        LibvirtError::NoDomain(_) => Exit::NoDomain,
+        LibvirtError::Denied { .. } => Exit::Denied,
+        LibvirtError::Call { .. } => Exit::LibvirtFailed,
     }
 }
 
@@ -430,14 +424,14 @@ pub(crate) fn restore_kind(r: &RestoreError) -> &'static str {
 }
 
 /// `{kind, exit, message}`: the member of `{"error": …}`.
-pub(crate) fn error_member(kind: &str, exit: u8, message: &str) -> serde_json::Value {
-    serde_json::json!({ "kind": kind, "exit": exit, "message": message })
+pub(crate) fn error_member(kind: &str, exit: Exit, message: &str) -> serde_json::Value {
+    serde_json::json!({ "kind": kind, "exit": exit.code(), "message": message })
 }
 
 fn fs_kind(e: &FsError) -> &'static str {
     match e.exit_code() {
-        7 => "unsafe-path",
-        9 => "lock-timeout",
+        Exit::UnsafePath => "unsafe-path",
+        Exit::LockTimeout => "lock-timeout",
         _ => "filesystem",
     }
 }
@@ -518,7 +512,7 @@ pub fn main() -> ExitCode {
                     out(&format!("{}\n", e.json()));
                 }
             }
-            ExitCode::from(e.exit_code())
+            e.exit_code().into()
         }
     }
 }

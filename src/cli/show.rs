@@ -3,6 +3,7 @@
 
 use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, SourceArgs};
 use crate::domain::{parse_domain, DomainInfo};
+use crate::exit::Exit;
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::fs::load_keyring;
 use crate::fs::HostData;
@@ -151,7 +152,9 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         }
         // A keys dir others can write is refused, never read around; so is
         // a dir named with --keys that cannot be opened.
-        Some(Err(e)) if e.exit_code() == 7 || ctx.paths.keys_override().is_some() => {
+        Some(Err(e))
+            if e.exit_code() == Exit::UnsafePath || ctx.paths.keys_override().is_some() =>
+        {
             return Err(e.into())
         }
         Some(Err(e)) => {
@@ -226,15 +229,14 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 .collect();
         }
         Some(Err(e)) => {
-            let key = matches!(
-                e,
-                FormatError::MissingKey { .. }
-                    | FormatError::UnusableKey { .. }
-                    | FormatError::Decrypt { .. }
-            );
+            let exit = e.exit_code();
             j.error = Some(super::error_member(
-                if key { "key" } else { "invalid-element" },
-                if key { 19 } else { 4 },
+                if exit == Exit::Key {
+                    "key"
+                } else {
+                    "invalid-element"
+                },
+                exit,
                 &format!(
                     "virt-tpm-state: VM {} ({}): the TPM state element is invalid: {e}",
                     shown_name(&info.name),

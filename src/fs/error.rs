@@ -1,5 +1,6 @@
 //! The filesystem layer's one error type.
 
+use crate::exit::Exit;
 use crate::state::DomainUuid;
 use std::path::{Path, PathBuf};
 
@@ -43,17 +44,17 @@ pub enum FsError {
 }
 
 impl FsError {
-    /// 7: unsafe path, 9: lock timeout, 8: any other filesystem failure.
-    pub fn exit_code(&self) -> u8 {
+    /// Unsafe path, lock timeout, or any other filesystem failure.
+    pub fn exit_code(&self) -> Exit {
         match self {
             // A file that is not swtpm's where a state file goes is in the
             // way like a link is: refused, left alone.
             FsError::Unsafe { .. }
             | FsError::BadSourcePath { .. }
             | FsError::Linear { .. }
-            | FsError::UnsafeKeysDir { .. } => 7,
-            FsError::LockTimeout { .. } => 9,
-            _ => 8,
+            | FsError::UnsafeKeysDir { .. } => Exit::UnsafePath,
+            FsError::LockTimeout { .. } => Exit::LockTimeout,
+            _ => Exit::Filesystem,
         }
     }
 

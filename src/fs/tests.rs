@@ -39,7 +39,7 @@ fn the_anchor_itself_is_never_a_link() {
     mkdir(&t.path().join("elsewhere"), 0o755);
     symlink("../../../elsewhere", t.path().join("var/lib/libvirt/swtpm")).unwrap();
     let e = Anchor::SwtpmBase.open(&paths).unwrap_err();
-    assert_eq!(e.exit_code(), 7, "{e}");
+    assert_eq!(e.exit_code(), crate::exit::Exit::UnsafePath, "{e}");
     assert!(e.to_string().contains("symlink"), "{e}");
 }
 
@@ -52,7 +52,7 @@ fn a_link_in_a_dir_others_can_write_is_refused() {
     mkdir(&t.path().join("victim/swtpm"), 0o711);
     symlink("../../victim", t.path().join("var/lib/libvirt")).unwrap();
     let e = Anchor::SwtpmBase.open(&paths).unwrap_err();
-    assert_eq!(e.exit_code(), 7, "{e}");
+    assert_eq!(e.exit_code(), crate::exit::Exit::UnsafePath, "{e}");
     assert!(
         e.to_string().contains("a user other than root can change"),
         "{e}"
@@ -91,12 +91,20 @@ fn nothing_below_an_anchor_is_followed_with_or_without_openat2() {
         walk::force_openat2_fallback(fallback);
         let dir = anchor.open(&paths).unwrap().unwrap();
         let e = dir.open_beneath(Path::new("link")).unwrap_err();
-        assert_eq!(e.exit_code(), 7, "fallback {fallback}: {e}");
+        assert_eq!(
+            e.exit_code(),
+            crate::exit::Exit::UnsafePath,
+            "fallback {fallback}: {e}"
+        );
         assert!(dir.open_beneath(Path::new("real")).unwrap().is_some());
         std::fs::write(t.path().join("srv/tpm/real/f"), b"x").unwrap();
         symlink("real/f", t.path().join("srv/tpm/flink")).unwrap();
         let e = dir.read_file("flink", 10).unwrap_err();
-        assert_eq!(e.exit_code(), 7, "fallback {fallback}: {e}");
+        assert_eq!(
+            e.exit_code(),
+            crate::exit::Exit::UnsafePath,
+            "fallback {fallback}: {e}"
+        );
         walk::force_openat2_fallback(false);
     }
 }
@@ -218,7 +226,7 @@ fn our_own_dirs_must_be_ours() {
     let (t, paths) = scratch();
     mkdir(&t.path().join("var/lib/virt-tpm-state"), 0o777);
     let e = Anchor::Data.open(&paths).unwrap_err();
-    assert_eq!(e.exit_code(), 7, "{e}");
+    assert_eq!(e.exit_code(), crate::exit::Exit::UnsafePath, "{e}");
     std::fs::set_permissions(
         t.path().join("var/lib/virt-tpm-state"),
         std::fs::Permissions::from_mode(0o700),
