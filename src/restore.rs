@@ -9,7 +9,9 @@ use crate::domain::{parse_domain, DomainInfo, DomainXmlError, NvramSpec, TpmBack
 use crate::envelope::Keyring;
 use crate::exit::Exit;
 use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_SEALED};
-use crate::fs::{load_keyring, FsError, HostData, Intent, NvramLocation, Owner, StateLocation};
+use crate::fs::{
+    load_keyring, DomainLock, FsError, HostData, Intent, NvramLocation, Owner, StateLocation,
+};
 use crate::paths::Paths;
 use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState, TpmVersion};
 use std::path::PathBuf;
@@ -387,6 +389,42 @@ pub fn prepare_domain(
     info: &DomainInfo,
     options: PrepareOptions,
 ) -> Result<PrepareReport, RestoreError> {
+    prepare_with_lock(paths, config, info, options, None)
+}
+
+/// [`prepare_domain`] for a caller that already holds the domain's lock
+/// and read `info` under it (`restore DOMAIN`): no `store` can change the
+/// element between that read and the decision, so a definition read just
+/// before a store finished is never taken for a new one.
+pub fn prepare_domain_locked(
+    paths: &Paths,
+    config: &Config,
+    info: &DomainInfo,
+    options: PrepareOptions,
+    lock: &DomainLock,
+) -> Result<PrepareReport, RestoreError> {
+    assert_eq!(lock.uuid(), &info.uuid, "the lock held is another domain's");
+    prepare_with_lock(paths, config, info, options, Some(lock))
+}
+
+fn prepare_with_lock(
+    paths: &Paths,
+    config: &Config,
+    info: &DomainInfo,
+    options: PrepareOptions,
+    held: Option<&DomainLock>,
+) -> Result<PrepareReport, RestoreError> {
+    // The domain's lock, unless the caller holds it (flock is per open
+    // file: taking it again here would wait for ourselves).
+    let lock = |host: &HostData| -> Result<Option<DomainLock>, RestoreError> {
+        match held {
+            Some(_) => Ok(None),
+            None => host
+                .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
+                .map(Some)
+                .map_err(RestoreError::fs(&info.name)),
+        }
+    };
     let report = |outcome| PrepareReport {
         name: info.name.clone(),
         uuid: info.uuid.clone(),
@@ -402,9 +440,7 @@ pub fn prepare_domain(
             .map_err(RestoreError::fs(&info.name))?
         {
             let carried = carried(paths, config, info)?;
-            let _lock = host
-                .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
-                .map_err(RestoreError::fs(&info.name))?;
+            let _lock = lock(&host)?;
             finish_intent(paths, &host, info, &carried)?;
         }
         return Ok(report(Outcome::NotOurs(
@@ -465,9 +501,7 @@ pub fn prepare_domain(
     }
 
     let host = HostData::new(paths);
-    let _lock = host
-        .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
-        .map_err(RestoreError::fs(&info.name))?;
+    let _lock = lock(&host)?;
     fault(&info.name, "restore.locked")?;
     remove_leftovers(
         &host,

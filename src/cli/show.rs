@@ -9,8 +9,11 @@ use crate::fs::load_keyring;
 use crate::fs::HostData;
 use crate::input::parse_input;
 use crate::libvirt::{Libvirt, LibvirtError};
-use crate::restore::{carried, prepare_domain, reader_check, shown_name, PrepareOptions};
+use crate::restore::{
+    carried, prepare_domain, prepare_domain_locked, reader_check, shown_name, PrepareOptions,
+};
 use crate::swtpm::check_header;
+use std::time::Duration;
 
 /// Where the XML came from, for messages.
 struct Source {
@@ -496,15 +499,37 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
 }
 
 pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
-    let src = load(
-        ctx,
-        &SourceArgs {
-            domain: args.source.domain.clone(),
-            xml: args.source.xml.clone(),
-            // The definition the next start uses.
-            inactive: true,
-        },
-    )?;
+    let source = SourceArgs {
+        domain: args.source.domain.clone(),
+        xml: args.source.xml.clone(),
+        // The definition the next start uses.
+        inactive: true,
+    };
+    let mut src = load(ctx, &source)?;
+    // A definition from libvirt is read again under the domain's lock: a
+    // `store` finishing in between would otherwise leave this restore with
+    // the element it replaced, which it would take for a new one (and roll
+    // the newer local state back). A saved XML cannot change under us.
+    let lock = match &source.domain {
+        Some(_) => {
+            let host = HostData::new(&ctx.paths);
+            let lock = host.lock(
+                &src.info.uuid,
+                Duration::from_secs(ctx.config.lock_timeout_secs),
+            )?;
+            // By UUID: the domain locked, even if renamed meanwhile.
+            src = load(
+                ctx,
+                &SourceArgs {
+                    domain: Some(src.info.uuid.as_str().to_string()),
+                    xml: None,
+                    inactive: true,
+                },
+            )?;
+            Some(lock)
+        }
+        None => None,
+    };
     let running = match src.active {
         Some(a) => a,
         // A saved XML: ask libvirt whether a domain with that UUID runs here.
@@ -540,14 +565,13 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
             src.from
         )));
     }
-    let report = prepare_domain(
-        &ctx.paths,
-        &ctx.config,
-        &src.info,
-        PrepareOptions {
-            force_metadata: args.force,
-        },
-    )?;
+    let options = PrepareOptions {
+        force_metadata: args.force,
+    };
+    let report = match &lock {
+        Some(lock) => prepare_domain_locked(&ctx.paths, &ctx.config, &src.info, options, lock)?,
+        None => prepare_domain(&ctx.paths, &ctx.config, &src.info, options)?,
+    };
     crate::say!("{}", report.summary());
     Ok(())
 }

@@ -520,7 +520,12 @@ impl HostData {
         let start = Instant::now();
         loop {
             match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => return Ok(DomainLock { _fd: fd }),
+                Ok(()) => {
+                    return Ok(DomainLock {
+                        uuid: uuid.clone(),
+                        _fd: fd,
+                    })
+                }
                 Err(Errno::WOULDBLOCK) | Err(Errno::INTR) => {
                     if start.elapsed() >= timeout {
                         return Err(FsError::LockTimeout {
@@ -573,5 +578,13 @@ fn write_private_file(dir: &Dir, name: &str, data: &[u8]) -> Result<(), FsError>
 /// Held while working on one domain; released on drop (or process exit).
 #[derive(Debug)]
 pub struct DomainLock {
+    uuid: DomainUuid,
     _fd: OwnedFd,
+}
+
+impl DomainLock {
+    /// The domain this lock is for.
+    pub fn uuid(&self) -> &DomainUuid {
+        &self.uuid
+    }
 }
