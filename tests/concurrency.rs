@@ -9,7 +9,6 @@ mod scratch;
 mod support;
 
 use scratch::*;
-use std::os::fd::AsFd;
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
@@ -146,7 +145,7 @@ fn parallel_prepares_and_stops_on_one_domain_never_corrupt() {
 }
 
 /// Holds the domain's lock as another process would.
-fn hold_lock(s: &Scratch) -> std::fs::File {
+fn hold_lock(s: &Scratch) -> nix::fcntl::Flock<std::fs::File> {
     let dir = s.path("run/virt-tpm-state/locks");
     std::fs::create_dir_all(&dir).unwrap();
     let f = std::fs::OpenOptions::new()
@@ -155,12 +154,9 @@ fn hold_lock(s: &Scratch) -> std::fs::File {
         .write(true)
         .open(dir.join(format!("{}.lock", s.uuid)))
         .unwrap();
-    rustix::fs::flock(
-        f.as_fd(),
-        rustix::fs::FlockOperation::NonBlockingLockExclusive,
-    )
-    .expect("lock free");
-    f
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("lock free")
 }
 
 #[test]

@@ -37,7 +37,7 @@ fn need_faults(test: &str) -> bool {
 /// Root and `unshare` (for a private mount namespace), else SKIP (a
 /// failure under CI=true).
 fn need_mounts(test: &str) -> bool {
-    let root = rustix::process::geteuid().is_root();
+    let root = nix::unistd::geteuid().is_root();
     let unshare = Command::new("unshare").arg("--version").output().is_ok();
     if root && unshare {
         return true;

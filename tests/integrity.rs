@@ -554,7 +554,7 @@ fn forged_controls_reach_syslog_escaped() {
             .output()
             .is_ok()
     };
-    if !(rustix::process::geteuid().is_root() && have("unshare") && have("python3")) {
+    if !(nix::unistd::geteuid().is_root() && have("unshare") && have("python3")) {
         assert_ne!(
             std::env::var("CI").as_deref(),
             Ok("true"),

@@ -1106,8 +1106,8 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
 fn scratch() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    let uid = rustix::process::getuid().as_raw();
-    let gid = rustix::process::getgid().as_raw();
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
     let name = |id: u32, file: &str| -> String {
         std::fs::read_to_string(file)
             .unwrap_or_default()
@@ -1175,9 +1175,9 @@ fn run_hook(root: &Path, op: [&str; 2], xml: Vec<u8>) -> HookRun {
     let out = match rx.recv_timeout(DEADLINE) {
         Ok(o) => o.unwrap(),
         Err(_) => {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(pid as i32).unwrap(),
-                rustix::process::Signal::KILL,
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
             );
             panic!("the hook did not exit within {DEADLINE:?} (a hang)");
         }

@@ -465,7 +465,7 @@ fn watch_unit_file_verifies() {
 /// places no unit and says how to run the daemon.
 #[test]
 fn install_without_systemd_says_how_to_run_watch() {
-    if !rustix::process::geteuid().is_root() {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIP install_without_systemd_says_how_to_run_watch: not root");
         return;
     }

@@ -349,9 +349,14 @@ fn reload(ctx: &Ctx, args: &InstallArgs) {
         return;
     }
     for (pid, comm) in daemons {
-        let sent = rustix::process::Pid::from_raw(pid)
-            .ok_or(rustix::io::Errno::SRCH)
-            .and_then(|p| rustix::process::kill_process(p, rustix::process::Signal::HUP));
+        // A pid of 0 or below would signal a whole process group.
+        let sent = match pid {
+            1.. => nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            ),
+            _ => Err(nix::errno::Errno::ESRCH),
+        };
         match sent {
             Ok(()) => crate::outln!("sent SIGHUP to {comm} (pid {pid}) so it sees the change"),
             Err(e) => crate::outln!("could not signal {comm} (pid {pid}): {e}; {manual}"),

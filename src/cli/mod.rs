@@ -644,10 +644,9 @@ fn gc(ctx: &Ctx, args: &GcArgs) -> Result<(), CliError> {
 
 /// This host's name, as an element's `host` records it.
 pub(crate) fn this_host() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
+    nix::sys::utsname::uname()
+        .map(|u| u.nodename().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Now, as an element's `stored` records it (RFC 3339, UTC, seconds).

@@ -43,11 +43,8 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
         }
         (Some(name), None) => {
             // Reading needs no write access: a read-only connection is enough.
-            let lv = Libvirt::connect(
-                &ctx.uri,
-                ctx.readonly || !rustix::process::geteuid().is_root(),
-            )
-            .or_else(|_| Libvirt::connect(&ctx.uri, true))?;
+            let lv = Libvirt::connect(&ctx.uri, ctx.readonly || !nix::unistd::geteuid().is_root())
+                .or_else(|_| Libvirt::connect(&ctx.uri, true))?;
             let dom = lv.domain(name)?;
             let xml = if src.inactive && dom.persistent {
                 dom.inactive_xml()?

@@ -33,7 +33,7 @@ struct StoreResult<'a> {
 pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     if args.after_stop {
         // Started detached by the hook: leave libvirtd's session.
-        let _ = rustix::process::setsid();
+        let _ = nix::unistd::setsid();
     }
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let mut dom = match lv.domain(&args.domain) {

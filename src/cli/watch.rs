@@ -37,14 +37,13 @@ use crate::fs::{HostData, StateLocation};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
 use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
 use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags as WatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use rustix::event::{PollFd, PollFlags};
-use rustix::fs::inotify::{self, ReadFlags, WatchFlags};
-use rustix::io::Errno;
 use std::collections::{BTreeMap, HashMap};
-use std::mem::MaybeUninit;
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
@@ -130,7 +129,7 @@ struct Watched {
     name: String,
     version: TpmVersion,
     location: StateLocation,
-    wd: Option<i32>,
+    wd: Option<WatchDescriptor>,
     settle: Option<Settle>,
     status: DomainStatus,
     /// Looks left for a state dir that did not exist yet.
@@ -138,44 +137,40 @@ struct Watched {
 }
 
 struct Notify {
-    fd: OwnedFd,
-    buf: Vec<MaybeUninit<u8>>,
+    fd: Inotify,
 }
 
 struct Event {
-    wd: i32,
-    flags: ReadFlags,
+    wd: WatchDescriptor,
+    flags: WatchFlags,
     name: Option<String>,
 }
 
 impl Notify {
-    fn new() -> std::io::Result<Self> {
-        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
-        Ok(Notify {
-            fd,
-            buf: vec![MaybeUninit::uninit(); 64 * 1024],
-        })
+    fn new() -> nix::Result<Self> {
+        let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        Ok(Notify { fd })
     }
 
-    fn add(&self, path: &Path, flags: WatchFlags) -> Result<i32, Errno> {
-        inotify::add_watch(&self.fd, path, flags)
+    fn add(&self, path: &Path, flags: WatchFlags) -> Result<WatchDescriptor, Errno> {
+        self.fd.add_watch(path, flags)
     }
 
-    fn remove(&self, wd: i32) {
-        let _ = inotify::remove_watch(&self.fd, wd);
+    fn remove(&self, wd: WatchDescriptor) {
+        let _ = self.fd.rm_watch(wd);
     }
 
+    /// Every queued event (the fd is non-blocking: reads until EAGAIN).
     fn drain(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
-        let mut reader = inotify::Reader::new(&self.fd, &mut self.buf);
         loop {
-            match reader.next() {
-                Ok(e) => out.push(Event {
-                    wd: e.wd(),
-                    flags: e.events(),
-                    name: e.file_name().map(|n| n.to_string_lossy().into_owned()),
-                }),
-                Err(Errno::INTR) => continue,
+            match self.fd.read_events() {
+                Ok(events) => out.extend(events.into_iter().map(|e| Event {
+                    wd: e.wd,
+                    flags: e.mask,
+                    name: e.name.map(|n| n.to_string_lossy().into_owned()),
+                })),
+                Err(Errno::EINTR) => continue,
                 Err(_) => break,
             }
         }
@@ -191,9 +186,9 @@ fn rfc3339(t: SystemTime) -> String {
 struct Daemon {
     ctx: Ctx,
     notify: Notify,
-    statics: Vec<(StaticDir, Option<i32>)>,
+    statics: Vec<(StaticDir, Option<WatchDescriptor>)>,
     doms: HashMap<DomainUuid, Watched>,
-    by_wd: HashMap<i32, DomainUuid>,
+    by_wd: HashMap<WatchDescriptor, DomainUuid>,
     /// Domain names to look up, with when.
     refresh: HashMap<String, Instant>,
     lv: Option<Rc<Libvirt>>,
@@ -209,7 +204,7 @@ struct Daemon {
 
 /// One daemon per host: an exclusive lock on `/run/virt-tpm-state/watch.lock`,
 /// held for the life of the process.
-fn single_instance(ctx: &Ctx) -> Result<OwnedFd, CliError> {
+fn single_instance(ctx: &Ctx) -> Result<crate::fs::WatchLock, CliError> {
     HostData::new(&ctx.paths).try_lock_watch()?.ok_or_else(|| {
         CliError::Usage(format!(
             "another `virt-tpm-state watch` is running (it holds {})",
@@ -256,23 +251,24 @@ pub fn watch(ctx: Ctx) -> Result<(), CliError> {
     );
     d.ensure_static_watches();
     loop {
-        let timeout = d.next_deadline().map(|t| {
+        // Rounded up to the next millisecond: rounding down would wake
+        // just before the deadline and spin until it.
+        let timeout = d.next_deadline().map_or(PollTimeout::NONE, |t| {
             let left = t.saturating_duration_since(Instant::now());
-            rustix::fs::Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: i64::from(left.subsec_nanos()),
-            }
+            let ms = left.as_nanos().div_ceil(1_000_000);
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
         });
         let (sig_ready, ino_ready) = {
             let mut fds = [
-                PollFd::new(&sfd, PollFlags::IN),
-                PollFd::new(&d.notify.fd, PollFlags::IN),
+                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(d.notify.fd.as_fd(), PollFlags::POLLIN),
             ];
-            match rustix::event::poll(&mut fds, timeout.as_ref()) {
-                Ok(_) | Err(Errno::INTR) => {}
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(CliError::Usage(format!("poll failed: {e}"))),
             }
-            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
         };
         if sig_ready {
             let mut stop = false;
@@ -348,12 +344,12 @@ impl Daemon {
     /// Watches libvirt's directories, those that exist (the others are
     /// tried again at the next reconcile or when their parent reports them).
     fn ensure_static_watches(&mut self) {
-        let mask = WatchFlags::CREATE
-            | WatchFlags::DELETE
-            | WatchFlags::MOVED_TO
-            | WatchFlags::MOVED_FROM
-            | WatchFlags::CLOSE_WRITE
-            | WatchFlags::ONLYDIR;
+        let mask = WatchFlags::IN_CREATE
+            | WatchFlags::IN_DELETE
+            | WatchFlags::IN_MOVED_TO
+            | WatchFlags::IN_MOVED_FROM
+            | WatchFlags::IN_CLOSE_WRITE
+            | WatchFlags::IN_ONLYDIR;
         for i in 0..self.statics.len() {
             let (kind, wd) = self.statics[i];
             if wd.is_some() {
@@ -367,14 +363,14 @@ impl Daemon {
     }
 
     fn on_event(&mut self, ev: Event) {
-        if ev.flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+        if ev.flags.contains(WatchFlags::IN_Q_OVERFLOW) {
             log::warn!("inotify queue overflowed; reconciling everything");
             self.reconcile_at = Instant::now();
             return;
         }
         if let Some(i) = self.statics.iter().position(|(_, wd)| *wd == Some(ev.wd)) {
             let kind = self.statics[i].0;
-            if ev.flags.contains(ReadFlags::IGNORED) {
+            if ev.flags.contains(WatchFlags::IN_IGNORED) {
                 // The directory went away (libvirt's runtime dir on a restart).
                 self.statics[i].1 = None;
                 return;
@@ -386,7 +382,9 @@ impl Daemon {
                         self.ensure_static_watches();
                         self.reconcile_at = Instant::now();
                     } else if SOCKETS.contains(&name.as_str())
-                        && ev.flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO)
+                        && ev
+                            .flags
+                            .intersects(WatchFlags::IN_CREATE | WatchFlags::IN_MOVED_TO)
                     {
                         // libvirt is (back) up: reconnect now, not at the
                         // end of the backoff; a stale connection is dropped.
@@ -414,7 +412,7 @@ impl Daemon {
         let Some(uuid) = self.by_wd.get(&ev.wd).cloned() else {
             return;
         };
-        if ev.flags.contains(ReadFlags::IGNORED) {
+        if ev.flags.contains(WatchFlags::IN_IGNORED) {
             // The state dir is gone (the domain stopped and libvirt removed
             // it, or it was undefined): look the domain up again.
             self.by_wd.remove(&ev.wd);
@@ -676,10 +674,10 @@ impl Daemon {
         // which inotify does not report: such a domain is kept in sync by
         // the periodic reconcile alone.
         if entry.wd.is_none() && !location.is_file() {
-            let mask = WatchFlags::MOVED_TO
-                | WatchFlags::CLOSE_WRITE
-                | WatchFlags::ONLYDIR
-                | WatchFlags::DONT_FOLLOW;
+            let mask = WatchFlags::IN_MOVED_TO
+                | WatchFlags::IN_CLOSE_WRITE
+                | WatchFlags::IN_ONLYDIR
+                | WatchFlags::IN_DONT_FOLLOW;
             match self.notify.add(&location.path(), mask) {
                 Ok(wd) => {
                     entry.wd = Some(wd);
@@ -691,7 +689,7 @@ impl Daemon {
                         location.path().display()
                     );
                 }
-                Err(Errno::NOENT) if entry.dir_retries < 5 => {
+                Err(Errno::ENOENT) if entry.dir_retries < 5 => {
                     // Started a moment ago: libvirt creates the dir soon.
                     entry.dir_retries += 1;
                     self.refresh
@@ -943,8 +941,10 @@ pub fn read_daemon_status(ctx: &Ctx) -> Option<DaemonStatus> {
         .read_run_file(STATUS_FILE, STATUS_FILE_MAX)
         .ok()??;
     let s: DaemonStatus = serde_json::from_slice(&text).ok()?;
-    let alive = rustix::process::Pid::from_raw(s.pid as i32)
-        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+    // Signal 0: only whether the pid exists.
+    let alive = i32::try_from(s.pid).is_ok_and(|pid| {
+        pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    });
     let ours = std::fs::read_to_string(format!("/proc/{}/cmdline", s.pid))
         .is_ok_and(|c| c.split('\0').any(|a| a == "watch"));
     (alive && ours).then_some(s)

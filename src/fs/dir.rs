@@ -6,12 +6,10 @@ use super::owner::Owner;
 use super::walk::open_entry;
 use crate::fault;
 use crate::state::StateFile;
-use rustix::fs::{
-    fchmod, fchown, fstat, fsync, mkdirat, renameat_with, statat, unlinkat, AtFlags, FileType,
-    Mode, OFlags, RenameFlags, Stat,
-};
-use rustix::io::Errno;
-use rustix::process::{Gid, Uid};
+use nix::errno::Errno;
+use nix::fcntl::{renameat2, AtFlags, OFlag, RenameFlags};
+use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{fchown, fsync, unlinkat, Gid, Uid, UnlinkatFlags};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -50,7 +48,7 @@ pub enum EntryKind {
 }
 
 impl Dir {
-    pub(super) fn new(fd: OwnedFd, path: PathBuf, trusted: bool, st: &Stat) -> Self {
+    pub(super) fn new(fd: OwnedFd, path: PathBuf, trusted: bool, st: &FileStat) -> Self {
         Dir {
             fd,
             path,
@@ -92,7 +90,7 @@ impl Dir {
     /// Whether what this process creates here stays as it made it: only then
     /// are directories created (and later chowned) in it.
     fn guards_new_entries(&self) -> bool {
-        self.trusted && self.protects(rustix::process::geteuid().as_raw())
+        self.trusted && self.protects(nix::unistd::geteuid().as_raw())
     }
 
     fn shown(&self, name: &str) -> PathBuf {
@@ -103,10 +101,10 @@ impl Dir {
     /// does not exist.
     pub fn open_subdir(&self, name: &str) -> Result<Option<Dir>, FsError> {
         let at = self.shown(name);
-        let fd = match open_entry(&self.fd, name, OFlags::RDONLY | OFlags::DIRECTORY, 0) {
+        let fd = match open_entry(&self.fd, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(None),
-            Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
                 return Err(FsError::unsafe_path(at, "a symlink or not a directory"))
             }
             Err(e) => return Err(io_err("open", &at, e)),
@@ -162,7 +160,7 @@ impl Dir {
                 if source.kind() == std::io::ErrorKind::AlreadyExists =>
             {
                 self.open_subdir(name)?
-                    .ok_or_else(|| io_err("open", &self.shown(name), Errno::NOENT))
+                    .ok_or_else(|| io_err("open", &self.shown(name), Errno::ENOENT))
             }
             Err(e) => Err(e),
         }
@@ -177,27 +175,27 @@ impl Dir {
                 "a directory a user other than root can change, so virt-tpm-state creates no directory in it",
             ));
         }
-        mkdirat(&self.fd, name, Mode::from_raw_mode(0o700))
+        mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700))
             .map_err(|e| io_err("create", &at, e))?;
         let mut d = self
             .open_subdir(name)?
-            .ok_or_else(|| io_err("open", &at, Errno::NOENT))?;
+            .ok_or_else(|| io_err("open", &at, Errno::ENOENT))?;
         // What we hold must be what we made: a directory of ours. Only then
         // is its mode set.
         let st = fstat(&d.fd).map_err(|e| io_err("stat", &at, e))?;
-        if st.st_uid != rustix::process::geteuid().as_raw()
+        if st.st_uid != nix::unistd::geteuid().as_raw()
             || FileType::from_raw_mode(st.st_mode) != FileType::Directory
         {
             return Err(FsError::unsafe_path(at, "replaced while being created"));
         }
-        fchmod(&d.fd, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", &at, e))?;
+        fchmod(&d.fd, Mode::from_bits_truncate(mode)).map_err(|e| io_err("chmod", &at, e))?;
         d.mode = mode;
         Ok(d)
     }
 
     /// What `name` is, without following it.
     pub fn entry(&self, name: &str) -> Result<EntryKind, FsError> {
-        match statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        match fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => Ok(match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile if st.st_nlink == 1 => EntryKind::File,
                 FileType::RegularFile => EntryKind::HardLink,
@@ -205,7 +203,7 @@ impl Dir {
                 FileType::Symlink => EntryKind::Symlink,
                 _ => EntryKind::Other,
             }),
-            Err(Errno::NOENT) => Ok(EntryKind::Missing),
+            Err(Errno::ENOENT) => Ok(EntryKind::Missing),
             Err(e) => Err(io_err("stat", &self.shown(name), e)),
         }
     }
@@ -229,7 +227,7 @@ impl Dir {
 
     /// Size and modification time of `name` (never through a link).
     pub fn size_and_modified(&self, name: &str) -> Option<(u64, SystemTime)> {
-        let st = statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let st = fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
         let secs = u64::try_from(st.st_mtime).ok()?;
         Some((
             u64::try_from(st.st_size).unwrap_or(0),
@@ -240,7 +238,7 @@ impl Dir {
 
     /// The modification time of the file `name` (never through a link).
     pub fn modified(&self, name: &str) -> Option<SystemTime> {
-        let st = statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let st = fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
         let secs = u64::try_from(st.st_mtime).ok()?;
         Some(
             SystemTime::UNIX_EPOCH
@@ -252,10 +250,10 @@ impl Dir {
     /// `Ok(None)`: it does not exist.
     pub fn read_file(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, FsError> {
         let shown = self.shown(name);
-        let fd = match open_entry(&self.fd, name, OFlags::RDONLY | OFlags::NONBLOCK, 0) {
+        let fd = match open_entry(&self.fd, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(None),
-            Err(Errno::LOOP) => return Err(FsError::unsafe_path(shown, "a symlink")),
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ELOOP) => return Err(FsError::unsafe_path(shown, "a symlink")),
             Err(e) => return Err(io_err("open", &shown, e)),
         };
         let st = fstat(&fd).map_err(|e| io_err("stat", &shown, e))?;
@@ -297,11 +295,11 @@ impl Dir {
         let fd = open_entry(
             &self.fd,
             name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
             mode,
         )
         .map_err(|e| io_err("create (it must not exist yet)", &shown, e))?;
-        fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", &shown, e))?;
+        fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(|e| io_err("chmod", &shown, e))?;
         let mut f = File::from(fd);
         f.write_all(data).map_err(|e| io_err("write", &shown, e))?;
         f.sync_all().map_err(|e| io_err("fsync", &shown, e))
@@ -329,7 +327,7 @@ impl Dir {
         let fd = open_entry(
             &self.fd,
             &temp,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
             mode,
         )
         .map_err(|e| io_err("create", &temp_path, e))?;
@@ -342,7 +340,7 @@ impl Dir {
                 .map_err(|e| io_err("write", &temp_path, e))?;
             f.sync_all().map_err(|e| io_err("fsync", &temp_path, e))?;
             point(2).map_err(|e| io_err("rename into place", &target, e))?;
-            renameat_with(
+            renameat2(
                 &self.fd,
                 temp.as_str(),
                 &self.fd,
@@ -354,7 +352,7 @@ impl Dir {
             self.sync()
         })();
         if result.is_err() {
-            let _ = unlinkat(&self.fd, temp.as_str(), AtFlags::empty());
+            let _ = unlinkat(&self.fd, temp.as_str(), UnlinkatFlags::NoRemoveDir);
         }
         result
     }
@@ -405,21 +403,21 @@ impl Dir {
             return Err(e);
         }
         let swapped = match fault::point("dir.rename") {
-            Err(e) => Err(Errno::from_io_error(&e).unwrap_or(Errno::IO)),
-            Ok(()) => match renameat_with(
+            Err(e) => Err(e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)),
+            Ok(()) => match renameat2(
                 &self.fd,
                 temp.as_str(),
                 &self.fd,
                 leaf,
-                RenameFlags::NOREPLACE,
+                RenameFlags::RENAME_NOREPLACE,
             ) {
                 Ok(()) => Ok(false),
-                Err(Errno::EXIST) => renameat_with(
+                Err(Errno::EEXIST) => renameat2(
                     &self.fd,
                     temp.as_str(),
                     &self.fd,
                     leaf,
-                    RenameFlags::EXCHANGE,
+                    RenameFlags::RENAME_EXCHANGE,
                 )
                 .map(|()| true),
                 Err(e) => Err(e),
@@ -435,12 +433,12 @@ impl Dir {
                 // of the way first, so a crash here leaves a recognisable
                 // leftover, then remove it.
                 let old = format!(".{leaf}{OLD_MARK}{}", unique_suffix());
-                let at = match renameat_with(
+                let at = match renameat2(
                     &self.fd,
                     temp.as_str(),
                     &self.fd,
                     old.as_str(),
-                    RenameFlags::NOREPLACE,
+                    RenameFlags::RENAME_NOREPLACE,
                 ) {
                     Ok(()) => old,
                     Err(_) => temp,
@@ -504,9 +502,9 @@ impl Dir {
 
     /// Removes the file (or link) `name`; a missing one is fine.
     pub fn remove_file(&self, name: &str) -> Result<(), FsError> {
-        match unlinkat(&self.fd, name, AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => Ok(()),
-            Err(Errno::ISDIR) => Err(FsError::unsafe_path(
+        match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(Errno::EISDIR) => Err(FsError::unsafe_path(
                 self.shown(name),
                 "a directory where a file was expected",
             )),
@@ -538,9 +536,9 @@ impl Dir {
         };
         while let Some(current) = queue.pop() {
             budget = budget.checked_sub(1).ok_or_else(too_many)?;
-            match unlinkat(&self.fd, current.as_str(), AtFlags::empty()) {
-                Ok(()) | Err(Errno::NOENT) => continue,
-                Err(Errno::ISDIR) | Err(Errno::PERM) => {}
+            match unlinkat(&self.fd, current.as_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => continue,
+                Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
                 Err(e) => return Err(io_err("remove", &self.shown(&current), e)),
             }
             let Some(dir) = (match self.open_subdir(&current) {
@@ -556,16 +554,16 @@ impl Dir {
             };
             for entry in dir.list()? {
                 budget = budget.checked_sub(1).ok_or_else(too_many)?;
-                match unlinkat(&dir.fd, entry.as_str(), AtFlags::empty()) {
-                    Ok(()) | Err(Errno::NOENT) => {}
-                    Err(Errno::ISDIR) | Err(Errno::PERM) => {
+                match unlinkat(&dir.fd, entry.as_str(), UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(Errno::EISDIR) | Err(Errno::EPERM) => {
                         let moved = format!("{moved_prefix}{}", unique_suffix());
-                        renameat_with(
+                        renameat2(
                             &dir.fd,
                             entry.as_str(),
                             &self.fd,
                             moved.as_str(),
-                            RenameFlags::NOREPLACE,
+                            RenameFlags::RENAME_NOREPLACE,
                         )
                         .map_err(|e| io_err("move aside", &dir.shown(&entry), e))?;
                         queue.push(moved);
@@ -573,10 +571,10 @@ impl Dir {
                     Err(e) => return Err(io_err("remove", &dir.shown(&entry), e)),
                 }
             }
-            match unlinkat(&self.fd, current.as_str(), AtFlags::REMOVEDIR) {
-                Ok(()) | Err(Errno::NOENT) => {}
+            match unlinkat(&self.fd, current.as_str(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
                 // Something was added meanwhile: go round again (bounded).
-                Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => queue.push(current),
+                Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => queue.push(current),
                 Err(e) => return Err(io_err("remove", &self.shown(&current), e)),
             }
         }
@@ -586,8 +584,15 @@ impl Dir {
     /// The names in this directory (without `.` and `..`).
     pub fn list(&self) -> Result<Vec<String>, FsError> {
         let mut out = Vec::new();
-        let d = rustix::fs::Dir::read_from(&self.fd).map_err(|e| io_err("list", &self.path, e))?;
-        for entry in d {
+        // Its own open file description: listing never moves this fd's offset.
+        let mut d = nix::dir::Dir::openat(
+            &self.fd,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_err("list", &self.path, e))?;
+        for entry in d.iter() {
             let entry = entry.map_err(|e| io_err("list", &self.path, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name != "." && name != ".." {
@@ -598,18 +603,41 @@ impl Dir {
     }
 
     /// Opens (creating it 0600 when missing) the lock file `name`.
-    pub fn open_lock_file(&self, name: &str) -> Result<OwnedFd, FsError> {
+    pub fn open_lock_file(&self, name: &str) -> Result<File, FsError> {
         let shown = self.shown(name);
-        open_entry(&self.fd, name, OFlags::RDWR | OFlags::CREATE, FILE_MODE).map_err(|e| match e {
-            Errno::LOOP => FsError::unsafe_path(shown, "a symlink"),
-            e => io_err("open", &shown, e),
-        })
+        open_entry(&self.fd, name, OFlag::O_RDWR | OFlag::O_CREAT, FILE_MODE)
+            .map(File::from)
+            .map_err(|e| match e {
+                Errno::ELOOP => FsError::unsafe_path(shown, "a symlink"),
+                e => io_err("open", &shown, e),
+            })
+    }
+}
+
+/// What an entry is, from its `st_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FileType {
+    RegularFile,
+    Directory,
+    Symlink,
+    /// A device, fifo or socket: never ours.
+    Other,
+}
+
+impl FileType {
+    pub(super) fn from_raw_mode(mode: u32) -> Self {
+        match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFREG => FileType::RegularFile,
+            SFlag::S_IFDIR => FileType::Directory,
+            SFlag::S_IFLNK => FileType::Symlink,
+            _ => FileType::Other,
+        }
     }
 }
 
 /// Root, or the user this process runs as: the users the trust rule trusts.
 fn ours(uid: u32) -> bool {
-    uid == 0 || uid == rustix::process::geteuid().as_raw()
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
 
 pub(super) const DIR_MODE: u32 = 0o700;
@@ -623,7 +651,7 @@ fn fill_dir(dir: &Dir, files: &[StateFile], owner: Owner) -> Result<(), FsError>
         let fd = open_entry(
             &dir.fd,
             &f.name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
             FILE_MODE,
         )
         .map_err(|e| io_err("create", &path, e))?;
@@ -652,7 +680,7 @@ fn set_owner_mode(
         return Err(FsError::unsafe_path(path, "replaced while being created"));
     }
     if st.st_uid != owner.uid || st.st_gid != owner.gid {
-        if st.st_uid != rustix::process::geteuid().as_raw() {
+        if st.st_uid != nix::unistd::geteuid().as_raw() {
             return Err(FsError::unsafe_path(path, "replaced while being created"));
         }
         fchown(
@@ -662,7 +690,7 @@ fn set_owner_mode(
         )
         .map_err(|e| io_err("chown", path, e))?;
     }
-    fchmod(fd, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", path, e))
+    fchmod(fd, Mode::from_bits_truncate(mode)).map_err(|e| io_err("chmod", path, e))
 }
 
 /// A name unique to this process and moment, for temp entries.

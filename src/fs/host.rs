@@ -12,9 +12,9 @@ use crate::paths::Paths;
 use crate::state::{
     DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
 };
-use rustix::fs::FlockOperation;
-use rustix::io::Errno;
-use std::os::fd::OwnedFd;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -516,17 +516,18 @@ impl HostData {
     pub fn lock(&self, uuid: &DomainUuid, timeout: Duration) -> Result<DomainLock, FsError> {
         let dir = self.section(Anchor::Run, LOCKS, true)?.expect("created");
         let name = format!("{uuid}.lock");
-        let fd = dir.open_lock_file(&name)?;
+        let mut file = dir.open_lock_file(&name)?;
         let start = Instant::now();
         loop {
-            match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => {
+            match try_lock_exclusive(file) {
+                Ok(Ok(held)) => {
                     return Ok(DomainLock {
                         uuid: uuid.clone(),
-                        _fd: fd,
+                        _lock: held,
                     })
                 }
-                Err(Errno::WOULDBLOCK) | Err(Errno::INTR) => {
+                Ok(Err(busy)) => {
+                    file = busy;
                     if start.elapsed() >= timeout {
                         return Err(FsError::LockTimeout {
                             uuid: uuid.clone(),
@@ -543,12 +544,12 @@ impl HostData {
 
     /// Takes the one-daemon-per-host lock of `watch` (`<run>/watch.lock`)
     /// without waiting: `Ok(None)` when another process holds it.
-    pub fn try_lock_watch(&self) -> Result<Option<OwnedFd>, FsError> {
+    pub fn try_lock_watch(&self) -> Result<Option<WatchLock>, FsError> {
         let dir = Anchor::Run.open_or_create(&self.paths, DIR_MODE)?;
-        let fd = dir.open_lock_file("watch.lock")?;
-        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(fd)),
-            Err(Errno::WOULDBLOCK) => Ok(None),
+        let file = dir.open_lock_file("watch.lock")?;
+        match try_lock_exclusive(file) {
+            Ok(Ok(held)) => Ok(Some(WatchLock { _lock: held })),
+            Ok(Err(_busy)) => Ok(None),
             Err(e) => Err(io_err("lock", &dir.path().join("watch.lock"), e)),
         }
     }
@@ -575,11 +576,31 @@ fn write_private_file(dir: &Dir, name: &str, data: &[u8]) -> Result<(), FsError>
     dir.write_file_atomically(name, data, FILE_MODE)
 }
 
+/// `flock(LOCK_EX | LOCK_NB)` on `file`: `Ok(Ok(lock))` holds it until
+/// dropped (or the process exits), `Ok(Err(file))` when another process
+/// holds it.
+fn try_lock_exclusive(mut file: File) -> Result<Result<Flock<File>, File>, Errno> {
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => return Ok(Ok(held)),
+            Err((busy, Errno::EWOULDBLOCK)) => return Ok(Err(busy)),
+            Err((again, Errno::EINTR)) => file = again,
+            Err((_, e)) => return Err(e),
+        }
+    }
+}
+
 /// Held while working on one domain; released on drop (or process exit).
 #[derive(Debug)]
 pub struct DomainLock {
     uuid: DomainUuid,
-    _fd: OwnedFd,
+    _lock: Flock<File>,
+}
+
+/// The one-daemon-per-host lock of `watch`, held while it runs.
+#[derive(Debug)]
+pub struct WatchLock {
+    _lock: Flock<File>,
 }
 
 impl DomainLock {

@@ -1,12 +1,14 @@
 //! Host keys: `/etc/virt-tpm-state/keys/<time>-<id>.key`, one line of
 //! base64 each, root-only.
 
+use super::dir::FileType;
 use super::dir::{Dir, FILE_MODE};
 use super::error::{io_err, FsError};
 use super::Anchor;
 use crate::envelope::{KeyId, Keyring, RejectedKey, SecretKey, KEY_LEN};
 use crate::paths::Paths;
-use rustix::fs::{fstat, statat, AtFlags, FileType};
+use nix::fcntl::AtFlags;
+use nix::sys::stat::{fstat, fstatat};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -27,7 +29,7 @@ fn open_keys_dir(paths: &Paths) -> Result<Option<Dir>, FsError> {
         // A dir the user names (`--keys DIR`): opened by the trust rule; it
         // must exist, and only its owner (root or this user) may write it.
         let dir = super::open_user_dir(path, false)?
-            .ok_or_else(|| io_err("open the keys dir", path, rustix::io::Errno::NOENT))?;
+            .ok_or_else(|| io_err("open the keys dir", path, nix::errno::Errno::ENOENT))?;
         if !dir.writable_only_by_us() {
             return Err(FsError::UnsafeKeysDir {
                 path: dir.path().to_path_buf(),
@@ -102,12 +104,12 @@ fn key_id_of_file(name: &str) -> Option<KeyId> {
 }
 
 fn load_key(dir: &Dir, name: &str) -> Result<SecretKey, &'static str> {
-    let st =
-        statat(dir.fd(), name, AtFlags::SYMLINK_NOFOLLOW).map_err(|_| "it cannot be examined")?;
+    let st = fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|_| "it cannot be examined")?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err("it is a symlink or not a regular file");
     }
-    let me = rustix::process::geteuid().as_raw();
+    let me = nix::unistd::geteuid().as_raw();
     if st.st_uid != 0 && st.st_uid != me {
         return Err("it is owned by another user (chown root it)");
     }

@@ -9,7 +9,7 @@ use super::owner::Owner;
 use super::Anchor;
 use crate::paths::Paths;
 use crate::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
-use rustix::io::Errno;
+use nix::errno::Errno;
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
@@ -235,7 +235,7 @@ impl StateLocation {
     ) -> Result<(), FsError> {
         let parent = self
             .open_parent(true)?
-            .ok_or_else(|| io_err("open the directory of", &self.path(), Errno::NOENT))?;
+            .ok_or_else(|| io_err("open the directory of", &self.path(), Errno::ENOENT))?;
         if self.is_file() {
             let permall = files
                 .iter()
@@ -545,7 +545,7 @@ impl NvramLocation {
             NvramLocation::Default { paths, .. } => FsError::NvramDirMissing {
                 path: paths.nvram_dir(),
             },
-            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::NOENT),
+            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::ENOENT),
         }
     }
 
@@ -556,7 +556,7 @@ impl NvramLocation {
             NvramLocation::Default { paths, .. } => FsError::NvramDirMissing {
                 path: paths.nvram_dir(),
             },
-            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::NOENT),
+            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::ENOENT),
         })?;
         dir.replace_file(
             &self.file_name(),

@@ -51,7 +51,7 @@ mod walk;
 
 pub use dir::{Dir, EntryKind};
 pub use error::FsError;
-pub use host::{DomainData, DomainLock, HostData, Intent, MARKER_TTL};
+pub use host::{DomainData, DomainLock, HostData, Intent, WatchLock, MARKER_TTL};
 pub use keys::{create_key, keys_dir, load_keyring};
 pub use locations::{NvramLocation, StateLocation};
 pub use owner::Owner;
@@ -144,7 +144,7 @@ fn open_or_create_parent(paths: &Paths, abs: &Path) -> Result<Dir, FsError> {
         return Err(error::io_err(
             "open",
             &paths.under_root(abs),
-            rustix::io::Errno::NOENT,
+            nix::errno::Errno::ENOENT,
         ));
     }
     let (parent, leaf) = split_rel(abs);
@@ -155,7 +155,7 @@ fn open_or_create_parent(paths: &Paths, abs: &Path) -> Result<Dir, FsError> {
 /// readable by others by accident, and every mode the product needs is set
 /// explicitly on the fd it created. Called first by both binaries.
 pub fn restrict_umask() {
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 }
 
 /// Reads a small regular file below an anchor (`rel` relative to it, no
@@ -206,7 +206,7 @@ pub fn open_user_dir(path: &Path, create: bool) -> Result<Option<Dir>, FsError> 
     }
     let (parent, leaf) = split_rel(&abs);
     let parent = walk::resolve(Path::new("/"), parent, walk::Last::Parent)?
-        .ok_or_else(|| error::io_err("create", &abs, rustix::io::Errno::NOENT))?;
+        .ok_or_else(|| error::io_err("create", &abs, nix::errno::Errno::ENOENT))?;
     parent.ensure_subdir(&leaf, 0o700).map(Some)
 }
 

@@ -19,8 +19,8 @@ impl Owner {
     /// The user this process runs as (root for our own private files).
     pub fn current() -> Self {
         Owner {
-            uid: rustix::process::geteuid().as_raw(),
-            gid: rustix::process::getegid().as_raw(),
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
         }
     }
 

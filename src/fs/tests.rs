@@ -114,7 +114,7 @@ fn created_dirs_get_their_mode_whatever_the_umask() {
     for umask in [0o000, 0o022, 0o077] {
         let (t, paths) = scratch();
         mkdir(&t.path().join("var/lib/libvirt"), 0o755);
-        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(umask));
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask));
         let loc = StateLocation::default_for(
             &paths,
             &crate::state::DomainUuid::parse("6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11").unwrap(),
@@ -129,7 +129,7 @@ fn created_dirs_get_their_mode_whatever_the_umask() {
             }],
             Owner::current(),
         );
-        rustix::process::umask(old);
+        nix::sys::stat::umask(old);
         result.unwrap();
         let mode = |rel: &str| {
             std::fs::metadata(t.path().join(rel))

@@ -3,9 +3,11 @@
 //! opens one entry below a directory fd without following anything.
 
 use super::dir::Dir;
+use super::dir::FileType;
 use super::error::{io_err, FsError};
-use rustix::fs::{fstat, openat, readlinkat, statat, AtFlags, FileType, Mode, OFlags, Stat};
-use rustix::io::Errno;
+use nix::errno::Errno;
+use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
+use nix::sys::stat::{fstat, fstatat, FileStat, Mode};
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
@@ -34,26 +36,28 @@ pub(super) fn force_openat2_fallback(on: bool) {
 pub(super) fn open_entry(
     dir: impl AsFd,
     name: &str,
-    flags: OFlags,
+    flags: OFlag,
     mode: u32,
 ) -> Result<OwnedFd, Errno> {
     debug_assert!(!name.contains('/') && !name.is_empty());
-    let flags = flags | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let flags = flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
     if !NO_OPENAT2.load(Ordering::Relaxed) {
-        use rustix::fs::ResolveFlags;
-        match rustix::fs::openat2(
-            dir.as_fd(),
-            name,
-            flags,
-            Mode::from_raw_mode(mode),
-            ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
-        ) {
-            Err(Errno::NOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
-            Err(Errno::XDEV) => return Err(Errno::LOOP),
+        use nix::fcntl::{OpenHow, ResolveFlag};
+        let how = OpenHow::new()
+            .flags(flags)
+            .mode(Mode::from_bits_truncate(mode))
+            .resolve(
+                ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+        match nix::fcntl::openat2(dir.as_fd(), name, how) {
+            Err(Errno::ENOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            Err(Errno::EXDEV) => return Err(Errno::ELOOP),
             other => return other,
         }
     }
-    openat(dir, name, flags, Mode::from_raw_mode(mode))
+    openat(dir, name, flags, Mode::from_bits_truncate(mode))
 }
 
 /// Whether the last component of a resolved path may itself be a link.
@@ -100,9 +104,9 @@ pub(super) fn resolve(root: &Path, abs: &Path, last_rule: Last) -> Result<Option
         }
         let name = name.to_string_lossy().into_owned();
         let at = cur.path().join(&name);
-        let st = match statat(cur.fd(), name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        let st = match fstatat(cur.fd(), name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::ENOENT) => return Ok(None),
             Err(e) => return Err(io_err("stat", &at, e)),
         };
         match FileType::from_raw_mode(st.st_mode) {
@@ -120,9 +124,10 @@ pub(super) fn resolve(root: &Path, abs: &Path, last_rule: Last) -> Result<Option
                 if links > MAX_LINKS {
                     return Err(FsError::unsafe_path(at, "a chain of too many symlinks"));
                 }
-                let target = readlinkat(cur.fd(), name.as_str(), Vec::new())
-                    .map_err(|e| io_err("read the link", &at, e))?;
-                let target = PathBuf::from(std::ffi::OsStr::from_bytes(target.as_bytes()));
+                let target = PathBuf::from(
+                    readlinkat(cur.fd(), name.as_str())
+                        .map_err(|e| io_err("read the link", &at, e))?,
+                );
                 if target.is_absolute() {
                     // Absolute targets mean what they mean to the kernel:
                     // from the real root.
@@ -154,12 +159,12 @@ pub(super) fn resolve(root: &Path, abs: &Path, last_rule: Last) -> Result<Option
 /// by definition (it is where the walk starts, not something it found).
 fn open_root(root: &Path) -> Result<Dir, FsError> {
     let fd = openat(
-        rustix::fs::CWD,
+        nix::fcntl::AT_FDCWD,
         root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
     .map_err(|e| io_err("open", root, e))?;
-    let st: Stat = fstat(&fd).map_err(|e| io_err("stat", root, e))?;
+    let st: FileStat = fstat(&fd).map_err(|e| io_err("stat", root, e))?;
     Ok(Dir::new(fd, root.to_path_buf(), true, &st))
 }

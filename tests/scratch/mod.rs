@@ -143,8 +143,8 @@ impl Scratch {
             tmp: std::rc::Rc::new(tmp),
             uuid: fixture_uuid(&fixture_xml()),
         };
-        let uid = rustix::process::geteuid().as_raw();
-        let gid = rustix::process::getegid().as_raw();
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
         s.write(
             "etc/libvirt/qemu.conf",
             &format!("swtpm_user = \"+{uid}\"\nswtpm_group = \"+{gid}\"\nuser = \"+{uid}\"\ngroup = \"+{gid}\"\n"),

@@ -45,7 +45,7 @@ fn on_path(cmd: &str) -> bool {
 /// where a missing environment is a failure (CI provides everything).
 pub fn require_env(test: &str) -> bool {
     let mut missing = Vec::new();
-    if !rustix::process::geteuid().is_root() {
+    if !nix::unistd::geteuid().is_root() {
         missing.push("not root".to_string());
     }
     for cmd in [
@@ -85,7 +85,7 @@ pub fn require_env(test: &str) -> bool {
 /// [`require_env`], `SKIP` or a failure under `CI=true`.
 pub fn require_root_and(test: &str, cmds: &[&str]) -> bool {
     let mut missing = Vec::new();
-    if !rustix::process::geteuid().is_root() {
+    if !nix::unistd::geteuid().is_root() {
         missing.push("not root".to_string());
     }
     for cmd in cmds {
