@@ -362,6 +362,33 @@ pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, Fo
     decode_with_keys(el, limits, &Keyring::default())
 }
 
+/// Which sections (`<tpm>`, `<nvram>`) an element holds.
+pub fn declared_sections(el: &XmlElement) -> (bool, bool) {
+    let has = |n: &str| el.children.iter().any(|c| c.name == n);
+    (has("tpm"), has("nvram"))
+}
+
+/// The digest of the element's sections `tpm`/`nvram` as its `<file>`
+/// attributes declare them (format v1's digest rule over those files).
+/// Not verified against the data: for `status` and `watch`, which compare
+/// cheaply; everything is verified before anything is restored or stored.
+/// `None` when an attribute is missing or malformed.
+pub fn declared_digest(el: &XmlElement, tpm: bool, nvram: bool) -> Option<Sha256Sum> {
+    let mut entries = Vec::new();
+    for (section, wanted) in [("tpm", tpm), ("nvram", nvram)] {
+        if !wanted {
+            continue;
+        }
+        for sec in el.children.iter().filter(|c| c.name == section) {
+            for f in sec.children.iter().filter(|f| f.name == "file") {
+                let sha = Sha256Sum::parse_hex(f.attr("sha256")?)?;
+                entries.push((format!("{section}/{}", f.attr("name")?), sha));
+            }
+        }
+    }
+    Some(crate::state::state_digest(entries))
+}
+
 /// Validates and returns the element's own attributes (format, uuid,
 /// generation, digest, parent, stored, host) without touching the files:
 /// enough to continue a generation chain when the payload cannot be opened.
@@ -963,6 +990,33 @@ mod tests {
             MachineState::new(if tpm { m.tpm } else { None }, Some(vars)),
             prov,
         )
+    }
+
+    /// `status` and `watch` compare the declared digest over the sections
+    /// that apply; it must be the digest the state itself has, plain and
+    /// sealed, over every subset.
+    #[test]
+    fn declared_digest_is_the_state_digest_over_each_subset() {
+        let (state, prov) = with_nvram(true);
+        let key = SecretKey::from_bytes([9; 32]);
+        for text in [
+            encode(&state, &prov, Style::Standalone),
+            encode_sealed(&state, &prov, Style::Standalone, &key.id(), &key),
+        ] {
+            let el = in_domain(&text);
+            assert_eq!(declared_sections(&el), (true, true));
+            for (tpm, nvram) in [(true, true), (true, false), (false, true)] {
+                assert_eq!(
+                    declared_digest(&el, tpm, nvram),
+                    Some(state.only(tpm, nvram).digest()),
+                    "tpm {tpm}, nvram {nvram}"
+                );
+            }
+        }
+        let (tpm_only, prov) = sample();
+        let el = in_domain(&encode(&tpm_only, &prov, Style::Standalone));
+        assert_eq!(declared_sections(&el), (true, false));
+        assert_eq!(declared_digest(&el, true, true), Some(tpm_only.digest()));
     }
 
     #[test]

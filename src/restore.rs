@@ -248,6 +248,22 @@ impl Carried {
         self.tpm.as_ref().map(|(v, _)| *v)
     }
 
+    /// The sections (TPM, VARS) this domain carries here. "The local state
+    /// matches the element" means: over exactly these, the element's
+    /// digest is the local state's (`show`, `status`, `watch`). A section
+    /// the element holds and the domain does not carry (VARS on a domain
+    /// without UEFI) is not compared, and not restored; one the domain
+    /// carries and the element lacks is a mismatch (the next store adds it).
+    pub fn sections(&self) -> (bool, bool) {
+        (self.tpm.is_some(), self.nvram.is_some())
+    }
+
+    /// The sections of an element holding `tpm`/`nvram` that a restore
+    /// here writes: those it holds and the domain carries.
+    pub fn applicable(&self, tpm: bool, nvram: bool) -> (bool, bool) {
+        (tpm && self.tpm.is_some(), nvram && self.nvram.is_some())
+    }
+
     /// The live state of the carried parts restricted to `tpm`/`nvram`
     /// (the sections the metadata holds): `None` when the TPM state (or,
     /// without a TPM, the VARS file) does not exist. A missing VARS file
@@ -457,8 +473,7 @@ fn prepare_with_lock(
     let m = metadata_state(paths, info, config)?.expect("element present");
     // The sections that apply here: those the element holds and the domain
     // (and config) carries. One digest over exactly those decides.
-    let use_tpm = m.state.tpm.is_some() && carried.tpm.is_some();
-    let use_nvram = m.state.nvram.is_some() && carried.nvram.is_some();
+    let (use_tpm, use_nvram) = carried.applicable(m.state.tpm.is_some(), m.state.nvram.is_some());
     if m.state.nvram.is_some() && !use_nvram {
         log::warn!(
             "VM {name}: the metadata holds UEFI variables but the domain has no UEFI variable store here (or nvram = false); ignoring that section"

@@ -465,3 +465,128 @@ fn relocated_var_lib_libvirt_starts_and_stores() {
         "/var/lib/libvirt-real appeared on the host"
     );
 }
+
+// ================================================================ issue 18: one "matches" rule
+
+/// A UEFI domain (as [`uefi_xml`]) with or without a TPM.
+fn uefi_xml_with(vm: &Vm, tpm: bool) -> String {
+    let with = uefi_xml(vm);
+    if tpm {
+        return with;
+    }
+    let tpm_dev = domain_xml(&vm.name, &vm.uuid, Some(vm.tpm));
+    let start = tpm_dev.find("<tpm ").unwrap();
+    let end = tpm_dev.find("</tpm>").unwrap() + "</tpm>".len();
+    with.replacen(&tpm_dev[start..end], "", 1)
+}
+
+/// What `show`, `status` and `restore` say of one domain's local state
+/// against its config metadata: `(show matches, status in_sync, restore
+/// left it as it is)`.
+fn verdicts(w: &World, name: &str) -> (bool, bool, bool) {
+    let show = w.show_json(name, true);
+    let matches = show["local"]["matches"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("{name}: show has no local.matches: {show:#}"));
+    let status: serde_json::Value =
+        serde_json::from_slice(&w.must_vts(&["status", "--json"]).stdout).unwrap();
+    let row = status["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["domain"] == name)
+        .unwrap_or_else(|| panic!("{name}: not in status: {status:#}"))
+        .clone();
+    let out = stdout(&w.must_vts(&["restore", name]));
+    (matches, row["in_sync"] == true, out.contains("left "))
+}
+
+/// `show`, `status` and `restore` agree on whether the local state matches
+/// the metadata, for TPM-only, TPM+UEFI and UEFI-only domains, stored and
+/// changed since; and an element holding VARS for a domain without UEFI
+/// matches on its TPM alone (show used to count the VARS section, status
+/// too, while restore rightly ignored it). The watch daemon compares with
+/// the same rule (`Carried::sections` + `format::declared_digest`, unit
+/// tested against the state digest).
+#[test]
+fn show_status_and_restore_agree_on_matches() {
+    if !need_fw_vars("show_status_and_restore_agree_on_matches") {
+        return;
+    }
+    let w = World::up("agree");
+    w.append_config("nvram_without_tpm = true");
+    w.install_hook();
+    let tpm_only = Vm::new("agree-tpm", Tpm::V2);
+    let tpm_uefi = Vm::new("agree-both", Tpm::V2);
+    let uefi_only = Vm::new("agree-uefi", Tpm::V2);
+    w.define_xml(
+        "t.xml",
+        &domain_xml(&tpm_only.name, &tpm_only.uuid, Some(Tpm::V2)),
+    );
+    w.define_xml("b.xml", &uefi_xml_with(&tpm_uefi, true));
+    w.define_xml("u.xml", &uefi_xml_with(&uefi_only, false));
+    let all = [&tpm_only, &tpm_uefi, &uefi_only];
+    for vm in all {
+        w.start(&vm.name, true);
+        w.destroy(&vm.name);
+        w.must_vts(&["store", &vm.name]);
+    }
+    for vm in all {
+        assert_eq!(
+            verdicts(&w, &vm.name),
+            (true, true, true),
+            "{}: stored, nothing changed since",
+            vm.name
+        );
+    }
+    // Change each: the TPM where there is one, the VARS where there are.
+    w.write_secret(&tpm_only, "agree-1");
+    w.write_secret(&tpm_uefi, "agree-2");
+    let uefi_vars = w.host_path(&vars_path(&uefi_only)).display().to_string();
+    fw_vars(&["--inplace", &uefi_vars, "--set-shim-verbose"]);
+    for vm in all {
+        let (show, status, restore) = verdicts(&w, &vm.name);
+        assert_eq!(
+            (show, status),
+            (false, false),
+            "{}: changed since the store",
+            vm.name
+        );
+        // The newer local state is kept (not restored over) either way.
+        assert!(restore, "{}: restore replaced a newer local state", vm.name);
+    }
+    for vm in all {
+        w.must_vts(&["store", &vm.name]);
+        assert_eq!(verdicts(&w, &vm.name), (true, true, true), "{}", vm.name);
+    }
+    // The TPM-only domain's element now also holds a VARS section (packed
+    // from its kept state and another domain's VARS): not carried here, so
+    // neither compared nor restored.
+    let (xml_path, _) = w.dump(&tpm_only.name, "t-now.xml", true);
+    let out = w.must_vts(&[
+        "pack",
+        "--kept",
+        &tpm_only.uuid,
+        "--vars",
+        &w.host_path(&vars_path(&tpm_uefi)).display().to_string(),
+        "--into",
+        &xml_path.display().to_string(),
+    ]);
+    let with_vars = w.file("t-with-vars.xml");
+    std::fs::write(&with_vars, &out.stdout).unwrap();
+    w.must_virsh(&["define", &with_vars.display().to_string()]);
+    let show = w.show_json(&tpm_only.name, true);
+    assert!(
+        show["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["section"] == "nvram"),
+        "the element holds no VARS: {show:#}"
+    );
+    assert_eq!(
+        verdicts(&w, &tpm_only.name),
+        (true, true, true),
+        "an element's VARS section on a domain without UEFI"
+    );
+}

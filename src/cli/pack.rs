@@ -223,10 +223,16 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
                 break;
             }
         }
-        found.ok_or_else(|| CliError::NoTpm {
+        let kept = found.ok_or_else(|| CliError::NoTpm {
             name: uuid.to_string(),
             why: "this host keeps no copy of its state (kept at each stop by the hook)".into(),
-        })?
+        })?;
+        // `--vars FILE` replaces the kept VARS (or adds them): it was
+        // silently dropped with `--kept` before.
+        match &args.vars {
+            Some(f) => MachineState::new(kept.tpm, Some(read_user_file(f, max)?)),
+            None => kept,
+        }
     } else {
         let tpm = match (&args.state_dir, &args.permall, &args.linear, &args.ovirt) {
             (Some(d), None, None, None) => Some(from_state_dir(d, want, max)?),

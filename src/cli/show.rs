@@ -284,12 +284,18 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         }
         None => {}
     }
-    if let Some((path, result)) = local {
+    if let Some(Local {
+        path,
+        sections: (tpm, nvram),
+        digest: result,
+    }) = local
+    {
         j.local = Some(match result {
             Ok(digest) => LocalJson {
                 path,
+                // The element restricted to what the domain carries here.
                 matches: match (&decoded, digest) {
-                    (Some(Ok(m)), Some(d)) => Some(m.digest == d),
+                    (Some(Ok(m)), Some(d)) => Some(m.state.only(tpm, nvram).digest() == d),
                     _ => None,
                 },
                 digest: digest.map(|d| d.hex()),
@@ -360,10 +366,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
 
 /// The digest of this host's local state for the domain (live dir, else the
 /// copy kept at stop), and where it was looked for.
-fn local_state(
-    ctx: &Ctx,
-    info: &DomainInfo,
-) -> Option<(String, Result<Option<crate::state::Sha256Sum>, String>)> {
+fn local_state(ctx: &Ctx, info: &DomainInfo) -> Option<Local> {
     let carried = carried(&ctx.paths, &ctx.config, info).ok()?;
     let mut paths: Vec<String> = Vec::new();
     if let Some((_, l)) = &carried.tpm {
@@ -375,14 +378,9 @@ fn local_state(
     if paths.is_empty() {
         return None;
     }
-    // Compared over the sections the element holds (as the hook does).
-    let (tpm, nvram) = match info.metadata.as_ref().map(|e| {
-        let has = |n: &str| e.children.iter().any(|c| c.name == n);
-        (has("tpm"), has("nvram"))
-    }) {
-        Some((t, n)) if t || n => (t, n),
-        _ => (true, true),
-    };
+    // Compared over the sections the domain carries here (one rule with
+    // `status` and `watch`: `Carried::sections`).
+    let (tpm, nvram) = carried.sections();
     let max = ctx.config.max_file_size;
     let read = carried
         .read_live(tpm, nvram, max)
@@ -391,15 +389,25 @@ fn local_state(
             None => HostData::new(&ctx.paths).read_kept_state(
                 &info.uuid,
                 carried.tpm_version().filter(|_| tpm),
-                nvram && carried.nvram.is_some(),
+                nvram,
                 max,
             ),
         });
-    Some((
-        paths.join(" + "),
-        read.map(|s| s.map(|s| s.digest()))
+    Some(Local {
+        path: paths.join(" + "),
+        sections: (tpm, nvram),
+        digest: read
+            .map(|s| s.map(|s| s.digest()))
             .map_err(|e| e.to_string()),
-    ))
+    })
+}
+
+/// This host's local state of a domain, as `show` reports it.
+struct Local {
+    path: String,
+    /// The sections (TPM, VARS) compared: those that apply here.
+    sections: (bool, bool),
+    digest: Result<Option<crate::state::Sha256Sum>, String>,
 }
 
 fn print_human(j: &ShowJson, active: Option<bool>) {

@@ -6,10 +6,10 @@
 use super::watch::{read_daemon_status, DaemonStatus};
 use super::{CliError, Ctx, StatusArgs};
 use crate::domain::{parse_domain, DomainInfo};
-use crate::format::read_header;
+use crate::format::{declared_digest, read_header};
 use crate::fs::HostData;
 use crate::libvirt::Libvirt;
-use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
+use crate::restore::{carried, shown_name};
 use crate::state::Sha256Sum;
 use std::time::{Duration, SystemTime};
 
@@ -76,9 +76,14 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         let Ok(live_info) = parse_domain(live.as_bytes(), ns) else {
             continue;
         };
-        let Ok(Some(version)) = domain_tpm_version(&live_info) else {
+        // Every domain whose element carries something here: a TPM, and
+        // (with `nvram_without_tpm`) a UEFI domain without one.
+        let Ok(carried_now) = carried(&ctx.paths, &ctx.config, &live_info) else {
             continue;
         };
+        if carried_now.is_empty() {
+            continue;
+        }
         let config_info = if dom.persistent {
             dom.inactive_xml()
                 .ok()
@@ -88,19 +93,18 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         };
         let holder = config_info.as_ref().unwrap_or(&live_info);
         let meta = header(holder);
-        // The local state: the live dir, or the copy kept at the last stop.
-        // Everything the element carries (the TPM and, for UEFI domains,
-        // the VARS file): the digest `store` would write.
-        let location = state_location(&ctx.paths, &ctx.config, &live_info, version).ok();
+        // Compared over the sections the domain carries here (one rule with
+        // `show` and `watch`: `Carried::sections`).
+        let (tpm, nvram) = carried_now.sections();
+        // The local state: the live files, or the copy kept at the last stop.
         let max = ctx.config.max_file_size;
-        let carried_now = carried(&ctx.paths, &ctx.config, &live_info).ok();
-        let local = match carried_now.as_ref().map(|c| c.read_live(true, true, max)) {
-            Some(Ok(Some(s))) => Some(s),
+        let local = match carried_now.read_live(tpm, nvram, max) {
+            Ok(Some(s)) => Some(s),
             _ if !dom.active => host
                 .read_kept_state(
                     &dom.uuid,
-                    Some(version),
-                    carried_now.as_ref().is_some_and(|c| c.nvram.is_some()),
+                    carried_now.tpm_version().filter(|_| tpm),
+                    nvram,
                     max,
                 )
                 .ok()
@@ -108,12 +112,18 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
             _ => None,
         };
         let local_digest = local.as_ref().map(|s| s.digest());
+        let declared = |i: &DomainInfo| {
+            i.metadata
+                .as_ref()
+                .filter(|el| read_header(el).is_ok())
+                .and_then(|el| declared_digest(el, tpm, nvram))
+        };
         let mut copies = Vec::new();
         if dom.active {
-            copies.push(header(&live_info).map(|(_, d)| d));
+            copies.push(declared(&live_info));
         }
         if let Some(c) = &config_info {
-            copies.push(header(c).map(|(_, d)| d));
+            copies.push(declared(c));
         }
         // No local state yet (never started): nothing to be out of sync with.
         let in_sync = local_digest.is_none() || copies.iter().all(|d| *d == local_digest);
@@ -128,7 +138,10 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
             entry
                 .and_then(|e| e.out_of_sync_since.as_deref())
                 .and_then(parse_time)
-                .or_else(|| location.as_ref().and_then(|l| l.modified(version)))
+                .or_else(|| {
+                    let (version, location) = carried_now.tpm.as_ref()?;
+                    location.modified(*version)
+                })
                 .or_else(|| Some(SystemTime::now()))
         };
         let out_of_sync_secs = since.map(secs_since);

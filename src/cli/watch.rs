@@ -32,7 +32,7 @@ use super::store::{store_domain, StoreOptions};
 use super::{CliError, Ctx};
 use crate::config::Config;
 use crate::domain::parse_domain;
-use crate::format::read_header;
+use crate::format::{declared_digest, read_header};
 use crate::fs::{HostData, StateLocation};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
 use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
@@ -638,15 +638,14 @@ impl Daemon {
                 return;
             }
         };
-        let config_digest = if h.persistent {
+        let config_info = if h.persistent {
             match h.inactive_xml().map(|x| parse_domain(x.as_bytes(), &ns)) {
-                Ok(Ok(i)) => Some(header_digest(&i)),
+                Ok(Ok(i)) => Some(Some(i)),
                 _ => Some(None),
             }
         } else {
             None
         };
-        let live_digest = header_digest(&info);
         // Keep the entry (and its pending state) when nothing moved.
         let entry = self.doms.entry(h.uuid.clone()).or_insert_with(|| Watched {
             name: h.name.clone(),
@@ -715,7 +714,18 @@ impl Daemon {
                 return;
             }
         };
-        let local = match carried_now.read_live(true, true, self.ctx.config.max_file_size) {
+        // Over the sections the domain carries here (one rule with `show`
+        // and `status`: `Carried::sections`).
+        let (tpm, nvram) = carried_now.sections();
+        let declared = |i: &crate::domain::DomainInfo| {
+            i.metadata
+                .as_ref()
+                .filter(|el| read_header(el).is_ok())
+                .and_then(|el| declared_digest(el, tpm, nvram))
+        };
+        let live_digest = declared(&info);
+        let config_digest = config_info.as_ref().map(|c| c.as_ref().and_then(declared));
+        let local = match carried_now.read_live(tpm, nvram, self.ctx.config.max_file_size) {
             Ok(Some(s)) => s.digest(),
             Ok(None) => return,
             Err(e) => {
@@ -928,13 +938,6 @@ fn note_error(w: &mut Watched, msg: &str) {
 }
 
 /// The `digest` attribute of the domain's element (not validated).
-fn header_digest(info: &crate::domain::DomainInfo) -> Option<Sha256Sum> {
-    info.metadata
-        .as_ref()
-        .and_then(|el| read_header(el).ok())
-        .map(|(_, d)| d)
-}
-
 /// Reads the daemon's status file, if a live daemon wrote it.
 pub fn read_daemon_status(ctx: &Ctx) -> Option<DaemonStatus> {
     let text = HostData::new(&ctx.paths)
