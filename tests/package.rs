@@ -428,6 +428,26 @@ fn fresh_install_remove_purge(test: &str, debian: Debian) {
     );
     must_sys(&p, &["cmp", CONFIG, SHIPPED_CONFIG]);
     assert!(exists_in(&p, WANTS), "the watch unit is not enabled");
+    // The packaged unit names the installed binary and passes the root's
+    // systemd's check (that systemd's own directives and sandboxing).
+    let unit = "/usr/lib/systemd/system/virt-tpm-state-watch.service";
+    let out = sys(&p, &["systemd-analyze", "verify", unit]);
+    if !out.status.success() || !out.stderr.is_empty() {
+        p.fail(
+            "systemd-analyze verify failed",
+            &["systemd-analyze", "verify", unit],
+            &out,
+        );
+    }
+    let complete = must_sys(
+        &p,
+        &[
+            "bash",
+            "-c",
+            ". /usr/share/bash-completion/completions/virt-tpm-state && complete -p virt-tpm-state",
+        ],
+    );
+    assert!(complete.contains("virt-tpm-state"), "{complete}");
     let version = must_sys(&p, &["virt-tpm-state", "--version"]);
     assert_eq!(
         version.trim(),
@@ -461,6 +481,10 @@ fn fresh_install_remove_purge(test: &str, debian: Debian) {
     p.destroy(&vm.name);
     assert_eq!(p.read_secret(&vm), "packaged-secret");
     assert_eq!(p.ek_pub(&vm), ek);
+    // The packaged CLI reads it (and the hook's post-stop store, run by
+    // /usr/bin/virt-tpm-state, has settled).
+    let shown = must_sys(&p, &["virt-tpm-state", "show", "--inactive", &vm.name]);
+    assert!(!shown.is_empty());
 
     // Installing again (prerm upgrade, postinst configure with the old
     // version) keeps the hook wired, makes no second key, keeps an edited
@@ -566,21 +590,25 @@ fn fresh_install_remove_purge(test: &str, debian: Debian) {
 /// Stand-ins for systemd's commands, inside the world only: this machine has
 /// no systemd, so what the maintainer scripts ask of it is recorded (in
 /// /run/systemd-calls) instead of done. /run/systemd/system makes the
-/// scripts believe systemd runs. Everything else in the upgrade is real.
-fn record_systemd_calls(p: &World) {
+/// scripts believe systemd runs. The stand-ins replace the root's
+/// /usr/bin/systemctl and deb-systemd-invoke in the world's /usr overlay
+/// (apt runs dpkg with PATH=/usr/sbin:/usr/bin:/sbin:/bin, so a copy in
+/// /usr/local would not be used); `true` undoes it. Everything else in the
+/// upgrade is real.
+fn record_systemd_calls(p: &World, on: bool) {
     let shim = "#!/bin/sh\necho \"$(basename \"$0\") $*\" >>/run/systemd-calls\n";
-    must_sys(
-        p,
-        &[
-            "sh",
-            "-c",
-            &format!(
-                "mkdir -p /run/systemd/system && : >/run/systemd-calls && \
-                 for c in /usr/local/bin/systemctl /usr/local/bin/deb-systemd-invoke; do \
-                 printf '%s' '{shim}' >$c && chmod 755 $c; done"
-            ),
-        ],
-    );
+    let script = if on {
+        format!(
+            "mkdir -p /run/systemd/system && : >/run/systemd-calls && \
+             for c in /usr/bin/systemctl /usr/bin/deb-systemd-invoke; do \
+             mv $c $c.world-real && printf '%s' '{shim}' >$c && chmod 755 $c; done"
+        )
+    } else {
+        "rm -r /run/systemd && for c in /usr/bin/systemctl /usr/bin/deb-systemd-invoke; do \
+         mv $c.world-real $c; done"
+            .to_string()
+    };
+    must_sys(p, &["sh", "-c", &script]);
 }
 
 fn systemd_calls(p: &World) -> String {
@@ -643,7 +671,7 @@ fn upgrade_from_previous_build(test: &str, debian: Debian) {
 
     // The upgrade, as an admin runs it: no conffile options, stdin not a
     // terminal (a prompt would fail it).
-    record_systemd_calls(&p);
+    record_systemd_calls(&p, true);
     let log = apt_install(&p, &[], deb);
     assert_eq!(version_of(&p, PKG), deb_field(deb, "Version"));
     assert!(
@@ -695,16 +723,7 @@ fn upgrade_from_previous_build(test: &str, debian: Debian) {
         calls.contains("deb-systemd-invoke restart virt-tpm-state-watch.service"),
         "the upgrade did not restart the watch daemon: {calls:?}"
     );
-    must_sys(
-        &p,
-        &[
-            "rm",
-            "-r",
-            "/run/systemd",
-            "/usr/local/bin/systemctl",
-            "/usr/local/bin/deb-systemd-invoke",
-        ],
-    );
+    record_systemd_calls(&p, false);
 
     // The next start needs no other command: the VM, undefined (libvirt
     // deletes its TPM state) and defined again from its XML, starts with the
