@@ -391,7 +391,7 @@ fn fresh_install_remove_purge(test: &str, debian: Debian) {
     let deb = current_deb();
     let before = untouched(debian);
     check_deb_file(deb);
-    let (a, vm, xml, stored, ek) = origin("pkg-origin", "carried");
+    let (a, vm, xml, stored, ek) = origin(&format!("pkg-origin-{}", debian.profile()), "carried");
 
     let p = package_world(&format!("pkg-{}", debian.profile()), debian);
     let daemon = libvirtd_pid(&p);
