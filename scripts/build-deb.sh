@@ -28,7 +28,8 @@ rm -rf target/pkg
 mkdir -p target/pkg
 cp "$hook" target/pkg/virt-tpm-state-hook
 # cargo-deb strips the binaries it builds; this one it takes as a plain file.
-strip target/pkg/virt-tpm-state-hook
+# .comment too: only the compiler's name, which lintian flags as unneeded.
+strip --remove-section=.comment target/pkg/virt-tpm-state-hook
 cargo run --locked --quiet --example gen-docs -- target/pkg >/dev/null
 # -n: no name or time stamp inside, so the same sources give the same bytes.
 gzip -9n target/pkg/man/*

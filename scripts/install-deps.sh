@@ -1,7 +1,8 @@
 #!/bin/bash
 # Installs what building and testing virt-tpm-state needs on Debian 12, as
 # root: libvirt (daemon, client, headers), swtpm, tpm2-tools, QEMU, OVMF;
-# debootstrap for the libvirt 11.3 root (scripts/make-libvirt-next-root.sh).
+# debootstrap for the Debian roots (scripts/make-root.sh: libvirt 11.3, the
+# package test's Debian 12 and 13); lintian for the package (scripts/test-package.sh).
 # Idempotent: installs only what is missing. Rust itself comes from rustup.
 set -euo pipefail
 
@@ -10,7 +11,7 @@ packages=(
     swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
     qemu-system-x86 ovmf python3 python3-pip libxml2-utils
     hyperfine time xz-utils
-    debootstrap
+    debootstrap lintian
     man-db dpkg-dev binutils systemd
 )
 

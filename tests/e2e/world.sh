@@ -24,7 +24,8 @@
 # an overlayfs over each of them whose writes land in DIR/overlay/<name>/upper (before the
 # scratch binds, which stay on top): `dpkg -i` inside such a world installs a package into
 # scratch, its dpkg database and maintainer scripts included, and the host's /usr, /etc and
-# /var never change (tests/package.rs).
+# /var never change (tests/package.rs). With VTS_WORLD_ROOTFS the overlays cover the root's
+# dirs instead, so a package test installs into a fresh copy of a pristine root every time.
 #
 # A relocated /var/lib/libvirt: with WORLD_LIBVIRT_LIB_LINK=1 at `up`, /var/lib/libvirt inside
 # the world is a symlink made by root, as an administrator relocating libvirt to a bigger disk
@@ -39,7 +40,7 @@
 # libvirtd.log (libvirtd's log, hook calls at debug level), virtlogd.log, rootfs (see below).
 #
 # Another libvirt: with VTS_WORLD_ROOTFS=/abs/root at `up` (a Debian root with its own libvirt,
-# QEMU and swtpm, e.g. from scripts/make-libvirt-next-root.sh), the world runs that root's
+# QEMU and swtpm, e.g. from scripts/make-root.sh), the world runs that root's
 # programs instead of the host's: in the world's namespace the root gets /proc, /sys, /dev
 # (with a /dev/kvm for the root's kvm group), /tmp, a private /run, this project's dir and DIR
 # at the same absolute paths, and the scratch dirs over its libvirt dirs; the daemons and every
@@ -245,7 +246,7 @@ cmd_up() {
     fi
     if [[ -n $rootfs ]]; then
         [[ $rootfs == /* ]] || die "VTS_WORLD_ROOTFS must be absolute: $rootfs"
-        [[ -x $rootfs/usr/sbin/libvirtd ]] || die "VTS_WORLD_ROOTFS=$rootfs has no usr/sbin/libvirtd; build it with scripts/make-libvirt-next-root.sh"
+        [[ -x $rootfs/usr/sbin/libvirtd ]] || die "VTS_WORLD_ROOTFS=$rootfs has no usr/sbin/libvirtd; build it with scripts/make-root.sh"
         rootfs=$(cd "$rootfs" && pwd -P)
     fi
     mkdir -p "$dir"
@@ -304,14 +305,15 @@ cmd_up() {
 
     local o name
     for o in ${WORLD_OVERLAY:-}; do
-        [[ -z $rootfs ]] || { cmd_down "$dir"; die "WORLD_OVERLAY and VTS_WORLD_ROOTFS do not mix"; }
-        [[ $o == /* && -d $o ]] || { cmd_down "$dir"; die "WORLD_OVERLAY: $o is not an absolute dir"; }
+        # With a root, the overlay covers the root's dir: the root stays as
+        # built (and reusable), every world gets a fresh, writable copy.
+        [[ $o == /* && -d $rootfs$o ]] || { cmd_down "$dir"; die "WORLD_OVERLAY: $o is not an absolute dir"; }
         name=${o#/}
         name=${name//\//_}
         mkdir -p "$dir/overlay/$name/upper" "$dir/overlay/$name/work"
         nsenter -t "$holder" -m -- mount -t overlay "world-$name" \
-            -o "lowerdir=$o,upperdir=$dir/overlay/$name/upper,workdir=$dir/overlay/$name/work" "$o" \
-            || { cmd_down "$dir"; die "cannot mount an overlay over $o"; }
+            -o "lowerdir=$rootfs$o,upperdir=$dir/overlay/$name/upper,workdir=$dir/overlay/$name/work" "$rootfs$o" \
+            || { cmd_down "$dir"; die "cannot mount an overlay over $rootfs$o"; }
     done
     if [[ ${WORLD_LIBVIRT_LIB_LINK:-} == 1 ]]; then
         link_var_lib_libvirt "$holder" "$dir" "$rootfs" \
