@@ -32,7 +32,14 @@ if [[ -f $out ]]; then
     exit 0
 fi
 if ! git cat-file -e "$PREV_COMMIT^{commit}" 2>/dev/null; then
-    echo "build-prev-deb.sh: commit $PREV_COMMIT is not in this clone (a shallow clone?); fetch it: git fetch --unshallow" >&2
+    # A shallow clone (as some CI systems make): fetch the history once.
+    if [[ $(git rev-parse --is-shallow-repository) == true ]]; then
+        echo "==> previous build: shallow clone, fetching history for $short" >&2
+        git fetch --quiet --unshallow >&2 || true
+    fi
+fi
+if ! git cat-file -e "$PREV_COMMIT^{commit}" 2>/dev/null; then
+    echo "build-prev-deb.sh: commit $PREV_COMMIT is not in this clone and could not be fetched; fetch it: git fetch --unshallow" >&2
     exit 1
 fi
 src=target/prev-deb/src-$short
