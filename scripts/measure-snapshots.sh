@@ -136,7 +136,13 @@ for from in shutoff running; do
     in_w "$TPM_SH" write-secret "/var/lib/libvirt/swtpm/$uuid/tpm2" S1 >/dev/null
     in_w "$VTS" store "$vm" >/dev/null
     e1=$(in_w virsh dumpxml --inactive "$vm" | digest_of)
-    [[ $taken == running ]] && { in_w virsh start "$vm" >/dev/null; sleep 2; }
+    if [[ $taken == running ]]; then
+        # S1r: the TPM the VM runs with when the snapshot is taken, never stored (so the
+        # snapshot's element holds S1, and a memory snapshot's vmstate holds S1r).
+        in_w "$TPM_SH" write-secret "/var/lib/libvirt/swtpm/$uuid/tpm2" S1r >/dev/null
+        in_w virsh start "$vm" >/dev/null
+        sleep 2
+    fi
     h0=$(lines "$(host $HOOKLOG)") e0=$(lines "$EVLOG")
     if out=$(snapshot_create "$kind" "$vm" "$snap" 2>&1); then create=ok; else create="refused: $(err_of <<<"$out")"; fi
     sleep 0.5
@@ -173,5 +179,7 @@ done
 done
 done
 echo
-echo "Element digests are 8-hex prefixes. TPM: the NV secret of the next run (S1 = snapshot time,"
-echo "S2 = the later, never stored state). VARS: V1 = snapshot time, V2 = the later state."
+echo "Element digests are 8-hex prefixes. TPM: the NV secret of the next run (S1 = the snapshot's"
+echo "element; S1r = the TPM the VM ran with when a running snapshot was taken, never stored, so in"
+echo "a memory snapshot's vmstate only; S2 = the later, never stored state). VARS: V1 = snapshot"
+echo "time, V2 = the later state. backups: backups our hook made during the revert and next run."

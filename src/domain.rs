@@ -303,6 +303,53 @@ fn first_forbidden_byte(xml: &[u8]) -> Option<usize> {
     })
 }
 
+/// The `<domain>` a snapshot XML (`<domainsnapshot>`, what
+/// `virDomainSnapshotGetXMLDesc` returns) embeds, as its bytes: `None` when
+/// the snapshot holds no definition. The slice is a domain XML of its own
+/// (libvirt declares our namespace on our element), read by
+/// [`parse_domain`] like any other.
+pub fn snapshot_domain(xml: &[u8]) -> Result<Option<&[u8]>, DomainXmlError> {
+    let mut reader = quick_xml::Reader::from_reader(xml);
+    let mut depth = 0usize;
+    let mut start = None;
+    loop {
+        let here = reader.buffer_position();
+        let event = reader
+            .read_event()
+            .map_err(|e| malformed_at(xml, here, describe(&e)))?;
+        match event {
+            Event::DocType(_) => return Err(DomainXmlError::Doctype),
+            Event::Start(e) => {
+                if depth == 0 && e.local_name().as_ref() != b"domainsnapshot" {
+                    return Err(DomainXmlError::Malformed(
+                        "the root element is not <domainsnapshot>".into(),
+                    ));
+                }
+                if depth == 1 && e.local_name().as_ref() == b"domain" {
+                    start = Some(here);
+                }
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(DomainXmlError::TooDeep);
+                }
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                if depth == 1 {
+                    if let Some(from) = start {
+                        let to = reader.buffer_position();
+                        let range = usize::try_from(from).unwrap_or(usize::MAX)
+                            ..usize::try_from(to).unwrap_or(usize::MAX);
+                        return Ok(xml.get(range));
+                    }
+                }
+            }
+            Event::Eof => return Ok(None),
+            _ => {}
+        }
+    }
+}
+
 /// Reads a domain XML. `namespace` is the URI of our element (configurable,
 /// normally [`crate::format::NAMESPACE_URI`]).
 pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXmlError> {
@@ -1032,5 +1079,31 @@ mod tests {
         let el = d.metadata.unwrap();
         assert_eq!(el.attr("host"), Some("a b c d\ne\tf"));
         assert_eq!(el.attr("stored"), Some("x y"));
+    }
+
+    #[test]
+    fn the_domain_inside_a_snapshot() {
+        let dom = "<domain type='kvm'><name>a</name><uuid>6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d</uuid><devices><disk/></devices></domain>";
+        let snap = format!(
+            "<domainsnapshot><name>s1</name><disks><disk name='vda'/></disks>{dom}<cookie><domain>x</domain></cookie></domainsnapshot>"
+        );
+        assert_eq!(
+            snapshot_domain(snap.as_bytes()).unwrap(),
+            Some(dom.as_bytes())
+        );
+        let info =
+            parse_domain(snapshot_domain(snap.as_bytes()).unwrap().unwrap(), "urn:x").unwrap();
+        assert_eq!(info.name, "a");
+        assert_eq!(
+            snapshot_domain(b"<domainsnapshot><name>s</name></domainsnapshot>").unwrap(),
+            None
+        );
+        assert!(snapshot_domain(dom.as_bytes()).is_err());
+        assert!(
+            snapshot_domain(b"<domainsnapshot><domain>").is_err()
+                || snapshot_domain(b"<domainsnapshot><domain>")
+                    .unwrap()
+                    .is_none()
+        );
     }
 }

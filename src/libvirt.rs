@@ -190,6 +190,43 @@ impl DomainHandle {
             .map_err(|e| LibvirtError::call("dumpxml --inactive", &self.name, e))
     }
 
+    /// The XML of snapshot `name` (`virDomainSnapshotGetXMLDesc`): the
+    /// `<domainsnapshot>` with the definition it was taken with inside.
+    pub fn snapshot_xml(&self, name: &str) -> Result<String, LibvirtError> {
+        let snap = Domain::lookup_snapshot_by_name(&self.dom, name, 0).map_err(|e| {
+            LibvirtError::Call {
+                action: "snapshot lookup",
+                domain: self.name.clone(),
+                message: e.message().to_string(),
+            }
+        })?;
+        snap.xml_desc(0)
+            .map_err(|e| LibvirtError::call("snapshot-dumpxml", &self.name, e))
+    }
+
+    /// Pauses a running domain (`virsh suspend`).
+    pub fn suspend(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .suspend()
+            .map_err(|e| LibvirtError::call("suspend", &self.name, e))
+    }
+
+    /// Resumes a paused domain (`virsh resume`).
+    pub fn resume(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .resume()
+            .map_err(|e| LibvirtError::call("resume", &self.name, e))
+    }
+
+    /// Whether the domain is paused (`virsh domstate` says "paused").
+    pub fn is_paused(&self) -> Result<bool, LibvirtError> {
+        let (state, _) = self
+            .dom
+            .state()
+            .map_err(|e| LibvirtError::call("get state", &self.name, e))?;
+        Ok(state.to_raw() == sys::VIR_DOMAIN_PAUSED)
+    }
+
     /// Writes our state element (`virDomainSetMetadata`, type ELEMENT) into
     /// namespace `namespace`, replacing the previous one. `element` carries
     /// no `xmlns`: libvirt adds it, with our fixed prefix.

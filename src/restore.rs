@@ -493,6 +493,11 @@ pub fn prepare_domain(
     let incoming = host
         .incoming(&info.uuid)
         .map_err(RestoreError::fs(&info.name))?;
+    // An explicit snapshot revert counts only for exactly this element.
+    let revert_intent = host
+        .read_revert(&info.uuid)
+        .map_err(RestoreError::fs(&info.name))?;
+    let revert = revert_intent.as_ref().is_some_and(|r| r.digest == m.digest);
 
     let mut decision = decide(&DecisionInput {
         domain_uuid: &info.uuid,
@@ -501,6 +506,7 @@ pub fn prepare_domain(
         live: live.as_ref().map(MachineState::digest),
         kept: kept.as_ref().map(MachineState::digest),
         incoming,
+        revert,
         policy: config.on_conflict,
     });
     if options.force_metadata {
@@ -549,7 +555,7 @@ pub fn prepare_domain(
             _ => Ok(None),
         }
     };
-    match decision {
+    let done = match decision {
         Decision::Nothing(why) => {
             if why == Why::AlreadyCurrent {
                 host.record_sync(&info.uuid, &m_here)
@@ -676,7 +682,25 @@ pub fn prepare_domain(
             local: local.short(),
             metadata: metadata.short(),
         }),
+    };
+    // A revert intent is consumed by the first start after it, whether it
+    // named this element or not (a start with another element means the
+    // definition moved on since the revert).
+    if let (Some(r), Ok(_)) = (&revert_intent, &done) {
+        host.clear_revert(&info.uuid)
+            .map_err(RestoreError::fs(&info.name))?;
+        if !revert {
+            log::info!(
+                "VM {} ({}): the revert to snapshot {} (element {}) was not for the element this start carries ({}); dropped it",
+                shown_name(&info.name),
+                info.uuid,
+                shown_name(&r.snapshot),
+                r.digest.short(),
+                m.digest.short()
+            );
+        }
     }
+    done
 }
 
 /// The reader rules that depend on the domain (docs/FORMAT.md §4, "Reader

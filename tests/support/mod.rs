@@ -741,3 +741,59 @@ pub fn corrupt_sha256(xml: &str) -> String {
     assert_ne!(s, xml);
     s
 }
+
+// ---- UEFI (tests/nvram.rs, tests/snapshots.rs) ----
+
+/// A UEFI domain with a TPM 2.0: OVMF by firmware autoselection, without
+/// Secure Boot (which would need SMM, missing under nested KVM here).
+pub fn uefi_xml(vm: &Vm) -> String {
+    let xml = domain_xml(&vm.name, &vm.uuid, Some(vm.tpm));
+    let os = "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>\
+<firmware><feature enabled='no' name='secure-boot'/></firmware></os><features><acpi/></features>";
+    let out = xml.replacen(
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os>",
+        os,
+        1,
+    );
+    assert_ne!(out, xml, "domain_xml changed its <os>");
+    out
+}
+
+pub fn vars_path(vm: &Vm) -> String {
+    format!("/var/lib/libvirt/qemu/nvram/{}_VARS.fd", vm.name)
+}
+
+pub fn fw_vars(args: &[&str]) -> String {
+    let out = Command::new("virt-fw-vars")
+        .args(args)
+        .output()
+        .expect("run virt-fw-vars");
+    assert!(
+        out.status.success(),
+        "virt-fw-vars {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn has_fw_vars() -> bool {
+    Command::new("virt-fw-vars")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn need_fw_vars(test: &str) -> bool {
+    if has_fw_vars() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: virt-fw-vars missing (pip install virt-firmware; scripts/install-deps.sh)");
+    }
+    eprintln!("SKIP {test}: virt-fw-vars not installed");
+    false
+}

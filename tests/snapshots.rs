@@ -1,0 +1,153 @@
+//! End-to-end tests of issue 20: a snapshot revert brings the snapshot's TPM
+//! state and UEFI variables back with the disks (docs/SNAPSHOTS.md), in
+//! private libvirt worlds. Same rules as tests/e2e.rs: root and the tools,
+//! or `SKIP` (a failure under `CI=true`). Internal disk-only snapshots
+//! everywhere; external ones where libvirt can revert them (>= 9.7).
+
+mod support;
+
+use support::*;
+
+/// A UEFI+TPM domain with a 32 MiB qcow2 disk (snapshots need a disk).
+fn snapshot_vm(w: &World, name: &str) -> Vm {
+    let vm = Vm::new(name, Tpm::V2);
+    let disk = format!("/var/lib/libvirt/images/{name}.qcow2");
+    w.must(&["qemu-img", "create", "-q", "-f", "qcow2", &disk, "32M"]);
+    let xml = uefi_xml(&vm).replacen(
+        "<devices>",
+        &format!(
+            "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
+        ),
+        1,
+    );
+    w.define_xml(&format!("{name}.xml"), &xml);
+    w.start(&vm.name, false);
+    w.destroy(&vm.name);
+    vm
+}
+
+fn has_shim_var(w: &World, vm: &Vm) -> bool {
+    let path = w.host_path(&vars_path(vm)).display().to_string();
+    fw_vars(&["-i", &path, "-p"]).contains("SHIM_VERBOSE")
+}
+
+/// The later state: secret S2 and a UEFI variable, while shut off.
+fn change_later(w: &World, vm: &Vm) {
+    w.write_secret(vm, "S2");
+    let path = w.host_path(&vars_path(vm)).display().to_string();
+    fw_vars(&["--inplace", &path, "--set-shim-verbose"]);
+}
+
+/// Starts (paused: no firmware touches the VARS), stops, and returns the
+/// secret and whether the later UEFI variable is there.
+fn next_run(w: &World, vm: &Vm) -> (String, bool) {
+    w.start(&vm.name, true);
+    w.destroy(&vm.name);
+    (w.read_secret(vm), has_shim_var(w, vm))
+}
+
+fn backups(w: &World, vm: &Vm) -> Vec<String> {
+    let dir = format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid);
+    let mut v: Vec<String> = std::fs::read_dir(w.host_path(&dir))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| format!("{dir}/{}", e.file_name().to_string_lossy()))
+                .filter(|n| !n.contains("/."))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Which snapshot kinds this libvirt can revert: internal always; external
+/// (disk-only) since 9.7.
+fn kinds(w: &World) -> Vec<(&'static str, &'static [&'static str])> {
+    let mut k: Vec<(&'static str, &'static [&'static str])> = vec![("internal", &[])];
+    if w.libvirt_version() >= (9, 7, 0) {
+        k.push((
+            "external",
+            &["--disk-only", "--diskspec", "vda,snapshot=external"],
+        ));
+    }
+    k
+}
+
+/// Shut off and running, later state stored and never stored: the revert
+/// brings back S1 and the snapshot-time VARS, with the replaced state in a
+/// backup; the same later state without a revert (the XML left as it was,
+/// "stale") keeps the newer TPM.
+#[test]
+fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
+    let test = "disk_only_revert_brings_back_the_snapshot_tpm_and_vars";
+    if !require_root_and(test, &["qemu-img"]) || !need_fw_vars(test) || !require_env(test) {
+        return;
+    }
+    let w = World::up("snap");
+    w.install_hook();
+    // Stores happen only when the test says so ("never stored" stays so).
+    w.append_config("store_after_stop = false");
+    for (kind, create_opts) in kinds(&w) {
+        for running in [false, true] {
+            for stored in [false, true] {
+                let case = format!(
+                    "{kind}, reverted {}, later state {}",
+                    if running { "running" } else { "shut off" },
+                    if stored { "stored" } else { "never stored" }
+                );
+                let vm = snapshot_vm(&w, &format!("s-{kind}-{running}-{stored}"));
+                w.write_secret(&vm, "S1");
+                w.must_vts(&["store", &vm.name]);
+                let mut create = vec!["snapshot", "create", &vm.name, "s1"];
+                create.extend_from_slice(create_opts);
+                let out = stdout(&w.must_vts(&create));
+                assert!(out.contains("holds the current TPM state"), "{case}: {out}");
+                change_later(&w, &vm);
+                if stored {
+                    w.must_vts(&["store", &vm.name]);
+                } else {
+                    // No revert: the definition still holds S1's element, the
+                    // newer local state wins (the stale-XML rule), no backup.
+                    assert_eq!(
+                        next_run(&w, &vm),
+                        ("S2".into(), true),
+                        "{case}: without a revert"
+                    );
+                    assert!(
+                        backups(&w, &vm).is_empty(),
+                        "{case}: a backup without a revert"
+                    );
+                }
+                if running {
+                    w.start(&vm.name, false);
+                }
+                let out = stdout(&w.must_vts(&["snapshot", "revert", &vm.name, "s1"]));
+                assert!(out.contains("reverted to snapshot"), "{case}: {out}");
+                if !running {
+                    // Until that start, nothing is stored over the snapshot's element.
+                    let out = stdout(&w.must_vts(&["store", &vm.name]));
+                    assert!(
+                        out.contains("a revert to snapshot 's1'"),
+                        "{case}: store said {out}"
+                    );
+                }
+                assert_eq!(
+                    next_run(&w, &vm),
+                    ("S1".into(), false),
+                    "{case}: after the revert"
+                );
+                let b = backups(&w, &vm);
+                assert_eq!(b.len(), 1, "{case}: backups {b:?}");
+                assert_eq!(w.read_secret_at(&b[0]), "S2", "{case}: the backup");
+                // Consumed: the next start keeps what runs now.
+                assert_eq!(
+                    next_run(&w, &vm),
+                    ("S1".into(), false),
+                    "{case}: the start after"
+                );
+                assert_eq!(backups(&w, &vm).len(), 1, "{case}: a second backup");
+            }
+        }
+    }
+}
