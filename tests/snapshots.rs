@@ -151,3 +151,50 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
         }
     }
 }
+
+/// A revert to a snapshot with memory resumes the TPM QEMU saved in its
+/// vmstate, not the element's: the VM ran with S1r (never stored, so the
+/// snapshot's element holds S1) when the snapshot was taken; after a later
+/// S2 and `snapshot revert`, the TPM is S1r and S2 is in a backup. A BIOS VM:
+/// libvirt refuses internal snapshots of a running VM with pflash VARS;
+/// internal memory snapshots revert on every libvirt (external ones only
+/// since 9.7).
+#[test]
+fn memory_snapshot_revert_keeps_qemus_tpm() {
+    let test = "memory_snapshot_revert_keeps_qemus_tpm";
+    if !require_root_and(test, &["qemu-img"]) || !require_env(test) {
+        return;
+    }
+    let w = World::up("snapmem");
+    w.install_hook();
+    w.append_config("store_after_stop = false");
+    let vm = Vm::new("mem1", Tpm::V2);
+    let disk = "/var/lib/libvirt/images/mem1.qcow2";
+    w.must(&["qemu-img", "create", "-q", "-f", "qcow2", disk, "32M"]);
+    let xml = vm.xml().replacen(
+        "<devices>",
+        &format!(
+            "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
+        ),
+        1,
+    );
+    w.define_xml("mem1.xml", &xml);
+    w.start(&vm.name, false);
+    w.destroy(&vm.name);
+    w.write_secret(&vm, "S1");
+    w.must_vts(&["store", &vm.name]);
+    w.write_secret(&vm, "S1r");
+    w.start(&vm.name, false);
+    w.must_virsh(&["snapshot-create-as", &vm.name, "m1"]);
+    w.destroy(&vm.name);
+    w.write_secret(&vm, "S2");
+    w.must_vts(&["snapshot", "revert", &vm.name, "m1"]);
+    let state = stdout(&w.must_virsh(&["domstate", &vm.name]));
+    assert_eq!(state.trim(), "running", "a memory revert resumes the VM");
+    w.destroy(&vm.name);
+    assert_eq!(w.read_secret(&vm), "S1r", "QEMU's TPM from the vmstate");
+    let b = backups(&w, &vm);
+    assert_eq!(b.len(), 1, "backups {b:?}");
+    assert_eq!(w.read_secret_at(&b[0]), "S2", "the replaced state");
+}
