@@ -198,3 +198,50 @@ fn memory_snapshot_revert_keeps_qemus_tpm() {
     assert_eq!(b.len(), 1, "backups {b:?}");
     assert_eq!(w.read_secret_at(&b[0]), "S2", "the replaced state");
 }
+
+/// A plain `virsh snapshot-revert`, as admins type it, while the watch
+/// daemon runs: libvirt's DEFINED_FROM_SNAPSHOT event makes the daemon
+/// record the revert, so the next start takes the snapshot's TPM and VARS,
+/// shut off and running (the post-stop store of a VM the revert stopped
+/// stores nothing over the snapshot's element), with the later state never
+/// stored. The daemon and the post-stop store run as in production.
+#[test]
+fn plain_virsh_revert_with_the_daemon() {
+    let test = "plain_virsh_revert_with_the_daemon";
+    if !require_root_and(test, &["qemu-img"]) || !need_fw_vars(test) || !require_env(test) {
+        return;
+    }
+    let w = World::up("snapd");
+    w.install_hook();
+    let d = Watch::start(&w, "snap");
+    for running in [false, true] {
+        let case = if running {
+            "reverted running"
+        } else {
+            "reverted shut off"
+        };
+        let vm = snapshot_vm(&w, &format!("d-{running}"));
+        w.write_secret(&vm, "S1");
+        w.must_vts(&["store", &vm.name]);
+        w.must_virsh(&["snapshot-create-as", &vm.name, "s1"]);
+        change_later(&w, &vm);
+        if running {
+            // The start keeps the newer local state; the daemon would store
+            // it within seconds, which is the "stored" case: stop before.
+            w.start(&vm.name, true);
+        }
+        w.must_virsh(&["snapshot-revert", &vm.name, "s1"]);
+        d.wait_log(
+            &format!(
+                "VM '{}': reverted to snapshot 's1' (libvirt event)",
+                vm.name
+            ),
+            std::time::Duration::from_secs(10),
+        );
+        w.wait_helpers();
+        assert_eq!(next_run(&w, &vm), ("S1".into(), false), "{case}");
+        let b = backups(&w, &vm);
+        assert_eq!(b.len(), 1, "{case}: backups {b:?}");
+        assert_eq!(w.read_secret_at(&b[0]), "S2", "{case}: the backup");
+    }
+}

@@ -13,42 +13,8 @@ use super::{CliError, Ctx, SnapshotArgs};
 use crate::domain::{parse_domain, snapshot_domain};
 use crate::format::read_header;
 use crate::fs::{HostData, RevertIntent};
-use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
+use crate::libvirt::{virsh, DomainHandle, Libvirt};
 use crate::restore::shown_name;
-use std::process::Command;
-
-/// Runs `virsh -c URI SUBCOMMAND DOMAIN SNAPSHOT ARGS...` with our stdio.
-fn virsh(
-    ctx: &Ctx,
-    dom: &DomainHandle,
-    action: &'static str,
-    words: &[&str],
-    extra: &[String],
-) -> Result<(), CliError> {
-    let status = Command::new("virsh")
-        .arg("-c")
-        .arg(&ctx.uri)
-        .args(words)
-        .args(extra)
-        .status()
-        .map_err(|e| LibvirtError::Call {
-            action,
-            domain: dom.name.clone(),
-            message: format!("cannot run virsh: {e}"),
-        })?;
-    if status.success() {
-        return Ok(());
-    }
-    Err(LibvirtError::Call {
-        action,
-        domain: dom.name.clone(),
-        message: format!(
-            "virsh {} exited with {status} (its message is above)",
-            words[0]
-        ),
-    }
-    .into())
-}
 
 /// The digest of the element inside snapshot `name`'s definition, if any.
 fn snapshot_element(
@@ -105,12 +71,18 @@ pub fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
         "--snapshotname",
         &args.snapshot,
     ];
-    if let Err(e) = virsh(ctx, &dom, "snapshot-revert", &words, &args.virsh_args) {
+    if let Err(e) = virsh(
+        &ctx.uri,
+        &dom.name,
+        "snapshot-revert",
+        &words,
+        &args.virsh_args,
+    ) {
         // libvirt did not revert: no start may take the snapshot's state.
         if element.is_some() {
             host.clear_revert(&dom.uuid)?;
         }
-        return Err(e);
+        return Err(e.into());
     }
     dom.refresh()?;
     match element {
@@ -147,7 +119,13 @@ pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
             "--name",
             &args.snapshot,
         ];
-        virsh(ctx, &dom, "snapshot-create-as", &words, &args.virsh_args)?;
+        virsh(
+            &ctx.uri,
+            &dom.name,
+            "snapshot-create-as",
+            &words,
+            &args.virsh_args,
+        )?;
         Ok(done)
     });
     if paused_here {

@@ -51,6 +51,17 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     };
     if args.after_stop {
         wait_inactive(&mut dom)?;
+        if dom.shut_off_by_revert()? {
+            // A snapshot revert stopped it: the definition is (or is about
+            // to be) the snapshot's, and the state that stopped is the one
+            // the revert replaces. Storing it would put it back over the
+            // snapshot's element; it stays in the copy the hook kept.
+            log::info!(
+                "VM {}: stopped by a snapshot revert; its final TPM state is not stored over the snapshot's (it stays in the kept copy)",
+                shown_name(&dom.name)
+            );
+            return Ok(());
+        }
     }
     if !dom.active && !dom.persistent {
         // A transient domain on its way out: no definition is left to hold
