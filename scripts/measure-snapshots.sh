@@ -19,16 +19,23 @@
 #   scripts/measure-snapshots.sh                 # the host's libvirt
 #   VTS_WORLD_ROOTFS=/abs/root scripts/measure-snapshots.sh    # another root's libvirt
 #   REVERT="virt-tpm-state snapshot revert" scripts/measure-snapshots.sh   # our revert
-# KINDS / FIRMWARE restrict the matrix, e.g. KINDS="int-disk ext-disk" FIRMWARE=uefi.
+#   WATCH=1 scripts/measure-snapshots.sh         # with the watch daemon running
+# KINDS / FIRMWARE restrict the matrix, e.g. KINDS="int-disk ext-disk" FIRMWARE=uefi; ONLY is an
+# extended regex on "FW KIND TAKEN" (e.g. ONLY='^(uefi ext-|bios int-mem)').
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PROJECT=$(pwd -P)
 WORLD_SH=$PROJECT/tests/e2e/world.sh
 TPM_SH=$PROJECT/tests/e2e/tpm.sh
-VTS=$PROJECT/target/debug/virt-tpm-state
+# VTS_BIN: where virt-tpm-state and virt-tpm-state-hook are (a frozen copy lets a long run
+# go on while the tree is rebuilt).
+BIN=${VTS_BIN:-$PROJECT/target/debug}
+VTS=$BIN/virt-tpm-state
 KINDS=${KINDS:-int-mem int-disk ext-disk ext-mem}
 FIRMWARE=${FIRMWARE:-uefi bios}
 REVERT=${REVERT:-virsh snapshot-revert}
+[[ $REVERT == virt-tpm-state* ]] && REVERT="$BIN/$REVERT"
+WATCH=${WATCH:-0}
 [[ $(id -u) -eq 0 ]] || { echo "measure-snapshots: needs root" >&2; exit 1; }
 [[ -x $VTS ]] || { echo "measure-snapshots: build first (cargo build)" >&2; exit 1; }
 command -v virt-fw-vars >/dev/null || { echo "measure-snapshots: virt-fw-vars missing" >&2; exit 1; }
@@ -53,6 +60,10 @@ EOF
 chmod 755 "$(host /etc/libvirt/hooks/qemu.d/00-log)"
 in_w "$VTS" install >/dev/null || exit 1
 touch "$(host $HOOKLOG)"
+if [[ $WATCH == 1 ]]; then
+    in_w sh -c "exec $VTS -v watch 2>$W/watch.log" &
+    sleep 2
+fi
 # The lifecycle events, all of them, for the whole run.
 EVLOG=$W/events.log
 in_w sh -c "exec virsh event --all --loop >$EVLOG 2>&1" &
@@ -115,7 +126,7 @@ snapshot_create() { # KIND VM SNAP -> libvirt's output
     esac
 }
 
-echo "libvirt $version, $(in_w qemu-system-x86_64 --version | head -n1), swtpm $(in_w swtpm --version 2>&1 | grep -o '[0-9][0-9.]*' | head -n1); revert with: $REVERT"
+echo "libvirt $version, $(in_w qemu-system-x86_64 --version | head -n1), swtpm $(in_w swtpm --version 2>&1 | grep -o '[0-9][0-9.]*' | head -n1); revert with: ${REVERT#"$BIN/"}$([[ $WATCH == 1 ]] && echo ", watch daemon running")"
 echo
 echo "| fw | kind | taken | reverted from | create | hooks at create | revert | events at revert | hooks at revert | state after | element after revert | next run: TPM | VARS | backups |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -126,6 +137,7 @@ for kind in $KINDS; do
     [[ $fw == bios && $kind == ext-* ]] && continue
 for taken in $takens; do
 for from in shutoff running; do
+    [[ -n ${ONLY:-} && ! "$fw $kind $taken" =~ $ONLY ]] && continue
     n=$((n + 1))
     vm=snap$n uuid=$(cat /proc/sys/kernel/random/uuid) snap=s$n
     row() { echo "| $fw | $kind | $taken | $from | $*"; }
