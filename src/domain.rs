@@ -303,15 +303,28 @@ fn first_forbidden_byte(xml: &[u8]) -> Option<usize> {
     })
 }
 
-/// The `<domain>` a snapshot XML (`<domainsnapshot>`, what
-/// `virDomainSnapshotGetXMLDesc` returns) embeds, as its bytes: `None` when
-/// the snapshot holds no definition. The slice is a domain XML of its own
-/// (libvirt declares our namespace on our element), read by
-/// [`parse_domain`] like any other.
-pub fn snapshot_domain(xml: &[u8]) -> Result<Option<&[u8]>, DomainXmlError> {
+/// What a snapshot XML (`<domainsnapshot>`, what
+/// `virDomainSnapshotGetXMLDesc` returns) says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotXml<'a> {
+    /// The `<domain>` it embeds, as its bytes (`None`: it holds no
+    /// definition): a domain XML of its own (libvirt declares our namespace
+    /// on our element), read by [`parse_domain`] like any other.
+    pub domain: Option<&'a [u8]>,
+    /// `<creationTime>`, seconds since the epoch.
+    pub created: Option<i64>,
+    /// `<state>`: the domain's state when taken (`running`, `shutoff`,
+    /// `disk-snapshot`, …).
+    pub state: Option<String>,
+}
+
+/// Reads a snapshot XML: its embedded `<domain>`, creation time and state.
+pub fn parse_snapshot(xml: &[u8]) -> Result<SnapshotXml<'_>, DomainXmlError> {
     let mut reader = quick_xml::Reader::from_reader(xml);
     let mut depth = 0usize;
-    let mut start = None;
+    let mut out = SnapshotXml::default();
+    let mut domain_start = None;
+    let mut text_of: Option<&'static str> = None;
     loop {
         let here = reader.buffer_position();
         let event = reader
@@ -320,31 +333,53 @@ pub fn snapshot_domain(xml: &[u8]) -> Result<Option<&[u8]>, DomainXmlError> {
         match event {
             Event::DocType(_) => return Err(DomainXmlError::Doctype),
             Event::Start(e) => {
-                if depth == 0 && e.local_name().as_ref() != b"domainsnapshot" {
+                let name = e.local_name();
+                if depth == 0 && name.as_ref() != b"domainsnapshot" {
                     return Err(DomainXmlError::Malformed(
                         "the root element is not <domainsnapshot>".into(),
                     ));
                 }
-                if depth == 1 && e.local_name().as_ref() == b"domain" {
-                    start = Some(here);
+                if depth == 1 {
+                    match name.as_ref() {
+                        b"domain" => domain_start = Some(here),
+                        b"creationTime" => text_of = Some("created"),
+                        b"state" => text_of = Some("state"),
+                        _ => {}
+                    }
                 }
                 depth += 1;
                 if depth > MAX_DEPTH {
                     return Err(DomainXmlError::TooDeep);
                 }
             }
+            Event::Text(t) => {
+                let text = String::from_utf8_lossy(t.as_ref()).trim().to_string();
+                match text_of {
+                    Some("created") => out.created = text.parse().ok(),
+                    Some("state") => out.state = Some(text),
+                    _ => {}
+                }
+            }
             Event::End(_) => {
+                text_of = None;
                 depth = depth.saturating_sub(1);
                 if depth == 1 {
-                    if let Some(from) = start {
+                    if let Some(from) = domain_start.take() {
                         let to = reader.buffer_position();
                         let range = usize::try_from(from).unwrap_or(usize::MAX)
                             ..usize::try_from(to).unwrap_or(usize::MAX);
-                        return Ok(xml.get(range));
+                        out.domain = xml.get(range);
                     }
                 }
+                if depth == 0 {
+                    return Ok(out);
+                }
             }
-            Event::Eof => return Ok(None),
+            Event::Eof => {
+                return Err(DomainXmlError::Malformed(
+                    "the snapshot XML ends inside an element".into(),
+                ))
+            }
             _ => {}
         }
     }
@@ -1085,25 +1120,19 @@ mod tests {
     fn the_domain_inside_a_snapshot() {
         let dom = "<domain type='kvm'><name>a</name><uuid>6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d</uuid><devices><disk/></devices></domain>";
         let snap = format!(
-            "<domainsnapshot><name>s1</name><disks><disk name='vda'/></disks>{dom}<cookie><domain>x</domain></cookie></domainsnapshot>"
+            "<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1765000000</creationTime><disks><disk name='vda'/></disks>{dom}<cookie><domain>x</domain></cookie></domainsnapshot>"
         );
-        assert_eq!(
-            snapshot_domain(snap.as_bytes()).unwrap(),
-            Some(dom.as_bytes())
-        );
-        let info =
-            parse_domain(snapshot_domain(snap.as_bytes()).unwrap().unwrap(), "urn:x").unwrap();
+        let got = parse_snapshot(snap.as_bytes()).unwrap();
+        assert_eq!(got.domain, Some(dom.as_bytes()));
+        assert_eq!(got.created, Some(1765000000));
+        assert_eq!(got.state.as_deref(), Some("shutoff"));
+        let info = parse_domain(got.domain.unwrap(), "urn:x").unwrap();
         assert_eq!(info.name, "a");
         assert_eq!(
-            snapshot_domain(b"<domainsnapshot><name>s</name></domainsnapshot>").unwrap(),
-            None
+            parse_snapshot(b"<domainsnapshot><name>s</name></domainsnapshot>").unwrap(),
+            SnapshotXml::default()
         );
-        assert!(snapshot_domain(dom.as_bytes()).is_err());
-        assert!(
-            snapshot_domain(b"<domainsnapshot><domain>").is_err()
-                || snapshot_domain(b"<domainsnapshot><domain>")
-                    .unwrap()
-                    .is_none()
-        );
+        assert!(parse_snapshot(dom.as_bytes()).is_err());
+        assert!(parse_snapshot(b"<domainsnapshot><domain>").is_err());
     }
 }

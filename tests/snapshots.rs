@@ -47,6 +47,12 @@ fn next_run(w: &World, vm: &Vm) -> (String, bool) {
     (w.read_secret(vm), has_shim_var(w, vm))
 }
 
+/// `show --json --snapshot NAME`.
+fn show_snapshot(w: &World, vm: &Vm, name: &str) -> serde_json::Value {
+    let out = stdout(&w.must_vts(&["show", "--json", "--snapshot", name, &vm.name]));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("show said {out}: {e}"))
+}
+
 fn backups(w: &World, vm: &Vm) -> Vec<String> {
     let dir = format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid);
     let mut v: Vec<String> = std::fs::read_dir(w.host_path(&dir))
@@ -103,6 +109,9 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
                 create.extend_from_slice(create_opts);
                 let out = stdout(&w.must_vts(&create));
                 assert!(out.contains("holds the current TPM state"), "{case}: {out}");
+                let show = show_snapshot(&w, &vm, "s1");
+                assert_eq!(show["snapshot"]["element_current"], true, "{case}: {show}");
+                assert_eq!(show["valid"], true, "{case}: {show}");
                 change_later(&w, &vm);
                 if stored {
                     w.must_vts(&["store", &vm.name]);
@@ -224,6 +233,13 @@ fn plain_virsh_revert_with_the_daemon() {
         w.write_secret(&vm, "S1");
         w.must_vts(&["store", &vm.name]);
         w.must_virsh(&["snapshot-create-as", &vm.name, "s1"]);
+        let show = show_snapshot(&w, &vm, "s1");
+        assert_eq!(
+            show["snapshot"]["element_current"],
+            serde_json::Value::Null,
+            "{case}: {show}"
+        );
+        assert_eq!(show["snapshot"]["state"], "shutoff", "{case}: {show}");
         change_later(&w, &vm);
         if running {
             // The start keeps the newer local state; the daemon would store

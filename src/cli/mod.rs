@@ -191,6 +191,10 @@ pub struct ShowArgs {
     /// Exit non-zero when the element is absent or invalid (same as `verify`)
     #[arg(long)]
     pub check: bool,
+    /// Show the element inside the domain's snapshot NAME (virDomainSnapshotGetXMLDesc), and
+    /// whether it was the current TPM state when the snapshot was taken
+    #[arg(long, value_name = "NAME", requires = "domain", conflicts_with_all = ["xml", "inactive"])]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -605,6 +609,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 source: a.source,
                 json: a.json,
                 check: true,
+                snapshot: None,
             },
         ),
         Command::Restore(a) => show::restore(&ctx, &a),

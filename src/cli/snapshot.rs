@@ -10,7 +10,7 @@
 
 use super::store::{store_domain, StoreOptions};
 use super::{CliError, Ctx, SnapshotArgs};
-use crate::domain::{parse_domain, snapshot_domain};
+use crate::domain::{parse_domain, parse_snapshot};
 use crate::format::read_header;
 use crate::fs::{HostData, RevertIntent};
 use crate::libvirt::{virsh, DomainHandle, Libvirt};
@@ -23,7 +23,7 @@ fn snapshot_element(
     name: &str,
 ) -> Result<Option<crate::state::Sha256Sum>, CliError> {
     let xml = dom.snapshot_xml(name)?;
-    let Some(inner) = snapshot_domain(xml.as_bytes())? else {
+    let Some(inner) = parse_snapshot(xml.as_bytes())?.domain else {
         return Ok(None);
     };
     let info = parse_domain(inner, &ctx.config.namespace)?;
@@ -134,6 +134,12 @@ pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
         }
     }
     let done = result?;
+    // `show --snapshot` tells from this record that the element was current.
+    if let Err(e) =
+        HostData::new(&ctx.paths).record_snapshot(&dom.uuid, &args.snapshot, &done.m.digest)
+    {
+        log::warn!("VM {}: {e}", shown_name(&dom.name));
+    }
     crate::say!(
         "VM {}: snapshot {} holds the current TPM state (generation {}, digest {})",
         shown_name(&dom.name),

@@ -33,6 +33,9 @@ const INCOMING: &str = "incoming";
 const LOCKS: &str = "locks";
 const INTENTS: &str = "intents";
 const REVERTS: &str = "reverts";
+/// What `snapshot create` verified: `snapshots/<uuid>/<sha256 of the name>`
+/// holds the digest of the element the snapshot got, current when taken.
+const SNAPSHOTS: &str = "snapshots";
 
 /// How long a revert intent waits for the `prepare` it is meant for (a VM
 /// reverted while shut off may be started much later). Past this it is
@@ -459,6 +462,36 @@ impl HostData {
         }
     }
 
+    /// Records that snapshot `name` of `uuid` was taken with `digest` in
+    /// its element, the local state stored right before (`snapshot create`).
+    pub fn record_snapshot(
+        &self,
+        uuid: &DomainUuid,
+        name: &str,
+        digest: &Sha256Sum,
+    ) -> Result<(), FsError> {
+        let dir = self.uuid_dir(SNAPSHOTS, uuid, true)?.expect("created");
+        write_private_file(
+            &dir,
+            &Sha256Sum::of(name.as_bytes()).to_string(),
+            format!("{digest}\n").as_bytes(),
+        )
+    }
+
+    /// The digest [`HostData::record_snapshot`] recorded for snapshot `name`.
+    pub fn snapshot_record(
+        &self,
+        uuid: &DomainUuid,
+        name: &str,
+    ) -> Result<Option<Sha256Sum>, FsError> {
+        let Some(dir) = self.uuid_dir(SNAPSHOTS, uuid, false)? else {
+            return Ok(None);
+        };
+        Ok(dir
+            .read_file(&Sha256Sum::of(name.as_bytes()).to_string(), 256)?
+            .and_then(|b| Sha256Sum::parse_hex(String::from_utf8_lossy(&b).trim())))
+    }
+
     /// Every domain our data dir holds something for, with its usage
     /// (issue 17: garbage collection). Names that are not UUIDs (our temp
     /// names) count toward no domain.
@@ -470,6 +503,7 @@ impl HostData {
             (SYNCED, 0),
             (INTENTS, 1),
             (REVERTS, 0),
+            (SNAPSHOTS, 1),
         ] {
             let Some(dir) = self.section(Anchor::Data, section, false)? else {
                 continue;
@@ -495,7 +529,7 @@ impl HostData {
     /// backups, `J`, intent). Call with the domain's lock held, only for a
     /// domain libvirt no longer knows.
     pub fn remove_domain_data(&self, uuid: &DomainUuid) -> Result<(), FsError> {
-        for section in [KEPT, BACKUPS, INTENTS] {
+        for section in [KEPT, BACKUPS, INTENTS, SNAPSHOTS] {
             if let Some(dir) = self.section(Anchor::Data, section, false)? {
                 if dir.entry(uuid.as_str())? != EntryKind::Missing {
                     dir.remove_tree(uuid.as_str(), &format!(".{uuid}{OLD_MARK}"))?;
