@@ -98,7 +98,11 @@ err_of() { tr '\n' ' ' | sed -e 's/error: //g' -e 's/  */ /g' -e 's/|/\\|/g' | c
 
 domain_xml() { # NAME UUID FIRMWARE
     local os="<os><type arch='x86_64' machine='q35'>hvm</type></os>"
-    [[ $3 == uefi ]] && os="<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type><firmware><feature enabled='no' name='secure-boot'/></firmware></os><features><acpi/></features>"
+    # libvirt 12's autoselection picks a stateless ROM (OVMF.amdsev.fd, no VARS) for this
+    # request in Debian sid; the pflash hint keeps the VARS file the rows are about.
+    local hint=""
+    [[ ${version%%.*} -ge 12 ]] && hint="<loader type='pflash'/>"
+    [[ $3 == uefi ]] && os="<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>$hint<firmware><feature enabled='no' name='secure-boot'/></firmware></os><features><acpi/></features>"
     cat <<EOF
 <domain type='$KVM'><name>$1</name><uuid>$2</uuid><memory unit='MiB'>128</memory><vcpu>1</vcpu>
 $os<devices>
