@@ -20,7 +20,8 @@
 //!
 //! R is a snapshot revert recorded for exactly this element (its digest):
 //! `snapshot revert`, or the watch daemon seeing libvirt's from-snapshot
-//! event. The rule never infers a revert from an element that is merely
+//! event; or libvirt's own `release` reason `from snapshot` (>= 10.5) for
+//! this VM minutes before (the revert stopped it; this start is its own). The rule never infers a revert from an element that is merely
 //! older (a stale XML keeps protecting the newer local state); R is the
 //! admin's explicit choice, so the `refuse` policy does not stop it.
 

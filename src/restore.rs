@@ -497,7 +497,13 @@ pub fn prepare_domain(
     let revert_intent = host
         .read_revert(&info.uuid)
         .map_err(RestoreError::fs(&info.name))?;
-    let revert = revert_intent.as_ref().is_some_and(|r| r.digest == m.digest);
+    // Or libvirt said at `release` that a revert stopped this VM (>= 10.5):
+    // this start is the revert's own (or the next one within the marker's
+    // few minutes), with the snapshot's definition.
+    let stopped_by_revert = host
+        .reverted(&info.uuid)
+        .map_err(RestoreError::fs(&info.name))?;
+    let revert = stopped_by_revert || revert_intent.as_ref().is_some_and(|r| r.digest == m.digest);
 
     let mut decision = decide(&DecisionInput {
         domain_uuid: &info.uuid,
@@ -686,10 +692,14 @@ pub fn prepare_domain(
     // A revert intent is consumed by the first start after it, whether it
     // named this element or not (a start with another element means the
     // definition moved on since the revert).
+    if let (true, Ok(_)) = (stopped_by_revert, &done) {
+        host.clear_reverted(&info.uuid)
+            .map_err(RestoreError::fs(&info.name))?;
+    }
     if let (Some(r), Ok(_)) = (&revert_intent, &done) {
         host.clear_revert(&info.uuid)
             .map_err(RestoreError::fs(&info.name))?;
-        if !revert {
+        if r.digest != m.digest {
             log::info!(
                 "VM {} ({}): the revert to snapshot {} (element {}) was not for the element this start carries ({}); dropped it",
                 shown_name(&info.name),

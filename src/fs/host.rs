@@ -30,6 +30,9 @@ const KEPT: &str = "kept";
 const BACKUPS: &str = "backups";
 const SYNCED: &str = "synced";
 const INCOMING: &str = "incoming";
+/// `release end` with reason `from snapshot` (libvirt >= 10.5): a revert
+/// stopped the domain; the `prepare` that follows is the revert's start.
+const REVERTED: &str = "reverted";
 const LOCKS: &str = "locks";
 const INTENTS: &str = "intents";
 const REVERTS: &str = "reverts";
@@ -626,7 +629,12 @@ impl HostData {
 
     /// Whether a fresh (younger than [`MARKER_TTL`]) incoming marker exists.
     pub fn incoming(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
-        let Some(dir) = self.section(Anchor::Run, INCOMING, false)? else {
+        self.fresh_marker(INCOMING, uuid)
+    }
+
+    /// Whether `<run>/<section>/<uuid>` exists and is younger than [`MARKER_TTL`].
+    fn fresh_marker(&self, section: &str, uuid: &DomainUuid) -> Result<bool, FsError> {
+        let Some(dir) = self.section(Anchor::Run, section, false)? else {
             return Ok(false);
         };
         if !dir.check_file(uuid.as_str())? {
@@ -639,6 +647,29 @@ impl HostData {
         Ok(age < MARKER_TTL)
     }
 
+    fn clear_marker(&self, section: &str, uuid: &DomainUuid) -> Result<(), FsError> {
+        match self.section(Anchor::Run, section, false)? {
+            Some(dir) => dir.remove_file(uuid.as_str()),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks that a snapshot revert stopped `uuid` (the hook's `release end`
+    /// with reason `from snapshot`).
+    pub fn set_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        let dir = self.section(Anchor::Run, REVERTED, true)?.expect("created");
+        write_private_file(&dir, uuid.as_str(), b"from snapshot\n")
+    }
+
+    /// Whether a fresh (younger than [`MARKER_TTL`]) revert-stop marker exists.
+    pub fn reverted(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
+        self.fresh_marker(REVERTED, uuid)
+    }
+
+    pub fn clear_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        self.clear_marker(REVERTED, uuid)
+    }
+
     /// Whether any incoming marker exists at all (cheap: one directory read).
     pub fn any_incoming(&self) -> bool {
         matches!(
@@ -648,10 +679,7 @@ impl HostData {
     }
 
     pub fn clear_incoming(&self, uuid: &DomainUuid) -> Result<(), FsError> {
-        match self.section(Anchor::Run, INCOMING, false)? {
-            Some(dir) => dir.remove_file(uuid.as_str()),
-            None => Ok(()),
-        }
+        self.clear_marker(INCOMING, uuid)
     }
 
     /// Takes the per-domain lock that serialises hook, `store` and `restore`,
