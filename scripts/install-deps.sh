@@ -9,7 +9,7 @@ set -euo pipefail
 packages=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0
-    qemu-system-x86 ovmf python3 python3-pip libxml2-utils
+    qemu-system-x86 qemu-utils ovmf python3 python3-pip libxml2-utils
     hyperfine time xz-utils
     debootstrap lintian
     man-db dpkg-dev binutils systemd

@@ -41,6 +41,9 @@ case $profile in
             "libvirt-daemon-system=$LIBVIRT_VERSION" "libvirt-clients=$LIBVIRT_VERSION"
             "libvirt-daemon=$LIBVIRT_VERSION" "libvirt0=$LIBVIRT_VERSION"
             "qemu-system-x86=$QEMU_VERSION"
+            # qemu-img: libvirt runs it for snapshots of shut-off VMs
+            # (tests/snapshots.rs, scripts/measure-snapshots.sh).
+            "qemu-utils=$QEMU_VERSION"
         )
         # From bookworm: swtpm 0.7.1 and tools the suite runs inside a world
         # (tests/e2e/tpm.sh: tpm2-tools, ss, python3).

@@ -39,7 +39,7 @@ echo "==> libvirt-next: running the world tests against: $versions"
 set +e
 # Same features as scripts/test.sh, so its build is reused, not redone.
 cargo test --locked --no-fail-fast --features fault-injection \
-    --test e2e --test encryption --test nvram --test watch --test integrity \
+    --test e2e --test encryption --test nvram --test watch --test integrity --test snapshots \
     -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee target/test-libvirt-next.log
 status=${PIPESTATUS[0]}
 set -e

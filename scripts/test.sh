@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-HEAVY=(package)
+HEAVY=(package snapshots)
 
 ./scripts/install-deps.sh
 start=$SECONDS

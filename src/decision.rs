@@ -10,12 +10,20 @@
 //! | no M                              | nothing                                    |
 //! | M invalid                         | refuse (checked by the caller, before this)|
 //! | M.uuid != domain uuid             | refuse: a clone                            |
+//! | an explicit revert to M (R)       | M (nothing if M == L); L is backed up      |
 //! | M == L                            | nothing (or put the kept copy back)        |
 //! | M == J, L != J                    | L is newer: keep it (or put it back)       |
 //! | otherwise                         | M wins; L, if any, is backed up first      |
 //!
 //! "Otherwise" with L present and L != J is a true conflict (both sides moved,
 //! or this host never synced): the `refuse` policy stops there instead.
+//!
+//! R is a snapshot revert recorded for exactly this element (its digest):
+//! `snapshot revert`, or the watch daemon seeing libvirt's from-snapshot
+//! event; or libvirt's own `release` reason `from snapshot` (>= 10.5) for
+//! this VM minutes before (the revert stopped it; this start is its own). The rule never infers a revert from an element that is merely
+//! older (a stale XML keeps protecting the newer local state); R is the
+//! admin's explicit choice, so the `refuse` policy does not stop it.
 
 use crate::state::{DomainUuid, Sha256Sum};
 
@@ -40,6 +48,8 @@ pub struct DecisionInput<'a> {
     pub kept: Option<Sha256Sum>,
     /// A `migrate begin` or `restore begin` for this UUID came just before.
     pub incoming: bool,
+    /// R: a snapshot revert to exactly this element was recorded.
+    pub revert: bool,
     pub policy: ConflictPolicy,
 }
 
@@ -66,6 +76,7 @@ pub enum Why {
     NoLocalState,
     MetadataNewer,
     ConflictMetadataWins,
+    SnapshotRevert,
 }
 
 impl Why {
@@ -77,6 +88,9 @@ impl Why {
             Why::LocalNewer => "the local state is newer than the metadata (changed since the last store)",
             Why::NoLocalState => "no local state: restoring the metadata state",
             Why::MetadataNewer => "the metadata holds a newer state",
+            Why::SnapshotRevert => {
+                "the domain was reverted to a snapshot: its element wins, the local state is backed up"
+            }
             Why::ConflictMetadataWins => {
                 "local state and metadata differ and the local state was never stored: the metadata wins, the local state is backed up"
             }
@@ -116,6 +130,10 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
         }
     };
     match local {
+        Some(l) if l != m && i.revert => Decision::RestoreMetadata {
+            backup_local: true,
+            why: Why::SnapshotRevert,
+        },
         None => Decision::RestoreMetadata {
             backup_local: false,
             why: Why::NoLocalState,
@@ -161,6 +179,7 @@ mod tests {
         live: Option<&'static str>,
         kept: Option<&'static str>,
         incoming: bool,
+        revert: bool,
         policy: ConflictPolicy,
         expect: Decision,
     }
@@ -176,6 +195,7 @@ mod tests {
             live: None,
             kept: None,
             incoming: false,
+            revert: false,
             policy: ConflictPolicy::Metadata,
             expect: Decision::Nothing(Why::NoMetadata),
         }
@@ -191,6 +211,7 @@ mod tests {
             live: r.live.map(d),
             kept: r.kept.map(d),
             incoming: r.incoming,
+            revert: r.revert,
             policy: r.policy,
         })
     }
@@ -305,6 +326,64 @@ mod tests {
                 expect: Decision::Nothing(Why::LocalNewer),
                 ..row("live takes precedence over the kept copy")
             },
+            Row {
+                m: Some("m"),
+                j: Some("m"),
+                live: Some("l"),
+                revert: true,
+                expect: Decision::RestoreMetadata {
+                    backup_local: true,
+                    why: Why::SnapshotRevert,
+                },
+                ..row("revert over a newer, stored-elsewhere local state: M, L backed up")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("old"),
+                live: Some("l"),
+                revert: true,
+                policy: ConflictPolicy::Refuse,
+                expect: Decision::RestoreMetadata {
+                    backup_local: true,
+                    why: Why::SnapshotRevert,
+                },
+                ..row("revert over a never-stored local state, even under refuse")
+            },
+            Row {
+                m: Some("m"),
+                j: Some("m"),
+                kept: Some("l"),
+                revert: true,
+                expect: Decision::RestoreMetadata {
+                    backup_local: true,
+                    why: Why::SnapshotRevert,
+                },
+                ..row("revert with only a kept copy: M, the copy backed up")
+            },
+            Row {
+                m: Some("m"),
+                live: Some("m"),
+                revert: true,
+                expect: Decision::Nothing(Why::AlreadyCurrent),
+                ..row("revert to what is already live: nothing")
+            },
+            Row {
+                m: Some("m"),
+                revert: true,
+                expect: Decision::RestoreMetadata {
+                    backup_local: false,
+                    why: Why::NoLocalState,
+                },
+                ..row("revert with no local state")
+            },
+            Row {
+                m: Some("m"),
+                live: Some("l"),
+                incoming: true,
+                revert: true,
+                expect: Decision::Nothing(Why::Incoming),
+                ..row("incoming wins over a revert (the state travels with the VM)")
+            },
         ];
         for r in &rows {
             assert_eq!(run(r), r.expect, "row: {}", r.name);
@@ -322,6 +401,7 @@ mod tests {
             live: Some(d("m")),
             kept: None,
             incoming: false,
+            revert: true,
             policy: ConflictPolicy::Metadata,
         });
         assert_eq!(

@@ -303,6 +303,88 @@ fn first_forbidden_byte(xml: &[u8]) -> Option<usize> {
     })
 }
 
+/// What a snapshot XML (`<domainsnapshot>`, what
+/// `virDomainSnapshotGetXMLDesc` returns) says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotXml<'a> {
+    /// The `<domain>` it embeds, as its bytes (`None`: it holds no
+    /// definition): a domain XML of its own (libvirt declares our namespace
+    /// on our element), read by [`parse_domain`] like any other.
+    pub domain: Option<&'a [u8]>,
+    /// `<creationTime>`, seconds since the epoch.
+    pub created: Option<i64>,
+    /// `<state>`: the domain's state when taken (`running`, `shutoff`,
+    /// `disk-snapshot`, …).
+    pub state: Option<String>,
+}
+
+/// Reads a snapshot XML: its embedded `<domain>`, creation time and state.
+pub fn parse_snapshot(xml: &[u8]) -> Result<SnapshotXml<'_>, DomainXmlError> {
+    let mut reader = quick_xml::Reader::from_reader(xml);
+    let mut depth = 0usize;
+    let mut out = SnapshotXml::default();
+    let mut domain_start = None;
+    let mut text_of: Option<&'static str> = None;
+    loop {
+        let here = reader.buffer_position();
+        let event = reader
+            .read_event()
+            .map_err(|e| malformed_at(xml, here, describe(&e)))?;
+        match event {
+            Event::DocType(_) => return Err(DomainXmlError::Doctype),
+            Event::Start(e) => {
+                let name = e.local_name();
+                if depth == 0 && name.as_ref() != b"domainsnapshot" {
+                    return Err(DomainXmlError::Malformed(
+                        "the root element is not <domainsnapshot>".into(),
+                    ));
+                }
+                if depth == 1 {
+                    match name.as_ref() {
+                        b"domain" => domain_start = Some(here),
+                        b"creationTime" => text_of = Some("created"),
+                        b"state" => text_of = Some("state"),
+                        _ => {}
+                    }
+                }
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(DomainXmlError::TooDeep);
+                }
+            }
+            Event::Text(t) => {
+                let text = String::from_utf8_lossy(t.as_ref()).trim().to_string();
+                match text_of {
+                    Some("created") => out.created = text.parse().ok(),
+                    Some("state") => out.state = Some(text),
+                    _ => {}
+                }
+            }
+            Event::End(_) => {
+                text_of = None;
+                depth = depth.saturating_sub(1);
+                if depth == 1 {
+                    if let Some(from) = domain_start.take() {
+                        let to = reader.buffer_position();
+                        let range = usize::try_from(from).unwrap_or(usize::MAX)
+                            ..usize::try_from(to).unwrap_or(usize::MAX);
+                        out.domain = xml.get(range);
+                    }
+                }
+                if depth == 0 {
+                    return Ok(out);
+                }
+            }
+            Event::Eof => {
+                return Err(DomainXmlError::Malformed(
+                    "the snapshot XML ends inside an element".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Reads a domain XML. `namespace` is the URI of our element (configurable,
 /// normally [`crate::format::NAMESPACE_URI`]).
 pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXmlError> {
@@ -1032,5 +1114,25 @@ mod tests {
         let el = d.metadata.unwrap();
         assert_eq!(el.attr("host"), Some("a b c d\ne\tf"));
         assert_eq!(el.attr("stored"), Some("x y"));
+    }
+
+    #[test]
+    fn the_domain_inside_a_snapshot() {
+        let dom = "<domain type='kvm'><name>a</name><uuid>6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d</uuid><devices><disk/></devices></domain>";
+        let snap = format!(
+            "<domainsnapshot><name>s1</name><state>shutoff</state><creationTime>1765000000</creationTime><disks><disk name='vda'/></disks>{dom}<cookie><domain>x</domain></cookie></domainsnapshot>"
+        );
+        let got = parse_snapshot(snap.as_bytes()).unwrap();
+        assert_eq!(got.domain, Some(dom.as_bytes()));
+        assert_eq!(got.created, Some(1765000000));
+        assert_eq!(got.state.as_deref(), Some("shutoff"));
+        let info = parse_domain(got.domain.unwrap(), "urn:x").unwrap();
+        assert_eq!(info.name, "a");
+        assert_eq!(
+            parse_snapshot(b"<domainsnapshot><name>s</name></domainsnapshot>").unwrap(),
+            SnapshotXml::default()
+        );
+        assert!(parse_snapshot(dom.as_bytes()).is_err());
+        assert!(parse_snapshot(b"<domainsnapshot><domain>").is_err());
     }
 }

@@ -143,7 +143,9 @@ starts swtpm, unless the local state is newer; a replaced local state is backed 
 `stopped end` it keeps a copy of the final state and starts `virt-tpm-state store --after-stop` \
 detached, which writes the state into the metadata through libvirt's API. `migrate begin` and \
 `restore begin` mark the domain so that its next prepare does not restore (the state travels with \
-the VM); `release end` clears that mark. Every other operation exits 0 at once.\n\n\
+the VM); `release end` clears that mark, and with the shutoff reason `from snapshot` (libvirt \
+>= 10.5: a snapshot revert stopped the VM) marks that the next start within 5 minutes takes the \
+snapshot's state. Every other operation exits 0 at once.\n\n\
 It never calls libvirt, never writes to standard output, and on failure prints one line on \
 standard error (libvirt shows it as the reason the operation failed) and to syslog.",
         )
@@ -175,7 +177,8 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
     }
     // `release end` only clears a marker: with none on the host (the common
     // case), there is nothing to read or parse.
-    if op == HookOp::Release && !HostData::new(paths).any_incoming() {
+    let from_snapshot = op == HookOp::Release && is_from_snapshot(parsed.extra);
+    if op == HookOp::Release && !from_snapshot && !HostData::new(paths).any_incoming() {
         return Ok(());
     }
     let xml = read_stdin(stdin)?;
@@ -207,15 +210,34 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
         HookOp::Stopped => stopped(paths, &config, &xml),
         HookOp::Release => {
             let info = parse_domain(&xml, &config.namespace)?;
-            HostData::new(paths)
-                .clear_incoming(&info.uuid)
-                .map_err(|source| HookError::Fs {
-                    name: shown_name(&info.name),
-                    source,
-                })
+            let fs = |source| HookError::Fs {
+                name: shown_name(&info.name),
+                source,
+            };
+            let host = HostData::new(paths);
+            host.clear_incoming(&info.uuid).map_err(fs)?;
+            if from_snapshot && !carried(paths, &config, &info)?.is_empty() {
+                // libvirt's own signal (>= 10.5) that a snapshot revert
+                // stopped the VM: the prepare that follows (a revert that
+                // starts it again) takes the snapshot's element.
+                host.set_reverted(&info.uuid).map_err(fs)?;
+                log::info!(
+                    "VM {} ({}): stopped by a snapshot revert; its next start within {} s takes the snapshot's TPM state",
+                    shown_name(&info.name),
+                    info.uuid,
+                    crate::fs::MARKER_TTL.as_secs()
+                );
+            }
+            Ok(())
         }
         HookOp::Ignored => Ok(()),
     }
+}
+
+/// `release end`'s EXTRA is the shutoff reason since libvirt 10.5; a snapshot
+/// revert that stops a running domain gives `from snapshot`.
+fn is_from_snapshot(extra: Option<&str>) -> bool {
+    matches!(extra, Some("from snapshot" | "from-snapshot"))
 }
 
 /// `stopped end`: swtpm has exited, the state is final. Keep a copy (libvirt

@@ -190,6 +190,66 @@ impl DomainHandle {
             .map_err(|e| LibvirtError::call("dumpxml --inactive", &self.name, e))
     }
 
+    /// The XML of snapshot `name` (`virDomainSnapshotGetXMLDesc`): the
+    /// `<domainsnapshot>` with the definition it was taken with inside.
+    pub fn snapshot_xml(&self, name: &str) -> Result<String, LibvirtError> {
+        let snap = Domain::lookup_snapshot_by_name(&self.dom, name, 0).map_err(|e| {
+            LibvirtError::Call {
+                action: "snapshot lookup",
+                domain: self.name.clone(),
+                message: e.message().to_string(),
+            }
+        })?;
+        snap.xml_desc(0)
+            .map_err(|e| LibvirtError::call("snapshot-dumpxml", &self.name, e))
+    }
+
+    /// Whether the domain is shut off because a snapshot revert stopped it
+    /// or put it there (libvirt's shutoff reason `from snapshot`).
+    pub fn shut_off_by_revert(&self) -> Result<bool, LibvirtError> {
+        use virt::domain::{DomainShutoffReason, DomainStateReason};
+        use virt::enumutil::Enum;
+        let (_, reason) = self
+            .dom
+            .state()
+            .map_err(|e| LibvirtError::call("get state", &self.name, e))?;
+        Ok(matches!(
+            reason,
+            Enum::Known(DomainStateReason::Shutoff(Enum::Known(
+                DomainShutoffReason::FromSnapshot
+            )))
+        ))
+    }
+
+    /// The name of the domain's current snapshot (the one a revert made
+    /// current), if it has one.
+    pub fn current_snapshot_name(&self) -> Option<String> {
+        self.dom.current_snapshot(0).ok()?.name().ok()
+    }
+
+    /// Pauses a running domain (`virsh suspend`).
+    pub fn suspend(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .suspend()
+            .map_err(|e| LibvirtError::call("suspend", &self.name, e))
+    }
+
+    /// Resumes a paused domain (`virsh resume`).
+    pub fn resume(&self) -> Result<(), LibvirtError> {
+        self.dom
+            .resume()
+            .map_err(|e| LibvirtError::call("resume", &self.name, e))
+    }
+
+    /// Whether the domain is paused (`virsh domstate` says "paused").
+    pub fn is_paused(&self) -> Result<bool, LibvirtError> {
+        let (state, _) = self
+            .dom
+            .state()
+            .map_err(|e| LibvirtError::call("get state", &self.name, e))?;
+        Ok(state.to_raw() == sys::VIR_DOMAIN_PAUSED)
+    }
+
     /// Writes our state element (`virDomainSetMetadata`, type ELEMENT) into
     /// namespace `namespace`, replacing the previous one. `element` carries
     /// no `xmlns`: libvirt adds it, with our fixed prefix.
@@ -208,5 +268,170 @@ impl DomainHandle {
                 targets.flags(),
             )
             .map_err(|e| LibvirtError::call("set metadata", &self.name, e))
+    }
+}
+
+/// Runs `virsh -c URI WORDS... EXTRA...` with the caller's stdio: the
+/// snapshot drop-ins hand libvirt's own options and messages through
+/// unchanged.
+pub fn virsh(
+    uri: &str,
+    domain: &str,
+    action: &'static str,
+    words: &[&str],
+    extra: &[String],
+) -> Result<(), LibvirtError> {
+    let status = std::process::Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(words)
+        .args(extra)
+        .status()
+        .map_err(|e| LibvirtError::Call {
+            action,
+            domain: domain.to_string(),
+            message: format!("cannot run virsh: {e}"),
+        })?;
+    if status.success() {
+        return Ok(());
+    }
+    Err(LibvirtError::Call {
+        action,
+        domain: domain.to_string(),
+        message: format!("virsh {action} exited with {status} (its message is above)"),
+    })
+}
+
+/// A lifecycle event libvirt sends for a snapshot revert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevertEvent {
+    /// `DEFINED_FROM_SNAPSHOT`: the definition is now the snapshot's.
+    Defined,
+    /// `STARTED_FROM_SNAPSHOT`: the revert started the domain.
+    Started,
+    /// `STOPPED_FROM_SNAPSHOT`: the revert stopped the running domain.
+    Stopped,
+}
+
+/// Reads one line of `virsh event --loop --event lifecycle`, e.g.
+/// `event 'lifecycle' for domain 'vm1': Defined Snapshot`: the domain name
+/// and the from-snapshot event, or `None` for any other line.
+pub fn parse_revert_event(line: &str) -> Option<(String, RevertEvent)> {
+    let rest = line.strip_prefix("event 'lifecycle' for domain '")?;
+    [
+        ("': Defined Snapshot", RevertEvent::Defined),
+        ("': Started Snapshot", RevertEvent::Started),
+        ("': Stopped Snapshot", RevertEvent::Stopped),
+    ]
+    .into_iter()
+    .find_map(|(suffix, kind)| rest.strip_suffix(suffix).map(|n| (n.to_string(), kind)))
+}
+
+/// libvirt's lifecycle events, from a `virsh event --loop` child: the `virt`
+/// crate has domain events only as raw C callbacks, and this crate has no
+/// unsafe code. Poll [`RevertEvents::fd`]; [`RevertEvents::read`] returns the
+/// from-snapshot events that arrived. The child is killed on drop.
+pub struct RevertEvents {
+    child: std::process::Child,
+    out: std::process::ChildStdout,
+    partial: Vec<u8>,
+}
+
+impl RevertEvents {
+    pub fn spawn(uri: &str) -> std::io::Result<RevertEvents> {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("virsh")
+            .args(["-c", uri, "event", "--loop", "--event", "lifecycle"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = child.stdout.take().expect("piped");
+        {
+            use nix::fcntl::{fcntl, FcntlArg, OFlag};
+            let flags = OFlag::from_bits_truncate(fcntl(&out, FcntlArg::F_GETFL)?);
+            fcntl(&out, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        }
+        Ok(RevertEvents {
+            child,
+            out,
+            partial: Vec::new(),
+        })
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.out.as_fd()
+    }
+
+    /// The from-snapshot events read so far, and whether virsh still runs
+    /// (false: it exited, e.g. libvirtd went away; spawn another).
+    pub fn read(&mut self) -> (Vec<(String, RevertEvent)>, bool) {
+        use std::io::Read;
+        let mut alive = true;
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.out.read(&mut buf) {
+                Ok(0) => {
+                    alive = false;
+                    break;
+                }
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    alive = false;
+                    break;
+                }
+            }
+        }
+        let mut events = Vec::new();
+        while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=nl).collect();
+            if let Some(e) = parse_revert_event(String::from_utf8_lossy(&line).trim_end()) {
+                events.push(e);
+            }
+        }
+        // A line never ends: keep memory bounded.
+        if self.partial.len() > 64 * 1024 {
+            self.partial.clear();
+        }
+        (events, alive)
+    }
+}
+
+impl Drop for RevertEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_snapshot_events_are_read_from_virsh_lines() {
+        assert_eq!(
+            parse_revert_event("event 'lifecycle' for domain 'vm1': Defined Snapshot"),
+            Some(("vm1".into(), RevertEvent::Defined))
+        );
+        assert_eq!(
+            parse_revert_event("event 'lifecycle' for domain 'a': b': Stopped Snapshot"),
+            Some(("a': b".into(), RevertEvent::Stopped))
+        );
+        assert_eq!(
+            parse_revert_event("event 'lifecycle' for domain 'vm1': Started Snapshot"),
+            Some(("vm1".into(), RevertEvent::Started))
+        );
+        for other in [
+            "event 'lifecycle' for domain 'vm1': Started Booted",
+            "event 'lifecycle' for domain 'vm1': Stopped Destroyed",
+            "event 'metadata-change' for domain 'vm1': type element, uri urn:virt-tpm-state:1",
+            "",
+        ] {
+            assert_eq!(parse_revert_event(other), None, "{other:?}");
+        }
     }
 }

@@ -543,6 +543,17 @@ fn prepare_with_lock(
     let incoming = host
         .incoming(&info.uuid)
         .map_err(RestoreError::fs(&info.name))?;
+    // An explicit snapshot revert counts only for exactly this element.
+    let revert_intent = host
+        .read_revert(&info.uuid)
+        .map_err(RestoreError::fs(&info.name))?;
+    // Or libvirt said at `release` that a revert stopped this VM (>= 10.5):
+    // this start is the revert's own (or the next one within the marker's
+    // few minutes), with the snapshot's definition.
+    let stopped_by_revert = host
+        .reverted(&info.uuid)
+        .map_err(RestoreError::fs(&info.name))?;
+    let revert = stopped_by_revert || revert_intent.as_ref().is_some_and(|r| r.digest == m.digest);
 
     let mut decision = decide(&DecisionInput {
         domain_uuid: &info.uuid,
@@ -551,6 +562,7 @@ fn prepare_with_lock(
         live: live.as_ref().map(MachineState::digest),
         kept: kept.as_ref().map(MachineState::digest),
         incoming,
+        revert,
         policy: config.on_conflict,
     });
     if options.force_metadata {
@@ -599,7 +611,7 @@ fn prepare_with_lock(
             _ => Ok(None),
         }
     };
-    match decision {
+    let done = match decision {
         Decision::Nothing(why) => {
             if why == Why::AlreadyCurrent {
                 host.record_sync(&info.uuid, &m_here)
@@ -726,7 +738,29 @@ fn prepare_with_lock(
             local: local.short(),
             metadata: metadata.short(),
         }),
+    };
+    // A revert intent is consumed by the first start after it, whether it
+    // named this element or not (a start with another element means the
+    // definition moved on since the revert).
+    if let (true, Ok(_)) = (stopped_by_revert, &done) {
+        host.clear_reverted(&info.uuid)
+            .map_err(RestoreError::fs(&info.name))?;
     }
+    if let (Some(r), Ok(_)) = (&revert_intent, &done) {
+        host.clear_revert(&info.uuid)
+            .map_err(RestoreError::fs(&info.name))?;
+        if r.digest != m.digest {
+            log::info!(
+                "VM {} ({}): the revert to snapshot {} (element {}) was not for the element this start carries ({}); dropped it",
+                shown_name(&info.name),
+                info.uuid,
+                shown_name(&r.snapshot),
+                r.digest.short(),
+                m.digest.short()
+            );
+        }
+    }
+    done
 }
 
 /// The reader rules that depend on the domain (docs/FORMAT.md §4, "Reader

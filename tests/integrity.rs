@@ -928,3 +928,65 @@ fn gc_in_a_real_libvirt_removes_only_gone_domains() {
     }
     eprintln!("gc world test took {:.1?}", t0.elapsed());
 }
+
+/// Issue 20: the revert intent is honoured only for the element it names.
+/// A stale XML (the element older than a local state that changed since the
+/// last store) keeps the newer state with no intent and with an intent for
+/// another element (which that start consumes); an intent naming the
+/// element restores it and backs the newer state up.
+#[test]
+fn a_revert_intent_counts_only_for_its_element() {
+    let s = Scratch::new();
+    let (a, b, newer) = (St::new("rev-a"), St::new("rev-b"), St::new("rev-newer"));
+    let xml_a = xml_with(&a, 1);
+    ok(&s.prepare(&xml_a, &[]), "first start");
+    assert_eq!(s.j(), Some(a.digest()));
+    // The guest changed TPM and VARS; never stored.
+    std::fs::write(s.live_dir().join("tpm2-00.permall"), &newer.permall).unwrap();
+    std::fs::write(s.path(VARS_REL), &newer.vars).unwrap();
+    let revert = format!("var/lib/virt-tpm-state/reverts/{}", s.uuid);
+    let intent_for = |st: &St| {
+        let hex = |t: &str| t.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+        format!(
+            "vts-revert 1\ndigest {}\nsnapshot {}\nby {}\n",
+            st.digest(),
+            hex("s1"),
+            hex("cli")
+        )
+    };
+    ok(&s.prepare(&xml_a, &[]), "stale XML, no intent");
+    assert_eq!(
+        s.live().unwrap().digest(),
+        newer.digest(),
+        "a stale XML rolled back"
+    );
+    s.write(&revert, &intent_for(&b));
+    ok(
+        &s.prepare(&xml_a, &[]),
+        "stale XML, an intent for another element",
+    );
+    assert_eq!(
+        s.live().unwrap().digest(),
+        newer.digest(),
+        "rolled back on another element's intent"
+    );
+    assert!(
+        !s.path(&revert).exists(),
+        "the start did not consume the intent"
+    );
+    assert!(s.backups().is_empty());
+    s.write(&revert, &intent_for(&a));
+    ok(&s.prepare(&xml_a, &[]), "the revert");
+    assert_eq!(
+        s.live().unwrap().digest(),
+        a.digest(),
+        "the revert was not honoured"
+    );
+    assert_eq!(
+        s.backups().iter().map(St::digest).collect::<Vec<_>>(),
+        vec![newer.digest()],
+        "the replaced state is not in a backup"
+    );
+    assert!(!s.path(&revert).exists(), "the revert intent stayed");
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}

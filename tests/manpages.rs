@@ -51,6 +51,14 @@ fn every_subcommand_has_a_page_and_the_hook_has_one() {
     for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
         expected.push(format!("virt-tpm-state-{}.1", sub.get_name()));
         visible += 1;
+        // `snapshot revert`, `snapshot create`: a page each, too.
+        for nested in sub.get_subcommands().filter(|s| !s.is_hide_set()) {
+            expected.push(format!(
+                "virt-tpm-state-{}-{}.1",
+                sub.get_name(),
+                nested.get_name()
+            ));
+        }
     }
     assert!(visible >= 12, "only {visible} subcommands");
     expected.sort();

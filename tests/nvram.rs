@@ -7,51 +7,7 @@
 mod support;
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-use std::process::Command;
 use support::*;
-
-/// A UEFI domain with a TPM 2.0: OVMF by firmware autoselection, without
-/// Secure Boot (which would need SMM, missing under nested KVM here).
-fn uefi_xml(vm: &Vm) -> String {
-    let xml = domain_xml(&vm.name, &vm.uuid, Some(vm.tpm));
-    let os = "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>\
-<firmware><feature enabled='no' name='secure-boot'/></firmware></os><features><acpi/></features>";
-    let out = xml.replacen(
-        "<os><type arch='x86_64' machine='q35'>hvm</type></os>",
-        os,
-        1,
-    );
-    assert_ne!(out, xml, "domain_xml changed its <os>");
-    out
-}
-
-fn vars_path(vm: &Vm) -> String {
-    format!("/var/lib/libvirt/qemu/nvram/{}_VARS.fd", vm.name)
-}
-
-fn fw_vars(args: &[&str]) -> String {
-    let out = Command::new("virt-fw-vars")
-        .args(args)
-        .output()
-        .expect("run virt-fw-vars");
-    assert!(
-        out.status.success(),
-        "virt-fw-vars {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn has_fw_vars() -> bool {
-    Command::new("virt-fw-vars")
-        .arg("--help")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 #[test]
 fn uefi_vars_travel_with_the_tpm() {
@@ -173,17 +129,6 @@ fn uefi_vars_travel_with_the_tpm() {
 // ================================================================ issue 16: root-safe filesystem layer
 
 /// `fw_vars` present, else SKIP (a failure under CI=true), as above.
-fn need_fw_vars(test: &str) -> bool {
-    if has_fw_vars() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: virt-fw-vars missing (pip install virt-firmware; scripts/install-deps.sh)");
-    }
-    eprintln!("SKIP {test}: virt-fw-vars not installed");
-    false
-}
-
 /// uid and gid of `user`/`group` as the world's root knows them (the host,
 /// or the libvirt 11.3 root of VTS_WORLD_ROOTFS).
 fn ids_in(w: &World, user: &str, group: &str) -> (u32, u32) {

@@ -6,6 +6,7 @@ mod install;
 mod keys;
 mod pack;
 mod show;
+mod snapshot;
 mod status;
 mod store;
 mod watch;
@@ -78,8 +79,34 @@ pub enum Command {
     Watch,
     /// Per domain: metadata generation and age, whether the local state matches; exit 20 when out of sync too long
     Status(StatusArgs),
+    /// Snapshots that keep the TPM state and UEFI variables with the disks (drop-ins for virsh)
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Remove kept copies, backups and sync records of domains libvirt no longer knows (after kept_retention_days, or over max_state_dir_bytes)
     Gc(GcArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// `virsh snapshot-revert` that also brings back the snapshot's TPM state and VARS at the next start (the replaced state is backed up)
+    Revert(SnapshotArgs),
+    /// Store the current TPM state (a running VM paused meanwhile), then `virsh snapshot-create-as`
+    Create(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Domain name or UUID
+    pub domain: String,
+    /// Snapshot name
+    pub snapshot: String,
+    /// Further virsh options, passed through (e.g. --running, --force; --disk-only, --memspec ...)
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "VIRSH_OPTIONS"
+    )]
+    pub virsh_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +192,10 @@ pub struct ShowArgs {
     /// Exit non-zero when the element is absent or invalid (same as `verify`)
     #[arg(long)]
     pub check: bool,
+    /// Show the element inside the domain's snapshot NAME (virDomainSnapshotGetXMLDesc), and
+    /// whether it was the current TPM state when the snapshot was taken
+    #[arg(long, value_name = "NAME", requires = "domain", conflicts_with_all = ["xml", "inactive"])]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -572,6 +603,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 source: a.source,
                 json: a.json,
                 check: true,
+                snapshot: None,
             },
         ),
         Command::Restore(a) => show::restore(&ctx, &a),
@@ -592,6 +624,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Watch => watch::watch(ctx),
         Command::Status(a) => status::status(&ctx, &a),
         Command::Gc(a) => gc(&ctx, &a),
+        Command::Snapshot(SnapshotCommand::Revert(a)) => snapshot::revert(&ctx, &a),
+        Command::Snapshot(SnapshotCommand::Create(a)) => snapshot::create(&ctx, &a),
     }
 }
 

@@ -23,9 +23,19 @@ struct Source {
     from: String,
     /// Whether libvirt says the domain runs (`None`: not asked / unknown).
     active: Option<bool>,
+    /// `show --snapshot`: what the snapshot says about itself.
+    snapshot: Option<SnapshotFacts>,
 }
 
-fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
+struct SnapshotFacts {
+    name: String,
+    created: Option<i64>,
+    state: Option<String>,
+    /// The element digest `snapshot create` recorded on this host.
+    recorded: Option<crate::state::Sha256Sum>,
+}
+
+fn load(ctx: &Ctx, src: &SourceArgs, snapshot: Option<&str>) -> Result<Source, CliError> {
     match (&src.domain, &src.xml) {
         (_, Some(path)) => {
             let bytes = read_input(path)?;
@@ -39,6 +49,7 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
                     path.display().to_string()
                 },
                 active: None,
+                snapshot: None,
             })
         }
         (Some(name), None) => {
@@ -46,6 +57,34 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
             let lv = Libvirt::connect(&ctx.uri, ctx.readonly || !nix::unistd::geteuid().is_root())
                 .or_else(|_| Libvirt::connect(&ctx.uri, true))?;
             let dom = lv.domain(name)?;
+            if let Some(snap) = snapshot {
+                let xml = dom.snapshot_xml(snap)?;
+                let parsed = crate::domain::parse_snapshot(xml.as_bytes())?;
+                let inner = parsed.domain.ok_or_else(|| {
+                    CliError::NoElement(format!(
+                        "VM {}: snapshot {} holds no domain definition",
+                        shown_name(&dom.name),
+                        shown_name(snap)
+                    ))
+                })?;
+                // Root only: without it, "unknown" is the honest answer.
+                let recorded = HostData::new(&ctx.paths)
+                    .snapshot_record(&dom.uuid, snap)
+                    .ok()
+                    .flatten();
+                return Ok(Source {
+                    info: parse_domain(inner, &ctx.config.namespace)?,
+                    bound: true,
+                    from: format!("libvirt {} (snapshot {})", lv.uri(), shown_name(snap)),
+                    active: Some(dom.active),
+                    snapshot: Some(SnapshotFacts {
+                        name: snap.to_string(),
+                        created: parsed.created,
+                        state: parsed.state,
+                        recorded,
+                    }),
+                });
+            }
             let xml = if src.inactive && dom.persistent {
                 dom.inactive_xml()?
             } else {
@@ -60,6 +99,7 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
                     if src.inactive { "config" } else { "current" }
                 ),
                 active: Some(dom.active),
+                snapshot: None,
             })
         }
         (None, None) => Err(CliError::Usage("name a domain or pass --xml FILE".into())),
@@ -107,6 +147,20 @@ struct ShowJson {
     /// Key id the element needs and this host lacks.
     missing_key: Option<String>,
     local: Option<LocalJson>,
+    /// `show --snapshot`, else null.
+    snapshot: Option<SnapshotJson>,
+}
+
+#[derive(serde::Serialize)]
+struct SnapshotJson {
+    name: String,
+    /// RFC 3339 UTC, from `<creationTime>`.
+    created: Option<String>,
+    /// The domain's state when taken (`running`, `shutoff`, `disk-snapshot`, …).
+    state: Option<String>,
+    /// true: `snapshot create` stored the state right before taking it (this
+    /// host's record matches the element); null: not known.
+    element_current: Option<bool>,
 }
 
 /// `virt-tpm-state:<key ids>`, `swtpm`, both joined by `+`, or `none`.
@@ -132,7 +186,7 @@ fn protection(m: &MetadataState) -> String {
 }
 
 pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
-    let src = load(ctx, &args.source)?;
+    let src = load(ctx, &args.source, args.snapshot.as_deref())?;
     let info = &src.info;
     let limits = DecodeLimits {
         max_file_size: ctx.config.max_file_size,
@@ -202,6 +256,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         protection: None,
         missing_key: None,
         local: None,
+        snapshot: None,
     };
     match &decoded {
         Some(Ok(m)) => {
@@ -328,6 +383,24 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 .clone(),
         );
     }
+    if let Some(f) = &src.snapshot {
+        let element = info
+            .metadata
+            .as_ref()
+            .and_then(|el| read_header(el).ok())
+            .map(|(_, d)| d);
+        j.snapshot = Some(SnapshotJson {
+            name: f.name.clone(),
+            created: f.created.and_then(|t| u64::try_from(t).ok()).map(|t| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                )
+                .to_string()
+            }),
+            state: f.state.clone(),
+            element_current: (element.is_some() && f.recorded == element).then_some(true),
+        });
+    }
     if j.stored.as_deref() == Some("") {
         j.stored = None;
     }
@@ -417,6 +490,18 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
         None => "",
     };
     crate::say!("VM '{}' ({}{state}) from {}", j.domain, j.uuid, j.source);
+    if let Some(snap) = &j.snapshot {
+        crate::say!(
+            "  snapshot:    {}, taken {} at {}; its element was current then: {}",
+            snap.name,
+            snap.state.as_deref().unwrap_or("?"),
+            snap.created.as_deref().unwrap_or("?"),
+            match snap.element_current {
+                Some(true) => "yes (stored right before by `virt-tpm-state snapshot create`)",
+                _ => "unknown (not taken with `virt-tpm-state snapshot create` on this host; the TPM may have changed after `stored` below)",
+            }
+        );
+    }
     if !j.present {
         crate::say!("  metadata:    no virt-tpm-state element");
     } else if let Some(key) = &j.missing_key {
@@ -510,7 +595,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
         // The definition the next start uses.
         inactive: true,
     };
-    let mut src = load(ctx, &source)?;
+    let mut src = load(ctx, &source, None)?;
     // A definition from libvirt is read again under the domain's lock: a
     // `store` finishing in between would otherwise leave this restore with
     // the element it replaced, which it would take for a new one (and roll
@@ -530,6 +615,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
                     xml: None,
                     inactive: true,
                 },
+                None,
             )?;
             Some(lock)
         }

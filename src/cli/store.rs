@@ -51,6 +51,17 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     };
     if args.after_stop {
         wait_inactive(&mut dom)?;
+        if dom.shut_off_by_revert()? {
+            // A snapshot revert stopped it: the definition is (or is about
+            // to be) the snapshot's, and the state that stopped is the one
+            // the revert replaces. Storing it would put it back over the
+            // snapshot's element; it stays in the copy the hook kept.
+            log::info!(
+                "VM {}: stopped by a snapshot revert; its final TPM state is not stored over the snapshot's (it stays in the kept copy)",
+                shown_name(&dom.name)
+            );
+            return Ok(());
+        }
     }
     if !dom.active && !dom.persistent {
         // A transient domain on its way out: no definition is left to hold
@@ -76,7 +87,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
             ..StoreOptions::default()
         },
     )?;
-    if args.after_stop && done.result == "stored" {
+    if args.after_stop && done.result != "unchanged" {
         log::info!("{}", done.line);
     }
     report(args, &dom, &done)
@@ -186,6 +197,11 @@ pub fn store_domain(
         config: config_needs,
     };
     let element_holder = config_info.as_ref().unwrap_or(&live_info);
+    if !dom.active {
+        if let Some(done) = revert_pending(&host, dom, element_holder, &state, decoded)? {
+            return Ok(done);
+        }
+    }
 
     if !targets.any() {
         // Every copy that exists holds this digest (an active domain has a
@@ -329,6 +345,48 @@ pub fn store_domain(
         state,
         line,
     })
+}
+
+/// A stopped domain with a snapshot revert pending (an intent, from
+/// `snapshot revert` or the watch daemon): storing the local state now would
+/// write the state the revert replaces over the snapshot's element (the
+/// post-stop store of a running VM being reverted may even read the
+/// definition from before the revert). Its next start restores the element
+/// and backs the local state up; until then nothing is stored. That start
+/// consumes the intent, whichever element it carries.
+fn revert_pending(
+    host: &HostData,
+    dom: &DomainHandle,
+    holder: &DomainInfo,
+    state: &MachineState,
+    decoded: impl Fn(&DomainInfo) -> Option<Result<MetadataState, crate::format::FormatError>>,
+) -> Result<Option<StoreDone>, CliError> {
+    let Some(r) = host.read_revert(&dom.uuid)? else {
+        return Ok(None);
+    };
+    let Some(Ok(m)) = decoded(holder) else {
+        return Ok(None);
+    };
+    if m.digest == r.digest && state.digest() == r.digest {
+        return Ok(None);
+    }
+    Ok(Some(StoreDone {
+        line: format!(
+            "VM {}: not stored: a revert to snapshot {} (element {}) is pending; the next start restores that state and backs up the local one ({})",
+            shown_name(&dom.name),
+            shown_name(&r.snapshot),
+            r.digest.short(),
+            state.digest().short()
+        ),
+        result: "revert-pending",
+        m,
+        element_bytes: 0,
+        targets: Targets {
+            live: false,
+            config: false,
+        },
+        state: state.clone(),
+    }))
 }
 
 fn report(args: &StoreArgs, dom: &DomainHandle, done: &StoreDone) -> Result<(), CliError> {

@@ -33,8 +33,8 @@ use super::{CliError, Ctx};
 use crate::config::Config;
 use crate::domain::parse_domain;
 use crate::format::{declared_digest, read_header};
-use crate::fs::{HostData, StateLocation};
-use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
+use crate::fs::{HostData, RevertIntent, StateLocation};
+use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, RevertEvent, RevertEvents};
 use crate::restore::{carried, domain_tpm_version, shown_name, state_location};
 use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
 use nix::errno::Errno;
@@ -200,6 +200,9 @@ struct Daemon {
     gc_at: Instant,
     started: SystemTime,
     status_written: Option<String>,
+    /// libvirt's lifecycle events (a `virsh event` child), while connected:
+    /// a plain `virsh snapshot-revert` becomes a revert intent.
+    events: Option<RevertEvents>,
 }
 
 /// One daemon per host: an exclusive lock on `/run/virt-tpm-state/watch.lock`,
@@ -242,6 +245,7 @@ pub fn watch(ctx: Ctx) -> Result<(), CliError> {
         gc_at: now,
         started: SystemTime::now(),
         status_written: None,
+        events: None,
     };
     log::info!(
         "watching {} (settle {} ms, full reconcile every {} s)",
@@ -258,17 +262,24 @@ pub fn watch(ctx: Ctx) -> Result<(), CliError> {
             let ms = left.as_nanos().div_ceil(1_000_000);
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
         });
-        let (sig_ready, ino_ready) = {
-            let mut fds = [
+        let (sig_ready, ino_ready, events_ready) = {
+            let mut fds = vec![
                 PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
                 PollFd::new(d.notify.fd.as_fd(), PollFlags::POLLIN),
             ];
+            if let Some(ev) = &d.events {
+                fds.push(PollFd::new(ev.fd(), PollFlags::POLLIN));
+            }
             match nix::poll::poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(CliError::Usage(format!("poll failed: {e}"))),
             }
             let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-            (ready(&fds[0]), ready(&fds[1]))
+            (
+                ready(&fds[0]),
+                ready(&fds[1]),
+                fds.get(2).is_some_and(ready),
+            )
         };
         if sig_ready {
             let mut stop = false;
@@ -297,6 +308,9 @@ pub fn watch(ctx: Ctx) -> Result<(), CliError> {
             for ev in d.notify.drain() {
                 d.on_event(ev);
             }
+        }
+        if events_ready {
+            d.read_revert_events();
         }
         d.run_timers();
         d.write_status();
@@ -489,6 +503,7 @@ impl Daemon {
                 self.reconcile_at = now;
                 let lv = Rc::new(lv);
                 self.lv = Some(lv.clone());
+                self.ensure_events();
                 Some(lv)
             }
             Err(e) => {
@@ -518,6 +533,64 @@ impl Daemon {
         // if that fails); the reconcile after reconnecting resumes the work.
         self.retry_at = Some(Instant::now());
         true
+    }
+
+    /// Starts the lifecycle-event reader (again: it ends when libvirtd
+    /// goes away). Without it only `snapshot revert` records reverts.
+    fn ensure_events(&mut self) {
+        if self.events.is_some() {
+            return;
+        }
+        match RevertEvents::spawn(&self.ctx.uri) {
+            Ok(ev) => self.events = Some(ev),
+            Err(e) => log::warn!(
+                "cannot run `virsh event` ({e}); a plain `virsh snapshot-revert` will not be seen (use `virt-tpm-state snapshot revert`)"
+            ),
+        }
+    }
+
+    fn read_revert_events(&mut self) {
+        let Some(ev) = self.events.as_mut() else {
+            return;
+        };
+        let (events, alive) = ev.read();
+        if !alive {
+            self.events = None;
+        }
+        for (name, kind) in events {
+            self.on_revert_event(&name, kind);
+        }
+    }
+
+    /// A from-snapshot lifecycle event. A domain shut off with the
+    /// snapshot's definition (`DEFINED_FROM_SNAPSHOT`, still inactive) gets
+    /// a revert intent for the element that definition holds, so its next
+    /// start takes the snapshot's TPM state and VARS. A domain the revert
+    /// left running was started within the revert (before any event): a
+    /// memory snapshot resumes its own TPM state from the vmstate, a
+    /// disk-only one started with the local state; nothing can change that
+    /// without a restart, so it is said, not fixed.
+    fn on_revert_event(&mut self, name: &str, kind: RevertEvent) {
+        let Some(lv) = self.libvirt() else { return };
+        let dom = match lv.domain(name) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("VM {}: a snapshot revert event, but: {e}", shown_name(name));
+                return;
+            }
+        };
+        match kind {
+            RevertEvent::Defined if !dom.active => {
+                if let Err(e) = record_revert(&self.ctx, &dom) {
+                    log::error!("VM {}: reverted to a snapshot, but {e}", shown_name(name));
+                }
+            }
+            RevertEvent::Started => log::info!(
+                "VM {} was started by a snapshot revert: a snapshot with memory resumes its own TPM state; after a disk-only one it runs with the TPM state it had before (to take the snapshot's: stop it and use `virt-tpm-state snapshot revert`)",
+                shown_name(name)
+            ),
+            _ => {}
+        }
     }
 
     fn reconcile(&mut self) {
@@ -915,6 +988,42 @@ impl Daemon {
 }
 
 /// Starts (or restarts) the settle rule: first read right away.
+/// Records a revert intent for the element a reverted, shut-off domain's
+/// definition holds (unless `snapshot revert` recorded that one already).
+fn record_revert(ctx: &Ctx, dom: &DomainHandle) -> Result<(), CliError> {
+    let info = parse_domain(dom.xml()?.as_bytes(), &ctx.config.namespace)?;
+    let Some(el) = &info.metadata else {
+        return Ok(());
+    };
+    let (_, digest) = read_header(el).map_err(|source| CliError::InvalidElement {
+        context: format!("VM {}", shown_name(&dom.name)),
+        source,
+    })?;
+    let host = HostData::new(&ctx.paths);
+    if host
+        .read_revert(&dom.uuid)?
+        .is_some_and(|r| r.digest == digest)
+    {
+        return Ok(());
+    }
+    let snapshot = dom.current_snapshot_name().unwrap_or_default();
+    host.write_revert(
+        &dom.uuid,
+        &RevertIntent {
+            digest,
+            snapshot: snapshot.clone(),
+            by: "watch".into(),
+        },
+    )?;
+    log::info!(
+        "VM {}: reverted to snapshot {} (libvirt event); its next start restores the snapshot's TPM state (element {}) and backs up the current one",
+        shown_name(&dom.name),
+        shown_name(&snapshot),
+        digest.short()
+    );
+    Ok(())
+}
+
 fn begin_settle(w: &mut Watched, now: Instant) {
     if w.settle.is_none() {
         w.settle = Some(Settle {

@@ -30,8 +30,20 @@ const KEPT: &str = "kept";
 const BACKUPS: &str = "backups";
 const SYNCED: &str = "synced";
 const INCOMING: &str = "incoming";
+/// `release end` with reason `from snapshot` (libvirt >= 10.5): a revert
+/// stopped the domain; the `prepare` that follows is the revert's start.
+const REVERTED: &str = "reverted";
 const LOCKS: &str = "locks";
 const INTENTS: &str = "intents";
+const REVERTS: &str = "reverts";
+/// What `snapshot create` verified: `snapshots/<uuid>/<sha256 of the name>`
+/// holds the digest of the element the snapshot got, current when taken.
+const SNAPSHOTS: &str = "snapshots";
+
+/// How long a revert intent waits for the `prepare` it is meant for (a VM
+/// reverted while shut off may be started much later). Past this it is
+/// ignored and removed: the rule without it never rolls back.
+pub const REVERT_TTL: Duration = Duration::from_secs(30 * 86400);
 /// The text file of an intent dir (beside the target's state files).
 const INTENT_FILE: &str = "intent";
 
@@ -119,6 +131,55 @@ impl Intent {
             path_field(self.nvram_at.as_ref()),
             path_field(self.backup.as_ref()),
         )
+    }
+}
+
+/// A snapshot revert asked for explicitly (`snapshot revert`, or the watch
+/// daemon seeing libvirt's from-snapshot event): the next `prepare` whose
+/// element has this digest restores it whatever the local state, backing
+/// the local state up (docs/SNAPSHOTS.md). Names the element by its digest,
+/// so a stale XML that merely looks older never qualifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevertIntent {
+    /// The `digest` of the snapshot's element.
+    pub digest: Sha256Sum,
+    /// The snapshot's name (for messages only).
+    pub snapshot: String,
+    /// Who recorded it: `cli` or `watch`.
+    pub by: String,
+}
+
+impl RevertIntent {
+    fn text(&self) -> String {
+        format!(
+            "vts-revert 1\ndigest {}\nsnapshot {}\nby {}\n",
+            self.digest,
+            hex_bytes(self.snapshot.as_bytes()),
+            hex_bytes(self.by.as_bytes())
+        )
+    }
+
+    fn parse(text: &str) -> Option<RevertIntent> {
+        let mut fields = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once(' ') {
+                fields.insert(k, v);
+            }
+        }
+        if fields.get("vts-revert") != Some(&"1") {
+            return None;
+        }
+        let hex_text = |k: &str| {
+            fields
+                .get(k)
+                .and_then(|v| unhex_bytes(v))
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        Some(RevertIntent {
+            digest: fields.get("digest").and_then(|d| Sha256Sum::parse_hex(d))?,
+            snapshot: hex_text("snapshot")?,
+            by: hex_text("by")?,
+        })
     }
 }
 
@@ -358,12 +419,95 @@ impl HostData {
             .map_err(|e| io_err("remove", &dir.path().join(uuid.as_str()), e))
     }
 
+    /// Records a snapshot revert of `uuid` (`<data>/reverts/<uuid>`, 0600,
+    /// atomic), replacing an earlier one.
+    pub fn write_revert(&self, uuid: &DomainUuid, intent: &RevertIntent) -> Result<(), FsError> {
+        let dir = self.section(Anchor::Data, REVERTS, true)?.expect("created");
+        write_private_file(&dir, uuid.as_str(), intent.text().as_bytes())
+    }
+
+    /// The revert recorded for `uuid`, if any and younger than
+    /// [`REVERT_TTL`]. An expired or unreadable one is removed (logged).
+    pub fn read_revert(&self, uuid: &DomainUuid) -> Result<Option<RevertIntent>, FsError> {
+        let Some(dir) = self.section(Anchor::Data, REVERTS, false)? else {
+            return Ok(None);
+        };
+        let Some(text) = dir.read_file(uuid.as_str(), 4096)? else {
+            return Ok(None);
+        };
+        let age = dir
+            .modified(uuid.as_str())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or(Duration::ZERO);
+        let intent = RevertIntent::parse(&String::from_utf8_lossy(&text));
+        match intent {
+            Some(i) if age < REVERT_TTL => Ok(Some(i)),
+            _ => {
+                log::warn!(
+                    "VM {uuid}: ignoring and removing {} revert intent",
+                    if age >= REVERT_TTL {
+                        "an expired"
+                    } else {
+                        "an unreadable"
+                    }
+                );
+                dir.remove_file(uuid.as_str())?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes the revert intent of `uuid` (consumed, or superseded).
+    pub fn clear_revert(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        match self.section(Anchor::Data, REVERTS, false)? {
+            Some(dir) => dir.remove_file(uuid.as_str()),
+            None => Ok(()),
+        }
+    }
+
+    /// Records that snapshot `name` of `uuid` was taken with `digest` in
+    /// its element, the local state stored right before (`snapshot create`).
+    pub fn record_snapshot(
+        &self,
+        uuid: &DomainUuid,
+        name: &str,
+        digest: &Sha256Sum,
+    ) -> Result<(), FsError> {
+        let dir = self.uuid_dir(SNAPSHOTS, uuid, true)?.expect("created");
+        write_private_file(
+            &dir,
+            &Sha256Sum::of(name.as_bytes()).to_string(),
+            format!("{digest}\n").as_bytes(),
+        )
+    }
+
+    /// The digest [`HostData::record_snapshot`] recorded for snapshot `name`.
+    pub fn snapshot_record(
+        &self,
+        uuid: &DomainUuid,
+        name: &str,
+    ) -> Result<Option<Sha256Sum>, FsError> {
+        let Some(dir) = self.uuid_dir(SNAPSHOTS, uuid, false)? else {
+            return Ok(None);
+        };
+        Ok(dir
+            .read_file(&Sha256Sum::of(name.as_bytes()).to_string(), 256)?
+            .and_then(|b| Sha256Sum::parse_hex(String::from_utf8_lossy(&b).trim())))
+    }
+
     /// Every domain our data dir holds something for, with its usage
     /// (issue 17: garbage collection). Names that are not UUIDs (our temp
     /// names) count toward no domain.
     pub fn scan_domains(&self) -> Result<Vec<DomainData>, FsError> {
         let mut all: std::collections::BTreeMap<String, DomainData> = Default::default();
-        for (section, depth) in [(KEPT, 2), (BACKUPS, 2), (SYNCED, 0), (INTENTS, 1)] {
+        for (section, depth) in [
+            (KEPT, 2),
+            (BACKUPS, 2),
+            (SYNCED, 0),
+            (INTENTS, 1),
+            (REVERTS, 0),
+            (SNAPSHOTS, 1),
+        ] {
             let Some(dir) = self.section(Anchor::Data, section, false)? else {
                 continue;
             };
@@ -388,15 +532,17 @@ impl HostData {
     /// backups, `J`, intent). Call with the domain's lock held, only for a
     /// domain libvirt no longer knows.
     pub fn remove_domain_data(&self, uuid: &DomainUuid) -> Result<(), FsError> {
-        for section in [KEPT, BACKUPS, INTENTS] {
+        for section in [KEPT, BACKUPS, INTENTS, SNAPSHOTS] {
             if let Some(dir) = self.section(Anchor::Data, section, false)? {
                 if dir.entry(uuid.as_str())? != EntryKind::Missing {
                     dir.remove_tree(uuid.as_str(), &format!(".{uuid}{OLD_MARK}"))?;
                 }
             }
         }
-        if let Some(dir) = self.section(Anchor::Data, SYNCED, false)? {
-            dir.remove_file(uuid.as_str())?;
+        for section in [SYNCED, REVERTS] {
+            if let Some(dir) = self.section(Anchor::Data, section, false)? {
+                dir.remove_file(uuid.as_str())?;
+            }
         }
         Ok(())
     }
@@ -483,7 +629,12 @@ impl HostData {
 
     /// Whether a fresh (younger than [`MARKER_TTL`]) incoming marker exists.
     pub fn incoming(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
-        let Some(dir) = self.section(Anchor::Run, INCOMING, false)? else {
+        self.fresh_marker(INCOMING, uuid)
+    }
+
+    /// Whether `<run>/<section>/<uuid>` exists and is younger than [`MARKER_TTL`].
+    fn fresh_marker(&self, section: &str, uuid: &DomainUuid) -> Result<bool, FsError> {
+        let Some(dir) = self.section(Anchor::Run, section, false)? else {
             return Ok(false);
         };
         if !dir.check_file(uuid.as_str())? {
@@ -496,6 +647,29 @@ impl HostData {
         Ok(age < MARKER_TTL)
     }
 
+    fn clear_marker(&self, section: &str, uuid: &DomainUuid) -> Result<(), FsError> {
+        match self.section(Anchor::Run, section, false)? {
+            Some(dir) => dir.remove_file(uuid.as_str()),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks that a snapshot revert stopped `uuid` (the hook's `release end`
+    /// with reason `from snapshot`).
+    pub fn set_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        let dir = self.section(Anchor::Run, REVERTED, true)?.expect("created");
+        write_private_file(&dir, uuid.as_str(), b"from snapshot\n")
+    }
+
+    /// Whether a fresh (younger than [`MARKER_TTL`]) revert-stop marker exists.
+    pub fn reverted(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
+        self.fresh_marker(REVERTED, uuid)
+    }
+
+    pub fn clear_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        self.clear_marker(REVERTED, uuid)
+    }
+
     /// Whether any incoming marker exists at all (cheap: one directory read).
     pub fn any_incoming(&self) -> bool {
         matches!(
@@ -505,10 +679,7 @@ impl HostData {
     }
 
     pub fn clear_incoming(&self, uuid: &DomainUuid) -> Result<(), FsError> {
-        match self.section(Anchor::Run, INCOMING, false)? {
-            Some(dir) => dir.remove_file(uuid.as_str()),
-            None => Ok(()),
-        }
+        self.clear_marker(INCOMING, uuid)
     }
 
     /// Takes the per-domain lock that serialises hook, `store` and `restore`,

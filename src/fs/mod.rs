@@ -51,7 +51,9 @@ mod walk;
 
 pub use dir::{Dir, EntryKind};
 pub use error::FsError;
-pub use host::{DomainData, DomainLock, HostData, Intent, WatchLock, MARKER_TTL};
+pub use host::{
+    DomainData, DomainLock, HostData, Intent, RevertIntent, WatchLock, MARKER_TTL, REVERT_TTL,
+};
 pub use keys::{create_key, keys_dir, load_keyring};
 pub use locations::{NvramLocation, StateLocation};
 pub use owner::Owner;

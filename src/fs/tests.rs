@@ -234,3 +234,44 @@ fn our_own_dirs_must_be_ours() {
     .unwrap();
     assert!(Anchor::Data.open(&paths).unwrap().is_some());
 }
+
+#[test]
+fn a_revert_intent_reads_back_until_consumed_or_expired() {
+    use crate::state::{DomainUuid, Sha256Sum};
+    let (t, paths) = scratch();
+    let host = HostData::new(&paths);
+    let uuid = DomainUuid::parse("6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d").unwrap();
+    assert_eq!(host.read_revert(&uuid).unwrap(), None);
+    let intent = RevertIntent {
+        digest: Sha256Sum::of(b"element"),
+        snapshot: "before upgrade\n'x'".into(),
+        by: "cli".into(),
+    };
+    host.write_revert(&uuid, &intent).unwrap();
+    assert_eq!(host.read_revert(&uuid).unwrap(), Some(intent.clone()));
+    let file = t
+        .path()
+        .join("var/lib/virt-tpm-state/reverts")
+        .join(uuid.as_str());
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    host.clear_revert(&uuid).unwrap();
+    assert_eq!(host.read_revert(&uuid).unwrap(), None);
+    // Past its time it no longer counts, and goes.
+    host.write_revert(&uuid, &intent).unwrap();
+    let old = std::time::SystemTime::now() - REVERT_TTL - std::time::Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert_eq!(host.read_revert(&uuid).unwrap(), None);
+    assert!(!file.exists());
+    // An unreadable one neither counts nor stays.
+    std::fs::write(&file, "vts-revert 2\ndigest zz\n").unwrap();
+    assert_eq!(host.read_revert(&uuid).unwrap(), None);
+    assert!(!file.exists());
+}

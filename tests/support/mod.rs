@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The CLI under test.
@@ -740,4 +740,165 @@ pub fn corrupt_sha256(xml: &str) -> String {
     s.replace_range(i..i + 64, &"0".repeat(64));
     assert_ne!(s, xml);
     s
+}
+
+// ---- UEFI (tests/nvram.rs, tests/snapshots.rs) ----
+
+/// A UEFI domain with a TPM 2.0: OVMF by firmware autoselection, without
+/// Secure Boot (which would need SMM, missing under nested KVM here).
+pub fn uefi_xml(vm: &Vm) -> String {
+    let xml = domain_xml(&vm.name, &vm.uuid, Some(vm.tpm));
+    let os = "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>\
+<firmware><feature enabled='no' name='secure-boot'/></firmware></os><features><acpi/></features>";
+    let out = xml.replacen(
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os>",
+        os,
+        1,
+    );
+    assert_ne!(out, xml, "domain_xml changed its <os>");
+    out
+}
+
+pub fn vars_path(vm: &Vm) -> String {
+    format!("/var/lib/libvirt/qemu/nvram/{}_VARS.fd", vm.name)
+}
+
+pub fn fw_vars(args: &[&str]) -> String {
+    let out = Command::new("virt-fw-vars")
+        .args(args)
+        .output()
+        .expect("run virt-fw-vars");
+    assert!(
+        out.status.success(),
+        "virt-fw-vars {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn has_fw_vars() -> bool {
+    Command::new("virt-fw-vars")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn need_fw_vars(test: &str) -> bool {
+    if has_fw_vars() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: virt-fw-vars missing (pip install virt-firmware; scripts/install-deps.sh)");
+    }
+    eprintln!("SKIP {test}: virt-fw-vars not installed");
+    false
+}
+
+// ---- the watch daemon (tests/watch.rs, tests/snapshots.rs) ----
+
+/// The daemon, run in the foreground with `-v` inside a world; its log
+/// (stderr) goes to a file. Killed on drop.
+pub struct Watch {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Watch {
+    pub fn start(w: &World, tag: &str) -> Watch {
+        let log = w.file(&format!("watch-{tag}.log"));
+        let f = std::fs::File::create(&log).expect("create watch log");
+        // world.sh exec execs nsenter, which execs env, which execs the CLI:
+        // the child's pid is the daemon's.
+        let child = Command::new(world_sh())
+            .arg("exec")
+            .arg(&w.dir)
+            .args([VTS, "-v", "watch"])
+            .current_dir(root_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("spawn watch");
+        let d = Watch { child, log };
+        d.wait_log("watching qemu:///system", Duration::from_secs(10));
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    pub fn wait_log(&self, needle: &str, limit: Duration) {
+        let t = Instant::now();
+        while !self.log().contains(needle) {
+            if t.elapsed() > limit {
+                panic!(
+                    "the daemon did not log {needle:?} within {limit:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// user+system CPU time of the daemon, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn hup(&self) {
+        let st = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -HUP failed");
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn term(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- daemon log {} ---\n{}", self.log.display(), self.log());
+        }
+    }
 }
