@@ -11,8 +11,21 @@ fn scratch() -> (tempfile::TempDir, Paths) {
     (t, paths)
 }
 
+/// Makes `p` with `mode`, and any missing parent 0755, each chmod-ed
+/// explicitly: `created_dirs_get_their_mode_whatever_the_umask` sets the
+/// process-wide umask to 000 while other tests run, and a parent made 0777
+/// then would be a dir the trust rule rightly refuses.
 fn mkdir(p: &Path, mode: u32) {
-    std::fs::create_dir_all(p).unwrap();
+    let mut missing = Vec::new();
+    let mut cur = p;
+    while !cur.exists() {
+        missing.push(cur);
+        cur = cur.parent().expect("below the scratch dir");
+    }
+    for d in missing.iter().rev() {
+        std::fs::create_dir(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
@@ -170,6 +183,7 @@ fn an_existing_dir_keeps_its_mode() {
 fn a_deep_tree_is_removed_entirely() {
     let (t, paths) = scratch();
     let top = Anchor::Other(PathBuf::from("/d"));
+    mkdir(&t.path().join("d"), 0o755);
     let mut p = t.path().join("d/victim");
     for i in 0..300 {
         p.push(format!("level{i}"));
@@ -187,6 +201,7 @@ fn a_deep_tree_is_removed_entirely() {
 #[test]
 fn a_tree_past_the_entry_budget_fails_loudly() {
     let (t, paths) = scratch();
+    mkdir(&t.path().join("d"), 0o755);
     let victim = t.path().join("d/victim");
     std::fs::create_dir_all(&victim).unwrap();
     // Directories cannot be unlinked in the first pass: each costs a turn.
