@@ -465,10 +465,45 @@ fn main() {
             ),
         );
     }
+    {
+        // The EK certificates swtpm_setup --write-ek-cert-files leaves in
+        // the state dir: real ones (fixtures/ek-certs, from swtpm 0.7.1's
+        // swtpm_setup with a throwaway local CA) beside the permall.
+        let mut files = s2.tpm.as_ref().unwrap().files().to_vec();
+        for name in ["ek-rsa2048.crt", "ek-secp384r1.crt"] {
+            files.push(StateFile {
+                name: name.into(),
+                data: std::fs::read(fixtures.join("ek-certs").join(name)).expect("read EK cert"),
+            });
+        }
+        let ek = MachineState::from(TpmState::new(v2, files));
+        let el = encode(&ek, &prov, Style::Standalone);
+        add("ok-tpm2-ek-certs", domain(&ok_expect(&ek, &prov), v2, &el));
+        // A certificate cut short: its DER length no longer covers it.
+        let mut files = ek.tpm.as_ref().unwrap().files().to_vec();
+        let cert = files
+            .iter_mut()
+            .find(|f| f.name == "ek-rsa2048.crt")
+            .unwrap();
+        cert.data.pop();
+        let torn = MachineState::from(TpmState::new(v2, files));
+        add(
+            "refused-ek-cert-not-der",
+            domain(
+                "refused BadSwtpmHeader",
+                v2,
+                &encode(&torn, &prov, Style::Standalone),
+            ),
+        );
+    }
     for (vname, bad_name) in [
         ("refused-name-traversal", "../../etc/shadow"),
         ("refused-name-volatilestate", "tpm2-00.volatilestate"),
         ("refused-name-other-version", "tpm-00.permall"),
+        // swtpm's backup of the previous permall (`--tpmstate ...,backup`)
+        // is never carried: restoring it beside another permall would let
+        // swtpm fall back to a state from another generation.
+        ("refused-name-permall-bak", "tpm2-00.permall.bak"),
     ] {
         let e = replace_once(
             &el2,

@@ -8,7 +8,7 @@ use super::{read_input, CliError, Ctx, PackArgs};
 use crate::format::{encode_with, Protection, Provenance, Style};
 use crate::fs::{keys_dir, load_keyring, open_user_dir, HostData};
 use crate::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
-use crate::swtpm::check_header;
+use crate::swtpm::check_tpm_file;
 use std::io::Read;
 use std::path::Path;
 
@@ -273,7 +273,7 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
     };
     if let Some(t) = &state.tpm {
         for f in t.files() {
-            if let Err(e) = check_header(&f.data) {
+            if let Err(e) = check_tpm_file(t.version, f) {
                 return Err(bad_input(
                     Path::new(&f.name),
                     format!("not a swtpm state file ({e}); nothing was written"),

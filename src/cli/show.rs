@@ -67,7 +67,7 @@ fn load(ctx: &Ctx, src: &SourceArgs) -> Result<Source, CliError> {
 
 #[derive(serde::Serialize)]
 struct FileJson {
-    /// `tpm` or `nvram`.
+    /// `tpm`, `nvram` or `varstore`.
     section: &'static str,
     name: String,
     size: usize,
@@ -266,6 +266,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                             "tpm"
                         }
                         "nvram" => "nvram",
+                        "varstore" => "varstore",
                         _ => continue,
                     };
                     for f in sec.children.iter().filter(|f| f.name == "file") {
@@ -376,7 +377,7 @@ fn local_state(
     // Compared over the sections the element holds (as the hook does).
     let (tpm, nvram) = match info.metadata.as_ref().map(|e| {
         let has = |n: &str| e.children.iter().any(|c| c.name == n);
-        (has("tpm"), has("nvram"))
+        (has("tpm"), has("nvram") || has("varstore"))
     }) {
         Some((t, n)) if t || n => (t, n),
         _ => (true, true),
@@ -454,10 +455,10 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             crate::say!("  TPM:         none (UEFI variables only)");
         }
         for f in &j.files {
-            let label = if f.section == "nvram" {
-                "  (UEFI variables, nvram)"
-            } else {
-                ""
+            let label = match f.section {
+                "nvram" => "  (UEFI variables, nvram)",
+                "varstore" => "  (UEFI variables, varstore)",
+                _ => "",
             };
             crate::say!(
                 "    {}  {} bytes  sha256 {}…{label}",
