@@ -793,8 +793,10 @@ const SCHEMA_INVALID: &[&str] = &[
     "refused-encrypted-missing-nonce",
     "refused-encrypted-wrapped-key-truncated",
     "refused-name-other-version",
+    "refused-name-permall-bak",
     "refused-name-traversal",
     "refused-name-volatilestate",
+    "refused-nvram-and-varstore",
     "refused-nvram-file-in-tpm-section",
     "refused-nvram-name-other",
     "refused-nvram-no-file",
@@ -806,6 +808,7 @@ const SCHEMA_INVALID: &[&str] = &[
     "refused-unknown-section",
     "refused-uuid-newline-reference",
     "refused-uuid-padded",
+    "refused-varstore-name-other",
 ];
 
 #[test]
