@@ -1137,3 +1137,43 @@ fn fixtures_agree_across_the_three_readers() {
     }
     assert!(n >= 1, "no fixture with an element");
 }
+
+/// `pack --state-dir` takes what the hook and `store` take from a live
+/// dir: the permall and the EK certificates beside it, never swtpm's
+/// `.bak` or its lock.
+#[test]
+fn pack_state_dir_carries_ek_certificates_not_the_backup() {
+    let env = Env::new();
+    let (d, st) = tpm2_state(&env);
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ek-certs");
+    for c in ["ek-rsa2048.crt", "ek-secp384r1.crt"] {
+        std::fs::copy(certs.join(c), d.join("tpm2").join(c)).unwrap();
+    }
+    std::fs::write(d.join("tpm2/tpm2-00.permall.bak"), &st.permall).unwrap();
+    std::fs::write(d.join("tpm2/.lock"), b"").unwrap();
+    let o = env.run(
+        &[
+            "pack",
+            "--uuid",
+            "6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11",
+            "--state-dir",
+            d.to_str().unwrap(),
+            "--plaintext",
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let j = show_json(&env, &o.stdout, &[]);
+    let mut names: Vec<&str> = j["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["ek-rsa2048.crt", "ek-secp384r1.crt", "tpm2-00.permall"],
+        "{j:#}"
+    );
+}

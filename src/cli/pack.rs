@@ -6,7 +6,7 @@
 
 use super::{read_input, CliError, Ctx, PackArgs};
 use crate::format::{encode_with, Protection, Provenance, Style};
-use crate::fs::{keys_dir, load_keyring, open_user_dir, HostData};
+use crate::fs::{keys_dir, load_keyring, open_user_dir, read_tpm_files, HostData};
 use crate::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 use crate::swtpm::check_tpm_file;
 use std::io::Read;
@@ -89,7 +89,8 @@ fn tpm_state(version: TpmVersion, data: Vec<u8>) -> TpmState {
 
 /// The TPM state from a swtpm state dir: `tpm2-00.permall` or
 /// `tpm-00.permall` in DIR (or in its `tpm2`/`tpm1.2` subdir, as in
-/// `/var/lib/libvirt/swtpm/<uuid>`).
+/// `/var/lib/libvirt/swtpm/<uuid>`), with the EK certificates beside a
+/// TPM 2.0 permall, read as `store` reads a live dir.
 fn from_state_dir(path: &Path, want: Option<TpmVersion>, max: u64) -> Result<TpmState, CliError> {
     let dir = open_user_dir(path, false)?.ok_or_else(|| bad_input(path, "no such directory"))?;
     let versions: Vec<TpmVersion> = match want {
@@ -98,11 +99,11 @@ fn from_state_dir(path: &Path, want: Option<TpmVersion>, max: u64) -> Result<Tpm
     };
     let mut found = Vec::new();
     for v in &versions {
-        if let Some(data) = dir.read_file(v.permall_name(), max)? {
-            found.push(tpm_state(*v, data));
+        if let Some(t) = read_tpm_files(&dir, *v, max)? {
+            found.push(t);
         } else if let Some(sub) = dir.open_subdir(v.state_subdir())? {
-            if let Some(data) = sub.read_file(v.permall_name(), max)? {
-                found.push(tpm_state(*v, data));
+            if let Some(t) = read_tpm_files(&sub, *v, max)? {
+                found.push(t);
             }
         }
     }

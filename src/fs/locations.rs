@@ -401,7 +401,7 @@ fn read_linear_file(
 /// TPM 2.0, the EK certificates beside it. `None` when the permall is
 /// absent. Other files (locks, volatile states, swtpm's `.bak`) are left
 /// alone: they are never carried, and never a reason to refuse.
-pub(super) fn read_tpm_files(
+pub fn read_tpm_files(
     dir: &Dir,
     version: TpmVersion,
     max: u64,

@@ -53,7 +53,7 @@ pub use dir::{Dir, EntryKind};
 pub use error::FsError;
 pub use host::{DomainData, DomainLock, HostData, Intent, MARKER_TTL};
 pub use keys::{create_key, keys_dir, load_keyring};
-pub use locations::{NvramLocation, StateLocation};
+pub use locations::{read_tpm_files, NvramLocation, StateLocation};
 pub use owner::Owner;
 
 use crate::paths::{
