@@ -72,7 +72,7 @@ pub fn require_env(test: &str) -> bool {
         let root = PathBuf::from(root);
         if !root.join(".vts-root-complete").is_file() || !root.join("usr/sbin/libvirtd").is_file() {
             missing.push(format!(
-                "VTS_WORLD_ROOTFS={} is not a complete root (scripts/make-libvirt-next-root.sh)",
+                "VTS_WORLD_ROOTFS={} is not a complete root (scripts/make-libvirt-root.sh bookworm-bpo|sid)",
                 root.display()
             ));
         }
