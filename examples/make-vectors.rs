@@ -22,7 +22,9 @@ use virt_tpm_state::format::{
     digest_of_sums, encode, encode_with, gzip_deterministic, Protection, Provenance, Style,
     NAMESPACE_URI,
 };
-use virt_tpm_state::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
+use virt_tpm_state::state::{
+    DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind,
+};
 use virt_tpm_state::swtpm::{check_header, synthetic_blob};
 
 const UUID: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
@@ -465,10 +467,45 @@ fn main() {
             ),
         );
     }
+    {
+        // The EK certificates swtpm_setup --write-ek-cert-files leaves in
+        // the state dir: real ones (fixtures/ek-certs, from swtpm 0.7.1's
+        // swtpm_setup with a throwaway local CA) beside the permall.
+        let mut files = s2.tpm.as_ref().unwrap().files().to_vec();
+        for name in ["ek-rsa2048.crt", "ek-secp384r1.crt"] {
+            files.push(StateFile {
+                name: name.into(),
+                data: std::fs::read(fixtures.join("ek-certs").join(name)).expect("read EK cert"),
+            });
+        }
+        let ek = MachineState::from(TpmState::new(v2, files));
+        let el = encode(&ek, &prov, Style::Standalone);
+        add("ok-tpm2-ek-certs", domain(&ok_expect(&ek, &prov), v2, &el));
+        // A certificate cut short: its DER length no longer covers it.
+        let mut files = ek.tpm.as_ref().unwrap().files().to_vec();
+        let cert = files
+            .iter_mut()
+            .find(|f| f.name == "ek-rsa2048.crt")
+            .unwrap();
+        cert.data.pop();
+        let torn = MachineState::from(TpmState::new(v2, files));
+        add(
+            "refused-ek-cert-not-der",
+            domain(
+                "refused BadSwtpmHeader",
+                v2,
+                &encode(&torn, &prov, Style::Standalone),
+            ),
+        );
+    }
     for (vname, bad_name) in [
         ("refused-name-traversal", "../../etc/shadow"),
         ("refused-name-volatilestate", "tpm2-00.volatilestate"),
         ("refused-name-other-version", "tpm-00.permall"),
+        // swtpm's backup of the previous permall (`--tpmstate ...,backup`)
+        // is never carried: restoring it beside another permall would let
+        // swtpm fall back to a state from another generation.
+        ("refused-name-permall-bak", "tpm2-00.permall.bak"),
     ] {
         let e = replace_once(
             &el2,
@@ -605,6 +642,60 @@ fn main() {
         let e = format!("{}{}{}", &el2n[..end], &el2n[start..end], &el2n[end..]);
         add(
             "refused-two-nvram-sections",
+            domain("refused DuplicateNvramSection", v2, &e),
+        );
+    }
+    // ---------------------------------------------------------- varstore
+    {
+        // QEMU's uefi-vars JSON as libvirt 12.8 + QEMU 11.1 leave it after
+        // a first start, plus one variable set by the guest.
+        let json = br#"{
+    "version": 2,
+    "variables": [
+        {
+            "name": "CustomMode",
+            "guid": "c076ec0c-7028-4399-a072-71ee5c448b9f",
+            "attr": 3,
+            "data": "00"
+        },
+        {
+            "name": "VendorKeysNv",
+            "guid": "8be4df61-93ca-11d2-aa0d-00e098032b8c",
+            "attr": 35,
+            "time": "00000000000000000000000000000000",
+            "data": "00"
+        },
+        {
+            "name": "VtsVarstoreTest",
+            "guid": "605dab50-e046-4300-abb6-3dd810dd8b23",
+            "attr": 7,
+            "data": "766972742d74706d2d7374617465"
+        }
+    ]
+}
+"#;
+        let sv = MachineState::with_vars(s2.tpm.clone(), VarsKind::Varstore, Some(json.to_vec()));
+        let el = encode(&sv, &prov, Style::Standalone);
+        add("ok-tpm2-varstore", domain(&ok_expect(&sv, &prov), v2, &el));
+        add(
+            "refused-varstore-name-other",
+            domain(
+                "refused NvramFileNameNotAllowed",
+                v2,
+                &replace_once(&el, "name=\"varstore.json\"", "name=\"VARS.fd\""),
+            ),
+        );
+        // A domain has a <nvram> or a <varstore>, never both.
+        let start = el.find("  <vts:varstore>").unwrap();
+        let end = el.find("</vts:varstore>\n").unwrap() + "</vts:varstore>\n".len();
+        let e = format!(
+            "{}{}{}",
+            &el2n[..el2n.find("</vts:state>").unwrap()],
+            &el[start..end],
+            "</vts:state>\n"
+        );
+        add(
+            "refused-nvram-and-varstore",
             domain("refused DuplicateNvramSection", v2, &e),
         );
     }

@@ -7,6 +7,8 @@
 # Profiles:
 #   bookworm-bpo  Debian 12 with libvirt 11.3 and QEMU 10 from bookworm-backports
 #                 (scripts/test-libvirt-next.sh, docs/LIBVIRT-NEXT.md)
+#   sid           Debian unstable with libvirt 12.8, QEMU 11.1 and swtpm 0.10.2
+#                 (scripts/test-libvirt-sid.sh, docs/LIBVIRT-NEXT.md)
 #   pkg-bookworm  Debian 12 as released, the package's lifecycle test
 #   pkg-trixie    Debian 13, the same test (scripts/test-package.sh, docs/PACKAGING.md)
 # The pkg-* roots hold libvirt, QEMU and the test's tools, but NOT swtpm: the
@@ -29,6 +31,8 @@ target_packages=()
 target_release=
 # Downloaded only: what `apt install` of the package must pull in itself.
 download_only=()
+# Only "deb MIRROR SUITE main" (unstable).
+single_suite=
 case $profile in
     bookworm-bpo)
         suite=bookworm
@@ -55,6 +59,26 @@ case $profile in
         # existing roots are reused.
         stamp_text="v1 ${target_packages[*]} ${packages[*]}"
         ;;
+    sid)
+        suite=sid
+        LIBVIRT_VERSION=12.8.0-1
+        QEMU_VERSION=1:11.1.3+ds-1
+        SWTPM_VERSION=0.10.2-2
+        target_release=sid
+        target_packages=(
+            "libvirt-daemon-system=$LIBVIRT_VERSION" "libvirt-clients=$LIBVIRT_VERSION"
+            "libvirt-daemon=$LIBVIRT_VERSION" "libvirt0=$LIBVIRT_VERSION"
+            "qemu-system-x86=$QEMU_VERSION"
+            "swtpm=$SWTPM_VERSION" "swtpm-tools=$SWTPM_VERSION" "swtpm-libs=$SWTPM_VERSION"
+        )
+        packages=(
+            tpm2-tools libtss2-tcti-swtpm0 ovmf
+            iproute2 python3 procps libxml2-utils ca-certificates
+        )
+        # Unstable has no -updates or -security suite.
+        single_suite=1
+        stamp_text="v1 sid ${target_packages[*]} ${packages[*]}"
+        ;;
     pkg-bookworm | pkg-trixie)
         suite=${profile#pkg-}
         # libvirt and QEMU as the suite ships them; tpm2-tools and the swtpm
@@ -68,7 +92,7 @@ case $profile in
         stamp_text="pkg-v1 $suite ${packages[*]} download:${download_only[*]}"
         ;;
     *)
-        echo "usage: make-root.sh bookworm-bpo|pkg-bookworm|pkg-trixie [ROOT]" >&2
+        echo "usage: make-root.sh bookworm-bpo|sid|pkg-bookworm|pkg-trixie [ROOT]" >&2
         exit 2
         ;;
 esac
@@ -99,16 +123,26 @@ mkdir -p "$(dirname "$root")"
 tmp=$root.partial
 rm -rf "$tmp"
 
+# Signatures are checked against the host's Debian archive keyring (it holds
+# the keys unstable is signed with; scripts/install-deps.sh installs it).
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 echo "==> debootstrap $suite into $tmp" >&2
-debootstrap --variant=minbase "$suite" "$tmp" "$mirror" >"$tmp.log" 2>&1 \
+debootstrap --variant=minbase --keyring="$keyring" "$suite" "$tmp" "$mirror" >"$tmp.log" 2>&1 \
     || { tail -n 30 "$tmp.log" >&2; echo "error: debootstrap failed" >&2; exit 1; }
 
-{
-    echo "deb $mirror $suite main"
-    echo "deb $mirror $suite-updates main"
-    [[ -z $target_release ]] || echo "deb $mirror $target_release main"
-    echo "deb $security $suite-security main"
-} >"$tmp/etc/apt/sources.list"
+if [[ -n $single_suite ]]; then
+    echo "deb $mirror $suite main" >"$tmp/etc/apt/sources.list"
+else
+    {
+        echo "deb $mirror $suite main"
+        echo "deb $mirror $suite-updates main"
+        [[ -z $target_release ]] || echo "deb $mirror $target_release main"
+        echo "deb $security $suite-security main"
+    } >"$tmp/etc/apt/sources.list"
+fi
+# A frozen or slow mirror of unstable may serve a Release file past its
+# Valid-Until; the signature is still checked.
+echo 'Acquire::Check-Valid-Until "false";' >"$tmp/etc/apt/apt.conf.d/99vts-no-valid-until"
 # No daemons started by package scripts inside the root.
 printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
 chmod 755 "$tmp/usr/sbin/policy-rc.d"

@@ -42,11 +42,11 @@ pub struct Config {
     /// read-only connection) can then read the TPM's secrets.
     pub allow_plaintext: bool,
     /// Directories below which a domain XML's `<tpm><backend><source
-    /// type='dir'|'file' path=...>` or `<nvram>` path may point (absolute). The XML
+    /// type='dir'|'file' path=...>`, `<nvram>` or `<varstore>` path may point (absolute). The XML
     /// is untrusted input: by default only libvirt's own dirs are written.
     pub state_path_prefixes: Vec<PathBuf>,
-    /// Carry the domain's UEFI variable store (its `<nvram>` file) in the
-    /// element beside the TPM state.
+    /// Carry the domain's UEFI variable store (its `<nvram>` or
+    /// `<varstore>` file) in the element beside the TPM state.
     pub nvram: bool,
     /// Also carry the variable store of UEFI domains without an emulated
     /// TPM (the element then holds NVRAM only).

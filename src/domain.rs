@@ -135,6 +135,9 @@ pub struct OsFirmware {
     pub nvram: Option<NvramElement>,
     /// `<os><type arch=…>`: decides libvirt's default TPM version.
     pub arch: Option<String>,
+    /// `<varstore>` (libvirt >= 12.1, QEMU's uefi-vars device): its `path`
+    /// attribute, empty when absent (libvirt fills in its default).
+    pub varstore: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -187,6 +190,25 @@ impl OsFirmware {
             }
         }
         (self.efi || self.pflash || self.nvram.is_some()).then_some(NvramSpec::Default)
+    }
+}
+
+impl OsFirmware {
+    /// The domain's `<varstore>`, if it has one: libvirt's default
+    /// `/var/lib/libvirt/qemu/varstore/<name>.json`, or its `path`. A domain
+    /// with a `<varstore>` has no `<nvram>` (libvirt refuses both), so this
+    /// takes precedence over [`Self::nvram`].
+    pub fn varstore(&self) -> Option<NvramSpec> {
+        if self.stateless {
+            return None;
+        }
+        self.varstore.as_ref().map(|p| {
+            if p.is_empty() {
+                NvramSpec::Default
+            } else {
+                NvramSpec::Path(p.clone())
+            }
+        })
     }
 }
 
@@ -437,6 +459,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                     (1, "metadata") => Some("a second <metadata>"),
                     (1, "os") => Some("a second <os>"),
                     (2, "nvram") if path[1] == "os" => Some("a second <os>/<nvram>"),
+                    (2, "varstore") if path[1] == "os" => Some("a second <os>/<varstore>"),
                     (2, "loader") if path[1] == "os" => Some("a second <os>/<loader>"),
                     _ => None,
                 };
@@ -508,6 +531,9 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
                         text: String::new(),
                     });
                     text_target = Some("nvram");
+                } else if depth == 2 && path[1] == "os" && local == "varstore" {
+                    let attrs = attributes(&e, xml, here, &reader)?;
+                    os.varstore = Some(find(&attrs, "path").unwrap_or_default());
                 } else if depth == 3 && path[1] == "os" && path[2] == "nvram" && local == "source" {
                     let attrs = attributes(&e, xml, here, &reader)?;
                     if let (Some(n), Some(file)) = (os.nvram.as_mut(), find(&attrs, "file")) {
@@ -1067,6 +1093,23 @@ mod tests {
             None
         );
         assert_eq!(os("<os><loader type='rom'>/bios.bin</loader></os>"), None);
+        // <varstore> (libvirt >= 12.1): its own spec, beside a ROM loader.
+        let vs = |inner: &str| {
+            parse_domain(domain(inner).as_bytes(), NS)
+                .unwrap()
+                .os
+                .varstore()
+        };
+        assert_eq!(
+            vs("<os><loader type='rom'>/usr/share/qemu/OVMF.fd</loader><varstore template='/t.json'/></os>"),
+            Some(NvramSpec::Default)
+        );
+        assert_eq!(
+            vs("<os><varstore template='/t.json' path='/var/lib/libvirt/qemu/varstore/v.json'/></os>"),
+            Some(NvramSpec::Path("/var/lib/libvirt/qemu/varstore/v.json".into()))
+        );
+        assert_eq!(vs("<os firmware='efi'/>"), None);
+        assert!(parse_domain(domain("<os><varstore/><varstore/></os>").as_bytes(), NS).is_err());
     }
 
     #[test]

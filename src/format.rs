@@ -8,9 +8,9 @@ use crate::envelope::{
     open, os_random, seal, KeyId, Keyring, OpenError, Sealed, SecretKey, NONCE_LEN,
 };
 use crate::state::{
-    state_digest, DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
+    state_digest, DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind,
 };
-use crate::swtpm::{check_header, HeaderError};
+use crate::swtpm::{check_tpm_file, HeaderError};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use flate2::bufread::GzDecoder;
@@ -100,11 +100,11 @@ pub enum FormatError {
     },
     #[error("unknown section <{0}>; a newer virt-tpm-state wrote it, upgrade to read it")]
     UnknownSection(String),
-    #[error("no <tpm> or <nvram> section")]
+    #[error("no <tpm>, <nvram> or <varstore> section")]
     NoSection,
     #[error("more than one <tpm> section")]
     DuplicateTpmSection,
-    #[error("more than one <nvram> section")]
+    #[error("more than one UEFI variable store section (<nvram>, <varstore>)")]
     DuplicateNvramSection,
     #[error("TPM version {0:?} is not 1.2 or 2.0")]
     BadTpmVersion(String),
@@ -114,8 +114,12 @@ pub enum FormatError {
         version: TpmVersion,
         allowed: String,
     },
-    #[error("file name {0:?} is not allowed in the <nvram> section (allowed: VARS.fd)")]
-    NvramFileNameNotAllowed(String),
+    #[error("file name {name:?} is not allowed in the <{section}> section (allowed: {allowed})")]
+    NvramFileNameNotAllowed {
+        name: String,
+        section: &'static str,
+        allowed: &'static str,
+    },
     #[error("file {0:?} appears twice")]
     DuplicateFile(String),
     #[error("the <{0}> section holds no file")]
@@ -142,7 +146,7 @@ pub enum FormatError {
         declared: String,
         actual: String,
     },
-    #[error("file {name:?}: not a swtpm state file: {source}")]
+    #[error("file {name:?}: not a valid swtpm state file or EK certificate: {source}")]
     BadSwtpmHeader { name: String, source: HeaderError },
     #[error("digest is {declared}…, but the files hash to {actual}…")]
     DigestMismatch { declared: String, actual: String },
@@ -271,13 +275,13 @@ pub fn encode_with(
         attribute_text(&provenance.stored),
         attribute_text(&provenance.host),
     );
-    // Sections in a fixed order: <tpm> first, then <nvram>.
+    // Sections in a fixed order: <tpm> first, then <nvram> or <varstore>.
     let mut sections: Vec<(&str, String, &[StateFile])> = Vec::new();
     if let Some(tpm) = &state.tpm {
         sections.push(("tpm", format!(" version=\"{}\"", tpm.version), tpm.files()));
     }
-    if let Some(nvram) = &state.nvram {
-        sections.push(("nvram", String::new(), std::slice::from_ref(nvram)));
+    if let (Some(vars), Some(kind)) = (&state.nvram, state.vars_kind()) {
+        sections.push((kind.section(), String::new(), std::slice::from_ref(vars)));
     }
     for (section, attrs, files) in sections {
         out.push_str(&format!("{i1}<{p}{section}{attrs}>{nl}"));
@@ -362,10 +366,11 @@ pub fn decode(el: &XmlElement, limits: DecodeLimits) -> Result<MetadataState, Fo
     decode_with_keys(el, limits, &Keyring::default())
 }
 
-/// Which sections (`<tpm>`, `<nvram>`) an element holds.
+/// Which sections an element holds: a TPM, a UEFI variable store
+/// (`<nvram>` or `<varstore>`).
 pub fn declared_sections(el: &XmlElement) -> (bool, bool) {
     let has = |n: &str| el.children.iter().any(|c| c.name == n);
-    (has("tpm"), has("nvram"))
+    (has("tpm"), has("nvram") || has("varstore"))
 }
 
 /// The digest of the element's sections `tpm`/`nvram` as its `<file>`
@@ -375,7 +380,8 @@ pub fn declared_sections(el: &XmlElement) -> (bool, bool) {
 /// `None` when an attribute is missing or malformed.
 pub fn declared_digest(el: &XmlElement, tpm: bool, nvram: bool) -> Option<Sha256Sum> {
     let mut entries = Vec::new();
-    for (section, wanted) in [("tpm", tpm), ("nvram", nvram)] {
+    // A UEFI variable store is either kind's section (never both).
+    for (section, wanted) in [("tpm", tpm), ("nvram", nvram), ("varstore", nvram)] {
         if !wanted {
             continue;
         }
@@ -442,19 +448,27 @@ pub fn decode_with_keys(
 ) -> Result<MetadataState, FormatError> {
     let (provenance, declared_digest) = read_header(el)?;
     let uuid = provenance.uuid.clone();
-    // MUST: at most one <tpm> and one <nvram> section, at least one of the
-    // two; unknown sections are refused, because their files take part in
-    // `digest` and cannot be skipped.
+    // MUST: at most one <tpm> section and one variable store section
+    // (<nvram> or <varstore>: a domain has one of them), at least one
+    // section; unknown sections are refused, because their files take part
+    // in `digest` and cannot be skipped.
     let mut tpm_section = None;
-    let mut nvram_section = None;
+    let mut nvram_section: Option<(&XmlElement, VarsKind)> = None;
     for child in &el.children {
-        match child.name.as_str() {
+        let kind = match child.name.as_str() {
             "tpm" if tpm_section.is_some() => return Err(FormatError::DuplicateTpmSection),
-            "tpm" => tpm_section = Some(child),
-            "nvram" if nvram_section.is_some() => return Err(FormatError::DuplicateNvramSection),
-            "nvram" => nvram_section = Some(child),
+            "tpm" => {
+                tpm_section = Some(child);
+                continue;
+            }
+            "nvram" => VarsKind::Nvram,
+            "varstore" => VarsKind::Varstore,
             other => return Err(FormatError::UnknownSection(shown(other))),
+        };
+        if nvram_section.is_some() {
+            return Err(FormatError::DuplicateNvramSection);
         }
+        nvram_section = Some((child, kind));
     }
     if tpm_section.is_none() && nvram_section.is_none() {
         return Err(FormatError::NoSection);
@@ -478,17 +492,17 @@ pub fn decode_with_keys(
         tpm = Some(TpmState::new(version, files));
     }
     let mut nvram = None;
-    if let Some(section) = nvram_section {
+    if let Some((section, kind)) = nvram_section {
         let mut files = decode_section(
             section,
-            Section::Nvram,
+            Section::Vars(kind),
             limits,
             uuid.as_str(),
             keys,
             &mut sealed_with,
         )?;
-        // The name check allows VARS.fd only and duplicates are refused:
-        // exactly one file.
+        // The name check allows the kind's one name and duplicates are
+        // refused: exactly one file.
         nvram = files.pop();
     }
     let state = MachineState { tpm, nvram };
@@ -513,14 +527,14 @@ pub fn decode_with_keys(
 #[derive(Debug, Clone, Copy)]
 enum Section {
     Tpm(TpmVersion),
-    Nvram,
+    Vars(VarsKind),
 }
 
 impl Section {
     fn name(self) -> &'static str {
         match self {
             Section::Tpm(_) => "tpm",
-            Section::Nvram => "nvram",
+            Section::Vars(kind) => kind.section(),
         }
     }
 }
@@ -585,8 +599,12 @@ fn decode_file(
                 allowed: version.allowed_files().join(", "),
             });
         }
-        Section::Nvram if name != NVRAM_FILE => {
-            return Err(FormatError::NvramFileNameNotAllowed(shown(&name)));
+        Section::Vars(kind) if name != kind.file_name() => {
+            return Err(FormatError::NvramFileNameNotAllowed {
+                name: shown(&name),
+                section: kind.section(),
+                allowed: kind.file_name(),
+            });
         }
         _ => {}
     }
@@ -643,15 +661,17 @@ fn decode_file(
             actual: actual_sha.short(),
         });
     }
-    // The swtpm header check applies to TPM files; a VARS store is opaque
-    // firmware data (size and sha256 above are its checks).
-    if let Section::Tpm(_) = section {
-        check_header(&data).map_err(|source| FormatError::BadSwtpmHeader {
-            name: name.clone(),
+    let file = StateFile { name, data };
+    // The content check applies to TPM files (swtpm header, EK certificate
+    // shape); a VARS store is opaque firmware data (size and sha256 above
+    // are its checks).
+    if let Section::Tpm(version) = section {
+        check_tpm_file(version, &file).map_err(|source| FormatError::BadSwtpmHeader {
+            name: file.name.clone(),
             source,
         })?;
     }
-    Ok((StateFile { name, data }, key))
+    Ok((file, key))
 }
 
 /// Opens a `gzip+chacha20poly1305+base64` payload: the key named by `key`
@@ -911,6 +931,60 @@ mod tests {
         assert!(matches!(refused(&dup), FormatError::DuplicateFile(_)));
     }
 
+    /// An EK certificate travels beside the permall (TPM 2.0 only), is
+    /// checked for its DER shape, and takes part in the digest.
+    #[test]
+    fn ek_certificates_round_trip_and_are_checked() {
+        let (_, prov) = sample();
+        let mut cert = vec![0x30, 0x82, 0x03, 0x00];
+        cert.extend(std::iter::repeat_n(0x5a, 0x300));
+        let files = |cert_name: &str, cert: &[u8]| {
+            vec![
+                StateFile {
+                    name: "tpm2-00.permall".into(),
+                    data: synthetic_blob(0, &[7u8; 300]),
+                },
+                StateFile {
+                    name: cert_name.into(),
+                    data: cert.to_vec(),
+                },
+            ]
+        };
+        let state = MachineState::from(TpmState::new(
+            TpmVersion::V2_0,
+            files("ek-rsa2048.crt", &cert),
+        ));
+        let text = encode(&state, &prov, Style::Standalone);
+        let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+        assert_eq!(back.state, state);
+        let without = MachineState::from(TpmState::new(
+            TpmVersion::V2_0,
+            files("ek-rsa2048.crt", &cert)[..1].to_vec(),
+        ));
+        assert_ne!(state.digest(), without.digest());
+        // A torn certificate is refused like a torn permall.
+        let torn = MachineState::from(TpmState::new(
+            TpmVersion::V2_0,
+            files("ek-secp384r1.crt", &cert[..cert.len() - 1]),
+        ));
+        let text = encode(&torn, &prov, Style::Standalone);
+        assert!(matches!(
+            refused(&text),
+            FormatError::BadSwtpmHeader { ref name, .. } if name == "ek-secp384r1.crt"
+        ));
+        // Never other names: swtpm's backup, other certificate files, and
+        // no certificate beside a TPM 1.2 permall.
+        for bad in ["tpm2-00.permall.bak", "iak-rsa2048.crt", "ek.cert"] {
+            let text = encode(&state, &prov, Style::Standalone)
+                .replace("name=\"ek-rsa2048.crt\"", &format!("name=\"{bad}\""));
+            assert!(
+                matches!(refused(&text), FormatError::FileNameNotAllowed { .. }),
+                "{bad}"
+            );
+        }
+        assert!(TpmVersion::V1_2.ek_cert_files().is_empty());
+    }
+
     #[test]
     fn refuses_bad_base64_sizes_and_sums() {
         let t = sample_text().replace("gzip+base64\">", "gzip+base64\">!!");
@@ -1019,6 +1093,39 @@ mod tests {
         assert_eq!(declared_digest(&el, true, true), Some(tpm_only.digest()));
     }
 
+    /// A `<varstore>` JSON travels in its own section, under its own name
+    /// and digest line, sealed or not; the other kind's name is refused.
+    #[test]
+    fn varstore_round_trips_in_its_own_section() {
+        let (m, prov) = sample();
+        let json = br#"{"version": 2, "variables": []}"#.to_vec();
+        let state = MachineState::with_vars(m.tpm, VarsKind::Varstore, Some(json.clone()));
+        let text = encode(&state, &prov, Style::Standalone);
+        assert!(
+            text.contains("<vts:varstore>") && !text.contains("<vts:nvram>"),
+            "{text}"
+        );
+        let back = decode(&in_domain(&text), DecodeLimits::default()).unwrap();
+        assert_eq!(back.state, state);
+        assert_eq!(back.state.vars_kind(), Some(VarsKind::Varstore));
+        // The same bytes as a VARS file are another state.
+        let as_nvram = MachineState::new(state.tpm.clone(), Some(json));
+        assert_ne!(as_nvram.digest(), state.digest());
+        let key = SecretKey::from_bytes([9; 32]);
+        let sealed = encode_sealed(&state, &prov, Style::Standalone, &key.id(), &key);
+        let keys = Keyring::new(vec![key.clone()]);
+        let back = decode_with_keys(&in_domain(&sealed), DecodeLimits::default(), &keys).unwrap();
+        assert_eq!(back.state, state);
+        let t = text.replace("name=\"varstore.json\"", "name=\"VARS.fd\"");
+        assert!(matches!(
+            refused(&t),
+            FormatError::NvramFileNameNotAllowed {
+                section: "varstore",
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn nvram_round_trips_alone_and_with_the_tpm() {
         for tpm in [true, false] {
@@ -1046,7 +1153,7 @@ mod tests {
         let t = text.replace("name=\"VARS.fd\"", "name=\"../VARS.fd\"");
         assert!(matches!(
             refused(&t),
-            FormatError::NvramFileNameNotAllowed(_)
+            FormatError::NvramFileNameNotAllowed { .. }
         ));
         let start = text.find("  <vts:nvram>").unwrap();
         let end = text.find("</vts:nvram>\n").unwrap() + "</vts:nvram>\n".len();
@@ -1058,8 +1165,23 @@ mod tests {
         let t = text.replace("name=\"VARS.fd\"", "name=\"tpm2-00.permall\"");
         assert_eq!(
             refused(&t),
-            FormatError::NvramFileNameNotAllowed("tpm2-00.permall".into())
+            FormatError::NvramFileNameNotAllowed {
+                name: "tpm2-00.permall".into(),
+                section: "nvram",
+                allowed: "VARS.fd"
+            }
         );
+        // Both kinds of variable store in one element: a domain has one.
+        let vs = text
+            .replace("<vts:nvram>", "<vts:varstore>")
+            .replace("</vts:nvram>", "</vts:varstore>");
+        let both = format!(
+            "{}{}{}",
+            &text[..end],
+            &vs[start..vs.find("</vts:varstore>\n").unwrap() + "</vts:varstore>\n".len()],
+            &text[end..]
+        );
+        assert_eq!(refused(&both), FormatError::DuplicateNvramSection);
         let e = decode(
             &in_domain(&text),
             DecodeLimits {

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 /// libvirt's directory for VARS files (as the domain XML names it; re-rooted
 /// by [`Paths::nvram_dir`]).
 pub const LIBVIRT_NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
+/// libvirt's directory for `<varstore>` files (libvirt >= 12.1; re-rooted
+/// by [`Paths::varstore_dir`]).
+pub const LIBVIRT_VARSTORE_DIR: &str = "/var/lib/libvirt/qemu/varstore";
 /// libvirt's default swtpm state base: `<base>/<uuid>/tpm2`.
 pub const LIBVIRT_SWTPM_DIR: &str = "/var/lib/libvirt/swtpm";
 /// libvirt's configuration (qemu.conf, hooks).
@@ -90,6 +93,11 @@ impl Paths {
         self.under_root(Path::new(LIBVIRT_NVRAM_DIR))
     }
 
+    /// libvirt's default `<varstore>` files: `<dir>/<name>.json`.
+    pub fn varstore_dir(&self) -> PathBuf {
+        self.under_root(Path::new(LIBVIRT_VARSTORE_DIR))
+    }
+
     pub fn qemu_conf(&self) -> PathBuf {
         self.under_root(Path::new(LIBVIRT_CONFIG_DIR))
             .join("qemu.conf")
@@ -137,6 +145,7 @@ mod tests {
         for path in [
             p.swtpm_base(),
             p.nvram_dir(),
+            p.varstore_dir(),
             p.qemu_conf(),
             p.libvirt_hooks_dir(),
             p.config_dir(),

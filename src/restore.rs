@@ -13,7 +13,7 @@ use crate::fs::{
     load_keyring, DomainLock, FsError, HostData, Intent, NvramLocation, Owner, StateLocation,
 };
 use crate::paths::Paths;
-use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState, TpmVersion};
+use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState, TpmVersion, VarsKind};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -258,10 +258,17 @@ impl Carried {
         (self.tpm.is_some(), self.nvram.is_some())
     }
 
-    /// The sections of an element holding `tpm`/`nvram` that a restore
-    /// here writes: those it holds and the domain carries.
-    pub fn applicable(&self, tpm: bool, nvram: bool) -> (bool, bool) {
-        (tpm && self.tpm.is_some(), nvram && self.nvram.is_some())
+    /// The sections of the element's `state` that a restore here writes:
+    /// those it holds and the domain carries. A variable store of the other
+    /// kind (a pflash VARS file for a domain that now uses `<varstore>`, or
+    /// the reverse) is not this domain's: its content means nothing to the
+    /// other device.
+    pub fn applicable(&self, state: &MachineState) -> (bool, bool) {
+        let domain_kind = self.nvram.as_ref().map(NvramLocation::kind);
+        (
+            state.tpm.is_some() && self.tpm.is_some(),
+            state.nvram.is_some() && domain_kind.is_some() && state.vars_kind() == domain_kind,
+        )
     }
 
     /// The live state of the carried parts restricted to `tpm`/`nvram`
@@ -281,11 +288,11 @@ impl Carried {
             },
             _ => None,
         };
-        let vars = match (&self.nvram, nvram) {
-            (Some(location), true) => location.read(max)?,
-            _ => None,
+        let (vars, kind) = match (&self.nvram, nvram) {
+            (Some(location), true) => (location.read(max)?, location.kind()),
+            _ => (None, VarsKind::Nvram),
         };
-        let state = MachineState::new(tpm_state, vars);
+        let state = MachineState::with_vars(tpm_state, kind, vars);
         Ok((!state.is_empty()).then_some(state))
     }
 }
@@ -297,18 +304,28 @@ pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carr
         Some(v) => Some((v, state_location(paths, config, info, v)?)),
         None => None,
     };
+    // A `<varstore>` (QEMU's uefi-vars JSON) replaces the pflash NVRAM:
+    // libvirt allows only one of them per domain.
+    let (spec, kind) = match info.os.varstore() {
+        Some(spec) => (Some(spec), VarsKind::Varstore),
+        None => (info.os.nvram(), VarsKind::Nvram),
+    };
     let nvram = if config.nvram && (tpm.is_some() || config.nvram_without_tpm) {
-        match info.os.nvram() {
+        match spec {
             None => None,
             Some(NvramSpec::Default) => Some(
-                NvramLocation::default_for(paths, &info.name)
+                NvramLocation::default_for(paths, &info.name, kind)
                     .map_err(RestoreError::fs(&info.name))?,
             ),
             Some(NvramSpec::Path(p)) => {
-                let mut allowed = vec![PathBuf::from(crate::paths::LIBVIRT_NVRAM_DIR)];
+                let libvirt_dir = match kind {
+                    VarsKind::Nvram => crate::paths::LIBVIRT_NVRAM_DIR,
+                    VarsKind::Varstore => crate::paths::LIBVIRT_VARSTORE_DIR,
+                };
+                let mut allowed = vec![PathBuf::from(libvirt_dir)];
                 allowed.extend(config.state_path_prefixes.iter().cloned());
                 Some(
-                    NvramLocation::from_path(paths, &p, &allowed)
+                    NvramLocation::from_path(paths, &p, &allowed, kind)
                         .map_err(RestoreError::fs(&info.name))?,
                 )
             }
@@ -473,11 +490,18 @@ fn prepare_with_lock(
     let m = metadata_state(paths, info, config)?.expect("element present");
     // The sections that apply here: those the element holds and the domain
     // (and config) carries. One digest over exactly those decides.
-    let (use_tpm, use_nvram) = carried.applicable(m.state.tpm.is_some(), m.state.nvram.is_some());
-    if m.state.nvram.is_some() && !use_nvram {
-        log::warn!(
+    let (use_tpm, use_nvram) = carried.applicable(&m.state);
+    let domain_kind = carried.nvram.as_ref().map(NvramLocation::kind);
+    match (m.state.vars_kind(), domain_kind) {
+        (Some(theirs), Some(ours)) if theirs != ours => log::warn!(
+            "VM {name}: the metadata holds a {} variable store but the domain uses {}; ignoring that section",
+            theirs.element(),
+            ours.element()
+        ),
+        (Some(_), None) => log::warn!(
             "VM {name}: the metadata holds UEFI variables but the domain has no UEFI variable store here (or nvram = false); ignoring that section"
-        );
+        ),
+        _ => {}
     }
     if m.state.tpm.is_some() && !use_tpm {
         log::warn!(
@@ -603,7 +627,7 @@ fn prepare_with_lock(
             Some(v) if v != want.data => Ok(Some(
                 host.backup(
                     &info.uuid,
-                    &MachineState::new(None, Some(v)),
+                    &MachineState::with_vars(None, l.kind(), Some(v)),
                     config.backups_per_domain,
                 )
                 .map_err(RestoreError::fs(&info.name))?,

@@ -50,12 +50,29 @@ impl TpmVersion {
         }
     }
 
-    /// File names allowed in the `<tpm>` section for this version.
+    /// File names allowed in the `<tpm>` section for this version: the
+    /// permall, and for TPM 2.0 the EK certificates.
     pub fn allowed_files(self) -> &'static [&'static str] {
         match self {
             TpmVersion::V1_2 => &["tpm-00.permall"],
-            TpmVersion::V2_0 => &["tpm2-00.permall"],
+            TpmVersion::V2_0 => &[
+                "tpm2-00.permall",
+                "ek-rsa2048.crt",
+                "ek-rsa3072.crt",
+                "ek-rsa4096.crt",
+                "ek-secp384r1.crt",
+            ],
         }
+    }
+
+    /// The EK certificate files `swtpm_setup --write-ek-cert-files DIR`
+    /// leaves in the state dir when a management layer passes that dir
+    /// (`ek-<key>.crt`, DER, public): the VM's identity as its CA signed it,
+    /// so they travel with the permall. Everything else swtpm keeps there
+    /// (`.lock`, volatile/save states, the `backup` option's
+    /// `tpm2-00.permall.bak`) belongs to one run or one host and is left alone.
+    pub fn ek_cert_files(self) -> &'static [&'static str] {
+        &self.allowed_files()[1..]
     }
 }
 
@@ -187,6 +204,54 @@ impl TpmState {
 /// domain decides where it lives.
 pub const NVRAM_FILE: &str = "VARS.fd";
 
+/// The one file of the `<varstore>` section: the domain's `<os><varstore>`
+/// file (libvirt >= 12.1, QEMU's `uefi-vars` device), a JSON document of
+/// UEFI variables, e.g. `/var/lib/libvirt/qemu/varstore/<name>.json`.
+pub const VARSTORE_FILE: &str = "varstore.json";
+
+/// Which kind of UEFI variable store a domain has: a flash image
+/// (`<nvram>`, pflash) or QEMU's uefi-vars JSON (`<varstore>`). libvirt
+/// allows one of them per domain; they differ in content, so each has its
+/// own section and file name in the element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarsKind {
+    Nvram,
+    Varstore,
+}
+
+impl VarsKind {
+    /// The file's name in the element (and in kept copies and backups).
+    pub fn file_name(self) -> &'static str {
+        match self {
+            VarsKind::Nvram => NVRAM_FILE,
+            VarsKind::Varstore => VARSTORE_FILE,
+        }
+    }
+
+    /// The element's section (and the digest lines' prefix).
+    pub fn section(self) -> &'static str {
+        match self {
+            VarsKind::Nvram => "nvram",
+            VarsKind::Varstore => "varstore",
+        }
+    }
+
+    /// The kind whose file is called `name`, if any.
+    pub fn of_file(name: &str) -> Option<Self> {
+        [VarsKind::Nvram, VarsKind::Varstore]
+            .into_iter()
+            .find(|k| k.file_name() == name)
+    }
+
+    /// The XML element that names the store, for messages.
+    pub fn element(self) -> &'static str {
+        match self {
+            VarsKind::Nvram => "<nvram>",
+            VarsKind::Varstore => "<varstore>",
+        }
+    }
+}
+
 /// Everything of one machine that travels in the element: its TPM state,
 /// its UEFI variable store, or both. One digest names the whole, so one
 /// decision restores both pieces together (never a TPM from one
@@ -194,33 +259,47 @@ pub const NVRAM_FILE: &str = "VARS.fd";
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MachineState {
     pub tpm: Option<TpmState>,
-    /// The VARS file; its `name` is always [`NVRAM_FILE`].
+    /// The UEFI variable store; its `name` is [`NVRAM_FILE`] or
+    /// [`VARSTORE_FILE`] ([`VarsKind::file_name`]), which says its kind.
     pub nvram: Option<StateFile>,
 }
 
 impl MachineState {
+    /// A state whose variable store (if any) is a `<nvram>` VARS file.
     pub fn new(tpm: Option<TpmState>, nvram: Option<Vec<u8>>) -> Self {
+        Self::with_vars(tpm, VarsKind::Nvram, nvram)
+    }
+
+    /// A state whose variable store (if any) is of `kind`.
+    pub fn with_vars(tpm: Option<TpmState>, kind: VarsKind, vars: Option<Vec<u8>>) -> Self {
         MachineState {
             tpm,
-            nvram: nvram.map(|data| StateFile {
-                name: NVRAM_FILE.to_string(),
+            nvram: vars.map(|data| StateFile {
+                name: kind.file_name().to_string(),
                 data,
             }),
         }
+    }
+
+    /// The kind of the variable store this state holds, if any.
+    pub fn vars_kind(&self) -> Option<VarsKind> {
+        self.nvram.as_ref().and_then(|f| VarsKind::of_file(&f.name))
     }
 
     pub fn is_empty(&self) -> bool {
         self.tpm.is_none() && self.nvram.is_none()
     }
 
-    /// Every file with its section: `("tpm", file)`, `("nvram", file)`.
+    /// Every file with its section: `("tpm", file)`, `("nvram", file)` or
+    /// `("varstore", file)`.
     pub fn sections(&self) -> Vec<(&'static str, &StateFile)> {
         let mut out: Vec<(&'static str, &StateFile)> = Vec::new();
         if let Some(t) = &self.tpm {
             out.extend(t.files().iter().map(|f| ("tpm", f)));
         }
         if let Some(n) = &self.nvram {
-            out.push(("nvram", n));
+            let kind = VarsKind::of_file(&n.name).unwrap_or(VarsKind::Nvram);
+            out.push((kind.section(), n));
         }
         out
     }
@@ -230,7 +309,8 @@ impl MachineState {
     }
 
     /// Format v1's digest over all sections: sha256 of the sorted lines
-    /// `tpm/<name> <sha256>\n` and `nvram/VARS.fd <sha256>\n`. A TPM-only
+    /// `tpm/<name> <sha256>\n` and `nvram/VARS.fd <sha256>\n` (or
+    /// `varstore/varstore.json <sha256>\n`). A TPM-only
     /// state has the same digest as its [`TpmState`].
     pub fn digest(&self) -> Sha256Sum {
         state_digest(

@@ -11,6 +11,8 @@ pub const FLAG_ENCRYPTED: u16 = 0x1;
 
 pub const HEADER_LEN: usize = 10;
 
+use crate::state::{StateFile, TpmState, TpmVersion};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub version: u8,
@@ -26,7 +28,7 @@ impl Header {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
     #[error("shorter than swtpm's {HEADER_LEN}-byte header ({0} bytes)")]
     TooShort(usize),
@@ -36,6 +38,8 @@ pub enum HeaderError {
     BadHeaderSize(u16),
     #[error("swtpm header version {0} is not one swtpm writes")]
     BadVersion(u8),
+    #[error("not a DER certificate (one SEQUENCE covering the file)")]
+    NotACertificate,
 }
 
 /// Checks `data` against its own header and returns the header.
@@ -65,6 +69,41 @@ pub fn check_header(data: &[u8]) -> Result<Header, HeaderError> {
     Ok(h)
 }
 
+/// Checks an EK certificate file: one DER SEQUENCE (an X.509 certificate
+/// is one) whose length covers the file exactly, as `swtpm_setup` writes it.
+/// A shape check like the swtpm header's, not a certificate verification.
+pub fn check_der_certificate(data: &[u8]) -> Result<(), HeaderError> {
+    let bad = HeaderError::NotACertificate;
+    let (&tag, rest) = data.split_first().ok_or(bad)?;
+    let (&first, rest) = rest.split_first().ok_or(bad)?;
+    // A certificate is a constructed SEQUENCE, longer than 127 bytes, so
+    // its length is in the long form: 0x8N then N big-endian bytes.
+    if tag != 0x30 || !(0x81..=0x84).contains(&first) {
+        return Err(bad);
+    }
+    let n = usize::from(first & 0x7f);
+    if rest.len() < n {
+        return Err(bad);
+    }
+    let len = rest[..n]
+        .iter()
+        .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+    if len != rest.len() - n {
+        return Err(bad);
+    }
+    Ok(())
+}
+
+/// The content check of one file of a `<tpm>` section: the swtpm header
+/// for the permall, the DER shape for an EK certificate.
+pub fn check_tpm_file(version: TpmVersion, file: &StateFile) -> Result<(), HeaderError> {
+    if version.ek_cert_files().contains(&file.name.as_str()) {
+        check_der_certificate(&file.data)
+    } else {
+        check_header(&file.data).map(|_| ())
+    }
+}
+
 /// A minimal valid blob for tests: a header followed by `payload`.
 #[doc(hidden)]
 pub fn synthetic_blob(flags: u16, payload: &[u8]) -> Vec<u8> {
@@ -83,16 +122,20 @@ pub fn synthetic_blob(flags: u16, payload: &[u8]) -> Vec<u8> {
 /// "is swtpm's state encrypted" for every caller: `store`/`pack` (may the
 /// blob go into the XML without our own seal?), `show` (which protection
 /// applies?) and the restore check (will swtpm read it with, or without, its
-/// key?). A carried TPM state is one permall, so "every" and "any" agree on
-/// real states; for a mixed or empty list "every" answers no, the safe side
-/// for all of them (it is then sealed, shown as unprotected by swtpm, and
-/// refused for a domain that expects encryption).
-pub fn state_is_encrypted(tpm: &crate::state::TpmState) -> bool {
-    let files = tpm.files();
-    !files.is_empty()
-        && files
-            .iter()
-            .all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
+/// key?). Only swtpm's own files count (the permall): EK certificates are
+/// public and swtpm never encrypts them. A carried TPM state has one
+/// permall, so "every" and "any" agree on real states; for a mixed or empty
+/// list "every" answers no, the safe side for all of them (it is then
+/// sealed, shown as unprotected by swtpm, and refused for a domain that
+/// expects encryption).
+pub fn state_is_encrypted(tpm: &TpmState) -> bool {
+    let ek = tpm.version.ek_cert_files();
+    let mut blobs = tpm
+        .files()
+        .iter()
+        .filter(|f| !ek.contains(&f.name.as_str()))
+        .peekable();
+    blobs.peek().is_some() && blobs.all(|f| check_header(&f.data).is_ok_and(|h| h.is_encrypted()))
 }
 
 #[cfg(test)]
@@ -115,7 +158,6 @@ mod tests {
     /// a carried state never is) is not.
     #[test]
     fn state_is_encrypted_when_every_file_is() {
-        use crate::state::{StateFile, TpmState, TpmVersion};
         let file = |name: &str, flags| StateFile {
             name: name.into(),
             data: synthetic_blob(flags, b"x"),
@@ -134,6 +176,72 @@ mod tests {
             file("a", FLAG_ENCRYPTED),
             file("b", 0)
         ])));
+    }
+
+    /// A DER SEQUENCE in the long length form, `len` content bytes.
+    fn der(len: usize) -> Vec<u8> {
+        let mut v = vec![0x30, 0x82];
+        v.extend_from_slice(&(len as u16).to_be_bytes());
+        v.extend(std::iter::repeat_n(0xa5, len));
+        v
+    }
+
+    #[test]
+    fn ek_certificates_are_checked_for_their_der_shape() {
+        assert_eq!(check_der_certificate(&der(900)), Ok(()));
+        let mut one_form = vec![0x30, 0x81, 200];
+        one_form.extend(std::iter::repeat_n(0, 200));
+        assert_eq!(check_der_certificate(&one_form), Ok(()));
+        let bad = Err(HeaderError::NotACertificate);
+        let full = der(900);
+        assert_eq!(check_der_certificate(&full[..full.len() - 1]), bad);
+        let mut longer = full.clone();
+        longer.push(0);
+        assert_eq!(check_der_certificate(&longer), bad);
+        assert_eq!(check_der_certificate(&[]), bad);
+        assert_eq!(check_der_certificate(&[0x30]), bad);
+        assert_eq!(check_der_certificate(&[0x30, 0x82, 0x01]), bad);
+        // Not a SEQUENCE, a short-form length, an absurd length size.
+        let mut not_seq = full.clone();
+        not_seq[0] = 0x31;
+        assert_eq!(check_der_certificate(&not_seq), bad);
+        assert_eq!(check_der_certificate(&[0x30, 0x01, 0x00]), bad);
+        assert_eq!(check_der_certificate(&[0x30, 0x85, 0, 0, 0, 0, 1, 0]), bad);
+        // A swtpm blob is not a certificate, nor a certificate a blob.
+        assert_eq!(check_der_certificate(&synthetic_blob(0, b"x")), bad);
+        let cert = |name: &str, data: Vec<u8>| StateFile {
+            name: name.into(),
+            data,
+        };
+        assert!(check_tpm_file(TpmVersion::V2_0, &cert("ek-rsa2048.crt", der(900))).is_ok());
+        assert!(check_tpm_file(TpmVersion::V2_0, &cert("tpm2-00.permall", der(900))).is_err());
+        assert!(check_tpm_file(
+            TpmVersion::V2_0,
+            &cert("ek-secp384r1.crt", synthetic_blob(0, b"x"))
+        )
+        .is_err());
+    }
+
+    /// An EK certificate beside an encrypted permall leaves the state
+    /// encrypted: swtpm never encrypts the certificates.
+    #[test]
+    fn ek_certificates_do_not_count_for_encryption() {
+        let files = vec![
+            StateFile {
+                name: "tpm2-00.permall".into(),
+                data: synthetic_blob(FLAG_ENCRYPTED, b"x"),
+            },
+            StateFile {
+                name: "ek-rsa2048.crt".into(),
+                data: der(900),
+            },
+        ];
+        assert!(state_is_encrypted(&TpmState::new(
+            TpmVersion::V2_0,
+            files.clone()
+        )));
+        let only_cert = TpmState::new(TpmVersion::V2_0, files[1..].to_vec());
+        assert!(!state_is_encrypted(&only_cert));
     }
 
     #[test]

@@ -793,8 +793,10 @@ const SCHEMA_INVALID: &[&str] = &[
     "refused-encrypted-missing-nonce",
     "refused-encrypted-wrapped-key-truncated",
     "refused-name-other-version",
+    "refused-name-permall-bak",
     "refused-name-traversal",
     "refused-name-volatilestate",
+    "refused-nvram-and-varstore",
     "refused-nvram-file-in-tpm-section",
     "refused-nvram-name-other",
     "refused-nvram-no-file",
@@ -806,6 +808,7 @@ const SCHEMA_INVALID: &[&str] = &[
     "refused-unknown-section",
     "refused-uuid-newline-reference",
     "refused-uuid-padded",
+    "refused-varstore-name-other",
 ];
 
 #[test]
@@ -1133,4 +1136,44 @@ fn fixtures_agree_across_the_three_readers() {
         }
     }
     assert!(n >= 1, "no fixture with an element");
+}
+
+/// `pack --state-dir` takes what the hook and `store` take from a live
+/// dir: the permall and the EK certificates beside it, never swtpm's
+/// `.bak` or its lock.
+#[test]
+fn pack_state_dir_carries_ek_certificates_not_the_backup() {
+    let env = Env::new();
+    let (d, st) = tpm2_state(&env);
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ek-certs");
+    for c in ["ek-rsa2048.crt", "ek-secp384r1.crt"] {
+        std::fs::copy(certs.join(c), d.join("tpm2").join(c)).unwrap();
+    }
+    std::fs::write(d.join("tpm2/tpm2-00.permall.bak"), &st.permall).unwrap();
+    std::fs::write(d.join("tpm2/.lock"), b"").unwrap();
+    let o = env.run(
+        &[
+            "pack",
+            "--uuid",
+            "6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11",
+            "--state-dir",
+            d.to_str().unwrap(),
+            "--plaintext",
+        ],
+        None,
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let j = show_json(&env, &o.stdout, &[]);
+    // Sorted by name, as the element holds them.
+    let names: Vec<&str> = j["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["ek-rsa2048.crt", "ek-secp384r1.crt", "tpm2-00.permall"],
+        "{j:#}"
+    );
 }

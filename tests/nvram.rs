@@ -9,6 +9,18 @@ mod support;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use support::*;
 
+/// After a restore on `w` (the VM running paused): the TPM holds `secret`
+/// and the endorsement key `ek`; then the guest's firmware runs for `secs`
+/// seconds and the VM is stopped again.
+fn secret_kept_then_boot(w: &World, vm: &Vm, secret: &str, ek: &str, secs: u64) {
+    w.destroy(&vm.name);
+    assert_eq!(w.read_secret(vm).trim(), secret);
+    assert_eq!(w.ek_pub(vm), ek);
+    w.start(&vm.name, false);
+    std::thread::sleep(std::time::Duration::from_secs(secs));
+    w.destroy(&vm.name);
+}
+
 #[test]
 fn uefi_vars_travel_with_the_tpm() {
     if !require_env("uefi_vars_travel_with_the_tpm") {
@@ -24,7 +36,7 @@ fn uefi_vars_travel_with_the_tpm() {
     let a = World::up("nvram-a");
     a.install_hook();
     let vm = Vm::new("efi1", Tpm::V2);
-    a.define_xml("efi1.xml", &uefi_xml(&vm));
+    a.define_xml("efi1.xml", &uefi_xml(&a, &vm));
     // First start: libvirt manufactures the TPM and copies the VARS template.
     a.start(&vm.name, false);
     a.destroy(&vm.name);
@@ -111,14 +123,8 @@ fn uefi_vars_travel_with_the_tpm() {
         .map_or(0, |u| u.uid.as_raw());
     assert_eq!(m.uid(), qemu, "VARS not owned by the qemu user");
     assert_eq!(b.must_permall(&vm), stored_permall);
-    b.destroy(&vm.name);
-    assert_eq!(b.read_secret(&vm).trim(), "nvram-secret");
-    assert_eq!(b.ek_pub(&vm), ek);
-
     // A plain start runs the firmware: the variable survives it.
-    b.start(&vm.name, false);
-    std::thread::sleep(std::time::Duration::from_secs(5));
-    b.destroy(&vm.name);
+    secret_kept_then_boot(&b, &vm, "nvram-secret", &ek, 5);
     assert!(
         print(&vars_b).contains("SHIM_VERBOSE"),
         "the firmware dropped the variable"
@@ -208,7 +214,7 @@ fn umask_wrapped_hook_starts_uefi_tpm_vms() {
     std::fs::write(&umask_file, "022").unwrap();
     let vm = Vm::new("umasked", Tpm::V2);
     let vars = vars_path(&vm);
-    w.define_xml("umasked.xml", &uefi_xml(&vm));
+    w.define_xml("umasked.xml", &uefi_xml(&w, &vm));
     w.start(&vm.name, false);
     w.destroy(&vm.name);
     // The TPM as libvirt made it (its EK and bytes are checked), the VARS
@@ -319,7 +325,7 @@ fn relocated_var_lib_libvirt_starts_and_stores() {
             } else {
                 vars_path(&vm)
             };
-            let mut xml = uefi_xml(&vm);
+            let mut xml = uefi_xml(&w, &vm);
             if explicit {
                 xml = xml.replacen("</os>", &format!("<nvram>{vars}</nvram></os>"), 1);
             }
@@ -414,8 +420,8 @@ fn relocated_var_lib_libvirt_starts_and_stores() {
 // ================================================================ issue 18: one "matches" rule
 
 /// A UEFI domain (as [`uefi_xml`]) with or without a TPM.
-fn uefi_xml_with(vm: &Vm, tpm: bool) -> String {
-    let with = uefi_xml(vm);
+fn uefi_xml_with(w: &World, vm: &Vm, tpm: bool) -> String {
+    let with = uefi_xml(w, vm);
     if tpm {
         return with;
     }
@@ -468,8 +474,8 @@ fn show_status_and_restore_agree_on_matches() {
         "t.xml",
         &domain_xml(&tpm_only.name, &tpm_only.uuid, Some(Tpm::V2)),
     );
-    w.define_xml("b.xml", &uefi_xml_with(&tpm_uefi, true));
-    w.define_xml("u.xml", &uefi_xml_with(&uefi_only, false));
+    w.define_xml("b.xml", &uefi_xml_with(&w, &tpm_uefi, true));
+    w.define_xml("u.xml", &uefi_xml_with(&w, &uefi_only, false));
     let all = [&tpm_only, &tpm_uefi, &uefi_only];
     for vm in all {
         w.start(&vm.name, true);
@@ -534,4 +540,151 @@ fn show_status_and_restore_agree_on_matches() {
         (true, true, true),
         "an element's VARS section on a domain without UEFI"
     );
+}
+
+// ================================================================ issue 20: <os><varstore>
+
+/// A UEFI domain whose variables live in QEMU's uefi-vars device
+/// (`<os><varstore>`, libvirt >= 12.1): OVMF as a ROM (Debian has no edk2
+/// build that talks to the device, so the firmware keeps its variables in
+/// RAM, but QEMU's device reads and rewrites the JSON file all the same),
+/// the empty template from fixtures/.
+fn varstore_xml(vm: &Vm) -> String {
+    let template = root_dir().join("fixtures/varstore-template.json");
+    let xml = domain_xml(&vm.name, &vm.uuid, Some(vm.tpm));
+    let os = format!(
+        "<os><type arch='x86_64' machine='q35'>hvm</type>\
+<loader type='rom'>/usr/share/qemu/OVMF.fd</loader>\
+<varstore template='{}'/></os><features><acpi/></features>",
+        template.display()
+    );
+    let out = xml.replacen(
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os>",
+        &os,
+        1,
+    );
+    assert_ne!(out, xml, "domain_xml changed its <os>");
+    out
+}
+
+/// The variable `name` of a uefi-vars JSON file, as `(attr, data)`.
+fn uefi_var(json: &[u8], name: &str) -> Option<(u64, String)> {
+    let v: serde_json::Value = serde_json::from_slice(json).expect("varstore is JSON");
+    v["variables"].as_array()?.iter().find_map(|x| {
+        (x["name"] == name).then(|| {
+            (
+                x["attr"].as_u64().unwrap(),
+                x["data"].as_str().unwrap().to_string(),
+            )
+        })
+    })
+}
+
+/// A VM with `<varstore>` round-trips through its XML: a UEFI variable in
+/// the JSON store and the TPM secret come back on a fresh host after
+/// `undefine --nvram`. On a libvirt without `<varstore>` (before 12.1) the
+/// test checks that libvirt drops the element, so nothing claims to carry it.
+#[test]
+fn varstore_travels_with_the_tpm() {
+    if !require_env("varstore_travels_with_the_tpm") {
+        return;
+    }
+    let a = World::up("varstore-a");
+    let vm = Vm::new("vs1", Tpm::V2);
+    let xml = varstore_xml(&vm);
+    let version = a.libvirt_version();
+    if version < (12, 1, 0) {
+        let path = a.define_xml(
+            "vs1.xml",
+            &xml.replace("/usr/share/qemu/OVMF.fd", "/usr/share/OVMF/OVMF_CODE_4M.fd"),
+        );
+        let out = a.exec(&["virsh", "dumpxml", &vm.name]);
+        if out.status.success() {
+            assert!(
+                !stdout(&out).contains("<varstore"),
+                "libvirt {version:?} kept a <varstore> from {}",
+                path.display()
+            );
+        }
+        eprintln!("varstore_travels_with_the_tpm: libvirt {version:?} has no <varstore> (12.1+); it drops the element");
+        return;
+    }
+    a.install_hook();
+    a.define_xml("vs1.xml", &xml);
+    let file = format!("/var/lib/libvirt/qemu/varstore/{}.json", vm.name);
+    let (_, defined) = a.dump(&vm.name, "vs1-defined.xml", true);
+    assert!(
+        defined.contains(&format!("path='{file}'")),
+        "libvirt names another varstore path:\n{defined}"
+    );
+    // First run: libvirt copies the template, QEMU's device fills it in.
+    a.start(&vm.name, false);
+    a.destroy(&vm.name);
+    let host_file = a.host_path(&file);
+    let json = std::fs::read(&host_file).expect("libvirt made no varstore file");
+    assert!(
+        uefi_var(&json, "CustomMode").is_some(),
+        "QEMU did not write the store: {}",
+        String::from_utf8_lossy(&json)
+    );
+    // A variable set offline, as a guest sets one through the device.
+    let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    v["variables"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "name": "VtsVarstoreTest",
+            "guid": "605dab50-e046-4300-abb6-3dd810dd8b23",
+            "attr": 7,
+            "data": "766972742d74706d2d7374617465"
+        }));
+    std::fs::write(&host_file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let stored_json = std::fs::read(&host_file).unwrap();
+    a.write_secret(&vm, "varstore-secret");
+    let ek = a.ek_pub(&vm);
+    let out = stdout(&a.must_vts(&["store", &vm.name]));
+    assert!(out.contains("stored generation"), "store said: {out}");
+    let j = a.show_json(&vm.name, true);
+    assert!(
+        j["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "varstore.json"
+                && f["section"] == "varstore"
+                && f["size"] == stored_json.len()),
+        "show lists no varstore.json: {j:#}"
+    );
+    assert_eq!(j["local"]["matches"], true, "{j:#}");
+    let (_, xml) = a.dump(&vm.name, "vs1-stored.xml", true);
+    assert!(
+        xml.contains("varstore>"),
+        "no <varstore> section in the element"
+    );
+    a.must_virsh(&["undefine", "--nvram", &vm.name]);
+    assert!(
+        !host_file.exists(),
+        "undefine --nvram left the varstore file"
+    );
+
+    // A fresh host: the hook writes the stored JSON before QEMU opens it.
+    let b = World::up("varstore-b");
+    a.copy_keys_to(&b);
+    b.install_hook();
+    b.define_xml("vs1.xml", &xml);
+    b.start(&vm.name, true);
+    let b_file = b.host_path(&file);
+    let m = std::fs::metadata(&b_file).expect("no varstore file on the new host");
+    assert_eq!(m.mode() & 0o7777, 0o600);
+    let json_b = std::fs::read(&b_file).unwrap();
+    assert_eq!(
+        uefi_var(&json_b, "VtsVarstoreTest"),
+        Some((7, "766972742d74706d2d7374617465".to_string())),
+        "the variable did not come back\n{}\n{}",
+        String::from_utf8_lossy(&json_b),
+        b.log_tail(30)
+    );
+    // The firmware ran on host B: the variable is still there.
+    secret_kept_then_boot(&b, &vm, "varstore-secret", &ek, 3);
+    assert!(uefi_var(&std::fs::read(&b_file).unwrap(), "VtsVarstoreTest").is_some());
 }

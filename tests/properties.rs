@@ -36,9 +36,9 @@ use virt_tpm_state::format::{
     Provenance, Style, NAMESPACE_URI,
 };
 use virt_tpm_state::state::{
-    DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
+    DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind, NVRAM_FILE,
 };
-use virt_tpm_state::swtpm::{check_header, HEADER_LEN};
+use virt_tpm_state::swtpm::{check_header, check_tpm_file, HEADER_LEN};
 
 // ======================================================= memory accounting
 
@@ -719,12 +719,12 @@ fn check_accepted(
                 "{}",
                 f.name
             );
-            prop_assert!(check_header(&f.data).is_ok());
+            prop_assert!(check_tpm_file(t.version, f).is_ok());
             prop_assert!(f.data.len() as u64 <= limits.max_file_size);
         }
     }
     if let Some(n) = &m.state.nvram {
-        prop_assert_eq!(n.name.as_str(), NVRAM_FILE);
+        prop_assert!(VarsKind::of_file(&n.name).is_some(), "{}", n.name);
         prop_assert!(n.data.len() as u64 <= limits.max_file_size);
     }
     // What was accepted re-encodes (plaintext and sealed) to the same state.
@@ -1063,6 +1063,7 @@ const HOOK: &str = env!("CARGO_BIN_EXE_virt-tpm-state-hook");
 const WRITABLE: &[&str] = &[
     "var/lib/libvirt/swtpm/",
     "var/lib/libvirt/qemu/nvram/",
+    "var/lib/libvirt/qemu/varstore/",
     "var/lib/virt-tpm-state/",
     "run/virt-tpm-state/",
 ];
@@ -1372,7 +1373,8 @@ fn hook_on_mutated_domain_xml_writes_only_a_complete_state() {
                         match read(&xml, DecodeLimits::default(), &ring) {
                             Ok(Outcome::State(m)) => {
                                 let t = m.state.tpm.as_ref().expect("restored a TPM from an element without one");
-                                prop_assert_eq!(&t.files()[0].data, data);
+                                let carried = t.files().iter().find(|f| f.name == permall);
+                                prop_assert_eq!(carried.map(|f| &f.data), Some(data));
                                 restored.set(restored.get() + 1);
                             }
                             other => return Err(TestCaseError::fail(format!("restored {dir}{permall} from an input the reader refuses: {other:?}"))),

@@ -13,7 +13,7 @@ fn snapshot_vm(w: &World, name: &str) -> Vm {
     let vm = Vm::new(name, Tpm::V2);
     let disk = format!("/var/lib/libvirt/images/{name}.qcow2");
     w.must(&["qemu-img", "create", "-q", "-f", "qcow2", &disk, "32M"]);
-    let xml = uefi_xml(&vm).replacen(
+    let xml = uefi_xml(w, &vm).replacen(
         "<devices>",
         &format!(
             "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\

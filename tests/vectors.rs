@@ -334,7 +334,12 @@ fn python_example_decrypts_the_vectors() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter_map(|n| n.strip_suffix(".xml").map(str::to_string))
         .filter(|n| {
-            n.contains("-encrypted") || n.contains("nvram") || n == "ok-tpm2" || n == "ok-tpm12"
+            n.contains("-encrypted")
+                || n.contains("nvram")
+                || n.contains("varstore")
+                || n == "ok-tpm2-ek-certs"
+                || n == "ok-tpm2"
+                || n == "ok-tpm12"
         })
         .collect();
     names.sort();

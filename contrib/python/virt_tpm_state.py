@@ -28,7 +28,12 @@ import zlib
 import xml.etree.ElementTree as ET
 
 NS = "urn:virt-tpm-state:1"
-ALLOWED = {"2.0": {"tpm2-00.permall"}, "1.2": {"tpm-00.permall"}}
+# EK certificates swtpm_setup --write-ek-cert-files leaves beside a TPM 2.0
+# permall (FORMAT.md §2.4); DER, checked for shape only.
+EK_CERTS = {f"ek-{k}.crt" for k in ("rsa2048", "rsa3072", "rsa4096", "secp384r1")}
+ALLOWED = {"2.0": {"tpm2-00.permall"} | EK_CERTS, "1.2": {"tpm-00.permall"}}
+# The variable store sections (a domain has one of them) and their one file.
+VARS = {"nvram": {"VARS.fd"}, "varstore": {"varstore.json"}}
 DEFAULT_LIMIT = 1 << 20
 MAX_DEPTH = 64
 MAX_OUR_ELEMENTS = 64
@@ -135,6 +140,15 @@ def swtpm_header(data, name):
     return bool(int.from_bytes(data[4:6], "big") & 1)
 
 
+def der_certificate(data, name):
+    """Refuses an EK certificate file that is not one DER SEQUENCE (long-form
+    length) covering the file exactly."""
+    n = data[1] & 0x7f if len(data) > 1 else 0
+    if len(data) < 2 or data[0] != 0x30 or not 0x81 <= data[1] <= 0x84 \
+            or int.from_bytes(data[2:2 + n], "big") != len(data) - 2 - n or len(data) < 2 + n:
+        raise invalid(f"{name}: not a DER certificate")
+
+
 def open_sealed(f, uuid, keys, section, name):
     key_id = f.get("key")
     if key_id is None:
@@ -234,12 +248,12 @@ def decode(st, keys, limit):
         raise invalid("parent is not 64 lowercase hex digits")
     sections = [local(c.tag)[1] for c in st]
     for s in sections:
-        if s not in ("tpm", "nvram"):
+        if s != "tpm" and s not in VARS:
             raise invalid(f"unknown section <{s}>")
     if not sections:
         raise invalid("no section")
-    if len(set(sections)) != len(sections):
-        raise invalid("a section appears twice")
+    if len(set(sections)) != len(sections) or set(VARS) <= set(sections):
+        raise invalid("a section appears twice (or <nvram> beside <varstore>)")
     version, files, lines, sealed_with = None, [], [], []
     for sec in st:
         section = local(sec.tag)[1]
@@ -249,7 +263,7 @@ def decode(st, keys, limit):
                 raise invalid(f"TPM version {version!r}")
             allowed = ALLOWED[version]
         else:
-            allowed = {"VARS.fd"}
+            allowed = VARS[section]
         if len(sec) == 0:
             raise invalid(f"<{section}> holds no file")
         names = set()
@@ -290,7 +304,9 @@ def decode(st, keys, limit):
             got = hashlib.sha256(data).hexdigest()
             if got != sha:
                 raise invalid(f"{name}: sha256 differs")
-            if section == "tpm":
+            if section == "tpm" and name in EK_CERTS:
+                der_certificate(data, name)
+            elif section == "tpm":
                 swtpm_header(data, name)
             files.append((section, name, data))
             lines.append(f"{section}/{name} {got}\n")
@@ -335,7 +351,8 @@ def read(xml_bytes, keys=None, limit=DEFAULT_LIMIT):
             if version != state.version:
                 raise Refused(4, "tpm-version",
                               f"the element holds a TPM {state.version} state, the domain's TPM is {version}")
-            encrypted = any(swtpm_header(d, n) for s, n, d in state.files if s == "tpm")
+            encrypted = any(swtpm_header(d, n) for s, n, d in state.files
+                            if s == "tpm" and n not in EK_CERTS)
             if encrypted != encrypts:
                 raise Refused(4, "swtpm-encryption",
                               "swtpm encryption of the state does not match the domain's <encryption>")

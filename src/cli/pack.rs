@@ -6,9 +6,9 @@
 
 use super::{read_input, CliError, Ctx, PackArgs};
 use crate::format::{encode_with, Protection, Provenance, Style};
-use crate::fs::{keys_dir, load_keyring, open_user_dir, HostData};
+use crate::fs::{keys_dir, load_keyring, open_user_dir, read_tpm_files, HostData};
 use crate::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
-use crate::swtpm::check_header;
+use crate::swtpm::check_tpm_file;
 use std::io::Read;
 use std::path::Path;
 
@@ -89,7 +89,8 @@ fn tpm_state(version: TpmVersion, data: Vec<u8>) -> TpmState {
 
 /// The TPM state from a swtpm state dir: `tpm2-00.permall` or
 /// `tpm-00.permall` in DIR (or in its `tpm2`/`tpm1.2` subdir, as in
-/// `/var/lib/libvirt/swtpm/<uuid>`).
+/// `/var/lib/libvirt/swtpm/<uuid>`), with the EK certificates beside a
+/// TPM 2.0 permall, read as `store` reads a live dir.
 fn from_state_dir(path: &Path, want: Option<TpmVersion>, max: u64) -> Result<TpmState, CliError> {
     let dir = open_user_dir(path, false)?.ok_or_else(|| bad_input(path, "no such directory"))?;
     let versions: Vec<TpmVersion> = match want {
@@ -98,11 +99,11 @@ fn from_state_dir(path: &Path, want: Option<TpmVersion>, max: u64) -> Result<Tpm
     };
     let mut found = Vec::new();
     for v in &versions {
-        if let Some(data) = dir.read_file(v.permall_name(), max)? {
-            found.push(tpm_state(*v, data));
+        if let Some(t) = read_tpm_files(&dir, *v, max)? {
+            found.push(t);
         } else if let Some(sub) = dir.open_subdir(v.state_subdir())? {
-            if let Some(data) = sub.read_file(v.permall_name(), max)? {
-                found.push(tpm_state(*v, data));
+            if let Some(t) = read_tpm_files(&sub, *v, max)? {
+                found.push(t);
             }
         }
     }
@@ -279,7 +280,7 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
     };
     if let Some(t) = &state.tpm {
         for f in t.files() {
-            if let Err(e) = check_header(&f.data) {
+            if let Err(e) = check_tpm_file(t.version, f) {
                 return Err(bad_input(
                     Path::new(&f.name),
                     format!("not a swtpm state file ({e}); nothing was written"),

@@ -108,7 +108,7 @@ fn load(ctx: &Ctx, src: &SourceArgs, snapshot: Option<&str>) -> Result<Source, C
 
 #[derive(serde::Serialize)]
 struct FileJson {
-    /// `tpm` or `nvram`.
+    /// `tpm`, `nvram` or `varstore`.
     section: &'static str,
     name: String,
     size: usize,
@@ -323,6 +323,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                             "tpm"
                         }
                         "nvram" => "nvram",
+                        "varstore" => "varstore",
                         _ => continue,
                     };
                     for f in sec.children.iter().filter(|f| f.name == "file") {
@@ -549,10 +550,10 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
             crate::say!("  TPM:         none (UEFI variables only)");
         }
         for f in &j.files {
-            let label = if f.section == "nvram" {
-                "  (UEFI variables, nvram)"
-            } else {
-                ""
+            let label = match f.section {
+                "nvram" => "  (UEFI variables, nvram)",
+                "varstore" => "  (UEFI variables, varstore)",
+                _ => "",
             };
             crate::say!(
                 "    {}  {} bytes  sha256 {}…{label}",

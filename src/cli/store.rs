@@ -11,7 +11,7 @@ use crate::fs::{keys_dir, load_keyring, FsError, HostData};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::restore::{carried, shown_name, Carried};
 use crate::state::{MachineState, TpmState};
-use crate::swtpm::check_header;
+use crate::swtpm::check_tpm_file;
 use std::time::{Duration, Instant};
 
 /// How long `store --after-stop` waits for libvirt to finish stopping.
@@ -160,7 +160,7 @@ pub fn store_domain(
     };
     if let (Some(tpm), Some((_, location))) = (&state.tpm, &carried.tpm) {
         for f in tpm.files() {
-            check_header(&f.data).map_err(|e| CliError::NoTpm {
+            check_tpm_file(tpm.version, f).map_err(|e| CliError::NoTpm {
                 name: shown_name(&dom.name),
                 why: format!(
                     "the local state file {} is not a valid swtpm state ({e}); nothing was stored",

@@ -4,13 +4,13 @@
 
 use super::dir::{Dir, EntryKind, DIR_MODE, FILE_MODE, OLD_MARK, TEMP_MARK};
 use super::error::{io_err, FsError};
-use super::locations::read_permall;
+use super::locations::read_tpm_files;
 use super::owner::Owner;
 use super::Anchor;
 use crate::fault;
 use crate::paths::Paths;
 use crate::state::{
-    DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, NVRAM_FILE,
+    DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind,
 };
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -196,6 +196,21 @@ fn machine_leaf(tpm: Option<TpmVersion>) -> &'static str {
 }
 
 /// Every file of a machine state, flat: what a kept copy or backup holds.
+/// The variable store of a kept copy or intent dir: the one file named for
+/// its kind (`VARS.fd` or `varstore.json`; a dir holds at most one, as a
+/// state does).
+fn read_vars(dir: &Dir, max: u64) -> Result<Option<StateFile>, FsError> {
+    for kind in [VarsKind::Nvram, VarsKind::Varstore] {
+        if let Some(data) = dir.read_file(kind.file_name(), max)? {
+            return Ok(Some(StateFile {
+                name: kind.file_name().to_string(),
+                data,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 fn machine_files(state: &MachineState) -> Vec<StateFile> {
     state
         .sections()
@@ -255,18 +270,17 @@ impl HostData {
             return Ok(None);
         };
         let tpm_state: Option<TpmState> = match tpm {
-            Some(version) => match read_permall(&dir, version, max)? {
+            Some(version) => match read_tpm_files(&dir, version, max)? {
                 Some(t) => Some(t),
                 None => return Ok(None),
             },
             None => None,
         };
-        let vars = if nvram {
-            dir.read_file(NVRAM_FILE, max)?
-        } else {
-            None
+        let vars = if nvram { read_vars(&dir, max)? } else { None };
+        let state = MachineState {
+            tpm: tpm_state,
+            nvram: vars,
         };
-        let state = MachineState::new(tpm_state, vars);
         Ok((!state.is_empty()).then_some(state))
     }
 
@@ -383,20 +397,20 @@ impl HostData {
         let (tpm_at, nvram_at, backup) = (p("tpm_at")?, p("nvram_at")?, p("backup")?);
         let tpm = match version {
             Some(v) => Some(
-                read_permall(&dir, v, KEPT_READ_LIMIT)?
+                read_tpm_files(&dir, v, KEPT_READ_LIMIT)?
                     .ok_or_else(|| bad("an intent dir without its TPM state"))?,
             ),
             None => None,
         };
-        let vars = if nvram_at.is_some() {
+        let nvram = if nvram_at.is_some() {
             Some(
-                dir.read_file(NVRAM_FILE, KEPT_READ_LIMIT)?
+                read_vars(&dir, KEPT_READ_LIMIT)?
                     .ok_or_else(|| bad("an intent dir without its VARS file"))?,
             )
         } else {
             None
         };
-        let state = MachineState::new(tpm, vars);
+        let state = MachineState { tpm, nvram };
         if state.digest() != target {
             return Err(bad("an intent dir whose files do not match its digest"));
         }

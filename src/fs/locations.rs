@@ -8,7 +8,7 @@ use super::error::{io_err, FsError};
 use super::owner::Owner;
 use super::Anchor;
 use crate::paths::Paths;
-use crate::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion};
+use crate::state::{DomainUuid, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind};
 use nix::errno::Errno;
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
@@ -180,7 +180,7 @@ impl StateLocation {
         let Some(dir) = parent.open_subdir(&self.leaf())? else {
             return Ok(None);
         };
-        read_permall(&dir, version, max)
+        read_tpm_files(&dir, version, max)
     }
 
     /// The permanent state's modification time, if it exists.
@@ -397,22 +397,32 @@ fn read_linear_file(
     )))
 }
 
-/// The permall of a state dir (or a kept copy): `None` when absent.
-pub(super) fn read_permall(
+/// The carried files of a state dir (or a kept copy): the permall and, for
+/// TPM 2.0, the EK certificates beside it. `None` when the permall is
+/// absent. Other files (locks, volatile states, swtpm's `.bak`) are left
+/// alone: they are never carried, and never a reason to refuse.
+pub fn read_tpm_files(
     dir: &Dir,
     version: TpmVersion,
     max: u64,
 ) -> Result<Option<TpmState>, FsError> {
     let name = version.permall_name();
-    Ok(dir.read_file(name, max)?.map(|data| {
-        TpmState::new(
-            version,
-            vec![StateFile {
-                name: name.to_string(),
+    let Some(data) = dir.read_file(name, max)? else {
+        return Ok(None);
+    };
+    let mut files = vec![StateFile {
+        name: name.to_string(),
+        data,
+    }];
+    for cert in version.ek_cert_files() {
+        if let Some(data) = dir.read_file(cert, max)? {
+            files.push(StateFile {
+                name: cert.to_string(),
                 data,
-            }],
-        )
-    }))
+            });
+        }
+    }
+    Ok(Some(TpmState::new(version, files)))
 }
 
 // ------------------------------------------------------------ UEFI NVRAM
@@ -423,23 +433,30 @@ const MAX_NVRAM_NAME: usize = 255 - "_VARS.fd".len();
 const NVRAM_MODE: u32 = 0o600;
 const NVRAM_TEMP: &str = ".vts-nvram-new.";
 
-/// Where a domain's UEFI variable store (libvirt's `<nvram>` file) lives.
+/// Where a domain's UEFI variable store lives: libvirt's `<nvram>` file
+/// (a flash image) or its `<varstore>` file (uefi-vars JSON, libvirt >=
+/// 12.1). Both follow the same rules; only the default dir and name differ.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NvramLocation {
-    /// `<nvram_dir>/<name>_VARS.fd`, the file name built from a validated
-    /// domain name.
-    Default { paths: Paths, file: String },
+    /// `<nvram_dir>/<name>_VARS.fd` or `<varstore_dir>/<name>.json`, the
+    /// file name built from a validated domain name.
+    Default {
+        paths: Paths,
+        file: String,
+        kind: VarsKind,
+    },
     /// An explicit path from the domain XML, below an allowed directory.
-    Path(Confined),
+    Path(Confined, VarsKind),
 }
 
 impl NvramLocation {
-    /// libvirt's default path for domain `name`. The name is validated
-    /// first: a name that could not be a plain file name never becomes
-    /// part of a path.
-    pub fn default_for(paths: &Paths, name: &str) -> Result<Self, FsError> {
+    /// libvirt's default path of a `kind` store for domain `name`. The
+    /// name is validated first: a name that could not be a plain file name
+    /// never becomes part of a path.
+    pub fn default_for(paths: &Paths, name: &str, kind: VarsKind) -> Result<Self, FsError> {
+        let suffix = default_suffix(kind);
         let bad = |why| FsError::BadSourcePath {
-            path: format!("{}/{name:?}_VARS.fd", paths.nvram_dir().display()),
+            path: format!("{}/{name:?}{suffix}", default_dir(paths, kind).display()),
             why,
         };
         if name.is_empty() || name == "." || name == ".." {
@@ -453,30 +470,43 @@ impl NvramLocation {
         }
         Ok(NvramLocation::Default {
             paths: paths.clone(),
-            file: format!("{name}_VARS.fd"),
+            file: format!("{name}{suffix}"),
+            kind,
         })
+    }
+
+    /// The kind of store here.
+    pub fn kind(&self) -> VarsKind {
+        match self {
+            NvramLocation::Default { kind, .. } | NvramLocation::Path(_, kind) => *kind,
+        }
     }
 
     /// An explicit `<nvram>PATH</nvram>` / `<source file=PATH/>`, which must
     /// lie below one of `allowed` (libvirt's nvram dir and the admin's
     /// `state_path_prefixes`): without this, `<nvram>/etc/shadow` would have
     /// the hook overwrite (and the post-stop store read) any file.
-    pub fn from_path(paths: &Paths, raw: &str, allowed: &[PathBuf]) -> Result<Self, FsError> {
-        Ok(NvramLocation::Path(confined(paths, raw, allowed)?))
+    pub fn from_path(
+        paths: &Paths,
+        raw: &str,
+        allowed: &[PathBuf],
+        kind: VarsKind,
+    ) -> Result<Self, FsError> {
+        Ok(NvramLocation::Path(confined(paths, raw, allowed)?, kind))
     }
 
     /// The file's full path, for messages.
     pub fn path(&self) -> PathBuf {
         match self {
-            NvramLocation::Default { paths, file } => paths.nvram_dir().join(file),
-            NvramLocation::Path(c) => c.shown(),
+            NvramLocation::Default { paths, file, kind } => default_dir(paths, *kind).join(file),
+            NvramLocation::Path(c, _) => c.shown(),
         }
     }
 
     fn file_name(&self) -> String {
         match self {
             NvramLocation::Default { file, .. } => file.clone(),
-            NvramLocation::Path(c) => c.leaf(),
+            NvramLocation::Path(c, _) => c.leaf(),
         }
     }
 
@@ -484,8 +514,17 @@ impl NvramLocation {
     /// exist. Never created: libvirtd creates its nvram dir when it starts.
     fn open_dir(&self) -> Result<Option<Dir>, FsError> {
         match self {
-            NvramLocation::Default { paths, .. } => Anchor::NvramDir.open(paths),
-            NvramLocation::Path(c) => c.open_parent(),
+            NvramLocation::Default {
+                paths,
+                kind: VarsKind::Nvram,
+                ..
+            } => Anchor::NvramDir.open(paths),
+            NvramLocation::Default {
+                paths,
+                kind: VarsKind::Varstore,
+                ..
+            } => Anchor::VarstoreDir.open(paths),
+            NvramLocation::Path(c, _) => c.open_parent(),
         }
     }
 
@@ -542,22 +581,17 @@ impl NvramLocation {
 
     fn missing_dir(&self) -> FsError {
         match self {
-            NvramLocation::Default { paths, .. } => FsError::NvramDirMissing {
-                path: paths.nvram_dir(),
+            NvramLocation::Default { paths, kind, .. } => FsError::NvramDirMissing {
+                path: default_dir(paths, *kind),
             },
-            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::ENOENT),
+            NvramLocation::Path(..) => io_err("open the directory of", &self.path(), Errno::ENOENT),
         }
     }
 
     /// Replaces the VARS file with `data`, owned by `owner`, mode 0600
     /// ([`Dir::replace_file`]: the dir is writable by the QEMU user).
     pub fn replace(&self, data: &[u8], owner: Owner) -> Result<(), FsError> {
-        let dir = self.open_dir()?.ok_or_else(|| match self {
-            NvramLocation::Default { paths, .. } => FsError::NvramDirMissing {
-                path: paths.nvram_dir(),
-            },
-            NvramLocation::Path(_) => io_err("open the directory of", &self.path(), Errno::ENOENT),
-        })?;
+        let dir = self.open_dir()?.ok_or_else(|| self.missing_dir())?;
         dir.replace_file(
             &self.file_name(),
             data,
@@ -565,6 +599,23 @@ impl NvramLocation {
             &self.temp_prefix(),
             NVRAM_FAULT_POINTS,
         )
+    }
+}
+
+/// libvirt's default dir for a `kind` store.
+fn default_dir(paths: &Paths, kind: VarsKind) -> PathBuf {
+    match kind {
+        VarsKind::Nvram => paths.nvram_dir(),
+        VarsKind::Varstore => paths.varstore_dir(),
+    }
+}
+
+/// What libvirt appends to the domain name for its default file
+/// (`qemuDomainNVRAMPathFormat`; `<name>.json` for a varstore in 12.x).
+fn default_suffix(kind: VarsKind) -> &'static str {
+    match kind {
+        VarsKind::Nvram => "_VARS.fd",
+        VarsKind::Varstore => ".json",
     }
 }
 

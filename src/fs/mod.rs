@@ -55,11 +55,12 @@ pub use host::{
     DomainData, DomainLock, HostData, Intent, RevertIntent, WatchLock, MARKER_TTL, REVERT_TTL,
 };
 pub use keys::{create_key, keys_dir, load_keyring};
-pub use locations::{NvramLocation, StateLocation};
+pub use locations::{read_tpm_files, NvramLocation, StateLocation};
 pub use owner::Owner;
 
 use crate::paths::{
-    Paths, CONFIG_DIR, DATA_DIR, LIBVIRT_CONFIG_DIR, LIBVIRT_NVRAM_DIR, LIBVIRT_SWTPM_DIR, RUN_DIR,
+    Paths, CONFIG_DIR, DATA_DIR, LIBVIRT_CONFIG_DIR, LIBVIRT_NVRAM_DIR, LIBVIRT_SWTPM_DIR,
+    LIBVIRT_VARSTORE_DIR, RUN_DIR,
 };
 use std::path::{Path, PathBuf};
 
@@ -71,6 +72,8 @@ pub enum Anchor {
     SwtpmBase,
     /// libvirt's UEFI variable stores, `/var/lib/libvirt/qemu/nvram`.
     NvramDir,
+    /// libvirt's `<varstore>` files, `/var/lib/libvirt/qemu/varstore`.
+    VarstoreDir,
     /// libvirt's config dir, `/etc/libvirt` (qemu.conf, hooks).
     LibvirtConfig,
     /// Our config dir, `/etc/virt-tpm-state` (config, host keys).
@@ -90,6 +93,7 @@ impl Anchor {
         match self {
             Anchor::SwtpmBase => Path::new(LIBVIRT_SWTPM_DIR),
             Anchor::NvramDir => Path::new(LIBVIRT_NVRAM_DIR),
+            Anchor::VarstoreDir => Path::new(LIBVIRT_VARSTORE_DIR),
             Anchor::LibvirtConfig => Path::new(LIBVIRT_CONFIG_DIR),
             Anchor::Config => Path::new(CONFIG_DIR),
             Anchor::Data => Path::new(DATA_DIR),

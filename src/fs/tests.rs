@@ -230,7 +230,7 @@ fn a_tree_past_the_entry_budget_fails_loudly() {
 fn a_missing_nvram_dir_is_refused_not_created() {
     let (t, paths) = scratch();
     mkdir(&t.path().join("var/lib/libvirt/qemu"), 0o755);
-    let loc = NvramLocation::default_for(&paths, "vm1").unwrap();
+    let loc = NvramLocation::default_for(&paths, "vm1", crate::state::VarsKind::Nvram).unwrap();
     let e = loc.replace(b"vars", Owner::current()).unwrap_err();
     assert!(matches!(e, FsError::NvramDirMissing { .. }), "{e}");
     assert!(!t.path().join("var/lib/libvirt/qemu/nvram").exists());

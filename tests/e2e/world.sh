@@ -40,7 +40,7 @@
 # libvirtd.log (libvirtd's log, hook calls at debug level), virtlogd.log, rootfs (see below).
 #
 # Another libvirt: with VTS_WORLD_ROOTFS=/abs/root at `up` (a Debian root with its own libvirt,
-# QEMU and swtpm, e.g. from scripts/make-root.sh), the world runs that root's
+# QEMU and swtpm, e.g. from scripts/make-root.sh bookworm-bpo|sid), the world runs that root's
 # programs instead of the host's: in the world's namespace the root gets /proc, /sys, /dev
 # (with a /dev/kvm for the root's kvm group), /tmp, a private /run, this project's dir and DIR
 # at the same absolute paths, and the scratch dirs over its libvirt dirs; the daemons and every
@@ -246,7 +246,7 @@ cmd_up() {
     fi
     if [[ -n $rootfs ]]; then
         [[ $rootfs == /* ]] || die "VTS_WORLD_ROOTFS must be absolute: $rootfs"
-        [[ -x $rootfs/usr/sbin/libvirtd ]] || die "VTS_WORLD_ROOTFS=$rootfs has no usr/sbin/libvirtd; build it with scripts/make-root.sh"
+        [[ -x $rootfs/usr/sbin/libvirtd ]] || die "VTS_WORLD_ROOTFS=$rootfs has no usr/sbin/libvirtd; build it with scripts/make-root.sh bookworm-bpo|sid"
         rootfs=$(cd "$rootfs" && pwd -P)
     fi
     mkdir -p "$dir"

@@ -72,7 +72,7 @@ pub fn require_env(test: &str) -> bool {
         let root = PathBuf::from(root);
         if !root.join(".vts-root-complete").is_file() || !root.join("usr/sbin/libvirtd").is_file() {
             missing.push(format!(
-                "VTS_WORLD_ROOTFS={} is not a complete root (scripts/make-libvirt-next-root.sh)",
+                "VTS_WORLD_ROOTFS={} is not a complete root (scripts/make-root.sh bookworm-bpo|sid)",
                 root.display()
             ));
         }
@@ -745,14 +745,26 @@ pub fn corrupt_sha256(xml: &str) -> String {
 // ---- UEFI (tests/nvram.rs, tests/snapshots.rs) ----
 
 /// A UEFI domain with a TPM 2.0: OVMF by firmware autoselection, without
-/// Secure Boot (which would need SMM, missing under nested KVM here).
-pub fn uefi_xml(vm: &Vm) -> String {
+/// Secure Boot (which would need SMM, missing under nested KVM here). A
+/// flash build with a VARS file: libvirt 12.8 with Debian unstable's
+/// descriptors would otherwise pick the stateless AMD SEV ROM
+/// (`OVMF.amdsev.fd`, no VARS at all), so where libvirt accepts it (11.x
+/// and later; 9.0 refuses loader attributes beside autoselection) the
+/// loader type is asked for.
+pub fn uefi_xml(w: &World, vm: &Vm) -> String {
     let xml = domain_xml(&vm.name, &vm.uuid, Some(vm.tpm));
-    let os = "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>\
-<firmware><feature enabled='no' name='secure-boot'/></firmware></os><features><acpi/></features>";
+    let loader = if w.libvirt_version() >= (11, 0, 0) {
+        "<loader type='pflash'/>"
+    } else {
+        ""
+    };
+    let os = format!(
+        "<os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>\
+<firmware><feature enabled='no' name='secure-boot'/></firmware>{loader}</os><features><acpi/></features>"
+    );
     let out = xml.replacen(
         "<os><type arch='x86_64' machine='q35'>hvm</type></os>",
-        os,
+        &os,
         1,
     );
     assert_ne!(out, xml, "domain_xml changed its <os>");
