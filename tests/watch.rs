@@ -346,8 +346,11 @@ fn watch_unit_file_verifies() {
         ),
     )
     .unwrap();
+    // The unit names its man page (man:virt-tpm-state-watch(1)), which the
+    // package installs and this host need not have: tests/package.rs
+    // verifies the unit with the page installed.
     let out = Command::new(analyze)
-        .arg("verify")
+        .args(["verify", "--man=no"])
         .arg(&path)
         .output()
         .unwrap();
