@@ -107,14 +107,18 @@ impl Recipient {
             });
         }
         if let Ok(r) = age::plugin::Recipient::from_str(text) {
-            let plugin =
-                age::plugin::RecipientPluginV1::new(r.plugin(), &[r.clone()], &[], age::NoCallbacks)
-                    .map_err(|_| {
-                        format!(
-                            "recipient needs the plugin binary age-plugin-{} on PATH, which is missing",
-                            r.plugin()
-                        )
-                    })?;
+            let plugin = age::plugin::RecipientPluginV1::new(
+                r.plugin(),
+                &[r.clone()],
+                &[],
+                age::NoCallbacks,
+            )
+            .map_err(|_| {
+                format!(
+                    "recipient needs the plugin binary age-plugin-{} on PATH, which is missing",
+                    r.plugin()
+                )
+            })?;
             let text = r.to_string();
             return Ok(Recipient {
                 fingerprint: Fingerprint::of(&text),
@@ -122,10 +126,7 @@ impl Recipient {
                 inner: Arc::new(plugin),
             });
         }
-        Err(
-            "not an age recipient (age1…); SSH keys and passphrases are not supported here"
-                .into(),
-        )
+        Err("not an age recipient (age1…); SSH keys and passphrases are not supported here".into())
     }
 }
 
@@ -297,27 +298,31 @@ pub fn seal(gz: &[u8], set: &RecipientSet) -> Result<Vec<u8>, String> {
     let enc = age::Encryptor::with_recipients(set.wrappers())
         .map_err(|e| format!("cannot encrypt for recipients from {}: {e}", set.origin))?;
     let mut out = Vec::with_capacity(gz.len() + 300);
-    let mut w = enc
-        .wrap_output(&mut out)
-        .map_err(|e| format!("age: {e}"))?;
+    let mut w = enc.wrap_output(&mut out).map_err(|e| format!("age: {e}"))?;
     w.write_all(gz).map_err(|e| format!("age: {e}"))?;
     w.finish().map_err(|e| format!("age: {e}"))?;
     Ok(out)
 }
 
 /// Opens an age file with `identities`, reading at most `cap` bytes.
-pub fn open(age_file: &[u8], identities: &[HostIdentity], cap: u64) -> Result<Vec<u8>, AgeOpenError> {
+pub fn open(
+    age_file: &[u8],
+    identities: &[HostIdentity],
+    cap: u64,
+) -> Result<Vec<u8>, AgeOpenError> {
     let dec = age::Decryptor::new_buffered(age_file).map_err(|_| AgeOpenError::Malformed)?;
     if dec.is_scrypt() {
         return Err(AgeOpenError::Malformed);
     }
     let mut reader = dec
-        .decrypt(identities.iter().map(|i| i.inner.as_ref() as &dyn age::Identity))
+        .decrypt(
+            identities
+                .iter()
+                .map(|i| i.inner.as_ref() as &dyn age::Identity),
+        )
         .map_err(|e| match e {
             age::DecryptError::NoMatchingKeys => AgeOpenError::NotARecipient,
-            age::DecryptError::Plugin(_) => {
-                AgeOpenError::Plugin
-            }
+            age::DecryptError::Plugin(_) => AgeOpenError::Plugin,
             _ => AgeOpenError::Tampered,
         })?;
     let mut out = Vec::new();
@@ -449,7 +454,10 @@ mod tests {
         assert_eq!(payload_of(&re), payload_of(&sealed));
         assert_eq!(open(&re, &[c], 1 << 20).unwrap(), b"gzip bytes");
         assert_eq!(open(&re, &[a], 1 << 20).unwrap(), b"gzip bytes");
-        assert_eq!(open(&re, &[b.clone()], 1 << 20), Err(AgeOpenError::NotARecipient));
+        assert_eq!(
+            open(&re, &[b.clone()], 1 << 20),
+            Err(AgeOpenError::NotARecipient)
+        );
         // A rewrap by a non-recipient is refused, and a tampered payload too.
         assert!(rewrap(&re, &[b], &to).is_err());
         let mut t = re.clone();

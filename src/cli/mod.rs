@@ -67,8 +67,10 @@ pub enum Command {
     Pack(Box<PackArgs>),
     /// Create a new host key in /etc/virt-tpm-state/keys (new stores use the newest key)
     Keygen,
-    /// Re-encrypt the metadata of a domain (or --all) with the newest host key
+    /// Re-protect the metadata of a domain (or --all): re-wrap for the current recipients, or re-encrypt with the newest host key
     Rekey(RekeyArgs),
+    /// Print this host's age recipient (a line for recipients.d); `host-id init` creates its identity
+    HostId(HostIdArgs),
     /// Install the hook into /etc/libvirt/hooks and make libvirt see it
     Install(InstallArgs),
     /// Remove the hook installed by `install` (keeps backups, copies and metadata)
@@ -115,6 +117,24 @@ pub struct RekeyArgs {
     /// Every domain whose metadata holds TPM state
     #[arg(long)]
     pub all: bool,
+    /// Also re-encrypt elements sealed for recipients with fresh file keys (not only re-wrap them)
+    #[arg(long)]
+    pub rotate: bool,
+    /// Convert elements sealed with a host key (or plaintext) to the recipient set
+    #[arg(long)]
+    pub to_recipients: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HostIdArgs {
+    #[command(subcommand)]
+    pub action: Option<HostIdAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostIdAction {
+    /// Create this host's age identity (/etc/virt-tpm-state/host-identity.txt, 0600); never overwrites one
+    Init,
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +206,9 @@ pub struct ExtractArgs {
     /// Extract even what `verify` refuses for this domain (another domain's uuid, a TPM version or encryption mismatch)
     #[arg(long)]
     pub force: bool,
+    /// Open files sealed for recipients with this age identity file (an owner's or escrow identity, 0600)
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -377,13 +400,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::DomainXml(_) | CliError::ReadInput { .. } => 3,
-            CliError::InvalidElement {
-                source:
-                    FormatError::MissingKey { .. }
-                    | FormatError::UnusableKey { .. }
-                    | FormatError::Decrypt { .. },
-                ..
-            } => 19,
+            CliError::InvalidElement { source, .. } if source.is_key_problem() => 19,
             CliError::InvalidElement { .. }
             | CliError::NoElement(_)
             | CliError::GenerationExhausted { .. } => 4,
@@ -548,7 +565,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     if cli.keys.is_some()
         && matches!(
             cli.command,
-            Command::Keygen | Command::Install(_) | Command::Uninstall(_) | Command::Status(_)
+            Command::Keygen
+                | Command::HostId(_)
+                | Command::Install(_)
+                | Command::Uninstall(_)
+                | Command::Status(_)
         )
     {
         return Err(CliError::Usage(
@@ -593,6 +614,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Keygen => keys::keygen(&ctx),
         Command::Rekey(a) => keys::rekey(&ctx, &a),
+        Command::HostId(a) => keys::host_id(&ctx, &a),
         Command::Install(a) => install::install(&ctx, &a),
         Command::Uninstall(a) => install::uninstall(&ctx, &a),
         Command::Watch => watch::watch(ctx),

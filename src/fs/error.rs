@@ -40,6 +40,10 @@ pub enum FsError {
     TooManyEntries { path: PathBuf, limit: usize },
     #[error("{path} is writable by a user other than root ({what}); refusing to use the keys in it: chown root:root {path} && chmod 700 {path}")]
     UnsafeKeysDir { path: PathBuf, what: &'static str },
+    #[error(
+        "recipients file {0}; fix or remove that line (one age1… recipient per line, # comments)"
+    )]
+    BadRecipients(#[from] crate::recipients::RecipientsError),
 }
 
 impl FsError {
@@ -53,6 +57,7 @@ impl FsError {
             | FsError::Linear { .. }
             | FsError::UnsafeKeysDir { .. } => 7,
             FsError::LockTimeout { .. } => 9,
+            FsError::BadRecipients(_) => 10,
             _ => 8,
         }
     }

@@ -52,7 +52,10 @@ mod walk;
 pub use dir::{Dir, EntryKind};
 pub use error::FsError;
 pub use host::{DomainData, DomainLock, HostData, Intent, MARKER_TTL};
-pub use keys::{create_key, keys_dir, load_keyring};
+pub use keys::{
+    create_host_identity, create_key, host_identity_path, keys_dir, load_host_identity,
+    load_identity_file, load_keyring, load_recipients, recipients_dir,
+};
 pub use locations::{NvramLocation, StateLocation};
 pub use owner::Owner;
 
