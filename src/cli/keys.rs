@@ -33,17 +33,33 @@ pub fn ensure_key(ctx: &Ctx) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Creates this host's age identity when it has none (used by `install`).
+pub fn ensure_host_identity(ctx: &Ctx) -> Result<(), CliError> {
+    if load_host_identity(&ctx.paths)?.is_none() {
+        let path = create_identity(ctx)?.expect("no identity was there");
+        crate::say!(
+            "created this host's age identity at {} (0600); `virt-tpm-state host-id` prints its recipient",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn create_identity(ctx: &Ctx) -> Result<Option<std::path::PathBuf>, CliError> {
+    let (text, _) = generate_identity(&format!(
+        "virt-tpm-state host identity of {}, created {}",
+        super::this_host(),
+        super::now_stamp()
+    ));
+    Ok(create_host_identity(&ctx.paths, text.expose_secret())?)
+}
+
 /// `host-id [init]`: this host's age identity. The recipient goes to
 /// stdout as a recipients-file snippet (a `#` comment, then `age1…`), so
 /// `virt-tpm-state host-id > recipients.d/HOST.txt` on a manager works.
 pub fn host_id(ctx: &Ctx, args: &HostIdArgs) -> Result<(), CliError> {
     if let Some(HostIdAction::Init) = args.action {
-        let (text, _) = generate_identity(&format!(
-            "virt-tpm-state host identity of {}, created {}",
-            super::this_host(),
-            super::now_stamp()
-        ));
-        match create_host_identity(&ctx.paths, text.expose_secret())? {
+        match create_identity(ctx)? {
             Some(path) => eprintln!(
                 "virt-tpm-state: created this host's identity at {} (0600); add the recipient below to recipients.d/ on the hosts that seal this host's VMs",
                 path.display()

@@ -163,9 +163,15 @@ fn open_config_for_secrets(paths: &Paths) -> Result<Option<Dir>, FsError> {
 /// unusable identity file (mode, owner, content, a missing plugin) is
 /// recorded in the keyring, so only elements that need it fail, naming it.
 fn add_host_identity(paths: &Paths, ring: &mut Keyring) -> Result<(), FsError> {
-    let Some(config) = open_config_for_secrets(paths)? else {
+    let Some(config) = Anchor::Config.open(paths)? else {
         return Ok(());
     };
+    if let Err(e) = check_keys_dir(&config) {
+        // Only elements sealed for recipients need the identity: they fail,
+        // naming this; elements under host keys still open.
+        ring.set_identity_problem(format!("identity cannot be used: {e}"));
+        return Ok(());
+    }
     if !config.check_file(HOST_IDENTITY_FILE).unwrap_or(true) {
         return Ok(());
     }
