@@ -1200,6 +1200,81 @@ mod tests {
     }
 
     #[test]
+    fn sealed_for_recipients_round_trips_rewraps_and_binds() {
+        use crate::recipients::{generate_identity, parse_identities, Recipient};
+        use age::secrecy::ExposeSecret as _;
+        let make = || {
+            let (text, r) = generate_identity("t");
+            let id = parse_identities(text.expose_secret(), "t").unwrap();
+            (id, Recipient::parse(&r).unwrap())
+        };
+        let ((a, ra), (b, rb)) = (make(), make());
+        let (state, prov) = with_nvram(true);
+        let set = RecipientSet::new(vec![ra.clone()], "t".into());
+        let text = try_encode_with(
+            &state,
+            &prov,
+            Style::Standalone,
+            Protection::Recipients { set: &set },
+        )
+        .unwrap();
+        assert!(text.contains(&format!("recipients=\"{}\"", ra.fingerprint)));
+        let mut ka = Keyring::default();
+        ka.add_identities(a);
+        let back = decode_with_keys(&in_domain(&text), DecodeLimits::default(), &ka).unwrap();
+        assert_eq!(back.state, state);
+        assert_eq!(back.sealed_for, vec![ra.fingerprint.clone()]);
+        assert_eq!(back.age_files.len(), 2);
+        // Not a recipient: one message naming the recipients and the command.
+        let mut kb = Keyring::default();
+        kb.add_identities(b);
+        let e = decode_with_keys(&in_domain(&text), DecodeLimits::default(), &kb).unwrap_err();
+        assert!(e.is_key_problem());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(ra.fingerprint.as_str()) && msg.contains("virt-tpm-state host-id"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+        let none = decode_with_keys(
+            &in_domain(&text),
+            DecodeLimits::default(),
+            &Keyring::default(),
+        )
+        .unwrap_err();
+        assert!(none.to_string().contains("host-id init"), "{none}");
+        // Re-wrapped for b: same payloads, b opens it, a no longer does.
+        let to_b = RecipientSet::new(vec![rb.clone()], "t".into());
+        let re = try_encode_with(
+            &back.state,
+            &back.provenance,
+            Style::Standalone,
+            Protection::Rewrap {
+                from: &back.age_files,
+                identities: ka.identities(),
+                set: &to_b,
+            },
+        )
+        .unwrap();
+        let again = decode_with_keys(&in_domain(&re), DecodeLimits::default(), &kb).unwrap();
+        assert_eq!(again.state, state);
+        for ((_, old), (_, new)) in back.age_files.iter().zip(&again.age_files) {
+            assert_eq!(
+                crate::recipients::payload_of(old),
+                crate::recipients::payload_of(new)
+            );
+        }
+        assert!(decode_with_keys(&in_domain(&re), DecodeLimits::default(), &ka).is_err());
+        // Pasted into another domain (the uuid attribute follows it): refused.
+        let other = "00000000-0000-4000-8000-000000000001";
+        let pasted = text.replace(prov.uuid.as_str(), other);
+        assert!(matches!(
+            decode_with_keys(&in_domain(&pasted), DecodeLimits::default(), &ka),
+            Err(FormatError::BindingMismatch { .. })
+        ));
+    }
+
+    #[test]
     fn nvram_refusals() {
         let (state, prov) = with_nvram(true);
         let text = encode(&state, &prov, Style::Standalone);

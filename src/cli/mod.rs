@@ -45,6 +45,10 @@ pub struct Cli {
     /// elements; DIR must be yours or root's and not group/other-writable, key files 0600)
     #[arg(long, global = true, value_name = "DIR")]
     pub keys: Option<PathBuf>,
+    /// Also open elements sealed for recipients with this age identity file (an owner's or
+    /// escrow identity; yours or root's, mode 0600), besides this host's own
+    #[arg(long, global = true, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -206,9 +210,6 @@ pub struct ExtractArgs {
     /// Extract even what `verify` refuses for this domain (another domain's uuid, a TPM version or encryption mismatch)
     #[arg(long)]
     pub force: bool,
-    /// Open files sealed for recipients with this age identity file (an owner's or escrow identity, 0600)
-    #[arg(long, value_name = "FILE")]
-    pub identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -562,7 +563,7 @@ fn init_stderr_logger(level: log::LevelFilter) {
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    if cli.keys.is_some()
+    if (cli.keys.is_some() || cli.identity.is_some())
         && matches!(
             cli.command,
             Command::Keygen
@@ -573,10 +574,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         )
     {
         return Err(CliError::Usage(
-            "--keys applies to commands that open or seal an element (show, verify, extract, restore, store, adopt, rekey, pack, watch)".into(),
+            "--keys and --identity apply to commands that open or seal an element (show, verify, extract, restore, store, adopt, rekey, pack, watch)".into(),
         ));
     }
-    let paths = Paths::from_env().with_keys_dir(cli.keys.clone());
+    let paths = Paths::from_env()
+        .with_keys_dir(cli.keys.clone())
+        .with_identity_file(cli.identity.clone());
     // `uninstall` uses nothing from the config, and a broken config must not
     // keep the hook wired (the Debian package's prerm runs it on removal).
     let config = if matches!(cli.command, Command::Uninstall(_)) {

@@ -551,31 +551,6 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The keys an element needs: none for plaintext (and no root needed);
-/// the host's keys and identity, plus `--identity FILE` when given (an
-/// owner's workstation may have no host config at all).
-fn keyring_for(
-    ctx: &Ctx,
-    el: &crate::domain::XmlElement,
-    identity: Option<&std::path::Path>,
-) -> Result<crate::envelope::Keyring, CliError> {
-    if !crate::restore::el_is_sealed(el) {
-        return Ok(Default::default());
-    }
-    let mut ring = match (load_keyring(&ctx.paths), identity) {
-        (Ok(ring), _) => ring,
-        (Err(e), None) => return Err(e.into()),
-        (Err(e), Some(_)) => {
-            log::info!("host keys not read ({e}); using --identity alone");
-            Default::default()
-        }
-    };
-    if let Some(path) = identity {
-        ring.add_identities(crate::fs::load_identity_file(path).map_err(CliError::Key)?);
-    }
-    Ok(ring)
-}
-
 pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     let bytes = read_input(&args.xml)?;
     let input = parse_input(&bytes, &ctx.config.namespace)?;
@@ -592,7 +567,12 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
         DecodeLimits {
             max_file_size: ctx.config.max_file_size,
         },
-        &keyring_for(ctx, el, args.identity.as_deref())?,
+        // A plaintext element needs no keys (and no root).
+        &if crate::restore::el_is_sealed(el) {
+            load_keyring(&ctx.paths)?
+        } else {
+            Default::default()
+        },
     )
     .map_err(|source| CliError::InvalidElement {
         context: args.xml.display().to_string(),

@@ -66,6 +66,7 @@ pub fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
     let Some(dir) = open_keys_dir(paths)? else {
         let mut ring = Keyring::default();
         add_host_identity(paths, &mut ring)?;
+        add_identity_file(paths, &mut ring);
         return Ok(ring);
     };
     let mut names: Vec<String> = dir
@@ -96,6 +97,7 @@ pub fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
     }
     let mut ring = Keyring::with_rejected(keys, rejected);
     add_host_identity(paths, &mut ring)?;
+    add_identity_file(paths, &mut ring);
     Ok(ring)
 }
 
@@ -193,6 +195,17 @@ fn add_host_identity(paths: &Paths, ring: &mut Keyring) -> Result<(), FsError> {
         }
     }
     Ok(())
+}
+
+/// Adds the identities of `--identity FILE`; a file that cannot be used is
+/// recorded (an element that needs it then fails naming it).
+fn add_identity_file(paths: &Paths, ring: &mut Keyring) {
+    if let Some(path) = paths.identity_file() {
+        match load_identity_file(path) {
+            Ok(ids) => ring.add_identities(ids),
+            Err(why) => ring.set_identity_problem(why),
+        }
+    }
 }
 
 /// Reads identities from a file the user names (`--identity FILE`), by the
