@@ -749,7 +749,7 @@ fn python_reader() -> PathBuf {
 fn python_reference_reader_agrees_on_every_vector() {
     if !tool_or_skip(
         "python_reference_reader_agrees_on_every_vector",
-        &["python3", "-c", "import cryptography"],
+        &["python3", "-c", "import cryptography, pyrage"],
     ) {
         return;
     }
