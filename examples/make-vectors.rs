@@ -880,7 +880,7 @@ fn main() {
     }
 
     // ------------------------------------------------------------ age
-    // docs/FORMAT.md 2.7: sealed for recipients. The TEST identities are in
+    // docs/FORMAT.md 2.8: sealed for recipients. The TEST identities are in
     // fixtures/vectors/identities/: `host.txt` (the reader's own), `owner.txt`
     // (an escrow identity: rage opens the vectors with it), `absent.txt`.
     {

@@ -174,9 +174,9 @@ pub enum FormatError {
     NotARecipient {
         name: String,
         /// The fingerprints, joined by ", ".
-        recipients: String,
+        recipients: Box<str>,
         /// What this host has and what to do (no secret).
-        this_host: String,
+        this_host: Box<str>,
     },
     #[error("file {name:?} does not open with this host's identity: {source}")]
     AgeDecrypt { name: String, source: AgeOpenError },
@@ -807,8 +807,8 @@ fn open_age(
     crate::recipients::open(age_file, keys.identities(), cap).map_err(|source| match source {
         AgeOpenError::NotARecipient => FormatError::NotARecipient {
             name: name.to_string(),
-            recipients: crate::recipients::joined(recipients),
-            this_host: this_host_clause(keys),
+            recipients: crate::recipients::joined(recipients).into(),
+            this_host: this_host_clause(keys).into(),
         },
         source => FormatError::AgeDecrypt {
             name: name.to_string(),

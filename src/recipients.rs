@@ -109,7 +109,7 @@ impl Recipient {
         if let Ok(r) = age::plugin::Recipient::from_str(text) {
             let plugin = age::plugin::RecipientPluginV1::new(
                 r.plugin(),
-                &[r.clone()],
+                std::slice::from_ref(&r),
                 &[],
                 age::NoCallbacks,
             )
@@ -443,19 +443,25 @@ mod tests {
         let (c, rc) = identity();
         let set = RecipientSet::new(vec![ra.clone(), rb.clone()], "t".into());
         let sealed = seal(b"gzip bytes", &set).unwrap();
-        assert_eq!(open(&sealed, &[a.clone()], 1 << 20).unwrap(), b"gzip bytes");
-        assert_eq!(open(&sealed, &[b.clone()], 1 << 20).unwrap(), b"gzip bytes");
         assert_eq!(
-            open(&sealed, &[c.clone()], 1 << 20),
+            open(&sealed, std::slice::from_ref(&a), 1 << 20).unwrap(),
+            b"gzip bytes"
+        );
+        assert_eq!(
+            open(&sealed, std::slice::from_ref(&b), 1 << 20).unwrap(),
+            b"gzip bytes"
+        );
+        assert_eq!(
+            open(&sealed, std::slice::from_ref(&c), 1 << 20),
             Err(AgeOpenError::NotARecipient)
         );
         let to = RecipientSet::new(vec![ra, rc], "t".into());
-        let re = rewrap(&sealed, &[b.clone()], &to).unwrap();
+        let re = rewrap(&sealed, std::slice::from_ref(&b), &to).unwrap();
         assert_eq!(payload_of(&re), payload_of(&sealed));
         assert_eq!(open(&re, &[c], 1 << 20).unwrap(), b"gzip bytes");
         assert_eq!(open(&re, &[a], 1 << 20).unwrap(), b"gzip bytes");
         assert_eq!(
-            open(&re, &[b.clone()], 1 << 20),
+            open(&re, std::slice::from_ref(&b), 1 << 20),
             Err(AgeOpenError::NotARecipient)
         );
         // A rewrap by a non-recipient is refused, and a tampered payload too.

@@ -396,7 +396,7 @@ fn python_example_decrypts_the_vectors() {
 
 /// An independent age implementation opens the `gzip+age+base64` vectors
 /// with the owner's escrow identity: `base64 -d | rage -d -i owner.txt |
-/// gunzip` gives each file, byte for byte (docs/FORMAT.md 2.7).
+/// gunzip` gives each file, byte for byte (docs/FORMAT.md 2.8).
 #[test]
 fn rage_opens_the_age_vectors() {
     let has = |cmd: &str| {

@@ -113,9 +113,9 @@ fn plan<'a>(
     let age_sealed = !m.sealed_for.is_empty();
     if age_sealed || args.to_recipients {
         let Some(set) = recipients else {
-            return Plan::Fail(format!(
-                "no recipients are configured for it here (recipients.d/); left as it is"
-            ));
+            return Plan::Fail(
+                "no recipients are configured for it here (recipients.d/); left as it is".into(),
+            );
         };
         let fps = crate::recipients::joined(&set.fingerprints());
         if !age_sealed {

@@ -456,6 +456,7 @@ fn fs_kind(e: &FsError) -> &'static str {
     match e.exit_code() {
         7 => "unsafe-path",
         9 => "lock-timeout",
+        10 => "config",
         _ => "filesystem",
     }
 }

@@ -43,7 +43,13 @@ pub enum FsError {
     #[error(
         "recipients file {0}; fix or remove that line (one age1… recipient per line, # comments)"
     )]
-    BadRecipients(#[from] crate::recipients::RecipientsError),
+    BadRecipients(Box<crate::recipients::RecipientsError>),
+}
+
+impl From<crate::recipients::RecipientsError> for FsError {
+    fn from(e: crate::recipients::RecipientsError) -> Self {
+        FsError::BadRecipients(Box::new(e))
+    }
 }
 
 impl FsError {

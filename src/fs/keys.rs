@@ -280,7 +280,7 @@ pub fn load_recipients(
         let origin = d.path().join(name).display().to_string();
         let raw = d.read_file(name, 1024 * 1024)?.unwrap_or_default();
         let text = String::from_utf8(raw).map_err(|_| {
-            FsError::BadRecipients(crate::recipients::RecipientsError {
+            FsError::from(crate::recipients::RecipientsError {
                 origin: origin.clone(),
                 line: 0,
                 why: "not UTF-8 text".into(),
