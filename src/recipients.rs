@@ -360,8 +360,23 @@ pub fn rewrap(
     identities: &[HostIdentity],
     set: &RecipientSet,
 ) -> Result<Vec<u8>, String> {
-    // Proves the whole file (header MAC and payload) before re-wrapping it.
-    open(age_file, identities, u64::MAX).map_err(|e| e.to_string())?;
+    // The age crate checks the header MAC when it hands out the payload
+    // reader: that proves the stanzas below belong to this file. The payload
+    // itself is kept byte for byte, unread (every reader checks it later).
+    let dec =
+        age::Decryptor::new_buffered(age_file).map_err(|_| AgeOpenError::Malformed.to_string())?;
+    if dec.is_scrypt() {
+        return Err(AgeOpenError::Malformed.to_string());
+    }
+    dec.decrypt(
+        identities
+            .iter()
+            .map(|i| i.inner.as_ref() as &dyn age::Identity),
+    )
+    .map_err(|e| match e {
+        age::DecryptError::NoMatchingKeys => AgeOpenError::NotARecipient.to_string(),
+        _ => AgeOpenError::Tampered.to_string(),
+    })?;
     let (stanzas, payload) = split_header(age_file).map_err(|e| e.to_string())?;
     let file_key: FileKey = identities
         .iter()
