@@ -1,6 +1,6 @@
 //! `keygen`, `host-id` and `rekey`: host keys and age identities that protect the element.
 
-use super::{CliError, Ctx, HostIdAction, HostIdArgs, RekeyArgs};
+use super::{CliError, Ctx, HostIdArgs, RekeyArgs};
 use crate::domain::parse_domain;
 use crate::envelope::{os_random, Keyring, SecretKey};
 use crate::format::{
@@ -58,7 +58,7 @@ fn create_identity(ctx: &Ctx) -> Result<Option<std::path::PathBuf>, CliError> {
 /// stdout as a recipients-file snippet (a `#` comment, then `age1…`), so
 /// `virt-tpm-state host-id > recipients.d/HOST.txt` on a manager works.
 pub fn host_id(ctx: &Ctx, args: &HostIdArgs) -> Result<(), CliError> {
-    if let Some(HostIdAction::Init) = args.action {
+    if args.action.as_deref() == Some("init") {
         match create_identity(ctx)? {
             Some(path) => eprintln!(
                 "virt-tpm-state: created this host's identity at {} (0600); add the recipient below to recipients.d/ on the hosts that seal this host's VMs",

@@ -131,14 +131,9 @@ pub struct RekeyArgs {
 
 #[derive(Debug, Args)]
 pub struct HostIdArgs {
-    #[command(subcommand)]
-    pub action: Option<HostIdAction>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum HostIdAction {
-    /// Create this host's age identity (/etc/virt-tpm-state/host-identity.txt, 0600); never overwrites one
-    Init,
+    /// `init`: first create this host's age identity (/etc/virt-tpm-state/host-identity.txt, 0600; never overwrites one)
+    #[arg(value_parser = ["init"])]
+    pub action: Option<String>,
 }
 
 #[derive(Debug, Args)]
