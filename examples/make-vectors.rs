@@ -13,15 +13,17 @@
 //! anything else) and a deterministic stand-in for the random generator, so
 //! their text is as reproducible as the rest.
 
+use age::secrecy::ExposeSecret as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use virt_tpm_state::envelope::SecretKey;
 use virt_tpm_state::format::{
-    digest_of_sums, encode, encode_with, gzip_deterministic, Protection, Provenance, Style,
-    NAMESPACE_URI,
+    digest_of_sums, encode, encode_with, gzip_deterministic, try_encode_with, Protection,
+    Provenance, Style, NAMESPACE_URI,
 };
+use virt_tpm_state::recipients::{generate_identity, parse_identities, Recipient, RecipientSet};
 use virt_tpm_state::state::{
     DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind,
 };
@@ -262,6 +264,18 @@ fn main() {
     let fixtures = root.join("fixtures");
     let out_dir = fixtures.join("vectors");
     std::fs::create_dir_all(&out_dir).unwrap();
+    // age draws its own randomness (file keys, ephemeral shares): its
+    // vectors are made once and kept, so a rerun still changes nothing.
+    let kept_age: std::collections::BTreeMap<String, String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".xml")?.to_string();
+            stem.contains("-age")
+                .then(|| (stem, std::fs::read_to_string(e.path()).unwrap()))
+        })
+        .collect();
     for e in std::fs::read_dir(&out_dir).unwrap().flatten() {
         if e.path().extension().is_some_and(|x| x == "xml") {
             std::fs::remove_file(e.path()).unwrap();
@@ -954,6 +968,79 @@ fn main() {
             "refused-encrypted-renamed",
             domain("refused Decrypt", v2, &e),
         );
+    }
+
+    // ------------------------------------------------------------ age
+    // docs/FORMAT.md 2.8: sealed for recipients. The TEST identities are in
+    // fixtures/vectors/identities/: `host.txt` (the reader's own), `owner.txt`
+    // (an escrow identity: rage opens the vectors with it), `absent.txt`.
+    {
+        let ids = out_dir.join("identities");
+        let recipient = |label: &str| -> Recipient {
+            let path = ids.join(format!("{label}.txt"));
+            if !path.exists() {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::create_dir_all(&ids).unwrap();
+                let (text, _) = generate_identity(&format!(
+                    "virt-tpm-state TEST vector identity {label}: never use it for anything else"
+                ));
+                std::fs::write(&path, text.expose_secret()).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let id = &parse_identities(&text, "vector").unwrap()[0];
+            Recipient::parse(id.recipient.as_ref().unwrap()).unwrap()
+        };
+        let host = recipient("host");
+        let owner = recipient("owner");
+        let absent = recipient("absent");
+        let for_host = RecipientSet::new(vec![host.clone(), owner.clone()], "vectors".into());
+        let not_host = RecipientSet::new(vec![owner, absent], "vectors".into());
+        let fps = |set: &RecipientSet| {
+            set.fingerprints()
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let age = |st: &MachineState, set: &RecipientSet| {
+            try_encode_with(st, &prov, Style::Standalone, Protection::Recipients { set }).unwrap()
+        };
+        let mut keep_or = |name: &'static str, make: &dyn Fn() -> String| {
+            add(name, kept_age.get(name).cloned().unwrap_or_else(make));
+        };
+        let s2n = MachineState::new(s2.tpm.clone(), Some(vars_payload()));
+        keep_or("ok-age", &|| {
+            let expect = format!("{} recipients={}", ok_expect(&s2, &prov), fps(&for_host));
+            domain(&expect, v2, &age(&s2, &for_host))
+        });
+        keep_or("ok-age-nvram", &|| {
+            let expect = format!("{} recipients={}", ok_expect(&s2n, &prov), fps(&for_host));
+            domain(&expect, v2, &age(&s2n, &for_host))
+        });
+        keep_or("refused-age-not-a-recipient", &|| {
+            domain("refused NotARecipient", v2, &age(&s2, &not_host))
+        });
+        keep_or("refused-age-wrong-uuid", &|| {
+            // Pasted into another domain: the element's uuid (and the
+            // domain's) changed; the binding inside the age payload did not.
+            let e = replace_once(
+                &age(&s2, &for_host),
+                &format!("uuid=\"{UUID}\""),
+                &format!("uuid=\"{OTHER_UUID}\""),
+            );
+            domain_with_uuid("refused BindingMismatch", v2, &e, OTHER_UUID)
+        });
+        keep_or("refused-age-tampered", &|| {
+            let e = age(&s2, &for_host);
+            let b = b64_of(&e).to_string();
+            let last = STANDARD.decode(&b).unwrap().len() - 1;
+            domain(
+                "refused AgeDecrypt",
+                v2,
+                &replace_once(&e, &b, &flip_b64(&b, last)),
+            )
+        });
     }
 
     // ------------------------------------------------------------ #19

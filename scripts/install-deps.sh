@@ -55,6 +55,15 @@ if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; t
     cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
 fi
 
+# rage, an independent age implementation (pinned): tests/hosts.rs makes the
+# owner's identity with rage-keygen and recovers a TPM with `rage -d`, as an
+# owner holding an escrow identity would. Skipped when this version is there.
+RAGE_VERSION=0.11.1
+if [ "$(rage --version 2>/dev/null)" != "rage $RAGE_VERSION" ]; then
+    echo "==> installing rage $RAGE_VERSION (cargo install --locked)"
+    cargo install --locked --quiet rage --version "$RAGE_VERSION"
+fi
+
 # From PyPI, only when missing: virt-firmware (virt-fw-vars; tests/nvram.rs
 # edits an OVMF variable store with it) and cryptography (tests/vectors.rs
 # runs the spec's Python decryption example).
@@ -65,6 +74,11 @@ pip_install() {
 if ! command -v virt-fw-vars >/dev/null; then
     echo "==> installing virt-firmware (virt-fw-vars) with pip"
     pip_install virt-firmware
+fi
+# pyrage: the Python reference reader opens files sealed for age recipients.
+if ! python3 -c 'import pyrage' 2>/dev/null; then
+    echo "==> installing pyrage with pip"
+    pip_install pyrage==1.4.0
 fi
 if ! python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' 2>/dev/null; then
     echo "==> installing cryptography with pip"

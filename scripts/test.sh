@@ -8,12 +8,13 @@
 # The heavy jobs are their own scripts (.ci/run runs them after this one):
 # the same world tests against libvirt 11.3 in a debootstrapped root
 # (scripts/test-libvirt-next.sh) and the Debian package's lifecycle in an
-# overlay world (scripts/test-package.sh); HEAVY below lists the test
+# overlay world (scripts/test-package.sh), three hosts sealing for each
+# other (scripts/test-hosts.sh); HEAVY below lists the test
 # binaries this script leaves to them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-HEAVY=(package snapshots)
+HEAVY=(package snapshots hosts)
 
 ./scripts/install-deps.sh
 start=$SECONDS

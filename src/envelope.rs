@@ -91,6 +91,12 @@ impl fmt::Display for KeyId {
 pub struct Keyring {
     keys: Vec<(KeyId, SecretKey)>,
     rejected: Vec<RejectedKey>,
+    /// age identities that open files sealed for recipients: this host's
+    /// (`host-id`) and any named with `--identity`.
+    identities: Vec<crate::recipients::HostIdentity>,
+    /// Why this host's identity file could not be used, if it exists but
+    /// is unusable (never its content).
+    identity_problem: Option<String>,
 }
 
 /// A key file that was not loaded, and why (never its content).
@@ -112,7 +118,27 @@ impl Keyring {
         Keyring {
             keys: keys.into_iter().map(|k| (k.id(), k)).collect(),
             rejected,
+            identities: Vec::new(),
+            identity_problem: None,
         }
+    }
+
+    /// Adds age identities (tried in order).
+    pub fn add_identities(&mut self, ids: Vec<crate::recipients::HostIdentity>) {
+        self.identities.extend(ids);
+    }
+
+    /// Records why the host identity file could not be used.
+    pub fn set_identity_problem(&mut self, why: String) {
+        self.identity_problem = Some(why);
+    }
+
+    pub fn identities(&self) -> &[crate::recipients::HostIdentity] {
+        &self.identities
+    }
+
+    pub fn identity_problem(&self) -> Option<&str> {
+        self.identity_problem.as_deref()
     }
 
     /// The key file named for `id` that could not be used, if any.

@@ -7,6 +7,7 @@ use crate::domain::XmlElement;
 use crate::envelope::{
     open, os_random, seal, KeyId, Keyring, OpenError, Sealed, SecretKey, NONCE_LEN,
 };
+use crate::recipients::{AgeOpenError, Fingerprint, HostIdentity, RecipientSet};
 use crate::state::{
     state_digest, DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind,
 };
@@ -24,6 +25,9 @@ pub const FORMAT_VERSION: &str = "1";
 pub const ENCODING_GZIP_BASE64: &str = "gzip+base64";
 /// Envelope-encrypted gzip (docs/FORMAT.md, "Encrypted files").
 pub const ENCODING_SEALED: &str = "gzip+chacha20poly1305+base64";
+/// A standard age file of the gzip stream, sealed for a set of recipients
+/// (docs/FORMAT.md, "Files sealed for recipients").
+pub const ENCODING_AGE: &str = "gzip+age+base64";
 /// Default cap on one decompressed file: far above a real permall (~6 KiB,
 /// tens of KiB with many NV indices) and an x86 OVMF VARS store (128 KiB or
 /// 528 KiB), far below what hurts the host.
@@ -64,6 +68,11 @@ pub struct MetadataState {
     pub state: MachineState,
     /// Host keys the files were sealed with (empty: plaintext).
     pub sealed_with: Vec<KeyId>,
+    /// Recipients the files were sealed for (`gzip+age+base64`), by fingerprint.
+    pub sealed_for: Vec<Fingerprint>,
+    /// The age file of each file sealed for recipients, by `section/name`:
+    /// what `rekey` re-wraps without touching its ciphertext.
+    pub age_files: Vec<(String, Vec<u8>)>,
 }
 
 /// Limits applied while decoding hostile input.
@@ -124,7 +133,7 @@ pub enum FormatError {
     DuplicateFile(String),
     #[error("the <{0}> section holds no file")]
     NoFiles(&'static str),
-    #[error("file {0:?}: encoding {1:?} is not supported (this version reads gzip+base64 and gzip+chacha20poly1305+base64); upgrade virt-tpm-state")]
+    #[error("file {0:?}: encoding {1:?} is not supported (this version reads gzip+base64, gzip+chacha20poly1305+base64 and gzip+age+base64); upgrade virt-tpm-state")]
     UnknownEncoding(String, String),
     #[error("file {0:?}: the base64 text is invalid")]
     BadBase64(String),
@@ -165,21 +174,42 @@ pub enum FormatError {
         key_id: KeyId,
         source: OpenError,
     },
+    #[error("file {name:?} is sealed for recipients {recipients}; {this_host}")]
+    NotARecipient {
+        name: String,
+        /// The fingerprints, joined by ", ".
+        recipients: Box<str>,
+        /// What this host has and what to do (no secret).
+        this_host: Box<str>,
+    },
+    #[error("file {name:?} does not open with this host's identity: {source}")]
+    AgeDecrypt { name: String, source: AgeOpenError },
+    #[error("file {name:?} is sealed for another domain or another file name (copied from another VM's metadata?); refusing it")]
+    BindingMismatch { name: String },
     #[error("unexpected element <{0}> inside <{1}>")]
     UnexpectedElement(String, String),
 }
 
 impl FormatError {
-    /// A key problem (missing, unusable, or one that does not open the
-    /// blob) is [`Exit::Key`]; anything else about the element is
+    /// A key or identity problem is [`Exit::Key`]: the element is
+    /// well-formed, but this host cannot open it, or what it opened is not
+    /// this domain's. Anything else about the element is
     /// [`Exit::InvalidElement`].
     pub fn exit_code(&self) -> crate::exit::Exit {
         match self {
             FormatError::MissingKey { .. }
             | FormatError::UnusableKey { .. }
-            | FormatError::Decrypt { .. } => crate::exit::Exit::Key,
+            | FormatError::Decrypt { .. }
+            | FormatError::NotARecipient { .. }
+            | FormatError::AgeDecrypt { .. }
+            | FormatError::BindingMismatch { .. } => crate::exit::Exit::Key,
             _ => crate::exit::Exit::InvalidElement,
         }
+    }
+
+    /// A key or identity problem ([`FormatError::exit_code`] is `Key`).
+    pub fn is_key_problem(&self) -> bool {
+        self.exit_code() == crate::exit::Exit::Key
     }
 }
 
@@ -218,6 +248,15 @@ pub enum Protection<'a> {
         key: &'a SecretKey,
         fill: &'a mut dyn FnMut(&mut [u8]),
     },
+    /// `gzip+age+base64` for every recipient of `set` (a fresh file key each).
+    Recipients { set: &'a RecipientSet },
+    /// `gzip+age+base64`, re-wrapping the file keys of `from` (an element's
+    /// [`MetadataState::age_files`]) for `set`: ciphertexts unchanged.
+    Rewrap {
+        from: &'a [(String, Vec<u8>)],
+        identities: &'a [HostIdentity],
+        set: &'a RecipientSet,
+    },
 }
 
 /// Encodes `state` as a format v1 element, in plaintext.
@@ -245,12 +284,25 @@ pub fn encode_sealed(
     )
 }
 
+/// Encodes with a plaintext or host-key protection (which cannot fail).
 pub fn encode_with(
     state: &MachineState,
     provenance: &Provenance,
     style: Style,
-    mut protection: Protection<'_>,
+    protection: Protection<'_>,
 ) -> String {
+    try_encode_with(state, provenance, style, protection)
+        .expect("only sealing for recipients can fail (a plugin)")
+}
+
+/// Encodes with any protection; sealing for recipients fails when a
+/// plugin recipient fails (the message names it, never a secret).
+pub fn try_encode_with(
+    state: &MachineState,
+    provenance: &Provenance,
+    style: Style,
+    mut protection: Protection<'_>,
+) -> Result<String, String> {
     // For libvirt: no whitespace between elements, so libvirt's formatter
     // indents the element like the rest of the domain XML (it leaves
     // elements with text children alone).
@@ -286,28 +338,62 @@ pub fn encode_with(
     for (section, attrs, files) in sections {
         out.push_str(&format!("{i1}<{p}{section}{attrs}>{nl}"));
         for f in files {
-            let gz = gzip_deterministic(&f.data);
+            let path = format!("{section}/{}", f.name);
             let (encoding, extra, payload) = match &mut protection {
-                Protection::Plain => (ENCODING_GZIP_BASE64, String::new(), gz),
-                Protection::Sealed { key_id, key, fill } => {
-                    let sealed = seal(
-                        &gz,
-                        provenance.uuid.as_str(),
-                        &format!("{section}/{}", f.name),
-                        key_id,
-                        key,
-                        *fill,
+                Protection::Recipients { set } => {
+                    let gz = gzip_bound(
+                        &f.data,
+                        &crate::recipients::binding(provenance.uuid.as_str(), &path),
                     );
                     (
-                        ENCODING_SEALED,
-                        format!(
-                            " key=\"{}\" wrapped-key=\"{}\" nonce=\"{}\"",
-                            sealed.key_id,
-                            STANDARD.encode(&sealed.wrapped_key),
-                            STANDARD.encode(sealed.nonce)
-                        ),
-                        sealed.ciphertext,
+                        ENCODING_AGE,
+                        recipients_attr(set),
+                        crate::recipients::seal(&gz, set)?,
                     )
+                }
+                Protection::Rewrap {
+                    from,
+                    identities,
+                    set,
+                } => {
+                    let age_file = from
+                        .iter()
+                        .find(|(p, _)| *p == path)
+                        .map(|(_, a)| a)
+                        .ok_or_else(|| format!("file {path} is not sealed for recipients; rekey --rotate seals it afresh"))?;
+                    (
+                        ENCODING_AGE,
+                        recipients_attr(set),
+                        crate::recipients::rewrap(age_file, identities, set)
+                            .map_err(|e| format!("file {path}: {e}"))?,
+                    )
+                }
+                _ => {
+                    let gz = gzip_deterministic(&f.data);
+                    match &mut protection {
+                        Protection::Plain => (ENCODING_GZIP_BASE64, String::new(), gz),
+                        Protection::Sealed { key_id, key, fill } => {
+                            let sealed = seal(
+                                &gz,
+                                provenance.uuid.as_str(),
+                                &format!("{section}/{}", f.name),
+                                key_id,
+                                key,
+                                *fill,
+                            );
+                            (
+                                ENCODING_SEALED,
+                                format!(
+                                    " key=\"{}\" wrapped-key=\"{}\" nonce=\"{}\"",
+                                    sealed.key_id,
+                                    STANDARD.encode(&sealed.wrapped_key),
+                                    STANDARD.encode(sealed.nonce)
+                                ),
+                                sealed.ciphertext,
+                            )
+                        }
+                        Protection::Recipients { .. } | Protection::Rewrap { .. } => unreachable!(),
+                    }
                 }
             };
             out.push_str(&format!(
@@ -321,7 +407,25 @@ pub fn encode_with(
         out.push_str(&format!("{i1}</{p}{section}>{nl}"));
     }
     out.push_str(&format!("</{p}state>"));
-    out
+    Ok(out)
+}
+
+/// ` recipients="FP FP …"`: who can open a file, public fingerprints only.
+fn recipients_attr(set: &RecipientSet) -> String {
+    let fps: Vec<String> = set.fingerprints().iter().map(|f| f.to_string()).collect();
+    format!(" recipients=\"{}\"", fps.join(" "))
+}
+
+/// Compresses one file like [`gzip_deterministic`], with the binding of a
+/// file sealed for recipients as the gzip comment (which gunzip ignores).
+pub fn gzip_bound(data: &[u8], binding: &str) -> Vec<u8> {
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .comment(binding.as_bytes())
+        .write(Vec::new(), Compression::best());
+    enc.write_all(data).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail")
 }
 
 /// `s` as an attribute value that any conforming XML parser (libvirt's
@@ -473,7 +577,7 @@ pub fn decode_with_keys(
     if tpm_section.is_none() && nvram_section.is_none() {
         return Err(FormatError::NoSection);
     }
-    let mut sealed_with: Vec<KeyId> = Vec::new();
+    let mut seals = Seals::default();
     let mut tpm = None;
     if let Some(section) = tpm_section {
         let version_text = section
@@ -487,7 +591,7 @@ pub fn decode_with_keys(
             limits,
             uuid.as_str(),
             keys,
-            &mut sealed_with,
+            &mut seals,
         )?;
         tpm = Some(TpmState::new(version, files));
     }
@@ -499,7 +603,7 @@ pub fn decode_with_keys(
             limits,
             uuid.as_str(),
             keys,
-            &mut sealed_with,
+            &mut seals,
         )?;
         // The name check allows the kind's one name and duplicates are
         // refused: exactly one file.
@@ -518,8 +622,28 @@ pub fn decode_with_keys(
         provenance,
         digest: actual,
         state,
-        sealed_with,
+        sealed_with: seals.keys,
+        sealed_for: seals.recipients,
+        age_files: seals.age_files,
     })
+}
+
+/// How the files of an element were sealed, collected while decoding.
+#[derive(Default)]
+struct Seals {
+    keys: Vec<KeyId>,
+    recipients: Vec<Fingerprint>,
+    age_files: Vec<(String, Vec<u8>)>,
+}
+
+/// How one file was sealed.
+enum FileSeal {
+    Plain,
+    Key(KeyId),
+    Age {
+        recipients: Vec<Fingerprint>,
+        age_file: Vec<u8>,
+    },
 }
 
 /// Which section a file belongs to: decides the allowed names, the
@@ -545,7 +669,7 @@ fn decode_section(
     limits: DecodeLimits,
     uuid: &str,
     keys: &Keyring,
-    sealed_with: &mut Vec<KeyId>,
+    seals: &mut Seals,
 ) -> Result<Vec<StateFile>, FormatError> {
     let mut files: Vec<StateFile> = Vec::new();
     for f in &section.children {
@@ -555,10 +679,26 @@ fn decode_section(
                 kind.name().into(),
             ));
         }
-        let (file, key) = decode_file(f, kind, limits, uuid, keys)?;
-        if let Some(k) = key {
-            if !sealed_with.contains(&k) {
-                sealed_with.push(k);
+        let (file, seal) = decode_file(f, kind, limits, uuid, keys)?;
+        match seal {
+            FileSeal::Plain => {}
+            FileSeal::Key(k) => {
+                if !seals.keys.contains(&k) {
+                    seals.keys.push(k);
+                }
+            }
+            FileSeal::Age {
+                recipients,
+                age_file,
+            } => {
+                for r in recipients {
+                    if !seals.recipients.contains(&r) {
+                        seals.recipients.push(r);
+                    }
+                }
+                seals
+                    .age_files
+                    .push((format!("{}/{}", kind.name(), file.name), age_file));
             }
         }
         // MUST: file names are unique within a section.
@@ -579,7 +719,7 @@ fn decode_file(
     limits: DecodeLimits,
     uuid: &str,
     keys: &Keyring,
-) -> Result<(StateFile, Option<KeyId>), FormatError> {
+) -> Result<(StateFile, FileSeal), FormatError> {
     let name = req(f, "name")?.to_string();
     // MUST: a <file> holds text only; an element in it would be skipped
     // silently while its surrounding text is decoded.
@@ -609,7 +749,7 @@ fn decode_file(
         _ => {}
     }
     let encoding = req(f, "encoding")?;
-    if encoding != ENCODING_GZIP_BASE64 && encoding != ENCODING_SEALED {
+    if ![ENCODING_GZIP_BASE64, ENCODING_SEALED, ENCODING_AGE].contains(&encoding) {
         return Err(FormatError::UnknownEncoding(name, shown(encoding)));
     }
     let size = parse_decimal(req(f, "size")?).ok_or(FormatError::BadAttribute {
@@ -633,19 +773,38 @@ fn decode_file(
     let payload = STANDARD
         .decode(&compact)
         .map_err(|_| FormatError::BadBase64(name.clone()))?;
-    let (gz, key) = if encoding == ENCODING_SEALED {
+    let path = format!("{}/{name}", section.name());
+    let (gz, seal) = if encoding == ENCODING_SEALED {
         let (gz, key) = open_sealed(f, section, &name, payload, uuid, keys)?;
-        (gz, Some(key))
+        (gz, FileSeal::Key(key))
+    } else if encoding == ENCODING_AGE {
+        let recipients = recipients_of(f)?;
+        let gz = open_age(&name, &payload, &recipients, keys, limits)?;
+        (
+            gz,
+            FileSeal::Age {
+                recipients,
+                age_file: payload,
+            },
+        )
     } else {
-        (payload, None)
+        (payload, FileSeal::Plain)
     };
-    let data = gunzip_capped(&gz, limits.max_file_size).map_err(|e| match e {
+    let (data, comment) = gunzip_capped(&gz, limits.max_file_size).map_err(|e| match e {
         GunzipError::TooLarge => FormatError::DecompressedTooLarge {
             name: name.clone(),
             limit: limits.max_file_size,
         },
         GunzipError::Invalid => FormatError::BadGzip(name.clone()),
     })?;
+    // MUST: a file sealed for recipients carries its binding (the domain's
+    // uuid and the file's path) as the gzip comment, inside what age
+    // authenticates: a file pasted into another domain or name is refused.
+    if matches!(seal, FileSeal::Age { .. })
+        && comment.as_deref() != Some(crate::recipients::binding(uuid, &path).as_bytes())
+    {
+        return Err(FormatError::BindingMismatch { name });
+    }
     if data.len() as u64 != size {
         return Err(FormatError::SizeMismatch {
             name,
@@ -671,7 +830,67 @@ fn decode_file(
             source,
         })?;
     }
-    Ok((file, key))
+    Ok((file, seal))
+}
+
+/// The `recipients` attribute of a file sealed for recipients: fingerprints,
+/// separated by spaces (informational: age itself decides who opens it).
+fn recipients_of(f: &XmlElement) -> Result<Vec<Fingerprint>, FormatError> {
+    req(f, "recipients")?
+        .split_ascii_whitespace()
+        .map(|w| {
+            Fingerprint::parse(w).ok_or(FormatError::BadAttribute {
+                attribute: "recipients",
+                why: "not a list of 16-hex-digit fingerprints",
+            })
+        })
+        .collect()
+}
+
+/// Opens a `gzip+age+base64` payload with the keyring's age identities.
+fn open_age(
+    name: &str,
+    age_file: &[u8],
+    recipients: &[Fingerprint],
+    keys: &Keyring,
+    limits: DecodeLimits,
+) -> Result<Vec<u8>, FormatError> {
+    // The gzip stream of a file under the size limit is smaller than the
+    // limit plus gzip's worst-case overhead; anything larger is refused.
+    let cap = limits.max_file_size + limits.max_file_size / 100 + 1024;
+    crate::recipients::open(age_file, keys.identities(), cap).map_err(|source| match source {
+        AgeOpenError::NotARecipient => FormatError::NotARecipient {
+            name: name.to_string(),
+            recipients: crate::recipients::joined(recipients).into(),
+            this_host: this_host_clause(keys).into(),
+        },
+        source => FormatError::AgeDecrypt {
+            name: name.to_string(),
+            source,
+        },
+    })
+}
+
+/// What this host has, and the command that makes it a recipient: the
+/// second half of the one line a refused start shows.
+fn this_host_clause(keys: &Keyring) -> String {
+    const ADD: &str = "add it to /etc/virt-tpm-state/recipients.d/ on a host that opens this VM and run `virt-tpm-state rekey` there";
+    if let Some(problem) = keys.identity_problem() {
+        return format!("this host's {problem}");
+    }
+    let fps: Vec<Fingerprint> = keys
+        .identities()
+        .iter()
+        .filter_map(|i| i.fingerprint.clone())
+        .collect();
+    match (keys.identities().is_empty(), fps.is_empty()) {
+        (true, _) => format!("this host has no identity: run `virt-tpm-state host-id init` here, then {ADD}"),
+        (false, true) => format!("this host's identity is not one of them: `virt-tpm-state host-id` prints its recipient; {ADD}"),
+        (false, false) => format!(
+            "this host (recipient {}) is not one of them: `virt-tpm-state host-id` prints its recipient; {ADD}",
+            crate::recipients::joined(&fps)
+        ),
+    }
 }
 
 /// Opens a `gzip+chacha20poly1305+base64` payload: the key named by `key`
@@ -740,7 +959,8 @@ enum GunzipError {
 
 /// Decompresses one gzip member, never producing more than `cap` bytes, and
 /// refuses trailing garbage after it.
-fn gunzip_capped(gz: &[u8], cap: u64) -> Result<Vec<u8>, GunzipError> {
+/// Also returns the gzip header's comment, if any.
+fn gunzip_capped(gz: &[u8], cap: u64) -> Result<(Vec<u8>, Option<Vec<u8>>), GunzipError> {
     // The bufread decoder consumes exactly one member from the slice, so
     // what is left of it afterwards is whatever followed the member.
     let mut dec = GzDecoder::new(gz);
@@ -757,7 +977,8 @@ fn gunzip_capped(gz: &[u8], cap: u64) -> Result<Vec<u8>, GunzipError> {
     if !dec.get_ref().is_empty() {
         return Err(GunzipError::Invalid);
     }
-    Ok(out)
+    let comment = dec.header().and_then(|h| h.comment()).map(<[u8]>::to_vec);
+    Ok((out, comment))
 }
 
 /// A value from the hostile element as an error message may show it: at
@@ -1144,6 +1365,81 @@ mod tests {
             assert_eq!(back.state, state);
             assert_eq!(back.sealed_with, vec![id]);
         }
+    }
+
+    #[test]
+    fn sealed_for_recipients_round_trips_rewraps_and_binds() {
+        use crate::recipients::{generate_identity, parse_identities, Recipient};
+        use age::secrecy::ExposeSecret as _;
+        let make = || {
+            let (text, r) = generate_identity("t");
+            let id = parse_identities(text.expose_secret(), "t").unwrap();
+            (id, Recipient::parse(&r).unwrap())
+        };
+        let ((a, ra), (b, rb)) = (make(), make());
+        let (state, prov) = with_nvram(true);
+        let set = RecipientSet::new(vec![ra.clone()], "t".into());
+        let text = try_encode_with(
+            &state,
+            &prov,
+            Style::Standalone,
+            Protection::Recipients { set: &set },
+        )
+        .unwrap();
+        assert!(text.contains(&format!("recipients=\"{}\"", ra.fingerprint)));
+        let mut ka = Keyring::default();
+        ka.add_identities(a);
+        let back = decode_with_keys(&in_domain(&text), DecodeLimits::default(), &ka).unwrap();
+        assert_eq!(back.state, state);
+        assert_eq!(back.sealed_for, vec![ra.fingerprint.clone()]);
+        assert_eq!(back.age_files.len(), 2);
+        // Not a recipient: one message naming the recipients and the command.
+        let mut kb = Keyring::default();
+        kb.add_identities(b);
+        let e = decode_with_keys(&in_domain(&text), DecodeLimits::default(), &kb).unwrap_err();
+        assert!(e.is_key_problem());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(ra.fingerprint.as_str()) && msg.contains("virt-tpm-state host-id"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+        let none = decode_with_keys(
+            &in_domain(&text),
+            DecodeLimits::default(),
+            &Keyring::default(),
+        )
+        .unwrap_err();
+        assert!(none.to_string().contains("host-id init"), "{none}");
+        // Re-wrapped for b: same payloads, b opens it, a no longer does.
+        let to_b = RecipientSet::new(vec![rb.clone()], "t".into());
+        let re = try_encode_with(
+            &back.state,
+            &back.provenance,
+            Style::Standalone,
+            Protection::Rewrap {
+                from: &back.age_files,
+                identities: ka.identities(),
+                set: &to_b,
+            },
+        )
+        .unwrap();
+        let again = decode_with_keys(&in_domain(&re), DecodeLimits::default(), &kb).unwrap();
+        assert_eq!(again.state, state);
+        for ((_, old), (_, new)) in back.age_files.iter().zip(&again.age_files) {
+            assert_eq!(
+                crate::recipients::payload_of(old),
+                crate::recipients::payload_of(new)
+            );
+        }
+        assert!(decode_with_keys(&in_domain(&re), DecodeLimits::default(), &ka).is_err());
+        // Pasted into another domain (the uuid attribute follows it): refused.
+        let other = "00000000-0000-4000-8000-000000000001";
+        let pasted = text.replace(prov.uuid.as_str(), other);
+        assert!(matches!(
+            decode_with_keys(&in_domain(&pasted), DecodeLimits::default(), &ka),
+            Err(FormatError::BindingMismatch { .. })
+        ));
     }
 
     #[test]

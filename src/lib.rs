@@ -27,6 +27,7 @@ pub mod libvirt;
 pub mod linear;
 pub mod logging;
 pub mod paths;
+pub mod recipients;
 pub mod restore;
 pub mod state;
 pub mod swtpm;

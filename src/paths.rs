@@ -36,6 +36,9 @@ pub struct Paths {
     /// `--keys DIR`: host keys from a directory the user names instead of
     /// `<config>/keys` (not re-rooted).
     keys_override: Option<PathBuf>,
+    /// `--identity FILE`: an age identity (an owner's or escrow identity)
+    /// tried besides this host's own (not re-rooted).
+    identity_file: Option<PathBuf>,
 }
 
 impl Paths {
@@ -55,7 +58,19 @@ impl Paths {
         Paths {
             root: root.into(),
             keys_override: None,
+            identity_file: None,
         }
+    }
+
+    /// These paths with an extra age identity file (`--identity FILE`).
+    pub fn with_identity_file(mut self, file: Option<PathBuf>) -> Self {
+        self.identity_file = file;
+        self
+    }
+
+    /// The identity file named with `--identity`, if any.
+    pub fn identity_file(&self) -> Option<&Path> {
+        self.identity_file.as_deref()
     }
 
     /// These paths with the host keys read from `dir` (`--keys DIR`).

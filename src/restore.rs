@@ -8,7 +8,9 @@ use crate::decision::{decide, Decision, DecisionInput, Refusal, Why};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError, NvramSpec, TpmBackend};
 use crate::envelope::Keyring;
 use crate::exit::Exit;
-use crate::format::{decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_SEALED};
+use crate::format::{
+    decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_AGE, ENCODING_SEALED,
+};
 use crate::fs::{
     load_keyring, DomainLock, FsError, HostData, Intent, NvramLocation, Owner, StateLocation,
 };
@@ -364,7 +366,7 @@ pub fn el_is_sealed(el: &crate::domain::XmlElement) -> bool {
     el.children
         .iter()
         .flat_map(|c| c.children.iter())
-        .any(|f| f.attr("encoding") == Some(ENCODING_SEALED))
+        .any(|f| matches!(f.attr("encoding"), Some(ENCODING_SEALED | ENCODING_AGE)))
 }
 
 /// Decodes our element of a parsed domain, if any.
@@ -390,9 +392,7 @@ pub fn metadata_state(
     )
     .map(Some)
     .map_err(|source| match source {
-        FormatError::MissingKey { .. }
-        | FormatError::UnusableKey { .. }
-        | FormatError::Decrypt { .. } => RestoreError::Key {
+        source if source.is_key_problem() => RestoreError::Key {
             name: shown_name(&info.name),
             source,
         },

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Reference reader of the virt-tpm-state element (docs/FORMAT.md, format 1)
 for VM managers: standard library only, plus the `cryptography` package for
-sealed (gzip+chacha20poly1305+base64) files.
+sealed (gzip+chacha20poly1305+base64) files and `pyrage` for files sealed
+for age recipients (gzip+age+base64).
 
-    python3 virt_tpm_state.py verify [--keys DIR] [--max-file-size N] FILE|-
-    python3 virt_tpm_state.py extract [--keys DIR] FILE|- OUTDIR
+    python3 virt_tpm_state.py verify [--keys DIR] [--identity FILE] [--max-file-size N] FILE|-
+    python3 virt_tpm_state.py extract [--keys DIR] [--identity FILE] FILE|- OUTDIR
     python3 virt_tpm_state.py element FILE|-      # the element, standalone and namespaced
 
 FILE is a domain XML, the bare element in our namespace, or the
@@ -16,7 +17,8 @@ invalid (or its TPM version or swtpm encryption does not fit the domain),
 open it. One line on stderr says why. The test suite runs it on every vector
 (tests/manager.rs), so it cannot drift from the Rust reader.
 
-As a library: `read(xml_bytes, keys={id: key}) -> State` raises `Refused`.
+As a library: `read(xml_bytes, keys={id: key}, identities=[...]) -> State`
+raises `Refused` (identities: from `load_identities(path)`, pyrage objects).
 """
 
 import base64
@@ -39,6 +41,8 @@ MAX_DEPTH = 64
 MAX_OUR_ELEMENTS = 64
 MAX_ATTRIBUTES = 64
 SEALED = "gzip+chacha20poly1305+base64"
+AGE = "gzip+age+base64"
+FINGERPRINTS = re.compile(r"[0-9a-f]{16}( [0-9a-f]{16})*")
 PLAIN = "gzip+base64"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -183,6 +187,58 @@ def open_sealed(f, uuid, keys, section, name):
         raise key_refused(f"{name}: does not decrypt with key {key_id}") from None
 
 
+def load_identities(path):
+    """age X25519 identities (AGE-SECRET-KEY-1...) of an identity file."""
+    import pyrage
+
+    out = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("AGE-SECRET-KEY-1"):
+            raise key_refused(f"{path}: only X25519 identities are read here (no plugins)")
+        out.append(pyrage.x25519.Identity.from_str(line))
+    return out
+
+
+def gzip_comment(gz):
+    """The FCOMMENT of a gzip member's header (RFC 1952 2.3), or None."""
+    if len(gz) < 10 or gz[:2] != b"\x1f\x8b":
+        return None
+    flg, pos = gz[3], 10
+    if flg & 4:  # FEXTRA
+        pos += 2 + int.from_bytes(gz[pos:pos + 2], "little")
+    if flg & 8:  # FNAME
+        pos = gz.index(b"\0", pos) + 1
+    if flg & 16:  # FCOMMENT
+        return gz[pos:gz.index(b"\0", pos)]
+    return None
+
+
+def open_age(f, uuid, identities, section, name):
+    """The gzip stream of a file sealed for recipients, its binding checked."""
+    recipients = f.get("recipients")
+    if recipients is None or not FINGERPRINTS.fullmatch(recipients):
+        raise invalid(f"{name}: missing or bad attribute recipients")
+    blob = strict_b64(f.text, name)
+    if not identities:
+        raise key_refused(f"file {name!r} is sealed for recipients {recipients.replace(' ', ', ')}; no identity given")
+    import pyrage
+
+    try:
+        gz = pyrage.decrypt(blob, identities)
+    except Exception:
+        raise key_refused(f"file {name!r} does not open with the identities given (not a recipient, or tampered)") from None
+    try:
+        comment = gzip_comment(gz)
+    except ValueError:
+        comment = None
+    if comment != f"virt-tpm-state binding uuid={uuid} file={section}/{name}".encode():
+        raise key_refused(f"file {name!r} is sealed for another domain or another file name")
+    return gz
+
+
 def depth_and_count(el, depth=1):
     if depth > MAX_DEPTH:
         raise xml_refused(f"the XML nests deeper than {MAX_DEPTH} elements")
@@ -222,7 +278,7 @@ def parse(xml_bytes):
     return root, (ours[0] if ours else None)
 
 
-def decode(st, keys, limit):
+def decode(st, keys, limit, identities=()):
     if sum(1 for _ in st.iter()) > MAX_OUR_ELEMENTS:
         raise xml_refused("our element holds too many elements")
     for e in st.iter():
@@ -288,7 +344,7 @@ def decode(st, keys, limit):
             if not HEX64.fullmatch(sha):
                 raise invalid(f"{name}: sha256 is not 64 lowercase hex digits")
             enc = f.get("encoding")
-            if enc not in (PLAIN, SEALED):
+            if enc not in (PLAIN, SEALED, AGE):
                 raise invalid(f"{name}: unknown encoding {enc!r}")
             if size > limit:
                 raise invalid(f"{name}: declared size {size} above the limit")
@@ -296,6 +352,8 @@ def decode(st, keys, limit):
                 gz = open_sealed(f, uuid, keys, section, name)
                 if f.get("key") not in sealed_with:
                     sealed_with.append(f.get("key"))
+            elif enc == AGE:
+                gz = open_age(f, uuid, identities, section, name)
             else:
                 gz = strict_b64(f.text, name)
             data = gunzip_one(gz, limit, name)
@@ -335,12 +393,12 @@ def domain_tpm(dom):
     return None
 
 
-def read(xml_bytes, keys=None, limit=DEFAULT_LIMIT):
+def read(xml_bytes, keys=None, limit=DEFAULT_LIMIT, identities=()):
     """The accepted State, or raises Refused (exit 4 when there is no element)."""
     dom, st = parse(xml_bytes)
     if st is None:
         raise Refused(4, "no-element", "no virt-tpm-state element")
-    state = decode(st, keys or {}, limit)
+    state = decode(st, keys or {}, limit, identities)
     if dom is not None:
         # Reader rules that compare the element with its domain.
         tpm = domain_tpm(dom)
@@ -378,6 +436,7 @@ def main(argv):
     for name in ("verify", "extract", "element"):
         p = sub.add_parser(name)
         p.add_argument("--keys", metavar="DIR")
+        p.add_argument("--identity", metavar="FILE", action="append", default=[])
         p.add_argument("--max-file-size", type=int, default=DEFAULT_LIMIT)
         p.add_argument("file")
         if name == "extract":
@@ -389,7 +448,8 @@ def main(argv):
             print(standalone(data))
             return 0
         keys = load_keys(a.keys) if a.keys else {}
-        state = read(data, keys, a.max_file_size)
+        identities = [i for path in a.identity for i in load_identities(path)]
+        state = read(data, keys, a.max_file_size, identities)
     except Refused as e:
         print(f"virt_tpm_state: {e}", file=sys.stderr)
         return e.exit

@@ -159,6 +159,9 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     // With a key, `store` encrypts the state in the domain XML; without one
     // it refuses (plaintext is readable through read-only connections).
     super::keys::ensure_key(ctx)?;
+    // An identity costs nothing until recipients are configured, and then
+    // this host is ready to be named in a recipient set.
+    super::keys::ensure_host_identity(ctx)?;
     reload(ctx, args);
     install_watch_unit(ctx, args)
 }

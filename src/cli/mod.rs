@@ -47,6 +47,10 @@ pub struct Cli {
     /// elements; DIR must be yours or root's and not group/other-writable, key files 0600)
     #[arg(long, global = true, value_name = "DIR")]
     pub keys: Option<PathBuf>,
+    /// Also open elements sealed for recipients with this age identity file (an owner's or
+    /// escrow identity; yours or root's, mode 0600), besides this host's own
+    #[arg(long, global = true, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,8 +73,10 @@ pub enum Command {
     Pack(Box<PackArgs>),
     /// Create a new host key in /etc/virt-tpm-state/keys (new stores use the newest key)
     Keygen,
-    /// Re-encrypt the metadata of a domain (or --all) with the newest host key
+    /// Re-protect the metadata of a domain (or --all): re-wrap for the current recipients, or re-encrypt with the newest host key
     Rekey(RekeyArgs),
+    /// Print this host's age recipient (a line for recipients.d); `host-id init` creates its identity
+    HostId(HostIdArgs),
     /// Install the hook into /etc/libvirt/hooks and make libvirt see it
     Install(InstallArgs),
     /// Remove the hook installed by `install` (keeps backups, copies and metadata)
@@ -143,6 +149,19 @@ pub struct RekeyArgs {
     /// Every domain whose metadata holds TPM state
     #[arg(long)]
     pub all: bool,
+    /// Also re-encrypt elements sealed for recipients with fresh file keys (not only re-wrap them)
+    #[arg(long)]
+    pub rotate: bool,
+    /// Convert elements sealed with a host key (or plaintext) to the recipient set
+    #[arg(long)]
+    pub to_recipients: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HostIdArgs {
+    /// `init`: first create this host's age identity (/etc/virt-tpm-state/host-identity.txt, 0600; never overwrites one)
+    #[arg(value_parser = ["init"])]
+    pub action: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -463,6 +482,7 @@ fn fs_kind(e: &FsError) -> &'static str {
     match e.exit_code() {
         Exit::UnsafePath => "unsafe-path",
         Exit::LockTimeout => "lock-timeout",
+        Exit::Config => "config",
         _ => "filesystem",
     }
 }
@@ -570,17 +590,23 @@ fn init_stderr_logger(level: log::LevelFilter) {
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    if cli.keys.is_some()
+    if (cli.keys.is_some() || cli.identity.is_some())
         && matches!(
             cli.command,
-            Command::Keygen | Command::Install(_) | Command::Uninstall(_) | Command::Status(_)
+            Command::Keygen
+                | Command::HostId(_)
+                | Command::Install(_)
+                | Command::Uninstall(_)
+                | Command::Status(_)
         )
     {
         return Err(CliError::Usage(
-            "--keys applies to commands that open or seal an element (show, verify, extract, restore, store, adopt, rekey, pack, watch)".into(),
+            "--keys and --identity apply to commands that open or seal an element (show, verify, extract, restore, store, adopt, rekey, pack, watch)".into(),
         ));
     }
-    let paths = Paths::from_env().with_keys_dir(cli.keys.clone());
+    let paths = Paths::from_env()
+        .with_keys_dir(cli.keys.clone())
+        .with_identity_file(cli.identity.clone());
     // `uninstall` uses nothing from the config, and a broken config must not
     // keep the hook wired (the Debian package's prerm runs it on removal).
     let config = if matches!(cli.command, Command::Uninstall(_)) {
@@ -619,6 +645,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Keygen => keys::keygen(&ctx),
         Command::Rekey(a) => keys::rekey(&ctx, &a),
+        Command::HostId(a) => keys::host_id(&ctx, &a),
         Command::Install(a) => install::install(&ctx, &a),
         Command::Uninstall(a) => install::uninstall(&ctx, &a),
         Command::Watch => watch::watch(ctx),

@@ -163,7 +163,8 @@ struct SnapshotJson {
     element_current: Option<bool>,
 }
 
-/// `virt-tpm-state:<key ids>`, `swtpm`, both joined by `+`, or `none`.
+/// `virt-tpm-state:<key ids>`, `recipients:<fingerprints>`, `swtpm`, joined
+/// by `+`, or `none`.
 fn protection(m: &MetadataState) -> String {
     let swtpm = m
         .state
@@ -174,6 +175,11 @@ fn protection(m: &MetadataState) -> String {
     if !m.sealed_with.is_empty() {
         let ids: Vec<&str> = m.sealed_with.iter().map(|k| k.as_str()).collect();
         parts.push(format!("virt-tpm-state:{}", ids.join(",")));
+    }
+    if !m.sealed_for.is_empty() {
+        let mut fps: Vec<&str> = m.sealed_for.iter().map(|f| f.as_str()).collect();
+        fps.sort_unstable();
+        parts.push(format!("recipients:{}", fps.join(",")));
     }
     if swtpm {
         parts.push("swtpm".to_string());

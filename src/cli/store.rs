@@ -4,10 +4,10 @@ use super::{CliError, Ctx, StoreArgs};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::envelope::os_random;
 use crate::format::{
-    decode_with_keys, encode_with, read_header, DecodeLimits, MetadataState, Protection,
+    decode_with_keys, read_header, try_encode_with, DecodeLimits, MetadataState, Protection,
     Provenance, Style, NAMESPACE_PREFIX,
 };
-use crate::fs::{keys_dir, load_keyring, FsError, HostData};
+use crate::fs::{keys_dir, load_keyring, load_recipients, recipients_dir, FsError, HostData};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::restore::{carried, shown_name, Carried};
 use crate::state::{MachineState, TpmState};
@@ -277,8 +277,16 @@ pub fn store_domain(
         .as_ref()
         .is_some_and(crate::swtpm::state_is_encrypted);
     let mut fill = os_random;
-    let (protection, sealed_with) = match keys.newest() {
-        Some((key_id, key)) => (
+    // A recipient set, when configured, wins over host keys: new stores are
+    // sealed for the hosts (and owners) named there.
+    let recipients = load_recipients(&ctx.paths, dom.uuid.as_str())?;
+    let sealed_for = recipients
+        .as_ref()
+        .map(|set| set.fingerprints())
+        .unwrap_or_default();
+    let (protection, sealed_with) = match (&recipients, keys.newest()) {
+        (Some(set), _) => (Protection::Recipients { set }, Vec::new()),
+        (None, Some((key_id, key))) => (
             Protection::Sealed {
                 key_id,
                 key,
@@ -286,18 +294,25 @@ pub fn store_domain(
             },
             vec![key_id.clone()],
         ),
-        None if opts.allow_plaintext || ctx.config.allow_plaintext || swtpm_encrypted => {
+        (None, None) if opts.allow_plaintext || ctx.config.allow_plaintext || swtpm_encrypted => {
             (Protection::Plain, Vec::new())
         }
-        None => {
+        (None, None) => {
             return Err(CliError::Key(format!(
-                "VM {}: no key in {} to encrypt the TPM state with; nothing was stored. Create one with `virt-tpm-state keygen` (and copy it to every host that may run this VM), or allow plaintext (readable by anyone who can read the domain XML): --allow-plaintext, or allow_plaintext = true in the config",
+                "VM {}: no key in {} and no recipients in {} to encrypt the TPM state with; nothing was stored. Name the hosts that may run it in recipients.d (`virt-tpm-state host-id` on each prints its recipient), or create a key with `virt-tpm-state keygen` (and copy it to every host that may run this VM), or allow plaintext (readable by anyone who can read the domain XML): --allow-plaintext, or allow_plaintext = true in the config",
                 shown_name(&dom.name),
-                keys_dir(&ctx.paths).display()
+                keys_dir(&ctx.paths).display(),
+                recipients_dir(&ctx.paths).display()
             )))
         }
     };
-    let element = encode_with(&state, &provenance, Style::ForSetMetadata, protection);
+    let element =
+        try_encode_with(&state, &provenance, Style::ForSetMetadata, protection).map_err(|e| {
+            CliError::Key(format!(
+                "VM {}: {e}; nothing was stored",
+                shown_name(&dom.name)
+            ))
+        })?;
     let current = live_xml
         .len()
         .max(config_xml.as_ref().map_or(0, String::len));
@@ -323,6 +338,8 @@ pub fn store_domain(
         digest,
         state: state.clone(),
         sealed_with,
+        sealed_for,
+        age_files: Vec::new(),
     };
     let where_ = match (targets.live, targets.config) {
         (true, true) => "live and config",
@@ -642,18 +659,35 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         stored: super::now_stamp(),
         host: super::this_host(),
     };
-    // The seal is bound to the uuid: re-seal (with the newest key) when the
-    // state was sealed; a plaintext state stays plaintext.
+    // The seal is bound to the uuid: re-seal (for this domain's recipients,
+    // else with the newest key) when the state was sealed; a plaintext state
+    // stays plaintext.
     let mut fill = os_random;
-    let protection = match keys.newest() {
-        Some((key_id, key)) if !m.sealed_with.is_empty() => Protection::Sealed {
+    let was_sealed = !m.sealed_with.is_empty() || !m.sealed_for.is_empty();
+    let recipients = load_recipients(&ctx.paths, dom.uuid.as_str())?;
+    let protection = match (&recipients, keys.newest()) {
+        (Some(set), _) if was_sealed => Protection::Recipients { set },
+        (None, Some((key_id, key))) if was_sealed => Protection::Sealed {
             key_id,
             key,
             fill: &mut fill,
         },
+        (None, None) if was_sealed => {
+            return Err(CliError::Key(format!(
+                "VM {}: no recipients in {} and no key to re-seal the adopted state with; nothing was changed",
+                shown_name(&dom.name),
+                recipients_dir(&ctx.paths).display()
+            )))
+        }
         _ => Protection::Plain,
     };
-    let element = encode_with(&m.state, &provenance, Style::ForSetMetadata, protection);
+    let element = try_encode_with(&m.state, &provenance, Style::ForSetMetadata, protection)
+        .map_err(|e| {
+            CliError::Key(format!(
+                "VM {}: {e}; nothing was changed",
+                shown_name(&dom.name)
+            ))
+        })?;
     let targets = Targets {
         live: dom.active,
         config: dom.persistent,

@@ -41,6 +41,16 @@ pub enum FsError {
     TooManyEntries { path: PathBuf, limit: usize },
     #[error("{path} is writable by a user other than root ({what}); refusing to use the keys in it: chown root:root {path} && chmod 700 {path}")]
     UnsafeKeysDir { path: PathBuf, what: &'static str },
+    #[error(
+        "recipients file {0}; fix or remove that line (one age1… recipient per line, # comments)"
+    )]
+    BadRecipients(Box<crate::recipients::RecipientsError>),
+}
+
+impl From<crate::recipients::RecipientsError> for FsError {
+    fn from(e: crate::recipients::RecipientsError) -> Self {
+        FsError::BadRecipients(Box::new(e))
+    }
 }
 
 impl FsError {
@@ -54,6 +64,7 @@ impl FsError {
             | FsError::Linear { .. }
             | FsError::UnsafeKeysDir { .. } => Exit::UnsafePath,
             FsError::LockTimeout { .. } => Exit::LockTimeout,
+            FsError::BadRecipients(_) => Exit::Config,
             _ => Exit::Filesystem,
         }
     }

@@ -54,7 +54,10 @@ pub use error::FsError;
 pub use host::{
     DomainData, DomainLock, HostData, Intent, RevertIntent, WatchLock, MARKER_TTL, REVERT_TTL,
 };
-pub use keys::{create_key, keys_dir, load_keyring};
+pub use keys::{
+    create_host_identity, create_key, host_identity_path, keys_dir, load_host_identity,
+    load_identity_file, load_keyring, load_recipients, recipients_dir,
+};
 pub use locations::{read_tpm_files, NvramLocation, StateLocation};
 pub use owner::Owner;
 
