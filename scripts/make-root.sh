@@ -68,7 +68,7 @@ case $profile in
         target_packages=(
             "libvirt-daemon-system=$LIBVIRT_VERSION" "libvirt-clients=$LIBVIRT_VERSION"
             "libvirt-daemon=$LIBVIRT_VERSION" "libvirt0=$LIBVIRT_VERSION"
-            "qemu-system-x86=$QEMU_VERSION"
+            "qemu-system-x86=$QEMU_VERSION" "qemu-utils=$QEMU_VERSION"
             "swtpm=$SWTPM_VERSION" "swtpm-tools=$SWTPM_VERSION" "swtpm-libs=$SWTPM_VERSION"
         )
         packages=(
