@@ -216,8 +216,8 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
 }
 
 /// `stopped end`: swtpm has exited, the state is final. Keep a copy (libvirt
-/// deletes the dir of a transient domain right after `release`), then hand
-/// the store to the helper in a detached process.
+/// deletes the dir of a transient domain right after `release`), record the
+/// store as pending, then hand it to the helper in a detached process.
 fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> {
     let info = parse_domain(xml, &config.namespace)?;
     let carried = carried(paths, config, &info)?;
@@ -268,6 +268,15 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
                 state.digest().short(),
                 state.total_size()
             );
+        }
+        // Before anything talks to libvirt: the post-stop store may find
+        // libvirt gone (host shutdown), be killed or time out, and whoever
+        // runs next completes this record (`cli::pending`). A state the
+        // metadata already holds (J) needs no store.
+        if config.store_after_stop
+            && host.read_synced(&info.uuid).map_err(fs)? != Some(state.digest())
+        {
+            host.write_pending(&info.uuid, state.digest()).map_err(fs)?;
         }
     }
     if config.store_after_stop {

@@ -32,6 +32,8 @@ const SYNCED: &str = "synced";
 const INCOMING: &str = "incoming";
 const LOCKS: &str = "locks";
 const INTENTS: &str = "intents";
+/// Post-stop stores not yet done: `<data>/pending/<uuid>`.
+const PENDING: &str = "pending";
 /// The text file of an intent dir (beside the target's state files).
 const INTENT_FILE: &str = "intent";
 
@@ -119,6 +121,49 @@ impl Intent {
             path_field(self.nvram_at.as_ref()),
             path_field(self.backup.as_ref()),
         )
+    }
+}
+
+/// A post-stop store that has not finished (issue 22): the stop kept
+/// `digest` as the domain's final state at `since`, and nobody has stored it
+/// into the metadata yet. Written by the hook at `stopped end` (before
+/// anything talks to libvirt, so a killed or timed-out store leaves it);
+/// removed by whoever completes it (see `cli::pending`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingStore {
+    pub uuid: DomainUuid,
+    pub digest: Sha256Sum,
+    pub since: SystemTime,
+}
+
+impl PendingStore {
+    fn text(&self) -> String {
+        format!(
+            "vts-pending 1\ndigest {}\nsince {}\n",
+            self.digest,
+            humantime::format_rfc3339_nanos(self.since)
+        )
+    }
+
+    fn parse(uuid: DomainUuid, text: &str) -> Option<Self> {
+        let mut lines = text.lines();
+        if lines.next()? != "vts-pending 1" {
+            return None;
+        }
+        let mut digest = None;
+        let mut since = None;
+        for line in lines {
+            match line.split_once(' ') {
+                Some(("digest", v)) => digest = Sha256Sum::parse_hex(v),
+                Some(("since", v)) => since = humantime::parse_rfc3339(v).ok(),
+                _ => {}
+            }
+        }
+        Some(PendingStore {
+            uuid,
+            digest: digest?,
+            since: since?,
+        })
     }
 }
 
@@ -363,7 +408,13 @@ impl HostData {
     /// names) count toward no domain.
     pub fn scan_domains(&self) -> Result<Vec<DomainData>, FsError> {
         let mut all: std::collections::BTreeMap<String, DomainData> = Default::default();
-        for (section, depth) in [(KEPT, 2), (BACKUPS, 2), (SYNCED, 0), (INTENTS, 1)] {
+        for (section, depth) in [
+            (KEPT, 2),
+            (BACKUPS, 2),
+            (SYNCED, 0),
+            (INTENTS, 1),
+            (PENDING, 0),
+        ] {
             let Some(dir) = self.section(Anchor::Data, section, false)? else {
                 continue;
             };
@@ -395,8 +446,10 @@ impl HostData {
                 }
             }
         }
-        if let Some(dir) = self.section(Anchor::Data, SYNCED, false)? {
-            dir.remove_file(uuid.as_str())?;
+        for section in [SYNCED, PENDING] {
+            if let Some(dir) = self.section(Anchor::Data, section, false)? {
+                dir.remove_file(uuid.as_str())?;
+            }
         }
         Ok(())
     }
@@ -422,13 +475,15 @@ impl HostData {
                 Err(e) => log::warn!("{e}"),
             }
         }
-        match self.section(Anchor::Data, SYNCED, false) {
-            Ok(Some(dir)) => {
-                let prefix = format!(".{uuid}{TEMP_MARK}");
-                dir.remove_matching(|n| n.starts_with(&prefix), uuid.as_str());
+        for section in [SYNCED, PENDING] {
+            match self.section(Anchor::Data, section, false) {
+                Ok(Some(dir)) => {
+                    let prefix = format!(".{uuid}{TEMP_MARK}");
+                    dir.remove_matching(|n| n.starts_with(&prefix), uuid.as_str());
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("{e}"),
             }
-            Ok(None) => {}
-            Err(e) => log::warn!("{e}"),
         }
         match self.section(Anchor::Data, INTENTS, false) {
             Ok(Some(dir)) => dir.remove_leftovers_of(uuid.as_str()),
@@ -472,6 +527,72 @@ impl HostData {
             uuid.as_str(),
             format!("{}\n", state.digest()).as_bytes(),
         )
+    }
+
+    /// Records that the final state `digest` of `uuid` (its kept copy) still
+    /// has to be stored into the metadata: one small file, fsynced and
+    /// renamed into place, replacing an older record of the same domain.
+    /// Call with the domain's lock held.
+    pub fn write_pending(&self, uuid: &DomainUuid, digest: Sha256Sum) -> Result<(), FsError> {
+        let dir = self.section(Anchor::Data, PENDING, true)?.expect("created");
+        let record = PendingStore {
+            uuid: uuid.clone(),
+            digest,
+            since: SystemTime::now(),
+        };
+        write_private_file(&dir, uuid.as_str(), record.text().as_bytes())
+    }
+
+    /// The pending store of `uuid`, if any. A record that does not parse
+    /// is an error (we wrote it whole; someone changed it).
+    pub fn read_pending(&self, uuid: &DomainUuid) -> Result<Option<PendingStore>, FsError> {
+        let Some(dir) = self.section(Anchor::Data, PENDING, false)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = dir.read_file(uuid.as_str(), 4096)? else {
+            return Ok(None);
+        };
+        PendingStore::parse(uuid.clone(), &String::from_utf8_lossy(&bytes))
+            .map(Some)
+            .ok_or_else(|| {
+                FsError::unsafe_path(
+                    dir.path().join(uuid.as_str()),
+                    "a pending-store record of an unknown format",
+                )
+            })
+    }
+
+    /// Every pending store on this host, oldest first (one directory read
+    /// when there is none). Unreadable records are logged and skipped.
+    pub fn list_pending(&self) -> Result<Vec<PendingStore>, FsError> {
+        let Some(dir) = self.section(Anchor::Data, PENDING, false)? else {
+            return Ok(Vec::new());
+        };
+        let mut all = Vec::new();
+        for name in dir.list()? {
+            let Some(uuid) = DomainUuid::parse(&name) else {
+                continue;
+            };
+            match self.read_pending(&uuid) {
+                Ok(Some(p)) => all.push(p),
+                Ok(None) => {}
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+        all.sort_by_key(|p| p.since);
+        Ok(all)
+    }
+
+    /// Removes the pending store of `uuid` (done, or superseded). Call with
+    /// the domain's lock held.
+    pub fn clear_pending(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        match self.section(Anchor::Data, PENDING, false)? {
+            Some(dir) => {
+                dir.remove_file(uuid.as_str())?;
+                dir.sync()
+            }
+            None => Ok(()),
+        }
     }
 
     /// Marks that the next `prepare` of `uuid` is an incoming migration or a

@@ -51,7 +51,7 @@ mod walk;
 
 pub use dir::{Dir, EntryKind};
 pub use error::FsError;
-pub use host::{DomainData, DomainLock, HostData, Intent, MARKER_TTL};
+pub use host::{DomainData, DomainLock, HostData, Intent, PendingStore, MARKER_TTL};
 pub use keys::{create_key, keys_dir, load_keyring};
 pub use locations::{NvramLocation, StateLocation};
 pub use owner::Owner;
