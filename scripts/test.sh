@@ -7,13 +7,13 @@
 #
 # The heavy jobs are their own scripts (.ci/run runs them after this one):
 # the same world tests against libvirt 11.3 in a debootstrapped root
-# (scripts/test-libvirt-next.sh) and the Debian package's lifecycle in an
-# overlay world (scripts/test-package.sh); HEAVY below lists the test
+# (scripts/test-libvirt-next.sh), the shutdown storms (scripts/test-storms.sh)
+# and the Debian package's lifecycle in an overlay world (scripts/test-package.sh); HEAVY below lists the test
 # binaries this script leaves to them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-HEAVY=(package)
+HEAVY=(package storms)
 
 ./scripts/install-deps.sh
 start=$SECONDS

@@ -412,7 +412,11 @@ fn pending_store_never_overwrites_newer_metadata() {
         "--host",
         "elsewhere",
         "--key",
-        w.keys()[0].trim_end_matches(".key").rsplit('-').next().unwrap(),
+        w.keys()[0]
+            .trim_end_matches(".key")
+            .rsplit('-')
+            .next()
+            .unwrap(),
         "--into",
         &dump.display().to_string(),
     ]);

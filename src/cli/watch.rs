@@ -19,12 +19,12 @@
 //!   doubling to 60 s), and the full reconcile every `reconcile_interval_secs`
 //!   (the safety net for anything inotify missed). Nothing else wakes it.
 //!
-//! Only the pending-store path writes a stopped domain ([`super::pending`]):
-//! the daemon's own stores are of running domains (a daemon write always
+//! The daemon's own stores are of running domains (a daemon write always
 //! includes the live copy, so libvirt itself refuses it once the domain
-//! stopped; see [`super::store::StoreOptions::watch`]), and at start, after
-//! every reconnect and at each reconcile it completes the post-stop stores
-//! that could not finish (libvirt was gone, the store was killed).
+//! stopped; see [`super::store::StoreOptions::watch`]); a stopped domain's
+//! final state goes through [`super::pending`], which the daemon runs at
+//! start, after every reconnect and at each reconcile, for the post-stop
+//! stores that could not finish (libvirt was gone, the store was killed).
 //!
 //! It publishes what it knows (pending work, out of sync since when, last
 //! error) in `/run/virt-tpm-state/status.json` for `status`, rewritten only
