@@ -137,8 +137,9 @@ meant to be run by hand.\n\n\
 On `prepare begin` it restores the TPM state (and UEFI VARS) carried in the domain's \
 <metadata> element (namespace urn:virt-tpm-state:1) into libvirt's state dir before libvirt \
 starts swtpm, unless the local state is newer; a replaced local state is backed up first. On \
-`stopped end` it keeps a copy of the final state and starts `virt-tpm-state store --after-stop` \
-detached, which writes the state into the metadata through libvirt's API. `migrate begin` and \
+`stopped end` it keeps a copy of the final state, records the store as pending, and starts \
+`virt-tpm-state store --after-stop` detached, which writes the state into the metadata through \
+libvirt's API (what it cannot finish, the next `store`, `watch` or `sync --pending` completes). `migrate begin` and \
 `restore begin` mark the domain so that its next prepare does not restore (the state travels with \
 the VM); `release end` clears that mark. Every other operation exits 0 at once.\n\n\
 It never calls libvirt, never writes to standard output, and on failure prints one line on \
