@@ -91,7 +91,8 @@ def timed(args, runs):
 
 def set_config(extra):
     cfg = os.path.join(ROOT, "etc/virt-tpm-state/config.toml")
-    keep = [l for l in open(cfg).read().splitlines()
+    old = open(cfg).read() if os.path.exists(cfg) else ""
+    keep = [l for l in old.splitlines()
             if not l.startswith(("reconcile_interval_secs", "settle_interval_ms"))]
     write(cfg, "\n".join(keep) + "\n" + extra, 0o644)
 

@@ -287,7 +287,8 @@ def world_stores(base):
             return subprocess.run([ws, "exec", world] + args, capture_output=True, **kw)
 
         cfg = os.path.join(root, "etc/virt-tpm-state/config.toml")
-        lines = [l for l in open(cfg).read().splitlines()
+        old = open(cfg).read() if os.path.exists(cfg) else ""
+        lines = [l for l in old.splitlines()
                  if not l.startswith(("helper_path", "store_after_stop"))]
         write(cfg, "\n".join(lines) + '\nstore_after_stop = true\nhelper_path = "/bin/true"\n', 0o644)
         wexec([VTS, "keygen"], check=True)

@@ -261,7 +261,7 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
             )
             .map_err(fs)?;
         if kept.as_ref().map(|k| k.digest()) != Some(state.digest()) {
-            crate::gc::enforce(paths, config, &info.uuid);
+            crate::gc::enforce(paths, config, &info.uuid, state.total_size() as u64);
             host.write_kept(&info.uuid, &state).map_err(fs)?;
             log::info!(
                 "VM {name} ({}): kept a copy of the final state (digest {}, {} bytes)",

@@ -561,7 +561,12 @@ fn record_synced(
             return Ok(());
         }
     }
-    crate::gc::enforce(&ctx.paths, &ctx.config, &dom.uuid);
+    crate::gc::enforce(
+        &ctx.paths,
+        &ctx.config,
+        &dom.uuid,
+        state.total_size() as u64,
+    );
     host.record_sync(&dom.uuid, state)?;
     Ok(())
 }

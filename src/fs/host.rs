@@ -677,6 +677,13 @@ impl HostData {
             .write_file_atomically(name, text, 0o644)
     }
 
+    /// Writes the hint `<run>/<name>` (0600; see [`Dir::write_hint`]).
+    pub fn write_run_hint(&self, name: &str, text: &[u8], append: bool) -> Result<(), FsError> {
+        Anchor::Run
+            .open_or_create(&self.paths, DIR_MODE)?
+            .write_hint(name, text, FILE_MODE, append)
+    }
+
     /// Reads `<run>/<name>` (at most `max` bytes).
     pub fn read_run_file(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, FsError> {
         match Anchor::Run.open(&self.paths)? {
