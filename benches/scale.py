@@ -37,7 +37,7 @@ import time
 import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from storms import REPO, VTS, libvirt_state, log, packed_xml, state, write  # noqa: E402
+from storms import HOOK, PERMALL, REPO, VTS, libvirt_state, log, packed_xml, state, write  # noqa: E402
 
 SIZES = [int(x) for x in os.environ.get("SIZES", "20,100,500").split(",")]
 STATUS_RUNS = int(os.environ.get("STATUS_RUNS", "5"))
@@ -56,8 +56,11 @@ def running_for(size):
     return int(os.environ.get("RUNNING", "0")) or (10 if size <= 20 else 20)
 
 
-def wexec(args, **kw):
-    return subprocess.run([WS, "exec", WORLD] + args, capture_output=True, **kw)
+def wexec(args, check=False, **kw):
+    p = subprocess.run([WS, "exec", WORLD] + args, capture_output=True, **kw)
+    if check and p.returncode != 0:
+        raise SystemExit(f"{args}: exit {p.returncode}\n{p.stdout.decode()}\n{p.stderr.decode()}")
+    return p
 
 
 def cpu(pid):
@@ -124,7 +127,7 @@ def main():
     libvirtd = open(os.path.join(WORLD, "libvirtd.pid")).read().strip()
     rows, idle = [], None
     try:
-        out = wexec([VTS, "install", "--no-watch"], check=True)
+        out = wexec([VTS, "install", "--no-watch", "--hook", HOOK], check=True)
         log(out.stdout.decode().strip().splitlines()[-1])
         key = sorted(os.listdir(os.path.join(ROOT, "etc/virt-tpm-state/keys")))[0]
         key_id = key[:-len(".key")].rsplit("-", 1)[1]
@@ -137,7 +140,9 @@ def main():
             while len(vms) < size:
                 i = len(vms)
                 u, name = str(uuidlib.uuid4()), f"s{len(vms):04d}"
-                st = state(7, i)
+                # The real permall as it is: a running VM's swtpm must accept
+                # it (a changed byte breaks its integrity check).
+                st = PERMALL
                 xml = packed_xml(OUT, name, u, st, seal=("--key", key_id, "--keys", keys_dir))
                 path = os.path.join(WORLD, f"{name}.xml")
                 write(path, xml, 0o644)
