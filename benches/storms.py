@@ -26,7 +26,7 @@ Per-VM cost = each process's own wall time (spawn to exit); the ratio is the
 storm's median per-VM cost over the single run's median. Every run must exit
 0 (a lock timeout is exit 9): failures are counted and shown.
 
-Environment: N (default 50), ROUNDS (storm rounds, default 5), SINGLE_RUNS
+Environment: ONLY=D (row D alone), N (default 50), ROUNDS (storm rounds, default 5), SINGLE_RUNS
 (default 20), DATA_DOMAINS (default 500), BACKUPS (default 5), BENCH_DIR
 (default target/bench-storms), VTS_BIN / HOOK_BIN (default: build them with
 scripts/build-release.sh).
@@ -342,11 +342,24 @@ def table_row(name, s):
             f"| {s['ratio']:.2f}x | {s['fails']} ({s['lock_timeouts']}) |")
 
 
+def print_gc(d):
+    per_k = (d[(DATA_DOMAINS, True)] - d[(0, True)]) / max(DATA_DOMAINS, 1) * 1000
+    print(f"- gc::enforce: one `stopped end` that writes a new kept copy, median of {SINGLE_RUNS}: "
+          f"{ms(d[(0, True)])} with an empty data dir; with {DATA_DOMAINS} other domains' data "
+          f"(kept copy, {BACKUPS} backups, J each) {ms(d[(DATA_DOMAINS, True)])} when it scans the data dir "
+          f"(every time, before this change: {ms(per_k)} per 1000 domains), "
+          f"{ms(d[(DATA_DOMAINS, False)])} with the scan hint (`gc::SCAN_FRESH`).")
+
+
 def main():
     if os.geteuid() != 0:
         sys.exit("storms.py: run as root")
     os.makedirs(OUT, exist_ok=True)
     rows = []
+    if os.environ.get("ONLY") == "D":
+        d = gc_row(os.path.join(OUT, "gc"))
+        print_gc(d)
+        return
     log(f"A: {N} prepares at once, on disk")
     a = hook_storm(os.path.join(OUT, "disk-prepare"), "prepare")
     log(f"B: {N} stopped-end hooks at once, on disk")
@@ -377,12 +390,7 @@ def main():
     print(f"- fsync and the disk: a `prepare` alone {ms(a['single'])} on disk vs {ms(ca['single'])} on tmpfs; "
           f"in the storm, per-VM median {ms(a['median'])} vs {ms(ca['median'])}; "
           f"`stopped end` alone {ms(b['single'])} vs {ms(cb['single'])}, storm {ms(b['median'])} vs {ms(cb['median'])}.")
-    per_k = (d[(DATA_DOMAINS, True)] - d[(0, True)]) / max(DATA_DOMAINS, 1) * 1000
-    print(f"- gc::enforce: one `stopped end` that writes a new kept copy, median of {SINGLE_RUNS}: "
-          f"{ms(d[(0, True)])} with an empty data dir; with {DATA_DOMAINS} other domains' data "
-          f"(kept copy, {BACKUPS} backups, J each) {ms(d[(DATA_DOMAINS, True)])} when it scans the data dir "
-          f"(every time, before this change: {ms(per_k)} per 1000 domains), "
-          f"{ms(d[(DATA_DOMAINS, False)])} with the scan hint (`gc::SCAN_FRESH`).")
+    print_gc(d)
     print(f"- row E includes entering the world (`world.sh exec` of /bin/true alone: {ms(floor)}).")
 
 

@@ -195,8 +195,10 @@ pub fn run(
 }
 
 /// How long a scan spares the scans of [`enforce`]: a scan walks every
-/// domain's data (about 1 ms per domain here, docs/BENCHMARKS.md "Storms"),
-/// and it ran inside every stop and restore. Within that window each writer
+/// domain's data (a few microseconds per domain with a warm cache: +1.4 ms
+/// on a 3 ms `stopped end` at 500 domains here, docs/BENCHMARKS.md
+/// "Storms"; linear, so it would dominate on larger hosts), and it ran
+/// inside every stop, restore and store. Within that window each writer
 /// that skips the scan adds what it is about to write to the scan's total;
 /// once the total (an upper bound: a kept copy replaces the previous one)
 /// passes half the cap, or the window ends, the next writer scans again.
