@@ -7,14 +7,15 @@
 #
 # The heavy jobs are their own scripts (.ci/run runs them after this one):
 # the same world tests against libvirt 11.3 in a debootstrapped root
-# (scripts/test-libvirt-next.sh) and the Debian package's lifecycle in an
-# overlay world (scripts/test-package.sh), three hosts sealing for each
-# other (scripts/test-hosts.sh); HEAVY below lists the test
+# (scripts/test-libvirt-next.sh), the shutdown storms (scripts/test-storms.sh),
+# the Debian package's lifecycle in fresh roots (scripts/test-package.sh), the
+# snapshots (scripts/test-snapshots.sh), three hosts sealing for each other
+# (scripts/test-hosts.sh); HEAVY below lists the test
 # binaries this script leaves to them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-HEAVY=(package snapshots hosts)
+HEAVY=(package snapshots hosts storms)
 
 ./scripts/install-deps.sh
 start=$SECONDS

@@ -160,6 +160,98 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
     }
 }
 
+/// The pending-store rule (issue 22): a post-stop store that did not
+/// finish is completed later, by whoever runs next with libvirt reachable.
+/// It is the only automatic path that writes a stopped domain (the watch
+/// daemon writes running domains only), and it writes only when the kept
+/// final state P is still the newest for the domain:
+///
+/// | case                                         | action                     |
+/// |----------------------------------------------|----------------------------|
+/// | domain gone, running again, transient, no TPM| drop the record            |
+/// | local state (live dir or kept copy) != P     | drop: changed since the stop|
+/// | M == P                                       | already stored: record J   |
+/// | no M, or M == J                              | store P over M             |
+/// | M unreadable, or M != J (someone moved it)   | drop: never write over it  |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingInput {
+    /// The final state the stop recorded (P).
+    pub pending: Sha256Sum,
+    /// How the domain stands now; `None` when libvirt no longer knows it.
+    pub domain: Option<PendingDomain>,
+    /// The local state now (live dir, else the kept copy).
+    pub local: Option<Sha256Sum>,
+    /// The config element's digest (`Err(())`: present but unreadable).
+    pub metadata: Option<Result<Sha256Sum, ()>>,
+    /// J: the digest this host last synced with the metadata.
+    pub journal: Option<Sha256Sum>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingDomain {
+    pub active: bool,
+    pub persistent: bool,
+    /// It still carries state (an emulated TPM, or a VARS file we carry).
+    pub carried: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingAction {
+    Store,
+    AlreadyStored,
+    Drop(PendingDrop),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingDrop {
+    Gone,
+    Running,
+    Transient,
+    NotCarried,
+    LocalChanged,
+    MetadataUnreadable,
+    MetadataMoved,
+}
+
+impl PendingDrop {
+    pub fn describe(self) -> &'static str {
+        match self {
+            PendingDrop::Gone => "libvirt no longer knows the domain; its final state stays in the kept copy",
+            PendingDrop::Running => "the domain runs again: its live state supersedes the stop's, and the running domain's stores take it from here",
+            PendingDrop::Transient => "the domain is transient: no definition is left to store into (the kept copy stays)",
+            PendingDrop::NotCarried => "the domain no longer has state this host carries",
+            PendingDrop::LocalChanged => "the local state changed since the stop; whoever changed it owns the next store",
+            PendingDrop::MetadataUnreadable => "its metadata element does not read; not overwritten (`virt-tpm-state store` replaces it on purpose); the kept copy stays",
+            PendingDrop::MetadataMoved => "its metadata changed since this host last synced (a newer state from elsewhere); not overwritten, the next start decides and backs up the local state",
+        }
+    }
+}
+
+pub fn pending_decision(i: &PendingInput) -> PendingAction {
+    let Some(d) = i.domain else {
+        return PendingAction::Drop(PendingDrop::Gone);
+    };
+    if d.active {
+        return PendingAction::Drop(PendingDrop::Running);
+    }
+    if !d.persistent {
+        return PendingAction::Drop(PendingDrop::Transient);
+    }
+    if !d.carried {
+        return PendingAction::Drop(PendingDrop::NotCarried);
+    }
+    if i.local != Some(i.pending) {
+        return PendingAction::Drop(PendingDrop::LocalChanged);
+    }
+    match i.metadata {
+        Some(Ok(m)) if m == i.pending => PendingAction::AlreadyStored,
+        None => PendingAction::Store,
+        Some(Ok(m)) if i.journal == Some(m) => PendingAction::Store,
+        Some(Ok(_)) => PendingAction::Drop(PendingDrop::MetadataMoved),
+        Some(Err(())) => PendingAction::Drop(PendingDrop::MetadataUnreadable),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,5 +502,102 @@ mod tests {
                 element_uuid: other
             })
         );
+    }
+
+    /// Every row of the pending-store table, and that no input ever stores
+    /// over a metadata state other than J or nothing.
+    #[test]
+    fn pending_rule_table() {
+        let (p, j, other) = (d("P"), d("J"), d("X"));
+        let stopped = Some(PendingDomain {
+            active: false,
+            persistent: true,
+            carried: true,
+        });
+        let base = PendingInput {
+            pending: p,
+            domain: stopped,
+            local: Some(p),
+            metadata: Some(Ok(j)),
+            journal: Some(j),
+        };
+        let with = |f: &dyn Fn(&mut PendingInput)| {
+            let mut i = base.clone();
+            f(&mut i);
+            pending_decision(&i)
+        };
+        use PendingAction::*;
+        use PendingDrop::*;
+        assert_eq!(pending_decision(&base), Store);
+        assert_eq!(with(&|i| i.metadata = None), Store);
+        assert_eq!(with(&|i| i.metadata = Some(Ok(p))), AlreadyStored);
+        assert_eq!(with(&|i| i.metadata = Some(Ok(other))), Drop(MetadataMoved));
+        assert_eq!(with(&|i| i.journal = None), Drop(MetadataMoved));
+        assert_eq!(
+            with(&|i| i.metadata = Some(Err(()))),
+            Drop(MetadataUnreadable)
+        );
+        assert_eq!(with(&|i| i.local = Some(other)), Drop(LocalChanged));
+        assert_eq!(with(&|i| i.local = None), Drop(LocalChanged));
+        assert_eq!(with(&|i| i.domain = None), Drop(Gone));
+        for (f, why) in [
+            (
+                PendingDomain {
+                    active: true,
+                    persistent: true,
+                    carried: true,
+                },
+                Running,
+            ),
+            (
+                PendingDomain {
+                    active: false,
+                    persistent: false,
+                    carried: true,
+                },
+                Transient,
+            ),
+            (
+                PendingDomain {
+                    active: false,
+                    persistent: true,
+                    carried: false,
+                },
+                NotCarried,
+            ),
+        ] {
+            assert_eq!(with(&|i| i.domain = Some(f)), Drop(why));
+        }
+        // Exhaustively over small inputs: Store only over no M or M == J,
+        // and only when the local state is still P.
+        let ds = [None, Some(p), Some(j), Some(other)];
+        for local in ds {
+            for journal in ds {
+                for m in [
+                    None,
+                    Some(Err(())),
+                    Some(Ok(p)),
+                    Some(Ok(j)),
+                    Some(Ok(other)),
+                ] {
+                    let i = PendingInput {
+                        pending: p,
+                        domain: stopped,
+                        local,
+                        metadata: m,
+                        journal,
+                    };
+                    if pending_decision(&i) == Store {
+                        assert_eq!(local, Some(p), "{i:?}");
+                        assert!(
+                            m.is_none()
+                                || m == Some(Ok(journal.unwrap_or(other))) && journal.is_some(),
+                            "{i:?}"
+                        );
+                        assert_ne!(m, Some(Ok(p)), "stored twice: {i:?}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -140,8 +140,9 @@ meant to be run by hand.\n\n\
 On `prepare begin` it restores the TPM state (and UEFI VARS) carried in the domain's \
 <metadata> element (namespace urn:virt-tpm-state:1) into libvirt's state dir before libvirt \
 starts swtpm, unless the local state is newer; a replaced local state is backed up first. On \
-`stopped end` it keeps a copy of the final state and starts `virt-tpm-state store --after-stop` \
-detached, which writes the state into the metadata through libvirt's API. `migrate begin` and \
+`stopped end` it keeps a copy of the final state, records the store as pending, and starts \
+`virt-tpm-state store --after-stop` detached, which writes the state into the metadata through \
+libvirt's API (what it cannot finish, the next `store`, `watch` or `sync --pending` completes). `migrate begin` and \
 `restore begin` mark the domain so that its next prepare does not restore (the state travels with \
 the VM); `release end` clears that mark, and with the shutoff reason `from snapshot` (libvirt \
 >= 10.5: a snapshot revert stopped the VM) marks that the next start within 5 minutes takes the \
@@ -241,8 +242,8 @@ fn is_from_snapshot(extra: Option<&str>) -> bool {
 }
 
 /// `stopped end`: swtpm has exited, the state is final. Keep a copy (libvirt
-/// deletes the dir of a transient domain right after `release`), then hand
-/// the store to the helper in a detached process.
+/// deletes the dir of a transient domain right after `release`), record the
+/// store as pending, then hand it to the helper in a detached process.
 fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> {
     let info = parse_domain(xml, &config.namespace)?;
     let carried = carried(paths, config, &info)?;
@@ -285,7 +286,7 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
             )
             .map_err(fs)?;
         if kept.as_ref().map(|k| k.digest()) != Some(state.digest()) {
-            crate::gc::enforce(paths, config, &info.uuid);
+            crate::gc::enforce(paths, config, &info.uuid, state.total_size() as u64);
             host.write_kept(&info.uuid, &state).map_err(fs)?;
             log::info!(
                 "VM {name} ({}): kept a copy of the final state (digest {}, {} bytes)",
@@ -293,6 +294,15 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
                 state.digest().short(),
                 state.total_size()
             );
+        }
+        // Before anything talks to libvirt: the post-stop store may find
+        // libvirt gone (host shutdown), be killed or time out, and whoever
+        // runs next completes this record (`cli::pending`). A state the
+        // metadata already holds (J) needs no store.
+        if config.store_after_stop
+            && host.read_synced(&info.uuid).map_err(fs)? != Some(state.digest())
+        {
+            host.write_pending(&info.uuid, state.digest()).map_err(fs)?;
         }
     }
     if config.store_after_stop {

@@ -122,6 +122,12 @@ impl Libvirt {
                 .lookup_domain_by_name(name_or_uuid)
                 .map_err(|e| LibvirtError::call("lookup", name_or_uuid, e))?,
         };
+        Self::handle(dom, name_or_uuid)
+    }
+
+    /// A handle on a domain object libvirt gave us (`name_or_uuid`: how the
+    /// caller named it, for errors).
+    fn handle(dom: Domain, name_or_uuid: &str) -> Result<DomainHandle, LibvirtError> {
         let name = dom
             .name()
             .map_err(|e| LibvirtError::call("get name", name_or_uuid, e))?;
@@ -154,15 +160,13 @@ impl Libvirt {
             .conn
             .list_all_domains(0)
             .map_err(|e| LibvirtError::call("list", "*", e))?;
-        let mut out = Vec::new();
-        for d in doms {
-            if let Ok(uuid) = d.uuid_string() {
-                if let Ok(h) = self.domain(&uuid) {
-                    out.push(h);
-                }
-            }
-        }
-        Ok(out)
+        // The listed objects themselves: looking each up again by UUID cost
+        // one more round trip per domain (docs/BENCHMARKS.md, "Scale").
+        // One that vanished meanwhile is skipped.
+        Ok(doms
+            .into_iter()
+            .filter_map(|d| Self::handle(d, "*").ok())
+            .collect())
     }
 }
 

@@ -647,8 +647,8 @@ fn prepare_with_lock(
             }))
         }
         Decision::RestoreKept(why) => {
-            crate::gc::enforce(paths, config, &info.uuid);
             let state = kept.expect("decided on a kept copy");
+            crate::gc::enforce(paths, config, &info.uuid, state.total_size() as u64);
             let backup = backup_stray_vars(&state)?;
             write(&state)?;
             if why == Why::AlreadyCurrent {
@@ -667,7 +667,16 @@ fn prepare_with_lock(
         }
         Decision::RestoreMetadata { backup_local, why } => {
             // Room first: a backup and a kept copy are about to be written.
-            crate::gc::enforce(paths, config, &info.uuid);
+            let local_size = live
+                .as_ref()
+                .or(kept.as_ref())
+                .map_or(0, |l| l.total_size());
+            crate::gc::enforce(
+                paths,
+                config,
+                &info.uuid,
+                (local_size + m_here.total_size()) as u64,
+            );
             let mut backup = None;
             if backup_local {
                 if let Some(local) = live.as_ref().or(kept.as_ref()) {

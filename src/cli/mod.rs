@@ -5,6 +5,7 @@
 mod install;
 mod keys;
 mod pack;
+mod pending;
 mod show;
 mod snapshot;
 mod status;
@@ -90,6 +91,18 @@ pub enum Command {
     Snapshot(SnapshotCommand),
     /// Remove kept copies, backups and sync records of domains libvirt no longer knows (after kept_retention_days, or over max_state_dir_bytes)
     Gc(GcArgs),
+    /// Complete post-stop stores that could not finish (libvirt was gone, the store was killed); for hosts without the watch daemon, run at boot
+    Sync(SyncArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Complete the pending post-stop stores (`status` lists them); the only mode so far, so required
+    #[arg(long, required = true)]
+    pub pending: bool,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -523,6 +536,7 @@ pub fn main() -> ExitCode {
         Command::Store(a) => a.json,
         Command::Status(a) => a.json,
         Command::Pack(a) => a.json,
+        Command::Sync(a) => a.json,
         _ => false,
     };
     let after_stop = matches!(&cli.command, Command::Store(s) if s.after_stop);
@@ -653,6 +667,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Gc(a) => gc(&ctx, &a),
         Command::Snapshot(SnapshotCommand::Revert(a)) => snapshot::revert(&ctx, &a),
         Command::Snapshot(SnapshotCommand::Create(a)) => snapshot::create(&ctx, &a),
+        Command::Sync(a) => pending::sync(&ctx, &a),
     }
 }
 

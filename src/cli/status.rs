@@ -47,6 +47,21 @@ struct Report {
     /// `None` when our data dir cannot be read (not root): unknown, not 0.
     disk_used_bytes: Option<u64>,
     max_state_dir_bytes: u64,
+    /// Post-stop stores that could not finish yet, oldest first; `None`
+    /// when our data dir cannot be read (not root): unknown, not none.
+    pending_stores: Option<Vec<PendingRow>>,
+}
+
+/// A post-stop store recorded and not completed yet (issue 22).
+#[derive(Debug, serde::Serialize)]
+struct PendingRow {
+    uuid: String,
+    /// The domain's name, when libvirt lists a domain with a TPM by it.
+    domain: Option<String>,
+    /// The final state waiting to be stored.
+    digest: String,
+    since: String,
+    age_secs: u64,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -183,7 +198,28 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
             None
         }
     };
+    let pending_stores = match crate::fs::HostData::new(&ctx.paths).list_pending() {
+        Ok(p) => Some(
+            p.into_iter()
+                .map(|p| PendingRow {
+                    domain: rows
+                        .iter()
+                        .find(|r| r.uuid == p.uuid.as_str())
+                        .map(|r| r.domain.clone()),
+                    uuid: p.uuid.to_string(),
+                    digest: p.digest.hex(),
+                    since: humantime::format_rfc3339_seconds(p.since).to_string(),
+                    age_secs: secs_since(p.since),
+                })
+                .collect(),
+        ),
+        Err(e) => {
+            log::warn!("pending stores unknown: {e}");
+            None
+        }
+    };
     let report = Report {
+        pending_stores,
         daemon,
         max_lag_secs: max_lag,
         domains: rows,
@@ -237,6 +273,26 @@ fn print_table(r: &Report) {
             .map_or("unknown".to_string(), |b| format!("{b} bytes")),
         r.max_state_dir_bytes
     );
+    match &r.pending_stores {
+        None => crate::say!("pending post-stop stores: unknown (our data dir is root's)"),
+        Some(p) if p.is_empty() => crate::say!("pending post-stop stores: none"),
+        Some(p) => {
+            crate::say!(
+                "pending post-stop stores: {} (the watch daemon or `virt-tpm-state sync --pending` completes them)",
+                p.len()
+            );
+            for x in p {
+                crate::say!(
+                    "  {} ({}): digest {}, since {} ({})",
+                    x.domain.as_deref().map_or("?".to_string(), shown_name),
+                    x.uuid,
+                    &x.digest[..12],
+                    x.since,
+                    ago(Some(x.age_secs))
+                );
+            }
+        }
+    }
     crate::say!(
         "{:<24} {:<8} {:>5} {:<14} {:<28} {:<8}",
         "DOMAIN",

@@ -36,43 +36,20 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
         let _ = nix::unistd::setsid();
     }
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
-    let mut dom = match lv.domain(&args.domain) {
-        Ok(d) => d,
-        Err(LibvirtError::NoDomain(_)) if args.after_stop => {
-            // A transient domain is gone once stopped: the copy the hook
-            // kept is all there is, and nothing to store into.
-            log::info!(
-                "domain {} is gone (transient); its final TPM state stays in the kept copy",
-                args.domain
-            );
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
     if args.after_stop {
-        wait_inactive(&mut dom)?;
-        if dom.shut_off_by_revert()? {
-            // A snapshot revert stopped it: the definition is (or is about
-            // to be) the snapshot's, and the state that stopped is the one
-            // the revert replaces. Storing it would put it back over the
-            // snapshot's element; it stays in the copy the hook kept.
-            log::info!(
-                "VM {}: stopped by a snapshot revert; its final TPM state is not stored over the snapshot's (it stays in the kept copy)",
-                shown_name(&dom.name)
-            );
-            return Ok(());
+        return after_stop(ctx, &lv, &args.domain);
+    }
+    if !ctx.readonly {
+        // The next `store` completes what earlier post-stop stores could
+        // not (a busy one is being completed by its owner: skipped).
+        if let Err(e) = super::pending::complete_all(ctx, &lv, false) {
+            log::warn!("pending stores: {e}");
         }
     }
+    let dom = lv.domain(&args.domain)?;
     if !dom.active && !dom.persistent {
         // A transient domain on its way out: no definition is left to hold
-        // the state (the hook kept a copy). Writing nothing is the answer.
-        log::info!(
-            "VM {}: transient and stopped; nothing to store into (the hook kept a copy)",
-            shown_name(&dom.name)
-        );
-        if args.after_stop {
-            return Ok(());
-        }
+        // the state (the hook kept a copy).
         return Err(CliError::NoTpm {
             name: shown_name(&dom.name),
             why: "the domain is transient and not running; there is no definition to store into"
@@ -87,10 +64,51 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
             ..StoreOptions::default()
         },
     )?;
-    if args.after_stop && done.result != "unchanged" {
-        log::info!("{}", done.line);
-    }
     report(args, &dom, &done)
+}
+
+/// `store --after-stop UUID`, started by the hook at `stopped end`: once
+/// libvirt has let go of the domain, completes the store the hook recorded
+/// as pending (the pending-store path, `super::pending`), then any other
+/// pending store nobody is working on. Nothing recorded: someone completed
+/// it already (or the state needed no store).
+fn after_stop(ctx: &Ctx, lv: &Libvirt, domain: &str) -> Result<(), CliError> {
+    let uuid = match lv.domain(domain) {
+        Ok(mut dom) => {
+            wait_inactive(&mut dom)?;
+            if dom.shut_off_by_revert()? {
+                // A snapshot revert stopped it: the definition is (or is
+                // about to be) the snapshot's, and the state that stopped is
+                // the one the revert replaces. Storing it (now or later, as
+                // a pending store) would put it back over the snapshot's
+                // element; it stays in the copy the hook kept.
+                log::info!(
+                    "VM {}: stopped by a snapshot revert; its final TPM state is not stored over the snapshot's (it stays in the kept copy)",
+                    shown_name(&dom.name)
+                );
+                let host = HostData::new(&ctx.paths);
+                let _lock =
+                    host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
+                host.clear_pending(&dom.uuid)?;
+                return Ok(());
+            }
+            dom.uuid
+        }
+        // Gone (a transient domain once stopped): the pending path drops
+        // the record; the kept copy is all there is.
+        Err(LibvirtError::NoDomain(_)) => match crate::state::DomainUuid::parse(domain) {
+            Some(u) => u,
+            None => return Ok(()),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    if super::pending::complete(ctx, lv, &uuid, true)?.is_none() {
+        log::debug!("domain {uuid}: no pending store (completed by another run)");
+    }
+    if let Err(e) = super::pending::complete_all(ctx, lv, false) {
+        log::warn!("pending stores: {e}");
+    }
+    Ok(())
 }
 
 /// How [`store_domain`] runs; the defaults are `store`'s.
@@ -107,6 +125,9 @@ pub struct StoreOptions {
     /// store owns that state); the sync journal is written only when it
     /// changes, and only while the state dir still holds the stored state.
     pub watch: bool,
+    /// The caller holds the domain's lock (the pending-store path): take
+    /// it nowhere here (a second flock of the same file would wait on it).
+    pub lock_held: bool,
 }
 
 /// What [`store_domain`] did.
@@ -135,7 +156,7 @@ pub fn store_domain(
     if !dom.active && host.has_intent(&dom.uuid)? {
         // A restore interrupted on this stopped domain: finish it before
         // reading, so a store never takes TPM and VARS of two generations.
-        let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
+        let _lock = lock_unless_held(ctx, &host, &dom.uuid, opts.lock_held)?;
         crate::restore::finish_intent(&ctx.paths, &host, &live_info, &carried)?;
     }
     let state = match opts.settled {
@@ -210,7 +231,14 @@ pub fn store_domain(
             unreachable!("no target to write, yet the definition does not hold the digest")
         };
         if !opts.watch || host.read_synced(&dom.uuid)? != Some(digest) {
-            record_synced(ctx, &host, dom, &state, opts.watch.then_some(&carried))?;
+            record_synced(
+                ctx,
+                &host,
+                dom,
+                &state,
+                opts.watch.then_some(&carried),
+                opts.lock_held,
+            )?;
         }
         return Ok(StoreDone {
             line: format!(
@@ -332,7 +360,14 @@ pub fn store_domain(
     store_fault("store.settled")?;
     dom.write_state_element(&element, &ctx.config.namespace, targets)?;
     store_fault("store.metadata_set")?;
-    record_synced(ctx, &host, dom, &state, opts.watch.then_some(&carried))?;
+    record_synced(
+        ctx,
+        &host,
+        dom,
+        &state,
+        opts.watch.then_some(&carried),
+        opts.lock_held,
+    )?;
     let m = MetadataState {
         provenance,
         digest,
@@ -592,8 +627,9 @@ fn record_synced(
     dom: &DomainHandle,
     state: &MachineState,
     still_at: Option<&Carried>,
+    lock_held: bool,
 ) -> Result<(), CliError> {
-    let _lock = host.lock(&dom.uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?;
+    let _lock = lock_unless_held(ctx, host, &dom.uuid, lock_held)?;
     host.remove_leftovers(&dom.uuid);
     if let Some(carried) = still_at {
         let now = carried.read_live(true, true, ctx.config.max_file_size)?;
@@ -605,9 +641,30 @@ fn record_synced(
             return Ok(());
         }
     }
-    crate::gc::enforce(&ctx.paths, &ctx.config, &dom.uuid);
+    crate::gc::enforce(
+        &ctx.paths,
+        &ctx.config,
+        &dom.uuid,
+        state.total_size() as u64,
+    );
     host.record_sync(&dom.uuid, state)?;
     Ok(())
+}
+
+/// The domain's lock, unless the caller already holds it.
+fn lock_unless_held(
+    ctx: &Ctx,
+    host: &HostData,
+    uuid: &crate::state::DomainUuid,
+    held: bool,
+) -> Result<Option<crate::fs::DomainLock>, CliError> {
+    if held {
+        return Ok(None);
+    }
+    Ok(Some(host.lock(
+        uuid,
+        Duration::from_secs(ctx.config.lock_timeout_secs),
+    )?))
 }
 
 /// Re-stamps an element that names another domain (a deliberate clone) with

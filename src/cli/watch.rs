@@ -19,10 +19,12 @@
 //!   doubling to 60 s), and the full reconcile every `reconcile_interval_secs`
 //!   (the safety net for anything inotify missed). Nothing else wakes it.
 //!
-//! Stopped domains are never written by the daemon: the hook's post-stop
-//! store owns the final state. A daemon write always includes the live copy,
-//! so libvirt itself refuses it once the domain stopped; see
-//! [`super::store::StoreOptions::watch`].
+//! The daemon's own stores are of running domains (a daemon write always
+//! includes the live copy, so libvirt itself refuses it once the domain
+//! stopped; see [`super::store::StoreOptions::watch`]); a stopped domain's
+//! final state goes through [`super::pending`], which the daemon runs at
+//! start, after every reconnect and at each reconcile, for the post-stop
+//! stores that could not finish (libvirt was gone, the store was killed).
 //!
 //! It publishes what it knows (pending work, out of sync since when, last
 //! error) in `/run/virt-tpm-state/status.json` for `status`, rewritten only
@@ -626,6 +628,22 @@ impl Daemon {
                 return;
             }
         };
+        // Post-stop stores that could not finish (libvirt stopped with the
+        // host, say): the final states of stopped domains.
+        match super::pending::complete_all(&self.ctx, &lv, true) {
+            Ok(sweep) if sweep.left.is_empty() => {}
+            Ok(sweep) => {
+                log::warn!(
+                    "{} pending store(s) left for the next reconcile",
+                    sweep.left.len()
+                );
+                if self.check_lost(&lv) {
+                    self.reconcile_at = Instant::now() + BACKOFF_MIN;
+                    return;
+                }
+            }
+            Err(e) => log::warn!("pending stores: {e}"),
+        }
         let mut running = Vec::new();
         for h in handles {
             if h.active {

@@ -369,6 +369,33 @@ impl Dir {
         )
     }
 
+    /// Writes a hint file: `data` appended to `name` (`append`), or in
+    /// place of its content; created `mode` when missing, never through a
+    /// link, with one `write(2)` (short appends of concurrent writers never
+    /// interleave). No temp file, no fsync and no fault point: a reader must
+    /// take a torn or empty hint as no hint.
+    pub fn write_hint(
+        &self,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+        append: bool,
+    ) -> Result<(), FsError> {
+        let path = self.shown(name);
+        let how = if append {
+            OFlag::O_APPEND
+        } else {
+            OFlag::O_TRUNC
+        };
+        let fd = open_entry(&self.fd, name, OFlag::O_WRONLY | OFlag::O_CREAT | how, mode)
+            .map_err(|e| io_err("open", &path, e))?;
+        let written = nix::unistd::write(&fd, data).map_err(|e| io_err("write", &path, e))?;
+        if written != data.len() {
+            return Err(io_err("write", &path, Errno::EIO));
+        }
+        Ok(())
+    }
+
     pub fn sync(&self) -> Result<(), FsError> {
         fsync(&self.fd).map_err(|e| io_err("fsync", &self.path, e))
     }

@@ -44,6 +44,9 @@ const SNAPSHOTS: &str = "snapshots";
 /// reverted while shut off may be started much later). Past this it is
 /// ignored and removed: the rule without it never rolls back.
 pub const REVERT_TTL: Duration = Duration::from_secs(30 * 86400);
+
+/// Post-stop stores not yet done: `<data>/pending/<uuid>`.
+const PENDING: &str = "pending";
 /// The text file of an intent dir (beside the target's state files).
 const INTENT_FILE: &str = "intent";
 
@@ -179,6 +182,49 @@ impl RevertIntent {
             digest: fields.get("digest").and_then(|d| Sha256Sum::parse_hex(d))?,
             snapshot: hex_text("snapshot")?,
             by: hex_text("by")?,
+        })
+    }
+}
+
+/// A post-stop store that has not finished (issue 22): the stop kept
+/// `digest` as the domain's final state at `since`, and nobody has stored it
+/// into the metadata yet. Written by the hook at `stopped end` (before
+/// anything talks to libvirt, so a killed or timed-out store leaves it);
+/// removed by whoever completes it (see `cli::pending`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingStore {
+    pub uuid: DomainUuid,
+    pub digest: Sha256Sum,
+    pub since: SystemTime,
+}
+
+impl PendingStore {
+    fn text(&self) -> String {
+        format!(
+            "vts-pending 1\ndigest {}\nsince {}\n",
+            self.digest,
+            humantime::format_rfc3339_nanos(self.since)
+        )
+    }
+
+    fn parse(uuid: DomainUuid, text: &str) -> Option<Self> {
+        let mut lines = text.lines();
+        if lines.next()? != "vts-pending 1" {
+            return None;
+        }
+        let mut digest = None;
+        let mut since = None;
+        for line in lines {
+            match line.split_once(' ') {
+                Some(("digest", v)) => digest = Sha256Sum::parse_hex(v),
+                Some(("since", v)) => since = humantime::parse_rfc3339(v).ok(),
+                _ => {}
+            }
+        }
+        Some(PendingStore {
+            uuid,
+            digest: digest?,
+            since: since?,
         })
     }
 }
@@ -521,6 +567,7 @@ impl HostData {
             (INTENTS, 1),
             (REVERTS, 0),
             (SNAPSHOTS, 1),
+            (PENDING, 0),
         ] {
             let Some(dir) = self.section(Anchor::Data, section, false)? else {
                 continue;
@@ -553,7 +600,7 @@ impl HostData {
                 }
             }
         }
-        for section in [SYNCED, REVERTS] {
+        for section in [SYNCED, REVERTS, PENDING] {
             if let Some(dir) = self.section(Anchor::Data, section, false)? {
                 dir.remove_file(uuid.as_str())?;
             }
@@ -582,13 +629,15 @@ impl HostData {
                 Err(e) => log::warn!("{e}"),
             }
         }
-        match self.section(Anchor::Data, SYNCED, false) {
-            Ok(Some(dir)) => {
-                let prefix = format!(".{uuid}{TEMP_MARK}");
-                dir.remove_matching(|n| n.starts_with(&prefix), uuid.as_str());
+        for section in [SYNCED, PENDING] {
+            match self.section(Anchor::Data, section, false) {
+                Ok(Some(dir)) => {
+                    let prefix = format!(".{uuid}{TEMP_MARK}");
+                    dir.remove_matching(|n| n.starts_with(&prefix), uuid.as_str());
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("{e}"),
             }
-            Ok(None) => {}
-            Err(e) => log::warn!("{e}"),
         }
         match self.section(Anchor::Data, INTENTS, false) {
             Ok(Some(dir)) => dir.remove_leftovers_of(uuid.as_str()),
@@ -632,6 +681,72 @@ impl HostData {
             uuid.as_str(),
             format!("{}\n", state.digest()).as_bytes(),
         )
+    }
+
+    /// Records that the final state `digest` of `uuid` (its kept copy) still
+    /// has to be stored into the metadata: one small file, fsynced and
+    /// renamed into place, replacing an older record of the same domain.
+    /// Call with the domain's lock held.
+    pub fn write_pending(&self, uuid: &DomainUuid, digest: Sha256Sum) -> Result<(), FsError> {
+        let dir = self.section(Anchor::Data, PENDING, true)?.expect("created");
+        let record = PendingStore {
+            uuid: uuid.clone(),
+            digest,
+            since: SystemTime::now(),
+        };
+        write_private_file(&dir, uuid.as_str(), record.text().as_bytes())
+    }
+
+    /// The pending store of `uuid`, if any. A record that does not parse
+    /// is an error (we wrote it whole; someone changed it).
+    pub fn read_pending(&self, uuid: &DomainUuid) -> Result<Option<PendingStore>, FsError> {
+        let Some(dir) = self.section(Anchor::Data, PENDING, false)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = dir.read_file(uuid.as_str(), 4096)? else {
+            return Ok(None);
+        };
+        PendingStore::parse(uuid.clone(), &String::from_utf8_lossy(&bytes))
+            .map(Some)
+            .ok_or_else(|| {
+                FsError::unsafe_path(
+                    dir.path().join(uuid.as_str()),
+                    "a pending-store record of an unknown format",
+                )
+            })
+    }
+
+    /// Every pending store on this host, oldest first (one directory read
+    /// when there is none). Unreadable records are logged and skipped.
+    pub fn list_pending(&self) -> Result<Vec<PendingStore>, FsError> {
+        let Some(dir) = self.section(Anchor::Data, PENDING, false)? else {
+            return Ok(Vec::new());
+        };
+        let mut all = Vec::new();
+        for name in dir.list()? {
+            let Some(uuid) = DomainUuid::parse(&name) else {
+                continue;
+            };
+            match self.read_pending(&uuid) {
+                Ok(Some(p)) => all.push(p),
+                Ok(None) => {}
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+        all.sort_by_key(|p| p.since);
+        Ok(all)
+    }
+
+    /// Removes the pending store of `uuid` (done, or superseded). Call with
+    /// the domain's lock held.
+    pub fn clear_pending(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+        match self.section(Anchor::Data, PENDING, false)? {
+            Some(dir) => {
+                dir.remove_file(uuid.as_str())?;
+                dir.sync()
+            }
+            None => Ok(()),
+        }
     }
 
     /// Marks that the next `prepare` of `uuid` is an incoming migration or a
@@ -745,6 +860,13 @@ impl HostData {
         Anchor::Run
             .open_or_create(&self.paths, DIR_MODE)?
             .write_file_atomically(name, text, 0o644)
+    }
+
+    /// Writes the hint `<run>/<name>` (0600; see [`Dir::write_hint`]).
+    pub fn write_run_hint(&self, name: &str, text: &[u8], append: bool) -> Result<(), FsError> {
+        Anchor::Run
+            .open_or_create(&self.paths, DIR_MODE)?
+            .write_hint(name, text, FILE_MODE, append)
     }
 
     /// Reads `<run>/<name>` (at most `max` bytes).

@@ -52,7 +52,8 @@ mod walk;
 pub use dir::{Dir, EntryKind};
 pub use error::FsError;
 pub use host::{
-    DomainData, DomainLock, HostData, Intent, RevertIntent, WatchLock, MARKER_TTL, REVERT_TTL,
+    DomainData, DomainLock, HostData, Intent, PendingStore, RevertIntent, WatchLock, MARKER_TTL,
+    REVERT_TTL,
 };
 pub use keys::{
     create_host_identity, create_key, host_identity_path, keys_dir, load_host_identity,
