@@ -10,7 +10,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -125,62 +125,6 @@ fn kill_helpers(w: &World) -> usize {
             .status();
     }
     pids.len()
-}
-
-/// The watch daemon in the foreground with `-v`, its stderr in a file.
-struct Watch {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Watch {
-    fn start(w: &World, tag: &str) -> Watch {
-        let log = w.file(&format!("watch-{tag}.log"));
-        let f = std::fs::File::create(&log).expect("create watch log");
-        let child = Command::new(world_sh())
-            .arg("exec")
-            .arg(&w.dir)
-            .args([VTS, "-v", "watch"])
-            .current_dir(root_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .expect("spawn watch");
-        let d = Watch { child, log };
-        d.wait_log("watching qemu:///system", Duration::from_secs(10));
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.log().lines().filter(|l| l.contains(needle)).count()
-    }
-
-    fn wait_log(&self, needle: &str, limit: Duration) {
-        let t = Instant::now();
-        while !self.log().contains(needle) {
-            assert!(
-                t.elapsed() < limit,
-                "the daemon did not log {needle:?} within {limit:?}; its log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- daemon log {} ---\n{}", self.log.display(), self.log());
-        }
-    }
 }
 
 /// Generation and digest of the config copy (`show --inactive`).
