@@ -224,6 +224,17 @@ pub fn store_domain(
         }
     }
 
+    // J and the kept copy, once the metadata holds `state` (both paths below).
+    let record = || {
+        record_synced(
+            ctx,
+            &host,
+            dom,
+            &state,
+            opts.watch.then_some(&carried),
+            opts.lock_held,
+        )
+    };
     if !targets.any() {
         // Every copy that exists holds this digest (an active domain has a
         // live copy, a persistent one a config copy; one of them is true).
@@ -231,14 +242,7 @@ pub fn store_domain(
             unreachable!("no target to write, yet the definition does not hold the digest")
         };
         if !opts.watch || host.read_synced(&dom.uuid)? != Some(digest) {
-            record_synced(
-                ctx,
-                &host,
-                dom,
-                &state,
-                opts.watch.then_some(&carried),
-                opts.lock_held,
-            )?;
+            record()?;
         }
         return Ok(StoreDone {
             line: format!(
@@ -360,14 +364,7 @@ pub fn store_domain(
     store_fault("store.settled")?;
     dom.write_state_element(&element, &ctx.config.namespace, targets)?;
     store_fault("store.metadata_set")?;
-    record_synced(
-        ctx,
-        &host,
-        dom,
-        &state,
-        opts.watch.then_some(&carried),
-        opts.lock_held,
-    )?;
+    record()?;
     let m = MetadataState {
         provenance,
         digest,
