@@ -26,6 +26,7 @@ pub mod input;
 pub mod libvirt;
 pub mod linear;
 pub mod logging;
+pub mod name;
 pub mod paths;
 pub mod recipients;
 pub mod restore;

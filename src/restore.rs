@@ -191,11 +191,7 @@ impl RestoreError {
 /// A domain name as shown in messages: quoted, control characters escaped,
 /// so a hostile name cannot forge log lines.
 pub fn shown_name(name: &str) -> String {
-    let mut s = String::from("'");
-    let short: String = name.chars().take(200).collect();
-    s.push_str(&crate::logging::escaped(&short));
-    s.push('\'');
-    s
+    crate::name::DomainName::new(name).to_string()
 }
 
 /// Options that differ between the hook and the CLI.
