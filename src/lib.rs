@@ -12,6 +12,8 @@
 #[cfg(feature = "libvirt")]
 pub mod cli;
 pub mod config;
+#[cfg(feature = "libvirt")]
+pub mod context;
 pub mod decision;
 pub mod domain;
 pub mod envelope;
@@ -31,4 +33,7 @@ pub mod paths;
 pub mod recipients;
 pub mod restore;
 pub mod state;
+pub mod store;
 pub mod swtpm;
+#[cfg(feature = "libvirt")]
+pub mod watch;

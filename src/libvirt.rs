@@ -58,12 +58,9 @@ pub struct DomainHandle {
     pub persistent: bool,
 }
 
-/// Which copy of the definition a metadata write affects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Targets {
-    pub live: bool,
-    pub config: bool,
-}
+/// Which copy of the definition a metadata write affects (decided by the
+/// pure store plan).
+pub use crate::store::plan::Targets;
 
 impl Targets {
     fn flags(self) -> u32 {
@@ -75,10 +72,6 @@ impl Targets {
             f |= sys::VIR_DOMAIN_AFFECT_CONFIG;
         }
         f
-    }
-
-    pub fn any(self) -> bool {
-        self.live || self.config
     }
 }
 

@@ -5,12 +5,10 @@
 mod install;
 mod keys;
 mod pack;
-mod pending;
 mod show;
 mod snapshot;
 mod status;
 mod store;
-mod watch;
 
 use crate::config::{Config, ConfigError};
 use crate::domain::DomainXmlError;
@@ -20,6 +18,8 @@ use crate::fs::FsError;
 use crate::libvirt::{LibvirtError, DEFAULT_URI};
 use crate::paths::Paths;
 use crate::restore::RestoreError;
+use crate::store::StoreError;
+use crate::watch::WatchError;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -352,12 +352,6 @@ pub enum CliError {
     },
     #[error("{0}")]
     NoElement(String),
-    #[error("VM {name}: the metadata element's generation is {generation}, the largest there is; a store over it cannot count on, and nothing was written. Start a new chain: remove the element (virsh metadata {name} --uri {ns} --remove --config), then store again")]
-    GenerationExhausted {
-        name: String,
-        generation: u64,
-        ns: String,
-    },
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("cannot read {path}: {source}")]
@@ -367,19 +361,6 @@ pub enum CliError {
     },
     #[error("VM {name}: {why}")]
     NoTpm { name: String, why: String },
-    #[error("VM {name}: the TPM state is still changing after {attempts} reads {interval_ms} ms apart; try again when the guest is quieter, or stop the VM")]
-    StillChanging {
-        name: String,
-        attempts: u32,
-        interval_ms: u64,
-    },
-    #[error("VM {name}: storing {element} bytes of TPM state would make the domain XML {total} bytes, over the limit of {limit} (max_domain_xml_size); nothing was written")]
-    TooLarge {
-        name: String,
-        element: usize,
-        total: usize,
-        limit: u64,
-    },
     #[error(
         "VM {0} is running; `restore` only works on a stopped domain (the hook restores on start)"
     )]
@@ -394,6 +375,10 @@ pub enum CliError {
     Usage(String),
     #[error("{0}")]
     OutOfSync(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
 }
 
 impl CliError {
@@ -409,24 +394,16 @@ impl CliError {
             CliError::Restore(r) => restore_kind(r),
             CliError::Fs(e) => fs_kind(e),
             CliError::Config(_) => "config",
-            CliError::StillChanging { .. } => "not-settled",
-            CliError::TooLarge { .. } => "too-large",
-            CliError::Libvirt(LibvirtError::Connect { .. }) => "connect",
-            CliError::Libvirt(LibvirtError::NoDomain(_)) => "no-domain",
-            CliError::Libvirt(LibvirtError::Denied { .. }) => "denied",
-            CliError::Libvirt(LibvirtError::Call { .. }) => "libvirt",
+            CliError::Libvirt(e) => libvirt_kind(e),
             CliError::NoTpm { .. } => "no-tpm",
             CliError::Running(_) => "running",
             CliError::HookConflict(_) => "foreign-hook",
             CliError::Key(_) => "key",
             CliError::OutOfSync(_) => "out-of-sync",
-            CliError::GenerationExhausted { .. } => "generation-exhausted",
-            CliError::CannotTellRunning { source, .. } => match source {
-                LibvirtError::Connect { .. } => "connect",
-                LibvirtError::NoDomain(_) => "no-domain",
-                LibvirtError::Denied { .. } => "denied",
-                LibvirtError::Call { .. } => "libvirt",
-            },
+            CliError::Store(e) => store_kind(e),
+            CliError::Watch(WatchError::Setup(_)) => "usage",
+            CliError::Watch(WatchError::Fs(e)) => fs_kind(e),
+            CliError::CannotTellRunning { source, .. } => libvirt_kind(source),
         }
     }
 
@@ -442,20 +419,60 @@ impl CliError {
             CliError::Usage(_) => Exit::Usage,
             CliError::DomainXml(_) | CliError::ReadInput { .. } => Exit::DomainXml,
             CliError::InvalidElement { source, .. } => source.exit_code(),
-            CliError::NoElement(_) | CliError::GenerationExhausted { .. } => Exit::InvalidElement,
+            CliError::NoElement(_) => Exit::InvalidElement,
             // Same codes as the hook, from the same error types.
             CliError::Restore(r) => r.exit_code(),
             CliError::Fs(e) => e.exit_code(),
             CliError::Config(_) => Exit::Config,
-            CliError::StillChanging { .. } => Exit::StillChanging,
-            CliError::TooLarge { .. } => Exit::TooLarge,
             CliError::Libvirt(e) | CliError::CannotTellRunning { source: e, .. } => libvirt_exit(e),
             CliError::NoTpm { .. } => Exit::NoTpm,
             CliError::Running(_) => Exit::Running,
             CliError::HookConflict(_) => Exit::ForeignHook,
             CliError::Key(_) => Exit::Key,
             CliError::OutOfSync(_) => Exit::OutOfSync,
+            CliError::Store(e) => store_exit(e),
+            CliError::Watch(WatchError::Setup(_)) => Exit::Usage,
+            CliError::Watch(WatchError::Fs(e)) => e.exit_code(),
         }
+    }
+}
+
+/// The kind of a store's failure (the same kinds as the CLI's own).
+fn store_kind(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Libvirt(e) => libvirt_kind(e),
+        StoreError::Restore(r) => restore_kind(r),
+        StoreError::DomainXml(_) => "domain-xml",
+        StoreError::Fs(e) => fs_kind(e),
+        StoreError::NoTpm { .. } => "no-tpm",
+        StoreError::StillChanging { .. } => "not-settled",
+        StoreError::TooLarge { .. } => "too-large",
+        StoreError::GenerationExhausted { .. } => "generation-exhausted",
+        StoreError::Key(_) => "key",
+    }
+}
+
+fn store_exit(e: &StoreError) -> Exit {
+    match e {
+        StoreError::Libvirt(e) => libvirt_exit(e),
+        StoreError::Restore(r) => r.exit_code(),
+        StoreError::DomainXml(_) => Exit::DomainXml,
+        StoreError::Fs(e) => e.exit_code(),
+        StoreError::NoTpm { .. } => Exit::NoTpm,
+        StoreError::StillChanging { .. } => Exit::StillChanging,
+        StoreError::TooLarge { .. } => Exit::TooLarge,
+        StoreError::GenerationExhausted { .. } => Exit::InvalidElement,
+        StoreError::Key(_) => Exit::Key,
+    }
+}
+
+/// One kind per libvirt failure, wherever it is met.
+fn libvirt_kind(e: &LibvirtError) -> &'static str {
+    match e {
+        LibvirtError::Connect { .. } => "connect",
+        LibvirtError::NoDomain(_) => "no-domain",
+        LibvirtError::Denied { .. } => "denied",
+        LibvirtError::Call { .. } => "libvirt",
     }
 }
 
@@ -505,13 +522,7 @@ fn fs_kind(e: &FsError) -> &'static str {
 pub(crate) static JSON_PRINTED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Context every subcommand gets.
-pub struct Ctx {
-    pub paths: Paths,
-    pub config: Config,
-    pub uri: String,
-    pub readonly: bool,
-}
+pub use crate::context::Ctx;
 
 /// Entry point of the `virt-tpm-state` binary.
 pub fn main() -> ExitCode {
@@ -662,12 +673,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::HostId(a) => keys::host_id(&ctx, &a),
         Command::Install(a) => install::install(&ctx, &a),
         Command::Uninstall(a) => install::uninstall(&ctx, &a),
-        Command::Watch => watch::watch(ctx),
+        Command::Watch => Ok(crate::watch::watch(ctx)?),
         Command::Status(a) => status::status(&ctx, &a),
         Command::Gc(a) => gc(&ctx, &a),
         Command::Snapshot(SnapshotCommand::Revert(a)) => snapshot::revert(&ctx, &a),
         Command::Snapshot(SnapshotCommand::Create(a)) => snapshot::create(&ctx, &a),
-        Command::Sync(a) => pending::sync(&ctx, &a),
+        Command::Sync(a) => store::sync(&ctx, &a),
     }
 }
 
@@ -718,17 +729,7 @@ fn gc(ctx: &Ctx, args: &GcArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// This host's name, as an element's `host` records it.
-pub(crate) fn this_host() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.nodename().to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Now, as an element's `stored` records it (RFC 3339, UTC, seconds).
-pub(crate) fn now_stamp() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
+pub(crate) use crate::context::{now_stamp, this_host};
 
 /// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.
 fn read_input(path: &std::path::Path) -> Result<Vec<u8>, CliError> {

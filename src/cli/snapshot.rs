@@ -8,13 +8,13 @@
 //! `store` writes nothing over it meanwhile. libvirt itself is driven by
 //! virsh, with the caller's options passed through unchanged.
 
-use super::store::{store_domain, StoreOptions};
 use super::{CliError, Ctx, SnapshotArgs};
 use crate::domain::{parse_domain, parse_snapshot};
 use crate::format::read_header;
 use crate::fs::{HostData, RevertIntent};
 use crate::libvirt::{virsh, DomainHandle, Libvirt};
 use crate::restore::shown_name;
+use crate::store::{store_domain, StoreOptions};
 
 /// The digest of the element inside snapshot `name`'s definition, if any.
 fn snapshot_element(
@@ -111,23 +111,25 @@ pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     if paused_here {
         dom.suspend()?;
     }
-    let result = store_domain(ctx, &dom, StoreOptions::default()).and_then(|done| {
-        let words = [
-            "snapshot-create-as",
-            "--domain",
-            dom.uuid.as_str(),
-            "--name",
-            &args.snapshot,
-        ];
-        virsh(
-            &ctx.uri,
-            &dom.name,
-            "snapshot-create-as",
-            &words,
-            &args.virsh_args,
-        )?;
-        Ok(done)
-    });
+    let result = store_domain(ctx, &dom, StoreOptions::default())
+        .map_err(CliError::from)
+        .and_then(|done| {
+            let words = [
+                "snapshot-create-as",
+                "--domain",
+                dom.uuid.as_str(),
+                "--name",
+                &args.snapshot,
+            ];
+            virsh(
+                &ctx.uri,
+                &dom.name,
+                "snapshot-create-as",
+                &words,
+                &args.virsh_args,
+            )?;
+            Ok(done)
+        });
     if paused_here {
         if let Err(e) = dom.resume() {
             log::warn!("VM {}: {e}", shown_name(&dom.name));

@@ -3,7 +3,6 @@
 //! daemon's pending work. Exits 20 when a domain has been out of sync longer
 //! than `status_max_lag_secs`, for monitoring.
 
-use super::watch::{read_daemon_status, DaemonStatus};
 use super::{CliError, Ctx, StatusArgs};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{declared_digest, read_header};
@@ -11,6 +10,7 @@ use crate::fs::HostData;
 use crate::libvirt::Libvirt;
 use crate::restore::{carried, shown_name};
 use crate::state::Sha256Sum;
+use crate::watch::{read_daemon_status, DaemonStatus};
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, serde::Serialize)]

@@ -21,14 +21,15 @@
 //! the completers; the second finds the record gone or the metadata holding
 //! the state already).
 
-use super::store::{store_domain, StoreOptions};
-use super::{CliError, Ctx, SyncArgs};
+use super::{store_domain, StoreError, StoreOptions};
+use crate::context::Ctx;
 use crate::decision::{pending_decision, PendingAction, PendingDomain, PendingDrop, PendingInput};
 use crate::domain::parse_domain;
 use crate::format::read_header;
 use crate::fs::HostData;
 use crate::libvirt::{Libvirt, LibvirtError};
-use crate::restore::{carried, shown_name};
+use crate::name::DomainName;
+use crate::restore::carried;
 use crate::state::DomainUuid;
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ pub struct Sweep {
     pub left: Vec<Left>,
     /// The first failure (what `sync` exits with).
     #[serde(skip)]
-    pub first_error: Option<CliError>,
+    pub first_error: Option<StoreError>,
 }
 
 /// Completes the pending store of `uuid` under its lock (waited for when
@@ -68,7 +69,7 @@ pub fn complete(
     lv: &Libvirt,
     uuid: &DomainUuid,
     wait: bool,
-) -> Result<Option<Completed>, CliError> {
+) -> Result<Option<Completed>, StoreError> {
     let host = HostData::new(&ctx.paths);
     let _lock = if wait {
         host.lock(uuid, Duration::from_secs(ctx.config.lock_timeout_secs))?
@@ -119,7 +120,9 @@ pub fn complete(
             .map(|el| read_header(el).map(|(_, d)| d).map_err(|_| ()));
     }
     let name = dom.as_ref().map(|d| d.name.clone());
-    let shown = name.as_deref().map_or_else(|| uuid.to_string(), shown_name);
+    let shown = name
+        .as_deref()
+        .map_or_else(|| uuid.to_string(), |n| DomainName::from(n).to_string());
     let completed = match (pending_decision(&input), &dom) {
         (PendingAction::Store | PendingAction::AlreadyStored, Some(dom)) => {
             // The same store as `store`'s, with our lock held throughout:
@@ -172,7 +175,7 @@ pub fn complete(
 /// Completes every pending store on this host (see [`complete`] for
 /// `wait`). A failure stays recorded for the next run; a lost connection
 /// ends the sweep (what is not tried yet is not listed in `left`).
-pub fn complete_all(ctx: &Ctx, lv: &Libvirt, wait: bool) -> Result<Sweep, CliError> {
+pub fn complete_all(ctx: &Ctx, lv: &Libvirt, wait: bool) -> Result<Sweep, StoreError> {
     let mut sweep = Sweep::default();
     for record in HostData::new(&ctx.paths).list_pending()? {
         match complete(ctx, lv, &record.uuid, wait) {
@@ -192,43 +195,4 @@ pub fn complete_all(ctx: &Ctx, lv: &Libvirt, wait: bool) -> Result<Sweep, CliErr
         }
     }
     Ok(sweep)
-}
-
-/// `virt-tpm-state sync --pending`: completes every pending post-stop store
-/// (for hosts without the watch daemon; the packaged unit runs it at boot).
-/// With none recorded it does not even connect to libvirt.
-pub fn sync(ctx: &Ctx, args: &SyncArgs) -> Result<(), CliError> {
-    let host = HostData::new(&ctx.paths);
-    let sweep = if host.list_pending()?.is_empty() {
-        Sweep::default()
-    } else {
-        let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
-        complete_all(ctx, &lv, true)?
-    };
-    let error = sweep
-        .first_error
-        .as_ref()
-        .map(|e| e.json()["error"].clone());
-    if args.json {
-        let mut v = serde_json::to_value(&sweep).expect("serializable");
-        v["error"] = error.unwrap_or(serde_json::Value::Null);
-        crate::outln!(
-            "{}",
-            crate::logging::json_safe(&serde_json::to_string_pretty(&v).expect("serializable"))
-        );
-        super::JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
-    } else {
-        for c in &sweep.completed {
-            crate::say!("{}", c.detail);
-        }
-        crate::say!(
-            "{} pending store(s) completed, {} left",
-            sweep.completed.len(),
-            sweep.left.len()
-        );
-    }
-    match sweep.first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
