@@ -326,3 +326,433 @@ fn approx_element_len(xml: &str) -> usize {
     let end_tag = format!("</{NAMESPACE_PREFIX}:state>");
     xml[start..].find(&end_tag).map_or(0, |e| e + end_tag.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{StateFile, TpmState, TpmVersion};
+    use crate::swtpm::{synthetic_blob, FLAG_ENCRYPTED};
+
+    const UUID: &str = "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d";
+    const NOW: &str = "2026-12-07T03:00:00Z";
+    const HOST: &str = "this-host";
+    /// The local state's tag; the others name older elements.
+    const L: &str = "local";
+
+    fn d(tag: &str) -> Sha256Sum {
+        Sha256Sum::of(tag.as_bytes())
+    }
+
+    /// What a copy's element is in a row: its state's tag and generation.
+    #[derive(Clone, Copy)]
+    enum El {
+        Absent,
+        Opened(&'static str, u64),
+        Unopened(&'static str, u64),
+        Invalid,
+    }
+
+    fn provenance(generation: u64) -> Provenance {
+        Provenance {
+            uuid: DomainUuid::parse(UUID).unwrap(),
+            generation,
+            parent: None,
+            stored: "2026-01-01T00:00:00Z".into(),
+            host: "earlier-host".into(),
+        }
+    }
+
+    fn element(e: El) -> Element {
+        match e {
+            El::Absent => Element::Absent,
+            El::Opened(tag, generation) => Element::Opened(MetadataState {
+                provenance: provenance(generation),
+                digest: d(tag),
+                state: MachineState::new(None, None),
+                sealed_with: Vec::new(),
+                sealed_for: Vec::new(),
+                age_files: Vec::new(),
+            }),
+            El::Unopened(tag, generation) => Element::Unopened {
+                provenance: provenance(generation),
+                digest: d(tag),
+            },
+            El::Invalid => Element::Invalid(FormatError::WrongElement("other".into())),
+        }
+    }
+
+    /// What a plan comes to, comparable in a row.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Out {
+        Write {
+            live: bool,
+            config: bool,
+            generation: u64,
+            parent: Option<Sha256Sum>,
+            /// A new provenance (stamped now, here); else a copy's own.
+            fresh: bool,
+            protect: Protect,
+            replaces_invalid: bool,
+        },
+        Unchanged(u64),
+        /// The snapshot the pending revert names.
+        RevertPending(String),
+        Err(PlanError),
+    }
+
+    struct Row {
+        name: &'static str,
+        /// `None`: not running.
+        live: Option<El>,
+        /// `None`: transient.
+        config: Option<El>,
+        watch: bool,
+        /// A revert intent to the element of this tag.
+        revert: Option<&'static str>,
+        recipients: bool,
+        key: bool,
+        allow_plaintext: bool,
+        swtpm_encrypted: bool,
+        expect: Out,
+    }
+
+    fn row(name: &'static str) -> Row {
+        Row {
+            name,
+            live: Some(El::Absent),
+            config: Some(El::Absent),
+            watch: false,
+            revert: None,
+            recipients: false,
+            key: true,
+            allow_plaintext: false,
+            swtpm_encrypted: false,
+            expect: Out::Err(PlanError::NoDefinition),
+        }
+    }
+
+    /// A write of a new provenance with the host key (the common case).
+    fn write(live: bool, config: bool, generation: u64, parent: Option<&str>) -> Out {
+        Out::Write {
+            live,
+            config,
+            generation,
+            parent: parent.map(d),
+            fresh: true,
+            protect: Protect::HostKey(key_id()),
+            replaces_invalid: false,
+        }
+    }
+
+    /// A write that gives a copy the element the other holds already.
+    fn copy_over(live: bool, config: bool, generation: u64) -> Out {
+        Out::Write {
+            live,
+            config,
+            generation,
+            parent: None,
+            fresh: false,
+            protect: Protect::HostKey(key_id()),
+            replaces_invalid: false,
+        }
+    }
+
+    /// A first store into both copies, protected as `protect`.
+    fn new_chain_as(protect: Protect) -> Out {
+        Out::Write {
+            live: true,
+            config: true,
+            generation: 1,
+            parent: None,
+            fresh: true,
+            protect,
+            replaces_invalid: false,
+        }
+    }
+
+    fn key_id() -> KeyId {
+        KeyId::parse("0123456789abcdef").unwrap()
+    }
+
+    fn run(r: &Row) -> Out {
+        let uuid = DomainUuid::parse(UUID).unwrap();
+        let live = r.live.map(element);
+        let config = r.config.map(element);
+        let flags = if r.swtpm_encrypted { FLAG_ENCRYPTED } else { 0 };
+        let tpm = TpmState::new(
+            TpmVersion::V2_0,
+            vec![StateFile {
+                name: "tpm2-00.permall".into(),
+                data: synthetic_blob(flags, b"state"),
+            }],
+        );
+        let state = MachineState::new(Some(tpm), None);
+        let revert = r.revert.map(|tag| RevertIntent {
+            digest: d(tag),
+            snapshot: tag.into(),
+            by: "cli".into(),
+        });
+        let key = key_id();
+        let input = PlanInput {
+            uuid: &uuid,
+            live: live.as_ref(),
+            config: config.as_ref(),
+            state: &state,
+            digest: d(L),
+            revert: revert.as_ref(),
+            keys: Keys {
+                recipients: r.recipients,
+                newest_key: r.key.then_some(&key),
+                allow_plaintext: r.allow_plaintext,
+            },
+            watch: r.watch,
+            now: NOW,
+            host: HOST,
+        };
+        match plan(&input) {
+            Ok(Plan::Write(p)) => {
+                assert_eq!(p.provenance.uuid, uuid, "{}", r.name);
+                let fresh = p.provenance.stored == NOW && p.provenance.host == HOST;
+                Out::Write {
+                    live: p.targets.live,
+                    config: p.targets.config,
+                    generation: p.provenance.generation,
+                    parent: p.provenance.parent,
+                    fresh,
+                    protect: p.protect,
+                    replaces_invalid: p.replaces_invalid.is_some(),
+                }
+            }
+            Ok(Plan::Nothing(Nothing::Unchanged(m))) => Out::Unchanged(m.provenance.generation),
+            Ok(Plan::Nothing(Nothing::RevertPending { intent, .. })) => {
+                Out::RevertPending(intent.snapshot.clone())
+            }
+            Err(e) => Out::Err(e),
+        }
+    }
+
+    #[test]
+    fn every_row_of_the_plan() {
+        let rows = vec![
+            // Running and persistent: two copies, each written when it differs.
+            Row {
+                expect: write(true, true, 1, None),
+                ..row("running persistent, no element anywhere: both copies, generation 1")
+            },
+            Row {
+                live: Some(El::Opened("old", 3)),
+                config: Some(El::Opened("old", 3)),
+                expect: write(true, true, 4, Some("old")),
+                ..row("running persistent, both hold an older state: both, the next generation")
+            },
+            Row {
+                live: Some(El::Opened(L, 2)),
+                config: Some(El::Opened(L, 2)),
+                expect: Out::Unchanged(2),
+                ..row("running persistent, both hold the local state: unchanged")
+            },
+            Row {
+                live: Some(El::Opened(L, 5)),
+                config: Some(El::Absent),
+                expect: copy_over(false, true, 5),
+                ..row("running persistent, only live holds it: config gets the live element")
+            },
+            Row {
+                live: Some(El::Opened(L, 5)),
+                config: Some(El::Absent),
+                watch: true,
+                expect: copy_over(true, true, 5),
+                ..row("the daemon, only live holds it: live is written with config")
+            },
+            Row {
+                live: Some(El::Opened("old", 4)),
+                config: Some(El::Opened(L, 6)),
+                expect: copy_over(true, false, 6),
+                ..row("running persistent, only config holds it: live gets the config element")
+            },
+            Row {
+                live: Some(El::Opened("live-old", 3)),
+                config: Some(El::Opened("config-old", 5)),
+                expect: write(true, true, 6, Some("config-old")),
+                ..row("config differs from live: the chain continues from the config")
+            },
+            // Running and transient: the live copy alone.
+            Row {
+                config: None,
+                expect: write(true, false, 1, None),
+                ..row("running transient, no element: live only")
+            },
+            Row {
+                live: Some(El::Opened("old", 2)),
+                config: None,
+                expect: write(true, false, 3, Some("old")),
+                ..row("running transient, an older element: live, the next generation")
+            },
+            Row {
+                live: Some(El::Opened(L, 2)),
+                config: None,
+                watch: true,
+                expect: Out::Unchanged(2),
+                ..row("running transient, holding the local state: unchanged")
+            },
+            // Stopped and persistent: the config copy alone.
+            Row {
+                live: None,
+                expect: write(false, true, 1, None),
+                ..row("stopped persistent, no element: config only")
+            },
+            Row {
+                live: None,
+                config: Some(El::Opened("old", 7)),
+                expect: write(false, true, 8, Some("old")),
+                ..row("stopped persistent, an older element: config, the next generation")
+            },
+            Row {
+                live: None,
+                config: Some(El::Opened(L, 7)),
+                expect: Out::Unchanged(7),
+                ..row("stopped persistent, holding the local state: unchanged")
+            },
+            Row {
+                live: None,
+                config: None,
+                expect: Out::Err(PlanError::NoDefinition),
+                ..row("stopped transient: no definition to store into")
+            },
+            // A snapshot revert recorded for a stopped domain.
+            Row {
+                live: None,
+                config: Some(El::Opened("snap", 4)),
+                revert: Some("snap"),
+                expect: Out::RevertPending("snap".into()),
+                ..row("revert pending, the definition holds the snapshot's element: nothing")
+            },
+            Row {
+                live: None,
+                config: Some(El::Opened("old", 4)),
+                revert: Some("other"),
+                expect: Out::RevertPending("other".into()),
+                ..row("revert pending to another element: nothing")
+            },
+            Row {
+                live: None,
+                config: Some(El::Opened(L, 4)),
+                revert: Some(L),
+                expect: Out::Unchanged(4),
+                ..row("revert to the local state itself: nothing to hold back, unchanged")
+            },
+            Row {
+                live: None,
+                config: Some(El::Unopened("snap", 4)),
+                revert: Some("snap"),
+                expect: write(false, true, 5, Some("snap")),
+                ..row("revert pending but the element cannot be opened here: stored")
+            },
+            Row {
+                config: Some(El::Opened("snap", 4)),
+                live: Some(El::Opened("snap", 4)),
+                revert: Some("snap"),
+                expect: write(true, true, 5, Some("snap")),
+                ..row("a running domain ignores a revert intent (it is consumed at start)")
+            },
+            // The chain.
+            Row {
+                live: None,
+                config: Some(El::Unopened("foreign", 9)),
+                expect: write(false, true, 10, Some("foreign")),
+                ..row("an element this host cannot open: the chain continues from its header")
+            },
+            Row {
+                live: None,
+                config: Some(El::Invalid),
+                expect: Out::Write {
+                    live: false,
+                    config: true,
+                    generation: 1,
+                    parent: None,
+                    fresh: true,
+                    protect: Protect::HostKey(key_id()),
+                    replaces_invalid: true,
+                },
+                ..row("an invalid element is replaced by a new chain (and said so)")
+            },
+            Row {
+                live: None,
+                config: Some(El::Opened("old", u64::MAX)),
+                expect: Out::Err(PlanError::GenerationExhausted(u64::MAX)),
+                ..row("the largest generation: the chain cannot count on")
+            },
+            Row {
+                live: Some(El::Opened(L, u64::MAX)),
+                config: Some(El::Absent),
+                expect: copy_over(false, true, u64::MAX),
+                ..row("the largest generation copied over, not counted on: stored")
+            },
+            // Protection.
+            Row {
+                recipients: true,
+                expect: new_chain_as(Protect::Recipients),
+                ..row("a recipient set wins over the host key")
+            },
+            Row {
+                key: false,
+                allow_plaintext: true,
+                expect: new_chain_as(Protect::Plain),
+                ..row("no key, plaintext allowed: plain")
+            },
+            Row {
+                key: false,
+                swtpm_encrypted: true,
+                expect: new_chain_as(Protect::Plain),
+                ..row("no key, swtpm encrypts the state itself: plain")
+            },
+            Row {
+                key: false,
+                expect: Out::Err(PlanError::NoProtection),
+                ..row("no key, no recipients, no plaintext: refused")
+            },
+            Row {
+                key: false,
+                live: Some(El::Opened(L, 3)),
+                config: Some(El::Opened(L, 3)),
+                expect: Out::Unchanged(3),
+                ..row("no key but nothing to write: unchanged, not refused")
+            },
+        ];
+        for r in &rows {
+            assert_eq!(run(r), r.expect, "row: {}", r.name);
+        }
+    }
+
+    const XML: &str = "<domain><metadata><vts:state format='1'>abc</vts:state></metadata></domain>";
+
+    #[test]
+    fn the_size_check() {
+        let element = "<vts:state format='1'>abc</vts:state>".len();
+        assert_eq!(approx_element_len(XML), element);
+        assert_eq!(approx_element_len("<domain/>"), 0);
+        // (live, config, the definition holds an element, new element, limit) -> result
+        let rows: [(&str, Option<&str>, bool, usize, u64, Result<usize, usize>); 6] = [
+            ("<domain/>", None, false, 100, 109, Ok(109)),
+            ("<domain/>", None, false, 101, 109, Err(110)),
+            (XML, None, true, 10, 1000, Ok(XML.len() - element + 10)),
+            (XML, None, false, 10, 1000, Ok(XML.len() + 10)),
+            ("<domain/>", Some(XML), false, 0, 1000, Ok(XML.len())),
+            (
+                XML,
+                Some(XML),
+                true,
+                2000,
+                1000,
+                Err(XML.len() - element + 2000),
+            ),
+        ];
+        for (live, config, holds, new, limit, expect) in rows {
+            assert_eq!(
+                XmlSizes::of(live, config, holds, new).check(limit),
+                expect,
+                "{live} {config:?} {holds} {new} {limit}"
+            );
+        }
+    }
+}
