@@ -297,7 +297,7 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
         }
         // Before anything talks to libvirt: the post-stop store may find
         // libvirt gone (host shutdown), be killed or time out, and whoever
-        // runs next completes this record (`cli::pending`). A state the
+        // runs next completes this record (`store::pending`). A state the
         // metadata already holds (J) needs no store.
         if config.store_after_stop
             && host.read_synced(&info.uuid).map_err(fs)? != Some(state.digest())

@@ -4,7 +4,9 @@
 //! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`domain`],
 //! [`decision`]) does no I/O; [`fs`] is the one place that touches the
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
-//! the only module that speaks to libvirt, and only the CLI uses it.
+//! the only module that speaks to libvirt, used by the store use case
+//! ([`store`], whose [`store::plan`] is pure), the watch daemon ([`watch`])
+//! and the CLI ([`cli`]); the daemon imports nothing from the CLI.
 
 // No unsafe code anywhere in the crate: the README's security section promises it.
 #![forbid(unsafe_code)]

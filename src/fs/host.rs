@@ -190,7 +190,7 @@ impl RevertIntent {
 /// `digest` as the domain's final state at `since`, and nobody has stored it
 /// into the metadata yet. Written by the hook at `stopped end` (before
 /// anything talks to libvirt, so a killed or timed-out store leaves it);
-/// removed by whoever completes it (see `cli::pending`).
+/// removed by whoever completes it (see `store::pending`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingStore {
     pub uuid: DomainUuid,

@@ -726,13 +726,23 @@ mod tests {
 
     const XML: &str = "<domain><metadata><vts:state format='1'>abc</vts:state></metadata></domain>";
 
+    /// (live XML, config XML, the definition holds an element, new element
+    /// length, limit) -> the size after the store, or the size over the limit.
+    type SizeRow = (
+        &'static str,
+        Option<&'static str>,
+        bool,
+        usize,
+        u64,
+        Result<usize, usize>,
+    );
+
     #[test]
     fn the_size_check() {
         let element = "<vts:state format='1'>abc</vts:state>".len();
         assert_eq!(approx_element_len(XML), element);
         assert_eq!(approx_element_len("<domain/>"), 0);
-        // (live, config, the definition holds an element, new element, limit) -> result
-        let rows: [(&str, Option<&str>, bool, usize, u64, Result<usize, usize>); 6] = [
+        let rows: [SizeRow; 6] = [
             ("<domain/>", None, false, 100, 109, Ok(109)),
             ("<domain/>", None, false, 101, 109, Err(110)),
             (XML, None, true, 10, 1000, Ok(XML.len() - element + 10)),
