@@ -3,18 +3,21 @@
 //! and recipients), plan, then apply (encode, size check, write, record J
 //! and the kept copy).
 
-use super::plan::{plan, Element, Keys, Nothing, Plan, PlanError, PlanInput, Protect, XmlSizes};
+use super::plan::{
+    plan, Element, Keys, Nothing, Plan, PlanError, PlanInput, Protect, StorePlan, XmlSizes,
+};
 use crate::context::{now_stamp, this_host, Ctx};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError};
-use crate::envelope::os_random;
+use crate::envelope::{os_random, Keyring};
 use crate::format::{
     decode_with_keys, read_header, try_encode_with, DecodeLimits, MetadataState, Protection, Style,
 };
 use crate::fs::{keys_dir, load_keyring, load_recipients, recipients_dir, FsError, HostData};
 use crate::libvirt::{DomainHandle, LibvirtError, Targets};
 use crate::name::DomainName;
+use crate::recipients::RecipientSet;
 use crate::restore::{carried, Carried, RestoreError};
-use crate::state::{DomainUuid, MachineState, TpmState};
+use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState};
 use crate::swtpm::check_tpm_file;
 use std::time::Duration;
 
@@ -104,7 +107,8 @@ pub struct StoreDone {
 
 /// The store itself, on a looked-up domain: local state -> metadata (what
 /// `store` does after finding the domain; the pending-store path, `snapshot
-/// create` and the watch daemon call it too).
+/// create` and the watch daemon call it too). Gather (XML, local state,
+/// keys), [`plan`], then write and record.
 pub fn store_domain(
     ctx: &Ctx,
     dom: &DomainHandle,
@@ -128,40 +132,7 @@ pub fn store_domain(
         host: &host,
         info: &live_info,
     };
-    let state = match opts.settled {
-        Some(tpm) => {
-            // The TPM part settled already; settle the VARS file alone.
-            let nvram_only = Carried {
-                tpm: None,
-                nvram: carried.nvram.clone(),
-            };
-            let vars = if nvram_only.is_empty() {
-                None
-            } else {
-                reader
-                    .read_settled(&nvram_only, true)?
-                    .and_then(|s| s.nvram)
-            };
-            MachineState {
-                tpm: Some(tpm),
-                nvram: vars,
-            }
-        }
-        None => reader
-            .read_settled(&carried, false)?
-            .expect("a missing state is an error unless asked otherwise"),
-    };
-    if let (Some(tpm), Some((_, location))) = (&state.tpm, &carried.tpm) {
-        for f in tpm.files() {
-            check_tpm_file(tpm.version, f).map_err(|e| StoreError::NoTpm {
-                name: name.clone(),
-                why: format!(
-                    "the local state file {} is not a valid swtpm state ({e}); nothing was stored",
-                    location.file_path(&f.name).display()
-                ),
-            })?;
-        }
-    }
+    let state = reader.local_state(&carried, opts.settled)?;
     let digest = state.digest();
 
     // A stopped domain has one definition: the XML read above is it.
@@ -208,7 +179,7 @@ pub fn store_domain(
     })
     .map_err(|e| plan_error(ctx, &name, e))?;
 
-    // J and the kept copy, once the metadata holds `state` (both paths below).
+    // J and the kept copy, once the metadata holds `state`.
     let record = || {
         record_synced(
             ctx,
@@ -221,36 +192,20 @@ pub fn store_domain(
         )
     };
     let p = match planned {
-        Plan::Nothing(Nothing::RevertPending { held, intent }) => {
-            return Ok(StoreDone {
-                line: format!(
-                    "VM {name}: not stored: a revert to snapshot {} (element {}) is pending; the next start restores that state and backs up the local one ({})",
-                    DomainName::from(intent.snapshot.as_str()),
-                    intent.digest.short(),
-                    digest.short()
-                ),
-                result: "revert-pending",
-                m: held.clone(),
-                element_bytes: 0,
-                targets: Targets::NONE,
-                state,
-            })
-        }
-        Plan::Nothing(Nothing::Unchanged(held)) => {
-            if !opts.watch || host.read_synced(&dom.uuid)? != Some(digest) {
+        Plan::Nothing(nothing) => {
+            if matches!(nothing, Nothing::Unchanged(_))
+                && (!opts.watch || host.read_synced(&dom.uuid)? != Some(digest))
+            {
                 record()?;
             }
+            let (result, m, line) = nothing_said(&name, nothing, digest);
             return Ok(StoreDone {
-                line: format!(
-                    "VM {name}: unchanged (generation {}, digest {}): the metadata already holds this state",
-                    held.provenance.generation,
-                    digest.short()
-                ),
-                result: "unchanged",
-                m: held.clone(),
+                result,
+                m,
                 element_bytes: 0,
                 targets: Targets::NONE,
                 state,
+                line,
             });
         }
         Plan::Write(p) => p,
@@ -258,27 +213,11 @@ pub fn store_domain(
     if let Some(e) = &p.replaces_invalid {
         log::warn!("VM {name}: replacing an invalid TPM state element ({e})");
     }
-    let mut fill = os_random;
-    let protection = match (&p.protect, &recipients, keys.newest()) {
-        (Protect::Recipients, Some(set), _) => Protection::Recipients { set },
-        (Protect::HostKey(_), _, Some((key_id, key))) => Protection::Sealed {
-            key_id,
-            key,
-            fill: &mut fill,
-        },
-        (Protect::Plain, _, _) => Protection::Plain,
-        _ => unreachable!("the plan protects only with what its input offered"),
+    let seal = Seal {
+        keys: &keys,
+        recipients: recipients.as_ref(),
     };
-    let sealed_with = match &p.protect {
-        Protect::HostKey(id) => vec![id.clone()],
-        _ => Vec::new(),
-    };
-    let sealed_for = recipients
-        .as_ref()
-        .map(|set| set.fingerprints())
-        .unwrap_or_default();
-    let element = try_encode_with(&state, &p.provenance, Style::ForSetMetadata, protection)
-        .map_err(|e| StoreError::Key(format!("VM {name}: {e}; nothing was stored")))?;
+    let element = seal.encode(&name, &state, &p)?;
     let holder = config_info.as_ref().unwrap_or(&live_info);
     XmlSizes::of(
         &live_xml,
@@ -297,29 +236,107 @@ pub fn store_domain(
     dom.write_state_element(&element, &ctx.config.namespace, p.targets)?;
     store_fault("store.metadata_set")?;
     record()?;
-    let line = format!(
-        "VM {name}: stored generation {} (digest {}, {} bytes of state, {} bytes of XML) into the {} metadata",
-        p.provenance.generation,
-        digest.short(),
-        state.total_size(),
-        element.len(),
-        p.targets.describe()
-    );
-    Ok(StoreDone {
-        result: "stored",
-        m: MetadataState {
-            provenance: p.provenance,
-            digest,
-            state: state.clone(),
-            sealed_with,
-            sealed_for,
-            age_files: Vec::new(),
-        },
-        element_bytes: element.len(),
-        targets: p.targets,
-        state,
-        line,
-    })
+    Ok(seal.stored(&name, state, p, element.len()))
+}
+
+/// What a store that wrote nothing says: its result, the element the
+/// definition holds, its summary line.
+fn nothing_said(
+    name: &DomainName,
+    nothing: Nothing<'_>,
+    digest: Sha256Sum,
+) -> (&'static str, MetadataState, String) {
+    let (result, held, line) = match nothing {
+        Nothing::RevertPending { held, intent } => (
+            "revert-pending",
+            held,
+            format!(
+                "VM {name}: not stored: a revert to snapshot {} (element {}) is pending; the next start restores that state and backs up the local one ({})",
+                DomainName::from(intent.snapshot.as_str()),
+                intent.digest.short(),
+                digest.short()
+            ),
+        ),
+        Nothing::Unchanged(held) => (
+            "unchanged",
+            held,
+            format!(
+                "VM {name}: unchanged (generation {}, digest {}): the metadata already holds this state",
+                held.provenance.generation,
+                digest.short()
+            ),
+        ),
+    };
+    (result, held.clone(), line)
+}
+
+/// The key material behind a plan's [`Protect`].
+struct Seal<'a> {
+    keys: &'a Keyring,
+    recipients: Option<&'a RecipientSet>,
+}
+
+impl Seal<'_> {
+    /// The element, as `virDomainSetMetadata` takes it.
+    fn encode(
+        &self,
+        name: &DomainName,
+        state: &MachineState,
+        p: &StorePlan,
+    ) -> Result<String, StoreError> {
+        let mut fill = os_random;
+        let protection = match (&p.protect, self.recipients, self.keys.newest()) {
+            (Protect::Recipients, Some(set), _) => Protection::Recipients { set },
+            (Protect::HostKey(_), _, Some((key_id, key))) => Protection::Sealed {
+                key_id,
+                key,
+                fill: &mut fill,
+            },
+            (Protect::Plain, _, _) => Protection::Plain,
+            _ => unreachable!("the plan protects only with what its input offered"),
+        };
+        try_encode_with(state, &p.provenance, Style::ForSetMetadata, protection)
+            .map_err(|e| StoreError::Key(format!("VM {name}: {e}; nothing was stored")))
+    }
+
+    /// What a store that wrote `element_bytes` of element says.
+    fn stored(
+        &self,
+        name: &DomainName,
+        state: MachineState,
+        p: StorePlan,
+        element_bytes: usize,
+    ) -> StoreDone {
+        let digest = state.digest();
+        let line = format!(
+            "VM {name}: stored generation {} (digest {}, {} bytes of state, {element_bytes} bytes of XML) into the {} metadata",
+            p.provenance.generation,
+            digest.short(),
+            state.total_size(),
+            p.targets.describe()
+        );
+        StoreDone {
+            result: "stored",
+            m: MetadataState {
+                provenance: p.provenance,
+                digest,
+                state: state.clone(),
+                sealed_with: match p.protect {
+                    Protect::HostKey(id) => vec![id],
+                    _ => Vec::new(),
+                },
+                sealed_for: self
+                    .recipients
+                    .map(|set| set.fingerprints())
+                    .unwrap_or_default(),
+                age_files: Vec::new(),
+            },
+            element_bytes,
+            targets: p.targets,
+            state,
+            line,
+        }
+    }
 }
 
 /// What a copy's `<metadata>` holds, as the plan sees it.
@@ -388,6 +405,49 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    /// The local state to store: read (settled) here, or the TPM part the
+    /// caller saw settle with the VARS file read here; its TPM files
+    /// checked as swtpm states.
+    fn local_state(
+        &self,
+        carried: &Carried,
+        settled: Option<TpmState>,
+    ) -> Result<MachineState, StoreError> {
+        let state = match settled {
+            Some(tpm) => {
+                // The TPM part settled already; settle the VARS file alone.
+                let nvram_only = Carried {
+                    tpm: None,
+                    nvram: carried.nvram.clone(),
+                };
+                let vars = if nvram_only.is_empty() {
+                    None
+                } else {
+                    self.read_settled(&nvram_only, true)?.and_then(|s| s.nvram)
+                };
+                MachineState {
+                    tpm: Some(tpm),
+                    nvram: vars,
+                }
+            }
+            None => self
+                .read_settled(carried, false)?
+                .expect("a missing state is an error unless asked otherwise"),
+        };
+        if let (Some(tpm), Some((_, location))) = (&state.tpm, &carried.tpm) {
+            for f in tpm.files() {
+                check_tpm_file(tpm.version, f).map_err(|e| StoreError::NoTpm {
+                    name: self.name.clone(),
+                    why: format!(
+                        "the local state file {} is not a valid swtpm state ({e}); nothing was stored",
+                        location.file_path(&f.name).display()
+                    ),
+                })?;
+            }
+        }
+        Ok(state)
+    }
+
     /// Reads the local state (the carried TPM state and VARS file together):
     /// once for a stopped domain (from the live files, or the copy kept at
     /// stop when the TPM dir is gone); for a running one, until two reads a
