@@ -20,22 +20,22 @@ use std::time::{Duration, Instant, SystemTime};
 #[derive(Debug)]
 pub(super) struct Settle {
     /// Digest of the previous read (`None`: none yet).
-    pub(super) prev: Option<Sha256Sum>,
+    prev: Option<Sha256Sum>,
     pub(super) due: Instant,
-    pub(super) reads: u32,
-    pub(super) warned: bool,
+    reads: u32,
+    warned: bool,
 }
 
 /// A running domain with an emulated TPM.
 pub(super) struct Watched {
     pub(super) name: DomainName,
     pub(super) version: TpmVersion,
-    pub(super) location: StateLocation,
+    location: StateLocation,
     pub(super) wd: Option<WatchDescriptor>,
     pub(super) settle: Option<Settle>,
     pub(super) status: DomainStatus,
     /// Looks left for a state dir that did not exist yet.
-    pub(super) dir_retries: u32,
+    dir_retries: u32,
 }
 
 impl Daemon {
@@ -328,7 +328,7 @@ pub(super) fn begin_settle(w: &mut Watched, now: Instant) {
 }
 
 /// Logs an error once per distinct message per domain (no error loops).
-pub(super) fn note_error(w: &mut Watched, msg: &str) {
+fn note_error(w: &mut Watched, msg: &str) {
     if w.status.last_error.as_deref() != Some(msg) {
         log::error!("{msg}");
         w.status.last_error = Some(msg.to_string());

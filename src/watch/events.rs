@@ -19,16 +19,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// libvirt's runtime dir: its sockets appear here when the daemon starts.
-pub(super) const RUN_LIBVIRT: &str = "/run/libvirt";
+const RUN_LIBVIRT: &str = "/run/libvirt";
 /// Status files of running QEMU domains.
-pub(super) const RUN_QEMU: &str = "/run/libvirt/qemu";
+const RUN_QEMU: &str = "/run/libvirt/qemu";
 /// Persistent QEMU domain definitions.
-pub(super) const ETC_QEMU: &str = "/etc/libvirt/qemu";
+const ETC_QEMU: &str = "/etc/libvirt/qemu";
 /// Sockets whose appearance means libvirt is (back) up.
-pub(super) const SOCKETS: [&str; 2] = ["libvirt-sock", "virtqemud-sock"];
+const SOCKETS: [&str; 2] = ["libvirt-sock", "virtqemud-sock"];
 /// Debounce of domain-file events (libvirt rewrites a status file several
 /// times while a domain starts).
-pub(super) const REFRESH_DELAY: Duration = Duration::from_millis(300);
+const REFRESH_DELAY: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum StaticDir {
@@ -59,7 +59,7 @@ pub(super) struct Notify {
 
 pub(super) struct Event {
     pub(super) wd: WatchDescriptor,
-    pub(super) flags: WatchFlags,
+    flags: WatchFlags,
     pub(super) name: Option<String>,
 }
 
@@ -222,7 +222,7 @@ impl Daemon {
     /// memory snapshot resumes its own TPM state from the vmstate, a
     /// disk-only one started with the local state; nothing can change that
     /// without a restart, so it is said, not fixed.
-    pub(super) fn on_revert_event(&mut self, name: &str, kind: RevertEvent) {
+    fn on_revert_event(&mut self, name: &str, kind: RevertEvent) {
         let shown = DomainName::from(name);
         let Some(lv) = self.libvirt() else { return };
         let dom = match lv.domain(name) {
@@ -249,7 +249,7 @@ impl Daemon {
 
 /// Records a revert intent for the element a reverted, shut-off domain's
 /// definition holds (unless `snapshot revert` recorded that one already).
-pub(super) fn record_revert(ctx: &Ctx, dom: &DomainHandle) -> Result<(), RevertError> {
+fn record_revert(ctx: &Ctx, dom: &DomainHandle) -> Result<(), RevertError> {
     let name = DomainName::from(dom.name.as_str());
     let info = parse_domain(dom.xml()?.as_bytes(), &ctx.config.namespace)?;
     let Some(el) = &info.metadata else {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 /// Name of the daemon's status file in the run dir.
 pub const STATUS_FILE: &str = "status.json";
 /// The status file is a few hundred bytes per domain.
-pub(super) const STATUS_FILE_MAX: u64 = 64 * 1024 * 1024;
+const STATUS_FILE_MAX: u64 = 64 * 1024 * 1024;
 
 /// What `status` reads: the daemon's view, per domain UUID.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
