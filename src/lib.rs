@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "libvirt")]
+pub mod carried;
 pub mod cli;
 pub mod config;
 pub mod decision;
