@@ -5,8 +5,8 @@
 //! TPM (its version and where swtpm keeps its state) and the UEFI variable
 //! store (a pflash VARS file or a `<varstore>` file), each confined to the
 //! allowed anchors. The local state is read over the sections asked for:
-//! the live files, else the copy kept at the domain's last stop, but only
-//! while no swtpm may be running for it (see [`Carried::read_local`]).
+//! the live files, else the copy kept at the domain's last stop, unless the
+//! domain is known to run (see [`Carried::read_local`]).
 
 use crate::config::Config;
 use crate::domain::{DomainInfo, NvramSpec, TpmBackend};
@@ -26,15 +26,28 @@ pub struct Carried {
     pub nvram: Option<NvramLocation>,
 }
 
-/// Whether the domain's swtpm may be running, for [`Carried::read_local`].
+/// Whether the domain runs, for [`Carried::read_local`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Running {
-    /// Running (or not known to be stopped): its live state is the only
-    /// local state; a copy kept at an earlier stop is older than it.
-    Maybe,
+    /// Running: its live state is the only local state; a copy kept at an
+    /// earlier stop is older than it.
+    Yes,
     /// Stopped: the copy kept at its last stop stands in for live files
     /// that libvirt removed (a transient domain) or that were moved away.
     No,
+    /// Not known (a saved XML): as stopped, since a running domain's swtpm
+    /// has its live state in place, which is read first.
+    Unknown,
+}
+
+impl From<Option<bool>> for Running {
+    fn from(active: Option<bool>) -> Self {
+        match active {
+            Some(true) => Running::Yes,
+            Some(false) => Running::No,
+            None => Running::Unknown,
+        }
+    }
 }
 
 impl Carried {
@@ -121,8 +134,8 @@ impl Carried {
         host.read_kept_state(uuid, self.tpm_version().filter(|_| tpm), nvram, max)
     }
 
-    /// The local state L over `tpm`/`nvram`: the live files, else (only
-    /// when the domain is not running) the copy kept at its last stop.
+    /// The local state L over `tpm`/`nvram`: the live files, else (unless
+    /// the domain is known to run) the copy kept at its last stop.
     /// The hook's `prepare` reads the two apart (the decision rule weighs
     /// each); everything else that asks "what is local" asks here.
     pub fn read_local(
@@ -135,7 +148,7 @@ impl Carried {
     ) -> Result<Option<MachineState>, FsError> {
         match self.read_live(tpm, nvram, max)? {
             Some(live) => Ok(Some(live)),
-            None if running == Running::No => self.read_kept(host, uuid, tpm, nvram, max),
+            None if running != Running::Yes => self.read_kept(host, uuid, tpm, nvram, max),
             None => Ok(None),
         }
     }

@@ -41,7 +41,9 @@ pub(super) fn apply(a: &Apply, decision: Decision, local: Local) -> Result<Outco
                 location: e.shown_location(),
             })
         }
-        Decision::RestoreKept(why) => restore_kept(a, why, local.kept.expect("decided on a kept copy")),
+        Decision::RestoreKept(why) => {
+            restore_kept(a, why, local.kept.expect("decided on a kept copy"))
+        }
         Decision::RestoreMetadata { backup_local, why } => {
             let replaced = local.live.or(local.kept);
             restore_element(a, why, replaced.filter(|_| backup_local))
@@ -151,9 +153,14 @@ fn write_journaled(a: &Apply, backup: Option<PathBuf>) -> Result<(), ErrorKind> 
 type LiveNow = (Option<Option<TpmState>>, Option<Option<Vec<u8>>>);
 
 fn live_now(e: &Element, max: u64) -> LiveNow {
-    let version = e.target.tpm.as_ref().map_or(TpmVersion::V2_0, |t| t.version);
+    let version = e
+        .target
+        .tpm
+        .as_ref()
+        .map_or(TpmVersion::V2_0, |t| t.version);
     (
-        e.tpm_location().map(|l| l.read(version, max).ok().flatten()),
+        e.tpm_location()
+            .map(|l| l.read(version, max).ok().flatten()),
         e.nvram_location().map(|l| l.read(max).ok().flatten()),
     )
 }
@@ -179,7 +186,11 @@ fn backup_stray_vars(a: &Apply, target: &MachineState) -> Result<Option<PathBuf>
     match l.read(a.config.max_file_size)? {
         Some(v) if v != want.data => {
             let stray = MachineState::with_vars(None, l.kind(), Some(v));
-            Ok(Some(a.host.backup(a.uuid, &stray, a.config.backups_per_domain)?))
+            Ok(Some(a.host.backup(
+                a.uuid,
+                &stray,
+                a.config.backups_per_domain,
+            )?))
         }
         _ => Ok(None),
     }

@@ -29,7 +29,7 @@ pub(super) struct Element {
 /// Whether the element is this tool's business for this domain here.
 pub(super) enum Found {
     NotOurs(&'static str),
-    Element(Element),
+    Element(Box<Element>),
 }
 
 impl Element {
@@ -113,7 +113,7 @@ pub(super) fn element(
     if let Some(l) = element.nvram_location() {
         l.check_safe()?;
     }
-    Ok(Found::Element(element))
+    Ok(Found::Element(Box::new(element)))
 }
 
 /// Says which sections of the element this domain does not use here.

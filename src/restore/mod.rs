@@ -61,9 +61,7 @@ pub fn prepare_domain(
     info: &DomainInfo,
     options: PrepareOptions,
 ) -> Result<PrepareReport, RestoreError> {
-    let name = DomainName::new(info.name.as_str());
-    let prepare = Prepare { paths, config, info, options, name: &name };
-    prepare.run(None).map_err(|kind| kind.named(name.clone()))
+    prepare_held(paths, config, info, options, None)
 }
 
 /// [`prepare_domain`] for a caller that already holds the domain's lock
@@ -78,9 +76,26 @@ pub fn prepare_domain_locked(
     lock: &DomainLock,
 ) -> Result<PrepareReport, RestoreError> {
     assert_eq!(lock.uuid(), &info.uuid, "the lock held is another domain's");
+    prepare_held(paths, config, info, options, Some(lock))
+}
+
+/// The boundary: the domain's name enters here, and joins any error here.
+fn prepare_held(
+    paths: &Paths,
+    config: &Config,
+    info: &DomainInfo,
+    options: PrepareOptions,
+    held: Option<&DomainLock>,
+) -> Result<PrepareReport, RestoreError> {
     let name = DomainName::new(info.name.as_str());
-    let prepare = Prepare { paths, config, info, options, name: &name };
-    prepare.run(Some(lock)).map_err(|kind| kind.named(name.clone()))
+    let prepare = Prepare {
+        paths,
+        config,
+        info,
+        options,
+        name: &name,
+    };
+    prepare.run(held).map_err(|kind| kind.named(name.clone()))
 }
 
 /// One `prepare` of one domain.
