@@ -237,3 +237,63 @@ fn nvram_location(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A UEFI-only domain's carried VARS file in a scratch root.
+    fn scratch() -> (tempfile::TempDir, Paths, Carried) {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let paths = Paths::with_root(t.path());
+        let nvram = NvramLocation::default_for(&paths, "vm", VarsKind::Nvram).unwrap();
+        let carried = Carried {
+            tpm: None,
+            nvram: Some(nvram),
+        };
+        (t, paths, carried)
+    }
+
+    fn uuid() -> DomainUuid {
+        DomainUuid::parse("e9ed10eb-90aa-4aec-a226-1368ed64cf0f").unwrap()
+    }
+
+    /// The one local-state rule: live first; the kept copy stands in for
+    /// absent live files unless the domain is known to run (its kept copy
+    /// is then older than the state its swtpm and firmware hold).
+    #[test]
+    fn the_kept_copy_stands_in_unless_the_domain_runs() {
+        let (_t, paths, carried) = scratch();
+        let host = HostData::new(&paths);
+        let kept = MachineState::new(None, Some(b"kept vars".to_vec()));
+        host.write_kept(&uuid(), &kept).unwrap();
+        let read = |running| {
+            carried
+                .read_local(&host, &uuid(), (false, true), running, 1 << 20)
+                .unwrap()
+                .map(|s| s.digest())
+        };
+        assert_eq!(read(Running::Yes), None);
+        assert_eq!(read(Running::No), Some(kept.digest()));
+        assert_eq!(read(Running::Unknown), Some(kept.digest()));
+
+        let live_path = carried.nvram.as_ref().unwrap().path();
+        let mut dir = live_path.parent().unwrap().to_path_buf();
+        let mut missing = Vec::new();
+        while !dir.exists() {
+            missing.push(dir.clone());
+            dir.pop();
+        }
+        for d in missing.iter().rev() {
+            std::fs::create_dir(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::write(&live_path, b"live vars").unwrap();
+        let live = MachineState::new(None, Some(b"live vars".to_vec()));
+        for running in [Running::Yes, Running::No, Running::Unknown] {
+            assert_eq!(read(running), Some(live.digest()), "{running:?}");
+        }
+    }
+}

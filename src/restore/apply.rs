@@ -29,7 +29,7 @@ pub(super) struct Apply<'a> {
 }
 
 /// Carries out `decision` on the local side it was made from.
-pub(super) fn apply(a: &Apply, decision: Decision, local: Local) -> Result<Outcome, ErrorKind> {
+pub(super) fn apply(a: &Apply, decision: Decision, local: &Local) -> Result<Outcome, ErrorKind> {
     let e = a.element;
     match decision {
         Decision::Nothing(why) => {
@@ -42,10 +42,10 @@ pub(super) fn apply(a: &Apply, decision: Decision, local: Local) -> Result<Outco
             })
         }
         Decision::RestoreKept(why) => {
-            restore_kept(a, why, local.kept.expect("decided on a kept copy"))
+            restore_kept(a, why, local.kept.as_ref().expect("decided on a kept copy"))
         }
         Decision::RestoreMetadata { backup_local, why } => {
-            let replaced = local.live.or(local.kept);
+            let replaced = local.live.as_ref().or(local.kept.as_ref());
             restore_element(a, why, replaced.filter(|_| backup_local))
         }
         Decision::Refuse(Refusal::Clone { element_uuid }) => Err(ErrorKind::Clone {
@@ -62,11 +62,11 @@ pub(super) fn apply(a: &Apply, decision: Decision, local: Local) -> Result<Outco
 
 /// Puts the copy kept at the last stop back (not journaled: it is written
 /// whole again by the next run if this one is interrupted).
-fn restore_kept(a: &Apply, why: Why, state: MachineState) -> Result<Outcome, ErrorKind> {
+fn restore_kept(a: &Apply, why: Why, state: &MachineState) -> Result<Outcome, ErrorKind> {
     let e = a.element;
     crate::gc::enforce(a.paths, a.config, a.uuid, state.total_size() as u64);
-    let backup = backup_stray_vars(a, &state)?;
-    write_state(a.paths, &state, e.tpm_location(), e.nvram_location())?;
+    let backup = backup_stray_vars(a, state)?;
+    write_state(a.paths, state, e.tpm_location(), e.nvram_location())?;
     if why == Why::AlreadyCurrent {
         a.host.record_sync(a.uuid, &e.target)?;
     }
@@ -75,7 +75,7 @@ fn restore_kept(a: &Apply, why: Why, state: MachineState) -> Result<Outcome, Err
         digest: state.digest(),
         size: state.total_size(),
         location: e.shown_location(),
-        nvram: shown_nvram(e, &state),
+        nvram: shown_nvram(e, state),
         backup,
         generation: None,
     })
@@ -86,15 +86,15 @@ fn restore_kept(a: &Apply, why: Why, state: MachineState) -> Result<Outcome, Err
 fn restore_element(
     a: &Apply,
     why: Why,
-    replaced: Option<MachineState>,
+    replaced: Option<&MachineState>,
 ) -> Result<Outcome, ErrorKind> {
     let e = a.element;
     let target = &e.target;
     // Room first: a backup and a kept copy are about to be written.
-    let local_size = replaced.as_ref().map_or(0, MachineState::total_size);
+    let local_size = replaced.map_or(0, MachineState::total_size);
     let room = (local_size + target.total_size()) as u64;
     crate::gc::enforce(a.paths, a.config, a.uuid, room);
-    let backup = match &replaced {
+    let backup = match replaced {
         Some(local) => Some(a.host.backup(a.uuid, local, a.config.backups_per_domain)?),
         None => backup_stray_vars(a, target)?,
     };

@@ -121,10 +121,8 @@ impl Prepare<'_> {
         let _lock = self.lock(&host, held)?;
         fault("restore.locked")?;
         self.tidy(&host, &element.carried)?;
-        let mut local = gather::local(&host, info, &element, self.config.max_file_size)?;
+        let local = gather::local(&host, info, &element, self.config.max_file_size)?;
         let decision = self.decide(&element, &local);
-        let revert_intent = local.revert_intent.take();
-        let stopped_by_revert = local.stopped_by_revert;
         let apply = Apply {
             paths: self.paths,
             config: self.config,
@@ -133,8 +131,8 @@ impl Prepare<'_> {
             uuid: &info.uuid,
             element: &element,
         };
-        let outcome = apply::apply(&apply, decision, local)?;
-        self.consume_revert(&host, &element.metadata, stopped_by_revert, revert_intent)?;
+        let outcome = apply::apply(&apply, decision, &local)?;
+        self.consume_revert(&host, &element.metadata, &local)?;
         Ok(self.report(outcome))
     }
 
@@ -213,14 +211,13 @@ impl Prepare<'_> {
         &self,
         host: &HostData,
         m: &MetadataState,
-        stopped_by_revert: bool,
-        revert_intent: Option<crate::fs::RevertIntent>,
+        local: &Local,
     ) -> Result<(), ErrorKind> {
         let uuid = &self.info.uuid;
-        if stopped_by_revert {
+        if local.stopped_by_revert {
             host.clear_reverted(uuid)?;
         }
-        let Some(r) = revert_intent else {
+        let Some(r) = &local.revert_intent else {
             return Ok(());
         };
         host.clear_revert(uuid)?;
@@ -228,7 +225,7 @@ impl Prepare<'_> {
             log::info!(
                 "VM {} ({uuid}): the revert to snapshot {} (element {}) was not for the element this start carries ({}); dropped it",
                 self.name,
-                DomainName::new(r.snapshot),
+                DomainName::new(r.snapshot.as_str()),
                 r.digest.short(),
                 m.digest.short()
             );
