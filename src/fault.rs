@@ -27,7 +27,7 @@ pub const TRACE_ENV: &str = "VIRT_TPM_STATE_FAULT_TRACE";
 
 /// Every fault point, in the order a full restore reaches them.
 pub const POINTS: &[&str] = &[
-    // prepare (src/restore.rs)
+    // prepare (src/restore/)
     "restore.locked",
     "restore.backed_up",
     // the restore journal (fs::HostData::write_intent / clear_intent)

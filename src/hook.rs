@@ -3,12 +3,14 @@
 //! it waits for us), never prints to stdout (libvirt takes stdout of some ops
 //! as a replacement domain XML).
 
+use crate::carried::{carried, Carried};
 use crate::config::{Config, ConfigError};
-use crate::domain::{parse_domain, DomainXmlError};
+use crate::domain::{parse_domain, DomainInfo, DomainXmlError};
 use crate::exit::Exit;
 use crate::fs::{FsError, HostData};
+use crate::name::DomainName;
 use crate::paths::Paths;
-use crate::restore::{carried, prepare, shown_name, PrepareOptions, RestoreError};
+use crate::restore::{prepare, PrepareOptions, RestoreError};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -63,7 +65,7 @@ pub enum HookError {
     #[error("cannot read the domain XML: {0}")]
     DomainXml(#[from] DomainXmlError),
     #[error("VM {name}: {source}")]
-    Fs { name: String, source: FsError },
+    Fs { name: DomainName, source: FsError },
 }
 
 impl HookError {
@@ -195,15 +197,12 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
             if carried(paths, &config, &info)?.is_empty() {
                 return Ok(());
             }
+            let name = DomainName::new(info.name.as_str());
             HostData::new(paths)
                 .set_incoming(&info.uuid, what)
-                .map_err(|source| HookError::Fs {
-                    name: shown_name(&info.name),
-                    source,
-                })?;
+                .map_err(fs_of(&name))?;
             log::info!(
-                "VM {} ({}): {what} in progress, its TPM state travels with it; the next prepare will not restore",
-                shown_name(&info.name),
+                "VM {name} ({}): {what} in progress, its TPM state travels with it; the next prepare will not restore",
                 info.uuid
             );
             Ok(())
@@ -211,10 +210,8 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
         HookOp::Stopped => stopped(paths, &config, &xml),
         HookOp::Release => {
             let info = parse_domain(&xml, &config.namespace)?;
-            let fs = |source| HookError::Fs {
-                name: shown_name(&info.name),
-                source,
-            };
+            let name = DomainName::new(info.name.as_str());
+            let fs = fs_of(&name);
             let host = HostData::new(paths);
             host.clear_incoming(&info.uuid).map_err(fs)?;
             if from_snapshot && !carried(paths, &config, &info)?.is_empty() {
@@ -223,8 +220,7 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
                 // starts it again) takes the snapshot's element.
                 host.set_reverted(&info.uuid).map_err(fs)?;
                 log::info!(
-                    "VM {} ({}): stopped by a snapshot revert; its next start within {} s takes the snapshot's TPM state",
-                    shown_name(&info.name),
+                    "VM {name} ({}): stopped by a snapshot revert; its next start within {} s takes the snapshot's TPM state",
                     info.uuid,
                     crate::fs::MARKER_TTL.as_secs()
                 );
@@ -250,16 +246,12 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
     if carried.is_empty() {
         return Ok(());
     }
-    let name = shown_name(&info.name);
-    let fs = |source| HookError::Fs {
-        name: name.clone(),
-        source,
-    };
+    let name = DomainName::new(info.name.as_str());
     let host = HostData::new(paths);
     {
         let _lock = host
             .lock(&info.uuid, Duration::from_secs(config.lock_timeout_secs))
-            .map_err(fs)?;
+            .map_err(fs_of(&name))?;
         crate::restore::remove_leftovers(
             &host,
             &info.uuid,
@@ -270,45 +262,57 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
         // prepare): finish it first, so the kept copy and the post-stop
         // store never see TPM and VARS of two generations.
         crate::restore::finish_intent(paths, &host, &info, &carried)?;
-        // The TPM state and the VARS file together: one kept copy.
-        let Some(state) = carried
-            .read_live(true, true, config.max_file_size)
-            .map_err(fs)?
-        else {
-            return Ok(());
-        };
-        let kept = host
-            .read_kept_state(
-                &info.uuid,
-                carried.tpm_version(),
-                carried.nvram.is_some(),
-                config.max_file_size,
-            )
-            .map_err(fs)?;
-        if kept.as_ref().map(|k| k.digest()) != Some(state.digest()) {
-            crate::gc::enforce(paths, config, &info.uuid, state.total_size() as u64);
-            host.write_kept(&info.uuid, &state).map_err(fs)?;
-            log::info!(
-                "VM {name} ({}): kept a copy of the final state (digest {}, {} bytes)",
-                info.uuid,
-                state.digest().short(),
-                state.total_size()
-            );
-        }
-        // Before anything talks to libvirt: the post-stop store may find
-        // libvirt gone (host shutdown), be killed or time out, and whoever
-        // runs next completes this record (`store::pending`). A state the
-        // metadata already holds (J) needs no store.
-        if config.store_after_stop
-            && host.read_synced(&info.uuid).map_err(fs)? != Some(state.digest())
-        {
-            host.write_pending(&info.uuid, state.digest()).map_err(fs)?;
-        }
+        keep_final_state(paths, config, &host, &info, &carried).map_err(fs_of(&name))?;
     }
     if config.store_after_stop {
         spawn_store(paths, config, &info.uuid, &name);
     }
     Ok(())
+}
+
+/// Under the lock at `stopped`: the TPM state and the VARS file together
+/// become one kept copy, and a state the metadata does not hold yet (J)
+/// a pending store.
+fn keep_final_state(
+    paths: &Paths,
+    config: &Config,
+    host: &HostData,
+    info: &DomainInfo,
+    carried: &Carried,
+) -> Result<(), FsError> {
+    let (tpm, nvram) = carried.sections();
+    let max = config.max_file_size;
+    let Some(state) = carried.read_live(tpm, nvram, max)? else {
+        return Ok(());
+    };
+    let kept = carried.read_kept(host, &info.uuid, tpm, nvram, max)?;
+    if kept.as_ref().map(|k| k.digest()) != Some(state.digest()) {
+        crate::gc::enforce(paths, config, &info.uuid, state.total_size() as u64);
+        host.write_kept(&info.uuid, &state)?;
+        log::info!(
+            "VM {} ({}): kept a copy of the final state (digest {}, {} bytes)",
+            DomainName::new(info.name.as_str()),
+            info.uuid,
+            state.digest().short(),
+            state.total_size()
+        );
+    }
+    // Before anything talks to libvirt: the post-stop store may find
+    // libvirt gone (host shutdown), be killed or time out, and whoever
+    // runs next completes this record (`store::pending`). A state the
+    // metadata already holds (J) needs no store.
+    if config.store_after_stop && host.read_synced(&info.uuid)? != Some(state.digest()) {
+        host.write_pending(&info.uuid, state.digest())?;
+    }
+    Ok(())
+}
+
+/// An `fs` failure of the hook, naming the VM.
+fn fs_of(name: &DomainName) -> impl Fn(FsError) -> HookError + Copy + '_ {
+    move |source| HookError::Fs {
+        name: name.clone(),
+        source,
+    }
 }
 
 /// The helper the hook starts after a stop.
@@ -326,7 +330,7 @@ pub fn helper_path(config: &Config) -> Option<PathBuf> {
 /// clean environment, not waited for. It becomes its own session leader and
 /// waits until libvirt has let go of the domain. Failure to start it is
 /// logged, never fatal: the copy kept above is the safety net.
-fn spawn_store(paths: &Paths, config: &Config, uuid: &crate::state::DomainUuid, name: &str) {
+fn spawn_store(paths: &Paths, config: &Config, uuid: &crate::state::DomainUuid, name: &DomainName) {
     let Some(helper) = helper_path(config) else {
         log::warn!("VM {name}: no virt-tpm-state helper found to store the final TPM state; set helper_path in the config");
         return;

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "libvirt")]
+pub mod carried;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "libvirt")]

@@ -11,8 +11,8 @@ use crate::fs::{
     load_recipients,
 };
 use crate::libvirt::{DomainHandle, Libvirt, Targets};
+use crate::name::DomainName;
 use crate::recipients::{generate_identity, RecipientSet};
-use crate::restore::shown_name;
 use age::secrecy::ExposeSecret;
 
 pub fn keygen(ctx: &Ctx) -> Result<(), CliError> {
@@ -176,6 +176,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
     };
     let mut failures = 0;
     for dom in domains {
+        let name = DomainName::new(dom.name.as_str());
         let recipients = load_recipients(&ctx.paths, dom.uuid.as_str())?;
         if keys.is_empty() && recipients.is_none() {
             return Err(CliError::Key(format!(
@@ -206,14 +207,11 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
         }
         for (xml, targets) in copies {
             let which = if targets.live { "live" } else { "config" };
-            let vm = format!("VM {} ({which})", shown_name(&dom.name));
+            let vm = format!("VM {name} ({which})");
             let info = parse_domain(xml.as_bytes(), &ctx.config.namespace)?;
             let Some(el) = &info.metadata else {
                 if args.domain.is_some() {
-                    crate::say!(
-                        "VM {}: no TPM state in the {which} metadata",
-                        shown_name(&dom.name)
-                    );
+                    crate::say!("VM {name}: no TPM state in the {which} metadata");
                 }
                 continue;
             };

@@ -488,18 +488,20 @@ fn libvirt_exit(e: &LibvirtError) -> Exit {
 
 /// The kind of a refusal shared with the hook.
 pub(crate) fn restore_kind(r: &RestoreError) -> &'static str {
-    use crate::restore::RestoreError as R;
-    match r {
-        R::DomainXml(_) => "domain-xml",
-        R::Key { .. } => "key",
-        R::InvalidMetadata { .. } => "invalid-element",
-        R::VersionMismatch { .. } | R::UnknownTpmVersion { .. } => "tpm-version",
-        R::EncryptionMismatch { .. } => "swtpm-encryption",
-        R::UnsupportedSource { .. } => "unsupported-source",
-        R::Clone { .. } => "clone",
-        R::Conflict { .. } => "conflict",
-        R::UnfinishedElsewhere { .. } => "unfinished-restore",
-        R::Fs { source, .. } => fs_kind(source),
+    use crate::restore::ErrorKind as K;
+    let RestoreError::Vm { kind, .. } = r else {
+        return "domain-xml";
+    };
+    match kind {
+        K::Key(_) => "key",
+        K::InvalidMetadata { .. } => "invalid-element",
+        K::VersionMismatch { .. } | K::UnknownTpmVersion(_) => "tpm-version",
+        K::EncryptionMismatch { .. } => "swtpm-encryption",
+        K::UnsupportedSource(_) => "unsupported-source",
+        K::Clone { .. } => "clone",
+        K::Conflict { .. } => "conflict",
+        K::UnfinishedElsewhere { .. } => "unfinished-restore",
+        K::Fs(source) => fs_kind(source),
     }
 }
 

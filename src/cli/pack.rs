@@ -454,12 +454,12 @@ fn insert_into(
     use quick_xml::name::ResolveResult;
     let info = crate::domain::parse_domain(bytes, &ctx.config.namespace)?;
     if &info.uuid != uuid {
-        return Err(CliError::Restore(crate::restore::RestoreError::Clone {
-            name: crate::restore::shown_name(&info.name),
+        let clone = crate::restore::ErrorKind::Clone {
             uuid: info.uuid.clone(),
             element_uuid: uuid.clone(),
             ns: ctx.config.namespace.clone(),
-        }));
+        };
+        return Err(clone.named(info.name.as_str()).into());
     }
     let text = std::str::from_utf8(bytes).map_err(|_| bad_input(path, "not UTF-8"))?;
     // Byte spans from quick-xml's own positions: where `<metadata>` opens

@@ -2,6 +2,7 @@
 //! hook's prepare logic run by hand.
 
 use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, SourceArgs};
+use crate::carried::{Carried, Running};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::exit::Exit;
 use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
@@ -9,9 +10,8 @@ use crate::fs::load_keyring;
 use crate::fs::HostData;
 use crate::input::parse_input;
 use crate::libvirt::{Libvirt, LibvirtError};
-use crate::restore::{
-    carried, prepare_domain, prepare_domain_locked, reader_check, shown_name, PrepareOptions,
-};
+use crate::name::DomainName;
+use crate::restore::{prepare_domain, prepare_domain_locked, reader_check, PrepareOptions};
 use crate::swtpm::check_header;
 use std::time::Duration;
 
@@ -63,8 +63,8 @@ fn load(ctx: &Ctx, src: &SourceArgs, snapshot: Option<&str>) -> Result<Source, C
                 let inner = parsed.domain.ok_or_else(|| {
                     CliError::NoElement(format!(
                         "VM {}: snapshot {} holds no domain definition",
-                        shown_name(&dom.name),
-                        shown_name(snap)
+                        DomainName::new(dom.name.as_str()),
+                        DomainName::new(snap)
                     ))
                 })?;
                 // Root only: without it, "unknown" is the honest answer.
@@ -75,7 +75,7 @@ fn load(ctx: &Ctx, src: &SourceArgs, snapshot: Option<&str>) -> Result<Source, C
                 return Ok(Source {
                     info: parse_domain(inner, &ctx.config.namespace)?,
                     bound: true,
-                    from: format!("libvirt {} (snapshot {})", lv.uri(), shown_name(snap)),
+                    from: format!("libvirt {} (snapshot {})", lv.uri(), DomainName::new(snap)),
                     active: Some(dom.active),
                     snapshot: Some(SnapshotFacts {
                         name: snap.to_string(),
@@ -194,6 +194,7 @@ fn protection(m: &MetadataState) -> String {
 pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     let src = load(ctx, &args.source, args.snapshot.as_deref())?;
     let info = &src.info;
+    let name = DomainName::new(info.name.as_str());
     let limits = DecodeLimits {
         max_file_size: ctx.config.max_file_size,
     };
@@ -235,7 +236,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         _ => None,
     };
     let local = if src.bound {
-        local_state(ctx, info)
+        local_state(ctx, info, src.active.into())
     } else {
         None
     };
@@ -300,8 +301,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
                 exit,
                 &format!(
                     "virt-tpm-state: VM {} ({}): the TPM state element is invalid: {e}",
-                    shown_name(&info.name),
-                    src.from
+                    name, src.from
                 ),
             ));
             if let FormatError::MissingKey { key_id, .. }
@@ -382,9 +382,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         j.error = Some(
             CliError::NoElement(format!(
                 "VM {}: no TPM state element (namespace {}) in {}",
-                shown_name(&info.name),
-                ctx.config.namespace,
-                src.from
+                name, ctx.config.namespace, src.from
             ))
             .json()["error"]
                 .clone(),
@@ -427,12 +425,10 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         return match decoded {
             None => Err(CliError::NoElement(format!(
                 "VM {}: no TPM state element (namespace {}) in {}",
-                shown_name(&info.name),
-                ctx.config.namespace,
-                src.from
+                name, ctx.config.namespace, src.from
             ))),
             Some(Err(source)) => Err(CliError::InvalidElement {
-                context: format!("VM {} ({})", shown_name(&info.name), src.from),
+                context: format!("VM {} ({})", name, src.from),
                 source,
             }),
             Some(Ok(_)) => match refused {
@@ -444,10 +440,11 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The digest of this host's local state for the domain (live dir, else the
-/// copy kept at stop), and where it was looked for.
-fn local_state(ctx: &Ctx, info: &DomainInfo) -> Option<Local> {
-    let carried = carried(&ctx.paths, &ctx.config, info).ok()?;
+/// The digest of this host's local state for the domain (one rule with
+/// `status` and `watch`: [`Carried::read_local`]), and where it was looked
+/// for.
+fn local_state(ctx: &Ctx, info: &DomainInfo, running: Running) -> Option<Local> {
+    let carried = Carried::of(&ctx.paths, &ctx.config, info).ok()?;
     let mut paths: Vec<String> = Vec::new();
     if let Some((_, l)) = &carried.tpm {
         paths.push(l.path().display().to_string());
@@ -458,24 +455,19 @@ fn local_state(ctx: &Ctx, info: &DomainInfo) -> Option<Local> {
     if paths.is_empty() {
         return None;
     }
-    // Compared over the sections the domain carries here (one rule with
-    // `status` and `watch`: `Carried::sections`).
-    let (tpm, nvram) = carried.sections();
-    let max = ctx.config.max_file_size;
-    let read = carried
-        .read_live(tpm, nvram, max)
-        .and_then(|live| match live {
-            Some(s) => Ok(Some(s)),
-            None => HostData::new(&ctx.paths).read_kept_state(
-                &info.uuid,
-                carried.tpm_version().filter(|_| tpm),
-                nvram,
-                max,
-            ),
-        });
+    // Compared over the sections the domain carries here (`Carried::sections`).
+    let sections = carried.sections();
+    let host = HostData::new(&ctx.paths);
+    let read = carried.read_local(
+        &host,
+        &info.uuid,
+        sections,
+        running,
+        ctx.config.max_file_size,
+    );
     Some(Local {
         path: paths.join(" + "),
-        sections: (tpm, nvram),
+        sections,
         digest: read
             .map(|s| s.map(|s| s.digest()))
             .map_err(|e| e.to_string()),
@@ -628,6 +620,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
         }
         None => None,
     };
+    let name = DomainName::new(src.info.name.as_str());
     let running = match src.active {
         Some(a) => a,
         // A saved XML: ask libvirt whether a domain with that UUID runs here.
@@ -641,26 +634,25 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
             Err(source) if args.force => {
                 log::warn!(
                     "VM {}: cannot ask libvirt whether it runs ({source}); --force: restoring as if it were stopped",
-                    shown_name(&src.info.name)
+                    name
                 );
                 false
             }
             Err(source) => {
                 return Err(CliError::CannotTellRunning {
-                    name: shown_name(&src.info.name),
+                    name: name.to_string(),
                     source,
                 })
             }
         },
     };
     if running {
-        return Err(CliError::Running(shown_name(&src.info.name)));
+        return Err(CliError::Running(name.to_string()));
     }
     if src.info.metadata.is_none() {
         return Err(CliError::NoElement(format!(
             "VM {}: no TPM state element in {}; nothing to restore",
-            shown_name(&src.info.name),
-            src.from
+            name, src.from
         )));
     }
     let options = PrepareOptions {

@@ -13,16 +13,16 @@ use crate::domain::{parse_domain, parse_snapshot};
 use crate::format::read_header;
 use crate::fs::{HostData, RevertIntent};
 use crate::libvirt::{virsh, DomainHandle, Libvirt};
-use crate::restore::shown_name;
+use crate::name::DomainName;
 use crate::store::{store_domain, StoreOptions};
 
 /// The digest of the element inside snapshot `name`'s definition, if any.
 fn snapshot_element(
     ctx: &Ctx,
     dom: &DomainHandle,
-    name: &str,
+    snapshot: &str,
 ) -> Result<Option<crate::state::Sha256Sum>, CliError> {
-    let xml = dom.snapshot_xml(name)?;
+    let xml = dom.snapshot_xml(snapshot)?;
     let Some(inner) = parse_snapshot(xml.as_bytes())?.domain else {
         return Ok(None);
     };
@@ -33,8 +33,8 @@ fn snapshot_element(
             let (_, digest) = read_header(el).map_err(|source| CliError::InvalidElement {
                 context: format!(
                     "VM {}, snapshot {}",
-                    shown_name(&dom.name),
-                    shown_name(name)
+                    DomainName::new(dom.name.as_str()),
+                    DomainName::new(snapshot)
                 ),
                 source,
             })?;
@@ -49,8 +49,8 @@ pub fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     let mut dom = lv.domain(&args.domain)?;
     let element = snapshot_element(ctx, &dom, &args.snapshot)?;
     let host = HostData::new(&ctx.paths);
-    let name = shown_name(&dom.name);
-    let snap = shown_name(&args.snapshot);
+    let name = DomainName::new(dom.name.as_str());
+    let snap = DomainName::new(args.snapshot.as_str());
     if let Some(digest) = element {
         // Before libvirt reverts: a revert that starts the VM runs the
         // hook's prepare at once, and the post-stop store of a running VM
@@ -107,6 +107,7 @@ pub fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
 pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     let lv = Libvirt::connect(&ctx.uri, false)?;
     let dom = lv.domain(&args.domain)?;
+    let name = DomainName::new(dom.name.as_str());
     let paused_here = dom.active && !dom.is_paused()?;
     if paused_here {
         dom.suspend()?;
@@ -132,7 +133,7 @@ pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
         });
     if paused_here {
         if let Err(e) = dom.resume() {
-            log::warn!("VM {}: {e}", shown_name(&dom.name));
+            log::warn!("VM {name}: {e}");
         }
     }
     let done = result?;
@@ -140,12 +141,11 @@ pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     if let Err(e) =
         HostData::new(&ctx.paths).record_snapshot(&dom.uuid, &args.snapshot, &done.m.digest)
     {
-        log::warn!("VM {}: {e}", shown_name(&dom.name));
+        log::warn!("VM {name}: {e}");
     }
     crate::say!(
-        "VM {}: snapshot {} holds the current TPM state (generation {}, digest {})",
-        shown_name(&dom.name),
-        shown_name(&args.snapshot),
+        "VM {name}: snapshot {} holds the current TPM state (generation {}, digest {})",
+        DomainName::new(args.snapshot.as_str()),
         done.m.provenance.generation,
         done.m.digest.short()
     );

@@ -4,11 +4,12 @@
 //! than `status_max_lag_secs`, for monitoring.
 
 use super::{CliError, Ctx, StatusArgs};
+use crate::carried::{Carried, Running};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::format::{declared_digest, read_header};
 use crate::fs::HostData;
 use crate::libvirt::Libvirt;
-use crate::restore::{carried, shown_name};
+use crate::name::DomainName;
 use crate::state::Sha256Sum;
 use crate::watch::{read_daemon_status, DaemonStatus};
 use std::time::{Duration, SystemTime};
@@ -93,7 +94,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         };
         // Every domain whose element carries something here: a TPM, and
         // (with `nvram_without_tpm`) a UEFI domain without one.
-        let Ok(carried_now) = carried(&ctx.paths, &ctx.config, &live_info) else {
+        let Ok(carried_now) = Carried::of(&ctx.paths, &ctx.config, &live_info) else {
             continue;
         };
         if carried_now.is_empty() {
@@ -108,24 +109,20 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         };
         let holder = config_info.as_ref().unwrap_or(&live_info);
         let meta = header(holder);
-        // Compared over the sections the domain carries here (one rule with
-        // `show` and `watch`: `Carried::sections`).
+        // Compared over the sections the domain carries here, on the local
+        // state by one rule with `show` and `watch` (`Carried::read_local`).
         let (tpm, nvram) = carried_now.sections();
-        // The local state: the live files, or the copy kept at the last stop.
-        let max = ctx.config.max_file_size;
-        let local = match carried_now.read_live(tpm, nvram, max) {
-            Ok(Some(s)) => Some(s),
-            _ if !dom.active => host
-                .read_kept_state(
-                    &dom.uuid,
-                    carried_now.tpm_version().filter(|_| tpm),
-                    nvram,
-                    max,
-                )
-                .ok()
-                .flatten(),
-            _ => None,
-        };
+        let running = Running::from(Some(dom.active));
+        let local = carried_now
+            .read_local(
+                &host,
+                &dom.uuid,
+                (tpm, nvram),
+                running,
+                ctx.config.max_file_size,
+            )
+            .ok()
+            .flatten();
         let local_digest = local.as_ref().map(|s| s.digest());
         let declared = |i: &DomainInfo| {
             i.metadata
@@ -183,7 +180,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
     let late: Vec<String> = rows
         .iter()
         .filter(|r| r.alert)
-        .map(|r| shown_name(&r.domain))
+        .map(|r| DomainName::new(r.domain.as_str()).to_string())
         .collect();
     let failure = (!late.is_empty()).then(|| {
         CliError::OutOfSync(format!(
@@ -284,7 +281,9 @@ fn print_table(r: &Report) {
             for x in p {
                 crate::say!(
                     "  {} ({}): digest {}, since {} ({})",
-                    x.domain.as_deref().map_or("?".to_string(), shown_name),
+                    x.domain
+                        .as_deref()
+                        .map_or("?".to_string(), |d| DomainName::new(d).to_string()),
                     x.uuid,
                     &x.digest[..12],
                     x.since,
