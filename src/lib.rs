@@ -1,7 +1,7 @@
 //! virt-tpm-state: keep a libvirt VM's emulated TPM (swtpm) state inside its
 //! domain XML, so the XML alone recreates the VM with the same TPM.
 //!
-//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`domain`],
+//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`xml`], [`domain`],
 //! [`decision`]) does no I/O; [`fs`] is the one place that touches the
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, and only the CLI uses it.
@@ -32,3 +32,4 @@ pub mod recipients;
 pub mod restore;
 pub mod state;
 pub mod swtpm;
+pub mod xml;
