@@ -9,7 +9,7 @@ use crate::domain::{parse_domain, DomainInfo, DomainXmlError, NvramSpec, TpmBack
 use crate::envelope::Keyring;
 use crate::exit::Exit;
 use crate::format::{
-    decode_with_keys, DecodeLimits, FormatError, MetadataState, ENCODING_AGE, ENCODING_SEALED,
+    decode, DecodeLimits, FormatError, MetadataState, ENCODING_AGE, ENCODING_SEALED,
 };
 use crate::fs::{
     load_keyring, DomainLock, FsError, HostData, Intent, NvramLocation, Owner, StateLocation,
@@ -379,7 +379,7 @@ pub fn metadata_state(
     } else {
         Keyring::default()
     };
-    decode_with_keys(
+    decode(
         el,
         DecodeLimits {
             max_file_size: config.max_file_size,

@@ -4,8 +4,8 @@ use super::{CliError, Ctx, StoreArgs};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::envelope::os_random;
 use crate::format::{
-    decode_with_keys, read_header, try_encode_with, DecodeLimits, MetadataState, Protection,
-    Provenance, Style, NAMESPACE_PREFIX,
+    decode, encode, read_header, DecodeLimits, MetadataState, Protection, Provenance, Style,
+    NAMESPACE_PREFIX,
 };
 use crate::fs::{keys_dir, load_keyring, load_recipients, recipients_dir, FsError, HostData};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
@@ -206,11 +206,7 @@ pub fn store_domain(
         max_file_size: ctx.config.max_file_size,
     };
     let keys = load_keyring(&ctx.paths)?;
-    let decoded = |i: &DomainInfo| {
-        i.metadata
-            .as_ref()
-            .map(|el| decode_with_keys(el, limits, &keys))
-    };
+    let decoded = |i: &DomainInfo| i.metadata.as_ref().map(|el| decode(el, limits, &keys));
     let holds = |i: &DomainInfo| matches!(decoded(i), Some(Ok(m)) if m.digest == digest);
     let config_needs = config_info.as_ref().is_some_and(|c| !holds(c));
     let targets = Targets {
@@ -338,13 +334,12 @@ pub fn store_domain(
             )))
         }
     };
-    let element =
-        try_encode_with(&state, &provenance, Style::ForSetMetadata, protection).map_err(|e| {
-            CliError::Key(format!(
-                "VM {}: {e}; nothing was stored",
-                shown_name(&dom.name)
-            ))
-        })?;
+    let element = encode(&state, &provenance, Style::ForSetMetadata, protection).map_err(|e| {
+        CliError::Key(format!(
+            "VM {}: {e}; nothing was stored",
+            shown_name(&dom.name)
+        ))
+    })?;
     let current = live_xml
         .len()
         .max(config_xml.as_ref().map_or(0, String::len));
@@ -682,7 +677,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         ))
     })?;
     let keys = load_keyring(&ctx.paths)?;
-    let m = decode_with_keys(
+    let m = decode(
         el,
         DecodeLimits {
             max_file_size: ctx.config.max_file_size,
@@ -735,8 +730,8 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         }
         _ => Protection::Plain,
     };
-    let element = try_encode_with(&m.state, &provenance, Style::ForSetMetadata, protection)
-        .map_err(|e| {
+    let element =
+        encode(&m.state, &provenance, Style::ForSetMetadata, protection).map_err(|e| {
             CliError::Key(format!(
                 "VM {}: {e}; nothing was changed",
                 shown_name(&dom.name)
