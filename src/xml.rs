@@ -147,15 +147,7 @@ impl Start<'_> {
                 .decoder
                 .decode(&a.value)
                 .map_err(|_| at("text that is not UTF-8"))?;
-            let value = quick_xml::escape::unescape(&normalize_attribute(&raw))
-                .map_err(|e| at(describe(&quick_xml::Error::Escape(e))))?
-                .into_owned();
-            if !value.chars().all(xml_char) {
-                return Err(at(
-                    "a character reference to a character XML does not allow",
-                ));
-            }
-            out.push((key, value));
+            out.push((key, unescape(&normalize_attribute(&raw), at)?));
         }
         Ok(out)
     }
@@ -263,21 +255,10 @@ impl<'a> Reader<'a> {
                 Event::Text(t) => {
                     let raw = std::str::from_utf8(t.as_ref())
                         .map_err(|_| at("text that is not UTF-8"))?;
-                    let text = quick_xml::escape::unescape(&normalize_line_ends(raw))
-                        .map_err(|e| at(describe(&quick_xml::Error::Escape(e))))?
-                        .into_owned();
-                    if !text.chars().all(xml_char) {
-                        return Err(at(
-                            "a character reference to a character XML does not allow",
-                        ));
-                    }
+                    let text = unescape(&normalize_line_ends(raw), at)?;
                     if self.marks.is_empty() {
                         if !text.chars().all(|c| matches!(c, ' ' | '\t' | '\n' | '\r')) {
-                            return Err(at(if self.root_done {
-                                "text after the root element"
-                            } else {
-                                "text before the root element"
-                            }));
+                            return Err(at(&self.outside_root("text")));
                         }
                         continue;
                     }
@@ -285,11 +266,7 @@ impl<'a> Reader<'a> {
                 }
                 Event::CData(c) => {
                     if self.marks.is_empty() {
-                        return Err(at(if self.root_done {
-                            "a CDATA section after the root element"
-                        } else {
-                            "a CDATA section before the root element"
-                        }));
+                        return Err(at(&self.outside_root("a CDATA section")));
                     }
                     let text = std::str::from_utf8(&c).map_err(|_| at("text that is not UTF-8"))?;
                     // libxml2 reads a CDATA section as text, line ends normalized.
@@ -307,6 +284,12 @@ impl<'a> Reader<'a> {
                 _ => {}
             }
         }
+    }
+
+    /// Where `what`, found outside the root element, is: the message's words.
+    fn outside_root(&self, what: &str) -> String {
+        let place = if self.root_done { "after" } else { "before" };
+        format!("{what} {place} the root element")
     }
 
     /// The checks on an element that opens, in the order the reader has
@@ -376,6 +359,20 @@ impl<'a> Reader<'a> {
             }
         }
     }
+}
+
+/// `raw` with its entity and character references replaced, refusing a
+/// reference to a character XML does not allow.
+fn unescape(raw: &str, at: impl Fn(&str) -> XmlError) -> Result<String, XmlError> {
+    let text = quick_xml::escape::unescape(raw)
+        .map_err(|e| at(describe(&quick_xml::Error::Escape(e))))?
+        .into_owned();
+    if !text.chars().all(xml_char) {
+        return Err(at(
+            "a character reference to a character XML does not allow",
+        ));
+    }
+    Ok(text)
 }
 
 /// One element of a kept subtree, paid for from `budget`.

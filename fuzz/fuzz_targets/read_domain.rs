@@ -11,9 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::{Keyring, SecretKey};
-use virt_tpm_state::format::{
-    decode, encode, DecodeLimits, Protection, Style, NAMESPACE_URI,
-};
+use virt_tpm_state::format::{decode, encode, DecodeLimits, Protection, Style, NAMESPACE_URI};
 use virt_tpm_state::swtpm::check_header;
 
 fn keys() -> &'static Keyring {
