@@ -5,7 +5,7 @@
 //!
 //! The bytes are hostile; [`crate::xml`] reads them (bounds, forbidden
 //! characters, namespaces, errors that quote nothing). This module only
-//! says which elements carry which field ([`FIELDS`], a path -> handler
+//! says which elements carry which field (`FIELDS`, a path -> handler
 //! table), and never turns the name or uuid into a path: callers get a
 //! validated [`DomainUuid`].
 

@@ -19,19 +19,19 @@ use std::collections::HashSet;
 
 /// Deepest nesting accepted anywhere in a domain XML. libvirt's own documents
 /// stay under 10; anything far deeper is an attack on the reader.
-pub const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 /// Most namespace declarations in scope at once. libvirt's documents have a
 /// handful (one per application's metadata element). The XML reader looks a
 /// prefix up by scanning every binding in scope, once per element, so
 /// without a bound a document with many declarations and many elements costs
 /// time quadratic in its size (minutes for a few MiB, in the start path of
 /// every VM, with libvirt holding the domain's lock).
-pub const MAX_NAMESPACES_IN_SCOPE: usize = 128;
+pub(crate) const MAX_NAMESPACES_IN_SCOPE: usize = 128;
 /// Most attributes on an element whose attributes we read (ours: at most
 /// 8; libvirt's <os>, <loader>, <tpm>...: a handful). Keeps the memory
 /// spent on one element proportional to what it can legitimately hold
 /// rather than ~20 times the hostile input.
-pub const MAX_ATTRIBUTES: usize = 64;
+pub(crate) const MAX_ATTRIBUTES: usize = 64;
 
 /// A small owned element tree: what we keep of our metadata element.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -53,8 +53,8 @@ impl XmlElement {
     }
 }
 
-/// The value of attribute `key` in a list [`Start::attributes`] returned.
-pub fn find<'a>(attrs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+/// The value of attribute `key` in a list of attributes.
+pub(crate) fn find<'a>(attrs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     attrs
         .iter()
         .find(|(k, _)| k == key)
@@ -81,14 +81,14 @@ pub enum XmlError {
     /// The element's local name (shortened).
     #[error("element <{0}> has more than {MAX_ATTRIBUTES} attributes")]
     TooManyAttributes(String),
-    /// [`Reader::keep`] ran out of its element budget.
+    /// A kept subtree ran out of its element budget.
     #[error("a kept subtree has too many elements")]
     SubtreeTooLarge,
 }
 
 /// One step of the document, inside the root element (comments, PIs and
 /// whitespace around the root are checked and skipped).
-pub enum Node<'a> {
+pub(crate) enum Node<'a> {
     /// An element opens; [`Reader::path`] now ends with it.
     Start(Start<'a>),
     /// Text or CDATA directly inside the current element, as libxml2 reads
@@ -99,7 +99,7 @@ pub enum Node<'a> {
 }
 
 /// An element that just opened.
-pub struct Start<'a> {
+pub(crate) struct Start<'a> {
     element: BytesStart<'a>,
     xml: &'a [u8],
     at: u64,
@@ -155,7 +155,7 @@ impl Start<'_> {
 
 /// The reader: a document, the root element it must have, and the paths
 /// of elements that may occur only once.
-pub struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     xml: &'a [u8],
     inner: NsReader<&'a [u8]>,
     root: &'a str,

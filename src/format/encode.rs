@@ -50,7 +50,7 @@ pub enum Protection<'a> {
     /// `gzip+age+base64` for every recipient of `set` (a fresh file key each).
     Recipients { set: &'a RecipientSet },
     /// `gzip+age+base64`, re-wrapping the file keys of `from` (an element's
-    /// [`MetadataState::age_files`]) for `set`: ciphertexts unchanged.
+    /// [`super::MetadataState::age_files`]) for `set`: ciphertexts unchanged.
     Rewrap {
         from: &'a [(String, Vec<u8>)],
         identities: &'a [HostIdentity],

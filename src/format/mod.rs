@@ -191,10 +191,10 @@ pub enum FormatError {
 }
 
 impl FormatError {
-    /// A key or identity problem is [`Exit::Key`]: the element is
+    /// A key or identity problem is [`Exit::Key`](crate::exit::Exit::Key): the element is
     /// well-formed, but this host cannot open it, or what it opened is not
     /// this domain's. Anything else about the element is
-    /// [`Exit::InvalidElement`].
+    /// [`Exit::InvalidElement`](crate::exit::Exit::InvalidElement).
     pub fn exit_code(&self) -> crate::exit::Exit {
         match self {
             FormatError::MissingKey { .. }
