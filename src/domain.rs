@@ -337,6 +337,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
         match node {
             Node::Start(start) => {
                 let path = reader.path();
+                // MUST (FORMAT.md): find the element by namespace URI, never by prefix.
                 let ours = start.namespace.as_deref() == Some(namespace);
                 if ours && path.rsplit_once('/').map(|(p, _)| p) == Some("domain/metadata") {
                     metadata.push(reader.keep(start, &mut budget)?);
@@ -360,6 +361,8 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
             Node::End => text = None,
         }
     }
+    // MUST (FORMAT.md): refuse a domain XML with two elements of the
+    // namespace in `<metadata>`.
     if metadata.len() > 1 {
         return Err(DomainXmlError::DuplicateMetadata(
             metadata.len(),

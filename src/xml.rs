@@ -133,6 +133,7 @@ impl Start<'_> {
             if seen.len() == MAX_ATTRIBUTES {
                 return Err(XmlError::TooManyAttributes(short(&self.name)));
             }
+            // MUST (FORMAT.md): refuse an element with a duplicate attribute.
             if !seen.insert(a.key.into_inner()) {
                 return Err(at("a duplicate attribute"));
             }

@@ -57,6 +57,7 @@ pub fn decode(
         let version_text = section
             .attr("version")
             .ok_or(FormatError::MissingAttribute("version"))?;
+        // MUST: its `version` is `2.0` or `1.2`.
         let version = TpmVersion::parse(version_text)
             .ok_or_else(|| FormatError::BadTpmVersion(shown(version_text)))?;
         let files = decode_section(
@@ -223,6 +224,7 @@ fn decode_file(
         _ => {}
     }
     let encoding = req(f, "encoding")?;
+    // MUST: an `encoding` this reader does not know is refused, not skipped.
     if ![ENCODING_GZIP_BASE64, ENCODING_SEALED, ENCODING_AGE].contains(&encoding) {
         return Err(FormatError::UnknownEncoding(name, shown(encoding)));
     }
@@ -231,6 +233,9 @@ fn decode_file(
         why: "not a non-negative decimal integer",
     })?;
     let declared_sha = hex_attr(f, "sha256")?;
+    // MUST: readers bound decompression (`max_file_size`, 1 MiB by
+    // default): a declared size past it is refused before any work, and
+    // `gunzip_capped` below never inflates past it.
     if size > limits.max_file_size {
         return Err(FormatError::DeclaredTooLarge {
             name,
@@ -279,6 +284,7 @@ fn decode_file(
     {
         return Err(FormatError::BindingMismatch { name });
     }
+    // MUST: check each file's `size` and `sha256` against the decoded bytes.
     if data.len() as u64 != size {
         return Err(FormatError::SizeMismatch {
             name,
@@ -298,6 +304,7 @@ fn decode_file(
     // The content check applies to TPM files (swtpm header, EK certificate
     // shape); a VARS store is opaque firmware data (size and sha256 above
     // are its checks).
+    // MUST: refuse a file whose swtpm header is inconsistent (FORMAT.md 2.5).
     if let Section::Tpm(version) = section {
         check_tpm_file(version, &file).map_err(|source| FormatError::BadSwtpmHeader {
             name: file.name.clone(),
