@@ -20,7 +20,7 @@
 
 use sha2::{Digest as _, Sha256};
 use std::process::ExitCode;
-use virt_tpm_state::format::{encode, Provenance, Style};
+use virt_tpm_state::format::{encode, Protection, Provenance, Style};
 use virt_tpm_state::state::{DomainUuid, MachineState, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::{check_header, synthetic_blob};
 
@@ -66,7 +66,13 @@ fn element_with(template: &str, permall: &str, vars: Option<&str>, style: Style)
         stored: "2026-01-01T00:00:00Z".into(),
         host: "bench-host".into(),
     };
-    encode(&MachineState::new(Some(tpm), vars), &provenance, style)
+    encode(
+        &MachineState::new(Some(tpm), vars),
+        &provenance,
+        style,
+        Protection::Plain,
+    )
+    .unwrap()
 }
 
 /// Another application's metadata, about `bytes` long (compressible text,

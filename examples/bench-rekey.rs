@@ -20,7 +20,7 @@ use std::time::Instant;
 use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::Keyring;
 use virt_tpm_state::format::{
-    decode_with_keys, try_encode_with, DecodeLimits, Protection, Provenance, Style, NAMESPACE_URI,
+    decode, encode, DecodeLimits, Protection, Provenance, Style, NAMESPACE_URI,
 };
 use virt_tpm_state::recipients::{
     generate_identity, parse_identities, payload_of, HostIdentity, Recipient, RecipientSet,
@@ -84,7 +84,7 @@ fn main() {
                 stored: "2026-12-07T00:00:00Z".into(),
                 host: "bench".into(),
             };
-            try_encode_with(
+            encode(
                 &state,
                 &prov,
                 Style::Standalone,
@@ -101,7 +101,7 @@ fn main() {
             .unwrap()
             .metadata
             .unwrap();
-        decode_with_keys(&el, DecodeLimits::default(), &keys).unwrap()
+        decode(&el, DecodeLimits::default(), &keys).unwrap()
     };
 
     let start = Instant::now();
@@ -126,8 +126,7 @@ fn main() {
                     set: &after,
                 }
             };
-            let out =
-                try_encode_with(&m.state, &m.provenance, Style::Standalone, protection).unwrap();
+            let out = encode(&m.state, &m.provenance, Style::Standalone, protection).unwrap();
             secs += start.elapsed().as_secs_f64();
             // The proof, by decoding what was written.
             let back = decode(&out);

@@ -20,8 +20,7 @@ use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use virt_tpm_state::envelope::SecretKey;
 use virt_tpm_state::format::{
-    digest_of_sums, encode, encode_with, gzip_deterministic, try_encode_with, Protection,
-    Provenance, Style, NAMESPACE_URI,
+    digest_of_sums, encode, gzip_deterministic, Protection, Provenance, Style, NAMESPACE_URI,
 };
 use virt_tpm_state::recipients::{generate_identity, parse_identities, Recipient, RecipientSet};
 use virt_tpm_state::state::{
@@ -210,7 +209,7 @@ fn counter_fill(seed: &str) -> impl FnMut(&mut [u8]) {
 fn sealed(s: &MachineState, p: &Provenance, key: &SecretKey, seed: &str) -> String {
     let key_id = key.id();
     let mut fill = counter_fill(seed);
-    encode_with(
+    encode(
         s,
         p,
         Style::Standalone,
@@ -220,6 +219,7 @@ fn sealed(s: &MachineState, p: &Provenance, key: &SecretKey, seed: &str) -> Stri
             fill: &mut fill,
         },
     )
+    .unwrap()
 }
 
 /// Writes the test keys as `fs::create_key` would: `<stamp>-<id>.key`,
@@ -289,8 +289,8 @@ fn main() {
     let s2 = state(TpmVersion::V2_0, data2.clone());
     let s12 = state(TpmVersion::V1_2, data12);
     let prov = provenance(UUID);
-    let el2 = encode(&s2, &prov, Style::Standalone);
-    let el12 = encode(&s12, &prov, Style::Standalone);
+    let el2 = encode(&s2, &prov, Style::Standalone, Protection::Plain).unwrap();
+    let el12 = encode(&s12, &prov, Style::Standalone, Protection::Plain).unwrap();
     let ok2 = ok_expect(&s2, &prov);
     let ok12 = ok_expect(&s12, &prov);
     let v2 = TpmVersion::V2_0;
@@ -330,7 +330,8 @@ fn main() {
     {
         // What virDomainSetMetadata may produce: only the root in the
         // namespace (prefixed), children unprefixed.
-        let e = encode(&s2, &prov, Style::ForSetMetadata)
+        let e = encode(&s2, &prov, Style::ForSetMetadata, Protection::Plain)
+            .unwrap()
             .replacen(
                 "<state ",
                 &format!("<vts:state xmlns:vts=\"{NAMESPACE_URI}\" "),
@@ -353,7 +354,7 @@ fn main() {
         let uuid_end = captured.find("</uuid>").unwrap();
         let domain_uuid = captured[uuid_start..uuid_end].trim().to_string();
         let p = provenance(&domain_uuid);
-        let e = encode(&s2, &p, Style::Standalone);
+        let e = encode(&s2, &p, Style::Standalone, Protection::Plain).unwrap();
         let indented: String = e.lines().map(|l| format!("    {l}\n")).collect();
         let meta = format!(
             "  <metadata>\n    <app:foo xmlns:app=\"http://example.org/app\">x</app:foo>\n{indented}  </metadata>\n"
@@ -477,7 +478,7 @@ fn main() {
             domain(
                 "refused BadSwtpmHeader",
                 v2,
-                &encode(&s, &prov, Style::Standalone),
+                &encode(&s, &prov, Style::Standalone, Protection::Plain).unwrap(),
             ),
         );
     }
@@ -493,7 +494,7 @@ fn main() {
             });
         }
         let ek = MachineState::from(TpmState::new(v2, files));
-        let el = encode(&ek, &prov, Style::Standalone);
+        let el = encode(&ek, &prov, Style::Standalone, Protection::Plain).unwrap();
         add("ok-tpm2-ek-certs", domain(&ok_expect(&ek, &prov), v2, &el));
         // A certificate cut short: its DER length no longer covers it.
         let mut files = ek.tpm.as_ref().unwrap().files().to_vec();
@@ -508,7 +509,7 @@ fn main() {
             domain(
                 "refused BadSwtpmHeader",
                 v2,
-                &encode(&torn, &prov, Style::Standalone),
+                &encode(&torn, &prov, Style::Standalone, Protection::Plain).unwrap(),
             ),
         );
     }
@@ -632,14 +633,14 @@ fn main() {
     let vars = vars_payload();
     let s2n = MachineState::new(s2.tpm.clone(), Some(vars.clone()));
     let sn = MachineState::new(None, Some(vars.clone()));
-    let el2n = encode(&s2n, &prov, Style::Standalone);
+    let el2n = encode(&s2n, &prov, Style::Standalone, Protection::Plain).unwrap();
     add("ok-tpm2-nvram", domain(&ok_expect(&s2n, &prov), v2, &el2n));
     add(
         "ok-nvram-only",
         domain(
             &ok_expect(&sn, &prov),
             v2,
-            &encode(&sn, &prov, Style::Standalone),
+            &encode(&sn, &prov, Style::Standalone, Protection::Plain).unwrap(),
         ),
     );
     add(
@@ -689,7 +690,7 @@ fn main() {
 }
 "#;
         let sv = MachineState::with_vars(s2.tpm.clone(), VarsKind::Varstore, Some(json.to_vec()));
-        let el = encode(&sv, &prov, Style::Standalone);
+        let el = encode(&sv, &prov, Style::Standalone, Protection::Plain).unwrap();
         add("ok-tpm2-varstore", domain(&ok_expect(&sv, &prov), v2, &el));
         add(
             "refused-varstore-name-other",
@@ -763,7 +764,13 @@ fn main() {
     }
     {
         // Valid format, but the state belongs to another domain: a clone.
-        let e = encode(&s2, &provenance(OTHER_UUID), Style::Standalone);
+        let e = encode(
+            &s2,
+            &provenance(OTHER_UUID),
+            Style::Standalone,
+            Protection::Plain,
+        )
+        .unwrap();
         add("refused-clone-other-uuid", domain("refused Clone", v2, &e));
     }
 
@@ -1004,7 +1011,7 @@ fn main() {
                 .join(",")
         };
         let age = |st: &MachineState, set: &RecipientSet| {
-            try_encode_with(st, &prov, Style::Standalone, Protection::Recipients { set }).unwrap()
+            encode(st, &prov, Style::Standalone, Protection::Recipients { set }).unwrap()
         };
         let mut keep_or = |name: &'static str, make: &dyn Fn() -> String| {
             add(name, kept_age.get(name).cloned().unwrap_or_else(make));
@@ -1110,7 +1117,7 @@ fn main() {
         // The bare element: what `virDomainGetMetadata` / `virsh metadata`
         // return (no prefix, no namespace), and the namespaced element cut
         // out of a domain. No domain to check the uuid against.
-        let bare = encode(&s2, &prov, Style::ForSetMetadata);
+        let bare = encode(&s2, &prov, Style::ForSetMetadata, Protection::Plain).unwrap();
         add(
             "ok-bare-namespace-less",
             format!("<!-- expect: {ok2} -->\n{bare}\n"),
@@ -1165,7 +1172,10 @@ fn main() {
             std::fs::write(d.join("args"), args).unwrap();
             std::fs::write(
                 d.join("element.xml"),
-                format!("{}\n", encode(&st, &p, Style::Standalone)),
+                format!(
+                    "{}\n",
+                    encode(&st, &p, Style::Standalone, Protection::Plain).unwrap()
+                ),
             )
             .unwrap();
         }

@@ -1,58 +1,24 @@
 //! Reading the domain XML libvirt hands the hook (or `dumpxml` prints):
-//! uuid, name, the `<tpm>` device and our `<metadata>` element, found by
-//! namespace URI whatever its prefix. Pure: bytes in, facts out.
+//! uuid, name, the `<tpm>` device, the `<os>` firmware facts and our
+//! `<metadata>` element, found by namespace URI whatever its prefix. Pure:
+//! bytes in, facts out.
 //!
-//! The input is hostile (anyone who may define a domain controls it), so the
-//! reader refuses DOCTYPEs outright (no entity expansion, no billion laughs),
-//! bounds nesting depth and the size of the subtree it keeps, and never turns
-//! the name or uuid into a path: callers get a validated [`DomainUuid`].
+//! The bytes are hostile; [`crate::xml`] reads them (bounds, forbidden
+//! characters, namespaces, errors that quote nothing). This module only
+//! says which elements carry which field (`FIELDS`, a path -> handler
+//! table), and never turns the name or uuid into a path: callers get a
+//! validated [`DomainUuid`].
 
 use crate::state::{DomainUuid, TpmVersion};
-use quick_xml::events::{BytesStart, Event};
-use quick_xml::name::ResolveResult;
-use quick_xml::NsReader;
-use std::collections::HashSet;
+pub use crate::xml::XmlElement;
+use crate::xml::{
+    describe, find, malformed_at, Node, Reader, Start, XmlError, MAX_ATTRIBUTES, MAX_DEPTH,
+    MAX_NAMESPACES_IN_SCOPE,
+};
+use quick_xml::events::Event;
 
-/// Deepest nesting accepted anywhere in a domain XML. libvirt's own documents
-/// stay under 10; anything far deeper is an attack on the reader.
-const MAX_DEPTH: usize = 64;
 /// Most elements kept from our metadata subtree (state, tpm, a few files).
 const MAX_KEPT_ELEMENTS: usize = 64;
-/// Most namespace declarations in scope at once. libvirt's documents have a
-/// handful (one per application's metadata element). The XML reader looks a
-/// prefix up by scanning every binding in scope, once per element, so
-/// without a bound a document with many declarations and many elements costs
-/// time quadratic in its size (minutes for a few MiB, in the start path of
-/// every VM, with libvirt holding the domain's lock).
-const MAX_NAMESPACES_IN_SCOPE: usize = 128;
-/// Most attributes on an element whose attributes we read (ours: at most
-/// 8; libvirt's <os>, <loader>, <tpm>...: a handful). Keeps the memory
-/// spent on one element proportional to what it can legitimately hold
-/// rather than ~20 times the hostile input.
-const MAX_ATTRIBUTES: usize = 64;
-
-/// A small owned element tree: what we keep of our metadata element.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct XmlElement {
-    /// Namespace URI the element resolved to, if any.
-    pub namespace: Option<String>,
-    /// Local name (prefix stripped).
-    pub name: String,
-    /// Unprefixed attributes, unescaped, in document order.
-    pub attributes: Vec<(String, String)>,
-    pub children: Vec<XmlElement>,
-    /// Concatenated text content directly inside this element.
-    pub text: String,
-}
-
-impl XmlElement {
-    pub fn attr(&self, name: &str) -> Option<&str> {
-        self.attributes
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
 
 /// Backend of a `<tpm>` device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,70 +225,19 @@ pub enum DomainXmlError {
     TooManyAttributes(String),
 }
 
-/// A well-formedness error, by kind and place only. The XML library's own
-/// messages quote the document (an end tag it did not expect can run on into
-/// the base64 of a state file, and can hold a newline), while this message
-/// ends up on the hook's one stderr line and in syslog.
-fn malformed_at(xml: &[u8], pos: u64, what: &str) -> DomainXmlError {
-    let pos = usize::try_from(pos).unwrap_or(usize::MAX).min(xml.len());
-    let before = &xml[..pos];
-    let line = 1 + before.iter().filter(|&&b| b == b'\n').count();
-    let column = 1 + pos
-        - before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |i| i + 1);
-    DomainXmlError::Malformed(format!("{what} (line {line}, column {column})"))
-}
-
-/// An element name as an error message shows it: at most 40 characters
-/// (names hold no control characters: those are refused up front).
-fn short(name: &str) -> String {
-    match name.char_indices().nth(40) {
-        Some((i, _)) => format!("{}…", &name[..i]),
-        None => name.to_string(),
+/// The reader's refusals, in the words a domain XML's reader uses.
+impl From<XmlError> for DomainXmlError {
+    fn from(e: XmlError) -> Self {
+        match e {
+            XmlError::Malformed(m) => DomainXmlError::Malformed(m),
+            XmlError::Doctype => DomainXmlError::Doctype,
+            XmlError::TooDeep => DomainXmlError::TooDeep,
+            XmlError::WrongRoot(name) => DomainXmlError::NotADomain(name),
+            XmlError::TooManyNamespaces => DomainXmlError::TooManyNamespaces,
+            XmlError::TooManyAttributes(name) => DomainXmlError::TooManyAttributes(name),
+            XmlError::SubtreeTooLarge => DomainXmlError::MetadataTooComplex,
+        }
     }
-}
-
-/// What went wrong, without the document text the library's message quotes.
-fn describe(e: &quick_xml::Error) -> &'static str {
-    use quick_xml::errors::{Error as E, IllFormedError as I, SyntaxError as S};
-    match e {
-        E::Syntax(S::InvalidBangMarkup) => "unknown markup after `<!`",
-        E::Syntax(S::UnclosedPIOrXmlDecl) => "a processing instruction is not closed",
-        E::Syntax(S::UnclosedComment) => "a comment is not closed",
-        E::Syntax(S::UnclosedDoctype) => "a DOCTYPE is not closed",
-        E::Syntax(S::UnclosedCData) => "a CDATA section is not closed",
-        E::Syntax(S::UnclosedTag) => "a tag is not closed",
-        E::IllFormed(I::MissingEndTag(_)) => "an element is not closed",
-        E::IllFormed(I::UnmatchedEndTag(_)) => "an end tag has no start tag",
-        E::IllFormed(I::MismatchedEndTag { .. }) => "an end tag does not match its start tag",
-        E::IllFormed(_) => "ill-formed markup",
-        E::InvalidAttr(_) => "invalid attribute syntax",
-        E::Encoding(_) => "text that is not UTF-8",
-        E::Escape(_) => "an undefined entity or an invalid character reference",
-        E::Namespace(_) => "an invalid namespace declaration",
-        E::Io(_) => "a read error",
-    }
-}
-
-/// Whether XML 1.0 allows `c` in a document (production `Char`). quick-xml
-/// does not check it; libxml2 (libvirt) does, so such a document never
-/// comes from libvirt, and a character the encoder could not write back
-/// must not be accepted.
-fn xml_char(c: char) -> bool {
-    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
-}
-
-/// Offset of the first byte that starts a character XML forbids (C0
-/// controls but tab, newline, CR; U+FFFE, U+FFFF), if any.
-fn first_forbidden_byte(xml: &[u8]) -> Option<usize> {
-    xml.iter().enumerate().position(|(i, &b)| {
-        (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
-            || (b == 0xEF
-                && xml.get(i + 1) == Some(&0xBF)
-                && matches!(xml.get(i + 2), Some(0xBE | 0xBF)))
-    })
 }
 
 /// What a snapshot XML (`<domainsnapshot>`, what
@@ -410,384 +325,248 @@ pub fn parse_snapshot(xml: &[u8]) -> Result<SnapshotXml<'_>, DomainXmlError> {
 /// Reads a domain XML. `namespace` is the URI of our element (configurable,
 /// normally [`crate::format::NAMESPACE_URI`]).
 pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXmlError> {
-    let mut reader = NsReader::from_reader(xml);
-    reader.config_mut().expand_empty_elements = true;
-
-    // Path of local names from the root to the current element.
-    let mut path: Vec<String> = Vec::new();
-    let mut name: Option<String> = None;
-    let mut uuid_text: Option<String> = None;
-    let mut tpms: Vec<TpmDevice> = Vec::new();
+    let once: Vec<&str> = FIELDS.iter().filter(|f| f.once).map(|f| f.path).collect();
+    let mut reader = Reader::new(xml, "domain", &once)?;
+    let mut found = Found::default();
     let mut metadata: Vec<XmlElement> = Vec::new();
-    let mut os = OsFirmware::default();
-    // Open elements of our metadata subtree while inside it.
-    let mut kept_stack: Vec<XmlElement> = Vec::new();
-    let mut kept_count = 0usize;
-    let mut text_target: Option<&'static str> = None;
-    let mut seen_root = false;
-    // The root element has ended: only whitespace, comments and PIs follow.
-    let mut root_done = false;
-    // Elements libvirt reads once: a second one is refused, not merged.
-    let mut once: HashSet<&'static str> = HashSet::new();
-    // Namespace declarations on each open element, and their sum.
-    let mut ns_decls: Vec<usize> = Vec::new();
-    let mut ns_in_scope = 0usize;
-
-    if let Some(pos) = first_forbidden_byte(xml) {
-        return Err(malformed_at(
-            xml,
-            pos as u64,
-            "a character XML does not allow",
-        ));
-    }
-    loop {
-        // Errors are placed at the start of the event they occur in.
-        let here = reader.buffer_position();
-        let (ns, event) = reader
-            .read_resolved_event()
-            .map_err(|e| malformed_at(xml, here, describe(&e)))?;
-        match event {
-            Event::DocType(_) => return Err(DomainXmlError::Doctype),
-            Event::Start(e) => {
-                let local = local_name(&e, xml, here)?;
-                if root_done {
-                    return Err(malformed_at(xml, here, "an element after the root element"));
-                }
-                let single = match (path.len(), local.as_str()) {
-                    (1, "name") => Some("a second <name>"),
-                    (1, "uuid") => Some("a second <uuid>"),
-                    (1, "metadata") => Some("a second <metadata>"),
-                    (1, "os") => Some("a second <os>"),
-                    (2, "nvram") if path[1] == "os" => Some("a second <os>/<nvram>"),
-                    (2, "varstore") if path[1] == "os" => Some("a second <os>/<varstore>"),
-                    (2, "loader") if path[1] == "os" => Some("a second <os>/<loader>"),
-                    _ => None,
-                };
-                if let Some(what) = single {
-                    if !once.insert(what) {
-                        return Err(malformed_at(xml, here, what));
-                    }
-                }
-                if !seen_root {
-                    seen_root = true;
-                    if local != "domain" {
-                        return Err(DomainXmlError::NotADomain(short(&local)));
-                    }
-                }
-                if path.len() >= MAX_DEPTH {
-                    return Err(DomainXmlError::TooDeep);
-                }
-                let decls = namespace_declarations(&e);
-                ns_in_scope += decls;
-                if ns_in_scope > MAX_NAMESPACES_IN_SCOPE {
-                    return Err(DomainXmlError::TooManyNamespaces);
-                }
-                ns_decls.push(decls);
-                let ns_uri = match ns {
-                    ResolveResult::Bound(n) => {
-                        Some(String::from_utf8_lossy(n.into_inner()).into_owned())
-                    }
-                    ResolveResult::Unbound => None,
-                    ResolveResult::Unknown(_) => {
-                        return Err(malformed_at(
-                            xml,
-                            here,
-                            "an element with an undeclared namespace prefix",
-                        ))
-                    }
-                };
-                let depth = path.len();
-                let in_metadata = depth == 2 && path[1] == "metadata";
-                if !kept_stack.is_empty() || (in_metadata && ns_uri.as_deref() == Some(namespace)) {
-                    kept_count += 1;
-                    if kept_count > MAX_KEPT_ELEMENTS {
-                        return Err(DomainXmlError::MetadataTooComplex);
-                    }
-                    kept_stack.push(XmlElement {
-                        namespace: ns_uri,
-                        name: local.clone(),
-                        attributes: attributes(&e, xml, here, &reader)?,
-                        ..Default::default()
-                    });
-                } else if depth == 1 && local == "name" {
-                    text_target = Some("name");
-                } else if depth == 1 && local == "uuid" {
-                    text_target = Some("uuid");
-                } else if depth == 1 && local == "os" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    os.efi = find(&attrs, "firmware").as_deref() == Some("efi");
-                } else if depth == 2 && path[1] == "os" && local == "type" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    os.arch = find(&attrs, "arch");
-                } else if depth == 2 && path[1] == "os" && local == "loader" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    os.pflash = find(&attrs, "type").as_deref() == Some("pflash");
-                    os.stateless = find(&attrs, "stateless").as_deref() == Some("yes");
-                } else if depth == 2 && path[1] == "os" && local == "nvram" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    os.nvram = Some(NvramElement {
-                        kind: find(&attrs, "type"),
-                        path: String::new(),
-                        text: String::new(),
-                    });
-                    text_target = Some("nvram");
-                } else if depth == 2 && path[1] == "os" && local == "varstore" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    os.varstore = Some(find(&attrs, "path").unwrap_or_default());
-                } else if depth == 3 && path[1] == "os" && path[2] == "nvram" && local == "source" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    if let (Some(n), Some(file)) = (os.nvram.as_mut(), find(&attrs, "file")) {
-                        n.path = file;
-                    }
-                } else if depth == 2 && path[1] == "devices" && local == "tpm" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    tpms.push(TpmDevice {
-                        model: find(&attrs, "model"),
-                        backend: TpmBackend::Other(String::new()),
-                    });
-                } else if depth == 3 && path[2] == "tpm" && local == "backend" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    if let Some(t) = tpms.last_mut() {
-                        t.backend = match find(&attrs, "type").as_deref() {
-                            Some("emulator") => TpmBackend::Emulator {
-                                version: find(&attrs, "version"),
-                                source: None,
-                                encryption_secret: None,
-                            },
-                            Some("passthrough") => TpmBackend::Passthrough,
-                            Some("external") => TpmBackend::External,
-                            other => TpmBackend::Other(other.unwrap_or("").to_string()),
-                        };
-                    }
-                } else if depth == 4 && path[2] == "tpm" && path[3] == "backend" {
-                    let attrs = attributes(&e, xml, here, &reader)?;
-                    if let Some(TpmDevice {
-                        backend:
-                            TpmBackend::Emulator {
-                                source,
-                                encryption_secret,
-                                ..
-                            },
-                        ..
-                    }) = tpms.last_mut()
-                    {
-                        if local == "source" {
-                            *source = Some(TpmSource {
-                                kind: find(&attrs, "type").unwrap_or_default(),
-                                path: find(&attrs, "path").unwrap_or_default(),
-                            });
-                        } else if local == "encryption" {
-                            *encryption_secret = find(&attrs, "secret");
-                        }
-                    }
-                }
-                path.push(local);
-            }
-            Event::End(_) => {
-                path.pop();
-                root_done = path.is_empty();
-                ns_in_scope -= ns_decls.pop().unwrap_or(0);
-                text_target = None;
-                if let Some(done) = kept_stack.pop() {
-                    match kept_stack.last_mut() {
-                        Some(parent) => parent.children.push(done),
-                        None => metadata.push(done),
+    let mut budget = MAX_KEPT_ELEMENTS;
+    // Where text goes: set by the element that wants it, until the next
+    // end tag (so text after a child element is not its parent's).
+    let mut text: Option<TextSlot> = None;
+    while let Some(node) = reader.read()? {
+        match node {
+            Node::Start(start) => {
+                let path = reader.path();
+                // MUST (FORMAT.md): find the element by namespace URI, never by prefix.
+                let ours = start.namespace.as_deref() == Some(namespace);
+                if ours && path.rsplit_once('/').map(|(p, _)| p) == Some("domain/metadata") {
+                    metadata.push(reader.keep(start, &mut budget)?);
+                    text = None;
+                } else if let Some(field) = FIELDS.iter().find(|f| f.at(path)) {
+                    if let Some(slot) = (field.read)(&mut found, &start)? {
+                        text = Some(slot);
                     }
                 }
             }
-            Event::Text(t) => {
-                let at = |what| malformed_at(xml, here, what);
-                let raw =
-                    std::str::from_utf8(t.as_ref()).map_err(|_| at("text that is not UTF-8"))?;
-                let text = quick_xml::escape::unescape(&normalize_line_ends(raw))
-                    .map_err(|e| at(describe(&quick_xml::Error::Escape(e))))?
-                    .into_owned();
-                if !text.chars().all(xml_char) {
-                    return Err(at(
-                        "a character reference to a character XML does not allow",
-                    ));
-                }
-                if path.is_empty() {
-                    if !text.chars().all(|c| matches!(c, ' ' | '\t' | '\n' | '\r')) {
-                        return Err(at(if root_done {
-                            "text after the root element"
-                        } else {
-                            "text before the root element"
-                        }));
+            Node::Text(t) => match text {
+                Some(TextSlot::Name) => found.name.get_or_insert_with(String::new).push_str(&t),
+                Some(TextSlot::Uuid) => found.uuid.get_or_insert_with(String::new).push_str(&t),
+                Some(TextSlot::Nvram) => {
+                    if let Some(n) = found.os.nvram.as_mut() {
+                        n.text.push_str(&t);
                     }
-                    continue;
                 }
-                take_text(
-                    &mut kept_stack,
-                    text_target,
-                    &mut os,
-                    &mut name,
-                    &mut uuid_text,
-                    &text,
-                );
-            }
-            Event::CData(c) => {
-                let at = |what| malformed_at(xml, here, what);
-                if path.is_empty() {
-                    return Err(at(if root_done {
-                        "a CDATA section after the root element"
-                    } else {
-                        "a CDATA section before the root element"
-                    }));
-                }
-                let text = std::str::from_utf8(&c).map_err(|_| at("text that is not UTF-8"))?;
-                // libxml2 reads a CDATA section as text, line ends normalized.
-                let text = normalize_line_ends(text);
-                take_text(
-                    &mut kept_stack,
-                    text_target,
-                    &mut os,
-                    &mut name,
-                    &mut uuid_text,
-                    &text,
-                );
-            }
-            Event::Eof => break,
-            _ => {}
+                None => {}
+            },
+            Node::End => text = None,
         }
     }
-    if !seen_root {
-        return Err(DomainXmlError::Malformed("empty document".into()));
-    }
-    if !path.is_empty() {
-        return Err(DomainXmlError::Malformed(
-            "unexpected end of document".into(),
-        ));
-    }
+    // MUST (FORMAT.md): refuse a domain XML with two elements of the
+    // namespace in `<metadata>`.
     if metadata.len() > 1 {
         return Err(DomainXmlError::DuplicateMetadata(
             metadata.len(),
             namespace.to_string(),
         ));
     }
-    let uuid_text = uuid_text.ok_or(DomainXmlError::MissingUuid)?;
+    let uuid_text = found.uuid.ok_or(DomainXmlError::MissingUuid)?;
     let uuid = DomainUuid::parse(&uuid_text).ok_or(DomainXmlError::BadUuid)?;
     // libvirt takes the name as written (no trimming); its own check
     // refuses the odd ones, and `NvramLocation` validates it before use.
-    let name = name
+    let name = found
+        .name
         .filter(|n| !n.is_empty())
         .ok_or(DomainXmlError::MissingName)?;
     Ok(DomainInfo {
         name,
         uuid,
-        tpms,
-        os,
+        tpms: found.tpms,
+        os: found.os,
         metadata: metadata.pop(),
     })
 }
 
-/// XML 1.0 §2.11: every `\r\n` and lone `\r` is read as `\n`.
-fn normalize_line_ends(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains('\r') {
-        std::borrow::Cow::Owned(s.replace("\r\n", "\n").replace('\r', "\n"))
-    } else {
-        std::borrow::Cow::Borrowed(s)
+/// The fields read so far (name and uuid as their raw text).
+#[derive(Default)]
+struct Found {
+    name: Option<String>,
+    uuid: Option<String>,
+    tpms: Vec<TpmDevice>,
+    os: OsFirmware,
+}
+
+/// Which field an element's text goes to, as libvirt reads it: all the
+/// text of the element, CDATA included, nothing trimmed here.
+#[derive(Clone, Copy)]
+enum TextSlot {
+    Name,
+    Uuid,
+    Nvram,
+}
+
+/// An element libvirt reads, by its path of local names.
+struct Field {
+    path: &'static str,
+    /// libvirt reads the element once: a second one is refused, not merged.
+    once: bool,
+    /// Takes the element's attributes into the fields; says where its text
+    /// goes, if anywhere.
+    read: fn(&mut Found, &Start<'_>) -> Result<Option<TextSlot>, XmlError>,
+}
+
+/// Every element this module reads (our metadata element aside: it is
+/// kept whole, see [`parse_domain`]). Attributes are parsed, and bounded,
+/// only for these elements: any other may carry any number.
+const FIELDS: &[Field] = &[
+    Field {
+        path: "domain/name",
+        once: true,
+        read: |_, _| Ok(Some(TextSlot::Name)),
+    },
+    Field {
+        path: "domain/uuid",
+        once: true,
+        read: |_, _| Ok(Some(TextSlot::Uuid)),
+    },
+    Field {
+        path: "domain/metadata",
+        once: true,
+        read: |_, _| Ok(None),
+    },
+    Field {
+        path: "domain/os",
+        once: true,
+        read: |f, e| {
+            f.os.efi = find(&e.attributes()?, "firmware") == Some("efi");
+            Ok(None)
+        },
+    },
+    Field {
+        path: "domain/os/type",
+        once: false,
+        read: |f, e| {
+            f.os.arch = find(&e.attributes()?, "arch").map(str::to_string);
+            Ok(None)
+        },
+    },
+    Field {
+        path: "domain/os/loader",
+        once: true,
+        read: |f, e| {
+            let attrs = e.attributes()?;
+            f.os.pflash = find(&attrs, "type") == Some("pflash");
+            f.os.stateless = find(&attrs, "stateless") == Some("yes");
+            Ok(None)
+        },
+    },
+    Field {
+        path: "domain/os/nvram",
+        once: true,
+        read: |f, e| {
+            f.os.nvram = Some(NvramElement {
+                kind: find(&e.attributes()?, "type").map(str::to_string),
+                ..Default::default()
+            });
+            Ok(Some(TextSlot::Nvram))
+        },
+    },
+    Field {
+        path: "domain/os/nvram/source",
+        once: false,
+        read: |f, e| {
+            let attrs = e.attributes()?;
+            if let (Some(n), Some(file)) = (f.os.nvram.as_mut(), find(&attrs, "file")) {
+                n.path = file.to_string();
+            }
+            Ok(None)
+        },
+    },
+    Field {
+        path: "domain/os/varstore",
+        once: true,
+        read: |f, e| {
+            let path = find(&e.attributes()?, "path").map(str::to_string);
+            f.os.varstore = Some(path.unwrap_or_default());
+            Ok(None)
+        },
+    },
+    Field {
+        path: "domain/devices/tpm",
+        once: false,
+        read: |f, e| {
+            f.tpms.push(TpmDevice {
+                model: find(&e.attributes()?, "model").map(str::to_string),
+                backend: TpmBackend::Other(String::new()),
+            });
+            Ok(None)
+        },
+    },
+    Field {
+        path: "domain/devices/tpm/backend",
+        once: false,
+        read: tpm_backend,
+    },
+    Field {
+        path: "domain/devices/tpm/backend/*",
+        once: false,
+        read: tpm_backend_child,
+    },
+];
+
+impl Field {
+    /// Whether the element at `path` is this one (`*`: any child).
+    fn at(&self, path: &str) -> bool {
+        match self.path.strip_suffix("/*") {
+            Some(parent) => path.rsplit_once('/').map(|(p, _)| p) == Some(parent),
+            None => self.path == path,
+        }
     }
 }
 
-/// XML 1.0 §3.3.3 for a CDATA-typed attribute (all of libvirt's): line ends
-/// normalized, then each literal tab, newline or CR becomes a space;
-/// character references (`&#10;`) keep their character.
-fn normalize_attribute(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains(['\r', '\n', '\t']) {
-        std::borrow::Cow::Owned(normalize_line_ends(s).replace(['\n', '\t'], " "))
-    } else {
-        std::borrow::Cow::Borrowed(s)
+/// `<backend type=…>` of the last `<tpm>`.
+fn tpm_backend(f: &mut Found, e: &Start<'_>) -> Result<Option<TextSlot>, XmlError> {
+    let attrs = e.attributes()?;
+    let attr = |k| find(&attrs, k).map(str::to_string);
+    if let Some(t) = f.tpms.last_mut() {
+        t.backend = match find(&attrs, "type") {
+            Some("emulator") => TpmBackend::Emulator {
+                version: attr("version"),
+                source: None,
+                encryption_secret: None,
+            },
+            Some("passthrough") => TpmBackend::Passthrough,
+            Some("external") => TpmBackend::External,
+            other => TpmBackend::Other(other.unwrap_or("").to_string()),
+        };
     }
+    Ok(None)
 }
 
-/// Text (or CDATA) of an element: into our element's text, the `<os>`
-/// `<nvram>` path, or `<name>`/`<uuid>`, as libvirt reads them (all the
-/// text of the element, CDATA included, nothing trimmed here).
-fn take_text(
-    kept_stack: &mut [XmlElement],
-    text_target: Option<&'static str>,
-    os: &mut OsFirmware,
-    name: &mut Option<String>,
-    uuid_text: &mut Option<String>,
-    text: &str,
-) {
-    if let Some(top) = kept_stack.last_mut() {
-        top.text.push_str(text);
-    } else if text_target == Some("nvram") {
-        if let Some(n) = os.nvram.as_mut() {
-            n.text.push_str(text);
+/// `<source>` and `<encryption>` of an emulator backend (the attributes of
+/// any child are read, and so checked, as they always were).
+fn tpm_backend_child(f: &mut Found, e: &Start<'_>) -> Result<Option<TextSlot>, XmlError> {
+    let attrs = e.attributes()?;
+    let attr = |k| find(&attrs, k).map(str::to_string);
+    if let Some(TpmDevice {
+        backend:
+            TpmBackend::Emulator {
+                source,
+                encryption_secret,
+                ..
+            },
+        ..
+    }) = f.tpms.last_mut()
+    {
+        if e.name == "source" {
+            *source = Some(TpmSource {
+                kind: attr("type").unwrap_or_default(),
+                path: attr("path").unwrap_or_default(),
+            });
+        } else if e.name == "encryption" {
+            *encryption_secret = attr("secret");
         }
-    } else if let Some(target) = text_target {
-        let slot = if target == "name" { name } else { uuid_text };
-        slot.get_or_insert_with(String::new).push_str(text);
     }
-}
-
-fn local_name(e: &BytesStart<'_>, xml: &[u8], here: u64) -> Result<String, DomainXmlError> {
-    std::str::from_utf8(e.local_name().into_inner())
-        .map(str::to_string)
-        .map_err(|_| malformed_at(xml, here, "a name that is not UTF-8"))
-}
-
-/// How many `xmlns` / `xmlns:*` declarations an element carries.
-fn namespace_declarations(e: &BytesStart<'_>) -> usize {
-    e.attributes()
-        .with_checks(false)
-        .filter_map(Result::ok)
-        .filter(|a| a.key.as_namespace_binding().is_some())
-        .count()
-}
-
-fn attributes(
-    e: &BytesStart<'_>,
-    xml: &[u8],
-    here: u64,
-    reader: &NsReader<&[u8]>,
-) -> Result<Vec<(String, String)>, DomainXmlError> {
-    let at = |what| malformed_at(xml, here, what);
-    let mut out = Vec::new();
-    // quick-xml's own duplicate check compares each attribute with every
-    // earlier one: quadratic in the attribute count, which the hostile XML
-    // chooses (an element with 1e6 attributes took over an hour). A set
-    // over all keys, prefixed ones included, does the same job in linear
-    // time.
-    let mut seen: HashSet<&[u8]> = HashSet::new();
-    for a in e.attributes().with_checks(false) {
-        let a = a.map_err(|_| at("invalid attribute syntax"))?;
-        if seen.len() == MAX_ATTRIBUTES {
-            let name = String::from_utf8_lossy(e.local_name().into_inner()).into_owned();
-            return Err(DomainXmlError::TooManyAttributes(short(&name)));
-        }
-        if !seen.insert(a.key.into_inner()) {
-            return Err(at("a duplicate attribute"));
-        }
-        // Namespace declarations and prefixed attributes are not ours.
-        if a.key.prefix().is_some() || a.key.as_ref() == b"xmlns" {
-            continue;
-        }
-        let key = std::str::from_utf8(a.key.as_ref())
-            .map_err(|_| at("a name that is not UTF-8"))?
-            .to_string();
-        let raw = reader
-            .decoder()
-            .decode(&a.value)
-            .map_err(|_| at("text that is not UTF-8"))?;
-        let value = quick_xml::escape::unescape(&normalize_attribute(&raw))
-            .map_err(|e| at(describe(&quick_xml::Error::Escape(e))))?
-            .into_owned();
-        if !value.chars().all(xml_char) {
-            return Err(at(
-                "a character reference to a character XML does not allow",
-            ));
-        }
-        out.push((key, value));
-    }
-    Ok(out)
-}
-
-fn find(attrs: &[(String, String)], key: &str) -> Option<String> {
-    attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -1110,6 +889,20 @@ mod tests {
         );
         assert_eq!(vs("<os firmware='efi'/>"), None);
         assert!(parse_domain(domain("<os><varstore/><varstore/></os>").as_bytes(), NS).is_err());
+    }
+
+    #[test]
+    fn tpm_fields_are_read_only_under_devices() {
+        // Fixed in the split into a path table: the backend of a TPM was
+        // read from any `<X><tpm><backend>`, so another application's
+        // metadata element named `tpm` could change what the domain's TPM
+        // is. libvirt reads `devices/tpm` only.
+        let xml = domain(
+            "<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices>\
+             <metadata><app:tpm xmlns:app='urn:app'><app:backend type='passthrough'/></app:tpm></metadata>",
+        );
+        let d = parse_domain(xml.as_bytes(), NS).unwrap();
+        assert!(d.emulated_tpm().is_some(), "{:?}", d.tpms);
     }
 
     #[test]

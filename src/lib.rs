@@ -1,7 +1,7 @@
 //! virt-tpm-state: keep a libvirt VM's emulated TPM (swtpm) state inside its
 //! domain XML, so the XML alone recreates the VM with the same TPM.
 //!
-//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`domain`],
+//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`xml`], [`domain`],
 //! [`decision`]) does no I/O; [`fs`] is the one place that touches the
 //! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
 //! the only module that speaks to libvirt, used by the store use case
@@ -40,3 +40,4 @@ pub mod store;
 pub mod swtpm;
 #[cfg(feature = "libvirt")]
 pub mod watch;
+pub mod xml;

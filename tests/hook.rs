@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use virt_tpm_state::format::{encode, Provenance, Style};
+use virt_tpm_state::format::{encode, Protection, Provenance, Style};
 use virt_tpm_state::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::synthetic_blob;
 
@@ -155,7 +155,9 @@ fn element(uuid: &str, version: TpmVersion, data: &[u8], generation: u64) -> Str
             host: "test-host".into(),
         },
         Style::Standalone,
+        Protection::Plain,
     )
+    .unwrap()
 }
 
 /// The prepare-begin XML carrying `data` as a TPM 2.0 state.
@@ -1287,7 +1289,9 @@ fn machine_element(uuid: &str, tpm: Option<&[u8]>, nvram: Option<&[u8]>) -> Stri
             host: "test-host".into(),
         },
         Style::Standalone,
+        Protection::Plain,
     )
+    .unwrap()
 }
 
 /// The prepare XML of a UEFI domain (firmware autoselection: no `<nvram>`

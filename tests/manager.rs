@@ -509,7 +509,9 @@ fn pack_into_a_domain_xml_and_bare_elements() {
             host: "h".into(),
         },
         virt_tpm_state::format::Style::ForSetMetadata,
-    );
+        virt_tpm_state::format::Protection::Plain,
+    )
+    .unwrap();
     // libvirt re-indents what it returns.
     let bare_indented = bare.replace("><", ">\n  <");
     for xml in [
@@ -955,7 +957,7 @@ fn pack_into_continues_the_generation_chain() {
 /// for the same input (`format::encode`, `Style::ForSetMetadata`).
 #[test]
 fn pack_bare_is_what_store_passes_to_libvirt() {
-    use virt_tpm_state::format::{encode, Provenance, Style};
+    use virt_tpm_state::format::{encode, Protection, Provenance, Style};
     use virt_tpm_state::state::{
         DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion,
     };
@@ -992,7 +994,10 @@ fn pack_bare_is_what_store_passes_to_libvirt() {
         stored: val("--stored").into(),
         host: val("--host").into(),
     };
-    let want = format!("{}\n", encode(&state, &prov, Style::ForSetMetadata));
+    let want = format!(
+        "{}\n",
+        encode(&state, &prov, Style::ForSetMetadata, Protection::Plain).unwrap()
+    );
     assert_eq!(String::from_utf8(o.stdout).unwrap(), want);
     assert!(!want.contains("vts:") && !want.contains("xmlns"));
 }

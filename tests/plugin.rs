@@ -12,7 +12,7 @@ mod scratch;
 use scratch::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use virt_tpm_state::format::{try_encode_with, Protection, Provenance, Style};
+use virt_tpm_state::format::{encode, Protection, Provenance, Style};
 use virt_tpm_state::recipients::{Recipient, RecipientSet};
 use virt_tpm_state::state::DomainUuid;
 
@@ -51,7 +51,7 @@ fn hook_restores_through_a_plugin_identity() {
         permall: St::new("plugin").permall,
         vars: Vec::new(),
     };
-    let element = try_encode_with(
+    let element = encode(
         &st.machine(),
         &Provenance {
             uuid: DomainUuid::parse(&s.uuid).unwrap(),

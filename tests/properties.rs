@@ -1,6 +1,6 @@
 //! Property tests of the two readers that face hostile input, the domain-XML
 //! reader (`domain::parse_domain`) and the metadata decoder
-//! (`format::decode_with_keys`), and of the encoder they must agree with:
+//! (`format::decode`), and of the encoder they must agree with:
 //!
 //! - round trip: for any valid state (TPM 1.2 or 2.0, with or without a UEFI
 //!   variable store, any provenance), plaintext or sealed under any key of a
@@ -32,8 +32,8 @@ use std::time::Duration;
 use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::{KeyId, Keyring, SecretKey, KEY_LEN};
 use virt_tpm_state::format::{
-    decode_with_keys, encode_with, gzip_deterministic, DecodeLimits, MetadataState, Protection,
-    Provenance, Style, NAMESPACE_URI,
+    decode, encode, gzip_deterministic, DecodeLimits, MetadataState, Protection, Provenance, Style,
+    NAMESPACE_URI,
 };
 use virt_tpm_state::state::{
     DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion, VarsKind, NVRAM_FILE,
@@ -417,7 +417,7 @@ fn read(xml: &[u8], limits: DecodeLimits, keys: &Keyring) -> Result<Outcome, Str
     let info = parse_domain(xml, NAMESPACE_URI).map_err(refusal)?;
     match info.metadata {
         None => Ok(Outcome::NoElement),
-        Some(el) => decode_with_keys(&el, limits, keys)
+        Some(el) => decode(&el, limits, keys)
             .map(|m| Outcome::State(Box::new(m)))
             .map_err(refusal),
     }
@@ -465,8 +465,8 @@ fn decode_of_encode_is_identity() {
         |(state, prov, style, sealed_with, seed)| {
             let ring = Keyring::new(keys.clone());
             let text = match sealed_with {
-                None => encode_with(&state, &prov, style, Protection::Plain),
-                Some(i) => encode_with(
+                None => encode(&state, &prov, style, Protection::Plain).unwrap(),
+                Some(i) => encode(
                     &state,
                     &prov,
                     style,
@@ -475,7 +475,8 @@ fn decode_of_encode_is_identity() {
                         key: &keys[i],
                         fill: &mut filler(seed),
                     },
-                ),
+                )
+                .unwrap(),
             };
             let xml = in_domain(&text, style, prov.uuid.as_str());
             let limits = DecodeLimits::default();
@@ -739,7 +740,7 @@ fn check_accepted(
             fill: &mut fill,
         },
     ] {
-        let text = encode_with(&m.state, &m.provenance, Style::Standalone, protection);
+        let text = encode(&m.state, &m.provenance, Style::Standalone, protection).unwrap();
         let xml = in_domain(&text, Style::Standalone, m.provenance.uuid.as_str());
         match read(&xml, limits, &ring) {
             Ok(Outcome::State(back)) => {
@@ -1226,7 +1227,7 @@ fn hook_seeds() -> Vec<Vec<u8>> {
         (MachineState::new(Some(tpm.clone()), None), false),
         (MachineState::new(Some(tpm), Some(vec![0xff; 4096])), true),
     ] {
-        let el = encode_with(&state, &prov, Style::Standalone, Protection::Plain);
+        let el = encode(&state, &prov, Style::Standalone, Protection::Plain).unwrap();
         let mut xml = base.replace(&placeholder, &el);
         if efi {
             xml = xml.replacen("<os>", "<os firmware='efi'>", 1);
@@ -1461,7 +1462,7 @@ fn libxml2_reads_stored_and_host_back() {
     let file = dir.path().join("element.xml");
     std::fs::write(
         &file,
-        encode_with(&state, &prov, Style::Standalone, Protection::Plain),
+        encode(&state, &prov, Style::Standalone, Protection::Plain).unwrap(),
     )
     .unwrap();
     for (attr, expect) in [

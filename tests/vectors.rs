@@ -1,5 +1,5 @@
 //! Runs every test vector in `fixtures/vectors/` through the reader
-//! (`domain::parse_domain` + `format::decode_with_keys`, with the test keys
+//! (`domain::parse_domain` + `format::decode`, with the test keys
 //! of `fixtures/vectors/keys/`, + the uuid ownership check) and asserts the
 //! result stated in the vector's first line, exactly.
 //! Regenerate the vectors with `cargo run --example make-vectors`.
@@ -9,7 +9,7 @@ use base64::Engine as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use virt_tpm_state::envelope::{Keyring, SecretKey, KEY_LEN};
-use virt_tpm_state::format::{decode_with_keys, DecodeLimits, NAMESPACE_URI};
+use virt_tpm_state::format::{decode, DecodeLimits, NAMESPACE_URI};
 use virt_tpm_state::input::parse_input;
 use virt_tpm_state::restore::reader_check;
 
@@ -113,7 +113,7 @@ fn actual(xml: &[u8], keys: &Keyring) -> Expect {
     let Some(el) = &info.metadata else {
         return Expect::None;
     };
-    let m = match decode_with_keys(el, DecodeLimits::default(), keys) {
+    let m = match decode(el, DecodeLimits::default(), keys) {
         Ok(m) => m,
         Err(e) => return Expect::Refused(variant(&e)),
     };

@@ -1,5 +1,5 @@
 //! The hook's reader on arbitrary bytes: `domain::parse_domain` and then
-//! `format::decode_with_keys` (with the vector keys, so sealed elements are
+//! `format::decode` (with the vector keys, so sealed elements are
 //! opened too). Any input must be refused with a typed error or decode to a
 //! state that passes every check and re-encodes to itself; a panic, a hang
 //! (-timeout) or an allocation over -malloc_limit_mb is a finding.
@@ -11,9 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::{Keyring, SecretKey};
-use virt_tpm_state::format::{
-    decode_with_keys, encode_with, DecodeLimits, Protection, Style, NAMESPACE_URI,
-};
+use virt_tpm_state::format::{decode, encode, DecodeLimits, Protection, Style, NAMESPACE_URI};
 use virt_tpm_state::swtpm::check_header;
 
 fn keys() -> &'static Keyring {
@@ -40,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let Some(el) = info.metadata else { return };
-    let Ok(m) = decode_with_keys(&el, limits, keys()) else {
+    let Ok(m) = decode(&el, limits, keys()) else {
         return;
     };
     assert!(!m.state.is_empty());
@@ -70,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
             fill: &mut fill,
         },
     ] {
-        let text = encode_with(&m.state, &m.provenance, Style::Standalone, protection);
+        let text = encode(&m.state, &m.provenance, Style::Standalone, protection).unwrap();
         let xml = format!(
             "<domain><name>v</name><uuid>{}</uuid><metadata>{text}</metadata></domain>",
             m.provenance.uuid
@@ -79,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
             .unwrap()
             .metadata
             .unwrap();
-        let back = decode_with_keys(&el, limits, keys()).unwrap();
+        let back = decode(&el, limits, keys()).unwrap();
         assert_eq!(back.state, m.state);
         assert_eq!(back.provenance, m.provenance);
     }

@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::{Keyring, SecretKey};
 use virt_tpm_state::format::{
-    decode_with_keys, encode_with, DecodeLimits, Protection, Provenance, Style, NAMESPACE_URI,
+    decode, encode, DecodeLimits, Protection, Provenance, Style, NAMESPACE_URI,
 };
 use virt_tpm_state::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 
@@ -99,14 +99,14 @@ fn case(u: &mut Unstructured) -> Result<()> {
     } else {
         Protection::Plain
     };
-    let text = encode_with(&state, &prov, Style::Standalone, protection);
+    let text = encode(&state, &prov, Style::Standalone, protection).unwrap();
     let xml =
         format!("<domain><name>v</name><uuid>{uuid}</uuid><metadata>{text}</metadata></domain>");
     let el = parse_domain(xml.as_bytes(), NAMESPACE_URI)
         .unwrap()
         .metadata
         .unwrap();
-    let back = decode_with_keys(&el, DecodeLimits::default(), &Keyring::new(vec![key])).unwrap();
+    let back = decode(&el, DecodeLimits::default(), &Keyring::new(vec![key])).unwrap();
     assert_eq!(back.state, state);
     assert_eq!(back.provenance.generation, prov.generation);
     assert_eq!(back.provenance.parent, prov.parent);

@@ -3,9 +3,7 @@
 use super::{CliError, Ctx, HostIdArgs, RekeyArgs};
 use crate::domain::parse_domain;
 use crate::envelope::{os_random, Keyring, SecretKey};
-use crate::format::{
-    decode_with_keys, try_encode_with, DecodeLimits, MetadataState, Protection, Style,
-};
+use crate::format::{decode, encode, DecodeLimits, MetadataState, Protection, Style};
 use crate::fs::{
     create_host_identity, create_key, host_identity_path, load_host_identity, load_keyring,
     load_recipients,
@@ -221,7 +219,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
                     crate::logging::escaped(&format!("virt-tpm-state: {vm}: {why}"))
                 );
             };
-            let m = match decode_with_keys(el, limits, &keys) {
+            let m = match decode(el, limits, &keys) {
                 Ok(m) => m,
                 Err(e) => {
                     fail(&format!("{e}; left as it is"));
@@ -238,12 +236,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
                 }
                 Plan::Write(protection, line) => {
                     // Same state, same provenance: only the protection changes.
-                    match try_encode_with(
-                        &m.state,
-                        &m.provenance,
-                        Style::ForSetMetadata,
-                        protection,
-                    ) {
+                    match encode(&m.state, &m.provenance, Style::ForSetMetadata, protection) {
                         Ok(element) => {
                             dom.write_state_element(&element, &ctx.config.namespace, targets)?;
                             crate::say!("{vm}: {line}");

@@ -2,10 +2,10 @@
 //! holds: a swtpm state dir, a permall file, swtpm's linear state file, an
 //! oVirt blob (base64 of a `tar.xz` of the swtpm dir), or this host's copy
 //! kept at the last stop (`--kept UUID`, the final state of a transient
-//! domain). The encoder is `store`'s own ([`crate::format::encode_with`]).
+//! domain). The encoder is `store`'s own ([`crate::format::encode`]).
 
 use super::{read_input, CliError, Ctx, PackArgs};
-use crate::format::{encode_with, Protection, Provenance, Style};
+use crate::format::{encode, Protection, Provenance, Style};
 use crate::fs::{keys_dir, load_keyring, open_user_dir, read_tpm_files, HostData};
 use crate::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 use crate::swtpm::check_tpm_file;
@@ -400,7 +400,8 @@ pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
     } else {
         Style::Standalone
     };
-    let element = encode_with(&state, &provenance, style, protection);
+    let element = encode(&state, &provenance, style, protection)
+        .expect("plaintext and a host key cannot fail to encode");
 
     let domain_xml = match &into {
         Some((path, bytes)) => Some(insert_into(ctx, path, bytes, &uuid, &element)?),

@@ -5,7 +5,7 @@ use super::{read_input, CliError, Ctx, ExtractArgs, RestoreArgs, ShowArgs, Sourc
 use crate::carried::{Carried, Running};
 use crate::domain::{parse_domain, DomainInfo};
 use crate::exit::Exit;
-use crate::format::{decode_with_keys, read_header, DecodeLimits, FormatError, MetadataState};
+use crate::format::{decode, read_header, DecodeLimits, FormatError, MetadataState};
 use crate::fs::load_keyring;
 use crate::fs::HostData;
 use crate::input::parse_input;
@@ -225,10 +225,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         // A plaintext element needs no keys.
         None => Default::default(),
     };
-    let decoded = info
-        .metadata
-        .as_ref()
-        .map(|el| decode_with_keys(el, limits, &keys));
+    let decoded = info.metadata.as_ref().map(|el| decode(el, limits, &keys));
     // The reader rules that compare the element with its domain (uuid
     // binding, TPM version, swtpm encryption): what the hook refuses.
     let refused = match &decoded {
@@ -677,7 +674,7 @@ pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
             ctx.config.namespace
         ))
     })?;
-    let m = decode_with_keys(
+    let m = decode(
         el,
         DecodeLimits {
             max_file_size: ctx.config.max_file_size,

@@ -8,7 +8,7 @@ use crate::context::{now_stamp, this_host};
 use crate::domain::parse_domain;
 use crate::envelope::os_random;
 use crate::format::{
-    decode_with_keys, try_encode_with, DecodeLimits, Protection, Provenance, Style,
+    decode, encode, DecodeLimits, Protection, Provenance, Style,
 };
 use crate::fs::{load_keyring, load_recipients, recipients_dir, HostData};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
@@ -174,7 +174,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         CliError::NoElement(format!("VM {}: no TPM state element to adopt", name))
     })?;
     let keys = load_keyring(&ctx.paths)?;
-    let m = decode_with_keys(
+    let m = decode(
         el,
         DecodeLimits {
             max_file_size: ctx.config.max_file_size,
@@ -227,7 +227,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
         }
         _ => Protection::Plain,
     };
-    let element = try_encode_with(&m.state, &provenance, Style::ForSetMetadata, protection)
+    let element = encode(&m.state, &provenance, Style::ForSetMetadata, protection)
         .map_err(|e| CliError::Key(format!("VM {}: {e}; nothing was changed", name)))?;
     let targets = Targets {
         live: dom.active,

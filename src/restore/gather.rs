@@ -8,7 +8,7 @@ use crate::carried::{tpm_version, Carried};
 use crate::config::Config;
 use crate::domain::{DomainInfo, TpmBackend, XmlElement};
 use crate::envelope::Keyring;
-use crate::format::{decode_with_keys, DecodeLimits, MetadataState, ENCODING_AGE, ENCODING_SEALED};
+use crate::format::{self, DecodeLimits, MetadataState, ENCODING_AGE, ENCODING_SEALED};
 use crate::fs::{load_keyring, HostData, NvramLocation, RevertIntent, StateLocation};
 use crate::name::DomainName;
 use crate::paths::Paths;
@@ -225,7 +225,7 @@ pub(super) fn decode(
     let limits = DecodeLimits {
         max_file_size: config.max_file_size,
     };
-    match decode_with_keys(el, limits, &keys) {
+    match format::decode(el, limits, &keys) {
         Ok(m) => Ok(Some(m)),
         Err(source) if source.is_key_problem() => Err(ErrorKind::Key(source)),
         Err(source) => Err(ErrorKind::InvalidMetadata {

@@ -10,7 +10,7 @@ use crate::context::{now_stamp, this_host, Ctx};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError};
 use crate::envelope::{os_random, Keyring};
 use crate::format::{
-    decode_with_keys, read_header, try_encode_with, DecodeLimits, MetadataState, Protection, Style,
+    decode, read_header, encode, DecodeLimits, MetadataState, Protection, Style,
 };
 use crate::fs::{keys_dir, load_keyring, load_recipients, recipients_dir, FsError, HostData};
 use crate::libvirt::{DomainHandle, LibvirtError, Targets};
@@ -295,7 +295,7 @@ impl Seal<'_> {
             (Protect::Plain, _, _) => Protection::Plain,
             _ => unreachable!("the plan protects only with what its input offered"),
         };
-        try_encode_with(state, &p.provenance, Style::ForSetMetadata, protection)
+        encode(state, &p.provenance, Style::ForSetMetadata, protection)
             .map_err(|e| StoreError::Key(format!("VM {name}: {e}; nothing was stored")))
     }
 
@@ -344,7 +344,7 @@ fn element_of(info: &DomainInfo, limits: DecodeLimits, keys: &crate::envelope::K
     let Some(el) = &info.metadata else {
         return Element::Absent;
     };
-    match decode_with_keys(el, limits, keys) {
+    match decode(el, limits, keys) {
         Ok(m) => Element::Opened(m),
         Err(_) => match read_header(el) {
             Ok((provenance, digest)) => Element::Unopened { provenance, digest },

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use virt_tpm_state::format::{encode, Provenance, Style};
+use virt_tpm_state::format::{encode, Protection, Provenance, Style};
 use virt_tpm_state::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::synthetic_blob;
 
@@ -114,7 +114,9 @@ fn with_element(base: &str, st: &St, gen: u64, uuid: &str) -> String {
             host: "test-host".into(),
         },
         Style::Standalone,
-    );
+        Protection::Plain,
+    )
+    .unwrap();
     let indented: String = element.lines().map(|l| format!("    {l}\n")).collect();
     let pos = base
         .find("urn:virt-tpm-state:1")
