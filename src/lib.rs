@@ -11,8 +11,8 @@
 // No unsafe code anywhere in the crate: the README's security section promises it.
 #![forbid(unsafe_code)]
 
-#[cfg(feature = "libvirt")]
 pub mod carried;
+#[cfg(feature = "libvirt")]
 pub mod cli;
 pub mod config;
 #[cfg(feature = "libvirt")]
