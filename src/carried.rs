@@ -11,7 +11,6 @@
 use crate::config::Config;
 use crate::domain::{DomainInfo, NvramSpec, TpmBackend};
 use crate::fs::{FsError, HostData, NvramLocation, StateLocation};
-use crate::name::DomainName;
 use crate::paths::Paths;
 use crate::restore::{ErrorKind, RestoreError};
 use crate::state::{DomainUuid, MachineState, TpmVersion, VarsKind};
@@ -156,7 +155,7 @@ impl Carried {
 
 /// [`Carried::of`], its error naming the VM (for callers outside a restore).
 pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carried, RestoreError> {
-    Carried::of(paths, config, info).map_err(|kind| kind.named(info.name.as_str()))
+    Carried::of(paths, config, info).map_err(|kind| kind.named(info.name.clone()))
 }
 
 /// Where the domain's swtpm state lives, from its `<tpm>` device.
@@ -166,12 +165,12 @@ pub fn state_location(
     info: &DomainInfo,
     version: TpmVersion,
 ) -> Result<StateLocation, RestoreError> {
-    tpm_location(paths, config, info, version).map_err(|kind| kind.named(info.name.as_str()))
+    tpm_location(paths, config, info, version).map_err(|kind| kind.named(info.name.clone()))
 }
 
 /// The emulated TPM's version, if the domain has an emulated TPM.
 pub fn domain_tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, RestoreError> {
-    tpm_version(info).map_err(|kind| kind.named(info.name.as_str()))
+    tpm_version(info).map_err(|kind| kind.named(info.name.clone()))
 }
 
 pub(crate) fn tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, ErrorKind> {
@@ -218,7 +217,9 @@ fn nvram_location(
     };
     Ok(match spec {
         None => None,
-        Some(NvramSpec::Default) => Some(NvramLocation::default_for(paths, &info.name, kind)?),
+        Some(NvramSpec::Default) => {
+            Some(NvramLocation::default_for(paths, info.name.as_str(), kind)?)
+        }
         Some(NvramSpec::Path(p)) => {
             let libvirt_dir = match kind {
                 VarsKind::Nvram => crate::paths::LIBVIRT_NVRAM_DIR,
@@ -231,7 +232,7 @@ fn nvram_location(
         Some(NvramSpec::Unsupported(kind)) => {
             log::warn!(
                 "VM {}: its <nvram type='{kind}'> is not a file; its UEFI variables are not carried",
-                DomainName::new(info.name.as_str())
+                info.name.clone()
             );
             None
         }

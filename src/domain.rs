@@ -9,6 +9,7 @@
 //! table), and never turns the name or uuid into a path: callers get a
 //! validated [`DomainUuid`].
 
+use crate::name::DomainName;
 use crate::state::{DomainUuid, TpmVersion};
 pub use crate::xml::XmlElement;
 use crate::xml::{
@@ -181,7 +182,8 @@ impl OsFirmware {
 /// What the tool needs from a domain XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainInfo {
-    pub name: String,
+    /// Attached here, where the name enters: every message shows it escaped.
+    pub name: DomainName,
     pub uuid: DomainUuid,
     pub tpms: Vec<TpmDevice>,
     /// `<os>`: UEFI firmware and its variable store.
@@ -378,7 +380,7 @@ pub fn parse_domain(xml: &[u8], namespace: &str) -> Result<DomainInfo, DomainXml
         .filter(|n| !n.is_empty())
         .ok_or(DomainXmlError::MissingName)?;
     Ok(DomainInfo {
-        name,
+        name: DomainName::new(name),
         uuid,
         tpms: found.tpms,
         os: found.os,
@@ -588,7 +590,7 @@ mod tests {
              <encryption secret='abc'/><source type='dir' path='/srv/tpm'/></backend></tpm></devices>",
         );
         let d = parse_domain(xml.as_bytes(), NS).unwrap();
-        assert_eq!(d.name, "vm1");
+        assert_eq!(d.name.as_str(), "vm1");
         assert_eq!(d.uuid.as_str(), "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d");
         let t = d.emulated_tpm().unwrap();
         assert_eq!(t.model.as_deref(), Some("tpm-crb"));
@@ -963,7 +965,7 @@ mod tests {
         assert_eq!(got.created, Some(1765000000));
         assert_eq!(got.state.as_deref(), Some("shutoff"));
         let info = parse_domain(got.domain.unwrap(), "urn:x").unwrap();
-        assert_eq!(info.name, "a");
+        assert_eq!(info.name.as_str(), "a");
         assert_eq!(
             parse_snapshot(b"<domainsnapshot><name>s</name></domainsnapshot>").unwrap(),
             SnapshotXml::default()

@@ -197,7 +197,7 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
             if carried(paths, &config, &info)?.is_empty() {
                 return Ok(());
             }
-            let name = DomainName::new(info.name.as_str());
+            let name = info.name.clone();
             HostData::new(paths)
                 .set_incoming(&info.uuid, what)
                 .map_err(fs_of(&name))?;
@@ -210,7 +210,7 @@ pub fn run(args: &[String], stdin: impl Read, paths: &Paths) -> Result<(), HookE
         HookOp::Stopped => stopped(paths, &config, &xml),
         HookOp::Release => {
             let info = parse_domain(&xml, &config.namespace)?;
-            let name = DomainName::new(info.name.as_str());
+            let name = info.name.clone();
             let fs = fs_of(&name);
             let host = HostData::new(paths);
             host.clear_incoming(&info.uuid).map_err(fs)?;
@@ -246,7 +246,7 @@ fn stopped(paths: &Paths, config: &Config, xml: &[u8]) -> Result<(), HookError> 
     if carried.is_empty() {
         return Ok(());
     }
-    let name = DomainName::new(info.name.as_str());
+    let name = info.name.clone();
     let host = HostData::new(paths);
     {
         let _lock = host
@@ -291,7 +291,7 @@ fn keep_final_state(
         host.write_kept(&info.uuid, &state)?;
         log::info!(
             "VM {} ({}): kept a copy of the final state (digest {}, {} bytes)",
-            DomainName::new(info.name.as_str()),
+            info.name.clone(),
             info.uuid,
             state.digest().short(),
             state.total_size()

@@ -2,6 +2,7 @@
 //! the CLI alone: the hook must never call libvirt, and does not link it.
 
 use crate::format::NAMESPACE_PREFIX;
+use crate::name::DomainName;
 use crate::state::DomainUuid;
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -18,11 +19,11 @@ pub enum LibvirtError {
     #[error("no domain named or with UUID {0:?} (virsh list --all shows them)")]
     NoDomain(String),
     #[error("libvirt refused to change domain {domain}: {message}; a read-only connection cannot store, use a read-write one (as root)")]
-    Denied { domain: String, message: String },
+    Denied { domain: DomainName, message: String },
     #[error("libvirt: {action} of domain {domain} failed: {message}")]
     Call {
         action: &'static str,
-        domain: String,
+        domain: DomainName,
         message: String,
     },
 }
@@ -32,12 +33,12 @@ impl LibvirtError {
         match e.code().known() {
             Some(ErrorNumber::NoDomain) => LibvirtError::NoDomain(domain.to_string()),
             Some(ErrorNumber::OperationDenied) => LibvirtError::Denied {
-                domain: domain.to_string(),
+                domain: domain.into(),
                 message: e.message().to_string(),
             },
             _ => LibvirtError::Call {
                 action,
-                domain: domain.to_string(),
+                domain: domain.into(),
                 message: e.message().to_string(),
             },
         }
@@ -52,7 +53,8 @@ pub struct Libvirt {
 /// A domain looked up by name or UUID, with the facts `store` needs.
 pub struct DomainHandle {
     dom: Domain,
-    pub name: String,
+    /// Attached here, where the name enters from libvirt.
+    pub name: DomainName,
     pub uuid: DomainUuid,
     pub active: bool,
     pub persistent: bool,
@@ -129,7 +131,7 @@ impl Libvirt {
             .map_err(|e| LibvirtError::call("get uuid", &name, e))?;
         let uuid = DomainUuid::parse(&uuid_text).ok_or_else(|| LibvirtError::Call {
             action: "get uuid",
-            domain: name.clone(),
+            domain: name.as_str().into(),
             message: "libvirt returned a malformed UUID".into(),
         })?;
         let active = dom
@@ -140,7 +142,7 @@ impl Libvirt {
             .map_err(|e| LibvirtError::call("get state", &name, e))?;
         Ok(DomainHandle {
             dom,
-            name,
+            name: name.into(),
             uuid,
             active,
             persistent,
@@ -169,7 +171,7 @@ impl DomainHandle {
         self.active = self
             .dom
             .is_active()
-            .map_err(|e| LibvirtError::call("get state", &self.name, e))?;
+            .map_err(|e| LibvirtError::call("get state", self.name.as_str(), e))?;
         Ok(())
     }
 
@@ -177,14 +179,14 @@ impl DomainHandle {
     pub fn xml(&self) -> Result<String, LibvirtError> {
         self.dom
             .xml_desc(0)
-            .map_err(|e| LibvirtError::call("dumpxml", &self.name, e))
+            .map_err(|e| LibvirtError::call("dumpxml", self.name.as_str(), e))
     }
 
     /// The persistent definition (`dumpxml --inactive`).
     pub fn inactive_xml(&self) -> Result<String, LibvirtError> {
         self.dom
             .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
-            .map_err(|e| LibvirtError::call("dumpxml --inactive", &self.name, e))
+            .map_err(|e| LibvirtError::call("dumpxml --inactive", self.name.as_str(), e))
     }
 
     /// The XML of snapshot `name` (`virDomainSnapshotGetXMLDesc`): the
@@ -198,7 +200,7 @@ impl DomainHandle {
             }
         })?;
         snap.xml_desc(0)
-            .map_err(|e| LibvirtError::call("snapshot-dumpxml", &self.name, e))
+            .map_err(|e| LibvirtError::call("snapshot-dumpxml", self.name.as_str(), e))
     }
 
     /// Whether the domain is shut off because a snapshot revert stopped it
@@ -209,7 +211,7 @@ impl DomainHandle {
         let (_, reason) = self
             .dom
             .state()
-            .map_err(|e| LibvirtError::call("get state", &self.name, e))?;
+            .map_err(|e| LibvirtError::call("get state", self.name.as_str(), e))?;
         Ok(matches!(
             reason,
             Enum::Known(DomainStateReason::Shutoff(Enum::Known(
@@ -228,14 +230,14 @@ impl DomainHandle {
     pub fn suspend(&self) -> Result<(), LibvirtError> {
         self.dom
             .suspend()
-            .map_err(|e| LibvirtError::call("suspend", &self.name, e))
+            .map_err(|e| LibvirtError::call("suspend", self.name.as_str(), e))
     }
 
     /// Resumes a paused domain (`virsh resume`).
     pub fn resume(&self) -> Result<(), LibvirtError> {
         self.dom
             .resume()
-            .map_err(|e| LibvirtError::call("resume", &self.name, e))
+            .map_err(|e| LibvirtError::call("resume", self.name.as_str(), e))
     }
 
     /// Whether the domain is paused (`virsh domstate` says "paused").
@@ -243,7 +245,7 @@ impl DomainHandle {
         let (state, _) = self
             .dom
             .state()
-            .map_err(|e| LibvirtError::call("get state", &self.name, e))?;
+            .map_err(|e| LibvirtError::call("get state", self.name.as_str(), e))?;
         Ok(state.to_raw() == sys::VIR_DOMAIN_PAUSED)
     }
 
@@ -264,7 +266,7 @@ impl DomainHandle {
                 Some(namespace),
                 targets.flags(),
             )
-            .map_err(|e| LibvirtError::call("set metadata", &self.name, e))
+            .map_err(|e| LibvirtError::call("set metadata", self.name.as_str(), e))
     }
 }
 
@@ -273,7 +275,7 @@ impl DomainHandle {
 /// unchanged.
 pub fn virsh(
     uri: &str,
-    domain: &str,
+    domain: &DomainName,
     action: &'static str,
     words: &[&str],
     extra: &[String],
@@ -286,7 +288,7 @@ pub fn virsh(
         .status()
         .map_err(|e| LibvirtError::Call {
             action,
-            domain: domain.to_string(),
+            domain: domain.clone(),
             message: format!("cannot run virsh: {e}"),
         })?;
     if status.success() {
@@ -294,7 +296,7 @@ pub fn virsh(
     }
     Err(LibvirtError::Call {
         action,
-        domain: domain.to_string(),
+        domain: domain.clone(),
         message: format!("virsh {action} exited with {status} (its message is above)"),
     })
 }

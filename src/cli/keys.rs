@@ -9,7 +9,6 @@ use crate::fs::{
     load_recipients,
 };
 use crate::libvirt::{DomainHandle, Libvirt, Targets};
-use crate::name::DomainName;
 use crate::recipients::{generate_identity, RecipientSet};
 use age::secrecy::ExposeSecret;
 
@@ -174,7 +173,7 @@ pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
     };
     let mut failures = 0;
     for dom in domains {
-        let name = DomainName::new(dom.name.as_str());
+        let name = dom.name.clone();
         let recipients = load_recipients(&ctx.paths, dom.uuid.as_str())?;
         if keys.is_empty() && recipients.is_none() {
             return Err(CliError::Key(format!(

@@ -460,7 +460,7 @@ fn insert_into(
             element_uuid: uuid.clone(),
             ns: ctx.config.namespace.clone(),
         };
-        return Err(clone.named(info.name.as_str()).into());
+        return Err(clone.named(info.name.clone()).into());
     }
     let text = std::str::from_utf8(bytes).map_err(|_| bad_input(path, "not UTF-8"))?;
     // Byte spans from quick-xml's own positions: where `<metadata>` opens

@@ -63,7 +63,7 @@ fn load(ctx: &Ctx, src: &SourceArgs, snapshot: Option<&str>) -> Result<Source, C
                 let inner = parsed.domain.ok_or_else(|| {
                     CliError::NoElement(format!(
                         "VM {}: snapshot {} holds no domain definition",
-                        DomainName::new(dom.name.as_str()),
+                        dom.name.clone(),
                         DomainName::new(snap)
                     ))
                 })?;
@@ -194,7 +194,7 @@ fn protection(m: &MetadataState) -> String {
 pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     let src = load(ctx, &args.source, args.snapshot.as_deref())?;
     let info = &src.info;
-    let name = DomainName::new(info.name.as_str());
+    let name = info.name.clone();
     let limits = DecodeLimits {
         max_file_size: ctx.config.max_file_size,
     };
@@ -238,7 +238,7 @@ pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
         None
     };
     let mut j = ShowJson {
-        domain: info.name.clone(),
+        domain: info.name.as_str().to_owned(),
         uuid: info.uuid.to_string(),
         source: src.from.clone(),
         present: decoded.is_some(),
@@ -617,7 +617,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
         }
         None => None,
     };
-    let name = DomainName::new(src.info.name.as_str());
+    let name = src.info.name.clone();
     let running = match src.active {
         Some(a) => a,
         // A saved XML: ask libvirt whether a domain with that UUID runs here.

@@ -33,7 +33,7 @@ fn snapshot_element(
             let (_, digest) = read_header(el).map_err(|source| CliError::InvalidElement {
                 context: format!(
                     "VM {}, snapshot {}",
-                    DomainName::new(dom.name.as_str()),
+                    dom.name.clone(),
                     DomainName::new(snapshot)
                 ),
                 source,
@@ -49,7 +49,7 @@ pub fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     let mut dom = lv.domain(&args.domain)?;
     let element = snapshot_element(ctx, &dom, &args.snapshot)?;
     let host = HostData::new(&ctx.paths);
-    let name = DomainName::new(dom.name.as_str());
+    let name = dom.name.clone();
     let snap = DomainName::new(args.snapshot.as_str());
     if let Some(digest) = element {
         // Before libvirt reverts: a revert that starts the VM runs the
@@ -107,7 +107,7 @@ pub fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
 pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     let lv = Libvirt::connect(&ctx.uri, false)?;
     let dom = lv.domain(&args.domain)?;
-    let name = DomainName::new(dom.name.as_str());
+    let name = dom.name.clone();
     let paused_here = dom.active && !dom.is_paused()?;
     if paused_here {
         dom.suspend()?;

@@ -159,7 +159,7 @@ pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
         let out_of_sync_secs = since.map(secs_since);
         let stored = meta.as_ref().map(|(p, _)| p.stored.clone());
         rows.push(Row {
-            domain: dom.name.clone(),
+            domain: dom.name.as_str().to_owned(),
             uuid: dom.uuid.to_string(),
             running: dom.active,
             persistent: dom.persistent,

@@ -7,9 +7,7 @@ use super::{CliError, Ctx, StoreArgs, SyncArgs};
 use crate::context::{now_stamp, this_host};
 use crate::domain::parse_domain;
 use crate::envelope::os_random;
-use crate::format::{
-    decode, encode, DecodeLimits, Protection, Provenance, Style,
-};
+use crate::format::{decode, encode, DecodeLimits, Protection, Provenance, Style};
 use crate::fs::{load_keyring, load_recipients, recipients_dir, HostData};
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
 use crate::name::DomainName;
@@ -70,7 +68,7 @@ pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
 fn after_stop(ctx: &Ctx, lv: &Libvirt, domain: &str) -> Result<(), CliError> {
     let uuid = match lv.domain(domain) {
         Ok(mut dom) => {
-            let name = DomainName::from(dom.name.as_str());
+            let name = dom.name.clone();
             wait_inactive(&mut dom, &name)?;
             if dom.shut_off_by_revert()? {
                 // A snapshot revert stopped it: the definition is (or is
@@ -119,7 +117,7 @@ fn report(args: &StoreArgs, dom: &DomainHandle, done: &StoreDone) -> Result<(), 
     let (result, element_bytes, targets) = (*result, *element_bytes, *targets);
     if args.json {
         let r = StoreResult {
-            domain: &dom.name,
+            domain: dom.name.as_str(),
             uuid: dom.uuid.as_str(),
             result,
             generation: m.provenance.generation,
@@ -163,7 +161,7 @@ fn wait_inactive(dom: &mut DomainHandle, name: &DomainName) -> Result<(), CliErr
 pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let dom = lv.domain(domain)?;
-    let name = DomainName::from(dom.name.as_str());
+    let name = dom.name.clone();
     let xml = if dom.persistent {
         dom.inactive_xml()?
     } else {

@@ -78,7 +78,7 @@ pub(super) fn element(
     config: &Config,
     info: &DomainInfo,
 ) -> Result<Found, ErrorKind> {
-    let name = DomainName::new(info.name.as_str());
+    let name = info.name.clone();
     let carried = Carried::of(paths, config, info)?;
     if carried.is_empty() {
         log::warn!(

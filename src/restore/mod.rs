@@ -29,13 +29,6 @@ use apply::{fault, Apply};
 use gather::{Element, Found, Local};
 use std::time::Duration;
 
-/// A domain name as shown in messages: quoted, control characters escaped,
-/// so a hostile name cannot forge log lines. Callers carry a
-/// [`DomainName`] instead; this goes once the last of them does.
-pub fn shown_name(name: &str) -> String {
-    DomainName::new(name).to_string()
-}
-
 /// Options that differ between the hook and the CLI.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PrepareOptions {
@@ -87,7 +80,7 @@ fn prepare_held(
     options: PrepareOptions,
     held: Option<&DomainLock>,
 ) -> Result<PrepareReport, RestoreError> {
-    let name = DomainName::new(info.name.as_str());
+    let name = info.name.clone();
     let prepare = Prepare {
         paths,
         config,
@@ -258,7 +251,7 @@ pub fn reader_check(
     if !domain_bound {
         return Ok(());
     }
-    gather::reader_rules(info, m, namespace).map_err(|kind| kind.named(info.name.as_str()))
+    gather::reader_rules(info, m, namespace).map_err(|kind| kind.named(info.name.clone()))
 }
 
 /// Finishes an interrupted restore of the domain in `info` (see
@@ -270,7 +263,7 @@ pub fn finish_intent(
     info: &DomainInfo,
     carried: &Carried,
 ) -> Result<(), RestoreError> {
-    let name = DomainName::new(info.name.as_str());
+    let name = info.name.clone();
     apply::finish_intent(paths, host, &info.uuid, &name, carried).map_err(|kind| kind.named(name))
 }
 

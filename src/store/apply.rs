@@ -9,9 +9,7 @@ use super::plan::{
 use crate::context::{now_stamp, this_host, Ctx};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError};
 use crate::envelope::{os_random, Keyring};
-use crate::format::{
-    decode, read_header, encode, DecodeLimits, MetadataState, Protection, Style,
-};
+use crate::format::{decode, encode, read_header, DecodeLimits, MetadataState, Protection, Style};
 use crate::fs::{keys_dir, load_keyring, load_recipients, recipients_dir, FsError, HostData};
 use crate::libvirt::{DomainHandle, LibvirtError, Targets};
 use crate::name::DomainName;
@@ -67,7 +65,7 @@ const NO_DEFINITION: &str =
 pub fn check_has_definition(dom: &DomainHandle) -> Result<(), StoreError> {
     if !dom.active && !dom.persistent {
         return Err(StoreError::NoTpm {
-            name: DomainName::from(dom.name.as_str()),
+            name: dom.name.clone(),
             why: NO_DEFINITION.into(),
         });
     }
@@ -114,7 +112,7 @@ pub fn store_domain(
     dom: &DomainHandle,
     opts: StoreOptions,
 ) -> Result<StoreDone, StoreError> {
-    let name = DomainName::from(dom.name.as_str());
+    let name = dom.name.clone();
     let live_xml = dom.xml()?;
     let live_info = parse_domain(live_xml.as_bytes(), &ctx.config.namespace)?;
     let carried = carried_or_explain(ctx, &live_info)?;
@@ -386,7 +384,7 @@ fn carried_or_explain(ctx: &Ctx, info: &DomainInfo) -> Result<Carried, StoreErro
         ""
     };
     Err(StoreError::NoTpm {
-        name: DomainName::from(info.name.as_str()),
+        name: info.name.clone(),
         why: if info.tpms.is_empty() {
             format!("the domain has no <tpm> device; nothing to store{nvram_hint}")
         } else {

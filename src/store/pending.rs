@@ -28,7 +28,6 @@ use crate::domain::parse_domain;
 use crate::format::read_header;
 use crate::fs::HostData;
 use crate::libvirt::{Libvirt, LibvirtError};
-use crate::name::DomainName;
 use crate::restore::carried;
 use crate::state::DomainUuid;
 use std::time::Duration;
@@ -119,10 +118,10 @@ pub fn complete(
             .as_ref()
             .map(|el| read_header(el).map(|(_, d)| d).map_err(|_| ()));
     }
-    let name = dom.as_ref().map(|d| d.name.clone());
-    let shown = name
-        .as_deref()
-        .map_or_else(|| uuid.to_string(), |n| DomainName::from(n).to_string());
+    let name = dom.as_ref().map(|d| d.name.as_str().to_owned());
+    let shown = dom
+        .as_ref()
+        .map_or_else(|| uuid.to_string(), |d| d.name.to_string());
     let completed = match (pending_decision(&input), &dom) {
         (PendingAction::Store | PendingAction::AlreadyStored, Some(dom)) => {
             // The same store as `store`'s, with our lock held throughout:

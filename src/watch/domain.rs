@@ -42,7 +42,7 @@ impl Daemon {
     /// A running domain: (re)establish its watch, and start the settle rule
     /// when its local state differs from what its metadata holds.
     pub(super) fn refresh_handle(&mut self, lv: &Libvirt, h: DomainHandle) {
-        let name = DomainName::from(h.name.as_str());
+        let name = h.name.clone();
         let ns = self.ctx.config.namespace.clone();
         let info = match h.xml().map(|x| parse_domain(x.as_bytes(), &ns)) {
             Ok(Ok(i)) => i,
@@ -90,13 +90,13 @@ impl Daemon {
             wd: None,
             settle: None,
             status: DomainStatus {
-                name: h.name.clone(),
+                name: h.name.as_str().to_owned(),
                 ..DomainStatus::default()
             },
             dir_retries: 0,
         });
         entry.name = name.clone();
-        entry.status.name = h.name.clone();
+        entry.status.name = h.name.as_str().to_owned();
         entry.version = version;
         if entry.location != location {
             if let Some(wd) = entry.wd.take() {
@@ -123,8 +123,10 @@ impl Daemon {
                 Err(Errno::ENOENT) if entry.dir_retries < 5 => {
                     // Started a moment ago: libvirt creates the dir soon.
                     entry.dir_retries += 1;
-                    self.refresh
-                        .insert(h.name.clone(), Instant::now() + Duration::from_secs(2));
+                    self.refresh.insert(
+                        h.name.as_str().to_owned(),
+                        Instant::now() + Duration::from_secs(2),
+                    );
                 }
                 Err(e) => {
                     log::warn!(
@@ -296,7 +298,7 @@ impl Daemon {
                 if stopped {
                     log::info!(
                         "VM {}: stopped while its state was stored; the post-stop store has the final state",
-                        DomainName::from(dom.name.as_str())
+                        dom.name.clone()
                     );
                     self.forget(uuid);
                     return;

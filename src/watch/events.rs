@@ -250,7 +250,7 @@ impl Daemon {
 /// Records a revert intent for the element a reverted, shut-off domain's
 /// definition holds (unless `snapshot revert` recorded that one already).
 fn record_revert(ctx: &Ctx, dom: &DomainHandle) -> Result<(), RevertError> {
-    let name = DomainName::from(dom.name.as_str());
+    let name = dom.name.clone();
     let info = parse_domain(dom.xml()?.as_bytes(), &ctx.config.namespace)?;
     let Some(el) = &info.metadata else {
         return Ok(());
