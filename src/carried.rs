@@ -130,6 +130,9 @@ impl Carried {
         nvram: bool,
         max: u64,
     ) -> Result<Option<MachineState>, FsError> {
+        // Only the parts this domain carries here: a kept VARS file of a
+        // domain that no longer has UEFI is not its local state.
+        let nvram = nvram && self.nvram.is_some();
         host.read_kept_state(uuid, self.tpm_version().filter(|_| tpm), nvram, max)
     }
 

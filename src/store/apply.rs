@@ -6,6 +6,7 @@
 use super::plan::{
     plan, Element, Keys, Nothing, Plan, PlanError, PlanInput, Protect, StorePlan, XmlSizes,
 };
+use crate::carried::Running;
 use crate::context::{now_stamp, this_host, Ctx};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError};
 use crate::envelope::{os_random, Keyring};
@@ -459,15 +460,7 @@ impl Reader<'_> {
         let ctx = self.ctx;
         let max = ctx.config.max_file_size;
         let result = if !self.dom.active {
-            match carried.read_live(true, true, max)? {
-                Some(s) => Some(s),
-                None => self.host.read_kept_state(
-                    &self.info.uuid,
-                    carried.tpm_version(),
-                    carried.nvram.is_some(),
-                    max,
-                )?,
-            }
+            carried.read_local(&self.host, &self.info.uuid, (true, true), Running::No, max)?
         } else {
             self.read_running(carried)?
         };

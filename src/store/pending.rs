@@ -22,6 +22,7 @@
 //! the state already).
 
 use super::{store_domain, StoreError, StoreOptions};
+use crate::carried::Running;
 use crate::context::Ctx;
 use crate::decision::{pending_decision, PendingAction, PendingDomain, PendingDrop, PendingInput};
 use crate::domain::parse_domain;
@@ -107,10 +108,7 @@ pub fn complete(
                 crate::restore::finish_intent(&ctx.paths, &host, &info, &c)?;
             }
             let max = ctx.config.max_file_size;
-            let local = match c.read_live(true, true, max)? {
-                Some(s) => Some(s),
-                None => host.read_kept_state(uuid, c.tpm_version(), c.nvram.is_some(), max)?,
-            };
+            let local = c.read_local(&host, uuid, (true, true), Running::No, max)?;
             input.local = local.map(|s| s.digest());
         }
         input.metadata = info
