@@ -24,14 +24,19 @@ echo "==> building"
 # unless VIRT_TPM_STATE_FAULT is set; release and package builds never have
 # them (scripts/build-release.sh).
 FEATURES=(--features fault-injection)
+# Every crate of the workspace (the root's default-members) ...
 cargo build --all-targets --locked "${FEATURES[@]}"
+# ... then the hook alone: built with the CLI, cargo would have given it the
+# library's libvirt feature (one feature set per package and build); the tests
+# run this one (tests/hook.rs checks it links no libvirt).
+cargo build --locked -p virt-tpm-state-hook "${FEATURES[@]}"
 build_secs=$((SECONDS - start))
 
 # Every test binary but the heavy ones (a new tests/*.rs runs here without
 # being listed), built once; cargo prints where each executable is.
 mapfile -t BINARIES < <(cargo test --no-run --locked "${FEATURES[@]}" --lib --tests \
     --message-format=json 2>/dev/null | python3 -c '
-import json, sys
+import json, os, sys
 heavy = set(sys.argv[1:])
 for line in sys.stdin:
     m = json.loads(line)
@@ -40,7 +45,7 @@ for line in sys.stdin:
     t = m["target"]
     if t["name"] in heavy:
         continue
-    name = "unittests src/lib.rs" if "lib" in t["kind"] else "tests/" + t["name"] + ".rs"
+    name = "unittests " + os.path.relpath(t["src_path"]) if "lib" in t["kind"] else "tests/" + t["name"] + ".rs"
     print(name + "\t" + m["executable"])
 ' "${HEAVY[@]}")
 
