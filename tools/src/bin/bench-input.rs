@@ -18,8 +18,8 @@
 //!     virDomainSetMetadata (Style::ForSetMetadata: no prefix, no xmlns)
 //! ```
 
-use tools::stream::stream;
 use std::process::ExitCode;
+use tools::stream::stream;
 use virt_tpm_state::format::{encode, Provenance, Style};
 use virt_tpm_state::state::{DomainUuid, MachineState, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::{check_header, synthetic_blob};

@@ -15,8 +15,8 @@
 //! real `rekey` (reading and writing each definition) is not included.
 
 use age::secrecy::ExposeSecret as _;
-use tools::stream::stream;
 use std::time::Instant;
+use tools::stream::stream;
 use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::Keyring;
 use virt_tpm_state::format::{

@@ -17,8 +17,8 @@ use age::secrecy::ExposeSecret as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
-use tools::stream::vector_stream;
 use std::path::{Path, PathBuf};
+use tools::stream::vector_stream;
 use virt_tpm_state::envelope::SecretKey;
 use virt_tpm_state::format::{
     digest_of_sums, encode, encode_with, gzip_deterministic, try_encode_with, Protection,
