@@ -770,37 +770,20 @@ fn main() {
         ],
     );
     let enc2 = sealed(&s2, &prov, &new_key, "ok-encrypted");
-    {
-        let s2n = MachineState::new(s2.tpm.clone(), Some(vars_payload()));
+    let s2n = MachineState::new(s2.tpm.clone(), Some(vars_payload()));
+    for (name, state, version, key) in [
+        ("ok-encrypted-nvram", &s2n, v2, &new_key),
+        ("ok-encrypted", &s2, v2, &new_key),
+        ("ok-encrypted-tpm12", &s12, TpmVersion::V1_2, &new_key),
+        ("ok-encrypted-older-key", &s2, v2, &old_key),
+    ] {
+        // Deterministic per name: "ok-encrypted" is `enc2` again.
+        let element = sealed(state, &prov, key, name);
         add(
-            "ok-encrypted-nvram",
-            domain(
-                &ok_sealed_expect(&s2n, &prov, &new_key),
-                v2,
-                &sealed(&s2n, &prov, &new_key, "ok-encrypted-nvram"),
-            ),
+            name,
+            domain(&ok_sealed_expect(state, &prov, key), version, &element),
         );
     }
-    add(
-        "ok-encrypted",
-        domain(&ok_sealed_expect(&s2, &prov, &new_key), v2, &enc2),
-    );
-    add(
-        "ok-encrypted-tpm12",
-        domain(
-            &ok_sealed_expect(&s12, &prov, &new_key),
-            TpmVersion::V1_2,
-            &sealed(&s12, &prov, &new_key, "ok-encrypted-tpm12"),
-        ),
-    );
-    add(
-        "ok-encrypted-older-key",
-        domain(
-            &ok_sealed_expect(&s2, &prov, &old_key),
-            v2,
-            &sealed(&s2, &prov, &old_key, "ok-encrypted-older-key"),
-        ),
-    );
     add(
         "refused-encrypted-missing-key",
         domain(
