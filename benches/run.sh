@@ -36,11 +36,11 @@ mkdir -p "$out/json" "$out/in"
 trap 'tests/e2e/world.sh down "$world" >/dev/null 2>&1 || true' EXIT
 
 log "building release binaries (scripts/build-release.sh: the hook static, as shipped)"
-cargo build --release --locked --quiet --example bench-input
+cargo build --release --locked --quiet -p tools --bin bench-input
 mapfile -t built < <(scripts/build-release.sh)
 cli=${built[0]}
 hook=${built[1]}
-input=$repo/target/release/examples/bench-input
+input=$repo/target/release/bench-input
 
 # ------------------------------------------------------------------ inputs
 in=$out/in

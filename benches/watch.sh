@@ -43,7 +43,8 @@ cleanup() {
 trap cleanup EXIT
 
 log "building the release binaries"
-cargo build --release --locked --quiet --bins
+cargo build --release --locked --quiet -p virt-tpm-state --bins
+scripts/build-hook.sh --release --quiet   # `install` takes the hook beside the CLI
 cli=$repo/target/release/virt-tpm-state
 
 ws up "$world" 2>/dev/null

@@ -4,7 +4,7 @@
 #   1. the release binaries (scripts/build-release.sh: the CLI, and the hook
 #      linked statically without libvirt);
 #   2. the man pages and shell completions, generated from the clap
-#      definitions (examples/gen-docs.rs), so they never drift;
+#      definitions (tools/src/gen_docs.rs), so they never drift;
 #   3. the package, with cargo-deb (pinned, scripts/install-deps.sh) from
 #      [package.metadata.deb] in Cargo.toml and the scripts in dist/deb/.
 # Needs no root. Install with `sudo apt install ./target/debian/virt-tpm-state_*.deb`.
@@ -30,7 +30,7 @@ cp "$hook" target/pkg/virt-tpm-state-hook
 # cargo-deb strips the binaries it builds; this one it takes as a plain file.
 # .comment too: only the compiler's name, which lintian flags as unneeded.
 strip --remove-section=.comment target/pkg/virt-tpm-state-hook
-cargo run --locked --quiet --example gen-docs -- target/pkg >/dev/null
+cargo run --locked --quiet -p tools --bin gen-docs -- target/pkg >/dev/null
 # -n: no name or time stamp inside, so the same sources give the same bytes.
 gzip -9n target/pkg/man/*
 mkdir -p target/debian

@@ -12,6 +12,7 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 step "Installing what is missing and building"
 ./scripts/install-deps.sh
 cargo build --locked --quiet
+./scripts/build-hook.sh --quiet   # without the CLI's libvirt feature
 cli=$repo/target/debug/virt-tpm-state
 
 world=$repo/target/demo-world

@@ -15,7 +15,7 @@
 # each one caused, whether the definition after the revert holds the snapshot's element, the
 # secret and VARS of the next run, and whether our hook made a backup.
 #
-# Usage (root; after `cargo build`):
+# Usage (root; after `cargo build && scripts/build-hook.sh`):
 #   scripts/measure-snapshots.sh                 # the host's libvirt
 #   VTS_WORLD_ROOTFS=/abs/root scripts/measure-snapshots.sh    # another root's libvirt
 #   REVERT="virt-tpm-state snapshot revert" scripts/measure-snapshots.sh   # our revert
@@ -37,7 +37,7 @@ REVERT=${REVERT:-virsh snapshot-revert}
 [[ $REVERT == virt-tpm-state* ]] && REVERT="$BIN/$REVERT"
 WATCH=${WATCH:-0}
 [[ $(id -u) -eq 0 ]] || { echo "measure-snapshots: needs root" >&2; exit 1; }
-[[ -x $VTS ]] || { echo "measure-snapshots: build first (cargo build)" >&2; exit 1; }
+[[ -x $VTS ]] || { echo "measure-snapshots: build first (cargo build && scripts/build-hook.sh)" >&2; exit 1; }
 command -v virt-fw-vars >/dev/null || { echo "measure-snapshots: virt-fw-vars missing" >&2; exit 1; }
 
 W=$PROJECT/target/measure-world-$$

@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 set +e
+# The hook the tests run (not built by cargo test: another crate).
+./scripts/build-hook.sh --quiet --features fault-injection
 cargo test --locked --no-fail-fast --features fault-injection --test hosts \
     -- --test-threads=1 2>&1 | tee target/test-hosts.log
 status=${PIPESTATUS[0]}

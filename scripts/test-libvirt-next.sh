@@ -45,6 +45,8 @@ export VTS_WORLD_ROOTFS=$root
 versions=$(chroot "$root" dpkg-query -W -f '${Package} ${Version}\n' \
     libvirt-daemon qemu-system-x86 swtpm | tr '\n' ';' | sed 's/;$//; s/;/; /g')
 echo "==> $label: running the world tests against: $versions"
+# The hook the tests run (not built by cargo test: another crate).
+./scripts/build-hook.sh --quiet --features fault-injection
 # --test e2e runs first: it is the suite the issue is about; the others
 # (TPM state encryption, UEFI vars, the watcher) also run real worlds. The
 # watcher's idle test watches for 60 s, as in the main pass (the ten-minute

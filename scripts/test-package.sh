@@ -52,6 +52,8 @@ else
     echo "SKIP lintian: not installed (scripts/install-deps.sh)" | tee -a "$log"
 fi
 
+# The hook the tests run (not built by cargo test: another crate).
+./scripts/build-hook.sh --quiet --features fault-injection
 set +e
 cargo test --locked --no-fail-fast --features fault-injection --test package \
     -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee -a "$log"

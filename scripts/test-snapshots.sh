@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 set +e
+# The hook the tests run (not built by cargo test: another crate).
+./scripts/build-hook.sh --quiet --features fault-injection
 cargo test --locked --no-fail-fast --features fault-injection --test snapshots \
     -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee target/test-snapshots.log
 status=${PIPESTATUS[0]}

@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 set +e
 # Same features as scripts/test.sh, so its build is reused, not redone. One
 # test at a time: the storm wants both cores.
+# The hook the tests run (not built by cargo test: another crate).
+./scripts/build-hook.sh --quiet --features fault-injection
 cargo test --locked --no-fail-fast --features fault-injection --test storms \
     -- --test-threads=1 2>&1 | tee target/test-storms.log
 status=${PIPESTATUS[0]}

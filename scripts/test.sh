@@ -24,14 +24,18 @@ echo "==> building"
 # unless VIRT_TPM_STATE_FAULT is set; release and package builds never have
 # them (scripts/build-release.sh).
 FEATURES=(--features fault-injection)
+# Every crate of the workspace (the root's default-members) ...
 cargo build --all-targets --locked "${FEATURES[@]}"
+# ... then the hook alone, without the CLI's libvirt feature (the one the
+# tests run; scripts/build-hook.sh says why).
+./scripts/build-hook.sh "${FEATURES[@]}"
 build_secs=$((SECONDS - start))
 
 # Every test binary but the heavy ones (a new tests/*.rs runs here without
 # being listed), built once; cargo prints where each executable is.
 mapfile -t BINARIES < <(cargo test --no-run --locked "${FEATURES[@]}" --lib --tests \
     --message-format=json 2>/dev/null | python3 -c '
-import json, sys
+import json, os, sys
 heavy = set(sys.argv[1:])
 for line in sys.stdin:
     m = json.loads(line)
@@ -40,7 +44,7 @@ for line in sys.stdin:
     t = m["target"]
     if t["name"] in heavy:
         continue
-    name = "unittests src/lib.rs" if "lib" in t["kind"] else "tests/" + t["name"] + ".rs"
+    name = "unittests " + os.path.relpath(t["src_path"]) if "lib" in t["kind"] else "tests/" + t["name"] + ".rs"
     print(name + "\t" + m["executable"])
 ' "${HEAVY[@]}")
 

@@ -1057,7 +1057,10 @@ fn the_memory_meter_measures() {
 
 // ===================================================== the hook, end to end
 
-const HOOK: &str = env!("CARGO_BIN_EXE_virt-tpm-state-hook");
+/// The hook crate's binary (hooks/), which cargo puts next to the CLI, where
+/// `install` looks for it too: built by `cargo build -p virt-tpm-state-hook`
+/// (scripts/test.sh), not by cargo for this package's tests.
+const HOOK: &str = concat!(env!("CARGO_BIN_EXE_virt-tpm-state"), "-hook");
 
 /// Where the hook may write in its re-rooted tree: libvirt's swtpm and
 /// NVRAM dirs, its own data and run dirs. Anything else must stay as it was.

@@ -2,7 +2,7 @@
 //! (`domain::parse_domain` + `format::decode`, with the test keys
 //! of `fixtures/vectors/keys/`, + the uuid ownership check) and asserts the
 //! result stated in the vector's first line, exactly.
-//! Regenerate the vectors with `cargo run --example make-vectors`.
+//! Regenerate the vectors with `cargo run -p tools --bin make-vectors`.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -207,7 +207,7 @@ fn every_vector_gives_its_stated_result() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(
         paths.len() >= MIN_VECTORS,
-        "only {} vectors in {} (expected at least {MIN_VECTORS}); run `cargo run --example make-vectors`",
+        "only {} vectors in {} (expected at least {MIN_VECTORS}); run `cargo run -p tools --bin make-vectors`",
         paths.len(),
         vectors_dir().display()
     );

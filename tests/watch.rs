@@ -375,7 +375,7 @@ fn install_without_systemd_says_how_to_run_watch() {
             "install",
             "--no-reload",
             "--hook",
-            env!("CARGO_BIN_EXE_virt-tpm-state-hook"),
+            concat!(env!("CARGO_BIN_EXE_virt-tpm-state"), "-hook"),
         ])
         .env("VIRT_TPM_STATE_ROOT", root.path())
         .output()
@@ -392,7 +392,7 @@ fn install_without_systemd_says_how_to_run_watch() {
         .exists());
     let out = Command::new(VTS)
         .args(["install", "--no-reload", "--no-watch", "--hook"])
-        .arg(env!("CARGO_BIN_EXE_virt-tpm-state-hook"))
+        .arg(concat!(env!("CARGO_BIN_EXE_virt-tpm-state"), "-hook"))
         .env("VIRT_TPM_STATE_ROOT", root.path())
         .output()
         .unwrap();

@@ -328,7 +328,7 @@ pub struct InstallArgs {
 }
 
 /// The CLI's clap definition, for generated man pages and shell completions
-/// (examples/gen-docs.rs): generated from the parser itself, so they cannot
+/// (tools/src/gen_docs.rs): generated from the parser itself, so they cannot
 /// drift from what the program accepts.
 pub fn command() -> clap::Command {
     Cli::command()

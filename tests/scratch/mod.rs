@@ -13,7 +13,10 @@ use virt_tpm_state::format::{encode, Protection, Provenance, Style};
 use virt_tpm_state::state::{DomainUuid, MachineState, Sha256Sum, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::synthetic_blob;
 
-pub const HOOK: &str = env!("CARGO_BIN_EXE_virt-tpm-state-hook");
+/// The hook crate's binary (hooks/), which cargo puts next to the CLI, where
+/// `install` looks for it too: built by `cargo build -p virt-tpm-state-hook`
+/// (scripts/test.sh), not by cargo for this package's tests.
+pub const HOOK: &str = concat!(env!("CARGO_BIN_EXE_virt-tpm-state"), "-hook");
 pub const NAME: &str = "tpm2-with-metadata";
 pub const VARS_REL: &str = "var/lib/libvirt/qemu/nvram/faults_VARS.fd";
 

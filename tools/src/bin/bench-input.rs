@@ -2,41 +2,27 @@
 //! bytes:
 //!
 //! ```text
-//! cargo run --release --example bench-input -- synth-permall SIZE OUT
+//! cargo run --release -p tools --bin bench-input -- synth-permall SIZE OUT
 //!     a valid swtpm TPM 2.0 state file of SIZE bytes (10-byte header, then
 //!     incompressible bytes from a SHA-256 stream, like a real permall's keys)
-//! cargo run --release --example bench-input -- domain TEMPLATE PERMALL [PAD_BYTES]
+//! cargo run --release -p tools --bin bench-input -- domain TEMPLATE PERMALL [PAD_BYTES]
 //!     prints TEMPLATE (a domain XML, e.g. `virsh dumpxml`) with a
 //!     <metadata> holding our element for PERMALL (format::encode,
 //!     Style::Standalone), plus PAD_BYTES of another application's metadata
 //!     (to show the hook's memory does not grow with the XML)
-//! cargo run --release --example bench-input -- domain-vars TEMPLATE PERMALL VARS
+//! cargo run --release -p tools --bin bench-input -- domain-vars TEMPLATE PERMALL VARS
 //!     like `domain`, for a UEFI domain (`<os firmware='efi'>`) whose element
 //!     also carries VARS (an OVMF variable store) in its <nvram> section
-//! cargo run --release --example bench-input -- element TEMPLATE PERMALL
+//! cargo run --release -p tools --bin bench-input -- element TEMPLATE PERMALL
 //!     prints only the element as `virt-tpm-state store` passes it to
 //!     virDomainSetMetadata (Style::ForSetMetadata: no prefix, no xmlns)
 //! ```
 
-use sha2::{Digest as _, Sha256};
 use std::process::ExitCode;
+use tools::stream::stream;
 use virt_tpm_state::format::{encode, Protection, Provenance, Style};
 use virt_tpm_state::state::{DomainUuid, MachineState, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::{check_header, synthetic_blob};
-
-fn stream(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 32);
-    let mut i = 0u64;
-    while out.len() < len {
-        let mut h = Sha256::new();
-        h.update(seed.as_bytes());
-        h.update(i.to_be_bytes());
-        out.extend_from_slice(&h.finalize());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
 
 fn uuid_of(xml: &str) -> String {
     let s = xml.find("<uuid>").expect("template has no <uuid>") + "<uuid>".len();

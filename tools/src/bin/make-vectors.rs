@@ -1,5 +1,5 @@
 //! Rewrites `fixtures/vectors/` from scratch, deterministically:
-//! `cargo run --example make-vectors` (add `--release` for speed; the
+//! `cargo run -p tools --bin make-vectors` (add `--release` for speed; the
 //! decompression-bomb vector compresses 64 MiB).
 //!
 //! Each vector is a domain XML whose first line is a comment stating the
@@ -18,6 +18,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
+use tools::stream::vector_stream;
 use virt_tpm_state::envelope::SecretKey;
 use virt_tpm_state::format::{
     digest_of_sums, encode, gzip_deterministic, Protection, Provenance, Style, NAMESPACE_URI,
@@ -30,21 +31,6 @@ use virt_tpm_state::swtpm::{check_header, synthetic_blob};
 
 const UUID: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
 const OTHER_UUID: &str = "9d6a0c21-7f3e-4b5a-a1c2-3d4e5f607182";
-
-/// Deterministic, incompressible-looking bytes (like a real permall's keys).
-fn stream(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 32);
-    let mut i = 0u32;
-    while out.len() < len {
-        let mut h = Sha256::new();
-        h.update(seed.as_bytes());
-        h.update(i.to_be_bytes());
-        out.extend_from_slice(&h.finalize());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
 
 /// A real permall from fixtures/, if the e2e helper captured one.
 fn find_real(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -82,7 +68,7 @@ fn payload(fixtures: &Path, version: TpmVersion) -> (Vec<u8>, String) {
     };
     let seed = format!("virt-tpm-state test vector {name}");
     (
-        synthetic_blob(0, &stream(&seed, len - 10)),
+        synthetic_blob(0, &vector_stream(&seed, len - 10)),
         "synthetic".into(),
     )
 }
@@ -111,7 +97,7 @@ fn state(version: TpmVersion, data: Vec<u8>) -> MachineState {
 /// bytes): deterministic pseudo-random variable data, then erased flash
 /// (0xff), which is what makes real stores compress to a few KiB.
 fn vars_payload() -> Vec<u8> {
-    let mut v = stream("virt-tpm-state TEST vector nvram", 6000);
+    let mut v = vector_stream("virt-tpm-state TEST vector nvram", 6000);
     v.resize(540672, 0xff);
     v
 }
@@ -192,13 +178,13 @@ fn test_key(label: &str) -> SecretKey {
 }
 
 /// A deterministic stand-in for the OS random generator: consecutive bytes
-/// of [`stream`] for `seed` (one seed per vector, so vectors do not depend
+/// of [`vector_stream`] for `seed` (one seed per vector, so vectors do not depend
 /// on the order they are generated in).
 fn counter_fill(seed: &str) -> impl FnMut(&mut [u8]) {
     let seed = format!("virt-tpm-state TEST vector randomness {seed}");
     let mut used = 0usize;
     move |buf: &mut [u8]| {
-        let bytes = stream(&seed, used + buf.len());
+        let bytes = vector_stream(&seed, used + buf.len());
         buf.copy_from_slice(&bytes[used..]);
         used += buf.len();
     }
@@ -260,7 +246,10 @@ fn raw_element(
 }
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The repository's root: this crate is tools/.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tools/ is inside the repository");
     let fixtures = root.join("fixtures");
     let out_dir = fixtures.join("vectors");
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -788,37 +777,20 @@ fn main() {
         ],
     );
     let enc2 = sealed(&s2, &prov, &new_key, "ok-encrypted");
-    {
-        let s2n = MachineState::new(s2.tpm.clone(), Some(vars_payload()));
+    let s2n = MachineState::new(s2.tpm.clone(), Some(vars_payload()));
+    for (name, state, version, key) in [
+        ("ok-encrypted-nvram", &s2n, v2, &new_key),
+        ("ok-encrypted", &s2, v2, &new_key),
+        ("ok-encrypted-tpm12", &s12, TpmVersion::V1_2, &new_key),
+        ("ok-encrypted-older-key", &s2, v2, &old_key),
+    ] {
+        // Deterministic per name: "ok-encrypted" is `enc2` again.
+        let element = sealed(state, &prov, key, name);
         add(
-            "ok-encrypted-nvram",
-            domain(
-                &ok_sealed_expect(&s2n, &prov, &new_key),
-                v2,
-                &sealed(&s2n, &prov, &new_key, "ok-encrypted-nvram"),
-            ),
+            name,
+            domain(&ok_sealed_expect(state, &prov, key), version, &element),
         );
     }
-    add(
-        "ok-encrypted",
-        domain(&ok_sealed_expect(&s2, &prov, &new_key), v2, &enc2),
-    );
-    add(
-        "ok-encrypted-tpm12",
-        domain(
-            &ok_sealed_expect(&s12, &prov, &new_key),
-            TpmVersion::V1_2,
-            &sealed(&s12, &prov, &new_key, "ok-encrypted-tpm12"),
-        ),
-    );
-    add(
-        "ok-encrypted-older-key",
-        domain(
-            &ok_sealed_expect(&s2, &prov, &old_key),
-            v2,
-            &sealed(&s2, &prov, &old_key, "ok-encrypted-older-key"),
-        ),
-    );
     add(
         "refused-encrypted-missing-key",
         domain(
@@ -881,7 +853,7 @@ fn main() {
         );
         // 24 bytes (an XChaCha20 nonce) where the IETF construction takes 12.
         let mut long = STANDARD.decode(&nonce).unwrap();
-        long.extend_from_slice(&stream("nonce extension", 12));
+        long.extend_from_slice(&vector_stream("nonce extension", 12));
         add(
             "refused-encrypted-bad-nonce-length",
             domain(

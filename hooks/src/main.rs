@@ -1,4 +1,5 @@
-//! libvirt qemu hook. Install with `virt-tpm-state install`.
+//! The libvirt qemu hook (`/etc/libvirt/hooks/qemu.d/`). Install with
+//! `virt-tpm-state install`; its logic is the library's (`src/hook.rs`).
 //! Exit codes: see README ("Exit codes"). Never writes to stdout.
 
 #![forbid(unsafe_code)]

@@ -1,15 +1,15 @@
-//! Generates the man pages and shell completions from the clap definitions,
+//! The man pages and shell completions, generated from the clap definitions
 //! so they always describe what the programs accept. Run when the package is
 //! built (scripts/build-deb.sh):
 //!
-//!     cargo run --example gen-docs -- OUTDIR
+//!     cargo run -p tools --bin gen-docs -- OUTDIR
 //!
 //! writes `OUTDIR/man/virt-tpm-state.1`, one `virt-tpm-state-SUBCOMMAND.1`
 //! per subcommand, `virt-tpm-state-hook.8`, and
 //! `OUTDIR/completions/{virt-tpm-state.bash,_virt-tpm-state,virt-tpm-state.fish}`.
 //! tests/manpages.rs includes this file to check its output.
 
-// Included as a module by tests/manpages.rs, where `main` is unused.
+// Also included as a module by tests/manpages.rs, which uses only part of it.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -120,23 +120,3 @@ re\-roots every path the hook touches under this directory (tests only)
 .SH "SEE ALSO"
 virt\-tpm\-state(1), virt\-tpm\-state\-install(1)
 "#;
-
-fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [out] = args.as_slice() else {
-        eprintln!("usage: gen-docs OUTDIR");
-        return std::process::ExitCode::from(2);
-    };
-    match generate(Path::new(out)) {
-        Ok(g) => {
-            for p in g.man.iter().chain(&g.completions) {
-                println!("{}", p.display());
-            }
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("gen-docs: cannot write into {out}: {e}");
-            std::process::ExitCode::from(8)
-        }
-    }
-}

@@ -2,7 +2,7 @@
 //! age recipients (docs/BENCHMARKS.md, "Rekeying 100 elements"):
 //!
 //! ```text
-//! cargo run --release --example bench-rekey [-- N]
+//! cargo run --release -p tools --bin bench-rekey [-- N]
 //! ```
 //!
 //! Seals N (default 100) elements, each a 6234-byte TPM 2.0 permall plus a
@@ -15,8 +15,8 @@
 //! real `rekey` (reading and writing each definition) is not included.
 
 use age::secrecy::ExposeSecret as _;
-use sha2::{Digest as _, Sha256};
 use std::time::Instant;
+use tools::stream::stream;
 use virt_tpm_state::domain::parse_domain;
 use virt_tpm_state::envelope::Keyring;
 use virt_tpm_state::format::{
@@ -27,20 +27,6 @@ use virt_tpm_state::recipients::{
 };
 use virt_tpm_state::state::{DomainUuid, MachineState, StateFile, TpmState, TpmVersion};
 use virt_tpm_state::swtpm::synthetic_blob;
-
-fn stream(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 32);
-    let mut i = 0u64;
-    while out.len() < len {
-        let mut h = Sha256::new();
-        h.update(seed.as_bytes());
-        h.update(i.to_be_bytes());
-        out.extend_from_slice(&h.finalize());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
 
 fn host() -> (Vec<HostIdentity>, Recipient) {
     let (text, r) = generate_identity("bench");
