@@ -8,6 +8,7 @@
 //! failed assertion prints the args, exit code, stdout, stderr and a listing
 //! of the tree (modes, owners, sizes, inodes, content digests).
 
+use crate::common::env::Env;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
@@ -1203,17 +1204,8 @@ fn refusals_never_show_the_state() {
 
 #[test]
 fn hook_does_not_link_libvirt() {
-    let out = Command::new("readelf")
-        .args(["-d", HOOK])
-        .output()
-        .or_else(|_| Command::new("ldd").arg(HOOK).output());
-    let Ok(out) = out else {
-        skip_or_fail(
-            "hook_does_not_link_libvirt",
-            "neither readelf nor ldd is installed",
-        );
-        return;
-    };
+    require!(Env::Cmd("readelf"));
+    let out = Command::new("readelf").args(["-d", HOOK]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(!text.is_empty());
@@ -1235,13 +1227,7 @@ fn usage_error_exits_2() {
 
 #[test]
 fn as_root_without_qemu_conf_restored_files_belong_to_tss() {
-    if !nix::unistd::geteuid().is_root() {
-        skip_or_fail(
-            "as_root_without_qemu_conf_restored_files_belong_to_tss",
-            "not root, cannot chown to tss",
-        );
-        return;
-    }
+    require!(Env::Root);
     let s = Scratch::new();
     std::fs::remove_file(s.path("etc/libvirt/qemu.conf")).unwrap();
     let (uid, gid) = match (
@@ -1521,15 +1507,6 @@ fn nvram_stray_vars_file_is_backed_up_before_it_is_replaced() {
         std::fs::read(dirs[0].join("VARS.fd")).unwrap(),
         b"an older variable store"
     );
-}
-
-/// A test whose environment is missing says so and passes, except under
-/// `CI=true`, where CI provides the environment and a gap is a failure.
-fn skip_or_fail(test: &str, why: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {why} (CI=true: the environment must provide it)");
-    }
-    eprintln!("SKIP {test}: {why}");
 }
 
 /// The XML is hostile: an explicit `<nvram>` or `<source type='dir'>` path

@@ -15,10 +15,7 @@
 //! The restore journal's kill tests are in tests/faults.rs
 //! (`restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation`).
 
-mod scratch;
-mod support;
-
-use scratch::*;
+use crate::common::{env::Env, runner::*, scratch::*, states::*};
 use std::path::PathBuf;
 use std::process::Output;
 
@@ -548,21 +545,7 @@ with open(sys.argv[1], "wb") as f:
 /// a failure under CI=true).
 #[test]
 fn forged_controls_reach_syslog_escaped() {
-    let have = |c: &str| {
-        std::process::Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok()
-    };
-    if !(nix::unistd::geteuid().is_root() && have("unshare") && have("python3")) {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "needs root, unshare and python3 under CI=true"
-        );
-        eprintln!("SKIP forged_controls_reach_syslog_escaped: needs root, unshare, python3");
-        return;
-    }
+    require!(Env::Root, Env::Cmd("unshare"), Env::Cmd("python3"));
     let s = Scratch::new();
     let a = St::new("A");
     let forged: String = FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect();
@@ -657,7 +640,7 @@ fn files_below(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<
 }
 
 /// The UUIDs that have any data (kept, backups, synced) in a world.
-fn uuids_with_data(w: &support::World) -> std::collections::BTreeSet<String> {
+fn uuids_with_data(w: &crate::common::world::World) -> std::collections::BTreeSet<String> {
     ["kept", "backups", "synced"]
         .iter()
         .flat_map(|d| {
@@ -677,14 +660,14 @@ fn first_uuid_of(text: &str) -> Option<String> {
     Some(text[start..end].trim().to_string())
 }
 
-fn world_gc(w: &support::World, dry_run: bool) -> serde_json::Value {
+fn world_gc(w: &crate::common::world::World, dry_run: bool) -> serde_json::Value {
     let mut args = vec!["gc", "--json"];
     if dry_run {
         args.push("--dry-run");
     }
     let out = w.must_vts(&args);
     serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", support::describe(&args, &out)))
+        .unwrap_or_else(|e| panic!("{e}: {}", crate::common::world::describe(&args, &out)))
 }
 
 fn removed_uuids(report: &serde_json::Value) -> std::collections::BTreeSet<String> {
@@ -710,11 +693,9 @@ fn removed_uuids(report: &serde_json::Value) -> std::collections::BTreeSet<Strin
 /// files alone (their first `<uuid>` is the domain's).
 #[test]
 fn gc_in_a_real_libvirt_removes_only_gone_domains() {
+    use crate::common::world::{stdout, Tpm, Vm, World};
     use std::collections::BTreeSet;
-    use support::{stdout, Tpm, Vm, World};
-    if !support::require_env("gc_in_a_real_libvirt_removes_only_gone_domains") {
-        return;
-    }
+    require!(Env::Libvirt);
     let t0 = std::time::Instant::now();
     let w = World::up("gcworld");
     eprintln!("libvirt {:?}", w.libvirt_version());
@@ -837,7 +818,7 @@ fn gc_in_a_real_libvirt_removes_only_gone_domains() {
     assert!(
         out.status.success(),
         "{}",
-        support::describe(&["find"], &out)
+        crate::common::world::describe(&["find"], &out)
     );
     let before: Vec<_> = known
         .iter()
@@ -908,7 +889,7 @@ fn gc_in_a_real_libvirt_removes_only_gone_domains() {
     // status shows the disk used.
     let out = w.must_vts(&["status", "--json"]);
     let st: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", support::describe(&["status"], &out)));
+        .unwrap_or_else(|e| panic!("{e}: {}", crate::common::world::describe(&["status"], &out)));
     let used: u64 = files_below(&data_dir)
         .values()
         .map(|v| v.len() as u64)

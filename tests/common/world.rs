@@ -7,8 +7,6 @@
 //! libvirtd.log. A `World` is brought down on drop, also when a test panics
 //! (its directory under target/e2e-worlds is then kept for inspection).
 
-#![allow(dead_code)]
-
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -28,86 +26,6 @@ pub fn world_sh() -> PathBuf {
 
 pub fn tpm_sh() -> String {
     root_dir().join("tests/e2e/tpm.sh").display().to_string()
-}
-
-fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
-                .any(|d| d.join(cmd).is_file())
-        })
-        .unwrap_or(false)
-}
-
-/// Whether the environment can run the end-to-end tests. When it cannot,
-/// prints `SKIP <test>: <reason>` and returns false, except under `CI=true`,
-/// where a missing environment is a failure (CI provides everything).
-pub fn require_env(test: &str) -> bool {
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("not root".to_string());
-    }
-    for cmd in [
-        "libvirtd",
-        "virtlogd",
-        "virsh",
-        "swtpm",
-        "swtpm_ioctl",
-        "swtpm_setup",
-        "tpm2_nvread",
-        "tpm2_readpublic",
-        "qemu-system-x86_64",
-        "nsenter",
-        "unshare",
-        "python3",
-        "ss",
-    ] {
-        if !on_path(cmd) {
-            missing.push(format!("{cmd} not found"));
-        }
-    }
-    // VTS_WORLD_ROOTFS: every world runs that root's libvirt (tests/e2e/world.sh).
-    if let Some(root) = std::env::var_os("VTS_WORLD_ROOTFS") {
-        let root = PathBuf::from(root);
-        if !root.join(".vts-root-complete").is_file() || !root.join("usr/sbin/libvirtd").is_file() {
-            missing.push(format!(
-                "VTS_WORLD_ROOTFS={} is not a complete root (scripts/make-root.sh bookworm-bpo|sid)",
-                root.display()
-            ));
-        }
-    }
-    gate(test, missing)
-}
-
-/// Root and `cmds` (on PATH or in /usr/sbin, /sbin), for tests that need
-/// real users but no libvirt (scratch roots): the same rule as
-/// [`require_env`], `SKIP` or a failure under `CI=true`.
-pub fn require_root_and(test: &str, cmds: &[&str]) -> bool {
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("not root".to_string());
-    }
-    for cmd in cmds {
-        if !on_path(cmd) {
-            missing.push(format!("{cmd} not found"));
-        }
-    }
-    gate(test, missing)
-}
-
-/// `true` when nothing is missing; else `SKIP <test>: <reason>`, or a
-/// panic under `CI=true` (CI provides everything).
-pub fn gate(test: &str, missing: Vec<String>) -> bool {
-    if missing.is_empty() {
-        return true;
-    }
-    let reason = missing.join(", ");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: the e2e environment is incomplete under CI=true: {reason}");
-    }
-    eprintln!("SKIP {test}: {reason}");
-    false
 }
 
 /// `world.sh host-check`: a fingerprint of the host's own libvirt dirs
@@ -790,24 +708,6 @@ pub fn fw_vars(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-pub fn has_fw_vars() -> bool {
-    Command::new("virt-fw-vars")
-        .arg("--help")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-pub fn need_fw_vars(test: &str) -> bool {
-    if has_fw_vars() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: virt-fw-vars missing (pip install virt-firmware; scripts/install-deps.sh)");
-    }
-    eprintln!("SKIP {test}: virt-fw-vars not installed");
-    false
 }
 
 // ---- the watch daemon (tests/watch.rs, tests/snapshots.rs) ----

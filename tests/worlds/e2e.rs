@@ -3,10 +3,8 @@
 //! `cargo test --test e2e -- --nocapture`. Without root or the tools they
 //! print `SKIP` and pass, unless `CI=true`.
 
-mod support;
-
+use crate::common::{env::Env, world::*};
 use std::time::{Duration, Instant};
-use support::*;
 
 /// Defines `vm`, lets libvirt manufacture its TPM, plants `secret`, and
 /// stores the state into the metadata with `store`. Returns the EK fingerprint.
@@ -30,9 +28,7 @@ fn assert_metadata_is_local(w: &World, vm: &Vm) -> serde_json::Value {
 
 #[test]
 fn roundtrip_same_host() {
-    if !require_env("roundtrip_same_host") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("roundtrip");
     w.install_hook();
     let vm = Vm::new("vm1", Tpm::V2);
@@ -78,9 +74,7 @@ fn roundtrip_same_host() {
 
 #[test]
 fn define_on_second_host() {
-    if !require_env("define_on_second_host") {
-        return;
-    }
+    require!(Env::Libvirt);
     let a = World::up("host-a");
     a.install_hook();
     let vm = Vm::new("mover", Tpm::V2);
@@ -127,9 +121,7 @@ fn define_on_second_host() {
 
 #[test]
 fn transient_domain() {
-    if !require_env("transient_domain") {
-        return;
-    }
+    require!(Env::Libvirt);
     let a = World::up("trans-a");
     a.install_hook();
     let vm = Vm::new("trans", Tpm::V2);
@@ -200,17 +192,13 @@ fn local_newer(post_stop_store: bool, tag: &str) {
 
 #[test]
 fn local_newer_is_kept() {
-    if !require_env("local_newer_is_kept") {
-        return;
-    }
+    require!(Env::Libvirt);
     local_newer(true, "newer");
 }
 
 #[test]
 fn local_newer_is_kept_without_post_stop_store() {
-    if !require_env("local_newer_is_kept_without_post_stop_store") {
-        return;
-    }
+    require!(Env::Libvirt);
     local_newer(false, "newer-nostore");
 }
 
@@ -220,9 +208,7 @@ fn local_newer_is_kept_without_post_stop_store() {
 /// must leave B alone.
 #[test]
 fn save_restore_and_managedsave_keep_state() {
-    if !require_env("save_restore_and_managedsave_keep_state") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("save");
     w.install_hook();
     // The post-stop store would write B into the metadata at `save`.
@@ -297,9 +283,7 @@ fn save_restore_and_managedsave_keep_state() {
 
 #[test]
 fn cloned_xml_is_refused_then_adopted() {
-    if !require_env("cloned_xml_is_refused_then_adopted") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("clone");
     w.install_hook();
     let vm = Vm::new("orig", Tpm::V2);
@@ -346,9 +330,7 @@ fn cloned_xml_is_refused_then_adopted() {
 
 #[test]
 fn corrupted_metadata_is_refused() {
-    if !require_env("corrupted_metadata_is_refused") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("corrupt");
     w.install_hook();
     let vm = Vm::new("corrupt", Tpm::V2);
@@ -418,9 +400,7 @@ fn swtpm_listing(w: &World, vm: &Vm) -> Vec<String> {
 
 #[test]
 fn no_metadata_behaves_like_plain_libvirt() {
-    if !require_env("no_metadata_behaves_like_plain_libvirt") {
-        return;
-    }
+    require!(Env::Libvirt);
     let vm = Vm::new("plain", Tpm::V2);
     let a = World::up("plain-hook");
     a.install_hook();
@@ -473,9 +453,7 @@ fn no_metadata_behaves_like_plain_libvirt() {
 
 #[test]
 fn post_stop_store_lands_by_itself() {
-    if !require_env("post_stop_store_lands_by_itself") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("poststop");
     w.install_hook();
     let vm = Vm::new("auto", Tpm::V2);
@@ -517,9 +495,7 @@ fn post_stop_store_lands_by_itself() {
 
 #[test]
 fn tpm12_roundtrip() {
-    if !require_env("tpm12_roundtrip") {
-        return;
-    }
+    require!(Env::Libvirt);
     let a = World::up("tpm12-a");
     a.install_hook();
     let vm = Vm::new("old-tpm", Tpm::V12);
@@ -578,9 +554,7 @@ fn assert_cli_error(w: &World, args: &[&str], code: i32) -> String {
 
 #[test]
 fn cli_show_store_extract_and_errors() {
-    if !require_env("cli_show_store_extract_and_errors") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("cli");
     w.install_hook();
     let vm = Vm::new("cli", Tpm::V2);
@@ -685,9 +659,7 @@ fn cli_show_store_extract_and_errors() {
 
 #[test]
 fn host_untouched() {
-    if !require_env("host_untouched") {
-        return;
-    }
+    require!(Env::Libvirt);
     let before = host_fingerprint();
     {
         let w = World::up("host-check");
@@ -856,17 +828,13 @@ fn state_at_custom_location(kind: &str) {
 
 #[test]
 fn tpm_state_in_source_dir() {
-    if !require_env("tpm_state_in_source_dir") {
-        return;
-    }
+    require!(Env::Libvirt);
     state_at_custom_location("dir");
 }
 
 #[test]
 fn tpm_state_in_source_file() {
-    if !require_env("tpm_state_in_source_file") {
-        return;
-    }
+    require!(Env::Libvirt);
     state_at_custom_location("file");
 }
 
@@ -881,9 +849,7 @@ fn tpm_state_in_source_file() {
 /// that is stock libvirt and the hook.
 #[test]
 fn ek_certificate_files_travel_with_the_tpm() {
-    if !require_env("ek_certificate_files_travel_with_the_tpm") {
-        return;
-    }
+    require!(Env::Libvirt);
     let a = World::up("ekcert-a");
     a.install_hook();
     let vm = Vm::new("ek1", Tpm::V2);

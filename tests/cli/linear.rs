@@ -4,10 +4,8 @@
 //! runs with the same TPM. Needs swtpm, swtpm_setup and tpm2-tools (no
 //! libvirt); run as root like the other end-to-end tests.
 
-mod support;
-
+use crate::common::{env::Env, world::*};
 use std::process::Command;
-use support::*;
 use virt_tpm_state::{linear, swtpm};
 
 fn tpm_sh_run(args: &[&str]) -> String {
@@ -21,9 +19,7 @@ fn tpm_sh_run(args: &[&str]) -> String {
 
 #[test]
 fn linear_file_holds_the_dir_backends_permall() {
-    if !require_env("linear_file_holds_the_dir_backends_permall") {
-        return;
-    }
+    require!(Env::Libvirt);
     let tmp = tempfile::tempdir().expect("temp dir");
     let base = tmp.path().canonicalize().unwrap();
     let made = base.join("made.lin");

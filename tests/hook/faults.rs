@@ -12,42 +12,12 @@
 //! cannot rot. Without the feature these tests say SKIP, and fail under
 //! `CI=true` (scripts/test.sh builds with it).
 
-mod scratch;
-mod support;
-
-use scratch::*;
+use crate::common::{env::Env, runner::*, scratch::*, states::*, tree::*};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use virt_tpm_state::fault;
-
-/// Fault points are compiled in, else SKIP (a failure under CI=true).
-fn need_faults(test: &str) -> bool {
-    if fault::ENABLED {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: built without the fault-injection feature under CI=true (scripts/test.sh builds with --features fault-injection)");
-    }
-    eprintln!("SKIP {test}: built without --features fault-injection");
-    false
-}
-
-/// Root and `unshare` (for a private mount namespace), else SKIP (a
-/// failure under CI=true).
-fn need_mounts(test: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    let unshare = Command::new("unshare").arg("--version").output().is_ok();
-    if root && unshare {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root and unshare under CI=true");
-    }
-    eprintln!("SKIP {test}: needs root and unshare (mounts a tmpfs / a read-only bind)");
-    false
-}
 
 fn trace_env(path: &Path) -> (&'static str, String) {
     (fault::TRACE_ENV, path.display().to_string())
@@ -415,9 +385,7 @@ fn is_parent_dir_only(rel: &str) -> bool {
 
 #[test]
 fn every_fault_point_is_reached() {
-    if !need_faults("every_fault_point_is_reached") {
-        return;
-    }
+    require!(Env::Faults);
     let mut seen = std::collections::BTreeSet::new();
     for s in Scenario::ALL {
         seen.extend(s.trace());
@@ -442,9 +410,7 @@ fn every_fault_point_is_reached() {
 
 #[test]
 fn restore_killed_at_every_step_keeps_a_whole_state() {
-    if !need_faults("restore_killed_at_every_step_keeps_a_whole_state") {
-        return;
-    }
+    require!(Env::Faults);
     for s in [
         Scenario::Replace,
         Scenario::PutBackKept,
@@ -510,9 +476,7 @@ fn one_generation<'a>(c: &'a Case, what: &str) -> &'a St {
 /// in a backup; B, once it was live, too).
 #[test]
 fn restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation() {
-    if !need_faults("restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation") {
-        return;
-    }
+    require!(Env::Faults);
     let s = Scenario::Replace;
     let trace = s.trace();
     assert!(
@@ -592,9 +556,7 @@ fn restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation() {
 /// and no leftovers.
 #[test]
 fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
-    if !need_faults("finishing_an_interrupted_restore_killed_at_every_step_converges") {
-        return;
-    }
+    require!(Env::Faults);
     let s = Scenario::Replace;
     let first = (fault::FAULT_ENV, "nvram.renamed#1=kill".to_string());
     let interrupted = || {
@@ -651,18 +613,14 @@ fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
 
 #[test]
 fn stopped_killed_at_every_step_keeps_a_whole_copy() {
-    if !need_faults("stopped_killed_at_every_step_keeps_a_whole_copy") {
-        return;
-    }
+    require!(Env::Faults);
     let n = inject_each(Scenario::StoppedKeeps, "kill", |_| true);
     assert!(n >= 4, "only {n} steps");
 }
 
 #[test]
 fn restore_io_error_at_every_step_fails_cleanly() {
-    if !need_faults("restore_io_error_at_every_step_fails_cleanly") {
-        return;
-    }
+    require!(Env::Faults);
     for s in Scenario::ALL {
         inject_each(s, "eio", |_| true);
     }
@@ -670,9 +628,7 @@ fn restore_io_error_at_every_step_fails_cleanly() {
 
 #[test]
 fn restore_disk_full_at_every_write_fails_cleanly() {
-    if !need_faults("restore_disk_full_at_every_write_fails_cleanly") {
-        return;
-    }
+    require!(Env::Faults);
     for s in Scenario::ALL {
         inject_each(s, "enospc", |p| p.ends_with(".write"));
     }
@@ -680,9 +636,7 @@ fn restore_disk_full_at_every_write_fails_cleanly() {
 
 #[test]
 fn restore_rename_fails_keeps_previous_state() {
-    if !need_faults("restore_rename_fails_keeps_previous_state") {
-        return;
-    }
+    require!(Env::Faults);
     for s in Scenario::ALL {
         let n = inject_each(s, "exdev", |p| p.ends_with(".rename"));
         assert!(n >= 1, "{s:?}: no rename");
@@ -802,9 +756,7 @@ const ROOM_AGAIN: &str = r#"rm "$ROOT/filler""#;
 
 #[test]
 fn restore_disk_full_keeps_previous_state() {
-    if !need_mounts("restore_disk_full_keeps_previous_state") {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("unshare"));
     let c = Scenario::Replace.setup();
     let before = c.s.tree();
     let (first, second, after1, after2) =
@@ -828,9 +780,7 @@ fn restore_disk_full_keeps_previous_state() {
 
 #[test]
 fn restore_disk_full_on_a_fresh_host_leaves_no_state_dir() {
-    if !need_mounts("restore_disk_full_on_a_fresh_host_leaves_no_state_dir") {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("unshare"));
     let c = Scenario::Fresh.setup();
     let (first, second, after1, after2) =
         twice_in_mount_ns(&c, &xml_with(&c.a, 1), FULL_DISK, ROOM_AGAIN);
@@ -856,9 +806,7 @@ fn restore_disk_full_on_a_fresh_host_leaves_no_state_dir() {
 
 #[test]
 fn restore_read_only_state_fs_keeps_previous_state() {
-    if !need_mounts("restore_read_only_state_fs_keeps_previous_state") {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("unshare"));
     let c = Scenario::Replace.setup();
     let (first, second, after1, after2) = twice_in_mount_ns(
         &c,
@@ -887,9 +835,7 @@ mount -o remount,bind,ro "$ROOT/var/lib/libvirt""#,
 
 #[test]
 fn restore_read_only_root_fails_cleanly() {
-    if !need_mounts("restore_read_only_root_fails_cleanly") {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("unshare"));
     let c = Scenario::Replace.setup();
     let before = c.s.tree();
     let (first, second, after1, after2) = twice_in_mount_ns(
@@ -915,13 +861,13 @@ mount -o remount,bind,ro "$ROOT""#,
 /// is the old or the new state, J never runs ahead of it, a `restore` then
 /// changes nothing (no blank or stale TPM), and the next store converges.
 fn store_fault_each(test: &str, action: &str) {
-    if !need_faults(test) || !support::require_env(test) {
+    if !crate::common::env::ready(test, &[Env::Faults, Env::Libvirt]) {
         return;
     }
-    let w = support::World::up(&format!("faults-{action}"));
+    let w = crate::common::world::World::up(&format!("faults-{action}"));
     w.install_hook();
     w.append_config("store_after_stop = false");
-    let vm = support::Vm::new("fvm", support::Tpm::V2);
+    let vm = crate::common::world::Vm::new("fvm", crate::common::world::Tpm::V2);
     w.manufacture(&vm);
     w.must_vts(&["store", &vm.name]);
     let (gen1, _) = w.dump(&vm.name, "gen1.xml", true);
@@ -961,7 +907,7 @@ fn store_fault_each(test: &str, action: &str) {
     w.check(
         &["store"],
         w.exec_env(
-            &[support::VTS, "store", &vm.name],
+            &[crate::common::world::VTS, "store", &vm.name],
             &[(fault::TRACE_ENV, &trace_arg)],
         ),
     );
@@ -984,7 +930,7 @@ fn store_fault_each(test: &str, action: &str) {
         std::fs::remove_dir_all(&kept).unwrap();
         cp(&kept_saved, &kept);
         let out = w.exec_env(
-            &[support::VTS, "store", &vm.name],
+            &[crate::common::world::VTS, "store", &vm.name],
             &[(fault::FAULT_ENV, &spec)],
         );
         if action == "kill" {
@@ -1049,19 +995,16 @@ fn store_disk_full_at_every_step_converges() {
 /// store converges, with no temp files left.
 #[test]
 fn store_disk_full_on_a_real_tmpfs_converges() {
-    let test = "store_disk_full_on_a_real_tmpfs_converges";
-    if !support::require_env(test) {
-        return;
-    }
-    let w = support::World::up("faults-tmpfs");
+    require!(Env::Libvirt);
+    let w = crate::common::world::World::up("faults-tmpfs");
     w.install_hook();
     w.append_config("store_after_stop = false");
-    let vm = support::Vm::new("fullvm", support::Tpm::V2);
+    let vm = crate::common::world::Vm::new("fullvm", crate::common::world::Tpm::V2);
     w.manufacture(&vm);
     w.must_vts(&["store", &vm.name]);
     let d1 = w.show_json(&vm.name, true)["digest"].clone();
     let j_path = format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid);
-    let cat_j = || support::stdout(&w.must(&["cat", &j_path]));
+    let cat_j = || crate::common::world::stdout(&w.must(&["cat", &j_path]));
     let j1 = cat_j();
     w.write_secret(&vm, "full-disk");
     let permall = w.must_permall(&vm);
@@ -1084,7 +1027,7 @@ dd if=/dev/zero of=/var/lib/virt-tpm-state/filler bs=4096 2>/dev/null || true"#,
     assert!(m == d1 || m == d2, "metadata is neither state");
     assert_eq!(cat_j(), j1, "J changed on a full disk");
     let leftovers = || {
-        support::stdout(&w.must(&[
+        crate::common::world::stdout(&w.must(&[
             "find",
             "/var/lib/virt-tpm-state",
             "/var/lib/libvirt/swtpm",

@@ -6,9 +6,7 @@
 //! stdout is quiet, `xmllint --relaxng` agrees with the reader on every
 //! vector, and the Python reference reader too.
 
-mod scratch;
-
-use scratch::{Scratch, St};
+use crate::common::{scratch::Scratch, states::St};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -424,8 +422,8 @@ fn pack_reads_every_source_and_seals_with_a_named_key() {
 fn pack_into_a_domain_xml_and_bare_elements() {
     let env = Env::new();
     let (d, st) = tpm2_state(&env);
-    let fixture = scratch::fixture_xml();
-    let uuid = scratch::fixture_uuid(&fixture);
+    let fixture = crate::common::states::fixture_xml();
+    let uuid = crate::common::states::fixture_uuid(&fixture);
     // The fixture's metadata holds a placeholder element of our namespace:
     // replaced. Without metadata: added.
     let plain = fixture.replace("urn:virt-tpm-state:1", "urn:example:other");
@@ -529,7 +527,7 @@ fn pack_into_a_domain_xml_and_bare_elements() {
 fn pack_kept_gives_a_transient_domains_final_state() {
     let s = Scratch::new();
     let st = St::new("transient");
-    let xml = scratch::xml_for(&st, 1, &s.uuid, false);
+    let xml = crate::common::states::xml_for(&st, 1, &s.uuid, false);
     let o = s.prepare(&xml, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = s.hook("stopped", "end", &xml, &[]);
@@ -722,23 +720,6 @@ fn a_closed_stdout_is_quiet() {
     }
 }
 
-fn tool_or_skip(test: &str, probe: &[&str]) -> bool {
-    let ok = Command::new(probe[0])
-        .args(&probe[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: {probe:?} unavailable under CI"
-        );
-        eprintln!("SKIP {test}: {probe:?} unavailable");
-    }
-    ok
-}
-
 fn python_reader() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/python/virt_tpm_state.py")
 }
@@ -747,12 +728,11 @@ fn python_reader() -> PathBuf {
 /// every vector (0 exactly when it accepts), with the vector keys.
 #[test]
 fn python_reference_reader_agrees_on_every_vector() {
-    if !tool_or_skip(
-        "python_reference_reader_agrees_on_every_vector",
-        &["python3", "-c", "import cryptography, pyrage"],
-    ) {
-        return;
-    }
+    require!(crate::common::env::Env::Runs(&[
+        "python3",
+        "-c",
+        "import cryptography, pyrage"
+    ]));
     let mut failures = Vec::new();
     for v in vectors() {
         let want = expected_exit(&expectation(&v));
@@ -845,11 +825,10 @@ const SCHEMA_INVALID: &[&str] = &[
 
 #[test]
 fn relaxng_schema_agrees_with_the_reader_on_every_vector() {
-    if !tool_or_skip("relaxng_schema", &["xmllint", "--version"])
-        || !tool_or_skip("relaxng_schema", &["python3", "-c", "pass"])
-    {
-        return;
-    }
+    require!(
+        crate::common::env::Env::Cmd("xmllint"),
+        crate::common::env::Env::Cmd("python3")
+    );
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/virt-tpm-state.rng");
     let tmp = tempfile::tempdir().unwrap();
     let validate = |el: &Path| -> bool {
@@ -912,8 +891,9 @@ fn relaxng_schema_agrees_with_the_reader_on_every_vector() {
 fn pack_into_continues_the_generation_chain() {
     let env = Env::new();
     let (d, _) = tpm2_state(&env);
-    let fixture = scratch::fixture_xml().replace("urn:virt-tpm-state:1", "urn:example:other");
-    let uuid = scratch::fixture_uuid(&fixture);
+    let fixture =
+        crate::common::states::fixture_xml().replace("urn:virt-tpm-state:1", "urn:example:other");
+    let uuid = crate::common::states::fixture_uuid(&fixture);
     let f = env.path("dom.xml");
     std::fs::write(&f, &fixture).unwrap();
     let pack = |extra: &[&str]| -> (String, serde_json::Value) {
@@ -1113,11 +1093,10 @@ fn keys_dir_rules_and_pack_json() {
 /// (where there is an element) the schema agree on each.
 #[test]
 fn fixtures_agree_across_the_three_readers() {
-    if !tool_or_skip("fixtures_agree", &["xmllint", "--version"])
-        || !tool_or_skip("fixtures_agree", &["python3", "-c", "import cryptography"])
-    {
-        return;
-    }
+    require!(
+        crate::common::env::Env::Cmd("xmllint"),
+        crate::common::env::Env::Runs(&["python3", "-c", "import cryptography"])
+    );
     let env = Env::new();
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/virt-tpm-state.rng");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/domains");

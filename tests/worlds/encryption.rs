@@ -3,11 +3,9 @@
 //! and the store policy without a key. Same rules as tests/e2e.rs: root and
 //! the tools, or `SKIP` (a failure under `CI=true`).
 
-mod support;
-
+use crate::common::{env::Env, world::*};
 use base64::Engine as _;
 use std::io::Read;
-use support::*;
 
 fn vm_with_secret(w: &World, vm: &Vm, secret: &str) -> String {
     w.manufacture(vm);
@@ -54,9 +52,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn readonly_dumpxml_reveals_no_tpm_state() {
-    if !require_env("readonly_dumpxml_reveals_no_tpm_state") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("enc-ro");
     w.install_hook();
     assert_eq!(w.keys().len(), 1, "install must create one host key");
@@ -113,9 +109,7 @@ fn readonly_dumpxml_reveals_no_tpm_state() {
 
 #[test]
 fn key_rotation_rekey_then_old_key_removed() {
-    if !require_env("key_rotation_rekey_then_old_key_removed") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("enc-rotate");
     w.install_hook();
     let vm = Vm::new("rotated", Tpm::V2);
@@ -170,9 +164,7 @@ fn key_rotation_rekey_then_old_key_removed() {
 
 #[test]
 fn store_without_a_key_refuses_unless_plaintext_is_allowed() {
-    if !require_env("store_without_a_key_refuses_unless_plaintext_is_allowed") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("enc-nokey");
     w.install_hook();
     for k in w.keys() {

@@ -8,12 +8,10 @@
 //! (default 60 s with a full reconcile every 15 s: four reconciles that must
 //! write nothing; the ten-minute window is a benchmark, docs/BENCHMARKS.md).
 
-mod support;
-
+use crate::common::{env::Env, world::*};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
-use support::*;
 
 /// A change that looks like swtpm's: a complete new file written beside the
 /// state file and renamed over it (`n` makes each change distinct).
@@ -74,9 +72,7 @@ fn running_vm(tag: &str, name: &str) -> (World, Vm) {
 
 #[test]
 fn watch_syncs_a_change_into_live_and_config() {
-    if !require_env("watch_syncs_a_change_into_live_and_config") {
-        return;
-    }
+    require!(Env::Libvirt);
     let (w, vm) = running_vm("watch-sync", "wvm");
     let d = Watch::start(&w, "sync");
     // At start it reconciles: the state libvirt's start changed is stored.
@@ -167,9 +163,7 @@ fn watch_syncs_a_change_into_live_and_config() {
 
 #[test]
 fn watch_survives_libvirtd_restart() {
-    if !require_env("watch_survives_libvirtd_restart") {
-        return;
-    }
+    require!(Env::Libvirt);
     let (w, vm) = running_vm("watch-restart", "rvm");
     let d = Watch::start(&w, "restart");
     wait_synced(&w, &vm, true, Duration::from_secs(15));
@@ -210,9 +204,7 @@ fn watch_survives_libvirtd_restart() {
 
 #[test]
 fn watch_killed_mid_store_leaves_valid_metadata() {
-    if !require_env("watch_killed_mid_store_leaves_valid_metadata") {
-        return;
-    }
+    require!(Env::Libvirt);
     let (w, vm) = running_vm("watch-kill", "kvm1");
     let mut kills = 0;
     for n in 0..12u64 {
@@ -241,9 +233,7 @@ fn watch_killed_mid_store_leaves_valid_metadata() {
 
 #[test]
 fn watch_undefine_while_watched_no_error_loop() {
-    if !require_env("watch_undefine_while_watched_no_error_loop") {
-        return;
-    }
+    require!(Env::Libvirt);
     let (w, vm) = running_vm("watch-undef", "uvm");
     let d = Watch::start(&w, "undef");
     wait_synced(&w, &vm, true, Duration::from_secs(15));
@@ -268,9 +258,7 @@ fn watch_undefine_while_watched_no_error_loop() {
 
 #[test]
 fn watch_idle_host_is_left_alone() {
-    if !require_env("watch_idle_host_is_left_alone") {
-        return;
-    }
+    require!(Env::Libvirt);
     let secs: u64 = std::env::var("VTS_WATCH_IDLE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -329,13 +317,8 @@ fn watch_unit_file_verifies() {
     ] {
         assert!(unit.lines().any(|l| l == key), "unit lacks {key}");
     }
-    let analyze = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file());
-    let Some(analyze) = analyze else {
-        eprintln!("SKIP systemd-analyze verify: systemd-analyze is not installed");
-        return;
-    };
+    require!(Env::Cmd("systemd-analyze"));
+    let analyze = "systemd-analyze";
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("virt-tpm-state-watch.service");
     std::fs::write(
@@ -365,10 +348,7 @@ fn watch_unit_file_verifies() {
 /// places no unit and says how to run the daemon.
 #[test]
 fn install_without_systemd_says_how_to_run_watch() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP install_without_systemd_says_how_to_run_watch: not root");
-        return;
-    }
+    require!(Env::Root);
     let root = tempfile::tempdir().unwrap();
     let out = Command::new(VTS)
         .args([

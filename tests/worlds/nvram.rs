@@ -4,10 +4,8 @@
 //! the PyPI package `virt-firmware`, installed by scripts/install-deps.sh),
 //! or `SKIP` (a failure under `CI=true`).
 
-mod support;
-
+use crate::common::{env::Env, world::*};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-use support::*;
 
 /// After a restore on `w` (the VM running paused): the TPM holds `secret`
 /// and the endorsement key `ek`; then the guest's firmware runs for `secs`
@@ -23,16 +21,7 @@ fn secret_kept_then_boot(w: &World, vm: &Vm, secret: &str, ek: &str, secs: u64) 
 
 #[test]
 fn uefi_vars_travel_with_the_tpm() {
-    if !require_env("uefi_vars_travel_with_the_tpm") {
-        return;
-    }
-    if !has_fw_vars() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("virt-fw-vars missing (pip install virt-firmware; scripts/install-deps.sh)");
-        }
-        eprintln!("SKIP uefi_vars_travel_with_the_tpm: virt-fw-vars not installed");
-        return;
-    }
+    require!(Env::Libvirt, Env::FwVars);
     let a = World::up("nvram-a");
     a.install_hook();
     let vm = Vm::new("efi1", Tpm::V2);
@@ -200,11 +189,7 @@ fn wrap_hook_in_umask(w: &World) {
 /// One VM, defined again from its metadata under each umask in turn.
 #[test]
 fn umask_wrapped_hook_starts_uefi_tpm_vms() {
-    if !require_env("umask_wrapped_hook_starts_uefi_tpm_vms")
-        || !need_fw_vars("umask_wrapped_hook_starts_uefi_tpm_vms")
-    {
-        return;
-    }
+    require!(Env::Libvirt, Env::FwVars);
     let w = World::up("nvram-umask");
     w.install_hook();
     wrap_hook_in_umask(&w);
@@ -298,11 +283,7 @@ fn strip_nvram(xml: &str) -> String {
 /// (the hook's post-stop store) and start again from the metadata alone.
 #[test]
 fn relocated_var_lib_libvirt_starts_and_stores() {
-    if !require_env("relocated_var_lib_libvirt_starts_and_stores")
-        || !need_fw_vars("relocated_var_lib_libvirt_starts_and_stores")
-    {
-        return;
-    }
+    require!(Env::Libvirt, Env::FwVars);
     let host_before = host_fingerprint();
     {
         let w = World::up_env("nvram-link", &[("WORLD_LIBVIRT_LIB_LINK", "1")]);
@@ -461,9 +442,7 @@ fn verdicts(w: &World, name: &str) -> (bool, bool, bool) {
 /// tested against the state digest).
 #[test]
 fn show_status_and_restore_agree_on_matches() {
-    if !need_fw_vars("show_status_and_restore_agree_on_matches") {
-        return;
-    }
+    require!(Env::Libvirt, Env::FwVars);
     let w = World::up("agree");
     w.append_config("nvram_without_tpm = true");
     w.install_hook();
@@ -586,9 +565,7 @@ fn uefi_var(json: &[u8], name: &str) -> Option<(u64, String)> {
 /// test checks that libvirt drops the element, so nothing claims to carry it.
 #[test]
 fn varstore_travels_with_the_tpm() {
-    if !require_env("varstore_travels_with_the_tpm") {
-        return;
-    }
+    require!(Env::Libvirt);
     let a = World::up("varstore-a");
     let vm = Vm::new("vs1", Tpm::V2);
     let xml = varstore_xml(&vm);

@@ -20,23 +20,21 @@
 //! failure under `CI=true`). The world tests of the same issue (umask
 //! wrapper, relocated `/var/lib/libvirt`) are in tests/nvram.rs.
 
-mod scratch;
-mod support;
-
-use scratch::*;
+use crate::common::{env::Env, runner::*, scratch::*, states::*, tree::*, users::*};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn gate_env(test: &str) -> bool {
-    let mut missing = Vec::new();
-    if !Path::new("/usr/bin/python3").is_file() {
-        missing.push("/usr/bin/python3 not found".to_string());
-    }
-    support::require_root_and(test, &["setpriv", "useradd", "groupadd", "sh"])
-        && support::gate(test, missing)
-}
+/// Root and real users; python3 at the path the scripts below name.
+const TRUST_ENV: &[Env] = &[
+    Env::Root,
+    Env::Cmd("setpriv"),
+    Env::Cmd("useradd"),
+    Env::Cmd("groupadd"),
+    Env::Cmd("sh"),
+    Env::File("/usr/bin/python3"),
+];
 
 /// A machine state with a small VARS file (the race encodes hundreds).
 fn small(seed: &str) -> St {
@@ -229,9 +227,7 @@ impl Drop for Swapper {
 
 #[test]
 fn racing_nvram_swapper_never_gets_an_outside_dir() {
-    if !gate_env("racing_nvram_swapper_never_gets_an_outside_dir") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     // A count of runs, not a time budget: on a loaded machine each run is
     // slower, never fewer (the swapper outlives them all and is stopped).
     const RUNS: usize = 200;
@@ -373,9 +369,7 @@ fn racing_nvram_swapper_never_gets_an_outside_dir() {
 
 #[test]
 fn symlinked_nvram_dir_is_refused_and_nothing_outside_is_written() {
-    if !gate_env("symlinked_nvram_dir_is_refused_and_nothing_outside_is_written") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let forms: [(&str, XmlOf); 2] = [
         ("autoselected", xml_auto),
@@ -432,9 +426,7 @@ fn symlinked_nvram_dir_is_refused_and_nothing_outside_is_written() {
 
 #[test]
 fn symlinked_swtpm_base_is_refused_and_nothing_outside_is_written() {
-    if !gate_env("symlinked_swtpm_base_is_refused_and_nothing_outside_is_written") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let forms: [(&str, XmlOf); 2] = [("TPM only", tpm_only_xml), ("UEFI autoselected", xml_auto)];
     let cases = forms.into_iter().flat_map(|f| [(f, false), (f, true)]);
@@ -498,9 +490,7 @@ fn relocate(s: &Scratch) -> PathBuf {
 
 #[test]
 fn relocated_var_lib_libvirt_by_root_is_followed() {
-    if !gate_env("relocated_var_lib_libvirt_by_root_is_followed") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     // /var/lib root 0755, and root 1777 (sticky: a root-owned link in it is
     // protected): both trusted. The swtpm base made by libvirt before, or
@@ -580,9 +570,7 @@ fn relocated_var_lib_libvirt_by_root_is_followed() {
 
 #[test]
 fn links_in_dirs_others_can_write_are_never_followed() {
-    if !gate_env("links_in_dirs_others_can_write_are_never_followed") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     // (what, owner of var/lib, its mode, owner of the link)
     let cases = [
@@ -657,9 +645,7 @@ fn links_in_dirs_others_can_write_are_never_followed() {
 
 #[test]
 fn missing_nvram_dir_is_refused_not_created() {
-    if !gate_env("missing_nvram_dir_is_refused_not_created") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let forms: [(&str, XmlOf); 2] = [
         ("autoselected", xml_auto),
@@ -700,9 +686,7 @@ fn missing_nvram_dir_is_refused_not_created() {
 
 #[test]
 fn modes_do_not_depend_on_the_umask() {
-    if !gate_env("modes_do_not_depend_on_the_umask") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     each_case(
         ["000", "022", "077"],
@@ -767,9 +751,7 @@ fn modes_do_not_depend_on_the_umask() {
 
 #[test]
 fn existing_dirs_keep_their_owner_and_mode() {
-    if !gate_env("existing_dirs_keep_their_owner_and_mode") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let s = Scratch::debian(&u);
     // Made by someone else before (an older libvirt, an admin), with modes
@@ -812,9 +794,7 @@ fn existing_dirs_keep_their_owner_and_mode() {
 
 #[test]
 fn deep_tree_planted_by_tss_leaves_nothing_behind() {
-    if !gate_env("deep_tree_planted_by_tss_leaves_nothing_behind") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let s = Scratch::debian(&u);
     let outside = victim(&s, "victim");
@@ -925,7 +905,9 @@ fn vector_restored(s: &Scratch) -> Option<String> {
     let p = s.path(&format!(
         "var/lib/libvirt/swtpm/{VECTOR_UUID}/tpm2/tpm2-00.permall"
     ));
-    std::fs::read(p).ok().map(|d| support::sha256_hex(&d))
+    std::fs::read(p)
+        .ok()
+        .map(|d| crate::common::world::sha256_hex(&d))
 }
 
 fn json_of(out: &Output, what: &str) -> serde_json::Value {
@@ -935,9 +917,7 @@ fn json_of(out: &Output, what: &str) -> serde_json::Value {
 
 #[test]
 fn a_bad_key_file_is_named_and_skipped_for_other_keys() {
-    if !gate_env("a_bad_key_file_is_named_and_skipped_for_other_keys") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let garbage = "20240101T000000Z-0123456789abcdef.key";
     let foreign = "20240201T000000Z-fedcba9876543210.key";
@@ -1011,9 +991,7 @@ fn a_bad_key_file_is_named_and_skipped_for_other_keys() {
 
 #[test]
 fn keys_dir_others_can_write_refuses_every_sealed_operation() {
-    if !gate_env("keys_dir_others_can_write_refuses_every_sealed_operation") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let dirs = [
         ("root 0777", (0, 0), 0o777),
@@ -1077,9 +1055,7 @@ fn keys_dir_others_can_write_refuses_every_sealed_operation() {
 
 #[test]
 fn plaintext_show_and_extract_need_no_keys() {
-    if !gate_env("plaintext_show_and_extract_need_no_keys") {
-        return;
-    }
+    require!(Env::All(TRUST_ENV));
     let u = users();
     let s = Scratch::debian(&u);
     keys_dir(&s);
@@ -1112,7 +1088,7 @@ fn plaintext_show_and_extract_need_no_keys() {
     assert_eq!(out.status.code(), Some(0), "extract as tss\n{}", show(&out));
     let permall = std::fs::read(out_dir.join("tpm2-00.permall")).unwrap_or_default();
     assert_eq!(
-        support::sha256_hex(&permall),
+        crate::common::world::sha256_hex(&permall),
         VECTOR_PERMALL,
         "{}",
         show(&out)

@@ -5,10 +5,7 @@
 //! files remain, and a lock wait that times out fails with exit 9 and one
 //! clear line, writing nothing.
 
-mod scratch;
-mod support;
-
-use scratch::*;
+use crate::common::{env::Env, runner::*, scratch::*, states::*, tree::*};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
@@ -216,41 +213,41 @@ fn different_domains_do_not_wait_for_each_other() {
 /// state agree at the end.
 #[test]
 fn parallel_stores_in_a_world_agree() {
-    if !support::require_env("parallel_stores_in_a_world_agree") {
-        return;
-    }
-    let w = support::World::up("concurrent-stores");
+    require!(Env::Libvirt);
+    let w = crate::common::world::World::up("concurrent-stores");
     w.install_hook();
     w.append_config("store_after_stop = false");
     let vms = [
-        support::Vm::new("cvm1", support::Tpm::V2),
-        support::Vm::new("cvm2", support::Tpm::V2),
+        crate::common::world::Vm::new("cvm1", crate::common::world::Tpm::V2),
+        crate::common::world::Vm::new("cvm2", crate::common::world::Tpm::V2),
     ];
     for (i, vm) in vms.iter().enumerate() {
         w.manufacture(vm);
         w.must_vts(&["store", &vm.name]);
         w.write_secret(vm, &format!("concurrent-{i}"));
     }
-    let outs: Vec<(String, Output)> =
-        std::thread::scope(|scope| {
-            let mut handles = Vec::new();
-            for vm in &vms {
-                for k in 0..4 {
-                    let op = if k == 3 { "restore" } else { "store" };
-                    let name = vm.name.clone();
-                    let w = &w;
-                    handles.push(scope.spawn(move || {
-                        (format!("{op} {name}"), w.exec(&[support::VTS, op, &name]))
-                    }));
-                }
+    let outs: Vec<(String, Output)> = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for vm in &vms {
+            for k in 0..4 {
+                let op = if k == 3 { "restore" } else { "store" };
+                let name = vm.name.clone();
+                let w = &w;
+                handles.push(scope.spawn(move || {
+                    (
+                        format!("{op} {name}"),
+                        w.exec(&[crate::common::world::VTS, op, &name]),
+                    )
+                }));
             }
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        }
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     for (what, out) in &outs {
         assert!(
             out.status.success(),
             "{what} failed\n{}",
-            support::describe(&[what], out)
+            crate::common::world::describe(&[what], out)
         );
     }
     for vm in &vms {

@@ -1,0 +1,153 @@
+//! Trees compared before and after a run: every entry below a root with
+//! kind, owner, mode and content digest, never following a link.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use virt_tpm_state::state::Sha256Sum;
+
+/// Markers of our temp and old entries: none may survive a finished run.
+pub const LEFTOVER_MARKS: &[&str] = &[".vts-new.", ".vts-old.", ".vts-nvram-new."];
+
+pub fn find_leftovers(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+        if LEFTOVER_MARKS.iter().any(|m| name.contains(m)) {
+            out.push(rel);
+        }
+        if e.file_type().unwrap().is_dir() {
+            find_leftovers(root, &e.path(), out);
+        }
+    }
+}
+
+pub fn tree(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+        // The lock dir and files are no state (made on the first lock).
+        if rel == "run" || rel.starts_with("run/") {
+            continue;
+        }
+        if e.file_type().unwrap().is_dir() {
+            out.insert(rel, "dir".into());
+            tree(root, &e.path(), out);
+        } else {
+            let data = std::fs::read(e.path()).unwrap_or_default();
+            out.insert(rel, Sha256Sum::of(&data).short());
+        }
+    }
+}
+
+/// Owner and mode: uid, gid, mode & 0o7777 (shown as `uid:gid 0mode`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Om(pub u32, pub u32, pub u32);
+
+impl std::fmt::Debug for Om {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{} {:04o}", self.0, self.1, self.2)
+    }
+}
+
+/// Owner and mode of `p`, not following a link.
+pub fn stat_of(p: &Path) -> Om {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    Om(m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+/// One entry, never following a link: kind, owner, mode, and for a file
+/// the digest of its content, for a link its target ("absent" if none).
+pub fn meta_of(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::symlink_metadata(p) else {
+        return "absent".into();
+    };
+    let ft = m.file_type();
+    let head = format!("{}:{} {:04o}", m.uid(), m.gid(), m.mode() & 0o7777);
+    if ft.is_symlink() {
+        let t = std::fs::read_link(p).unwrap_or_default();
+        format!("link {head} -> {}", t.display())
+    } else if ft.is_dir() {
+        format!("dir {head}")
+    } else if ft.is_file() {
+        let data = std::fs::read(p).unwrap_or_default();
+        format!("file {head} {}", Sha256Sum::of(&data).short())
+    } else {
+        format!("other {head}")
+    }
+}
+
+/// [`meta_of`] for `dir` (as ".") and everything below it, never following
+/// a link; the subtrees at the relative paths in `skip` are listed but not
+/// entered.
+pub fn meta_tree(dir: &Path, skip: &[&str]) -> BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, skip: &[&str], out: &mut BTreeMap<String, String>) {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        names.sort();
+        for p in names {
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let meta = meta_of(&p);
+            let is_dir = meta.starts_with("dir ");
+            out.insert(rel.clone(), meta);
+            if is_dir && !skip.contains(&rel.as_str()) {
+                walk(base, &p, skip, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    out.insert(".".into(), meta_of(dir));
+    walk(dir, dir, skip, &mut out);
+    out
+}
+
+/// (relative path, uid, gid) of every entry below `dir`, never following a
+/// link nor entering the subtrees at `skip` (cheap: no content read).
+pub fn owners(dir: &Path, skip: &[&str]) -> Vec<(String, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            if m.file_type().is_dir() && !skip.contains(&rel.as_str()) {
+                todo.push(p);
+            }
+            out.push((rel, m.uid(), m.gid()));
+        }
+    }
+    out
+}
+
+/// The entries whose [`meta_of`] differs between two [`meta_tree`]s.
+pub fn meta_diff(
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (k, v) in before {
+        match after.get(k) {
+            None => d.push(format!("- {k}  ({v})")),
+            Some(w) if w != v => d.push(format!("~ {k}  {v}  =>  {w}")),
+            _ => {}
+        }
+    }
+    for (k, v) in after {
+        if !before.contains_key(k) {
+            d.push(format!("+ {k}  ({v})"));
+        }
+    }
+    d
+}
+
+pub fn show_meta(t: &BTreeMap<String, String>) -> String {
+    t.iter().map(|(k, v)| format!("  {k}  {v}\n")).collect()
+}
