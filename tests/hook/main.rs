@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod cases;
 mod concurrency;
 mod faults;
 mod hook;
