@@ -1176,14 +1176,8 @@ fn pack_state_dir_carries_ek_certificates_not_the_backup() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let j = show_json(&env, &o.stdout, &[]);
     // Sorted by name, as the element holds them.
-    let names: Vec<&str> = j["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|f| f["name"].as_str())
-        .collect();
     assert_eq!(
-        names,
+        crate::common::runner::json_file_names(&j),
         ["ek-rsa2048.crt", "ek-secp384r1.crt", "tpm2-00.permall"],
         "{j:#}"
     );

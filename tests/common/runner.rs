@@ -103,3 +103,14 @@ pub fn failed_any(out: &Output, codes: &[i32], what: &str) -> (i32, String) {
     );
     (code, failed(out, code, what))
 }
+
+/// The file names a `show --json` lists, in its order (the element's:
+/// sorted by name).
+pub fn json_file_names(show: &serde_json::Value) -> Vec<&str> {
+    show["files"]
+        .as_array()
+        .unwrap_or_else(|| panic!("show --json has no files array: {show:#}"))
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect()
+}

@@ -9,6 +9,7 @@
 //! of the tree (modes, owners, sizes, inodes, content digests).
 
 use crate::common::env::Env;
+use crate::common::states::{fixture_uuid, stream};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
@@ -42,13 +43,6 @@ fn prepare_xml() -> String {
     fixture("domains/hook-stdin-prepare-begin.xml")
 }
 
-/// The uuid of the fixture domains used below.
-fn fixture_uuid(xml: &str) -> String {
-    let s = xml.find("<uuid>").unwrap() + "<uuid>".len();
-    let e = xml.find("</uuid>").unwrap();
-    xml[s..e].trim().to_string()
-}
-
 /// `base` with `element` as our metadata element: replaces an element of our
 /// namespace already there, else adds it to `<metadata>` (creating that).
 fn with_element(base: &str, element: &str) -> String {
@@ -71,18 +65,6 @@ fn with_element(base: &str, element: &str) -> String {
         &base[..pos],
         &base[pos..]
     )
-}
-
-/// Deterministic incompressible bytes, like a real permall's keys.
-fn stream(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut i = 0u32;
-    while out.len() < len {
-        out.extend_from_slice(&Sha256Sum::of(format!("{seed}/{i}").as_bytes()).0);
-        i += 1;
-    }
-    out.truncate(len);
-    out
 }
 
 /// A real `name` captured from libvirt under `fixtures/` (outside the

@@ -886,14 +886,8 @@ fn ek_certificate_files_travel_with_the_tpm() {
     assert!(out.contains("stored generation"), "store said: {out}");
     let j = a.show_json(&vm.name, true);
     // Sorted by name, as the element holds them.
-    let names: Vec<&str> = j["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|f| f["name"].as_str())
-        .collect();
     assert_eq!(
-        names,
+        crate::common::runner::json_file_names(&j),
         ["ek-rsa2048.crt", "ek-secp384r1.crt", "tpm2-00.permall"],
         "{j:#}"
     );
