@@ -3,14 +3,105 @@
 //! checks every run gets (exit code, empty stdout, one line on failure),
 //! each printing everything on failure.
 
+use super::tree::{show_stat_tree, stat_tree};
+use std::fmt;
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 pub const HOOK: &str = env!("CARGO_BIN_EXE_virt-tpm-state-hook");
 /// The CLI under test (`virt-tpm-state`).
 pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_virt-tpm-state");
+
+/// One run of the hook on a scratch host: what it printed, how long it
+/// took, and (when shown, i.e. on a failed check) the whole scratch tree.
+/// Derefs to its [`Output`], so the checks below take it too.
+pub struct Run {
+    pub args: Vec<String>,
+    pub out: Output,
+    pub elapsed: Duration,
+    /// The scratch root, listed when the run is shown.
+    pub root: PathBuf,
+}
+
+impl std::ops::Deref for Run {
+    type Target = Output;
+    fn deref(&self) -> &Output {
+        &self.out
+    }
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "\n--- hook {:?}", self.args)?;
+        writeln!(
+            f,
+            "exit code: {:?} (signal {:?}) after {:?}",
+            self.status.code(),
+            self.status.signal(),
+            self.elapsed
+        )?;
+        writeln!(f, "stdout: {:?}", String::from_utf8_lossy(&self.stdout))?;
+        writeln!(f, "stderr: {:?}", self.err())?;
+        write!(
+            f,
+            "scratch tree {}:\n{}",
+            self.root.display(),
+            show_stat_tree(&stat_tree(&self.root))
+        )
+    }
+}
+
+impl Run {
+    /// Its stderr, as text.
+    pub fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    /// Exit 0, nothing on stdout or stderr.
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.status.code(), Some(0), "expected success{self}");
+        assert!(self.stdout.is_empty(), "stdout must stay empty{self}");
+        assert!(
+            self.stderr.is_empty(),
+            "stderr must be empty on success{self}"
+        );
+        self
+    }
+
+    /// Exit `code`, nothing on stdout, one line on stderr saying who speaks.
+    pub fn failed(&self, code: i32) -> &Self {
+        let err = self.err();
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "expected exit code {code}{self}"
+        );
+        assert!(self.stdout.is_empty(), "stdout must stay empty{self}");
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "stderr must be exactly one line{self}"
+        );
+        assert!(err.ends_with('\n'), "{self}");
+        assert!(
+            err.starts_with("virt-tpm-state: "),
+            "stderr line must say who speaks{self}"
+        );
+        self
+    }
+
+    /// Its stderr holds each of `parts`.
+    pub fn says(&self, parts: &[&str]) -> &Self {
+        let err = self.err();
+        for p in parts {
+            assert!(err.contains(p), "stderr lacks {p:?}{self}");
+        }
+        self
+    }
+}
 
 /// No hook run may take longer than this.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);

@@ -2,9 +2,9 @@
 //! the layout libvirt makes, a machine state's readers that refuse an empty
 //! or partial state dir, and the hook run as libvirt runs it.
 
-use super::runner::{show, wait_output, CLI_BIN, HOOK, RUN_TIMEOUT};
+use super::runner::{show, wait_output, Run, CLI_BIN, HOOK, RUN_TIMEOUT};
 use super::states::{fixture_uuid, fixture_xml, St, NAME, VARS_REL};
-use super::tree::{find_leftovers, tree};
+use super::tree::{find_leftovers, stat_diff, stat_tree, tree, StatTree};
 use super::users::{as_user, chmod, chown, Users};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -37,7 +37,79 @@ impl Scratch {
         );
         // libvirt makes its nvram dir; an explicit <nvram>'s dir is never created.
         std::fs::create_dir_all(s.path(VARS_REL).parent().unwrap()).unwrap();
+        s.write(
+            "elsewhere/host-file",
+            "a host file the hook must never touch\n",
+        );
         s
+    }
+
+    /// Writes etc/virt-tpm-state/config.toml: `store_after_stop = false`
+    /// (no helper unless a test asks for one) plus `extra`.
+    pub fn config(&self, extra: &str) {
+        let text = if extra.contains("store_after_stop") {
+            extra.to_string()
+        } else {
+            format!("store_after_stop = false\n{extra}")
+        };
+        self.write("etc/virt-tpm-state/config.toml", &text);
+    }
+
+    pub fn live_permall(&self) -> PathBuf {
+        self.live_dir().join("tpm2-00.permall")
+    }
+
+    /// Every entry below the root with every stat field (see `tree`).
+    pub fn stat_tree(&self) -> StatTree {
+        stat_tree(&self.root())
+    }
+
+    /// The names next to the root: only `root` and what a test put there,
+    /// so a path escaping the root shows up here.
+    pub fn outside(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.root.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Runs a refused case and checks that nothing was written: the tree is
+    /// identical (every stat field and content), except that the per-domain
+    /// lock file (and its directories) may appear, and nothing appeared
+    /// next to the root.
+    pub fn refused(&self, op: &str, xml: &str, code: i32) -> Run {
+        let before = self.stat_tree();
+        let outside = self.outside();
+        let run = self.hook(op, "begin", xml, &[]);
+        run.failed(code);
+        let lock = format!("run/virt-tpm-state/locks/{}.lock", self.uuid);
+        let diff: Vec<String> = stat_diff(&before, &self.stat_tree())
+            .into_iter()
+            .filter(|d| {
+                let p = &d[2..];
+                !(d.starts_with('+')
+                    && [
+                        "run",
+                        "run/virt-tpm-state",
+                        "run/virt-tpm-state/locks",
+                        &lock,
+                    ]
+                    .contains(&p))
+            })
+            .collect();
+        assert!(
+            diff.is_empty(),
+            "a refused run changed the tree: {diff:?}{run}"
+        );
+        assert_eq!(
+            self.outside(),
+            outside,
+            "something was created next to the root{run}"
+        );
+        run
     }
 
     pub fn root(&self) -> PathBuf {
@@ -91,7 +163,7 @@ impl Scratch {
 
     /// Starts the hook with `xml` written to its stdin (closed after).
     /// The hook as libvirt runs it (clean environment), re-rooted here.
-    fn hook_command(&self, op: &str, subop: &str) -> Command {
+    pub fn hook_command(&self, op: &str, subop: &str) -> Command {
         self.hook_command_umask(op, subop, None)
     }
 
@@ -109,9 +181,15 @@ impl Scratch {
         };
         cmd.args([NAME, op, subop, "-"])
             .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("LC_ALL", "C")
+            .env("HOME", "/root")
             .env("VIRT_TPM_STATE_ROOT", self.root())
+            // Must not reach the post-stop helper (it gets a clean environment).
+            .env("VTS_TEST_CANARY", "must-not-reach-the-helper")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -128,7 +206,7 @@ impl Scratch {
         child
     }
 
-    pub fn hook(&self, op: &str, subop: &str, xml: &str, env: &[(&str, String)]) -> Output {
+    pub fn hook(&self, op: &str, subop: &str, xml: &str, env: &[(&str, String)]) -> Run {
         self.hook_umask(op, subop, xml, env, None)
     }
 
@@ -140,29 +218,42 @@ impl Scratch {
         xml: &str,
         env: &[(&str, String)],
         umask: Option<&str>,
-    ) -> Output {
+    ) -> Run {
         let mut cmd = self.hook_command_umask(op, subop, umask);
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let start = std::time::Instant::now();
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the hook {HOOK}: {e}"));
-        let written = child.stdin.take().unwrap().write_all(xml.as_bytes());
+        // Written by a thread, so a hook that stops reading still meets
+        // the timeout.
+        let mut stdin = child.stdin.take().unwrap();
+        let input = xml.as_bytes().to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
         let out = wait_output(child, RUN_TIMEOUT, &format!("the hook ({op} {subop})"));
-        // A hook that exits before it read all of its stdin breaks the
-        // pipe: its exit status and stderr say why.
+        let elapsed = start.elapsed();
+        let written = writer.join().expect("stdin writer");
+        // A hook that exits before it read all of its stdin (an operation
+        // it ignores, or a refusal) breaks the pipe: its exit status and
+        // stderr say why; any other write error is the harness's.
         if let Err(e) = written {
             assert!(
-                e.kind() == std::io::ErrorKind::BrokenPipe && !out.status.success(),
+                e.kind() == std::io::ErrorKind::BrokenPipe,
                 "writing the hook's stdin: {e}\n{}",
                 show(&out)
             );
         }
-        out
+        Run {
+            args: [NAME, op, subop, "-"].map(String::from).to_vec(),
+            out,
+            elapsed,
+            root: self.root(),
+        }
     }
 
-    pub fn prepare(&self, xml: &str, env: &[(&str, String)]) -> Output {
+    pub fn prepare(&self, xml: &str, env: &[(&str, String)]) -> Run {
         self.hook("prepare", "begin", xml, env)
     }
 

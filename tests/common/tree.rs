@@ -151,3 +151,120 @@ pub fn meta_diff(
 pub fn show_meta(t: &BTreeMap<String, String>) -> String {
     t.iter().map(|(k, v)| format!("  {k}  {v}\n")).collect()
 }
+
+/// One entry of a [`StatTree`]: every stat field a run could change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub ino: u64,
+    pub nlink: u64,
+    pub mtime: (i64, i64),
+    /// File: sha256 prefix of the content; link: its target.
+    pub extra: String,
+}
+
+impl Entry {
+    /// The line a golden tree (tests/cases) holds for this entry at `rel`:
+    /// no inode nor time, the owner `me` when it is the test's user.
+    pub fn golden(&self, rel: &str) -> String {
+        let owner = if self.uid == nix::unistd::geteuid().as_raw() {
+            "me".to_string()
+        } else {
+            format!("{}:{}", self.uid, self.gid)
+        };
+        let tail = match self.kind {
+            'f' => format!(" {} {}", self.size, self.extra),
+            'l' => format!(" {}", self.extra),
+            _ => String::new(),
+        };
+        let mode = if self.kind == 'l' { 0o777 } else { self.mode };
+        format!("{} {mode:04o} {owner} {rel}{tail}", self.kind)
+    }
+}
+
+/// Every entry below a root, by relative path.
+pub type StatTree = BTreeMap<String, Entry>;
+
+/// The [`StatTree`] of `root`, never following a link; an entry that
+/// vanishes while it is read (a racing hook) is left out.
+pub fn stat_tree(root: &Path) -> StatTree {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(root: &Path, dir: &Path, out: &mut StatTree) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let ft = m.file_type();
+            let (kind, extra) = if ft.is_symlink() {
+                let target = std::fs::read_link(&p).unwrap_or_default();
+                ('l', format!("-> {}", target.display()))
+            } else if ft.is_dir() {
+                ('d', String::new())
+            } else if ft.is_file() {
+                let data = std::fs::read(&p).unwrap_or_default();
+                ('f', format!("sha256:{}", Sha256Sum::of(&data).short()))
+            } else {
+                ('?', String::new())
+            };
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            out.insert(
+                rel,
+                Entry {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    size: m.size(),
+                    ino: m.ino(),
+                    nlink: m.nlink(),
+                    mtime: (m.mtime(), m.mtime_nsec()),
+                    extra,
+                },
+            );
+            if ft.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = StatTree::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// A listing of `t`, one entry a line, every field.
+pub fn show_stat_tree(t: &StatTree) -> String {
+    let mut s = String::new();
+    for (p, e) in t {
+        s.push_str(&format!(
+            "  {} {:04o} {:>5}:{:<5} {:>7} ino={:<9} nlink={} {p} {}\n",
+            e.kind, e.mode, e.uid, e.gid, e.size, e.ino, e.nlink, e.extra
+        ));
+    }
+    s
+}
+
+/// Paths added, removed or changed (in any stat field or content).
+pub fn stat_diff(before: &StatTree, after: &StatTree) -> Vec<String> {
+    let mut d = Vec::new();
+    for (p, e) in after {
+        match before.get(p) {
+            None => d.push(format!("+ {p}")),
+            Some(b) if b != e => d.push(format!("~ {p}")),
+            _ => {}
+        }
+    }
+    for p in before.keys() {
+        if !after.contains_key(p) {
+            d.push(format!("- {p}"));
+        }
+    }
+    d
+}

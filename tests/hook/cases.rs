@@ -6,10 +6,9 @@
 //! the diff and both trees. `VTS_BLESS=1` rewrites `expected.tree` from
 //! what the hook did, for a reviewer to read in the diff.
 
-use crate::common::runner::{failed, ok};
 use crate::common::scratch::Scratch;
+use crate::common::tree::{stat_diff, stat_tree};
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 fn cases_dir() -> PathBuf {
@@ -22,60 +21,17 @@ fn ignored(rel: &str) -> bool {
     rel == "run" || rel.starts_with("run/") || rel == "etc/libvirt/qemu.conf"
 }
 
-/// One line per entry below `root`, never following a link:
-/// `kind mode owner path [size sha256:prefix | -> target]`, the owner
-/// `me` when it is the test's user.
+/// One line per entry below `root` (`Entry::golden` in tests/common/tree.rs), never following
+/// a link.
 fn golden_tree(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        let me = nix::unistd::geteuid().as_raw();
-        for e in entries {
-            let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            if ignored(&rel) {
-                continue;
-            }
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let owner = if m.uid() == me {
-                "me".to_string()
-            } else {
-                format!("{}:{}", m.uid(), m.gid())
-            };
-            let ft = m.file_type();
-            let (kind, tail) = if ft.is_symlink() {
-                (
-                    'l',
-                    format!(" -> {}", std::fs::read_link(&p).unwrap().display()),
-                )
-            } else if ft.is_dir() {
-                ('d', String::new())
-            } else {
-                let data = std::fs::read(&p).unwrap();
-                let digest = virt_tpm_state::state::Sha256Sum::of(&data).short();
-                ('f', format!(" {} sha256:{digest}", data.len()))
-            };
-            let mode = if ft.is_symlink() {
-                0o777
-            } else {
-                m.mode() & 0o7777
-            };
-            out.insert(
-                rel.clone(),
-                format!("{kind} {mode:04o} {owner} {rel}{tail}"),
-            );
-            if ft.is_dir() {
-                walk(root, &p, out);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
+    stat_tree(root)
+        .into_iter()
+        .filter(|(rel, _)| !ignored(rel))
+        .map(|(rel, e)| {
+            let line = e.golden(&rel);
+            (rel, line)
+        })
+        .collect()
 }
 
 /// Copies `from` into `to`: dirs 0755, files 0644 (git keeps no more),
@@ -111,21 +67,32 @@ fn run_case(name: &str) {
     let xml = read("domain.xml").unwrap_or_else(|| panic!("{name}: no domain.xml"));
     let code: i32 = read("exit").map_or(0, |c| c.trim().parse().expect("exit: a number"));
     let before = text(&golden_tree(&s.root()));
-    let out = s.prepare(&xml, &[]);
-    if code == 0 {
-        ok(&out, name);
+    let stat_before = s.stat_tree();
+    let out = if code == 0 {
+        let run = s.prepare(&xml, &[]);
+        run.ok();
+        run
     } else {
-        let line = failed(&out, code, name);
+        // Every stat field and nothing next to the root: see Scratch::refused.
+        let run = s.refused("prepare", &xml, code);
         for want in read("stderr").unwrap_or_default().lines() {
-            assert!(line.contains(want), "{name}: stderr lacks {want:?}: {line}");
+            run.says(&[want]);
         }
-    }
+        run
+    };
     let after = text(&golden_tree(&s.root()));
-    // A refusal writes nothing: the expected tree is the input's.
-    assert!(
-        code == 0 || after == before,
-        "{name}: refused (exit {code}) but changed the tree\n--- input tree\n{before}--- after\n{after}"
-    );
+    // A run that leaves the golden tree as it was wrote nothing at all:
+    // no file rewritten with the same content, no inode replaced.
+    if after == before {
+        let diff: Vec<String> = stat_diff(&stat_before, &s.stat_tree())
+            .into_iter()
+            .filter(|d| !ignored(&d[2..]))
+            .collect();
+        assert!(
+            diff.is_empty(),
+            "{name}: same names and digests, but rewritten: {diff:?}{out}"
+        );
+    }
     let expected_file = dir.join("expected.tree");
     if std::env::var("VTS_BLESS").as_deref() == Ok("1") {
         std::fs::write(&expected_file, &after).unwrap();
@@ -148,7 +115,7 @@ fn run_case(name: &str) {
         }
         panic!(
             "{name}: the tree after prepare differs from expected.tree\n--- diff (- expected, + got)\n{diff}--- input tree\n{before}--- tree after the hook\n{after}--- hook stderr\n{}",
-            String::from_utf8_lossy(&out.stderr)
+            out.err()
         );
     }
 }

@@ -153,7 +153,7 @@ impl Scenario {
         Case { s, a, b }
     }
 
-    fn run(self, c: &Case, env: &[(&str, String)]) -> Output {
+    fn run(self, c: &Case, env: &[(&str, String)]) -> Run {
         match self {
             Scenario::Replace | Scenario::ReplaceFile => c.s.prepare(&self.xml(&c.b, 2), env),
             Scenario::PutBackKept | Scenario::Fresh => c.s.prepare(&xml_with(&c.a, 1), env),
