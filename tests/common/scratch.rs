@@ -4,7 +4,7 @@
 
 use super::runner::{show, wait_output, Run, CLI_BIN, HOOK, RUN_TIMEOUT};
 use super::states::{fixture_uuid, fixture_xml, St, NAME, VARS_REL};
-use super::tree::{find_leftovers, stat_diff, stat_tree, tree, StatTree};
+use super::tree::{find_leftovers, stat_diff, stat_tree, StatTree};
 use super::users::{as_user, chmod, chown, Users};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -300,9 +300,19 @@ impl Scratch {
     /// The whole tree (path -> content digest or "dir"), without the lock
     /// files, to compare before and after a failed run.
     pub fn tree(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        tree(&self.root(), &self.root(), &mut out);
-        out
+        stat_tree(&self.root())
+            .into_iter()
+            // The lock dir and files are no state (made on the first lock).
+            .filter(|(rel, _)| rel != "run" && !rel.starts_with("run/"))
+            .map(|(rel, e)| {
+                let v = if e.kind == 'd' {
+                    "dir".to_string()
+                } else {
+                    e.extra
+                };
+                (rel, v)
+            })
+            .collect()
     }
 }
 

@@ -21,23 +21,6 @@ pub fn find_leftovers(root: &Path, dir: &Path, out: &mut Vec<String>) {
     }
 }
 
-pub fn tree(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let rel = e.path().strip_prefix(root).unwrap().display().to_string();
-        // The lock dir and files are no state (made on the first lock).
-        if rel == "run" || rel.starts_with("run/") {
-            continue;
-        }
-        if e.file_type().unwrap().is_dir() {
-            out.insert(rel, "dir".into());
-            tree(root, &e.path(), out);
-        } else {
-            let data = std::fs::read(e.path()).unwrap_or_default();
-            out.insert(rel, Sha256Sum::of(&data).short());
-        }
-    }
-}
-
 /// Owner and mode: uid, gid, mode & 0o7777 (shown as `uid:gid 0mode`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Om(pub u32, pub u32, pub u32);
