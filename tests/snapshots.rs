@@ -1,6 +1,6 @@
 //! End-to-end tests of issue 20: a snapshot revert brings the snapshot's TPM
 //! state and UEFI variables back with the disks (docs/SNAPSHOTS.md), in
-//! private libvirt worlds. Same rules as tests/e2e.rs: root and the tools,
+//! private libvirt worlds. Same rules as tests/worlds/e2e.rs: root and the tools,
 //! or `SKIP` (a failure under `CI=true`). Internal disk-only snapshots
 //! everywhere; external ones where libvirt can revert them (>= 9.7).
 

@@ -1,6 +1,6 @@
 //! End-to-end tests of `virt-tpm-state watch` (the daemon) and `status`,
 //! against real libvirt, QEMU and swtpm in private worlds
-//! (tests/e2e/world.sh). Same rules as tests/e2e.rs: run as root,
+//! (tests/e2e/world.sh). Same rules as tests/worlds/e2e.rs: run as root,
 //! `cargo test --test watch -- --nocapture`; without root or the tools they
 //! print `SKIP` and pass, unless `CI=true`.
 //!

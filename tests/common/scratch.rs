@@ -206,7 +206,15 @@ impl Scratch {
         child
     }
 
-    pub fn hook(&self, op: &str, subop: &str, xml: &str, env: &[(&str, String)]) -> Run {
+    /// The hook with `xml` on its stdin (any bytes: the property tests
+    /// feed it garbage), as libvirt runs it.
+    pub fn hook(
+        &self,
+        op: &str,
+        subop: &str,
+        xml: impl AsRef<[u8]>,
+        env: &[(&str, String)],
+    ) -> Run {
         self.hook_umask(op, subop, xml, env, None)
     }
 
@@ -215,7 +223,7 @@ impl Scratch {
         &self,
         op: &str,
         subop: &str,
-        xml: &str,
+        xml: impl AsRef<[u8]>,
         env: &[(&str, String)],
         umask: Option<&str>,
     ) -> Run {
@@ -230,7 +238,7 @@ impl Scratch {
         // Written by a thread, so a hook that stops reading still meets
         // the timeout.
         let mut stdin = child.stdin.take().unwrap();
-        let input = xml.as_bytes().to_vec();
+        let input = xml.as_ref().to_vec();
         let writer = std::thread::spawn(move || stdin.write_all(&input));
         let out = wait_output(child, RUN_TIMEOUT, &format!("the hook ({op} {subop})"));
         let elapsed = start.elapsed();

@@ -660,7 +660,7 @@ pub fn corrupt_sha256(xml: &str) -> String {
     s
 }
 
-// ---- UEFI (tests/nvram.rs, tests/snapshots.rs) ----
+// ---- UEFI (tests/worlds/nvram.rs, tests/snapshots.rs) ----
 
 /// A UEFI domain with a TPM 2.0: OVMF by firmware autoselection, without
 /// Secure Boot (which would need SMM, missing under nested KVM here). A
@@ -710,7 +710,7 @@ pub fn fw_vars(args: &[&str]) -> String {
     )
 }
 
-// ---- the watch daemon (tests/watch.rs, tests/snapshots.rs) ----
+// ---- the watch daemon (tests/cli/watch.rs, tests/snapshots.rs) ----
 
 /// The daemon, run in the foreground with `-v` inside a world; its log
 /// (stderr) goes to a file. Killed on drop.

@@ -20,6 +20,7 @@
 //! `VTS_PROPTEST_CASES=N` for a longer run (docs/FUZZING.md).
 
 use crate::common::env::Env;
+use crate::common::scratch::Scratch;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use proptest::prelude::*;
@@ -1057,8 +1058,6 @@ fn the_memory_meter_measures() {
 
 // ===================================================== the hook, end to end
 
-const HOOK: &str = env!("CARGO_BIN_EXE_virt-tpm-state-hook");
-
 /// Where the hook may write in its re-rooted tree: libvirt's swtpm and
 /// NVRAM dirs, its own data and run dirs. Anything else must stay as it was.
 const WRITABLE: &[&str] = &[
@@ -1101,95 +1100,6 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
     out
-}
-
-/// A scratch host for one hook run, as tests/hook.rs builds it: the
-/// current user as swtpm user, no helper after stop, a host file elsewhere.
-fn scratch() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let uid = nix::unistd::getuid().as_raw();
-    let gid = nix::unistd::getgid().as_raw();
-    let name = |id: u32, file: &str| -> String {
-        std::fs::read_to_string(file)
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 2 && f[2] == id.to_string()).then(|| f[0].to_string())
-            })
-            .unwrap_or_else(|| id.to_string())
-    };
-    for (rel, text) in [
-        (
-            "etc/libvirt/qemu.conf",
-            format!(
-                "swtpm_user = \"{}\"\nswtpm_group = \"{}\"\n",
-                name(uid, "/etc/passwd"),
-                name(gid, "/etc/group")
-            ),
-        ),
-        (
-            "etc/virt-tpm-state/config.toml",
-            "store_after_stop = false\n".to_string(),
-        ),
-        ("elsewhere/host-file", "a host file\n".to_string()),
-    ] {
-        let p = root.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-    // libvirtd creates its nvram dir when it starts: a host where a UEFI
-    // domain starts has it (without it a restore of VARS refuses, exit 8).
-    std::fs::create_dir_all(root.join("var/lib/libvirt/qemu/nvram")).unwrap();
-    tmp
-}
-
-struct HookRun {
-    code: Option<i32>,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-fn run_hook(root: &Path, op: [&str; 2], xml: Vec<u8>) -> HookRun {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(HOOK)
-        .args(["vm", op[0], op[1], "-"])
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("LC_ALL", "C")
-        .env("VIRT_TPM_STATE_ROOT", root)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&xml);
-    });
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(DEADLINE) {
-        Ok(o) => o.unwrap(),
-        Err(_) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            panic!("the hook did not exit within {DEADLINE:?} (a hang)");
-        }
-    };
-    let _ = writer.join();
-    HookRun {
-        code: out.status.code(),
-        stdout: out.stdout,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// The hook's seeds: the `prepare begin` XML libvirt 9.0 hands it, with a
@@ -1272,40 +1182,34 @@ fn hook_on_mutated_domain_xml_writes_only_a_complete_state() {
             for m in &muts {
                 apply(&mut xml, m, &seeds);
             }
-            let tmp = scratch();
-            let root = tmp.path().join("root");
+            let s = Scratch::new();
+            let root = s.root();
             let before = snapshot(&root);
-            let run = run_hook(&root, op, xml.clone());
+            let run = s.hook(op[0], op[1], &xml, &[]);
             let after = snapshot(&root);
-            let shown = format!("{op:?}: exit {:?}, stderr {:?}", run.code, run.stderr);
+            let stderr = run.err();
+            let shown = format!("{op:?}: exit {:?}, stderr {:?}", run.status.code(), stderr);
 
             // Never a crash, never stdout, one line on failure.
             let code = run
-                .code
+                .status
+                .code()
                 .ok_or_else(|| TestCaseError::fail(format!("killed by a signal: {shown}")))?;
             prop_assert!(HOOK_CODES.contains(&code), "unexpected {}", shown);
             prop_assert!(run.stdout.is_empty(), "stdout: {}", shown);
             if code == 0 {
                 // Success may log warnings (e.g. a section this domain has
                 // no place for), nothing else.
-                prop_assert!(
-                    run.stderr.lines().all(|l| l.starts_with("warn: ")),
-                    "{}",
-                    shown
-                );
+                prop_assert!(stderr.lines().all(|l| l.starts_with("warn: ")), "{}", shown);
             } else {
-                prop_assert_eq!(run.stderr.lines().count(), 1, "{}", shown);
-                prop_assert!(run.stderr.starts_with("virt-tpm-state: "), "{}", shown);
+                prop_assert_eq!(stderr.lines().count(), 1, "{}", shown);
+                prop_assert!(stderr.starts_with("virt-tpm-state: "), "{}", shown);
             }
             *seen.borrow_mut().entry(code).or_default() += 1;
 
             // Nothing next to the root; outside the writable dirs, nothing
             // changed; no links anywhere; no temporaries left behind.
-            let beside: Vec<_> = std::fs::read_dir(tmp.path())
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name())
-                .collect();
+            let beside = s.outside();
             prop_assert_eq!(beside.len(), 1, "{:?} next to the root", beside);
             for (path, node) in before.iter() {
                 if !WRITABLE.iter().any(|w| path.starts_with(w)) {
@@ -1418,16 +1322,9 @@ fn hook_refusals_are_one_line_whatever_the_xml_quotes() {
     );
     for (xml, code) in [(garbled, 3), (path, 7)] {
         assert_ne!(xml, prepared, "the fixture changed");
-        let tmp = scratch();
-        let run = run_hook(
-            &tmp.path().join("root"),
-            ["prepare", "begin"],
-            xml.into_bytes(),
-        );
-        assert_eq!(run.code, Some(code), "{}", run.stderr);
-        assert!(run.stdout.is_empty());
-        assert_eq!(run.stderr.lines().count(), 1, "{:?}", run.stderr);
-        assert!(!run.stderr.contains("<uuid>"), "{:?}", run.stderr);
+        let run = Scratch::new().prepare(&xml, &[]);
+        run.failed(code);
+        assert!(!run.err().contains("<uuid>"), "{run}");
     }
 }
 

@@ -18,7 +18,7 @@
 //!
 //! Root, `setpriv`, `useradd` and python3 are needed, else `SKIP` (a
 //! failure under `CI=true`). The world tests of the same issue (umask
-//! wrapper, relocated `/var/lib/libvirt`) are in tests/nvram.rs.
+//! wrapper, relocated `/var/lib/libvirt`) are in tests/worlds/nvram.rs.
 
 use crate::common::{env::Env, runner::*, scratch::*, states::*, tree::*, users::*};
 use std::collections::BTreeMap;
@@ -1024,7 +1024,7 @@ fn keys_dir_others_can_write_refuses_every_sealed_operation() {
             match op {
                 "show" => {
                     // (with --json, stdout carries the same refusal as an
-                    // error object: docs/JSON.md, tests/manager.rs)
+                    // error object: docs/JSON.md, tests/cli/manager.rs)
                     refused(&s.cli(&["show", "--xml", xml.to_str().unwrap()], None));
                     let out = s.cli(&["show", "--json", "--xml", xml.to_str().unwrap()], None);
                     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -1,6 +1,6 @@
 //! End-to-end tests of the element's envelope encryption (issue 6), in
 //! private libvirt worlds: what a read-only connection sees, key rotation,
-//! and the store policy without a key. Same rules as tests/e2e.rs: root and
+//! and the store policy without a key. Same rules as tests/worlds/e2e.rs: root and
 //! the tools, or `SKIP` (a failure under `CI=true`).
 
 use crate::common::{env::Env, world::*};

@@ -12,7 +12,7 @@
 //!   transient and undefined domains goes, known through libvirt's real
 //!   config and status files (`gc_in_a_real_libvirt_removes_only_gone_domains`).
 //!
-//! The restore journal's kill tests are in tests/faults.rs
+//! The restore journal's kill tests are in tests/hook/faults.rs
 //! (`restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation`).
 
 use crate::common::{env::Env, runner::*, scratch::*, states::*};

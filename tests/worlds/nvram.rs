@@ -1,6 +1,6 @@
 //! End-to-end test of issue 7: a UEFI domain's variable store (OVMF VARS)
 //! travels in the same element as its TPM, in private libvirt worlds. Same
-//! rules as tests/e2e.rs: root and the tools (here also `virt-fw-vars`, from
+//! rules as tests/worlds/e2e.rs: root and the tools (here also `virt-fw-vars`, from
 //! the PyPI package `virt-firmware`, installed by scripts/install-deps.sh),
 //! or `SKIP` (a failure under `CI=true`).
 
