@@ -174,7 +174,7 @@ fn lock_wait_is_bounded_and_says_so() {
             std::fs::write(s.live_dir().join("tpm2-00.permall"), &b.permall).unwrap();
         }
         let before = s.tree();
-        let out = s.hook(op, subop, &xml_with(&b, 2), &[]);
+        let out = s.hook(op, subop, xml_with(&b, 2), &[]);
         let line = failed(&out, 9, &format!("{op} with the lock held"));
         assert!(
             line.contains("lock") && line.contains(&s.uuid) && line.contains("try again"),

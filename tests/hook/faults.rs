@@ -157,7 +157,7 @@ impl Scenario {
         match self {
             Scenario::Replace | Scenario::ReplaceFile => c.s.prepare(&self.xml(&c.b, 2), env),
             Scenario::PutBackKept | Scenario::Fresh => c.s.prepare(&xml_with(&c.a, 1), env),
-            Scenario::StoppedKeeps => c.s.hook("stopped", "end", &xml_with(&c.a, 1), env),
+            Scenario::StoppedKeeps => c.s.hook("stopped", "end", xml_with(&c.a, 1), env),
         }
     }
 
@@ -576,7 +576,7 @@ fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
     let c = interrupted();
     let t = c.s.tmp.path().join("trace");
     ok(
-        &c.s.hook("stopped", "end", &s.xml(&c.b, 2), &[trace_env(&t)]),
+        &c.s.hook("stopped", "end", s.xml(&c.b, 2), &[trace_env(&t)]),
         "traced finishing run",
     );
     let trace = read_trace(&t);
@@ -591,7 +591,7 @@ fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
         let out = c.s.hook(
             "stopped",
             "end",
-            &s.xml(&c.b, 2),
+            s.xml(&c.b, 2),
             &[(fault::FAULT_ENV, format!("{spec}=kill"))],
         );
         assert_eq!(out.status.signal(), Some(9), "{what}: {}", show(&out));

@@ -433,7 +433,7 @@ fn incoming_then_prepare(op: &str, base: &str) {
     let run = s.hook(
         "release",
         "end",
-        &fixture("domains/hook-stdin-release-end.xml"),
+        fixture("domains/hook-stdin-release-end.xml"),
         &[],
     );
     run.ok();
@@ -754,13 +754,13 @@ fn release_and_stop_without_state_write_nothing() {
     s.hook(
         "release",
         "end",
-        &fixture("domains/hook-stdin-release-end.xml"),
+        fixture("domains/hook-stdin-release-end.xml"),
         &[],
     )
     .ok();
-    s.hook("stopped", "end", &fixture("domains/no-tpm.xml"), &[])
+    s.hook("stopped", "end", fixture("domains/no-tpm.xml"), &[])
         .ok();
-    s.hook("migrate", "begin", &fixture("domains/no-tpm.xml"), &[])
+    s.hook("migrate", "begin", fixture("domains/no-tpm.xml"), &[])
         .ok();
     assert_eq!(stat_diff(&before, &s.stat_tree()), Vec::<String>::new());
 }

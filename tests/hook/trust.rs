@@ -550,7 +550,7 @@ fn relocated_var_lib_libvirt_by_root_is_followed() {
             let c = St::new("reloc-c");
             std::fs::write(&live, &c.permall).unwrap();
             std::fs::write(&vars_b, &c.vars).unwrap();
-            let out = s.hook("stopped", "end", &explicit_xml(&b, 2), &[]);
+            let out = s.hook("stopped", "end", explicit_xml(&b, 2), &[]);
             ok(&out, &format!("{what}: stopped end"));
             assert_eq!(
                 s.kept(),
@@ -698,7 +698,7 @@ fn modes_do_not_depend_on_the_umask() {
             assert!(!base.exists());
             let before = meta_tree(&s.root(), &[]);
             let a = St::new(&format!("umask-{umask}"));
-            let out = s.hook_umask("prepare", "begin", &xml_auto(&a, 1), &[], Some(umask));
+            let out = s.hook_umask("prepare", "begin", xml_auto(&a, 1), &[], Some(umask));
             ok(&out, &what);
             let after = meta_tree(&s.root(), &[]);
             let tree = || show_meta(&after);
@@ -775,7 +775,7 @@ fn existing_dirs_keep_their_owner_and_mode() {
     ];
     let before: Vec<String> = watched.iter().map(|p| meta_of(p)).collect();
     let a = St::new("existing");
-    let out = s.hook_umask("prepare", "begin", &xml_auto(&a, 1), &[], Some("000"));
+    let out = s.hook_umask("prepare", "begin", xml_auto(&a, 1), &[], Some("000"));
     ok(&out, "restore under umask 000 into existing dirs");
     assert_eq!(s.live_tpm().map(|t| t.permall), Some(a.permall));
     let after: Vec<String> = watched.iter().map(|p| meta_of(p)).collect();

@@ -411,7 +411,7 @@ fn hundred_transient_domains_stay_under_the_cap() {
         "persistent domain",
     );
     ok(
-        &keep.hook("stopped", "end", &xml_for(&k, 1, keep_uuid, false), &[]),
+        &keep.hook("stopped", "end", xml_for(&k, 1, keep_uuid, false), &[]),
         "persistent domain stops",
     );
     s.write(
