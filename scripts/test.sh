@@ -52,7 +52,7 @@ for line in sys.stdin:
 # the other. Inside a binary, two tests at once. Each lane's output is
 # shown when it ends, in cargo's format. Measured here (two cores shared
 # with other builds, load ~10): worlds 600 s, hook 577 s, cli 167 s,
-# format 36 s; on an idle machine about half of that.
+# format 36 s.
 WORLD_LANE=(worlds format)
 run_lane() { # LANE_LOG IN_WORLD_LANE(yes|no)
     local log=$1 want=$2 status=0 entry name exe stem in_lane
