@@ -50,9 +50,9 @@ for line in sys.stdin:
 # property tests, CPU-bound, beside those waits) in one; the rest (the
 # hook's processes and fsyncs, the CLI with the watch daemon's worlds) in
 # the other. Inside a binary, two tests at once. Each lane's output is
-# shown when it ends, in cargo's format. Measured here (two cores shared
-# with other builds, load ~10): worlds 600 s, hook 577 s, cli 167 s,
-# format 36 s.
+# shown when it ends, in cargo's format. Measured here (2 cores): worlds
+# 394 s + format 16 s against hook 161 s + cli 171 s + the rest 10 s;
+# with the cores shared by other builds (load ~10) hook grew to 577 s.
 WORLD_LANE=(worlds format)
 run_lane() { # LANE_LOG IN_WORLD_LANE(yes|no)
     local log=$1 want=$2 status=0 entry name exe stem in_lane
