@@ -12,12 +12,13 @@
 //!
 //! Heavy (three worlds, about a minute): run by scripts/test-hosts.sh.
 
-mod support;
+#[macro_use]
+mod common;
 
 use base64::Engine as _;
+use common::{env::Env, world::*};
 use std::io::Write;
 use std::process::{Command, Stdio};
-use support::*;
 use virt_tpm_state::format::NAMESPACE_URI;
 
 /// `host-id`'s output (a recipients-file snippet) and the fingerprint in it.
@@ -122,12 +123,12 @@ fn not_a_recipient_line(recipients: &[&str], host_fp: &str) -> String {
 
 #[test]
 fn three_hosts_seal_add_revoke_and_owner_recovery() {
-    if !require_root_and(
-        "three_hosts_seal_add_revoke_and_owner_recovery",
-        &["rage", "rage-keygen", "gunzip"],
-    ) {
-        return;
-    }
+    require!(
+        Env::Root,
+        Env::Cmd("rage"),
+        Env::Cmd("rage-keygen"),
+        Env::Cmd("gunzip")
+    );
     let a = World::up("hosts-a");
     let b = World::up("hosts-b");
     let c = World::up("hosts-c");

@@ -2,32 +2,15 @@
 //! tools/src/gen_docs.rs from the clap definitions: one page per subcommand,
 //! each renders with man(1) without warnings, and the completions load.
 
+#[macro_use]
+mod common;
+
 #[path = "../tools/src/gen_docs.rs"]
 mod gen_docs;
 
+use common::env::Env;
 use std::path::Path;
 use std::process::Command;
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// man is part of the test environment (scripts/install-deps.sh installs
-/// man-db): skip without it, fail under CI=true.
-fn require_man(test: &str) -> bool {
-    if have("man") {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: man not found under CI=true (scripts/install-deps.sh installs man-db)");
-    }
-    eprintln!("SKIP {test}: man not found");
-    false
-}
 
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -103,9 +86,7 @@ fn every_subcommand_has_a_page_and_the_hook_has_one() {
 
 #[test]
 fn pages_render_without_warnings() {
-    if !require_man("pages_render_without_warnings") {
-        return;
-    }
+    require!(Env::Cmd("man"));
     let tmp = tempfile::tempdir().unwrap();
     let g = gen_docs::generate(tmp.path()).unwrap();
     for page in &g.man {

@@ -22,12 +22,13 @@
 //! state the previous build stored. Run as root (docs/PACKAGING.md):
 //! `cargo test --features fault-injection --test package -- --nocapture`.
 
-mod support;
+#[macro_use]
+mod common;
 
+use common::{env::Env, world::*};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use support::*;
 
 const PKG: &str = "virt-tpm-state";
 const SYS_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -37,37 +38,17 @@ const WANTS: &str = "/etc/systemd/system/multi-user.target.wants/virt-tpm-state-
 const CONFIG: &str = "/etc/virt-tpm-state/config.toml";
 const SHIPPED_CONFIG: &str = "/usr/share/virt-tpm-state/config.toml";
 
-/// The e2e environment plus what building the packages and the roots needs.
-fn require_package_env(test: &str) -> bool {
-    if !require_env(test) {
-        return false;
-    }
-    let mut missing = Vec::new();
-    let deb = Command::new("cargo").args(["deb", "--version"]).output();
-    if !matches!(deb, Ok(ref o) if o.status.success()) {
-        missing.push("cargo-deb not installed (scripts/install-deps.sh)".to_string());
-    }
-    for cmd in [
-        "dpkg-deb",
-        "dpkg-shlibdeps",
-        "gzip",
-        "strip",
-        "debootstrap",
-        "git",
-    ] {
-        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-            .any(|d| d.join(cmd).is_file());
-        if !found {
-            missing.push(format!("{cmd} not found"));
-        }
-    }
-    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !fs.lines().any(|l| l.trim_end().ends_with("\toverlay")) {
-        missing.push("no overlayfs in this kernel".to_string());
-    }
-    gate(test, missing)
-}
+/// What building the packages and the roots needs, beside a world.
+const PACKAGE_ENV: &[Env] = &[
+    Env::Runs(&["cargo", "deb", "--version"]),
+    Env::Cmd("dpkg-deb"),
+    Env::Cmd("dpkg-shlibdeps"),
+    Env::Cmd("gzip"),
+    Env::Cmd("strip"),
+    Env::Cmd("debootstrap"),
+    Env::Cmd("git"),
+    Env::Overlayfs,
+];
 
 /// Runs one of this repository's scripts and returns the path it printed last.
 fn script_output_path(script: &str, args: &[&str]) -> PathBuf {
@@ -390,7 +371,7 @@ fn origin(name: &str, vm_name: &str) -> (World, Vm, String, Vec<u8>, String) {
 
 /// A fresh install with apt, the carried VM, remove and purge.
 fn fresh_install_remove_purge(test: &str, debian: Debian) {
-    if !require_package_env(test) {
+    if !common::env::ready(test, &[Env::Libvirt, Env::All(PACKAGE_ENV)]) {
         return;
     }
     let deb = current_deb();
@@ -623,7 +604,7 @@ fn systemd_calls(p: &World) -> String {
 /// The previous build installed with apt, a VM's TPM stored by it, the
 /// config edited; then `apt install` of this checkout's package.
 fn upgrade_from_previous_build(test: &str, debian: Debian) {
-    if !require_package_env(test) {
+    if !common::env::ready(test, &[Env::Libvirt, Env::All(PACKAGE_ENV)]) {
         return;
     }
     let (prev, deb) = (previous_deb(), current_deb());

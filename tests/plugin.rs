@@ -7,9 +7,10 @@
 //! the recipient from the identity file's comment, and without the plugin
 //! binary the start is refused with one line naming it.
 
-mod scratch;
+#[macro_use]
+mod common;
 
-use scratch::*;
+use common::{env::Env, runner::*, scratch::*, states::*};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use virt_tpm_state::format::{encode, Protection, Provenance, Style};
@@ -117,18 +118,7 @@ fn hook_restores_through_a_plugin_identity() {
         .unwrap();
     let id_file = s.tmp.path().join("stub-identity.txt");
     std::fs::write(&id_file, &identity).unwrap();
-    let has_rage = Command::new("rage")
-        .arg("--version")
-        .env("PATH", path_with_plugin())
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_rage {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "rage is not installed (scripts/install-deps.sh installs it)"
-        );
-        eprintln!("SKIP the rage part: rage is not installed");
-    } else {
+    if common::env::ready("the rage part", &[Env::Cmd("rage")]) {
         use std::io::Write as _;
         let mut child = Command::new("rage")
             .arg("-d")

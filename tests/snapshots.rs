@@ -1,12 +1,13 @@
 //! End-to-end tests of issue 20: a snapshot revert brings the snapshot's TPM
 //! state and UEFI variables back with the disks (docs/SNAPSHOTS.md), in
-//! private libvirt worlds. Same rules as tests/e2e.rs: root and the tools,
+//! private libvirt worlds. Same rules as tests/worlds/e2e.rs: root and the tools,
 //! or `SKIP` (a failure under `CI=true`). Internal disk-only snapshots
 //! everywhere; external ones where libvirt can revert them (>= 9.7).
 
-mod support;
+#[macro_use]
+mod common;
 
-use support::*;
+use common::{env::Env, world::*};
 
 /// A UEFI+TPM domain with a 32 MiB qcow2 disk (snapshots need a disk).
 fn snapshot_vm(w: &World, name: &str) -> Vm {
@@ -86,10 +87,7 @@ fn kinds(w: &World) -> Vec<(&'static str, &'static [&'static str])> {
 /// "stale") keeps the newer TPM.
 #[test]
 fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
-    let test = "disk_only_revert_brings_back_the_snapshot_tpm_and_vars";
-    if !require_root_and(test, &["qemu-img"]) || !need_fw_vars(test) || !require_env(test) {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
     let w = World::up("snap");
     w.install_hook();
     // Stores happen only when the test says so ("never stored" stays so).
@@ -170,10 +168,7 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
 /// since 9.7).
 #[test]
 fn memory_snapshot_revert_keeps_qemus_tpm() {
-    let test = "memory_snapshot_revert_keeps_qemus_tpm";
-    if !require_root_and(test, &["qemu-img"]) || !require_env(test) {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("qemu-img"), Env::Libvirt);
     let w = World::up("snapmem");
     w.install_hook();
     w.append_config("store_after_stop = false");
@@ -216,10 +211,7 @@ fn memory_snapshot_revert_keeps_qemus_tpm() {
 /// stored. The daemon and the post-stop store run as in production.
 #[test]
 fn plain_virsh_revert_with_the_daemon() {
-    let test = "plain_virsh_revert_with_the_daemon";
-    if !require_root_and(test, &["qemu-img"]) || !need_fw_vars(test) || !require_env(test) {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
     let w = World::up("snapd");
     w.install_hook();
     let d = Watch::start(&w, "snap");
@@ -271,10 +263,7 @@ fn plain_virsh_revert_with_the_daemon() {
 /// here so that a change in either shows.
 #[test]
 fn plain_running_revert_uses_libvirts_release_reason() {
-    let test = "plain_running_revert_uses_libvirts_release_reason";
-    if !require_root_and(test, &["qemu-img"]) || !need_fw_vars(test) || !require_env(test) {
-        return;
-    }
+    require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
     let w = World::up("snaprun");
     w.install_hook();
     w.append_config("store_after_stop = false");

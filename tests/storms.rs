@@ -7,14 +7,15 @@
 //!
 //! `VTS_STORM_VMS` sets the number of VMs (default 20).
 
-mod support;
+#[macro_use]
+mod common;
 
+use common::{env::Env, world::*};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
-use support::*;
 
 fn storm_size() -> usize {
     std::env::var("VTS_STORM_VMS")
@@ -230,9 +231,7 @@ fn assert_final(w: &World, vms: &[Vm], before: &[(u64, String)], finals: &[Strin
 /// `sync --pending` where no daemon runs; stored once, over the state before.
 #[test]
 fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
-    if !require_env("shutdown_storm_then_libvirtd_stop_loses_no_store") {
-        return;
-    }
+    require!(Env::Libvirt);
     let n = storm_size();
     let w = World::up("storm");
     w.install_hook();
@@ -307,9 +306,7 @@ fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
 /// `store --after-stop` and a second sync write nothing.
 #[test]
 fn pending_store_never_overwrites_newer_metadata() {
-    if !require_env("pending_store_never_overwrites_newer_metadata") {
-        return;
-    }
+    require!(Env::Libvirt);
     let w = World::up("pending");
     w.install_hook();
     let (a, b) = (Vm::new("pa", Tpm::V2), Vm::new("pb", Tpm::V2));
