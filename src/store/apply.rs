@@ -460,7 +460,7 @@ impl Reader<'_> {
         let ctx = self.ctx;
         let max = ctx.config.max_file_size;
         let result = if !self.dom.active {
-            carried.read_local(&self.host, &self.info.uuid, (true, true), Running::No, max)?
+            carried.read_local(self.host, &self.info.uuid, (true, true), Running::No, max)?
         } else {
             self.read_running(carried)?
         };
