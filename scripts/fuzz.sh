@@ -5,7 +5,7 @@
 # docs/FUZZING.md, which records the last run.
 #
 # Not part of scripts/test.sh: cargo-fuzz needs a nightly toolchain. The
-# property tests (tests/properties.rs, stable) are, and cover the same
+# property tests (tests/format/properties.rs, stable) are, and cover the same
 # properties with fixed mutation strategies.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET [TARGET...]]   (default 300, both)

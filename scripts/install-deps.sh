@@ -64,8 +64,8 @@ if [ "$(rage --version 2>/dev/null)" != "rage $RAGE_VERSION" ]; then
     cargo install --locked --quiet rage --version "$RAGE_VERSION"
 fi
 
-# From PyPI, only when missing: virt-firmware (virt-fw-vars; tests/nvram.rs
-# edits an OVMF variable store with it) and cryptography (tests/vectors.rs
+# From PyPI, only when missing: virt-firmware (virt-fw-vars; tests/worlds/nvram.rs
+# edits an OVMF variable store with it) and cryptography (tests/format/vectors.rs
 # runs the spec's Python decryption example).
 pip_install() {
     python3 -m pip install --quiet "$@" 2>/dev/null \

@@ -1,4 +1,4 @@
-//! Named fault points for the fault-injection tests (`tests/faults.rs`).
+//! Named fault points for the fault-injection tests (`tests/hook/faults.rs`).
 //!
 //! Every step of a restore or a store that changes the disk has a point
 //! here. Built without the `fault-injection` feature (every release and

@@ -15,7 +15,7 @@ namespace-less element that virDomainGetMetadata / `virsh metadata` return.
 invalid (or its TPM version or swtpm encryption does not fit the domain),
 5 it belongs to another domain (a clone), 19 a key is missing or does not
 open it. One line on stderr says why. The test suite runs it on every vector
-(tests/manager.rs), so it cannot drift from the Rust reader.
+(tests/cli/manager.rs), so it cannot drift from the Rust reader.
 
 As a library: `read(xml_bytes, keys={id: key}, identities=[...]) -> State`
 raises `Refused` (identities: from `load_identities(path)`, pyrage objects).
