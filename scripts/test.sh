@@ -45,7 +45,8 @@ for line in sys.stdin:
     t = m["target"]
     if t["name"] in heavy:
         continue
-    name = "unittests src/lib.rs" if "lib" in t["kind"] else os.path.relpath(t["src_path"])
+    src = os.path.relpath(t["src_path"])
+    name = "unittests " + src if "lib" in t["kind"] else src
     print(t["name"] + "\t" + name + "\t" + m["executable"])
 ' "${HEAVY[@]}")
 
@@ -89,7 +90,7 @@ tests_secs=$((SECONDS - tests_start))
 echo "==> time per phase (seconds)"
 {
     printf '%-28s %6s\n' build "$build_secs"
-    awk '/^     Running / { name = $2 }
+    awk '/^     Running / { name = ($2 == "unittests") ? $2 " " $3 : $2 }
          /^test result:/ { for (i = 1; i < NF; i++) if ($i == "in") { sub(/s$/, "", $(i+1)); printf "%-28s %6.0f\n", name, $(i+1) } }' \
         target/test-output.log
     printf '%-28s %6s\n' "tests (two lanes, wall)" "$tests_secs"
