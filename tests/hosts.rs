@@ -171,11 +171,7 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
         &[("a", &a_id), ("b", &b_id), ("owner", &owner_snippet)],
     );
     let vm = Vm::new("sealed-for-hosts", Tpm::V2);
-    a.manufacture(&vm);
-    a.write_secret(&vm, "hosts-secret");
-    let ek = a.ek_pub(&vm);
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "{out}");
+    let ek = a.stored_with_secret(&vm, "hosts-secret");
     let j = a.show_json(&vm.name, true);
     assert_eq!(
         j["protection"],
@@ -195,20 +191,14 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
     // Round trip on A, then on B.
     a.must_virsh(&["undefine", &vm.name]);
     a.define_xml("vm-a.xml", &xml);
-    a.start(&vm.name, true);
-    a.destroy(&vm.name);
-    assert_eq!(a.read_secret(&vm), "hosts-secret");
+    assert_eq!(a.secret_after_start(&vm), "hosts-secret");
     b.define_xml("vm-b.xml", &xml);
-    b.start(&vm.name, true);
-    b.destroy(&vm.name);
-    assert_eq!(b.read_secret(&vm), "hosts-secret");
+    assert_eq!(b.secret_after_start(&vm), "hosts-secret");
     assert_eq!(b.ek_pub(&vm), ek);
     let (_, xml_b) = b.dump(&vm.name, "vm-b2.xml", true);
     b.must_virsh(&["undefine", &vm.name]);
     b.define_xml("vm-b2.xml", &xml_b);
-    b.start(&vm.name, true);
-    b.destroy(&vm.name);
-    assert_eq!(b.read_secret(&vm), "hosts-secret");
+    assert_eq!(b.secret_after_start(&vm), "hosts-secret");
 
     // C is not a recipient: one line, naming the recipients and what to do.
     c.define_xml("vm-c.xml", &xml);
@@ -242,9 +232,7 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
 
     c.must_virsh(&["undefine", &vm.name]);
     c.define_xml("vm-c2.xml", &after);
-    c.start(&vm.name, true);
-    c.destroy(&vm.name);
-    assert_eq!(c.read_secret(&vm), "hosts-secret");
+    assert_eq!(c.secret_after_start(&vm), "hosts-secret");
     assert_eq!(c.ek_pub(&vm), ek);
 
     // Remove B, rekey, then a new store on A: B no longer opens it.
@@ -255,8 +243,7 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
     let out = stdout(&a.must_vts(&["rekey", &vm.name]));
     assert!(out.contains("re-wrapped generation"), "{out}");
     a.write_secret(&vm, "after-revoke");
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "{out}");
+    a.must_store(&vm.name);
     let (saved, revoked_xml) = a.dump(&vm.name, "vm-revoked.xml", true);
     b.must_virsh(&["undefine", &vm.name]);
     b.define_xml("vm-b3.xml", &revoked_xml);

@@ -353,11 +353,7 @@ fn pending_store_never_overwrites_newer_metadata() {
         "--host",
         "elsewhere",
         "--key",
-        w.keys()[0]
-            .trim_end_matches(".key")
-            .rsplit('-')
-            .next()
-            .unwrap(),
+        key_id(&w.keys()[0]),
         "--into",
         &dump.display().to_string(),
     ]);

@@ -991,55 +991,29 @@ fn keys_dir_rules_and_pack_json() {
     let env = Env::new();
     let v = vectors_dir().join("ok-encrypted.xml");
     let keys = env.keys();
-    let o = env.run(
-        &[
-            "verify",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-        ],
-        None,
-    );
+    // `CMD --keys DIR --xml VECTOR EXTRA...`.
+    let with_keys = |cmd: &str, dir: &Path, extra: &[&str]| {
+        let mut args = vec![cmd, "--keys", dir.to_str().unwrap()];
+        args.extend(["--xml", v.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        env.run(&args, None)
+    };
+    let o = with_keys("verify", &keys, &[]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // Without --keys the scratch host has no key: 19.
     let o = env.run(&["verify", "--xml", v.to_str().unwrap()], None);
     assert_eq!(code(&o), 19, "{}", stderr(&o));
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o777)).unwrap();
-    for args in [
-        vec![
-            "verify",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-        ],
-        vec![
-            "extract",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-            "--out",
-            "/nonexistent/x",
-        ],
+    for (cmd, extra) in [
+        ("verify", &[][..]),
+        ("extract", &["--out", "/nonexistent/x"]),
     ] {
-        let o = env.run(&args, None);
-        assert_eq!(code(&o), 7, "{args:?}: {}", stderr(&o));
+        let o = with_keys(cmd, &keys, extra);
+        assert_eq!(code(&o), 7, "{cmd}: {}", stderr(&o));
         assert!(stderr(&o).contains("chmod 700"), "{}", stderr(&o));
     }
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let missing = env.path("no-such-keys");
-    let o = env.run(
-        &[
-            "verify",
-            "--keys",
-            missing.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-        ],
-        None,
-    );
+    let o = with_keys("verify", &env.path("no-such-keys"), &[]);
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     let o = env.run(&["keygen", "--keys", keys.to_str().unwrap()], None);
     assert_eq!(code(&o), 2, "{}", stderr(&o));

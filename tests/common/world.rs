@@ -39,6 +39,16 @@ pub fn host_fingerprint() -> String {
     stdout(&out)
 }
 
+/// The id of a key from its file name (`<created>-<id>.key`), as elements
+/// and refusals name it.
+pub fn key_id(key_file: &str) -> &str {
+    key_file
+        .trim_end_matches(".key")
+        .rsplit('-')
+        .next()
+        .expect("a key file name")
+}
+
 /// A random UUID (from the kernel).
 pub fn new_uuid() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/uuid")
@@ -538,6 +548,52 @@ impl World {
     pub fn must_permall(&self, vm: &Vm) -> Vec<u8> {
         self.permall(vm)
             .unwrap_or_else(|| panic!("no permall for {} in world {}", vm.name, self.name))
+    }
+
+    /// `store NAME`, which must say it stored a generation.
+    pub fn must_store(&self, name: &str) {
+        let out = stdout(&self.must_vts(&["store", name]));
+        assert!(out.contains("stored generation"), "store said: {out}");
+    }
+
+    /// Defines `vm`, lets libvirt manufacture its TPM, plants `secret`, and
+    /// stores the state into the metadata with `store`. Returns the EK fingerprint.
+    pub fn stored_with_secret(&self, vm: &Vm, secret: &str) -> String {
+        self.manufacture(vm);
+        self.write_secret(vm, secret);
+        let ek = self.ek_pub(vm);
+        self.must_store(&vm.name);
+        ek
+    }
+
+    /// Starts `vm` paused (the hook restores its TPM state at prepare) and
+    /// stops it again: the secret its TPM then holds.
+    pub fn secret_after_start(&self, vm: &Vm) -> String {
+        self.start(&vm.name, true);
+        self.destroy(&vm.name);
+        self.read_secret(vm)
+    }
+
+    /// Starts `vm` paused and checks the hook restored exactly the `stored`
+    /// permall; stopped, its TPM holds `secret` and, where given, EK `ek`.
+    pub fn assert_restores(
+        &self,
+        vm: &Vm,
+        stored: &[u8],
+        secret: &str,
+        ek: Option<&str>,
+        what: &str,
+    ) {
+        self.start(&vm.name, true);
+        assert!(
+            self.must_permall(vm) == stored,
+            "{what}: the restored permall differs from the stored one"
+        );
+        self.destroy(&vm.name);
+        assert_eq!(self.read_secret(vm), secret, "{what}: secret");
+        if let Some(ek) = ek {
+            assert_eq!(self.ek_pub(vm), ek, "{what}: EK");
+        }
     }
 
     /// Whether libvirt's /var/lib/libvirt/swtpm/<uuid> exists.

@@ -5,6 +5,7 @@
 //! Regenerate the vectors with `cargo run -p tools --bin make-vectors`.
 
 use crate::common::env::Env;
+use crate::common::runner::must_run;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use std::collections::BTreeMap;
@@ -246,18 +247,14 @@ test "$(xmllint --xpath "string($F/@encoding)" "$1")" = gzip+base64
 xmllint --xpath "string($F)" "$1" | tr -d ' \t\r\n\f' | base64 -d | gzip -dc > tpm2-00.permall
 printf 'tpm/tpm2-00.permall %s\n' "$(sha256sum < tpm2-00.permall | cut -d' ' -f1)" | sort | sha256sum | cut -d' ' -f1
 "#;
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg("sh")
-        .arg(&vector)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = must_run(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(&vector)
+            .current_dir(dir.path()),
+        "the shell reader",
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), kv["digest"]);
 }

@@ -66,6 +66,31 @@ fn changes(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) 
         .collect()
 }
 
+/// Asserts the refused run left the scratch tree (below `run/`, the lock
+/// dir, aside) as it was `before`.
+fn assert_unchanged(s: &Scratch, before: &BTreeMap<String, String>, out: &Output, what: &str) {
+    let after = meta_tree(&s.root(), &[]);
+    let d = changes(before, &after);
+    assert!(
+        d.is_empty(),
+        "{what}: changed\n{}\n{}\n--- tree ---\n{}",
+        d.join("\n"),
+        show(out),
+        show_meta(&after)
+    );
+}
+
+/// Asserts the run was refused as unsafe (7) with a line naming `link` and
+/// saying it is a symlink.
+fn refused_as_symlink(out: &Output, link: &str, what: &str) {
+    let line = failed(out, 7, what);
+    assert!(
+        line.contains(link) && line.contains("symlink"),
+        "{what}: the line must name {link} and say it is a symlink\n{}",
+        show(out)
+    );
+}
+
 /// Runs every case, also after one failed (each prints its own message),
 /// then fails naming the failed ones: one run reports them all.
 fn each_case<T>(cases: impl IntoIterator<Item = T>, name: impl Fn(&T) -> String, run: impl Fn(T)) {
@@ -403,20 +428,8 @@ fn symlinked_nvram_dir_is_refused_and_nothing_outside_is_written() {
             let before = meta_tree(&s.root(), &[]);
             let out = s.prepare(&xml(&St::new("nvram-link-b"), 2), &[]);
             let what = format!("{form}: prepare with nvram a link to an outside dir");
-            let line = failed(&out, 7, &what);
-            assert!(
-                line.contains("var/lib/libvirt/qemu/nvram") && line.contains("symlink"),
-                "{what}: the line must name the nvram dir and say it is a symlink\n{}",
-                show(&out)
-            );
-            let d = changes(&before, &meta_tree(&s.root(), &[]));
-            assert!(
-                d.is_empty(),
-                "{what}: changed\n{}\n{}\n--- tree ---\n{}",
-                d.join("\n"),
-                show(&out),
-                show_meta(&meta_tree(&s.root(), &[]))
-            );
+            refused_as_symlink(&out, "var/lib/libvirt/qemu/nvram", &what);
+            assert_unchanged(&s, &before, &out, &what);
             // The previous state, and the sync record, as they were.
             assert_eq!(s.live_tpm().map(|t| t.permall), Some(a.permall.clone()));
             assert_eq!(s.j(), Some(a.digest()), "{what}: J");
@@ -459,20 +472,8 @@ fn symlinked_swtpm_base_is_refused_and_nothing_outside_is_written() {
             std::os::unix::fs::symlink(&outside, &base).unwrap();
             let before = meta_tree(&s.root(), &[]);
             let out = s.prepare(&xml(&St::new("swtpm-link-b"), 2), &[]);
-            let line = failed(&out, 7, &what);
-            assert!(
-                line.contains("var/lib/libvirt/swtpm") && line.contains("symlink"),
-                "{what}: the line must name the swtpm base and say it is a symlink\n{}",
-                show(&out)
-            );
-            let d = changes(&before, &meta_tree(&s.root(), &[]));
-            assert!(
-                d.is_empty(),
-                "{what}: changed\n{}\n{}\n--- tree ---\n{}",
-                d.join("\n"),
-                show(&out),
-                show_meta(&meta_tree(&s.root(), &[]))
-            );
+            refused_as_symlink(&out, "var/lib/libvirt/swtpm", &what);
+            assert_unchanged(&s, &before, &out, &what);
         },
     );
 }
@@ -618,19 +619,8 @@ fn links_in_dirs_others_can_write_are_never_followed() {
                 let what = format!("{what}, {form}");
                 let before = meta_tree(&s.root(), &[]);
                 let out = s.prepare(&xml, &[]);
-                let line = failed(&out, 7, &what);
-                assert!(
-                    line.contains("var/lib/libvirt") && line.contains("symlink"),
-                    "{what}: the line must name the link and say it is a symlink\n{}",
-                    show(&out)
-                );
-                let d = changes(&before, &meta_tree(&s.root(), &[]));
-                assert!(
-                    d.is_empty(),
-                    "{what}: changed\n{}\n{}",
-                    d.join("\n"),
-                    show(&out)
-                );
+                refused_as_symlink(&out, "var/lib/libvirt", &what);
+                assert_unchanged(&s, &before, &out, &what);
             }
             assert_eq!(
                 std::fs::read(real.join(format!("swtpm/{}/tpm2/tpm2-00.permall", s.uuid))).ok(),
@@ -673,13 +663,7 @@ fn missing_nvram_dir_is_refused_not_created() {
                 "{what}: the line must say libvirt's nvram dir does not exist\n{}",
                 show(&out)
             );
-            let d = changes(&before, &meta_tree(&s.root(), &[]));
-            assert!(
-                d.is_empty(),
-                "{what}: changed\n{}\n{}",
-                d.join("\n"),
-                show(&out)
-            );
+            assert_unchanged(&s, &before, &out, &what);
         },
     );
 }
@@ -985,8 +969,7 @@ fn a_bad_key_file_is_named_and_skipped_for_other_keys() {
         "{what}: expected one line naming the key and its file\n{}",
         show(&out)
     );
-    let d = changes(&before, &meta_tree(&s.root(), &[]));
-    assert!(d.is_empty(), "changed\n{}", d.join("\n"));
+    assert_unchanged(&s, &before, &out, &what);
 }
 
 #[test]
@@ -1035,8 +1018,7 @@ fn keys_dir_others_can_write_refuses_every_sealed_operation() {
                     let before = meta_tree(&s.root(), &[]);
                     let out = s.prepare(&vector("ok-encrypted.xml"), &[]);
                     refused(&out);
-                    let d = changes(&before, &meta_tree(&s.root(), &[]));
-                    assert!(d.is_empty(), "{what}: changed\n{}", d.join("\n"));
+                    assert_unchanged(&s, &before, &out, &what);
                 }
                 _ => {
                     // A plaintext element needs no key: restored all the same.

@@ -6,17 +6,6 @@
 use crate::common::{env::Env, world::*};
 use std::time::{Duration, Instant};
 
-/// Defines `vm`, lets libvirt manufacture its TPM, plants `secret`, and
-/// stores the state into the metadata with `store`. Returns the EK fingerprint.
-fn vm_with_secret(w: &World, vm: &Vm, secret: &str) -> String {
-    w.manufacture(vm);
-    w.write_secret(vm, secret);
-    let ek = w.ek_pub(vm);
-    let out = stdout(&w.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
-    ek
-}
-
 /// The metadata of the persistent config holds exactly the local state.
 fn assert_metadata_is_local(w: &World, vm: &Vm) -> serde_json::Value {
     let j = w.show_json(&vm.name, true);
@@ -32,7 +21,7 @@ fn roundtrip_same_host() {
     let w = World::up("roundtrip");
     w.install_hook();
     let vm = Vm::new("vm1", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "hunter3");
+    let ek = w.stored_with_secret(&vm, "hunter3");
     assert_metadata_is_local(&w, &vm);
 
     // A store on a running domain: two settle reads ~1 s apart, live+config.
@@ -62,14 +51,7 @@ fn roundtrip_same_host() {
         vm.uuid
     );
     w.must_virsh(&["define", &dump.display().to_string()]);
-    w.start(&vm.name, true);
-    assert!(
-        w.must_permall(&vm) == stored,
-        "restored permall differs from the stored one"
-    );
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "hunter3");
-    assert_eq!(w.ek_pub(&vm), ek);
+    w.assert_restores(&vm, &stored, "hunter3", Some(&ek), "same host");
 }
 
 #[test]
@@ -78,7 +60,7 @@ fn define_on_second_host() {
     let a = World::up("host-a");
     a.install_hook();
     let vm = Vm::new("mover", Tpm::V2);
-    let ek = vm_with_secret(&a, &vm, "moved-secret");
+    let ek = a.stored_with_secret(&vm, "moved-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
 
@@ -88,12 +70,7 @@ fn define_on_second_host() {
     b.define_xml("dump.xml", &xml);
     // Host B has its own key, not A's: the start is refused, naming A's key.
     let a_key = a.keys().pop().expect("host A has a key");
-    let a_key_id = a_key
-        .trim_end_matches(".key")
-        .rsplit('-')
-        .next()
-        .unwrap()
-        .to_string();
+    let a_key_id = key_id(&a_key).to_string();
     let args = ["virsh", "start", "--paused", "mover"];
     let out = b.exec(&args);
     if out.status.success() {
@@ -109,14 +86,13 @@ fn define_on_second_host() {
         "written without the key"
     );
     a.copy_keys_to(&b);
-    b.start(&vm.name, true);
-    assert!(
-        b.must_permall(&vm) == stored,
-        "permall restored on host B differs from the one stored on host A"
+    b.assert_restores(
+        &vm,
+        &stored,
+        "moved-secret",
+        Some(&ek),
+        "host B, stored on host A",
     );
-    b.destroy(&vm.name);
-    assert_eq!(b.read_secret(&vm), "moved-secret");
-    assert_eq!(b.ek_pub(&vm), ek);
 }
 
 #[test]
@@ -125,7 +101,7 @@ fn transient_domain() {
     let a = World::up("trans-a");
     a.install_hook();
     let vm = Vm::new("trans", Tpm::V2);
-    let ek = vm_with_secret(&a, &vm, "transient-secret");
+    let ek = a.stored_with_secret(&vm, "transient-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
     let b = World::up("trans-b");
@@ -159,16 +135,14 @@ fn local_newer(post_stop_store: bool, tag: &str) {
         w.append_config("store_after_stop = false");
     }
     let vm = Vm::new("newer", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "old-secret");
+    let ek = w.stored_with_secret(&vm, "old-secret");
     let (old, _) = w.dump(&vm.name, "old.xml", true);
     w.write_secret(&vm, "newer-secret");
     let j = w.show_json(&vm.name, true);
     assert_eq!(j["local"]["matches"], false, "{j:#}");
 
     w.must_virsh(&["define", &old.display().to_string()]);
-    w.start(&vm.name, true);
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "newer-secret");
+    assert_eq!(w.secret_after_start(&vm), "newer-secret");
     assert_eq!(w.ek_pub(&vm), ek);
     let backups = w.host_path(&format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid));
     assert!(!backups.exists(), "a backup was made: nothing was replaced");
@@ -183,9 +157,7 @@ fn local_newer(post_stop_store: bool, tag: &str) {
         w.must_virsh(&["undefine", &vm.name]);
         assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
         w.must_virsh(&["define", &old.display().to_string()]);
-        w.start(&vm.name, true);
-        w.destroy(&vm.name);
-        assert_eq!(w.read_secret(&vm), "newer-secret");
+        assert_eq!(w.secret_after_start(&vm), "newer-secret");
         assert!(!backups.exists(), "a backup was made: nothing was replaced");
     }
 }
@@ -214,7 +186,7 @@ fn save_restore_and_managedsave_keep_state() {
     // The post-stop store would write B into the metadata at `save`.
     w.append_config("store_after_stop = false");
     let vm = Vm::new("saver", Tpm::V2);
-    vm_with_secret(&w, &vm, "state-A");
+    w.stored_with_secret(&vm, "state-A");
     w.write_secret(&vm, "state-B");
     let journal = w.host_path(&format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid));
     let bogus = format!("{}\n", "ab".repeat(32));
@@ -275,9 +247,7 @@ fn save_restore_and_managedsave_keep_state() {
 
     // Control: the same setup with a plain start restores A (B backed up).
     std::fs::write(&journal, &bogus).unwrap();
-    w.start(&vm.name, true);
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "state-A");
+    assert_eq!(w.secret_after_start(&vm), "state-A");
     assert!(backups.is_dir(), "the replaced state B was not backed up");
 }
 
@@ -287,7 +257,7 @@ fn cloned_xml_is_refused_then_adopted() {
     let w = World::up("clone");
     w.install_hook();
     let vm = Vm::new("orig", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "clone-secret");
+    let ek = w.stored_with_secret(&vm, "clone-secret");
     let (_, xml) = w.dump(&vm.name, "orig.xml", true);
     let clone = Vm {
         name: "orig-clone".into(),
@@ -334,7 +304,7 @@ fn corrupted_metadata_is_refused() {
     let w = World::up("corrupt");
     w.install_hook();
     let vm = Vm::new("corrupt", Tpm::V2);
-    vm_with_secret(&w, &vm, "corrupt-secret");
+    w.stored_with_secret(&vm, "corrupt-secret");
     let (_, xml) = w.dump(&vm.name, "good.xml", true);
     w.must_virsh(&["undefine", &vm.name]);
     assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
@@ -579,8 +549,11 @@ fn cli_show_store_extract_and_errors() {
     assert_eq!(j["tpm_version"], "2.0");
     // Encrypted with the host key `install` created: protection names its id.
     let key = w.keys().pop().expect("install created no host key");
-    let key_id = key.trim_end_matches(".key").rsplit('-').next().unwrap();
-    assert_eq!(j["protection"], format!("virt-tpm-state:{key_id}"), "{j:#}");
+    assert_eq!(
+        j["protection"],
+        format!("virt-tpm-state:{}", key_id(&key)),
+        "{j:#}"
+    );
     assert_eq!(j["generation"], 2);
     assert_eq!(j["parent"], first["digest"], "parent chain: {j:#}");
     assert_eq!(j["files"][0]["name"], "tpm2-00.permall");
@@ -665,7 +638,7 @@ fn host_untouched() {
         let w = World::up("host-check");
         w.install_hook();
         let vm = Vm::new("hc", Tpm::V2);
-        vm_with_secret(&w, &vm, "host-check");
+        w.stored_with_secret(&vm, "host-check");
         w.start(&vm.name, true);
         w.destroy(&vm.name);
     }
