@@ -432,22 +432,25 @@ fn pack_into_a_domain_xml_and_bare_elements() {
         let b = fixture.find("</metadata>").unwrap() + "</metadata>".len();
         format!("{}{}", &fixture[..a], &fixture[b..])
     };
+    // `pack --plaintext` of the state in `d` for `uuid` into the domain XML `f`.
+    let pack_into = |uuid: &str, f: &Path| {
+        let (d, f) = (d.to_str().unwrap(), f.to_str().unwrap());
+        let args = [
+            "pack",
+            "--uuid",
+            uuid,
+            "--state-dir",
+            d,
+            "--plaintext",
+            "--into",
+            f,
+        ];
+        env.run(&args, None)
+    };
     for base in [fixture.as_str(), plain.as_str(), no_meta.as_str()] {
         let f = env.path("dom.xml");
         std::fs::write(&f, base).unwrap();
-        let o = env.run(
-            &[
-                "pack",
-                "--uuid",
-                &uuid,
-                "--state-dir",
-                d.to_str().unwrap(),
-                "--plaintext",
-                "--into",
-                f.to_str().unwrap(),
-            ],
-            None,
-        );
+        let o = pack_into(&uuid, &f);
         assert_eq!(code(&o), 0, "{}", stderr(&o));
         let out = String::from_utf8(o.stdout.clone()).unwrap();
         assert!(out.contains("<name>"), "not a domain XML");
@@ -458,20 +461,7 @@ fn pack_into_a_domain_xml_and_bare_elements() {
         assert_eq!(j["files"].as_array().unwrap().len(), 1);
     }
     // Another domain's uuid: refused as a clone, nothing printed.
-    let f = env.path("dom.xml");
-    let o = env.run(
-        &[
-            "pack",
-            "--uuid",
-            "6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11",
-            "--state-dir",
-            d.to_str().unwrap(),
-            "--plaintext",
-            "--into",
-            f.to_str().unwrap(),
-        ],
-        None,
-    );
+    let o = pack_into("6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11", &env.path("dom.xml"));
     assert_eq!(code(&o), 5, "{}", stderr(&o));
     assert!(o.stdout.is_empty());
 

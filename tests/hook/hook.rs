@@ -124,19 +124,19 @@ fn tpm_state(version: TpmVersion, data: &[u8]) -> TpmState {
 
 /// Our element for `uuid`, holding `data` as the TPM's permall.
 fn element(uuid: &str, version: TpmVersion, data: &[u8], generation: u64) -> String {
-    encode(
-        &tpm_state(version, data).into(),
-        &Provenance {
-            uuid: DomainUuid::parse(uuid).unwrap(),
-            generation,
-            parent: None,
-            stored: "2026-01-01T00:00:00Z".into(),
-            host: "test-host".into(),
-        },
-        Style::Standalone,
-        Protection::Plain,
-    )
-    .unwrap()
+    plain_element(&tpm_state(version, data).into(), uuid, generation)
+}
+
+/// `state` as a plaintext element for `uuid`, stored by "test-host".
+fn plain_element(state: &MachineState, uuid: &str, generation: u64) -> String {
+    let prov = Provenance {
+        uuid: DomainUuid::parse(uuid).unwrap(),
+        generation,
+        parent: None,
+        stored: "2026-01-01T00:00:00Z".into(),
+        host: "test-host".into(),
+    };
+    encode(state, &prov, Style::Standalone, Protection::Plain).unwrap()
 }
 
 /// The prepare-begin XML carrying `data` as a TPM 2.0 state.
@@ -907,22 +907,11 @@ fn vars(seed: &str) -> Vec<u8> {
 
 /// Our element holding a TPM 2.0 state (`tpm`) and/or a VARS file.
 fn machine_element(uuid: &str, tpm: Option<&[u8]>, nvram: Option<&[u8]>) -> String {
-    encode(
-        &MachineState::new(
-            tpm.map(|d| tpm_state(TpmVersion::V2_0, d)),
-            nvram.map(<[u8]>::to_vec),
-        ),
-        &Provenance {
-            uuid: DomainUuid::parse(uuid).unwrap(),
-            generation: 1,
-            parent: None,
-            stored: "2026-01-01T00:00:00Z".into(),
-            host: "test-host".into(),
-        },
-        Style::Standalone,
-        Protection::Plain,
-    )
-    .unwrap()
+    let state = MachineState::new(
+        tpm.map(|d| tpm_state(TpmVersion::V2_0, d)),
+        nvram.map(<[u8]>::to_vec),
+    );
+    plain_element(&state, uuid, 1)
 }
 
 /// The prepare XML of a UEFI domain (firmware autoselection: no `<nvram>`

@@ -47,6 +47,12 @@ fn small(seed: &str) -> St {
 /// A prepare-begin XML builder: the state, its generation.
 type XmlOf = fn(&St, u64) -> String;
 
+/// The two ways a domain has VARS: libvirt picks the file, or `<nvram>` names it.
+const NVRAM_FORMS: [(&str, XmlOf); 2] = [
+    ("autoselected", xml_auto),
+    ("explicit <nvram>", explicit_xml),
+];
+
 fn explicit_xml(st: &St, gen: u64) -> String {
     xml_for(st, gen, &fixture_uuid(&fixture_xml()), true)
 }
@@ -396,12 +402,8 @@ fn racing_nvram_swapper_never_gets_an_outside_dir() {
 fn symlinked_nvram_dir_is_refused_and_nothing_outside_is_written() {
     require!(Env::All(TRUST_ENV));
     let u = users();
-    let forms: [(&str, XmlOf); 2] = [
-        ("autoselected", xml_auto),
-        ("explicit <nvram>", explicit_xml),
-    ];
     each_case(
-        forms,
+        NVRAM_FORMS,
         |(f, _)| f.to_string(),
         |(form, xml)| {
             let s = Scratch::debian(&u);
@@ -637,12 +639,8 @@ fn links_in_dirs_others_can_write_are_never_followed() {
 fn missing_nvram_dir_is_refused_not_created() {
     require!(Env::All(TRUST_ENV));
     let u = users();
-    let forms: [(&str, XmlOf); 2] = [
-        ("autoselected", xml_auto),
-        ("explicit <nvram>", explicit_xml),
-    ];
     each_case(
-        forms,
+        NVRAM_FORMS,
         |(f, _)| f.to_string(),
         |(form, xml)| {
             let what = format!("{form}: VARS to restore, libvirt's nvram dir missing");
