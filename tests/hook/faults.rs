@@ -149,7 +149,7 @@ impl Scenario {
             }
             _ => {}
         }
-        assert!(s.leftovers().is_empty(), "setup left {:?}", s.leftovers());
+        s.assert_no_leftovers("setup");
         Case { s, a, b }
     }
 
@@ -602,7 +602,7 @@ fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
         assert_eq!(c.s.live().as_ref(), Some(&c.a), "{what}: live");
         assert!(c.s.backups().contains(&c.b), "{what}: B not backed up");
         assert!(c.s.backups().contains(&c.a), "{what}: A not backed up");
-        assert!(c.s.leftovers().is_empty(), "{what}: {:?}", c.s.leftovers());
+        c.s.assert_no_leftovers(&what);
         assert!(
             !c.s.path(&format!("var/lib/virt-tpm-state/intents/{}", c.s.uuid))
                 .exists(),
@@ -769,11 +769,7 @@ fn restore_disk_full_keeps_previous_state() {
         "a failed run on a full disk changed {diff:?}"
     );
     assert_eq!(after1.s.live().as_ref(), Some(&c.a));
-    assert!(
-        after1.s.leftovers().is_empty(),
-        "{:?}",
-        after1.s.leftovers()
-    );
+    after1.s.assert_no_leftovers("full disk");
     ok(&second, "once the disk has room");
     Scenario::Replace.check_converged(&after2, "disk full, then room");
 }
@@ -795,11 +791,7 @@ fn restore_disk_full_on_a_fresh_host_leaves_no_state_dir() {
         "a VARS file was left on a full disk"
     );
     assert!(after1.s.j().is_none());
-    assert!(
-        after1.s.leftovers().is_empty(),
-        "{:?}",
-        after1.s.leftovers()
-    );
+    after1.s.assert_no_leftovers("full disk, fresh host");
     ok(&second, "once the disk has room");
     Scenario::Fresh.check_converged(&after2, "disk full, then room");
 }
@@ -823,11 +815,7 @@ mount -o remount,bind,ro "$ROOT/var/lib/libvirt""#,
         "the previous state must stay"
     );
     assert_eq!(after1.s.j(), Some(c.a.digest()));
-    assert!(
-        after1.s.leftovers().is_empty(),
-        "{:?}",
-        after1.s.leftovers()
-    );
+    after1.s.assert_no_leftovers("read-only state fs");
     // A backup of A may have been taken before the write failed: harmless.
     ok(&second, "once writable again");
     Scenario::Replace.check_converged(&after2, "read-only, then writable");

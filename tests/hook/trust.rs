@@ -561,7 +561,7 @@ fn relocated_var_lib_libvirt_by_root_is_followed() {
                 "{what}: kept copy\n{}",
                 show(&out)
             );
-            assert!(s.leftovers().is_empty(), "{what}: {:?}", s.leftovers());
+            s.assert_no_leftovers(&what);
             assert_eq!(
                 stat_of(&s.path("var/lib")),
                 Om(0, 0, var_lib_mode),

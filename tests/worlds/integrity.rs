@@ -972,5 +972,5 @@ fn a_revert_intent_counts_only_for_its_element() {
         "the replaced state is not in a backup"
     );
     assert!(!s.path(&revert).exists(), "the revert intent stayed");
-    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    s.assert_no_leftovers("after the run");
 }
