@@ -1265,25 +1265,21 @@ fn source_file_is_restored_as_a_linear_file() {
         "<backend type='emulator' version='2.0'/>",
         "<backend type='emulator' version='2.0'>\n        <source type='file' path='/srv/tpm/vm.tpm'/>\n      </backend>",
     );
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        linear::build(&newer).unwrap(),
-        "{run}"
-    );
+    // `prepare` must write the newer metadata's state into the file.
+    let restores_newer = || {
+        let run = s.prepare(&xml, &[]);
+        run.ok();
+        let want = linear::build(&newer).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), want, "{run}");
+        run
+    };
+    let run = restores_newer();
     assert_eq!(backup_contents(&s), vec![local], "{run}");
 
     // An empty file (swtpm had not formatted it yet) holds no state: the
     // metadata's state is written into it, nothing is backed up.
     std::fs::write(&file, b"").unwrap();
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        linear::build(&newer).unwrap(),
-        "{run}"
-    );
+    let run = restores_newer();
     assert_eq!(backups(&s).len(), 1, "{run}");
 
     // A formatted file whose permall slot is allocated but empty holds no
@@ -1292,13 +1288,7 @@ fn source_file_is_restored_as_a_linear_file() {
     empty_slot[12 + 4..12 + 8].copy_from_slice(&0u32.to_le_bytes());
     assert_eq!(linear::permall(&empty_slot).unwrap(), Some(&[][..]));
     std::fs::write(&file, &empty_slot).unwrap();
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        linear::build(&newer).unwrap(),
-        "{run}"
-    );
+    let run = restores_newer();
     assert_eq!(backups(&s).len(), 1, "{run}");
 }
 
