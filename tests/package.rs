@@ -347,8 +347,7 @@ fn check_deb_file(deb: &Path) {
 /// the development build), stored into the metadata: its persistent XML is
 /// what travels. Returns (world A, the VM, its XML, its permall, its EK).
 fn origin(name: &str, vm_name: &str) -> (World, Vm, String, Vec<u8>, String) {
-    let a = World::up(name);
-    a.install_hook();
+    let a = World::with_hook(name);
     let vm = Vm::new(vm_name, Tpm::V2);
     let ek = a.stored_with_secret(&vm, "packaged-secret");
     let stored = a.must_permall(&vm);

@@ -88,8 +88,7 @@ fn kinds(w: &World) -> Vec<(&'static str, &'static [&'static str])> {
 #[test]
 fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::up("snap");
-    w.install_hook();
+    let w = World::with_hook("snap");
     // Stores happen only when the test says so ("never stored" stays so).
     w.append_config("store_after_stop = false");
     for (kind, create_opts) in kinds(&w) {
@@ -169,8 +168,7 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
 #[test]
 fn memory_snapshot_revert_keeps_qemus_tpm() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::Libvirt);
-    let w = World::up("snapmem");
-    w.install_hook();
+    let w = World::with_hook("snapmem");
     w.append_config("store_after_stop = false");
     let vm = Vm::new("mem1", Tpm::V2);
     let disk = "/var/lib/libvirt/images/mem1.qcow2";
@@ -212,8 +210,7 @@ fn memory_snapshot_revert_keeps_qemus_tpm() {
 #[test]
 fn plain_virsh_revert_with_the_daemon() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::up("snapd");
-    w.install_hook();
+    let w = World::with_hook("snapd");
     let d = Watch::start(&w, "snap");
     for running in [false, true] {
         let case = if running {
@@ -264,8 +261,7 @@ fn plain_virsh_revert_with_the_daemon() {
 #[test]
 fn plain_running_revert_uses_libvirts_release_reason() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::up("snaprun");
-    w.install_hook();
+    let w = World::with_hook("snaprun");
     w.append_config("store_after_stop = false");
     let vm = snapshot_vm(&w, "r1");
     w.write_secret(&vm, "S1");

@@ -233,8 +233,7 @@ fn assert_final(w: &World, vms: &[Vm], before: &[(u64, String)], finals: &[Strin
 fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
     require!(Env::Libvirt);
     let n = storm_size();
-    let w = World::up("storm");
-    w.install_hook();
+    let w = World::with_hook("storm");
     let vms: Vec<Vm> = (0..n)
         .map(|i| Vm::new(&format!("storm{i:02}"), Tpm::V2))
         .collect();
@@ -307,8 +306,7 @@ fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
 #[test]
 fn pending_store_never_overwrites_newer_metadata() {
     require!(Env::Libvirt);
-    let w = World::up("pending");
-    w.install_hook();
+    let w = World::with_hook("pending");
     let (a, b) = (Vm::new("pa", Tpm::V2), Vm::new("pb", Tpm::V2));
     w.manufacture(&a);
     w.manufacture(&b);

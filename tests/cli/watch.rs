@@ -59,8 +59,7 @@ fn mtime(p: &Path) -> SystemTime {
 
 /// A world with the hook installed and `vm` running (paused) with a manufactured TPM.
 fn running_vm(tag: &str, name: &str) -> (World, Vm) {
-    let w = World::up(tag);
-    w.install_hook();
+    let w = World::with_hook(tag);
     let vm = Vm::new(name, Tpm::V2);
     w.manufacture(&vm);
     // Paused: active for libvirt (swtpm runs, the daemon watches it), but

@@ -181,6 +181,13 @@ impl World {
         World::up_env(name, &[])
     }
 
+    /// A world with the hook installed (`install`), as most tests want it.
+    pub fn with_hook(name: &str) -> World {
+        let w = World::up(name);
+        w.install_hook();
+        w
+    }
+
     /// [`World::up`] with environment for world.sh (e.g. `WORLD_OVERLAY`).
     pub fn up_env(name: &str, env: &[(&str, &str)]) -> World {
         let base = root_dir().join("target/e2e-worlds");

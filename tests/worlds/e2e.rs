@@ -18,8 +18,7 @@ fn assert_metadata_is_local(w: &World, vm: &Vm) -> serde_json::Value {
 #[test]
 fn roundtrip_same_host() {
     require!(Env::Libvirt);
-    let w = World::up("roundtrip");
-    w.install_hook();
+    let w = World::with_hook("roundtrip");
     let vm = Vm::new("vm1", Tpm::V2);
     let ek = w.stored_with_secret(&vm, "hunter3");
     assert_metadata_is_local(&w, &vm);
@@ -57,15 +56,13 @@ fn roundtrip_same_host() {
 #[test]
 fn define_on_second_host() {
     require!(Env::Libvirt);
-    let a = World::up("host-a");
-    a.install_hook();
+    let a = World::with_hook("host-a");
     let vm = Vm::new("mover", Tpm::V2);
     let ek = a.stored_with_secret(&vm, "moved-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
 
-    let b = World::up("host-b");
-    b.install_hook();
+    let b = World::with_hook("host-b");
     assert!(!b.swtpm_uuid_dir_exists(&vm.uuid));
     b.define_xml("dump.xml", &xml);
     // Host B has its own key, not A's: the start is refused, naming A's key.
@@ -98,14 +95,12 @@ fn define_on_second_host() {
 #[test]
 fn transient_domain() {
     require!(Env::Libvirt);
-    let a = World::up("trans-a");
-    a.install_hook();
+    let a = World::with_hook("trans-a");
     let vm = Vm::new("trans", Tpm::V2);
     let ek = a.stored_with_secret(&vm, "transient-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
-    let b = World::up("trans-b");
-    b.install_hook();
+    let b = World::with_hook("trans-b");
     a.copy_keys_to(&b);
     drop(a);
     let path = b.file("dump.xml");
@@ -129,8 +124,7 @@ fn transient_domain() {
 /// Local state changed since the last store; the old XML is defined over
 /// the domain again: the newer local state is kept (M == J, L != J).
 fn local_newer(post_stop_store: bool, tag: &str) {
-    let w = World::up(tag);
-    w.install_hook();
+    let w = World::with_hook(tag);
     if !post_stop_store {
         w.append_config("store_after_stop = false");
     }
@@ -181,8 +175,7 @@ fn local_newer_is_kept_without_post_stop_store() {
 #[test]
 fn save_restore_and_managedsave_keep_state() {
     require!(Env::Libvirt);
-    let w = World::up("save");
-    w.install_hook();
+    let w = World::with_hook("save");
     // The post-stop store would write B into the metadata at `save`.
     w.append_config("store_after_stop = false");
     let vm = Vm::new("saver", Tpm::V2);
@@ -254,8 +247,7 @@ fn save_restore_and_managedsave_keep_state() {
 #[test]
 fn cloned_xml_is_refused_then_adopted() {
     require!(Env::Libvirt);
-    let w = World::up("clone");
-    w.install_hook();
+    let w = World::with_hook("clone");
     let vm = Vm::new("orig", Tpm::V2);
     let ek = w.stored_with_secret(&vm, "clone-secret");
     let (_, xml) = w.dump(&vm.name, "orig.xml", true);
@@ -301,8 +293,7 @@ fn cloned_xml_is_refused_then_adopted() {
 #[test]
 fn corrupted_metadata_is_refused() {
     require!(Env::Libvirt);
-    let w = World::up("corrupt");
-    w.install_hook();
+    let w = World::with_hook("corrupt");
     let vm = Vm::new("corrupt", Tpm::V2);
     w.stored_with_secret(&vm, "corrupt-secret");
     let (_, xml) = w.dump(&vm.name, "good.xml", true);
@@ -372,8 +363,7 @@ fn swtpm_listing(w: &World, vm: &Vm) -> Vec<String> {
 fn no_metadata_behaves_like_plain_libvirt() {
     require!(Env::Libvirt);
     let vm = Vm::new("plain", Tpm::V2);
-    let a = World::up("plain-hook");
-    a.install_hook();
+    let a = World::with_hook("plain-hook");
     a.define(&vm);
     a.start(&vm.name, true);
     assert_eq!(
@@ -424,8 +414,7 @@ fn no_metadata_behaves_like_plain_libvirt() {
 #[test]
 fn post_stop_store_lands_by_itself() {
     require!(Env::Libvirt);
-    let w = World::up("poststop");
-    w.install_hook();
+    let w = World::with_hook("poststop");
     let vm = Vm::new("auto", Tpm::V2);
     w.define(&vm);
     let mut previous: Option<serde_json::Value> = None;
@@ -466,8 +455,7 @@ fn post_stop_store_lands_by_itself() {
 #[test]
 fn tpm12_roundtrip() {
     require!(Env::Libvirt);
-    let a = World::up("tpm12-a");
-    a.install_hook();
+    let a = World::with_hook("tpm12-a");
     let vm = Vm::new("old-tpm", Tpm::V12);
     a.manufacture(&vm);
     let ek = a.ek_pub(&vm);
@@ -495,8 +483,7 @@ fn tpm12_roundtrip() {
     assert_eq!(a.ek_pub(&vm), ek);
 
     // Another host: from the metadata alone.
-    let b = World::up("tpm12-b");
-    b.install_hook();
+    let b = World::with_hook("tpm12-b");
     a.copy_keys_to(&b);
     b.define_xml("dump.xml", &xml);
     b.start(&vm.name, true);
@@ -525,8 +512,7 @@ fn assert_cli_error(w: &World, args: &[&str], code: i32) -> String {
 #[test]
 fn cli_show_store_extract_and_errors() {
     require!(Env::Libvirt);
-    let w = World::up("cli");
-    w.install_hook();
+    let w = World::with_hook("cli");
     let vm = Vm::new("cli", Tpm::V2);
     w.manufacture(&vm);
     // The post-stop store of the first run stored generation 1.
@@ -635,8 +621,7 @@ fn host_untouched() {
     require!(Env::Libvirt);
     let before = host_fingerprint();
     {
-        let w = World::up("host-check");
-        w.install_hook();
+        let w = World::with_hook("host-check");
         let vm = Vm::new("hc", Tpm::V2);
         w.stored_with_secret(&vm, "host-check");
         w.start(&vm.name, true);
@@ -823,8 +808,7 @@ fn tpm_state_in_source_file() {
 #[test]
 fn ek_certificate_files_travel_with_the_tpm() {
     require!(Env::Libvirt);
-    let a = World::up("ekcert-a");
-    a.install_hook();
+    let a = World::with_hook("ekcert-a");
     let vm = Vm::new("ek1", Tpm::V2);
     a.define(&vm);
     let dir = vm.state_dir();

@@ -44,8 +44,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn readonly_dumpxml_reveals_no_tpm_state() {
     require!(Env::Libvirt);
-    let w = World::up("enc-ro");
-    w.install_hook();
+    let w = World::with_hook("enc-ro");
     assert_eq!(w.keys().len(), 1, "install must create one host key");
     let vm = Vm::new("secretive", Tpm::V2);
     let ek = w.stored_with_secret(&vm, "ro-secret");
@@ -94,8 +93,7 @@ fn readonly_dumpxml_reveals_no_tpm_state() {
 #[test]
 fn key_rotation_rekey_then_old_key_removed() {
     require!(Env::Libvirt);
-    let w = World::up("enc-rotate");
-    w.install_hook();
+    let w = World::with_hook("enc-rotate");
     let vm = Vm::new("rotated", Tpm::V2);
     let ek = w.stored_with_secret(&vm, "rotate-secret");
     let key1 = w.keys().pop().expect("a key");
@@ -137,8 +135,7 @@ fn key_rotation_rekey_then_old_key_removed() {
 #[test]
 fn store_without_a_key_refuses_unless_plaintext_is_allowed() {
     require!(Env::Libvirt);
-    let w = World::up("enc-nokey");
-    w.install_hook();
+    let w = World::with_hook("enc-nokey");
     for k in w.keys() {
         std::fs::remove_file(w.host_path("/etc/virt-tpm-state/keys").join(k)).unwrap();
     }

@@ -22,8 +22,7 @@ fn secret_kept_then_boot(w: &World, vm: &Vm, secret: &str, ek: &str, secs: u64) 
 #[test]
 fn uefi_vars_travel_with_the_tpm() {
     require!(Env::Libvirt, Env::FwVars);
-    let a = World::up("nvram-a");
-    a.install_hook();
+    let a = World::with_hook("nvram-a");
     let vm = Vm::new("efi1", Tpm::V2);
     a.define_xml("efi1.xml", &uefi_xml(&a, &vm));
     // First start: libvirt manufactures the TPM and copies the VARS template.
@@ -189,8 +188,7 @@ fn wrap_hook_in_umask(w: &World) {
 #[test]
 fn umask_wrapped_hook_starts_uefi_tpm_vms() {
     require!(Env::Libvirt, Env::FwVars);
-    let w = World::up("nvram-umask");
-    w.install_hook();
+    let w = World::with_hook("nvram-umask");
     wrap_hook_in_umask(&w);
     let (tss_uid, tss_gid) = ids_in(&w, "tss", "tss");
     let (qemu_uid, qemu_gid) = ids_in(&w, "libvirt-qemu", "libvirt-qemu");
