@@ -39,6 +39,16 @@ fn expectation(p: &Path) -> String {
         .to_string()
 }
 
+/// Every vector with its expectation and the exit code it must give.
+fn expected_vectors() -> Vec<(PathBuf, String, u8)> {
+    let with_exit = |v: PathBuf| {
+        let expect = expectation(&v);
+        let want = expected_exit(&expect);
+        (v, expect, want)
+    };
+    vectors().into_iter().map(with_exit).collect()
+}
+
 /// The exit code the hook and `verify` give for a vector's expectation.
 fn expected_exit(expect: &str) -> u8 {
     let mut w = expect.split_whitespace();
@@ -99,6 +109,12 @@ impl Env {
         self.tmp.path().join(rel)
     }
 
+    /// The keys dir and the age identity, as `--keys`/`--identity` take them.
+    fn key_args(&self) -> (String, String) {
+        let arg = |p: PathBuf| p.to_str().unwrap().to_string();
+        (arg(self.keys()), arg(self.identity()))
+    }
+
     fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         run_in(&self.tmp.path().join("root"), args, stdin)
     }
@@ -134,14 +150,10 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn verify_and_show_check_give_the_hooks_exit_code_on_every_vector() {
     let env = Env::new();
-    let keys = env.keys();
-    let keys = keys.to_str().unwrap();
-    let id = env.identity();
-    let id = id.to_str().unwrap();
+    let (keys, id) = env.key_args();
+    let (keys, id) = (keys.as_str(), id.as_str());
     let mut failures = Vec::new();
-    for v in vectors() {
-        let expect = expectation(&v);
-        let want = expected_exit(&expect);
+    for (v, expect, want) in expected_vectors() {
         let path = v.to_str().unwrap();
         for args in [
             vec!["verify", "--keys", keys, "--identity", id, "--xml", path],
@@ -186,13 +198,9 @@ fn verify_and_show_check_give_the_hooks_exit_code_on_every_vector() {
 #[test]
 fn extract_refuses_what_verify_refuses_unless_forced() {
     let env = Env::new();
-    let keys = env.keys();
-    let keys = keys.to_str().unwrap();
-    let id = env.identity();
-    let id = id.to_str().unwrap();
-    for v in vectors() {
-        let expect = expectation(&v);
-        let want = expected_exit(&expect);
+    let (keys, id) = env.key_args();
+    let (keys, id) = (keys.as_str(), id.as_str());
+    for (v, _, want) in expected_vectors() {
         let name = v.file_stem().unwrap().to_string_lossy().into_owned();
         let out = env.path(&format!("out-{name}"));
         let o = env.run(
