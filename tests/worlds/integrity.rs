@@ -16,7 +16,7 @@
 //! (`restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation`).
 
 use crate::common::{env::Env, runner::*, scratch::*, states::*};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 fn code(out: &Output) -> i32 {
@@ -71,10 +71,18 @@ fn restore_xml_is_refused_when_libvirt_cannot_say_whether_it_runs() {
     let xml = saved_xml(&s, "b.xml", &xml_with(&b, 2));
     let before = s.tree();
     let uri = dead_uri(&s);
-    let out = s.cli(
-        &["-c", &uri, "restore", "--xml", xml.to_str().unwrap()],
-        None,
-    );
+    // `restore` of a saved XML, asking libvirt at `uri` whether the VM runs.
+    let restore = |uri: &str, force: bool, xml: &Path| {
+        let mut args = vec!["-c", uri, "restore"];
+        if force {
+            args.push("--force");
+        }
+        s.cli(
+            &[&args[..], &["--xml", xml.to_str().unwrap()]].concat(),
+            None,
+        )
+    };
+    let out = restore(&uri, false, &xml);
     assert_eq!(code(&out), 13, "libvirt down: {}", show(&out));
     let err = err_text(&out);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
@@ -85,32 +93,13 @@ fn restore_xml_is_refused_when_libvirt_cannot_say_whether_it_runs() {
     assert_eq!(s.tree(), before, "a refused restore wrote something");
     assert_eq!(s.live().as_ref(), Some(&a));
     // --force: the admin knows it is stopped.
-    let out = s.cli(
-        &[
-            "-c",
-            &uri,
-            "restore",
-            "--force",
-            "--xml",
-            xml.to_str().unwrap(),
-        ],
-        None,
-    );
+    let out = restore(&uri, true, &xml);
     assert_eq!(code(&out), 0, "--force: {}", show(&out));
     assert_eq!(s.live().as_ref(), Some(&b));
     // libvirt answering "no such domain" is an answer: not running.
     let c = St::new("C");
     let xml = saved_xml(&s, "c.xml", &xml_with(&c, 3));
-    let out = s.cli(
-        &[
-            "-c",
-            "test:///default",
-            "restore",
-            "--xml",
-            xml.to_str().unwrap(),
-        ],
-        None,
-    );
+    let out = restore("test:///default", false, &xml);
     assert_eq!(code(&out), 0, "no such domain: {}", show(&out));
     assert_eq!(s.live().as_ref(), Some(&c));
 }
