@@ -167,31 +167,12 @@ fn watch_survives_libvirtd_restart() {
     let d = Watch::start(&w, "restart");
     wait_synced(&w, &vm, true, Duration::from_secs(15));
 
-    let pidfile = w.dir.join("libvirtd.pid");
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let t = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "libvirtd did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    w.stop_libvirtd();
     // A change while libvirt is away, then a few seconds of outage.
     let data = swtpm_like_write(&w, &vm, 7);
     std::thread::sleep(Duration::from_secs(6));
     d.wait_log("libvirt unreachable", Duration::from_secs(5));
-    let out = w.exec(&[
-        "libvirtd",
-        "-d",
-        "--pid-file",
-        &pidfile.display().to_string(),
-    ]);
-    w.check(&["libvirtd", "-d"], out);
+    w.start_libvirtd();
     let took = wait_synced(&w, &vm, true, Duration::from_secs(20));
     eprintln!("synced {took:?} after libvirtd came back");
     assert_eq!(w.must_permall(&vm), data);

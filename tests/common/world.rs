@@ -256,6 +256,38 @@ impl World {
         }
     }
 
+    /// SIGTERM to the world's libvirtd (as systemd does once the last guest
+    /// is off); returns when it is gone.
+    pub fn stop_libvirtd(&self) {
+        let pidfile = self.dir.join("libvirtd.pid");
+        let pid = std::fs::read_to_string(&pidfile).expect("libvirtd.pid");
+        let pid = pid.trim();
+        Command::new("kill").args(["-TERM", pid]).status().unwrap();
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "libvirtd did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the world's libvirtd again; returns once it answers.
+    pub fn start_libvirtd(&self) {
+        let pidfile = self.dir.join("libvirtd.pid").display().to_string();
+        let out = self.exec(&["libvirtd", "-d", "--pid-file", &pidfile]);
+        self.check(&["libvirtd", "-d"], out);
+        let t = Instant::now();
+        while !self.virsh(&["list"]).status.success() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "libvirtd did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// A path inside the world (one of world.sh's bind-mounted dirs), seen from the host.
     pub fn host_path(&self, abs: &str) -> PathBuf {
         self.dir.join("root").join(abs.trim_start_matches('/'))
