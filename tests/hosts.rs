@@ -170,8 +170,7 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
         &[&a, &b, &c],
         &[("a", &a_id), ("b", &b_id), ("owner", &owner_snippet)],
     );
-    let vm = Vm::new("sealed-for-hosts", Tpm::V2);
-    let ek = a.stored_with_secret(&vm, "hosts-secret");
+    let (vm, ek) = a.stored_vm("sealed-for-hosts", "hosts-secret");
     let j = a.show_json(&vm.name, true);
     assert_eq!(
         j["protection"],

@@ -605,6 +605,14 @@ impl World {
         ek
     }
 
+    /// [`World::stored_with_secret`] for a new TPM 2.0 VM `name`: the VM and
+    /// its EK fingerprint.
+    pub fn stored_vm(&self, name: &str, secret: &str) -> (Vm, String) {
+        let vm = Vm::new(name, Tpm::V2);
+        let ek = self.stored_with_secret(&vm, secret);
+        (vm, ek)
+    }
+
     /// Starts `vm` paused (the hook restores its TPM state at prepare) and
     /// stops it again: the secret its TPM then holds.
     pub fn secret_after_start(&self, vm: &Vm) -> String {

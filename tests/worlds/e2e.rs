@@ -19,8 +19,7 @@ fn assert_metadata_is_local(w: &World, vm: &Vm) -> serde_json::Value {
 fn roundtrip_same_host() {
     require!(Env::Libvirt);
     let w = World::with_hook("roundtrip");
-    let vm = Vm::new("vm1", Tpm::V2);
-    let ek = w.stored_with_secret(&vm, "hunter3");
+    let (vm, ek) = w.stored_vm("vm1", "hunter3");
     assert_metadata_is_local(&w, &vm);
 
     // A store on a running domain: two settle reads ~1 s apart, live+config.
@@ -57,8 +56,7 @@ fn roundtrip_same_host() {
 fn define_on_second_host() {
     require!(Env::Libvirt);
     let a = World::with_hook("host-a");
-    let vm = Vm::new("mover", Tpm::V2);
-    let ek = a.stored_with_secret(&vm, "moved-secret");
+    let (vm, ek) = a.stored_vm("mover", "moved-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
 
@@ -96,8 +94,7 @@ fn define_on_second_host() {
 fn transient_domain() {
     require!(Env::Libvirt);
     let a = World::with_hook("trans-a");
-    let vm = Vm::new("trans", Tpm::V2);
-    let ek = a.stored_with_secret(&vm, "transient-secret");
+    let (vm, ek) = a.stored_vm("trans", "transient-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
     let b = World::with_hook("trans-b");
@@ -128,8 +125,7 @@ fn local_newer(post_stop_store: bool, tag: &str) {
     if !post_stop_store {
         w.append_config("store_after_stop = false");
     }
-    let vm = Vm::new("newer", Tpm::V2);
-    let ek = w.stored_with_secret(&vm, "old-secret");
+    let (vm, ek) = w.stored_vm("newer", "old-secret");
     let (old, _) = w.dump(&vm.name, "old.xml", true);
     w.write_secret(&vm, "newer-secret");
     let j = w.show_json(&vm.name, true);
@@ -178,8 +174,7 @@ fn save_restore_and_managedsave_keep_state() {
     let w = World::with_hook("save");
     // The post-stop store would write B into the metadata at `save`.
     w.append_config("store_after_stop = false");
-    let vm = Vm::new("saver", Tpm::V2);
-    w.stored_with_secret(&vm, "state-A");
+    let (vm, _) = w.stored_vm("saver", "state-A");
     w.write_secret(&vm, "state-B");
     let journal = w.host_path(&format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid));
     let bogus = format!("{}\n", "ab".repeat(32));
@@ -248,8 +243,7 @@ fn save_restore_and_managedsave_keep_state() {
 fn cloned_xml_is_refused_then_adopted() {
     require!(Env::Libvirt);
     let w = World::with_hook("clone");
-    let vm = Vm::new("orig", Tpm::V2);
-    let ek = w.stored_with_secret(&vm, "clone-secret");
+    let (vm, ek) = w.stored_vm("orig", "clone-secret");
     let (_, xml) = w.dump(&vm.name, "orig.xml", true);
     let clone = Vm {
         name: "orig-clone".into(),
@@ -294,8 +288,7 @@ fn cloned_xml_is_refused_then_adopted() {
 fn corrupted_metadata_is_refused() {
     require!(Env::Libvirt);
     let w = World::with_hook("corrupt");
-    let vm = Vm::new("corrupt", Tpm::V2);
-    w.stored_with_secret(&vm, "corrupt-secret");
+    let (vm, _) = w.stored_vm("corrupt", "corrupt-secret");
     let (_, xml) = w.dump(&vm.name, "good.xml", true);
     w.must_virsh(&["undefine", &vm.name]);
     assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
@@ -622,8 +615,7 @@ fn host_untouched() {
     let before = host_fingerprint();
     {
         let w = World::with_hook("host-check");
-        let vm = Vm::new("hc", Tpm::V2);
-        w.stored_with_secret(&vm, "host-check");
+        let (vm, _) = w.stored_vm("hc", "host-check");
         w.start(&vm.name, true);
         w.destroy(&vm.name);
     }

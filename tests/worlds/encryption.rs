@@ -46,8 +46,7 @@ fn readonly_dumpxml_reveals_no_tpm_state() {
     require!(Env::Libvirt);
     let w = World::with_hook("enc-ro");
     assert_eq!(w.keys().len(), 1, "install must create one host key");
-    let vm = Vm::new("secretive", Tpm::V2);
-    let ek = w.stored_with_secret(&vm, "ro-secret");
+    let (vm, ek) = w.stored_vm("secretive", "ro-secret");
     let raw = w.must_permall(&vm);
     let gz = virt_tpm_state::format::gzip_deterministic(&raw);
 
@@ -94,8 +93,7 @@ fn readonly_dumpxml_reveals_no_tpm_state() {
 fn key_rotation_rekey_then_old_key_removed() {
     require!(Env::Libvirt);
     let w = World::with_hook("enc-rotate");
-    let vm = Vm::new("rotated", Tpm::V2);
-    let ek = w.stored_with_secret(&vm, "rotate-secret");
+    let (vm, ek) = w.stored_vm("rotated", "rotate-secret");
     let key1 = w.keys().pop().expect("a key");
     let j = w.show_json(&vm.name, true);
     let id1 = key_id(&key1).to_string();
