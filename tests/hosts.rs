@@ -16,9 +16,8 @@
 mod common;
 
 use base64::Engine as _;
-use common::{env::Env, world::*};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use common::{env::Env, runner::output_with_stdin, world::*};
+use std::process::Command;
 use virt_tpm_state::format::NAMESPACE_URI;
 
 /// `host-id`'s output (a recipients-file snippet) and the fingerprint in it.
@@ -75,14 +74,7 @@ fn age_payload(age: &[u8]) -> Vec<u8> {
 }
 
 fn pipe(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(cmd, input);
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",

@@ -25,7 +25,7 @@
 #[macro_use]
 mod common;
 
-use common::{env::Env, world::*};
+use common::{env::Env, runner::output_with_stdin, world::*};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -325,17 +325,7 @@ fn check_deb_file(deb: &Path) {
         .arg(deb)
         .output()
         .expect("dpkg-deb --ctrl-tarfile");
-    let list = Command::new("tar")
-        .arg("-t")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(&conffiles.stdout)?;
-            c.wait_with_output()
-        })
-        .expect("tar -t");
+    let list = output_with_stdin(Command::new("tar").arg("-t"), &conffiles.stdout);
     assert!(
         !stdout(&list).contains("conffiles"),
         "the package has conffiles (an edited config would prompt on upgrade): {}",

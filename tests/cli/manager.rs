@@ -6,10 +6,9 @@
 //! stdout is quiet, `xmllint --relaxng` agrees with the reader on every
 //! vector, and the Python reference reader too.
 
-use crate::common::{scratch::Scratch, states::St};
-use std::io::Write;
+use crate::common::{runner::output_with_stdin, scratch::Scratch, states::St};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 const CLI: &str = env!("CARGO_BIN_EXE_virt-tpm-state");
 
@@ -121,22 +120,11 @@ impl Env {
 }
 
 fn run_in(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut c = Command::new(CLI)
-        .args(args)
+    let mut c = Command::new(CLI);
+    c.args(args)
         .env("VIRT_TPM_STATE_ROOT", root)
-        .env_remove("LIBVIRT_DEFAULT_URI")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut i = c.stdin.take().unwrap();
-        if let Some(b) = stdin {
-            let _ = i.write_all(b);
-        }
-    }
-    c.wait_with_output().unwrap()
+        .env_remove("LIBVIRT_DEFAULT_URI");
+    output_with_stdin(&mut c, stdin.unwrap_or_default())
 }
 
 fn code(o: &Output) -> u8 {
@@ -778,18 +766,12 @@ fn python_reference_reader_agrees_on_every_vector() {
         ];
         args.extend(&protect);
         let el = env.run(&args, None).stdout;
-        let mut c = Command::new("python3")
-            .arg(python_reader())
+        let mut py = Command::new("python3");
+        py.arg(python_reader())
             .args(["verify", "--keys"])
             .arg(&keys)
-            .arg("-")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(&el).unwrap();
-        let o = c.wait_with_output().unwrap();
+            .arg("-");
+        let o = output_with_stdin(&mut py, &el);
         if !o.status.success() {
             failures.push(format!("pack {protect:?}: python refuses: {}", stderr(&o)));
         }

@@ -5,7 +5,7 @@
 //! Regenerate the vectors with `cargo run -p tools --bin make-vectors`.
 
 use crate::common::env::Env;
-use crate::common::runner::must_run;
+use crate::common::runner::{must_run, output_with_stdin};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use std::collections::BTreeMap;
@@ -390,15 +390,7 @@ fn rage_opens_the_age_vectors() {
     require!(Env::Cmd("rage"), Env::Cmd("gunzip"));
     let owner = vectors_dir().join("identities/owner.txt");
     let pipe = |cmd: &mut std::process::Command, input: &[u8]| -> (bool, Vec<u8>) {
-        use std::io::Write as _;
-        let mut child = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(cmd, input);
         (out.status.success(), out.stdout)
     };
     let mut opened = 0;
