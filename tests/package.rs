@@ -686,8 +686,7 @@ fn upgrade_from_previous_build(test: &str, debian: Debian) {
     // The next start needs no other command: the VM, undefined (libvirt
     // deletes its TPM state) and defined again from its XML, starts with the
     // TPM the previous build stored, restored by the new hook.
-    p.must_virsh(&["undefine", &vm.name]);
-    assert!(!p.swtpm_uuid_dir_exists(&vm.uuid));
+    p.undefine(&vm);
     p.define_xml("upgraded.xml", &xml);
     p.assert_restores(
         &vm,

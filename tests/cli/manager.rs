@@ -127,6 +127,20 @@ fn run_in(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
     output_with_stdin(&mut c, stdin.unwrap_or_default())
 }
 
+/// `pack EXTRA ARGS` in a writer vector's dir (`fixtures/vectors/writer/`),
+/// ARGS from its `args` file.
+fn pack_writer_case(env: &Env, case: &Path, extra: &[&str]) -> Output {
+    let args = std::fs::read_to_string(case.join("args")).unwrap();
+    Command::new(CLI)
+        .arg("pack")
+        .args(extra)
+        .args(args.split_whitespace())
+        .current_dir(case)
+        .env("VIRT_TPM_STATE_ROOT", env.path("root"))
+        .output()
+        .unwrap()
+}
+
 fn code(o: &Output) -> u8 {
     o.status.code().expect("exited") as u8
 }
@@ -239,15 +253,7 @@ fn pack_prints_the_writer_vectors_byte_for_byte() {
     let mut n = 0;
     for case in std::fs::read_dir(&dir).unwrap() {
         let case = case.unwrap().path();
-        let args = std::fs::read_to_string(case.join("args")).unwrap();
-        let mut argv = vec!["pack"];
-        argv.extend(args.split_whitespace());
-        let o = Command::new(CLI)
-            .args(&argv)
-            .current_dir(&case)
-            .env("VIRT_TPM_STATE_ROOT", env.path("root"))
-            .output()
-            .unwrap();
+        let o = pack_writer_case(&env, &case, &[]);
         assert_eq!(code(&o), 0, "{}: {}", case.display(), stderr(&o));
         let want = std::fs::read(case.join("element.xml")).unwrap();
         assert!(
@@ -934,14 +940,7 @@ fn pack_bare_is_what_store_passes_to_libvirt() {
     let args = std::fs::read_to_string(case.join("args")).unwrap();
     let words: Vec<&str> = args.split_whitespace().collect();
     let val = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1];
-    let mut argv = vec!["pack", "--bare"];
-    argv.extend(&words);
-    let o = Command::new(CLI)
-        .args(&argv)
-        .current_dir(&case)
-        .env("VIRT_TPM_STATE_ROOT", env.path("root"))
-        .output()
-        .unwrap();
+    let o = pack_writer_case(&env, &case, &["--bare"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let state = MachineState::new(
         Some(TpmState::new(

@@ -643,6 +643,17 @@ impl World {
         }
     }
 
+    /// `virsh undefine`, which must take libvirt's TPM state of `vm` with it:
+    /// what comes back came from the metadata.
+    pub fn undefine(&self, vm: &Vm) {
+        self.must_virsh(&["undefine", &vm.name]);
+        assert!(
+            !self.swtpm_uuid_dir_exists(&vm.uuid),
+            "undefine left /var/lib/libvirt/swtpm/{}",
+            vm.uuid
+        );
+    }
+
     /// Whether libvirt's /var/lib/libvirt/swtpm/<uuid> exists.
     pub fn swtpm_uuid_dir_exists(&self, uuid: &str) -> bool {
         self.host_path(&format!("/var/lib/libvirt/swtpm/{uuid}"))

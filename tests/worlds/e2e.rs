@@ -42,12 +42,7 @@ fn roundtrip_same_host() {
 
     let stored = w.must_permall(&vm);
     let (dump, _) = w.dump(&vm.name, "dump.xml", false);
-    w.must_virsh(&["undefine", &vm.name]);
-    assert!(
-        !w.swtpm_uuid_dir_exists(&vm.uuid),
-        "undefine left /var/lib/libvirt/swtpm/{}",
-        vm.uuid
-    );
+    w.undefine(&vm);
     w.must_virsh(&["define", &dump.display().to_string()]);
     w.assert_restores(&vm, &stored, "hunter3", Some(&ek), "same host");
 }
@@ -144,8 +139,7 @@ fn local_newer(post_stop_store: bool, tag: &str) {
     } else {
         assert_eq!(j["local"]["matches"], false, "{j:#}");
         // Still newer after undefine: the kept copy is put back.
-        w.must_virsh(&["undefine", &vm.name]);
-        assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
+        w.undefine(&vm);
         w.must_virsh(&["define", &old.display().to_string()]);
         assert_eq!(w.secret_after_start(&vm), "newer-secret");
         assert!(!backups.exists(), "a backup was made: nothing was replaced");
@@ -290,8 +284,7 @@ fn corrupted_metadata_is_refused() {
     let w = World::with_hook("corrupt");
     let (vm, _) = w.stored_vm("corrupt", "corrupt-secret");
     let (_, xml) = w.dump(&vm.name, "good.xml", true);
-    w.must_virsh(&["undefine", &vm.name]);
-    assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
+    w.undefine(&vm);
 
     // A flipped base64 character breaks the encrypted blob's seal (exit 19,
     // README: "tampered blob"); a wrong sha256 makes the element invalid (4).
@@ -464,8 +457,7 @@ fn tpm12_roundtrip() {
     let (dump, xml) = a.dump(&vm.name, "dump.xml", false);
 
     // Same host: undefine + define.
-    a.must_virsh(&["undefine", &vm.name]);
-    assert!(!a.swtpm_uuid_dir_exists(&vm.uuid));
+    a.undefine(&vm);
     a.must_virsh(&["define", &dump.display().to_string()]);
     a.start(&vm.name, true);
     assert!(
@@ -844,8 +836,7 @@ fn ek_certificate_files_travel_with_the_tpm() {
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "ek1.xml", true);
     assert!(!xml.contains(".bak"), "the .bak travelled");
-    a.must_virsh(&["undefine", &vm.name]);
-    assert!(!a.swtpm_uuid_dir_exists(&vm.uuid));
+    a.undefine(&vm);
 
     // A fresh host: the certificates come back with the TPM, byte for byte.
     let b = World::up("ekcert-b");

@@ -83,8 +83,7 @@ fn readonly_dumpxml_reveals_no_tpm_state() {
 
     // Root on the host with the key restores exactly the stored state.
     let (_, xml) = w.dump(&vm.name, "ro.xml", false);
-    w.must_virsh(&["undefine", &vm.name]);
-    assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
+    w.undefine(&vm);
     w.define_xml("ro.xml", &xml);
     w.assert_restores(&vm, &raw, "ro-secret", Some(&ek), "root with the key");
 }
