@@ -54,6 +54,13 @@ fn show_snapshot(w: &World, vm: &Vm, name: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("show said {out}: {e}"))
 }
 
+/// The state the revert replaced is `vm`'s one backup, its TPM holding `secret`.
+fn assert_one_backup(w: &World, vm: &Vm, secret: &str, what: &str) {
+    let b = backups(w, vm);
+    assert_eq!(b.len(), 1, "{what}: backups {b:?}");
+    assert_eq!(w.read_secret_at(&b[0]), secret, "{what}: the backup");
+}
+
 fn backups(w: &World, vm: &Vm) -> Vec<String> {
     let dir = format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid);
     let mut v: Vec<String> = std::fs::read_dir(w.host_path(&dir))
@@ -143,9 +150,7 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
                     ("S1".into(), false),
                     "{case}: after the revert"
                 );
-                let b = backups(&w, &vm);
-                assert_eq!(b.len(), 1, "{case}: backups {b:?}");
-                assert_eq!(w.read_secret_at(&b[0]), "S2", "{case}: the backup");
+                assert_one_backup(&w, &vm, "S2", &case);
                 // Consumed: the next start keeps what runs now.
                 assert_eq!(
                     next_run(&w, &vm),
@@ -196,9 +201,7 @@ fn memory_snapshot_revert_keeps_qemus_tpm() {
     assert_eq!(state.trim(), "running", "a memory revert resumes the VM");
     w.destroy(&vm.name);
     assert_eq!(w.read_secret(&vm), "S1r", "QEMU's TPM from the vmstate");
-    let b = backups(&w, &vm);
-    assert_eq!(b.len(), 1, "backups {b:?}");
-    assert_eq!(w.read_secret_at(&b[0]), "S2", "the replaced state");
+    assert_one_backup(&w, &vm, "S2", "the replaced state");
 }
 
 /// A plain `virsh snapshot-revert`, as admins type it, while the watch
@@ -245,9 +248,7 @@ fn plain_virsh_revert_with_the_daemon() {
         );
         w.wait_helpers();
         assert_eq!(next_run(&w, &vm), ("S1".into(), false), "{case}");
-        let b = backups(&w, &vm);
-        assert_eq!(b.len(), 1, "{case}: backups {b:?}");
-        assert_eq!(w.read_secret_at(&b[0]), "S2", "{case}: the backup");
+        assert_one_backup(&w, &vm, "S2", &case);
     }
 }
 

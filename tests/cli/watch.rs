@@ -69,13 +69,19 @@ fn running_vm(tag: &str, name: &str) -> (World, Vm) {
     (w, vm)
 }
 
+/// [`running_vm`] with the daemon started (its log tagged `log`) and done
+/// with its start-up reconcile: the state libvirt's start changed is stored.
+fn watched_vm(tag: &str, name: &str, log: &str) -> (World, Vm, Watch) {
+    let (w, vm) = running_vm(tag, name);
+    let d = Watch::start(&w, log);
+    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    (w, vm, d)
+}
+
 #[test]
 fn watch_syncs_a_change_into_live_and_config() {
     require!(Env::Libvirt);
-    let (w, vm) = running_vm("watch-sync", "wvm");
-    let d = Watch::start(&w, "sync");
-    // At start it reconciles: the state libvirt's start changed is stored.
-    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    let (w, vm, d) = watched_vm("watch-sync", "wvm", "sync");
     let before = generation(&w.show_json(&vm.name, true));
     let stores = d.count("stored generation");
 
@@ -163,9 +169,7 @@ fn watch_syncs_a_change_into_live_and_config() {
 #[test]
 fn watch_survives_libvirtd_restart() {
     require!(Env::Libvirt);
-    let (w, vm) = running_vm("watch-restart", "rvm");
-    let d = Watch::start(&w, "restart");
-    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    let (w, vm, d) = watched_vm("watch-restart", "rvm", "restart");
 
     w.stop_libvirtd();
     // A change while libvirt is away, then a few seconds of outage.
@@ -214,9 +218,7 @@ fn watch_killed_mid_store_leaves_valid_metadata() {
 #[test]
 fn watch_undefine_while_watched_no_error_loop() {
     require!(Env::Libvirt);
-    let (w, vm) = running_vm("watch-undef", "uvm");
-    let d = Watch::start(&w, "undef");
-    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    let (w, vm, d) = watched_vm("watch-undef", "uvm", "undef");
     // Undefined while running: it is transient now, still watched (live only).
     w.must_virsh(&["undefine", &vm.name]);
     std::thread::sleep(Duration::from_secs(1));

@@ -184,6 +184,16 @@ fn generation_maximum_is_read_but_store_and_adopt_refuse_it() {
     assert_eq!(code(&out), 0, "adopt below the maximum: {}", show(&out));
 }
 
+/// Every forged character of [`FORGED`], each after an `x`.
+fn forged() -> String {
+    FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect()
+}
+
+/// `a`'s domain XML (generation 1) with `nvram` in place of its `<nvram>`.
+fn with_nvram(a: &St, nvram: &str) -> String {
+    xml_with(a, 1).replacen(&format!("<nvram>/{VARS_REL}</nvram>"), nvram, 1)
+}
+
 /// Characters a forger uses: a newline (a second log line), a C1 control
 /// (NEL, also a line break for some terminals; CSI starts escape
 /// sequences), a bidi override (reorders what the terminal shows).
@@ -208,14 +218,10 @@ fn assert_escaped(text: &str, lines: usize, what: &str) {
 fn forged_controls_from_the_xml_are_shown_escaped() {
     let s = Scratch::new();
     let a = St::new("A");
-    let forged: String = FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect();
+    let forged = forged();
     // The hook: an <nvram type=…> it does not carry is warned about (a
     // successful start), quoting the type.
-    let xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram type='{forged}info: forged'/>"),
-        1,
-    );
+    let xml = with_nvram(&a, &format!("<nvram type='{forged}info: forged'/>"));
     assert!(xml.contains("forged"), "fixture changed");
     let out = s.prepare(&xml, &[]);
     assert!(out.status.success(), "{}", show(&out));
@@ -223,11 +229,7 @@ fn forged_controls_from_the_xml_are_shown_escaped() {
     assert_escaped(&err_text(&out), 2, "hook stderr (warnings)");
 
     // The CLI's error line: an explicit nvram path outside libvirt's dir.
-    let xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram>/etc/{forged}</nvram>"),
-        1,
-    );
+    let xml = with_nvram(&a, &format!("<nvram>/etc/{forged}</nvram>"));
     let file = saved_xml(&s, "forged-path.xml", &xml);
     let out = s.cli(&["show", "--xml", file.to_str().unwrap()], None);
     let both = format!("{}{}", out_text(&out), err_text(&out));
@@ -540,17 +542,9 @@ fn forged_controls_reach_syslog_escaped() {
     require!(Env::Root, Env::Cmd("unshare"), Env::Cmd("python3"));
     let s = Scratch::new();
     let a = St::new("A");
-    let forged: String = FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect();
-    let warn_xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram type='{forged}info: forged'/>"),
-        1,
-    );
-    let err_xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram>/etc/{forged}</nvram>"),
-        1,
-    );
+    let forged = forged();
+    let warn_xml = with_nvram(&a, &format!("<nvram type='{forged}info: forged'/>"));
+    let err_xml = with_nvram(&a, &format!("<nvram>/etc/{forged}</nvram>"));
     let tmp = s.tmp.path();
     std::fs::write(tmp.join("listener.py"), SYSLOG_LISTENER).unwrap();
     std::fs::write(tmp.join("warn.xml"), &warn_xml).unwrap();
