@@ -25,7 +25,11 @@
 #[macro_use]
 mod common;
 
-use common::{env::Env, runner::output_with_stdin, world::*};
+use common::{
+    env::Env,
+    runner::{must_run, output_with_stdin},
+    world::*,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -227,16 +231,9 @@ fn version_of(w: &World, pkg: &str) -> String {
 }
 
 fn deb_field(deb: &Path, field: &str) -> String {
-    let out = Command::new("dpkg-deb")
-        .arg("-f")
-        .arg(deb)
-        .arg(field)
-        .output()
-        .expect("dpkg-deb -f");
-    assert!(
-        out.status.success(),
-        "{}",
-        describe(&["dpkg-deb", "-f"], &out)
+    let out = must_run(
+        Command::new("dpkg-deb").arg("-f").arg(deb).arg(field),
+        "dpkg-deb -f",
     );
     stdout(&out).trim().to_string()
 }

@@ -95,9 +95,8 @@ fn kinds(w: &World) -> Vec<(&'static str, &'static [&'static str])> {
 #[test]
 fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::with_hook("snap");
     // Stores happen only when the test says so ("never stored" stays so).
-    w.append_config("store_after_stop = false");
+    let w = World::without_post_stop_store("snap");
     for (kind, create_opts) in kinds(&w) {
         for running in [false, true] {
             for stored in [false, true] {
@@ -173,8 +172,7 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
 #[test]
 fn memory_snapshot_revert_keeps_qemus_tpm() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::Libvirt);
-    let w = World::with_hook("snapmem");
-    w.append_config("store_after_stop = false");
+    let w = World::without_post_stop_store("snapmem");
     let vm = Vm::new("mem1", Tpm::V2);
     let disk = "/var/lib/libvirt/images/mem1.qcow2";
     w.must(&["qemu-img", "create", "-q", "-f", "qcow2", disk, "32M"]);
@@ -262,8 +260,7 @@ fn plain_virsh_revert_with_the_daemon() {
 #[test]
 fn plain_running_revert_uses_libvirts_release_reason() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::with_hook("snaprun");
-    w.append_config("store_after_stop = false");
+    let w = World::without_post_stop_store("snaprun");
     let vm = snapshot_vm(&w, "r1");
     w.write_secret(&vm, "S1");
     w.must_vts(&["store", &vm.name]);

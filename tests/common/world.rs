@@ -181,6 +181,14 @@ impl World {
         World::up_env(name, &[])
     }
 
+    /// A world with the hook whose stops store nothing (`store_after_stop =
+    /// false`): stores happen only when the test runs one.
+    pub fn without_post_stop_store(name: &str) -> World {
+        let w = World::with_hook(name);
+        w.append_config("store_after_stop = false");
+        w
+    }
+
     /// A world with the hook installed (`install`), as most tests want it.
     pub fn with_hook(name: &str) -> World {
         let w = World::up(name);
@@ -808,14 +816,9 @@ pub fn vars_path(vm: &Vm) -> String {
 }
 
 pub fn fw_vars(args: &[&str]) -> String {
-    let out = Command::new("virt-fw-vars")
-        .args(args)
-        .output()
-        .expect("run virt-fw-vars");
-    assert!(
-        out.status.success(),
-        "virt-fw-vars {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = super::runner::must_run(
+        Command::new("virt-fw-vars").args(args),
+        &format!("virt-fw-vars {args:?}"),
     );
     format!(
         "{}{}",

@@ -214,9 +214,7 @@ fn different_domains_do_not_wait_for_each_other() {
 #[test]
 fn parallel_stores_in_a_world_agree() {
     require!(Env::Libvirt);
-    let w = crate::common::world::World::up("concurrent-stores");
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = crate::common::world::World::without_post_stop_store("concurrent-stores");
     let vms = [
         crate::common::world::Vm::new("cvm1", crate::common::world::Tpm::V2),
         crate::common::world::Vm::new("cvm2", crate::common::world::Tpm::V2),

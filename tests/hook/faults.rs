@@ -866,9 +866,7 @@ fn store_fault_each(test: &str, action: &str) {
     if !crate::common::env::ready(test, &[Env::Faults, Env::Libvirt]) {
         return;
     }
-    let w = crate::common::world::World::up(&format!("faults-{action}"));
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = crate::common::world::World::without_post_stop_store(&format!("faults-{action}"));
     let vm = crate::common::world::Vm::new("fvm", crate::common::world::Tpm::V2);
     w.manufacture(&vm);
     w.must_vts(&["store", &vm.name]);
@@ -998,9 +996,7 @@ fn store_disk_full_at_every_step_converges() {
 #[test]
 fn store_disk_full_on_a_real_tmpfs_converges() {
     require!(Env::Libvirt);
-    let w = crate::common::world::World::up("faults-tmpfs");
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = crate::common::world::World::without_post_stop_store("faults-tmpfs");
     let vm = crate::common::world::Vm::new("fullvm", crate::common::world::Tpm::V2);
     w.manufacture(&vm);
     w.must_vts(&["store", &vm.name]);

@@ -165,9 +165,8 @@ fn local_newer_is_kept_without_post_stop_store() {
 #[test]
 fn save_restore_and_managedsave_keep_state() {
     require!(Env::Libvirt);
-    let w = World::with_hook("save");
     // The post-stop store would write B into the metadata at `save`.
-    w.append_config("store_after_stop = false");
+    let w = World::without_post_stop_store("save");
     let (vm, _) = w.stored_vm("saver", "state-A");
     w.write_secret(&vm, "state-B");
     let journal = w.host_path(&format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid));
