@@ -499,19 +499,11 @@ fn hundred_transient_domains_stay_under_the_cap() {
         "{left:#}"
     );
     // Only the persistent domain's data is left.
-    let mut rest: Vec<String> = ["kept", "backups", "synced"]
-        .iter()
-        .flat_map(|d| {
-            std::fs::read_dir(s.path(&format!("var/lib/virt-tpm-state/{d}")))
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    rest.sort();
-    rest.dedup();
-    assert_eq!(rest, vec![keep_uuid.to_string()]);
+    let rest = uuids_with_data_in(&s.path("var/lib/virt-tpm-state"));
+    assert_eq!(
+        rest.into_iter().collect::<Vec<_>>(),
+        vec![keep_uuid.to_string()]
+    );
 }
 
 /// The listener that stands in for syslog: binds `/dev/log` (a datagram
@@ -627,10 +619,16 @@ fn files_below(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<
 
 /// The UUIDs that have any data (kept, backups, synced) in a world.
 fn uuids_with_data(w: &crate::common::world::World) -> std::collections::BTreeSet<String> {
+    uuids_with_data_in(&w.host_path("/var/lib/virt-tpm-state"))
+}
+
+/// The UUIDs that have any data (kept, backups, synced) below `data_dir`
+/// (`/var/lib/virt-tpm-state` of a host).
+fn uuids_with_data_in(data_dir: &Path) -> std::collections::BTreeSet<String> {
     ["kept", "backups", "synced"]
         .iter()
         .flat_map(|d| {
-            std::fs::read_dir(w.host_path(&format!("/var/lib/virt-tpm-state/{d}")))
+            std::fs::read_dir(data_dir.join(d))
                 .into_iter()
                 .flatten()
                 .flatten()
