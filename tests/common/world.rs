@@ -662,6 +662,14 @@ impl World {
         );
     }
 
+    /// `virsh dumpxml` of `vm` to `file`, [`World::undefine`], and define it
+    /// again from the dump: its TPM state can come back only from the metadata.
+    pub fn redefine(&self, vm: &Vm, file: &str, inactive: bool) {
+        let (_, xml) = self.dump(&vm.name, file, inactive);
+        self.undefine(vm);
+        self.define_xml(file, &xml);
+    }
+
     /// Whether libvirt's /var/lib/libvirt/swtpm/<uuid> exists.
     pub fn swtpm_uuid_dir_exists(&self, uuid: &str) -> bool {
         self.host_path(&format!("/var/lib/libvirt/swtpm/{uuid}"))

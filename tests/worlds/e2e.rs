@@ -41,9 +41,7 @@ fn roundtrip_same_host() {
     assert_metadata_is_local(&w, &vm);
 
     let stored = w.must_permall(&vm);
-    let (dump, _) = w.dump(&vm.name, "dump.xml", false);
-    w.undefine(&vm);
-    w.must_virsh(&["define", &dump.display().to_string()]);
+    w.redefine(&vm, "dump.xml", false);
     w.assert_restores(&vm, &stored, "hunter3", Some(&ek), "same host");
 }
 

@@ -82,9 +82,7 @@ fn readonly_dumpxml_reveals_no_tpm_state() {
     assert!(!contains(ro.as_bytes(), &raw[16..64]));
 
     // Root on the host with the key restores exactly the stored state.
-    let (_, xml) = w.dump(&vm.name, "ro.xml", false);
-    w.undefine(&vm);
-    w.define_xml("ro.xml", &xml);
+    w.redefine(&vm, "ro.xml", false);
     w.assert_restores(&vm, &raw, "ro-secret", Some(&ek), "root with the key");
 }
 
