@@ -246,7 +246,7 @@ fn plain_virsh_revert_with_the_daemon() {
         );
         w.wait_helpers();
         assert_eq!(next_run(&w, &vm), ("S1".into(), false), "{case}");
-        assert_one_backup(&w, &vm, "S2", &case);
+        assert_one_backup(&w, &vm, "S2", case);
     }
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use virt_tpm_state::envelope::{Keyring, SecretKey, KEY_LEN};
 use virt_tpm_state::format::{decode, DecodeLimits, NAMESPACE_URI};
 use virt_tpm_state::input::parse_input;
-use virt_tpm_state::restore::reader_check;
+use virt_tpm_state::restore::{reader_check, RestoreError};
 
 /// Fewer vectors than this means the directory lost some: fail.
 const MIN_VECTORS: usize = 30;
@@ -122,7 +122,12 @@ fn actual(xml: &[u8], keys: &Keyring) -> Expect {
     // The reader rules that compare the element with its domain: TPM
     // version, swtpm encryption, ownership (a clone).
     if let Err(e) = reader_check(&info, &m, NAMESPACE_URI, input.domain_bound) {
-        return Expect::Refused(variant(&e));
+        // A refusal about the VM carries its name around the kind: the kind
+        // is what the vector states.
+        return Expect::Refused(match e {
+            RestoreError::Vm { kind, .. } => variant(&kind),
+            e => variant(&e),
+        });
     }
     // Every file of every section, sorted by name.
     let mut sections = m.state.sections();

@@ -967,7 +967,7 @@ fn a_bad_key_file_is_named_and_skipped_for_other_keys() {
         "{what}: expected one line naming the key and its file\n{}",
         show(&out)
     );
-    assert_unchanged(&s, &before, &out, &what);
+    assert_unchanged(&s, &before, &out, what);
 }
 
 #[test]
