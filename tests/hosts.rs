@@ -16,9 +16,8 @@
 mod common;
 
 use base64::Engine as _;
-use common::{env::Env, world::*};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use common::{env::Env, runner::output_with_stdin, world::*};
+use std::process::Command;
 use virt_tpm_state::format::NAMESPACE_URI;
 
 /// `host-id`'s output (a recipients-file snippet) and the fingerprint in it.
@@ -75,14 +74,7 @@ fn age_payload(age: &[u8]) -> Vec<u8> {
 }
 
 fn pipe(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(cmd, input);
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
@@ -170,12 +162,7 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
         &[&a, &b, &c],
         &[("a", &a_id), ("b", &b_id), ("owner", &owner_snippet)],
     );
-    let vm = Vm::new("sealed-for-hosts", Tpm::V2);
-    a.manufacture(&vm);
-    a.write_secret(&vm, "hosts-secret");
-    let ek = a.ek_pub(&vm);
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "{out}");
+    let (vm, ek) = a.stored_vm("sealed-for-hosts", "hosts-secret");
     let j = a.show_json(&vm.name, true);
     assert_eq!(
         j["protection"],
@@ -195,20 +182,14 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
     // Round trip on A, then on B.
     a.must_virsh(&["undefine", &vm.name]);
     a.define_xml("vm-a.xml", &xml);
-    a.start(&vm.name, true);
-    a.destroy(&vm.name);
-    assert_eq!(a.read_secret(&vm), "hosts-secret");
+    assert_eq!(a.secret_after_start(&vm), "hosts-secret");
     b.define_xml("vm-b.xml", &xml);
-    b.start(&vm.name, true);
-    b.destroy(&vm.name);
-    assert_eq!(b.read_secret(&vm), "hosts-secret");
+    assert_eq!(b.secret_after_start(&vm), "hosts-secret");
     assert_eq!(b.ek_pub(&vm), ek);
     let (_, xml_b) = b.dump(&vm.name, "vm-b2.xml", true);
     b.must_virsh(&["undefine", &vm.name]);
     b.define_xml("vm-b2.xml", &xml_b);
-    b.start(&vm.name, true);
-    b.destroy(&vm.name);
-    assert_eq!(b.read_secret(&vm), "hosts-secret");
+    assert_eq!(b.secret_after_start(&vm), "hosts-secret");
 
     // C is not a recipient: one line, naming the recipients and what to do.
     c.define_xml("vm-c.xml", &xml);
@@ -242,9 +223,7 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
 
     c.must_virsh(&["undefine", &vm.name]);
     c.define_xml("vm-c2.xml", &after);
-    c.start(&vm.name, true);
-    c.destroy(&vm.name);
-    assert_eq!(c.read_secret(&vm), "hosts-secret");
+    assert_eq!(c.secret_after_start(&vm), "hosts-secret");
     assert_eq!(c.ek_pub(&vm), ek);
 
     // Remove B, rekey, then a new store on A: B no longer opens it.
@@ -255,8 +234,7 @@ fn three_hosts_seal_add_revoke_and_owner_recovery() {
     let out = stdout(&a.must_vts(&["rekey", &vm.name]));
     assert!(out.contains("re-wrapped generation"), "{out}");
     a.write_secret(&vm, "after-revoke");
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "{out}");
+    a.must_store(&vm.name);
     let (saved, revoked_xml) = a.dump(&vm.name, "vm-revoked.xml", true);
     b.must_virsh(&["undefine", &vm.name]);
     b.define_xml("vm-b3.xml", &revoked_xml);

@@ -25,7 +25,11 @@
 #[macro_use]
 mod common;
 
-use common::{env::Env, world::*};
+use common::{
+    env::Env,
+    runner::{must_run, output_with_stdin},
+    world::*,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -165,18 +169,9 @@ fn root_traces(debian: Debian) -> String {
     s
 }
 
-fn host_check() -> String {
-    let out = Command::new(world_sh())
-        .arg("host-check")
-        .output()
-        .expect("world.sh host-check");
-    assert!(out.status.success(), "{}", describe(&["host-check"], &out));
-    stdout(&out)
-}
-
 /// What the test must leave as it found it: the host's libvirt dirs and the root.
 fn untouched(debian: Debian) -> (String, String) {
-    (host_check(), root_traces(debian))
+    (host_fingerprint(), root_traces(debian))
 }
 
 /// A system command inside the world, with a system PATH, non-interactive
@@ -236,16 +231,9 @@ fn version_of(w: &World, pkg: &str) -> String {
 }
 
 fn deb_field(deb: &Path, field: &str) -> String {
-    let out = Command::new("dpkg-deb")
-        .arg("-f")
-        .arg(deb)
-        .arg(field)
-        .output()
-        .expect("dpkg-deb -f");
-    assert!(
-        out.status.success(),
-        "{}",
-        describe(&["dpkg-deb", "-f"], &out)
+    let out = must_run(
+        Command::new("dpkg-deb").arg("-f").arg(deb).arg(field),
+        "dpkg-deb -f",
     );
     stdout(&out).trim().to_string()
 }
@@ -334,17 +322,7 @@ fn check_deb_file(deb: &Path) {
         .arg(deb)
         .output()
         .expect("dpkg-deb --ctrl-tarfile");
-    let list = Command::new("tar")
-        .arg("-t")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(&conffiles.stdout)?;
-            c.wait_with_output()
-        })
-        .expect("tar -t");
+    let list = output_with_stdin(Command::new("tar").arg("-t"), &conffiles.stdout);
     assert!(
         !stdout(&list).contains("conffiles"),
         "the package has conffiles (an edited config would prompt on upgrade): {}",
@@ -356,14 +334,9 @@ fn check_deb_file(deb: &Path) {
 /// the development build), stored into the metadata: its persistent XML is
 /// what travels. Returns (world A, the VM, its XML, its permall, its EK).
 fn origin(name: &str, vm_name: &str) -> (World, Vm, String, Vec<u8>, String) {
-    let a = World::up(name);
-    a.install_hook();
+    let a = World::with_hook(name);
     let vm = Vm::new(vm_name, Tpm::V2);
-    a.manufacture(&vm);
-    a.write_secret(&vm, "packaged-secret");
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
-    let ek = a.ek_pub(&vm);
+    let ek = a.stored_with_secret(&vm, "packaged-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "carried.xml", true);
     (a, vm, xml, stored, ek)
@@ -459,14 +432,13 @@ fn fresh_install_remove_purge(test: &str, debian: Debian) {
     a.copy_keys_to(&p);
     p.define_xml("carried.xml", &xml);
     assert!(!p.swtpm_uuid_dir_exists(&vm.uuid));
-    p.start(&vm.name, true);
-    assert!(
-        p.must_permall(&vm) == stored,
-        "the permall on the package host differs from the one stored on host A"
+    p.assert_restores(
+        &vm,
+        &stored,
+        "packaged-secret",
+        Some(&ek),
+        "the package host, stored on host A",
     );
-    p.destroy(&vm.name);
-    assert_eq!(p.read_secret(&vm), "packaged-secret");
-    assert_eq!(p.ek_pub(&vm), ek);
     // The packaged CLI reads it (and the hook's post-stop store, run by
     // /usr/bin/virt-tpm-state, has settled).
     let shown = must_sys(&p, &["virt-tpm-state", "show", "--inactive", &vm.name]);
@@ -496,13 +468,10 @@ fn fresh_install_remove_purge(test: &str, debian: Debian) {
     // The VM comes back from host A with a newer TPM: the hook restores it
     // and backs up the local state it replaces (a backup removal must keep).
     a.write_secret(&vm, "newer-secret");
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
+    a.must_store(&vm.name);
     let (_, newer_xml) = a.dump(&vm.name, "newer.xml", true);
     p.define_xml("newer.xml", &newer_xml);
-    p.start(&vm.name, true);
-    p.destroy(&vm.name);
-    assert_eq!(p.read_secret(&vm), "newer-secret");
+    assert_eq!(p.secret_after_start(&vm), "newer-secret");
     let backups = format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid);
     assert!(
         !p.tree(&backups).is_empty(),
@@ -714,16 +683,15 @@ fn upgrade_from_previous_build(test: &str, debian: Debian) {
     // The next start needs no other command: the VM, undefined (libvirt
     // deletes its TPM state) and defined again from its XML, starts with the
     // TPM the previous build stored, restored by the new hook.
-    p.must_virsh(&["undefine", &vm.name]);
-    assert!(!p.swtpm_uuid_dir_exists(&vm.uuid));
+    p.undefine(&vm);
     p.define_xml("upgraded.xml", &xml);
-    p.start(&vm.name, true);
-    assert!(
-        p.must_permall(&vm) == stored,
-        "the restored permall differs from the stored one"
+    p.assert_restores(
+        &vm,
+        &stored,
+        "stored-by-the-previous-build",
+        None,
+        "after the upgrade",
     );
-    p.destroy(&vm.name);
-    assert_eq!(p.read_secret(&vm), "stored-by-the-previous-build");
 
     // Purge after the upgrade (the config was a conffile of the old build):
     // the config goes, keys stay.

@@ -119,18 +119,11 @@ fn hook_restores_through_a_plugin_identity() {
     let id_file = s.tmp.path().join("stub-identity.txt");
     std::fs::write(&id_file, &identity).unwrap();
     if common::env::ready("the rage part", &[Env::Cmd("rage")]) {
-        use std::io::Write as _;
-        let mut child = Command::new("rage")
-            .arg("-d")
-            .arg("-i")
+        let mut rage = Command::new("rage");
+        rage.args(["-d", "-i"])
             .arg(&id_file)
-            .env("PATH", path_with_plugin())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(&age_file).unwrap();
-        let out = child.wait_with_output().unwrap();
+            .env("PATH", path_with_plugin());
+        let out = output_with_stdin(&mut rage, &age_file);
         assert!(out.status.success(), "rage -d with the stub plugin");
         let mut raw = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&out.stdout[..]), &mut raw)

@@ -54,6 +54,13 @@ fn show_snapshot(w: &World, vm: &Vm, name: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("show said {out}: {e}"))
 }
 
+/// The state the revert replaced is `vm`'s one backup, its TPM holding `secret`.
+fn assert_one_backup(w: &World, vm: &Vm, secret: &str, what: &str) {
+    let b = backups(w, vm);
+    assert_eq!(b.len(), 1, "{what}: backups {b:?}");
+    assert_eq!(w.read_secret_at(&b[0]), secret, "{what}: the backup");
+}
+
 fn backups(w: &World, vm: &Vm) -> Vec<String> {
     let dir = format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid);
     let mut v: Vec<String> = std::fs::read_dir(w.host_path(&dir))
@@ -88,10 +95,8 @@ fn kinds(w: &World) -> Vec<(&'static str, &'static [&'static str])> {
 #[test]
 fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::up("snap");
-    w.install_hook();
     // Stores happen only when the test says so ("never stored" stays so).
-    w.append_config("store_after_stop = false");
+    let w = World::without_post_stop_store("snap");
     for (kind, create_opts) in kinds(&w) {
         for running in [false, true] {
             for stored in [false, true] {
@@ -144,9 +149,7 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
                     ("S1".into(), false),
                     "{case}: after the revert"
                 );
-                let b = backups(&w, &vm);
-                assert_eq!(b.len(), 1, "{case}: backups {b:?}");
-                assert_eq!(w.read_secret_at(&b[0]), "S2", "{case}: the backup");
+                assert_one_backup(&w, &vm, "S2", &case);
                 // Consumed: the next start keeps what runs now.
                 assert_eq!(
                     next_run(&w, &vm),
@@ -169,9 +172,7 @@ fn disk_only_revert_brings_back_the_snapshot_tpm_and_vars() {
 #[test]
 fn memory_snapshot_revert_keeps_qemus_tpm() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::Libvirt);
-    let w = World::up("snapmem");
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = World::without_post_stop_store("snapmem");
     let vm = Vm::new("mem1", Tpm::V2);
     let disk = "/var/lib/libvirt/images/mem1.qcow2";
     w.must(&["qemu-img", "create", "-q", "-f", "qcow2", disk, "32M"]);
@@ -198,9 +199,7 @@ fn memory_snapshot_revert_keeps_qemus_tpm() {
     assert_eq!(state.trim(), "running", "a memory revert resumes the VM");
     w.destroy(&vm.name);
     assert_eq!(w.read_secret(&vm), "S1r", "QEMU's TPM from the vmstate");
-    let b = backups(&w, &vm);
-    assert_eq!(b.len(), 1, "backups {b:?}");
-    assert_eq!(w.read_secret_at(&b[0]), "S2", "the replaced state");
+    assert_one_backup(&w, &vm, "S2", "the replaced state");
 }
 
 /// A plain `virsh snapshot-revert`, as admins type it, while the watch
@@ -212,8 +211,7 @@ fn memory_snapshot_revert_keeps_qemus_tpm() {
 #[test]
 fn plain_virsh_revert_with_the_daemon() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::up("snapd");
-    w.install_hook();
+    let w = World::with_hook("snapd");
     let d = Watch::start(&w, "snap");
     for running in [false, true] {
         let case = if running {
@@ -248,9 +246,7 @@ fn plain_virsh_revert_with_the_daemon() {
         );
         w.wait_helpers();
         assert_eq!(next_run(&w, &vm), ("S1".into(), false), "{case}");
-        let b = backups(&w, &vm);
-        assert_eq!(b.len(), 1, "{case}: backups {b:?}");
-        assert_eq!(w.read_secret_at(&b[0]), "S2", "{case}: the backup");
+        assert_one_backup(&w, &vm, "S2", case);
     }
 }
 
@@ -264,9 +260,7 @@ fn plain_virsh_revert_with_the_daemon() {
 #[test]
 fn plain_running_revert_uses_libvirts_release_reason() {
     require!(Env::Root, Env::Cmd("qemu-img"), Env::FwVars, Env::Libvirt);
-    let w = World::up("snaprun");
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = World::without_post_stop_store("snaprun");
     let vm = snapshot_vm(&w, "r1");
     w.write_secret(&vm, "S1");
     w.must_vts(&["store", &vm.name]);

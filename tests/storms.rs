@@ -11,7 +11,6 @@
 mod common;
 
 use common::{env::Env, world::*};
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
@@ -80,42 +79,6 @@ fn pending_records(w: &World) -> usize {
         .unwrap_or(0)
 }
 
-fn libvirtd_pid(w: &World) -> String {
-    std::fs::read_to_string(w.dir.join("libvirtd.pid"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-/// SIGTERM to the world's libvirtd (as systemd does once the last guest is
-/// off); returns when it is gone.
-fn stop_libvirtd(w: &World) {
-    let pid = libvirtd_pid(w);
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let t = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "libvirtd did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_libvirtd(w: &World) {
-    let pidfile = w.dir.join("libvirtd.pid").display().to_string();
-    let out = w.exec(&["libvirtd", "-d", "--pid-file", &pidfile]);
-    w.check(&["libvirtd", "-d"], out);
-    let t = Instant::now();
-    while !w.virsh(&["list"]).status.success() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "libvirtd did not answer"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The rest of a host shutdown: whatever post-stop store still runs is
 /// killed (systemd's final SIGKILL).
 fn kill_helpers(w: &World) -> usize {
@@ -163,7 +126,7 @@ fn storm(w: &World, vms: &[Vm], tag: &str) -> (Vec<(u64, String)>, Vec<String>, 
         gate.wait();
         w.must_virsh(&["destroy", &vm.name]);
     });
-    stop_libvirtd(w);
+    w.stop_libvirtd();
     let killed = kill_helpers(w);
     eprintln!(
         "{tag}: {} VMs stopped and libvirtd gone in {:?}; {killed} post-stop store(s) still running were killed",
@@ -233,8 +196,7 @@ fn assert_final(w: &World, vms: &[Vm], before: &[(u64, String)], finals: &[Strin
 fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
     require!(Env::Libvirt);
     let n = storm_size();
-    let w = World::up("storm");
-    w.install_hook();
+    let w = World::with_hook("storm");
     let vms: Vec<Vm> = (0..n)
         .map(|i| Vm::new(&format!("storm{i:02}"), Tpm::V2))
         .collect();
@@ -250,7 +212,7 @@ fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
     let (before, finals, pending) = storm(&w, &vms, "daemon");
     let d = Watch::start(&w, "storm");
     d.wait_log("libvirt unreachable", Duration::from_secs(10));
-    start_libvirtd(&w);
+    w.start_libvirtd();
     let t = Instant::now();
     d.wait_log("libvirt reachable again", Duration::from_secs(30));
     while pending_records(&w) > 0 {
@@ -276,7 +238,7 @@ fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
 
     // 2. No daemon: `sync --pending` (the unit's boot line) completes them.
     let (before, finals, pending) = storm(&w, &vms, "sync");
-    start_libvirtd(&w);
+    w.start_libvirtd();
     let status: serde_json::Value =
         serde_json::from_slice(&w.exec(&[VTS, "status", "--json"]).stdout).expect("status JSON");
     let listed = status["pending_stores"]
@@ -307,8 +269,7 @@ fn shutdown_storm_then_libvirtd_stop_loses_no_store() {
 #[test]
 fn pending_store_never_overwrites_newer_metadata() {
     require!(Env::Libvirt);
-    let w = World::up("pending");
-    w.install_hook();
+    let w = World::with_hook("pending");
     let (a, b) = (Vm::new("pa", Tpm::V2), Vm::new("pb", Tpm::V2));
     w.manufacture(&a);
     w.manufacture(&b);
@@ -353,11 +314,7 @@ fn pending_store_never_overwrites_newer_metadata() {
         "--host",
         "elsewhere",
         "--key",
-        w.keys()[0]
-            .trim_end_matches(".key")
-            .rsplit('-')
-            .next()
-            .unwrap(),
+        key_id(&w.keys()[0]),
         "--into",
         &dump.display().to_string(),
     ]);

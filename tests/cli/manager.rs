@@ -6,10 +6,9 @@
 //! stdout is quiet, `xmllint --relaxng` agrees with the reader on every
 //! vector, and the Python reference reader too.
 
-use crate::common::{scratch::Scratch, states::St};
-use std::io::Write;
+use crate::common::{runner::output_with_stdin, scratch::Scratch, states::St};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 const CLI: &str = env!("CARGO_BIN_EXE_virt-tpm-state");
 
@@ -37,6 +36,16 @@ fn expectation(p: &Path) -> String {
         .and_then(|r| r.strip_suffix(" -->"))
         .unwrap()
         .to_string()
+}
+
+/// Every vector with its expectation and the exit code it must give.
+fn expected_vectors() -> Vec<(PathBuf, String, u8)> {
+    let with_exit = |v: PathBuf| {
+        let expect = expectation(&v);
+        let want = expected_exit(&expect);
+        (v, expect, want)
+    };
+    vectors().into_iter().map(with_exit).collect()
 }
 
 /// The exit code the hook and `verify` give for a vector's expectation.
@@ -99,28 +108,37 @@ impl Env {
         self.tmp.path().join(rel)
     }
 
+    /// The keys dir and the age identity, as `--keys`/`--identity` take them.
+    fn key_args(&self) -> (String, String) {
+        let arg = |p: PathBuf| p.to_str().unwrap().to_string();
+        (arg(self.keys()), arg(self.identity()))
+    }
+
     fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         run_in(&self.tmp.path().join("root"), args, stdin)
     }
 }
 
 fn run_in(root: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut c = Command::new(CLI)
-        .args(args)
+    let mut c = Command::new(CLI);
+    c.args(args)
         .env("VIRT_TPM_STATE_ROOT", root)
-        .env_remove("LIBVIRT_DEFAULT_URI")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut i = c.stdin.take().unwrap();
-        if let Some(b) = stdin {
-            let _ = i.write_all(b);
-        }
-    }
-    c.wait_with_output().unwrap()
+        .env_remove("LIBVIRT_DEFAULT_URI");
+    output_with_stdin(&mut c, stdin.unwrap_or_default())
+}
+
+/// `pack EXTRA ARGS` in a writer vector's dir (`fixtures/vectors/writer/`),
+/// ARGS from its `args` file.
+fn pack_writer_case(env: &Env, case: &Path, extra: &[&str]) -> Output {
+    let args = std::fs::read_to_string(case.join("args")).unwrap();
+    Command::new(CLI)
+        .arg("pack")
+        .args(extra)
+        .args(args.split_whitespace())
+        .current_dir(case)
+        .env("VIRT_TPM_STATE_ROOT", env.path("root"))
+        .output()
+        .unwrap()
 }
 
 fn code(o: &Output) -> u8 {
@@ -134,14 +152,10 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn verify_and_show_check_give_the_hooks_exit_code_on_every_vector() {
     let env = Env::new();
-    let keys = env.keys();
-    let keys = keys.to_str().unwrap();
-    let id = env.identity();
-    let id = id.to_str().unwrap();
+    let (keys, id) = env.key_args();
+    let (keys, id) = (keys.as_str(), id.as_str());
     let mut failures = Vec::new();
-    for v in vectors() {
-        let expect = expectation(&v);
-        let want = expected_exit(&expect);
+    for (v, expect, want) in expected_vectors() {
         let path = v.to_str().unwrap();
         for args in [
             vec!["verify", "--keys", keys, "--identity", id, "--xml", path],
@@ -186,13 +200,9 @@ fn verify_and_show_check_give_the_hooks_exit_code_on_every_vector() {
 #[test]
 fn extract_refuses_what_verify_refuses_unless_forced() {
     let env = Env::new();
-    let keys = env.keys();
-    let keys = keys.to_str().unwrap();
-    let id = env.identity();
-    let id = id.to_str().unwrap();
-    for v in vectors() {
-        let expect = expectation(&v);
-        let want = expected_exit(&expect);
+    let (keys, id) = env.key_args();
+    let (keys, id) = (keys.as_str(), id.as_str());
+    for (v, _, want) in expected_vectors() {
         let name = v.file_stem().unwrap().to_string_lossy().into_owned();
         let out = env.path(&format!("out-{name}"));
         let o = env.run(
@@ -243,15 +253,7 @@ fn pack_prints_the_writer_vectors_byte_for_byte() {
     let mut n = 0;
     for case in std::fs::read_dir(&dir).unwrap() {
         let case = case.unwrap().path();
-        let args = std::fs::read_to_string(case.join("args")).unwrap();
-        let mut argv = vec!["pack"];
-        argv.extend(args.split_whitespace());
-        let o = Command::new(CLI)
-            .args(&argv)
-            .current_dir(&case)
-            .env("VIRT_TPM_STATE_ROOT", env.path("root"))
-            .output()
-            .unwrap();
+        let o = pack_writer_case(&env, &case, &[]);
         assert_eq!(code(&o), 0, "{}: {}", case.display(), stderr(&o));
         let want = std::fs::read(case.join("element.xml")).unwrap();
         assert!(
@@ -432,22 +434,25 @@ fn pack_into_a_domain_xml_and_bare_elements() {
         let b = fixture.find("</metadata>").unwrap() + "</metadata>".len();
         format!("{}{}", &fixture[..a], &fixture[b..])
     };
+    // `pack --plaintext` of the state in `d` for `uuid` into the domain XML `f`.
+    let pack_into = |uuid: &str, f: &Path| {
+        let (d, f) = (d.to_str().unwrap(), f.to_str().unwrap());
+        let args = [
+            "pack",
+            "--uuid",
+            uuid,
+            "--state-dir",
+            d,
+            "--plaintext",
+            "--into",
+            f,
+        ];
+        env.run(&args, None)
+    };
     for base in [fixture.as_str(), plain.as_str(), no_meta.as_str()] {
         let f = env.path("dom.xml");
         std::fs::write(&f, base).unwrap();
-        let o = env.run(
-            &[
-                "pack",
-                "--uuid",
-                &uuid,
-                "--state-dir",
-                d.to_str().unwrap(),
-                "--plaintext",
-                "--into",
-                f.to_str().unwrap(),
-            ],
-            None,
-        );
+        let o = pack_into(&uuid, &f);
         assert_eq!(code(&o), 0, "{}", stderr(&o));
         let out = String::from_utf8(o.stdout.clone()).unwrap();
         assert!(out.contains("<name>"), "not a domain XML");
@@ -458,20 +463,7 @@ fn pack_into_a_domain_xml_and_bare_elements() {
         assert_eq!(j["files"].as_array().unwrap().len(), 1);
     }
     // Another domain's uuid: refused as a clone, nothing printed.
-    let f = env.path("dom.xml");
-    let o = env.run(
-        &[
-            "pack",
-            "--uuid",
-            "6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11",
-            "--state-dir",
-            d.to_str().unwrap(),
-            "--plaintext",
-            "--into",
-            f.to_str().unwrap(),
-        ],
-        None,
-    );
+    let o = pack_into("6f6c1b8e-3c1e-4d44-9a57-1d3e2f0a9b11", &env.path("dom.xml"));
     assert_eq!(code(&o), 5, "{}", stderr(&o));
     assert!(o.stdout.is_empty());
 
@@ -653,6 +645,19 @@ fn json_failures_are_one_error_object() {
     }
 }
 
+/// The element's provenance and contents, as `show` and `pack` print them
+/// alike (docs/JSON.md).
+const PROVENANCE_KEYS: &[&str] = &[
+    "generation",
+    "digest",
+    "parent",
+    "stored",
+    "host",
+    "tpm_version",
+    "files",
+    "protection",
+];
+
 /// The shape docs/JSON.md promises for a `show`/`verify` object, or an
 /// error object.
 fn schema_check(j: &serde_json::Value) {
@@ -662,7 +667,7 @@ fn schema_check(j: &serde_json::Value) {
         assert_eq!(e.len(), 3);
         return;
     }
-    for k in [
+    let about = [
         "domain",
         "uuid",
         "source",
@@ -672,18 +677,13 @@ fn schema_check(j: &serde_json::Value) {
         "format",
         "element_uuid",
         "belongs_to_domain",
-        "generation",
-        "digest",
-        "parent",
-        "stored",
-        "host",
-        "tpm_version",
-        "files",
-        "protection",
-        "missing_key",
-        "local",
-    ] {
-        assert!(obj.contains_key(k), "show object lacks {k}: {j}");
+    ];
+    let keys = about
+        .iter()
+        .chain(PROVENANCE_KEYS)
+        .chain(&["missing_key", "local"]);
+    for k in keys {
+        assert!(obj.contains_key(*k), "show object lacks {k}: {j}");
     }
 }
 
@@ -772,18 +772,12 @@ fn python_reference_reader_agrees_on_every_vector() {
         ];
         args.extend(&protect);
         let el = env.run(&args, None).stdout;
-        let mut c = Command::new("python3")
-            .arg(python_reader())
+        let mut py = Command::new("python3");
+        py.arg(python_reader())
             .args(["verify", "--keys"])
             .arg(&keys)
-            .arg("-")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(&el).unwrap();
-        let o = c.wait_with_output().unwrap();
+            .arg("-");
+        let o = output_with_stdin(&mut py, &el);
         if !o.status.success() {
             failures.push(format!("pack {protect:?}: python refuses: {}", stderr(&o)));
         }
@@ -946,14 +940,7 @@ fn pack_bare_is_what_store_passes_to_libvirt() {
     let args = std::fs::read_to_string(case.join("args")).unwrap();
     let words: Vec<&str> = args.split_whitespace().collect();
     let val = |k: &str| words[words.iter().position(|w| *w == k).unwrap() + 1];
-    let mut argv = vec!["pack", "--bare"];
-    argv.extend(&words);
-    let o = Command::new(CLI)
-        .args(&argv)
-        .current_dir(&case)
-        .env("VIRT_TPM_STATE_ROOT", env.path("root"))
-        .output()
-        .unwrap();
+    let o = pack_writer_case(&env, &case, &["--bare"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let state = MachineState::new(
         Some(TpmState::new(
@@ -991,55 +978,29 @@ fn keys_dir_rules_and_pack_json() {
     let env = Env::new();
     let v = vectors_dir().join("ok-encrypted.xml");
     let keys = env.keys();
-    let o = env.run(
-        &[
-            "verify",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-        ],
-        None,
-    );
+    // `CMD --keys DIR --xml VECTOR EXTRA...`.
+    let with_keys = |cmd: &str, dir: &Path, extra: &[&str]| {
+        let mut args = vec![cmd, "--keys", dir.to_str().unwrap()];
+        args.extend(["--xml", v.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        env.run(&args, None)
+    };
+    let o = with_keys("verify", &keys, &[]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     // Without --keys the scratch host has no key: 19.
     let o = env.run(&["verify", "--xml", v.to_str().unwrap()], None);
     assert_eq!(code(&o), 19, "{}", stderr(&o));
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o777)).unwrap();
-    for args in [
-        vec![
-            "verify",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-        ],
-        vec![
-            "extract",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-            "--out",
-            "/nonexistent/x",
-        ],
+    for (cmd, extra) in [
+        ("verify", &[][..]),
+        ("extract", &["--out", "/nonexistent/x"]),
     ] {
-        let o = env.run(&args, None);
-        assert_eq!(code(&o), 7, "{args:?}: {}", stderr(&o));
+        let o = with_keys(cmd, &keys, extra);
+        assert_eq!(code(&o), 7, "{cmd}: {}", stderr(&o));
         assert!(stderr(&o).contains("chmod 700"), "{}", stderr(&o));
     }
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let missing = env.path("no-such-keys");
-    let o = env.run(
-        &[
-            "verify",
-            "--keys",
-            missing.to_str().unwrap(),
-            "--xml",
-            v.to_str().unwrap(),
-        ],
-        None,
-    );
+    let o = with_keys("verify", &env.path("no-such-keys"), &[]);
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     let o = env.run(&["keygen", "--keys", keys.to_str().unwrap()], None);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
@@ -1065,20 +1026,12 @@ fn keys_dir_rules_and_pack_json() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let obj = j.as_object().unwrap();
-    for k in [
-        "uuid",
-        "generation",
-        "digest",
-        "parent",
-        "stored",
-        "host",
-        "tpm_version",
-        "files",
-        "protection",
-        "element",
-        "domain_xml",
-    ] {
-        assert!(obj.contains_key(k), "pack --json lacks {k}");
+    for k in ["uuid"]
+        .iter()
+        .chain(PROVENANCE_KEYS)
+        .chain(&["element", "domain_xml"])
+    {
+        assert!(obj.contains_key(*k), "pack --json lacks {k}");
     }
     assert_eq!(j["digest"].as_str().unwrap(), st.digest());
     assert_eq!(j["protection"], "virt-tpm-state:a969ca0c7ba0a7cb");

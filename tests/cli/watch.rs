@@ -59,8 +59,7 @@ fn mtime(p: &Path) -> SystemTime {
 
 /// A world with the hook installed and `vm` running (paused) with a manufactured TPM.
 fn running_vm(tag: &str, name: &str) -> (World, Vm) {
-    let w = World::up(tag);
-    w.install_hook();
+    let w = World::with_hook(tag);
     let vm = Vm::new(name, Tpm::V2);
     w.manufacture(&vm);
     // Paused: active for libvirt (swtpm runs, the daemon watches it), but
@@ -70,13 +69,19 @@ fn running_vm(tag: &str, name: &str) -> (World, Vm) {
     (w, vm)
 }
 
+/// [`running_vm`] with the daemon started (its log tagged `log`) and done
+/// with its start-up reconcile: the state libvirt's start changed is stored.
+fn watched_vm(tag: &str, name: &str, log: &str) -> (World, Vm, Watch) {
+    let (w, vm) = running_vm(tag, name);
+    let d = Watch::start(&w, log);
+    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    (w, vm, d)
+}
+
 #[test]
 fn watch_syncs_a_change_into_live_and_config() {
     require!(Env::Libvirt);
-    let (w, vm) = running_vm("watch-sync", "wvm");
-    let d = Watch::start(&w, "sync");
-    // At start it reconciles: the state libvirt's start changed is stored.
-    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    let (w, vm, d) = watched_vm("watch-sync", "wvm", "sync");
     let before = generation(&w.show_json(&vm.name, true));
     let stores = d.count("stored generation");
 
@@ -164,35 +169,14 @@ fn watch_syncs_a_change_into_live_and_config() {
 #[test]
 fn watch_survives_libvirtd_restart() {
     require!(Env::Libvirt);
-    let (w, vm) = running_vm("watch-restart", "rvm");
-    let d = Watch::start(&w, "restart");
-    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    let (w, vm, d) = watched_vm("watch-restart", "rvm", "restart");
 
-    let pidfile = w.dir.join("libvirtd.pid");
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let t = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "libvirtd did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    w.stop_libvirtd();
     // A change while libvirt is away, then a few seconds of outage.
     let data = swtpm_like_write(&w, &vm, 7);
     std::thread::sleep(Duration::from_secs(6));
     d.wait_log("libvirt unreachable", Duration::from_secs(5));
-    let out = w.exec(&[
-        "libvirtd",
-        "-d",
-        "--pid-file",
-        &pidfile.display().to_string(),
-    ]);
-    w.check(&["libvirtd", "-d"], out);
+    w.start_libvirtd();
     let took = wait_synced(&w, &vm, true, Duration::from_secs(20));
     eprintln!("synced {took:?} after libvirtd came back");
     assert_eq!(w.must_permall(&vm), data);
@@ -234,9 +218,7 @@ fn watch_killed_mid_store_leaves_valid_metadata() {
 #[test]
 fn watch_undefine_while_watched_no_error_loop() {
     require!(Env::Libvirt);
-    let (w, vm) = running_vm("watch-undef", "uvm");
-    let d = Watch::start(&w, "undef");
-    wait_synced(&w, &vm, true, Duration::from_secs(15));
+    let (w, vm, d) = watched_vm("watch-undef", "uvm", "undef");
     // Undefined while running: it is transient now, still watched (live only).
     w.must_virsh(&["undefine", &vm.name]);
     std::thread::sleep(Duration::from_secs(1));

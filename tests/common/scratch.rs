@@ -305,6 +305,12 @@ impl Scratch {
         out
     }
 
+    /// Asserts no temp marker is left below the root.
+    pub fn assert_no_leftovers(&self, what: &str) {
+        let left = self.leftovers();
+        assert!(left.is_empty(), "{what}: left {left:?}");
+    }
+
     /// The whole tree (path -> content digest or "dir"), without the lock
     /// files, to compare before and after a failed run.
     pub fn tree(&self) -> BTreeMap<String, String> {

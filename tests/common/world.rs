@@ -39,6 +39,16 @@ pub fn host_fingerprint() -> String {
     stdout(&out)
 }
 
+/// The id of a key from its file name (`<created>-<id>.key`), as elements
+/// and refusals name it.
+pub fn key_id(key_file: &str) -> &str {
+    key_file
+        .trim_end_matches(".key")
+        .rsplit('-')
+        .next()
+        .expect("a key file name")
+}
+
 /// A random UUID (from the kernel).
 pub fn new_uuid() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/uuid")
@@ -171,6 +181,21 @@ impl World {
         World::up_env(name, &[])
     }
 
+    /// A world with the hook whose stops store nothing (`store_after_stop =
+    /// false`): stores happen only when the test runs one.
+    pub fn without_post_stop_store(name: &str) -> World {
+        let w = World::with_hook(name);
+        w.append_config("store_after_stop = false");
+        w
+    }
+
+    /// A world with the hook installed (`install`), as most tests want it.
+    pub fn with_hook(name: &str) -> World {
+        let w = World::up(name);
+        w.install_hook();
+        w
+    }
+
     /// [`World::up`] with environment for world.sh (e.g. `WORLD_OVERLAY`).
     pub fn up_env(name: &str, env: &[(&str, &str)]) -> World {
         let base = root_dir().join("target/e2e-worlds");
@@ -236,6 +261,38 @@ impl World {
             .expect("run world.sh reload");
         if !out.status.success() {
             self.fail("reload failed", &["world.sh", "reload"], &out);
+        }
+    }
+
+    /// SIGTERM to the world's libvirtd (as systemd does once the last guest
+    /// is off); returns when it is gone.
+    pub fn stop_libvirtd(&self) {
+        let pidfile = self.dir.join("libvirtd.pid");
+        let pid = std::fs::read_to_string(&pidfile).expect("libvirtd.pid");
+        let pid = pid.trim();
+        Command::new("kill").args(["-TERM", pid]).status().unwrap();
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "libvirtd did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the world's libvirtd again; returns once it answers.
+    pub fn start_libvirtd(&self) {
+        let pidfile = self.dir.join("libvirtd.pid").display().to_string();
+        let out = self.exec(&["libvirtd", "-d", "--pid-file", &pidfile]);
+        self.check(&["libvirtd", "-d"], out);
+        let t = Instant::now();
+        while !self.virsh(&["list"]).status.success() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "libvirtd did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -540,6 +597,79 @@ impl World {
             .unwrap_or_else(|| panic!("no permall for {} in world {}", vm.name, self.name))
     }
 
+    /// `store NAME`, which must say it stored a generation.
+    pub fn must_store(&self, name: &str) {
+        let out = stdout(&self.must_vts(&["store", name]));
+        assert!(out.contains("stored generation"), "store said: {out}");
+    }
+
+    /// Defines `vm`, lets libvirt manufacture its TPM, plants `secret`, and
+    /// stores the state into the metadata with `store`. Returns the EK fingerprint.
+    pub fn stored_with_secret(&self, vm: &Vm, secret: &str) -> String {
+        self.manufacture(vm);
+        self.write_secret(vm, secret);
+        let ek = self.ek_pub(vm);
+        self.must_store(&vm.name);
+        ek
+    }
+
+    /// [`World::stored_with_secret`] for a new TPM 2.0 VM `name`: the VM and
+    /// its EK fingerprint.
+    pub fn stored_vm(&self, name: &str, secret: &str) -> (Vm, String) {
+        let vm = Vm::new(name, Tpm::V2);
+        let ek = self.stored_with_secret(&vm, secret);
+        (vm, ek)
+    }
+
+    /// Starts `vm` paused (the hook restores its TPM state at prepare) and
+    /// stops it again: the secret its TPM then holds.
+    pub fn secret_after_start(&self, vm: &Vm) -> String {
+        self.start(&vm.name, true);
+        self.destroy(&vm.name);
+        self.read_secret(vm)
+    }
+
+    /// Starts `vm` paused and checks the hook restored exactly the `stored`
+    /// permall; stopped, its TPM holds `secret` and, where given, EK `ek`.
+    pub fn assert_restores(
+        &self,
+        vm: &Vm,
+        stored: &[u8],
+        secret: &str,
+        ek: Option<&str>,
+        what: &str,
+    ) {
+        self.start(&vm.name, true);
+        assert!(
+            self.must_permall(vm) == stored,
+            "{what}: the restored permall differs from the stored one"
+        );
+        self.destroy(&vm.name);
+        assert_eq!(self.read_secret(vm), secret, "{what}: secret");
+        if let Some(ek) = ek {
+            assert_eq!(self.ek_pub(vm), ek, "{what}: EK");
+        }
+    }
+
+    /// `virsh undefine`, which must take libvirt's TPM state of `vm` with it:
+    /// what comes back came from the metadata.
+    pub fn undefine(&self, vm: &Vm) {
+        self.must_virsh(&["undefine", &vm.name]);
+        assert!(
+            !self.swtpm_uuid_dir_exists(&vm.uuid),
+            "undefine left /var/lib/libvirt/swtpm/{}",
+            vm.uuid
+        );
+    }
+
+    /// `virsh dumpxml` of `vm` to `file`, [`World::undefine`], and define it
+    /// again from the dump: its TPM state can come back only from the metadata.
+    pub fn redefine(&self, vm: &Vm, file: &str, inactive: bool) {
+        let (_, xml) = self.dump(&vm.name, file, inactive);
+        self.undefine(vm);
+        self.define_xml(file, &xml);
+    }
+
     /// Whether libvirt's /var/lib/libvirt/swtpm/<uuid> exists.
     pub fn swtpm_uuid_dir_exists(&self, uuid: &str) -> bool {
         self.host_path(&format!("/var/lib/libvirt/swtpm/{uuid}"))
@@ -694,14 +824,9 @@ pub fn vars_path(vm: &Vm) -> String {
 }
 
 pub fn fw_vars(args: &[&str]) -> String {
-    let out = Command::new("virt-fw-vars")
-        .args(args)
-        .output()
-        .expect("run virt-fw-vars");
-    assert!(
-        out.status.success(),
-        "virt-fw-vars {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = super::runner::must_run(
+        Command::new("virt-fw-vars").args(args),
+        &format!("virt-fw-vars {args:?}"),
     );
     format!(
         "{}{}",

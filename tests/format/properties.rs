@@ -20,6 +20,7 @@
 //! `VTS_PROPTEST_CASES=N` for a longer run (docs/FUZZING.md).
 
 use crate::common::env::Env;
+use crate::common::runner::must_run;
 use crate::common::scratch::Scratch;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -1355,15 +1356,11 @@ fn libxml2_reads_stored_and_host_back() {
         ("host", prov.host.clone()),
         ("stored", "2026-11-23T00:00:00Z\u{FFFD}x".to_string()),
     ] {
-        let out = std::process::Command::new("xmllint")
-            .args(["--xpath", &format!("string(/*/@{attr})")])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = must_run(
+            std::process::Command::new("xmllint")
+                .args(["--xpath", &format!("string(/*/@{attr})")])
+                .arg(&file),
+            "xmllint",
         );
         // xmllint ends its output with one newline of its own.
         let text = String::from_utf8(out.stdout).unwrap();

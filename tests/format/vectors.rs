@@ -5,6 +5,7 @@
 //! Regenerate the vectors with `cargo run -p tools --bin make-vectors`.
 
 use crate::common::env::Env;
+use crate::common::runner::{must_run, output_with_stdin};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use std::collections::BTreeMap;
@@ -251,18 +252,14 @@ test "$(xmllint --xpath "string($F/@encoding)" "$1")" = gzip+base64
 xmllint --xpath "string($F)" "$1" | tr -d ' \t\r\n\f' | base64 -d | gzip -dc > tpm2-00.permall
 printf 'tpm/tpm2-00.permall %s\n' "$(sha256sum < tpm2-00.permall | cut -d' ' -f1)" | sort | sha256sum | cut -d' ' -f1
 "#;
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg("sh")
-        .arg(&vector)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = must_run(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(&vector)
+            .current_dir(dir.path()),
+        "the shell reader",
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), kv["digest"]);
 }
@@ -398,15 +395,7 @@ fn rage_opens_the_age_vectors() {
     require!(Env::Cmd("rage"), Env::Cmd("gunzip"));
     let owner = vectors_dir().join("identities/owner.txt");
     let pipe = |cmd: &mut std::process::Command, input: &[u8]| -> (bool, Vec<u8>) {
-        use std::io::Write as _;
-        let mut child = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(cmd, input);
         (out.status.success(), out.stdout)
     };
     let mut opened = 0;

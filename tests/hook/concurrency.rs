@@ -67,7 +67,7 @@ fn parallel_prepares_on_one_domain_leave_one_whole_state() {
     for b in s.backups() {
         assert!(states.contains(&b), "a backup is none of the inputs");
     }
-    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    s.assert_no_leftovers("after the race");
     // The last one to run won: running its XML again changes nothing.
     let winner = states.iter().position(|st| *st == live).unwrap();
     let before = s.tree();
@@ -110,7 +110,7 @@ fn parallel_prepares_on_many_domains_stay_apart() {
             assert_eq!(d.j(), Some(want.digest()), "domain {i}: J");
         }
     }
-    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    s.assert_no_leftovers("after the race");
 }
 
 #[test]
@@ -138,7 +138,7 @@ fn parallel_prepares_and_stops_on_one_domain_never_corrupt() {
     for b in s.backups() {
         assert!(states.contains(&b), "a backup is none of the inputs");
     }
-    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    s.assert_no_leftovers("after the race");
 }
 
 /// Holds the domain's lock as another process would.
@@ -214,9 +214,7 @@ fn different_domains_do_not_wait_for_each_other() {
 #[test]
 fn parallel_stores_in_a_world_agree() {
     require!(Env::Libvirt);
-    let w = crate::common::world::World::up("concurrent-stores");
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = crate::common::world::World::without_post_stop_store("concurrent-stores");
     let vms = [
         crate::common::world::Vm::new("cvm1", crate::common::world::Tpm::V2),
         crate::common::world::Vm::new("cvm2", crate::common::world::Tpm::V2),

@@ -149,7 +149,7 @@ impl Scenario {
             }
             _ => {}
         }
-        assert!(s.leftovers().is_empty(), "setup left {:?}", s.leftovers());
+        s.assert_no_leftovers("setup");
         Case { s, a, b }
     }
 
@@ -602,7 +602,7 @@ fn finishing_an_interrupted_restore_killed_at_every_step_converges() {
         assert_eq!(c.s.live().as_ref(), Some(&c.a), "{what}: live");
         assert!(c.s.backups().contains(&c.b), "{what}: B not backed up");
         assert!(c.s.backups().contains(&c.a), "{what}: A not backed up");
-        assert!(c.s.leftovers().is_empty(), "{what}: {:?}", c.s.leftovers());
+        c.s.assert_no_leftovers(&what);
         assert!(
             !c.s.path(&format!("var/lib/virt-tpm-state/intents/{}", c.s.uuid))
                 .exists(),
@@ -754,103 +754,105 @@ cp -a "$TMP/stage/." "$ROOT/"
 dd if=/dev/zero of="$ROOT/filler" bs=4096 2>/dev/null || true"#;
 const ROOM_AGAIN: &str = r#"rm "$ROOT/filler""#;
 
+/// A prepare under a mount-namespace `fault` fails with exit 8 saying
+/// `says` and leaves no temp marker; run again once `clear` undid the fault,
+/// it succeeds and converges. Returns the setup, its tree before, and the
+/// host as the failed run left it, for each fault's own checks.
+fn fault_then_cleared(
+    scenario: Scenario,
+    fault: &str,
+    clear: &str,
+    says: &str,
+    what: &str,
+) -> (Case, BTreeMap<String, String>, Case) {
+    let c = scenario.setup();
+    let before = c.s.tree();
+    let xml = match scenario {
+        Scenario::Replace => xml_with(&c.b, 2),
+        Scenario::Fresh => xml_with(&c.a, 1),
+        _ => panic!("{scenario:?}: no mount-namespace fault case"),
+    };
+    let (first, second, after1, after2) = twice_in_mount_ns(&c, &xml, fault, clear);
+    let line = failed(&first, 8, what);
+    assert!(line.contains(says), "{what}: {line}");
+    after1.s.assert_no_leftovers(what);
+    ok(&second, &format!("{what}: once cleared"));
+    scenario.check_converged(&after2, &format!("{what}, then cleared"));
+    (c, before, after1)
+}
+
 #[test]
 fn restore_disk_full_keeps_previous_state() {
     require!(Env::Root, Env::Cmd("unshare"));
-    let c = Scenario::Replace.setup();
-    let before = c.s.tree();
-    let (first, second, after1, after2) =
-        twice_in_mount_ns(&c, &xml_with(&c.b, 2), FULL_DISK, ROOM_AGAIN);
-    let line = failed(&first, 8, "full disk");
-    assert!(line.contains("No space left on device"), "{line}");
-    let diff = state_diff(&before, &after1.s.tree());
+    let (c, before, after) = fault_then_cleared(
+        Scenario::Replace,
+        FULL_DISK,
+        ROOM_AGAIN,
+        "No space left on device",
+        "full disk",
+    );
+    let diff = state_diff(&before, &after.s.tree());
     assert!(
         diff.is_empty(),
         "a failed run on a full disk changed {diff:?}"
     );
-    assert_eq!(after1.s.live().as_ref(), Some(&c.a));
-    assert!(
-        after1.s.leftovers().is_empty(),
-        "{:?}",
-        after1.s.leftovers()
-    );
-    ok(&second, "once the disk has room");
-    Scenario::Replace.check_converged(&after2, "disk full, then room");
+    assert_eq!(after.s.live().as_ref(), Some(&c.a));
 }
 
 #[test]
 fn restore_disk_full_on_a_fresh_host_leaves_no_state_dir() {
     require!(Env::Root, Env::Cmd("unshare"));
-    let c = Scenario::Fresh.setup();
-    let (first, second, after1, after2) =
-        twice_in_mount_ns(&c, &xml_with(&c.a, 1), FULL_DISK, ROOM_AGAIN);
-    let line = failed(&first, 8, "full disk");
-    assert!(line.contains("No space left on device"), "{line}");
+    let (_, _, after) = fault_then_cleared(
+        Scenario::Fresh,
+        FULL_DISK,
+        ROOM_AGAIN,
+        "No space left on device",
+        "full disk, fresh host",
+    );
     assert!(
-        !after1.s.live_dir().exists(),
+        !after.s.live_dir().exists(),
         "a state dir was left on a full disk"
     );
     assert!(
-        !after1.s.path(VARS_REL).exists(),
+        !after.s.path(VARS_REL).exists(),
         "a VARS file was left on a full disk"
     );
-    assert!(after1.s.j().is_none());
-    assert!(
-        after1.s.leftovers().is_empty(),
-        "{:?}",
-        after1.s.leftovers()
-    );
-    ok(&second, "once the disk has room");
-    Scenario::Fresh.check_converged(&after2, "disk full, then room");
+    assert!(after.s.j().is_none());
 }
 
 #[test]
 fn restore_read_only_state_fs_keeps_previous_state() {
     require!(Env::Root, Env::Cmd("unshare"));
-    let c = Scenario::Replace.setup();
-    let (first, second, after1, after2) = twice_in_mount_ns(
-        &c,
-        &xml_with(&c.b, 2),
+    // A backup of A may have been taken before the write failed: harmless.
+    let (c, _, after) = fault_then_cleared(
+        Scenario::Replace,
         r#"mount --bind "$ROOT/var/lib/libvirt" "$ROOT/var/lib/libvirt"
 mount -o remount,bind,ro "$ROOT/var/lib/libvirt""#,
         r#"mount -o remount,bind,rw "$ROOT/var/lib/libvirt""#,
+        "Read-only file system",
+        "read-only state fs",
     );
-    let line = failed(&first, 8, "read-only state fs");
-    assert!(line.contains("Read-only file system"), "{line}");
     assert_eq!(
-        after1.s.live().as_ref(),
+        after.s.live().as_ref(),
         Some(&c.a),
         "the previous state must stay"
     );
-    assert_eq!(after1.s.j(), Some(c.a.digest()));
-    assert!(
-        after1.s.leftovers().is_empty(),
-        "{:?}",
-        after1.s.leftovers()
-    );
-    // A backup of A may have been taken before the write failed: harmless.
-    ok(&second, "once writable again");
-    Scenario::Replace.check_converged(&after2, "read-only, then writable");
+    assert_eq!(after.s.j(), Some(c.a.digest()));
 }
 
 #[test]
 fn restore_read_only_root_fails_cleanly() {
     require!(Env::Root, Env::Cmd("unshare"));
-    let c = Scenario::Replace.setup();
-    let before = c.s.tree();
-    let (first, second, after1, after2) = twice_in_mount_ns(
-        &c,
-        &xml_with(&c.b, 2),
+    let (_, before, after) = fault_then_cleared(
+        Scenario::Replace,
         r#"mount --bind "$ROOT" "$ROOT"
 mount -o remount,bind,ro "$ROOT""#,
         r#"mount -o remount,bind,rw "$ROOT""#,
+        "Read-only file system",
+        "read-only root",
     );
-    let line = failed(&first, 8, "read-only root");
-    assert!(line.contains("Read-only file system"), "{line}");
-    let diff = state_diff(&before, &after1.s.tree());
+    let diff = state_diff(&before, &after.s.tree());
     assert!(diff.is_empty(), "{diff:?}");
-    ok(&second, "once writable again");
-    Scenario::Replace.check_converged(&after2, "read-only root, then writable");
 }
 
 // ================================================================ store
@@ -864,9 +866,7 @@ fn store_fault_each(test: &str, action: &str) {
     if !crate::common::env::ready(test, &[Env::Faults, Env::Libvirt]) {
         return;
     }
-    let w = crate::common::world::World::up(&format!("faults-{action}"));
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = crate::common::world::World::without_post_stop_store(&format!("faults-{action}"));
     let vm = crate::common::world::Vm::new("fvm", crate::common::world::Tpm::V2);
     w.manufacture(&vm);
     w.must_vts(&["store", &vm.name]);
@@ -996,9 +996,7 @@ fn store_disk_full_at_every_step_converges() {
 #[test]
 fn store_disk_full_on_a_real_tmpfs_converges() {
     require!(Env::Libvirt);
-    let w = crate::common::world::World::up("faults-tmpfs");
-    w.install_hook();
-    w.append_config("store_after_stop = false");
+    let w = crate::common::world::World::without_post_stop_store("faults-tmpfs");
     let vm = crate::common::world::Vm::new("fullvm", crate::common::world::Tpm::V2);
     w.manufacture(&vm);
     w.must_vts(&["store", &vm.name]);

@@ -124,19 +124,19 @@ fn tpm_state(version: TpmVersion, data: &[u8]) -> TpmState {
 
 /// Our element for `uuid`, holding `data` as the TPM's permall.
 fn element(uuid: &str, version: TpmVersion, data: &[u8], generation: u64) -> String {
-    encode(
-        &tpm_state(version, data).into(),
-        &Provenance {
-            uuid: DomainUuid::parse(uuid).unwrap(),
-            generation,
-            parent: None,
-            stored: "2026-01-01T00:00:00Z".into(),
-            host: "test-host".into(),
-        },
-        Style::Standalone,
-        Protection::Plain,
-    )
-    .unwrap()
+    plain_element(&tpm_state(version, data).into(), uuid, generation)
+}
+
+/// `state` as a plaintext element for `uuid`, stored by "test-host".
+fn plain_element(state: &MachineState, uuid: &str, generation: u64) -> String {
+    let prov = Provenance {
+        uuid: DomainUuid::parse(uuid).unwrap(),
+        generation,
+        parent: None,
+        stored: "2026-01-01T00:00:00Z".into(),
+        host: "test-host".into(),
+    };
+    encode(state, &prov, Style::Standalone, Protection::Plain).unwrap()
 }
 
 /// The prepare-begin XML carrying `data` as a TPM 2.0 state.
@@ -202,6 +202,25 @@ fn backups(s: &Scratch) -> Vec<PathBuf> {
     names(&dir).into_iter().map(|n| dir.join(n)).collect()
 }
 
+/// Runs `prepare` with `xml`, which must restore `data` as the live state.
+fn prepare_restores(s: &Scratch, xml: &str, data: &[u8]) -> Run {
+    let run = s.prepare(xml, &[]);
+    run.ok();
+    assert_live(s, data, &run);
+    run
+}
+
+/// A scratch host where the hook restored M ("m1"), then the VM ran and left
+/// the state seeded `local`: the host, M's XML and the local state.
+fn restored_then_ran(local: &str) -> (Scratch, String, Vec<u8>) {
+    let s = Scratch::new();
+    let xml = xml_with(&blob("m1"));
+    s.prepare(&xml, &[]).ok();
+    let l = blob(local);
+    std::fs::write(s.live_permall(), &l).unwrap();
+    (s, xml, l)
+}
+
 fn backup_contents(s: &Scratch) -> Vec<Vec<u8>> {
     backups(s)
         .iter()
@@ -234,9 +253,7 @@ fn restores_into_a_missing_state_dir() {
     let s = Scratch::new();
     let data = blob("m1");
     let before = s.stat_tree();
-    let run = s.prepare(&xml_with(&data), &[]);
-    run.ok();
-    assert_live(&s, &data, &run);
+    let run = prepare_restores(&s, &xml_with(&data), &data);
     let u = &s.uuid;
     let added: Vec<String> = stat_diff(&before, &s.stat_tree());
     let expected: Vec<String> = [
@@ -347,9 +364,7 @@ fn newer_metadata_wins_and_local_is_backed_up() {
     let m1 = blob("m1");
     s.prepare(&xml_with(&m1), &[]).ok();
     let m2 = blob("m2");
-    let run = s.prepare(&xml_with(&m2), &[]);
-    run.ok();
-    assert_live(&s, &m2, &run);
+    let run = prepare_restores(&s, &xml_with(&m2), &m2);
     let b = backups(&s);
     assert_eq!(b.len(), 1, "{run}");
     let name = b[0].file_name().unwrap().to_string_lossy().into_owned();
@@ -368,31 +383,19 @@ fn newer_metadata_wins_and_local_is_backed_up() {
 #[test]
 fn conflict_metadata_wins_and_local_is_backed_up() {
     // L != J and M != J: both moved; default policy: M wins, L backed up.
-    let s = Scratch::new();
-    s.prepare(&xml_with(&blob("m1")), &[]).ok();
-    let l = blob("l-local-run");
-    std::fs::write(s.live_permall(), &l).unwrap();
+    let (s, _, l) = restored_then_ran("l-local-run");
     let m2 = blob("m2");
-    let run = s.prepare(&xml_with(&m2), &[]);
-    run.ok();
-    assert_live(&s, &m2, &run);
+    let run = prepare_restores(&s, &xml_with(&m2), &m2);
     assert_eq!(backup_contents(&s), vec![l], "{run}");
 }
 
 #[test]
 fn kept_copy_is_put_back_when_the_live_dir_was_deleted() {
-    let s = Scratch::new();
-    let m = blob("m1");
-    let xml = xml_with(&m);
-    s.prepare(&xml, &[]).ok();
     // The VM ran: its state changed; then it stopped and libvirt deleted the dir.
-    let l = blob("l-final-state");
-    std::fs::write(s.live_permall(), &l).unwrap();
+    let (s, xml, l) = restored_then_ran("l-final-state");
     s.hook("stopped", "end", &xml, &[]).ok();
     std::fs::remove_dir_all(s.live_dir().parent().unwrap()).unwrap();
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_live(&s, &l, &run);
+    let run = prepare_restores(&s, &xml, &l);
     assert!(backups(&s).is_empty(), "{run}");
 }
 
@@ -440,9 +443,7 @@ fn incoming_then_prepare(op: &str, base: &str) {
     );
     run.ok();
     assert!(!marker.exists(), "release end must clear the marker{run}");
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_live(&s, &data, &run);
+    prepare_restores(&s, &xml, &data);
 }
 
 #[test]
@@ -589,9 +590,7 @@ fn existing_empty_state_dir_is_filled_atomically() {
     std::fs::set_permissions(s.live_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let old_ino = std::fs::metadata(s.live_dir()).unwrap().ino();
     let data = blob("m1");
-    let run = s.prepare(&xml_with(&data), &[]);
-    run.ok();
-    assert_live(&s, &data, &run);
+    let run = prepare_restores(&s, &xml_with(&data), &data);
     let new_ino = std::fs::metadata(s.live_dir()).unwrap().ino();
     assert_ne!(
         old_ino, new_ino,
@@ -610,21 +609,14 @@ fn leftover_temp_dir_of_a_killed_run_is_cleaned() {
     let old = uuid_dir.join(".tpm2.vts-old.4242.000000002");
     std::fs::create_dir_all(&old).unwrap();
     let data = blob("m1");
-    let run = s.prepare(&xml_with(&data), &[]);
-    run.ok();
-    assert_live(&s, &data, &run);
+    prepare_restores(&s, &xml_with(&data), &data);
 }
 
 // ================================================================ stop
 
 #[test]
 fn stopped_end_keeps_a_private_copy() {
-    let s = Scratch::new();
-    let m = blob("m1");
-    let xml = xml_with(&m);
-    s.prepare(&xml, &[]).ok();
-    let l = blob("final");
-    std::fs::write(s.live_permall(), &l).unwrap();
+    let (s, xml, l) = restored_then_ran("final");
     let run = s.hook("stopped", "end", &xml, &[]);
     run.ok();
     let kept = s.path(&format!("var/lib/virt-tpm-state/kept/{}", s.uuid));
@@ -915,22 +907,11 @@ fn vars(seed: &str) -> Vec<u8> {
 
 /// Our element holding a TPM 2.0 state (`tpm`) and/or a VARS file.
 fn machine_element(uuid: &str, tpm: Option<&[u8]>, nvram: Option<&[u8]>) -> String {
-    encode(
-        &MachineState::new(
-            tpm.map(|d| tpm_state(TpmVersion::V2_0, d)),
-            nvram.map(<[u8]>::to_vec),
-        ),
-        &Provenance {
-            uuid: DomainUuid::parse(uuid).unwrap(),
-            generation: 1,
-            parent: None,
-            stored: "2026-01-01T00:00:00Z".into(),
-            host: "test-host".into(),
-        },
-        Style::Standalone,
-        Protection::Plain,
-    )
-    .unwrap()
+    let state = MachineState::new(
+        tpm.map(|d| tpm_state(TpmVersion::V2_0, d)),
+        nvram.map(<[u8]>::to_vec),
+    );
+    plain_element(&state, uuid, 1)
 }
 
 /// The prepare XML of a UEFI domain (firmware autoselection: no `<nvram>`
@@ -1284,25 +1265,21 @@ fn source_file_is_restored_as_a_linear_file() {
         "<backend type='emulator' version='2.0'/>",
         "<backend type='emulator' version='2.0'>\n        <source type='file' path='/srv/tpm/vm.tpm'/>\n      </backend>",
     );
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        linear::build(&newer).unwrap(),
-        "{run}"
-    );
+    // `prepare` must write the newer metadata's state into the file.
+    let restores_newer = || {
+        let run = s.prepare(&xml, &[]);
+        run.ok();
+        let want = linear::build(&newer).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), want, "{run}");
+        run
+    };
+    let run = restores_newer();
     assert_eq!(backup_contents(&s), vec![local], "{run}");
 
     // An empty file (swtpm had not formatted it yet) holds no state: the
     // metadata's state is written into it, nothing is backed up.
     std::fs::write(&file, b"").unwrap();
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        linear::build(&newer).unwrap(),
-        "{run}"
-    );
+    let run = restores_newer();
     assert_eq!(backups(&s).len(), 1, "{run}");
 
     // A formatted file whose permall slot is allocated but empty holds no
@@ -1311,13 +1288,7 @@ fn source_file_is_restored_as_a_linear_file() {
     empty_slot[12 + 4..12 + 8].copy_from_slice(&0u32.to_le_bytes());
     assert_eq!(linear::permall(&empty_slot).unwrap(), Some(&[][..]));
     std::fs::write(&file, &empty_slot).unwrap();
-    let run = s.prepare(&xml, &[]);
-    run.ok();
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        linear::build(&newer).unwrap(),
-        "{run}"
-    );
+    let run = restores_newer();
     assert_eq!(backups(&s).len(), 1, "{run}");
 }
 

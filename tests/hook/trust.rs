@@ -47,6 +47,12 @@ fn small(seed: &str) -> St {
 /// A prepare-begin XML builder: the state, its generation.
 type XmlOf = fn(&St, u64) -> String;
 
+/// The two ways a domain has VARS: libvirt picks the file, or `<nvram>` names it.
+const NVRAM_FORMS: [(&str, XmlOf); 2] = [
+    ("autoselected", xml_auto),
+    ("explicit <nvram>", explicit_xml),
+];
+
 fn explicit_xml(st: &St, gen: u64) -> String {
     xml_for(st, gen, &fixture_uuid(&fixture_xml()), true)
 }
@@ -64,6 +70,31 @@ fn changes(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) 
             p != "run" && !p.starts_with("run/")
         })
         .collect()
+}
+
+/// Asserts the refused run left the scratch tree (below `run/`, the lock
+/// dir, aside) as it was `before`.
+fn assert_unchanged(s: &Scratch, before: &BTreeMap<String, String>, out: &Output, what: &str) {
+    let after = meta_tree(&s.root(), &[]);
+    let d = changes(before, &after);
+    assert!(
+        d.is_empty(),
+        "{what}: changed\n{}\n{}\n--- tree ---\n{}",
+        d.join("\n"),
+        show(out),
+        show_meta(&after)
+    );
+}
+
+/// Asserts the run was refused as unsafe (7) with a line naming `link` and
+/// saying it is a symlink.
+fn refused_as_symlink(out: &Output, link: &str, what: &str) {
+    let line = failed(out, 7, what);
+    assert!(
+        line.contains(link) && line.contains("symlink"),
+        "{what}: the line must name {link} and say it is a symlink\n{}",
+        show(out)
+    );
 }
 
 /// Runs every case, also after one failed (each prints its own message),
@@ -371,12 +402,8 @@ fn racing_nvram_swapper_never_gets_an_outside_dir() {
 fn symlinked_nvram_dir_is_refused_and_nothing_outside_is_written() {
     require!(Env::All(TRUST_ENV));
     let u = users();
-    let forms: [(&str, XmlOf); 2] = [
-        ("autoselected", xml_auto),
-        ("explicit <nvram>", explicit_xml),
-    ];
     each_case(
-        forms,
+        NVRAM_FORMS,
         |(f, _)| f.to_string(),
         |(form, xml)| {
             let s = Scratch::debian(&u);
@@ -403,20 +430,8 @@ fn symlinked_nvram_dir_is_refused_and_nothing_outside_is_written() {
             let before = meta_tree(&s.root(), &[]);
             let out = s.prepare(&xml(&St::new("nvram-link-b"), 2), &[]);
             let what = format!("{form}: prepare with nvram a link to an outside dir");
-            let line = failed(&out, 7, &what);
-            assert!(
-                line.contains("var/lib/libvirt/qemu/nvram") && line.contains("symlink"),
-                "{what}: the line must name the nvram dir and say it is a symlink\n{}",
-                show(&out)
-            );
-            let d = changes(&before, &meta_tree(&s.root(), &[]));
-            assert!(
-                d.is_empty(),
-                "{what}: changed\n{}\n{}\n--- tree ---\n{}",
-                d.join("\n"),
-                show(&out),
-                show_meta(&meta_tree(&s.root(), &[]))
-            );
+            refused_as_symlink(&out, "var/lib/libvirt/qemu/nvram", &what);
+            assert_unchanged(&s, &before, &out, &what);
             // The previous state, and the sync record, as they were.
             assert_eq!(s.live_tpm().map(|t| t.permall), Some(a.permall.clone()));
             assert_eq!(s.j(), Some(a.digest()), "{what}: J");
@@ -459,20 +474,8 @@ fn symlinked_swtpm_base_is_refused_and_nothing_outside_is_written() {
             std::os::unix::fs::symlink(&outside, &base).unwrap();
             let before = meta_tree(&s.root(), &[]);
             let out = s.prepare(&xml(&St::new("swtpm-link-b"), 2), &[]);
-            let line = failed(&out, 7, &what);
-            assert!(
-                line.contains("var/lib/libvirt/swtpm") && line.contains("symlink"),
-                "{what}: the line must name the swtpm base and say it is a symlink\n{}",
-                show(&out)
-            );
-            let d = changes(&before, &meta_tree(&s.root(), &[]));
-            assert!(
-                d.is_empty(),
-                "{what}: changed\n{}\n{}\n--- tree ---\n{}",
-                d.join("\n"),
-                show(&out),
-                show_meta(&meta_tree(&s.root(), &[]))
-            );
+            refused_as_symlink(&out, "var/lib/libvirt/swtpm", &what);
+            assert_unchanged(&s, &before, &out, &what);
         },
     );
 }
@@ -558,7 +561,7 @@ fn relocated_var_lib_libvirt_by_root_is_followed() {
                 "{what}: kept copy\n{}",
                 show(&out)
             );
-            assert!(s.leftovers().is_empty(), "{what}: {:?}", s.leftovers());
+            s.assert_no_leftovers(&what);
             assert_eq!(
                 stat_of(&s.path("var/lib")),
                 Om(0, 0, var_lib_mode),
@@ -618,19 +621,8 @@ fn links_in_dirs_others_can_write_are_never_followed() {
                 let what = format!("{what}, {form}");
                 let before = meta_tree(&s.root(), &[]);
                 let out = s.prepare(&xml, &[]);
-                let line = failed(&out, 7, &what);
-                assert!(
-                    line.contains("var/lib/libvirt") && line.contains("symlink"),
-                    "{what}: the line must name the link and say it is a symlink\n{}",
-                    show(&out)
-                );
-                let d = changes(&before, &meta_tree(&s.root(), &[]));
-                assert!(
-                    d.is_empty(),
-                    "{what}: changed\n{}\n{}",
-                    d.join("\n"),
-                    show(&out)
-                );
+                refused_as_symlink(&out, "var/lib/libvirt", &what);
+                assert_unchanged(&s, &before, &out, &what);
             }
             assert_eq!(
                 std::fs::read(real.join(format!("swtpm/{}/tpm2/tpm2-00.permall", s.uuid))).ok(),
@@ -647,12 +639,8 @@ fn links_in_dirs_others_can_write_are_never_followed() {
 fn missing_nvram_dir_is_refused_not_created() {
     require!(Env::All(TRUST_ENV));
     let u = users();
-    let forms: [(&str, XmlOf); 2] = [
-        ("autoselected", xml_auto),
-        ("explicit <nvram>", explicit_xml),
-    ];
     each_case(
-        forms,
+        NVRAM_FORMS,
         |(f, _)| f.to_string(),
         |(form, xml)| {
             let what = format!("{form}: VARS to restore, libvirt's nvram dir missing");
@@ -673,13 +661,7 @@ fn missing_nvram_dir_is_refused_not_created() {
                 "{what}: the line must say libvirt's nvram dir does not exist\n{}",
                 show(&out)
             );
-            let d = changes(&before, &meta_tree(&s.root(), &[]));
-            assert!(
-                d.is_empty(),
-                "{what}: changed\n{}\n{}",
-                d.join("\n"),
-                show(&out)
-            );
+            assert_unchanged(&s, &before, &out, &what);
         },
     );
 }
@@ -985,8 +967,7 @@ fn a_bad_key_file_is_named_and_skipped_for_other_keys() {
         "{what}: expected one line naming the key and its file\n{}",
         show(&out)
     );
-    let d = changes(&before, &meta_tree(&s.root(), &[]));
-    assert!(d.is_empty(), "changed\n{}", d.join("\n"));
+    assert_unchanged(&s, &before, &out, what);
 }
 
 #[test]
@@ -1035,8 +1016,7 @@ fn keys_dir_others_can_write_refuses_every_sealed_operation() {
                     let before = meta_tree(&s.root(), &[]);
                     let out = s.prepare(&vector("ok-encrypted.xml"), &[]);
                     refused(&out);
-                    let d = changes(&before, &meta_tree(&s.root(), &[]));
-                    assert!(d.is_empty(), "{what}: changed\n{}", d.join("\n"));
+                    assert_unchanged(&s, &before, &out, &what);
                 }
                 _ => {
                     // A plaintext element needs no key: restored all the same.

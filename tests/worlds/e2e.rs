@@ -6,17 +6,6 @@
 use crate::common::{env::Env, world::*};
 use std::time::{Duration, Instant};
 
-/// Defines `vm`, lets libvirt manufacture its TPM, plants `secret`, and
-/// stores the state into the metadata with `store`. Returns the EK fingerprint.
-fn vm_with_secret(w: &World, vm: &Vm, secret: &str) -> String {
-    w.manufacture(vm);
-    w.write_secret(vm, secret);
-    let ek = w.ek_pub(vm);
-    let out = stdout(&w.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
-    ek
-}
-
 /// The metadata of the persistent config holds exactly the local state.
 fn assert_metadata_is_local(w: &World, vm: &Vm) -> serde_json::Value {
     let j = w.show_json(&vm.name, true);
@@ -29,10 +18,8 @@ fn assert_metadata_is_local(w: &World, vm: &Vm) -> serde_json::Value {
 #[test]
 fn roundtrip_same_host() {
     require!(Env::Libvirt);
-    let w = World::up("roundtrip");
-    w.install_hook();
-    let vm = Vm::new("vm1", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "hunter3");
+    let w = World::with_hook("roundtrip");
+    let (vm, ek) = w.stored_vm("vm1", "hunter3");
     assert_metadata_is_local(&w, &vm);
 
     // A store on a running domain: two settle reads ~1 s apart, live+config.
@@ -54,46 +41,24 @@ fn roundtrip_same_host() {
     assert_metadata_is_local(&w, &vm);
 
     let stored = w.must_permall(&vm);
-    let (dump, _) = w.dump(&vm.name, "dump.xml", false);
-    w.must_virsh(&["undefine", &vm.name]);
-    assert!(
-        !w.swtpm_uuid_dir_exists(&vm.uuid),
-        "undefine left /var/lib/libvirt/swtpm/{}",
-        vm.uuid
-    );
-    w.must_virsh(&["define", &dump.display().to_string()]);
-    w.start(&vm.name, true);
-    assert!(
-        w.must_permall(&vm) == stored,
-        "restored permall differs from the stored one"
-    );
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "hunter3");
-    assert_eq!(w.ek_pub(&vm), ek);
+    w.redefine(&vm, "dump.xml", false);
+    w.assert_restores(&vm, &stored, "hunter3", Some(&ek), "same host");
 }
 
 #[test]
 fn define_on_second_host() {
     require!(Env::Libvirt);
-    let a = World::up("host-a");
-    a.install_hook();
-    let vm = Vm::new("mover", Tpm::V2);
-    let ek = vm_with_secret(&a, &vm, "moved-secret");
+    let a = World::with_hook("host-a");
+    let (vm, ek) = a.stored_vm("mover", "moved-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
 
-    let b = World::up("host-b");
-    b.install_hook();
+    let b = World::with_hook("host-b");
     assert!(!b.swtpm_uuid_dir_exists(&vm.uuid));
     b.define_xml("dump.xml", &xml);
     // Host B has its own key, not A's: the start is refused, naming A's key.
     let a_key = a.keys().pop().expect("host A has a key");
-    let a_key_id = a_key
-        .trim_end_matches(".key")
-        .rsplit('-')
-        .next()
-        .unwrap()
-        .to_string();
+    let a_key_id = key_id(&a_key).to_string();
     let args = ["virsh", "start", "--paused", "mover"];
     let out = b.exec(&args);
     if out.status.success() {
@@ -109,27 +74,23 @@ fn define_on_second_host() {
         "written without the key"
     );
     a.copy_keys_to(&b);
-    b.start(&vm.name, true);
-    assert!(
-        b.must_permall(&vm) == stored,
-        "permall restored on host B differs from the one stored on host A"
+    b.assert_restores(
+        &vm,
+        &stored,
+        "moved-secret",
+        Some(&ek),
+        "host B, stored on host A",
     );
-    b.destroy(&vm.name);
-    assert_eq!(b.read_secret(&vm), "moved-secret");
-    assert_eq!(b.ek_pub(&vm), ek);
 }
 
 #[test]
 fn transient_domain() {
     require!(Env::Libvirt);
-    let a = World::up("trans-a");
-    a.install_hook();
-    let vm = Vm::new("trans", Tpm::V2);
-    let ek = vm_with_secret(&a, &vm, "transient-secret");
+    let a = World::with_hook("trans-a");
+    let (vm, ek) = a.stored_vm("trans", "transient-secret");
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "dump.xml", false);
-    let b = World::up("trans-b");
-    b.install_hook();
+    let b = World::with_hook("trans-b");
     a.copy_keys_to(&b);
     drop(a);
     let path = b.file("dump.xml");
@@ -153,22 +114,18 @@ fn transient_domain() {
 /// Local state changed since the last store; the old XML is defined over
 /// the domain again: the newer local state is kept (M == J, L != J).
 fn local_newer(post_stop_store: bool, tag: &str) {
-    let w = World::up(tag);
-    w.install_hook();
+    let w = World::with_hook(tag);
     if !post_stop_store {
         w.append_config("store_after_stop = false");
     }
-    let vm = Vm::new("newer", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "old-secret");
+    let (vm, ek) = w.stored_vm("newer", "old-secret");
     let (old, _) = w.dump(&vm.name, "old.xml", true);
     w.write_secret(&vm, "newer-secret");
     let j = w.show_json(&vm.name, true);
     assert_eq!(j["local"]["matches"], false, "{j:#}");
 
     w.must_virsh(&["define", &old.display().to_string()]);
-    w.start(&vm.name, true);
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "newer-secret");
+    assert_eq!(w.secret_after_start(&vm), "newer-secret");
     assert_eq!(w.ek_pub(&vm), ek);
     let backups = w.host_path(&format!("/var/lib/virt-tpm-state/backups/{}", vm.uuid));
     assert!(!backups.exists(), "a backup was made: nothing was replaced");
@@ -180,12 +137,9 @@ fn local_newer(post_stop_store: bool, tag: &str) {
     } else {
         assert_eq!(j["local"]["matches"], false, "{j:#}");
         // Still newer after undefine: the kept copy is put back.
-        w.must_virsh(&["undefine", &vm.name]);
-        assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
+        w.undefine(&vm);
         w.must_virsh(&["define", &old.display().to_string()]);
-        w.start(&vm.name, true);
-        w.destroy(&vm.name);
-        assert_eq!(w.read_secret(&vm), "newer-secret");
+        assert_eq!(w.secret_after_start(&vm), "newer-secret");
         assert!(!backups.exists(), "a backup was made: nothing was replaced");
     }
 }
@@ -209,12 +163,9 @@ fn local_newer_is_kept_without_post_stop_store() {
 #[test]
 fn save_restore_and_managedsave_keep_state() {
     require!(Env::Libvirt);
-    let w = World::up("save");
-    w.install_hook();
     // The post-stop store would write B into the metadata at `save`.
-    w.append_config("store_after_stop = false");
-    let vm = Vm::new("saver", Tpm::V2);
-    vm_with_secret(&w, &vm, "state-A");
+    let w = World::without_post_stop_store("save");
+    let (vm, _) = w.stored_vm("saver", "state-A");
     w.write_secret(&vm, "state-B");
     let journal = w.host_path(&format!("/var/lib/virt-tpm-state/synced/{}", vm.uuid));
     let bogus = format!("{}\n", "ab".repeat(32));
@@ -275,19 +226,15 @@ fn save_restore_and_managedsave_keep_state() {
 
     // Control: the same setup with a plain start restores A (B backed up).
     std::fs::write(&journal, &bogus).unwrap();
-    w.start(&vm.name, true);
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "state-A");
+    assert_eq!(w.secret_after_start(&vm), "state-A");
     assert!(backups.is_dir(), "the replaced state B was not backed up");
 }
 
 #[test]
 fn cloned_xml_is_refused_then_adopted() {
     require!(Env::Libvirt);
-    let w = World::up("clone");
-    w.install_hook();
-    let vm = Vm::new("orig", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "clone-secret");
+    let w = World::with_hook("clone");
+    let (vm, ek) = w.stored_vm("orig", "clone-secret");
     let (_, xml) = w.dump(&vm.name, "orig.xml", true);
     let clone = Vm {
         name: "orig-clone".into(),
@@ -331,13 +278,10 @@ fn cloned_xml_is_refused_then_adopted() {
 #[test]
 fn corrupted_metadata_is_refused() {
     require!(Env::Libvirt);
-    let w = World::up("corrupt");
-    w.install_hook();
-    let vm = Vm::new("corrupt", Tpm::V2);
-    vm_with_secret(&w, &vm, "corrupt-secret");
+    let w = World::with_hook("corrupt");
+    let (vm, _) = w.stored_vm("corrupt", "corrupt-secret");
     let (_, xml) = w.dump(&vm.name, "good.xml", true);
-    w.must_virsh(&["undefine", &vm.name]);
-    assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
+    w.undefine(&vm);
 
     // A flipped base64 character breaks the encrypted blob's seal (exit 19,
     // README: "tampered blob"); a wrong sha256 makes the element invalid (4).
@@ -402,8 +346,7 @@ fn swtpm_listing(w: &World, vm: &Vm) -> Vec<String> {
 fn no_metadata_behaves_like_plain_libvirt() {
     require!(Env::Libvirt);
     let vm = Vm::new("plain", Tpm::V2);
-    let a = World::up("plain-hook");
-    a.install_hook();
+    let a = World::with_hook("plain-hook");
     a.define(&vm);
     a.start(&vm.name, true);
     assert_eq!(
@@ -454,8 +397,7 @@ fn no_metadata_behaves_like_plain_libvirt() {
 #[test]
 fn post_stop_store_lands_by_itself() {
     require!(Env::Libvirt);
-    let w = World::up("poststop");
-    w.install_hook();
+    let w = World::with_hook("poststop");
     let vm = Vm::new("auto", Tpm::V2);
     w.define(&vm);
     let mut previous: Option<serde_json::Value> = None;
@@ -496,8 +438,7 @@ fn post_stop_store_lands_by_itself() {
 #[test]
 fn tpm12_roundtrip() {
     require!(Env::Libvirt);
-    let a = World::up("tpm12-a");
-    a.install_hook();
+    let a = World::with_hook("tpm12-a");
     let vm = Vm::new("old-tpm", Tpm::V12);
     a.manufacture(&vm);
     let ek = a.ek_pub(&vm);
@@ -513,8 +454,7 @@ fn tpm12_roundtrip() {
     let (dump, xml) = a.dump(&vm.name, "dump.xml", false);
 
     // Same host: undefine + define.
-    a.must_virsh(&["undefine", &vm.name]);
-    assert!(!a.swtpm_uuid_dir_exists(&vm.uuid));
+    a.undefine(&vm);
     a.must_virsh(&["define", &dump.display().to_string()]);
     a.start(&vm.name, true);
     assert!(
@@ -525,8 +465,7 @@ fn tpm12_roundtrip() {
     assert_eq!(a.ek_pub(&vm), ek);
 
     // Another host: from the metadata alone.
-    let b = World::up("tpm12-b");
-    b.install_hook();
+    let b = World::with_hook("tpm12-b");
     a.copy_keys_to(&b);
     b.define_xml("dump.xml", &xml);
     b.start(&vm.name, true);
@@ -555,8 +494,7 @@ fn assert_cli_error(w: &World, args: &[&str], code: i32) -> String {
 #[test]
 fn cli_show_store_extract_and_errors() {
     require!(Env::Libvirt);
-    let w = World::up("cli");
-    w.install_hook();
+    let w = World::with_hook("cli");
     let vm = Vm::new("cli", Tpm::V2);
     w.manufacture(&vm);
     // The post-stop store of the first run stored generation 1.
@@ -579,8 +517,11 @@ fn cli_show_store_extract_and_errors() {
     assert_eq!(j["tpm_version"], "2.0");
     // Encrypted with the host key `install` created: protection names its id.
     let key = w.keys().pop().expect("install created no host key");
-    let key_id = key.trim_end_matches(".key").rsplit('-').next().unwrap();
-    assert_eq!(j["protection"], format!("virt-tpm-state:{key_id}"), "{j:#}");
+    assert_eq!(
+        j["protection"],
+        format!("virt-tpm-state:{}", key_id(&key)),
+        "{j:#}"
+    );
     assert_eq!(j["generation"], 2);
     assert_eq!(j["parent"], first["digest"], "parent chain: {j:#}");
     assert_eq!(j["files"][0]["name"], "tpm2-00.permall");
@@ -662,10 +603,8 @@ fn host_untouched() {
     require!(Env::Libvirt);
     let before = host_fingerprint();
     {
-        let w = World::up("host-check");
-        w.install_hook();
-        let vm = Vm::new("hc", Tpm::V2);
-        vm_with_secret(&w, &vm, "host-check");
+        let w = World::with_hook("host-check");
+        let (vm, _) = w.stored_vm("hc", "host-check");
         w.start(&vm.name, true);
         w.destroy(&vm.name);
     }
@@ -850,8 +789,7 @@ fn tpm_state_in_source_file() {
 #[test]
 fn ek_certificate_files_travel_with_the_tpm() {
     require!(Env::Libvirt);
-    let a = World::up("ekcert-a");
-    a.install_hook();
+    let a = World::with_hook("ekcert-a");
     let vm = Vm::new("ek1", Tpm::V2);
     a.define(&vm);
     let dir = vm.state_dir();
@@ -895,8 +833,7 @@ fn ek_certificate_files_travel_with_the_tpm() {
     let stored = a.must_permall(&vm);
     let (_, xml) = a.dump(&vm.name, "ek1.xml", true);
     assert!(!xml.contains(".bak"), "the .bak travelled");
-    a.must_virsh(&["undefine", &vm.name]);
-    assert!(!a.swtpm_uuid_dir_exists(&vm.uuid));
+    a.undefine(&vm);
 
     // A fresh host: the certificates come back with the TPM, byte for byte.
     let b = World::up("ekcert-b");

@@ -7,15 +7,6 @@ use crate::common::{env::Env, world::*};
 use base64::Engine as _;
 use std::io::Read;
 
-fn vm_with_secret(w: &World, vm: &Vm, secret: &str) -> String {
-    w.manufacture(vm);
-    w.write_secret(vm, secret);
-    let ek = w.ek_pub(vm);
-    let out = stdout(&w.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
-    ek
-}
-
 /// Every run of base64 characters (16 or more) in `text`, decoded where it
 /// decodes: attribute values and element text alike.
 fn base64_blobs(text: &str) -> Vec<Vec<u8>> {
@@ -53,11 +44,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn readonly_dumpxml_reveals_no_tpm_state() {
     require!(Env::Libvirt);
-    let w = World::up("enc-ro");
-    w.install_hook();
+    let w = World::with_hook("enc-ro");
     assert_eq!(w.keys().len(), 1, "install must create one host key");
-    let vm = Vm::new("secretive", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "ro-secret");
+    let (vm, ek) = w.stored_vm("secretive", "ro-secret");
     let raw = w.must_permall(&vm);
     let gz = virt_tpm_state::format::gzip_deterministic(&raw);
 
@@ -93,35 +82,18 @@ fn readonly_dumpxml_reveals_no_tpm_state() {
     assert!(!contains(ro.as_bytes(), &raw[16..64]));
 
     // Root on the host with the key restores exactly the stored state.
-    let (_, xml) = w.dump(&vm.name, "ro.xml", false);
-    w.must_virsh(&["undefine", &vm.name]);
-    assert!(!w.swtpm_uuid_dir_exists(&vm.uuid));
-    w.define_xml("ro.xml", &xml);
-    w.start(&vm.name, true);
-    assert!(
-        w.must_permall(&vm) == raw,
-        "restored permall differs from the stored one"
-    );
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "ro-secret");
-    assert_eq!(w.ek_pub(&vm), ek);
+    w.redefine(&vm, "ro.xml", false);
+    w.assert_restores(&vm, &raw, "ro-secret", Some(&ek), "root with the key");
 }
 
 #[test]
 fn key_rotation_rekey_then_old_key_removed() {
     require!(Env::Libvirt);
-    let w = World::up("enc-rotate");
-    w.install_hook();
-    let vm = Vm::new("rotated", Tpm::V2);
-    let ek = vm_with_secret(&w, &vm, "rotate-secret");
+    let w = World::with_hook("enc-rotate");
+    let (vm, ek) = w.stored_vm("rotated", "rotate-secret");
     let key1 = w.keys().pop().expect("a key");
     let j = w.show_json(&vm.name, true);
-    let id1 = key1
-        .trim_end_matches(".key")
-        .rsplit('-')
-        .next()
-        .unwrap()
-        .to_string();
+    let id1 = key_id(&key1).to_string();
     assert_eq!(j["protection"], format!("virt-tpm-state:{id1}"), "{j:#}");
 
     // Key 2 (file names sort by creation time: wait for a new second).
@@ -132,12 +104,7 @@ fn key_rotation_rekey_then_old_key_removed() {
     assert_eq!(keys.len(), 2, "{keys:?}");
     let key2 = keys.last().unwrap().clone();
     assert_ne!(key1, key2);
-    let id2 = key2
-        .trim_end_matches(".key")
-        .rsplit('-')
-        .next()
-        .unwrap()
-        .to_string();
+    let id2 = key_id(&key2).to_string();
 
     let out = stdout(&w.must_vts(&["rekey", &vm.name]));
     assert!(out.contains("re-encrypted generation"), "{out}");
@@ -154,9 +121,7 @@ fn key_rotation_rekey_then_old_key_removed() {
     let (_, xml) = w.dump(&vm.name, "rotated.xml", true);
     w.must_virsh(&["undefine", &vm.name]);
     w.define_xml("rotated.xml", &xml);
-    w.start(&vm.name, true);
-    w.destroy(&vm.name);
-    assert_eq!(w.read_secret(&vm), "rotate-secret");
+    assert_eq!(w.secret_after_start(&vm), "rotate-secret");
     assert_eq!(w.ek_pub(&vm), ek);
     // The start changed nothing that needed a new generation, or a later one.
     assert!(w.show_json(&vm.name, true)["generation"].as_u64() >= gen_before.as_u64());
@@ -165,8 +130,7 @@ fn key_rotation_rekey_then_old_key_removed() {
 #[test]
 fn store_without_a_key_refuses_unless_plaintext_is_allowed() {
     require!(Env::Libvirt);
-    let w = World::up("enc-nokey");
-    w.install_hook();
+    let w = World::with_hook("enc-nokey");
     for k in w.keys() {
         std::fs::remove_file(w.host_path("/etc/virt-tpm-state/keys").join(k)).unwrap();
     }

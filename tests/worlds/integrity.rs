@@ -16,7 +16,7 @@
 //! (`restore_killed_then_retried_with_previous_or_new_xml_keeps_one_generation`).
 
 use crate::common::{env::Env, runner::*, scratch::*, states::*};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 fn code(out: &Output) -> i32 {
@@ -71,10 +71,18 @@ fn restore_xml_is_refused_when_libvirt_cannot_say_whether_it_runs() {
     let xml = saved_xml(&s, "b.xml", &xml_with(&b, 2));
     let before = s.tree();
     let uri = dead_uri(&s);
-    let out = s.cli(
-        &["-c", &uri, "restore", "--xml", xml.to_str().unwrap()],
-        None,
-    );
+    // `restore` of a saved XML, asking libvirt at `uri` whether the VM runs.
+    let restore = |uri: &str, force: bool, xml: &Path| {
+        let mut args = vec!["-c", uri, "restore"];
+        if force {
+            args.push("--force");
+        }
+        s.cli(
+            &[&args[..], &["--xml", xml.to_str().unwrap()]].concat(),
+            None,
+        )
+    };
+    let out = restore(&uri, false, &xml);
     assert_eq!(code(&out), 13, "libvirt down: {}", show(&out));
     let err = err_text(&out);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
@@ -85,32 +93,13 @@ fn restore_xml_is_refused_when_libvirt_cannot_say_whether_it_runs() {
     assert_eq!(s.tree(), before, "a refused restore wrote something");
     assert_eq!(s.live().as_ref(), Some(&a));
     // --force: the admin knows it is stopped.
-    let out = s.cli(
-        &[
-            "-c",
-            &uri,
-            "restore",
-            "--force",
-            "--xml",
-            xml.to_str().unwrap(),
-        ],
-        None,
-    );
+    let out = restore(&uri, true, &xml);
     assert_eq!(code(&out), 0, "--force: {}", show(&out));
     assert_eq!(s.live().as_ref(), Some(&b));
     // libvirt answering "no such domain" is an answer: not running.
     let c = St::new("C");
     let xml = saved_xml(&s, "c.xml", &xml_with(&c, 3));
-    let out = s.cli(
-        &[
-            "-c",
-            "test:///default",
-            "restore",
-            "--xml",
-            xml.to_str().unwrap(),
-        ],
-        None,
-    );
+    let out = restore("test:///default", false, &xml);
     assert_eq!(code(&out), 0, "no such domain: {}", show(&out));
     assert_eq!(s.live().as_ref(), Some(&c));
 }
@@ -195,6 +184,16 @@ fn generation_maximum_is_read_but_store_and_adopt_refuse_it() {
     assert_eq!(code(&out), 0, "adopt below the maximum: {}", show(&out));
 }
 
+/// Every forged character of [`FORGED`], each after an `x`.
+fn forged() -> String {
+    FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect()
+}
+
+/// `a`'s domain XML (generation 1) with `nvram` in place of its `<nvram>`.
+fn with_nvram(a: &St, nvram: &str) -> String {
+    xml_with(a, 1).replacen(&format!("<nvram>/{VARS_REL}</nvram>"), nvram, 1)
+}
+
 /// Characters a forger uses: a newline (a second log line), a C1 control
 /// (NEL, also a line break for some terminals; CSI starts escape
 /// sequences), a bidi override (reorders what the terminal shows).
@@ -219,14 +218,10 @@ fn assert_escaped(text: &str, lines: usize, what: &str) {
 fn forged_controls_from_the_xml_are_shown_escaped() {
     let s = Scratch::new();
     let a = St::new("A");
-    let forged: String = FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect();
+    let forged = forged();
     // The hook: an <nvram type=…> it does not carry is warned about (a
     // successful start), quoting the type.
-    let xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram type='{forged}info: forged'/>"),
-        1,
-    );
+    let xml = with_nvram(&a, &format!("<nvram type='{forged}info: forged'/>"));
     assert!(xml.contains("forged"), "fixture changed");
     let out = s.prepare(&xml, &[]);
     assert!(out.status.success(), "{}", show(&out));
@@ -234,11 +229,7 @@ fn forged_controls_from_the_xml_are_shown_escaped() {
     assert_escaped(&err_text(&out), 2, "hook stderr (warnings)");
 
     // The CLI's error line: an explicit nvram path outside libvirt's dir.
-    let xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram>/etc/{forged}</nvram>"),
-        1,
-    );
+    let xml = with_nvram(&a, &format!("<nvram>/etc/{forged}</nvram>"));
     let file = saved_xml(&s, "forged-path.xml", &xml);
     let out = s.cli(&["show", "--xml", file.to_str().unwrap()], None);
     let both = format!("{}{}", out_text(&out), err_text(&out));
@@ -508,19 +499,11 @@ fn hundred_transient_domains_stay_under_the_cap() {
         "{left:#}"
     );
     // Only the persistent domain's data is left.
-    let mut rest: Vec<String> = ["kept", "backups", "synced"]
-        .iter()
-        .flat_map(|d| {
-            std::fs::read_dir(s.path(&format!("var/lib/virt-tpm-state/{d}")))
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    rest.sort();
-    rest.dedup();
-    assert_eq!(rest, vec![keep_uuid.to_string()]);
+    let rest = uuids_with_data_in(&s.path("var/lib/virt-tpm-state"));
+    assert_eq!(
+        rest.into_iter().collect::<Vec<_>>(),
+        vec![keep_uuid.to_string()]
+    );
 }
 
 /// The listener that stands in for syslog: binds `/dev/log` (a datagram
@@ -551,17 +534,9 @@ fn forged_controls_reach_syslog_escaped() {
     require!(Env::Root, Env::Cmd("unshare"), Env::Cmd("python3"));
     let s = Scratch::new();
     let a = St::new("A");
-    let forged: String = FORGED.iter().map(|(r, _, _)| format!("x{r}")).collect();
-    let warn_xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram type='{forged}info: forged'/>"),
-        1,
-    );
-    let err_xml = xml_with(&a, 1).replacen(
-        &format!("<nvram>/{VARS_REL}</nvram>"),
-        &format!("<nvram>/etc/{forged}</nvram>"),
-        1,
-    );
+    let forged = forged();
+    let warn_xml = with_nvram(&a, &format!("<nvram type='{forged}info: forged'/>"));
+    let err_xml = with_nvram(&a, &format!("<nvram>/etc/{forged}</nvram>"));
     let tmp = s.tmp.path();
     std::fs::write(tmp.join("listener.py"), SYSLOG_LISTENER).unwrap();
     std::fs::write(tmp.join("warn.xml"), &warn_xml).unwrap();
@@ -644,10 +619,16 @@ fn files_below(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<
 
 /// The UUIDs that have any data (kept, backups, synced) in a world.
 fn uuids_with_data(w: &crate::common::world::World) -> std::collections::BTreeSet<String> {
+    uuids_with_data_in(&w.host_path("/var/lib/virt-tpm-state"))
+}
+
+/// The UUIDs that have any data (kept, backups, synced) below `data_dir`
+/// (`/var/lib/virt-tpm-state` of a host).
+fn uuids_with_data_in(data_dir: &Path) -> std::collections::BTreeSet<String> {
     ["kept", "backups", "synced"]
         .iter()
         .flat_map(|d| {
-            std::fs::read_dir(w.host_path(&format!("/var/lib/virt-tpm-state/{d}")))
+            std::fs::read_dir(data_dir.join(d))
                 .into_iter()
                 .flatten()
                 .flatten()
@@ -972,5 +953,5 @@ fn a_revert_intent_counts_only_for_its_element() {
         "the replaced state is not in a backup"
     );
     assert!(!s.path(&revert).exists(), "the revert intent stayed");
-    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    s.assert_no_leftovers("after the run");
 }

@@ -22,8 +22,7 @@ fn secret_kept_then_boot(w: &World, vm: &Vm, secret: &str, ek: &str, secs: u64) 
 #[test]
 fn uefi_vars_travel_with_the_tpm() {
     require!(Env::Libvirt, Env::FwVars);
-    let a = World::up("nvram-a");
-    a.install_hook();
+    let a = World::with_hook("nvram-a");
     let vm = Vm::new("efi1", Tpm::V2);
     a.define_xml("efi1.xml", &uefi_xml(&a, &vm));
     // First start: libvirt manufactures the TPM and copies the VARS template.
@@ -47,8 +46,7 @@ fn uefi_vars_travel_with_the_tpm() {
     let stored_vars = std::fs::read(&vars_a).unwrap();
     let stored_permall = a.must_permall(&vm);
 
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
+    a.must_store(&vm.name);
     let (xml_path, xml) = a.dump(&vm.name, "efi1-stored.xml", true);
     let start = xml.find("<vts:state").expect("element in dumpxml");
     let end = xml.find("</vts:state>").unwrap() + "</vts:state>".len();
@@ -190,8 +188,7 @@ fn wrap_hook_in_umask(w: &World) {
 #[test]
 fn umask_wrapped_hook_starts_uefi_tpm_vms() {
     require!(Env::Libvirt, Env::FwVars);
-    let w = World::up("nvram-umask");
-    w.install_hook();
+    let w = World::with_hook("nvram-umask");
     wrap_hook_in_umask(&w);
     let (tss_uid, tss_gid) = ids_in(&w, "tss", "tss");
     let (qemu_uid, qemu_gid) = ids_in(&w, "libvirt-qemu", "libvirt-qemu");
@@ -205,8 +202,7 @@ fn umask_wrapped_hook_starts_uefi_tpm_vms() {
     // The TPM as libvirt made it (its EK and bytes are checked), the VARS
     // changed.
     let ek = change_state(&w, &vm, &vars, None);
-    let out = stdout(&w.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
+    w.must_store(&vm.name);
     for umask in ["000", "022", "077"] {
         let what = format!("umask {umask}");
         std::fs::write(&umask_file, umask).unwrap();
@@ -619,8 +615,7 @@ fn varstore_travels_with_the_tpm() {
     let stored_json = std::fs::read(&host_file).unwrap();
     a.write_secret(&vm, "varstore-secret");
     let ek = a.ek_pub(&vm);
-    let out = stdout(&a.must_vts(&["store", &vm.name]));
-    assert!(out.contains("stored generation"), "store said: {out}");
+    a.must_store(&vm.name);
     let j = a.show_json(&vm.name, true);
     assert!(
         j["files"]
