@@ -68,13 +68,13 @@ pub const POINTS: &[&str] = &[
 /// Reaches fault point `name`: `Err` when a fault is injected there.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-pub fn point(_name: &'static str) -> std::io::Result<()> {
+pub(crate) fn point(_name: &'static str) -> std::io::Result<()> {
     Ok(())
 }
 
 /// Reaches fault point `name`: `Err` when a fault is injected there.
 #[cfg(feature = "fault-injection")]
-pub fn point(name: &'static str) -> std::io::Result<()> {
+pub(crate) fn point(name: &'static str) -> std::io::Result<()> {
     use std::collections::BTreeMap;
     use std::io::Write;
     use std::sync::Mutex;

@@ -11,33 +11,33 @@
 // No unsafe code anywhere in the crate: the README's security section promises it.
 #![forbid(unsafe_code)]
 
-pub mod carried;
+pub(crate) mod carried;
 #[cfg(feature = "libvirt")]
 pub mod cli;
-pub mod config;
+pub(crate) mod config;
 #[cfg(feature = "libvirt")]
-pub mod context;
-pub mod decision;
+pub(crate) mod context;
+pub(crate) mod decision;
 pub mod domain;
 pub mod envelope;
-pub mod exit;
+pub(crate) mod exit;
 pub mod fault;
 pub mod format;
 pub mod fs;
-pub mod gc;
+pub(crate) mod gc;
 pub mod hook;
 pub mod input;
 #[cfg(feature = "libvirt")]
-pub mod libvirt;
+pub(crate) mod libvirt;
 pub mod linear;
 pub mod logging;
-pub mod name;
+pub(crate) mod name;
 pub mod paths;
 pub mod recipients;
 pub mod restore;
 pub mod state;
-pub mod store;
+pub(crate) mod store;
 pub mod swtpm;
 #[cfg(feature = "libvirt")]
-pub mod watch;
-pub mod xml;
+pub(crate) mod watch;
+pub(crate) mod xml;

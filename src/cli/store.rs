@@ -31,7 +31,7 @@ struct StoreResult<'a> {
     config: bool,
 }
 
-pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
+pub(crate) fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     if args.after_stop {
         // Started detached by the hook: leave libvirtd's session.
         let _ = nix::unistd::setsid();
@@ -158,7 +158,7 @@ fn wait_inactive(dom: &mut DomainHandle, name: &DomainName) -> Result<(), CliErr
 
 /// Re-stamps an element that names another domain (a deliberate clone) with
 /// this domain's UUID, as a new generation over it.
-pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
+pub(crate) fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let dom = lv.domain(domain)?;
     let name = dom.name.clone();
@@ -244,7 +244,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
 /// `virt-tpm-state sync --pending`: completes every pending post-stop store
 /// (for hosts without the watch daemon; the packaged unit runs it at boot).
 /// With none recorded it does not even connect to libvirt.
-pub fn sync(ctx: &Ctx, args: &SyncArgs) -> Result<(), CliError> {
+pub(crate) fn sync(ctx: &Ctx, args: &SyncArgs) -> Result<(), CliError> {
     let host = HostData::new(&ctx.paths);
     let mut sweep = if host.list_pending()?.is_empty() {
         Sweep::default()

@@ -49,18 +49,18 @@ mod locations;
 mod owner;
 mod walk;
 
-pub use dir::{Dir, EntryKind};
-pub use error::FsError;
-pub use host::{
+pub(crate) use dir::{Dir, EntryKind};
+pub(crate) use error::FsError;
+pub(crate) use host::{
     DomainData, DomainLock, HostData, Intent, PendingStore, RevertIntent, WatchLock, MARKER_TTL,
     REVERT_TTL,
 };
-pub use keys::{
+pub(crate) use keys::{
     create_host_identity, create_key, host_identity_path, keys_dir, load_host_identity,
     load_identity_file, load_keyring, load_recipients, recipients_dir,
 };
-pub use locations::{read_tpm_files, NvramLocation, StateLocation};
-pub use owner::Owner;
+pub(crate) use locations::{read_tpm_files, NvramLocation, StateLocation};
+pub(crate) use owner::Owner;
 
 use crate::paths::{
     Paths, CONFIG_DIR, DATA_DIR, LIBVIRT_CONFIG_DIR, LIBVIRT_NVRAM_DIR, LIBVIRT_SWTPM_DIR,
@@ -71,7 +71,7 @@ use std::path::{Path, PathBuf};
 /// A directory every path of the product is reached from (see the trust
 /// rule above). Each is an absolute path, re-rooted by [`Paths`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Anchor {
+pub(crate) enum Anchor {
     /// libvirt's swtpm state base, `/var/lib/libvirt/swtpm`.
     SwtpmBase,
     /// libvirt's UEFI variable stores, `/var/lib/libvirt/qemu/nvram`.
@@ -93,7 +93,7 @@ pub enum Anchor {
 
 impl Anchor {
     /// The anchor's absolute path, before re-rooting.
-    pub fn abs(&self) -> &Path {
+    pub(crate) fn abs(&self) -> &Path {
         match self {
             Anchor::SwtpmBase => Path::new(LIBVIRT_SWTPM_DIR),
             Anchor::NvramDir => Path::new(LIBVIRT_NVRAM_DIR),
@@ -107,7 +107,7 @@ impl Anchor {
     }
 
     /// The anchor's path on this host, for messages.
-    pub fn shown(&self, paths: &Paths) -> PathBuf {
+    pub(crate) fn shown(&self, paths: &Paths) -> PathBuf {
         paths.under_root(self.abs())
     }
 
@@ -115,7 +115,7 @@ impl Anchor {
     /// One of our own dirs must moreover be one nobody but root can change:
     /// what is in it (kept copies, `J`, keys, locks) decides what the hook
     /// restores.
-    pub fn open(&self, paths: &Paths) -> Result<Option<Dir>, FsError> {
+    pub(crate) fn open(&self, paths: &Paths) -> Result<Option<Dir>, FsError> {
         let dir = walk::resolve(paths.root(), self.abs(), walk::Last::Anchor)?;
         if let Some(d) = &dir {
             let ours = matches!(self, Anchor::Config | Anchor::Data | Anchor::Run);
@@ -133,7 +133,7 @@ impl Anchor {
     /// parents) with `mkdirat` in directories that protect new entries;
     /// the anchor itself gets `mode`, missing parents 0755. An existing
     /// directory is never changed.
-    pub fn open_or_create(&self, paths: &Paths, mode: u32) -> Result<Dir, FsError> {
+    pub(crate) fn open_or_create(&self, paths: &Paths, mode: u32) -> Result<Dir, FsError> {
         if let Some(dir) = self.open(paths)? {
             return Ok(dir);
         }
@@ -171,7 +171,7 @@ pub fn restrict_umask() {
 /// Reads a small regular file below an anchor (`rel` relative to it, no
 /// link followed below the anchor): `Ok(None)` when it or a dir on the way
 /// does not exist.
-pub fn read_file(
+pub(crate) fn read_file(
     paths: &Paths,
     anchor: &Anchor,
     rel: &Path,
@@ -200,7 +200,7 @@ fn split_rel(rel: &Path) -> (&Path, String) {
 /// A directory named on the command line (`extract --out`), not re-rooted:
 /// opened by the trust rule from `/`; with `create`, made 0700 when missing
 /// (its parent must exist).
-pub fn open_user_dir(path: &Path, create: bool) -> Result<Option<Dir>, FsError> {
+pub(crate) fn open_user_dir(path: &Path, create: bool) -> Result<Option<Dir>, FsError> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
