@@ -52,7 +52,11 @@ impl From<Option<bool>> for Running {
 impl Carried {
     /// What of the domain in `info` the element carries here, from its XML
     /// and the config (`nvram`, `nvram_without_tpm`).
-    pub(crate) fn of(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carried, ErrorKind> {
+    pub(crate) fn of(
+        paths: &Paths,
+        config: &Config,
+        info: &DomainInfo,
+    ) -> Result<Carried, ErrorKind> {
         let tpm = match tpm_version(info)? {
             Some(v) => Some((v, tpm_location(paths, config, info, v)?)),
             None => None,
@@ -157,7 +161,11 @@ impl Carried {
 }
 
 /// [`Carried::of`], its error naming the VM (for callers outside a restore).
-pub(crate) fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carried, RestoreError> {
+pub(crate) fn carried(
+    paths: &Paths,
+    config: &Config,
+    info: &DomainInfo,
+) -> Result<Carried, RestoreError> {
     Carried::of(paths, config, info).map_err(|kind| kind.named(info.name.clone()))
 }
 

@@ -90,7 +90,7 @@ impl Default for Config {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ConfigError {
+pub enum ConfigError {
     #[error("cannot read the config: {0}")]
     Read(crate::fs::FsError),
     #[error("{path} is invalid: {message}")]

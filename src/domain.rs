@@ -11,7 +11,7 @@
 
 use crate::name::DomainName;
 use crate::state::{DomainUuid, TpmVersion};
-pub(crate) use crate::xml::XmlElement;
+use crate::xml::XmlElement;
 use crate::xml::{
     describe, find, malformed_at, Node, Reader, Start, XmlError, MAX_ATTRIBUTES, MAX_DEPTH,
     MAX_NAMESPACES_IN_SCOPE,
@@ -52,12 +52,6 @@ pub(crate) struct TpmDevice {
 }
 
 impl TpmDevice {
-    /// The TPM version libvirt will run, when this is an emulator, on an
-    /// x86 guest (see [`TpmDevice::version_on`]).
-    pub(crate) fn version(&self) -> Option<Result<TpmVersion, String>> {
-        self.version_on(None)
-    }
-
     /// The TPM version libvirt will run on a guest of architecture `arch`
     /// (`<os><type arch=…>`; absent = x86, libvirt's default here). Without
     /// a `version` attribute libvirt (qemuDomainTPMDefPostParse) picks 1.2
@@ -594,7 +588,7 @@ mod tests {
         assert_eq!(d.uuid.as_str(), "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d");
         let t = d.emulated_tpm().unwrap();
         assert_eq!(t.model.as_deref(), Some("tpm-crb"));
-        assert_eq!(t.version(), Some(Ok(TpmVersion::V2_0)));
+        assert_eq!(t.version_on(None), Some(Ok(TpmVersion::V2_0)));
         match &t.backend {
             TpmBackend::Emulator {
                 source,
@@ -913,11 +907,11 @@ mod tests {
         let d = parse_domain(xml.as_bytes(), NS).unwrap();
         assert_eq!(d.tpms.len(), 2);
         assert_eq!(
-            d.emulated_tpm().unwrap().version(),
+            d.emulated_tpm().unwrap().version_on(None),
             Some(Ok(TpmVersion::V1_2))
         );
         assert_eq!(d.tpms[1].backend, TpmBackend::Passthrough);
-        assert_eq!(d.tpms[1].version(), None);
+        assert_eq!(d.tpms[1].version_on(None), None);
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub(crate) struct Sealed {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum OpenError {
+pub enum OpenError {
     #[error("the wrapped data key has the wrong length")]
     BadWrappedKey,
     #[error("the key does not open the wrapped data key: a wrong key, or the wrapped key, the file name, the key id or the domain uuid was altered")]
@@ -238,7 +238,12 @@ pub(crate) fn seal(
 }
 
 /// Opens what [`seal`] made; `kek` must be the key named by `s.key_id`.
-pub(crate) fn open(s: &Sealed, uuid: &str, path: &str, kek: &SecretKey) -> Result<Vec<u8>, OpenError> {
+pub(crate) fn open(
+    s: &Sealed,
+    uuid: &str,
+    path: &str,
+    kek: &SecretKey,
+) -> Result<Vec<u8>, OpenError> {
     if s.wrapped_key.len() != WRAPPED_KEY_LEN {
         return Err(OpenError::BadWrappedKey);
     }

@@ -62,7 +62,7 @@ pub(crate) struct DomainHandle {
 
 /// Which copy of the definition a metadata write affects (decided by the
 /// pure store plan).
-pub(crate) use crate::store::plan::Targets;
+use crate::store::plan::Targets;
 
 impl Targets {
     fn flags(self) -> u32 {

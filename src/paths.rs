@@ -113,11 +113,6 @@ impl Paths {
         self.under_root(Path::new(LIBVIRT_VARSTORE_DIR))
     }
 
-    pub(crate) fn qemu_conf(&self) -> PathBuf {
-        self.under_root(Path::new(LIBVIRT_CONFIG_DIR))
-            .join("qemu.conf")
-    }
-
     pub(crate) fn libvirt_hooks_dir(&self) -> PathBuf {
         self.under_root(Path::new(LIBVIRT_CONFIG_DIR)).join("hooks")
     }
@@ -151,7 +146,10 @@ mod tests {
         assert_eq!(p.swtpm_base(), PathBuf::from("/var/lib/libvirt/swtpm"));
         assert!(!p.is_rerooted());
         let p = Paths::from_root_var(Some(OsString::new()));
-        assert_eq!(p.qemu_conf(), PathBuf::from("/etc/libvirt/qemu.conf"));
+        assert_eq!(
+            p.config_file(),
+            PathBuf::from("/etc/virt-tpm-state/config.toml")
+        );
     }
 
     #[test]
@@ -161,7 +159,6 @@ mod tests {
             p.swtpm_base(),
             p.nvram_dir(),
             p.varstore_dir(),
-            p.qemu_conf(),
             p.libvirt_hooks_dir(),
             p.config_dir(),
             p.config_file(),

@@ -88,7 +88,7 @@ impl fmt::Debug for Recipient {
 /// A line of a recipients file that is not a recipient this version reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{origin}: line {line}: {why}")]
-pub(crate) struct RecipientsError {
+pub struct RecipientsError {
     pub(crate) origin: String,
     pub(crate) line: usize,
     pub(crate) why: String,
@@ -132,7 +132,10 @@ impl Recipient {
 
 /// Parses a recipients file as `age -R` reads it: one recipient per line,
 /// `#` comments and blank lines ignored.
-pub(crate) fn parse_recipients(text: &str, origin: &str) -> Result<Vec<Recipient>, RecipientsError> {
+pub(crate) fn parse_recipients(
+    text: &str,
+    origin: &str,
+) -> Result<Vec<Recipient>, RecipientsError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -277,7 +280,7 @@ pub fn parse_identities(text: &str, origin: &str) -> Result<Vec<HostIdentity>, S
 
 /// Why an age payload did not open. No key material, no plaintext.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum AgeOpenError {
+pub enum AgeOpenError {
     #[error("none of this host's identities is a recipient")]
     NotARecipient,
     #[error("not a valid age v1 file")]

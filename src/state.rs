@@ -184,10 +184,6 @@ impl TpmState {
         &self.files
     }
 
-    pub(crate) fn total_size(&self) -> usize {
-        self.files.iter().map(|f| f.data.len()).sum()
-    }
-
     /// The state's name, format v1: sha256 of the sorted lines
     /// `tpm/<name> <sha256-hex>\n`, one per file.
     pub fn digest(&self) -> Sha256Sum {

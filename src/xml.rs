@@ -338,7 +338,11 @@ impl<'a> Reader<'a> {
     /// unit of `budget` per element (`start` included) and refusing the
     /// document when it runs out: what is kept stays small whatever the
     /// input. Text goes to the element it is directly inside.
-    pub(crate) fn keep(&mut self, start: Start<'a>, budget: &mut usize) -> Result<XmlElement, XmlError> {
+    pub(crate) fn keep(
+        &mut self,
+        start: Start<'a>,
+        budget: &mut usize,
+    ) -> Result<XmlElement, XmlError> {
         let mut open = vec![kept(start, budget)?];
         loop {
             match self.read()? {

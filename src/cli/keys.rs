@@ -8,8 +8,9 @@ use crate::fs::{
     create_host_identity, create_key, host_identity_path, load_host_identity, load_keyring,
     load_recipients,
 };
-use crate::libvirt::{DomainHandle, Libvirt, Targets};
+use crate::libvirt::{DomainHandle, Libvirt};
 use crate::recipients::{generate_identity, RecipientSet};
+use crate::store::plan::Targets;
 use age::secrecy::ExposeSecret;
 
 pub(crate) fn keygen(ctx: &Ctx) -> Result<(), CliError> {

@@ -524,7 +524,7 @@ fn fs_kind(e: &FsError) -> &'static str {
 pub(crate) static JSON_PRINTED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-pub(crate) use crate::context::Ctx;
+use crate::context::Ctx;
 
 /// Entry point of the `virt-tpm-state` binary.
 pub fn main() -> ExitCode {
@@ -684,13 +684,13 @@ pub(crate) fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-pub(crate) use crate::logging::out;
+use crate::logging::out;
 
 /// `println!` through [`out`]: quiet on a closed pipe.
 #[macro_export]
 macro_rules! outln {
-    () => { $crate::cli::out("\n") };
-    ($($arg:tt)*) => { $crate::cli::out(&format!("{}\n", format_args!($($arg)*))) };
+    () => { $crate::logging::out("\n") };
+    ($($arg:tt)*) => { $crate::logging::out(&format!("{}\n", format_args!($($arg)*))) };
 }
 
 /// `gc [--dry-run] [--json]`: one line per removal (or JSON), then a total.
@@ -731,7 +731,7 @@ fn gc(ctx: &Ctx, args: &GcArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-pub(crate) use crate::context::{now_stamp, this_host};
+use crate::context::{now_stamp, this_host};
 
 /// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.
 fn read_input(path: &std::path::Path) -> Result<Vec<u8>, CliError> {

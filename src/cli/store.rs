@@ -9,9 +9,10 @@ use crate::domain::parse_domain;
 use crate::envelope::os_random;
 use crate::format::{decode, encode, DecodeLimits, Protection, Provenance, Style};
 use crate::fs::{load_keyring, load_recipients, recipients_dir, HostData};
-use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
+use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
 use crate::name::DomainName;
 use crate::store::pending::{self, Sweep};
+use crate::store::plan::Targets;
 use crate::store::{check_has_definition, store_domain, StoreDone, StoreError, StoreOptions};
 use std::time::{Duration, Instant};
 

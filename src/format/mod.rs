@@ -217,13 +217,6 @@ impl FormatError {
 // What `status`, `watch` and a chain of generations need without opening the
 // files; `decode` starts with `read_header` too.
 
-/// Which sections an element holds: a TPM, a UEFI variable store
-/// (`<nvram>` or `<varstore>`).
-pub(crate) fn declared_sections(el: &XmlElement) -> (bool, bool) {
-    let has = |n: &str| el.children.iter().any(|c| c.name == n);
-    (has("tpm"), has("nvram") || has("varstore"))
-}
-
 /// The digest of the element's sections `tpm`/`nvram` as its `<file>`
 /// attributes declare them (format v1's digest rule over those files).
 /// Not verified against the data: for `status` and `watch`, which compare

@@ -290,7 +290,12 @@ impl Dir {
     }
 
     /// Creates `name` with `data` and `mode`; never overwrites anything.
-    pub(crate) fn create_new_file(&self, name: &str, data: &[u8], mode: u32) -> Result<(), FsError> {
+    pub(crate) fn create_new_file(
+        &self,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+    ) -> Result<(), FsError> {
         let shown = self.shown(name);
         let fd = open_entry(
             &self.fd,
@@ -359,7 +364,12 @@ impl Dir {
 
     /// Replaces `name` with `data` (this process's own file, `mode`)
     /// atomically, as [`Dir::replace_file`] does.
-    pub(crate) fn write_file_atomically(&self, name: &str, data: &[u8], mode: u32) -> Result<(), FsError> {
+    pub(crate) fn write_file_atomically(
+        &self,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+    ) -> Result<(), FsError> {
         self.replace_file(
             name,
             data,

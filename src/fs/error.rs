@@ -5,7 +5,7 @@ use crate::state::DomainUuid;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum FsError {
+pub enum FsError {
     #[error("{path} is {what}; refusing to touch it (never follows or writes through links)")]
     Unsafe { path: PathBuf, what: &'static str },
     #[error("cannot {action} {path}: {source}")]

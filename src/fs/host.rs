@@ -332,7 +332,11 @@ impl HostData {
 
     /// Replaces the kept copy with `state`: its TPM file(s) and VARS file
     /// in one directory, swapped in with one rename.
-    pub(crate) fn write_kept(&self, uuid: &DomainUuid, state: &MachineState) -> Result<(), FsError> {
+    pub(crate) fn write_kept(
+        &self,
+        uuid: &DomainUuid,
+        state: &MachineState,
+    ) -> Result<(), FsError> {
         let dir = self.uuid_dir(KEPT, uuid, true)?.expect("created");
         dir.replace_dir(
             machine_leaf(state.tpm.as_ref().map(|t| t.version)),
@@ -481,7 +485,11 @@ impl HostData {
 
     /// Records a snapshot revert of `uuid` (`<data>/reverts/<uuid>`, 0600,
     /// atomic), replacing an earlier one.
-    pub(crate) fn write_revert(&self, uuid: &DomainUuid, intent: &RevertIntent) -> Result<(), FsError> {
+    pub(crate) fn write_revert(
+        &self,
+        uuid: &DomainUuid,
+        intent: &RevertIntent,
+    ) -> Result<(), FsError> {
         let dir = self.section(Anchor::Data, REVERTS, true)?.expect("created");
         write_private_file(&dir, uuid.as_str(), intent.text().as_bytes())
     }
@@ -660,7 +668,11 @@ impl HostData {
     /// `state` (the decision rule's `J`). The kept copy is brought up to the
     /// same state first: a kept copy older than `J` would otherwise look
     /// "newer than the metadata" once libvirt deletes the live dir.
-    pub(crate) fn record_sync(&self, uuid: &DomainUuid, state: &MachineState) -> Result<(), FsError> {
+    pub(crate) fn record_sync(
+        &self,
+        uuid: &DomainUuid,
+        state: &MachineState,
+    ) -> Result<(), FsError> {
         let kept = self.read_kept_state(
             uuid,
             state.tpm.as_ref().map(|t| t.version),
@@ -687,7 +699,11 @@ impl HostData {
     /// has to be stored into the metadata: one small file, fsynced and
     /// renamed into place, replacing an older record of the same domain.
     /// Call with the domain's lock held.
-    pub(crate) fn write_pending(&self, uuid: &DomainUuid, digest: Sha256Sum) -> Result<(), FsError> {
+    pub(crate) fn write_pending(
+        &self,
+        uuid: &DomainUuid,
+        digest: Sha256Sum,
+    ) -> Result<(), FsError> {
         let dir = self.section(Anchor::Data, PENDING, true)?.expect("created");
         let record = PendingStore {
             uuid: uuid.clone(),
@@ -863,7 +879,12 @@ impl HostData {
     }
 
     /// Writes the hint `<run>/<name>` (0600; see [`Dir::write_hint`]).
-    pub(crate) fn write_run_hint(&self, name: &str, text: &[u8], append: bool) -> Result<(), FsError> {
+    pub(crate) fn write_run_hint(
+        &self,
+        name: &str,
+        text: &[u8],
+        append: bool,
+    ) -> Result<(), FsError> {
         Anchor::Run
             .open_or_create(&self.paths, DIR_MODE)?
             .write_hint(name, text, FILE_MODE, append)

@@ -91,7 +91,11 @@ impl StateLocation {
     /// filesystem: absolute, normal components only, below one of
     /// `allowed` (absolute, not re-rooted). The XML is hostile: without this
     /// a `<source path='/etc'>` would have the hook swap out any directory.
-    pub(crate) fn from_source(paths: &Paths, raw: &str, allowed: &[PathBuf]) -> Result<Self, FsError> {
+    pub(crate) fn from_source(
+        paths: &Paths,
+        raw: &str,
+        allowed: &[PathBuf],
+    ) -> Result<Self, FsError> {
         Ok(StateLocation::Source(source_leaf_checked(
             raw,
             confined(paths, raw, allowed)?,

@@ -50,14 +50,13 @@ mod owner;
 mod walk;
 
 pub(crate) use dir::{Dir, EntryKind};
-pub(crate) use error::FsError;
+pub use error::FsError;
 pub(crate) use host::{
-    DomainData, DomainLock, HostData, Intent, PendingStore, RevertIntent, WatchLock, MARKER_TTL,
-    REVERT_TTL,
+    DomainData, DomainLock, HostData, Intent, RevertIntent, WatchLock, MARKER_TTL,
 };
 pub(crate) use keys::{
     create_host_identity, create_key, host_identity_path, keys_dir, load_host_identity,
-    load_identity_file, load_keyring, load_recipients, recipients_dir,
+    load_keyring, load_recipients, recipients_dir,
 };
 pub(crate) use locations::{read_tpm_files, NvramLocation, StateLocation};
 pub(crate) use owner::Owner;
@@ -104,11 +103,6 @@ impl Anchor {
             Anchor::Run => Path::new(RUN_DIR),
             Anchor::Other(p) => p,
         }
-    }
-
-    /// The anchor's path on this host, for messages.
-    pub(crate) fn shown(&self, paths: &Paths) -> PathBuf {
-        paths.under_root(self.abs())
     }
 
     /// Opens the anchor by the trust rule. `Ok(None)`: it does not exist.

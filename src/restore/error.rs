@@ -22,7 +22,7 @@ pub enum RestoreError {
 
 /// What went wrong for a VM, before its name is attached.
 #[derive(Debug)]
-pub(crate) enum ErrorKind {
+pub enum ErrorKind {
     InvalidMetadata {
         ns: String,
         source: FormatError,

@@ -6,13 +6,14 @@
 use super::error::ErrorKind;
 use crate::carried::{tpm_version, Carried};
 use crate::config::Config;
-use crate::domain::{DomainInfo, TpmBackend, XmlElement};
+use crate::domain::{DomainInfo, TpmBackend};
 use crate::envelope::Keyring;
 use crate::format::{self, DecodeLimits, MetadataState, ENCODING_AGE, ENCODING_SEALED};
 use crate::fs::{load_keyring, HostData, NvramLocation, RevertIntent, StateLocation};
 use crate::name::DomainName;
 use crate::paths::Paths;
 use crate::state::{MachineState, Sha256Sum, TpmState, TpmVersion};
+use crate::xml::XmlElement;
 use std::path::PathBuf;
 
 /// The element's side: what of the element applies to this domain here.

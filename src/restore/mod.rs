@@ -12,11 +12,11 @@ mod error;
 mod gather;
 mod report;
 
-pub(crate) use crate::carried::{carried, domain_tpm_version, state_location, Carried};
-pub(crate) use error::{ErrorKind, RestoreError};
+pub use error::{ErrorKind, RestoreError};
 pub(crate) use gather::el_is_sealed;
 pub(crate) use report::{Outcome, PrepareReport};
 
+use crate::carried::Carried;
 use crate::config::Config;
 use crate::decision::{decide, Decision, DecisionInput, Refusal, Why};
 use crate::domain::{parse_domain, DomainInfo};

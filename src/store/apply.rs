@@ -4,18 +4,19 @@
 //! and the kept copy).
 
 use super::plan::{
-    plan, Element, Keys, Nothing, Plan, PlanError, PlanInput, Protect, StorePlan, XmlSizes,
+    plan, Element, Keys, Nothing, Plan, PlanError, PlanInput, Protect, StorePlan, Targets, XmlSizes,
 };
 use crate::carried::Running;
+use crate::carried::{carried, Carried};
 use crate::context::{now_stamp, this_host, Ctx};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError};
 use crate::envelope::{os_random, Keyring};
 use crate::format::{decode, encode, read_header, DecodeLimits, MetadataState, Protection, Style};
 use crate::fs::{keys_dir, load_keyring, load_recipients, recipients_dir, FsError, HostData};
-use crate::libvirt::{DomainHandle, LibvirtError, Targets};
+use crate::libvirt::{DomainHandle, LibvirtError};
 use crate::name::DomainName;
 use crate::recipients::RecipientSet;
-use crate::restore::{carried, Carried, RestoreError};
+use crate::restore::RestoreError;
 use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState};
 use crate::swtpm::check_tpm_file;
 use std::time::Duration;

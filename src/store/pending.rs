@@ -22,6 +22,7 @@
 //! the state already).
 
 use super::{store_domain, StoreError, StoreOptions};
+use crate::carried::carried;
 use crate::carried::Running;
 use crate::context::Ctx;
 use crate::decision::{pending_decision, PendingAction, PendingDomain, PendingDrop, PendingInput};
@@ -29,7 +30,6 @@ use crate::domain::parse_domain;
 use crate::format::read_header;
 use crate::fs::HostData;
 use crate::libvirt::{Libvirt, LibvirtError};
-use crate::restore::carried;
 use crate::state::DomainUuid;
 use std::time::Duration;
 

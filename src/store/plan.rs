@@ -293,7 +293,12 @@ pub(crate) struct XmlSizes {
 impl XmlSizes {
     /// The sizes for a domain whose XML is `live` (and `config`), whose
     /// element, if the definition holds one, is replaced by `new_element`.
-    pub(crate) fn of(live: &str, config: Option<&str>, holds_element: bool, new_element: usize) -> Self {
+    pub(crate) fn of(
+        live: &str,
+        config: Option<&str>,
+        holds_element: bool,
+        new_element: usize,
+    ) -> Self {
         XmlSizes {
             current: live.len().max(config.map_or(0, str::len)),
             old_element: if holds_element {

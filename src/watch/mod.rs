@@ -40,7 +40,7 @@ mod domain;
 mod events;
 mod status;
 
-pub(crate) use status::{read_daemon_status, DaemonStatus, DomainStatus, STATUS_FILE};
+pub(crate) use status::{read_daemon_status, DaemonStatus};
 
 use crate::config::Config;
 use crate::context::Ctx;
