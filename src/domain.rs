@@ -3,7 +3,7 @@
 //! `<metadata>` element, found by namespace URI whatever its prefix. Pure:
 //! bytes in, facts out.
 //!
-//! The bytes are hostile; [`crate::xml`] reads them (bounds, forbidden
+//! The bytes are hostile; `crate::xml` reads them (bounds, forbidden
 //! characters, namespaces, errors that quote nothing). This module only
 //! says which elements carry which field (`FIELDS`, a path -> handler
 //! table), and never turns the name or uuid into a path: callers get a

@@ -2,7 +2,7 @@
 //!
 //! Every step of a restore or a store that changes the disk has a point
 //! here. Built without the `fault-injection` feature (every release and
-//! package build) [`point`] is an inlined `Ok(())`: no environment is read
+//! package build) `point` is an inlined `Ok(())`: no environment is read
 //! and nothing can be injected into the hook that runs as root.
 //!
 //! With the feature, `VIRT_TPM_STATE_FAULT=NAME[#N]=ACTION[,...]` fires at

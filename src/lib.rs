@@ -1,11 +1,11 @@
 //! virt-tpm-state: keep a libvirt VM's emulated TPM (swtpm) state inside its
 //! domain XML, so the XML alone recreates the VM with the same TPM.
 //!
-//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`], [`xml`], [`domain`],
-//! [`decision`]) does no I/O; [`fs`] is the one place that touches the
-//! filesystem; [`hook`] is the hook's logic (never libvirt); [`libvirt`] is
+//! Layout: pure logic ([`state`], [`swtpm`], [`linear`], [`format`](mod@format), `xml`, [`domain`],
+//! `decision`) does no I/O; [`fs`] is the one place that touches the
+//! filesystem; [`hook`] is the hook's logic (never libvirt); `libvirt` is
 //! the only module that speaks to libvirt, used by the store use case
-//! ([`store`], whose [`store::plan`] is pure), the watch daemon ([`watch`])
+//! (`store`, whose `store::plan` is pure), the watch daemon (`watch`)
 //! and the CLI ([`cli`]); the daemon imports nothing from the CLI.
 
 // No unsafe code anywhere in the crate: the README's security section promises it.

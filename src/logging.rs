@@ -152,7 +152,7 @@ pub(crate) fn json_safe(json: &str) -> String {
     out
 }
 
-/// Prints one line on stdout with [`escaped`] applied: for every line the
+/// Prints one line on stdout with `escaped` applied: for every line the
 /// terminal shows that quotes the domain XML or the element.
 #[macro_export]
 macro_rules! say {

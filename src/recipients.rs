@@ -439,7 +439,7 @@ pub(crate) fn rewrap(
 }
 
 /// The payload part (nonce and STREAM ciphertext) of an age file: what
-/// [`rewrap`] keeps unchanged.
+/// `rewrap` keeps unchanged.
 pub fn payload_of(age_file: &[u8]) -> Option<&[u8]> {
     split_header(age_file).ok().map(|(_, p)| p)
 }

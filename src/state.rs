@@ -256,7 +256,7 @@ impl VarsKind {
 pub struct MachineState {
     pub tpm: Option<TpmState>,
     /// The UEFI variable store; its `name` is [`NVRAM_FILE`] or
-    /// [`VARSTORE_FILE`] ([`VarsKind::file_name`]), which says its kind.
+    /// `VARSTORE_FILE` (`VarsKind::file_name`), which says its kind.
     pub nvram: Option<StateFile>,
 }
 

@@ -686,7 +686,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), CliError> {
 
 use crate::logging::out;
 
-/// `println!` through [`out`]: quiet on a closed pipe.
+/// `println!` through `out`: quiet on a closed pipe.
 #[macro_export]
 macro_rules! outln {
     () => { $crate::logging::out("\n") };

@@ -6,9 +6,9 @@
 //! `/var/lib/libvirt/qemu` (and so can replace `nvram/` by a link), and
 //! swtpm's user (`tss`) owns every `tpm2/` state dir and what is in it. So
 //! no path is ever resolved by name. The rule, written once here and
-//! implemented once in [`walk`]:
+//! implemented once in `walk`:
 //!
-//! **The trust rule.** Every path is reached from an [`Anchor`], a
+//! **The trust rule.** Every path is reached from an `Anchor`, a
 //! directory of libvirt's or ours, walked component by component from `/`
 //! (or `VIRT_TPM_STATE_ROOT`). A directory is *trusted* while every
 //! directory on the way to it is root-owned and not group/other-writable
@@ -22,7 +22,7 @@
 //! `openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`,
 //! or an `O_NOFOLLOW` walk where the kernel lacks `openat2`.
 //!
-//! What follows from it, kept by [`Dir`]:
+//! What follows from it, kept by `Dir`:
 //! - Only regular, singly-linked files are read.
 //! - Files are created `O_EXCL|O_NOFOLLOW` under a fresh name, `fchown`ed
 //!   and `fchmod`ed on the fd that created them, fsynced and renamed over

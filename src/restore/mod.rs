@@ -3,8 +3,8 @@
 //! `prepare begin`; `virt-tpm-state restore` runs the very same code for a
 //! stopped domain. Never speaks to libvirt.
 //!
-//! Three steps, each in its own module: [`gather`] (the element's side, then
-//! under the lock the local side), `decision::decide` (pure), [`apply`] (the
+//! Three steps, each in its own module: `gather` (the element's side, then
+//! under the lock the local side), `decision::decide` (pure), `apply` (the
 //! journaled write). Errors carry the VM's name, attached once here.
 
 mod apply;
