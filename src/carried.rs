@@ -20,14 +20,14 @@ use std::path::PathBuf;
 /// (version and state dir) and/or its UEFI variable store. The same rule
 /// decides what `store` writes and what the hook restores.
 #[derive(Debug, Clone)]
-pub struct Carried {
-    pub tpm: Option<(TpmVersion, StateLocation)>,
-    pub nvram: Option<NvramLocation>,
+pub(crate) struct Carried {
+    pub(crate) tpm: Option<(TpmVersion, StateLocation)>,
+    pub(crate) nvram: Option<NvramLocation>,
 }
 
 /// Whether the domain runs, for [`Carried::read_local`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Running {
+pub(crate) enum Running {
     /// Running: its live state is the only local state; a copy kept at an
     /// earlier stop is older than it.
     Yes,
@@ -52,7 +52,11 @@ impl From<Option<bool>> for Running {
 impl Carried {
     /// What of the domain in `info` the element carries here, from its XML
     /// and the config (`nvram`, `nvram_without_tpm`).
-    pub fn of(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carried, ErrorKind> {
+    pub(crate) fn of(
+        paths: &Paths,
+        config: &Config,
+        info: &DomainInfo,
+    ) -> Result<Carried, ErrorKind> {
         let tpm = match tpm_version(info)? {
             Some(v) => Some((v, tpm_location(paths, config, info, v)?)),
             None => None,
@@ -65,11 +69,11 @@ impl Carried {
         Ok(Carried { tpm, nvram })
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.tpm.is_none() && self.nvram.is_none()
     }
 
-    pub fn tpm_version(&self) -> Option<TpmVersion> {
+    pub(crate) fn tpm_version(&self) -> Option<TpmVersion> {
         self.tpm.as_ref().map(|(v, _)| *v)
     }
 
@@ -79,7 +83,7 @@ impl Carried {
     /// the element holds and the domain does not carry (VARS on a domain
     /// without UEFI) is not compared, and not restored; one the domain
     /// carries and the element lacks is a mismatch (the next store adds it).
-    pub fn sections(&self) -> (bool, bool) {
+    pub(crate) fn sections(&self) -> (bool, bool) {
         (self.tpm.is_some(), self.nvram.is_some())
     }
 
@@ -88,7 +92,7 @@ impl Carried {
     /// kind (a pflash VARS file for a domain that now uses `<varstore>`, or
     /// the reverse) is not this domain's: its content means nothing to the
     /// other device.
-    pub fn applicable(&self, state: &MachineState) -> (bool, bool) {
+    pub(crate) fn applicable(&self, state: &MachineState) -> (bool, bool) {
         let domain_kind = self.nvram.as_ref().map(NvramLocation::kind);
         (
             state.tpm.is_some() && self.tpm.is_some(),
@@ -100,7 +104,7 @@ impl Carried {
     /// (the sections the metadata holds): `None` when the TPM state (or,
     /// without a TPM, the VARS file) does not exist. A missing VARS file
     /// beside a TPM state is a state without NVRAM.
-    pub fn read_live(
+    pub(crate) fn read_live(
         &self,
         tpm: bool,
         nvram: bool,
@@ -122,7 +126,7 @@ impl Carried {
     }
 
     /// The copy kept at the domain's last stop, over the same sections.
-    pub fn read_kept(
+    pub(crate) fn read_kept(
         &self,
         host: &HostData,
         uuid: &DomainUuid,
@@ -140,7 +144,7 @@ impl Carried {
     /// the domain is known to run) the copy kept at its last stop.
     /// The hook's `prepare` reads the two apart (the decision rule weighs
     /// each); everything else that asks "what is local" asks here.
-    pub fn read_local(
+    pub(crate) fn read_local(
         &self,
         host: &HostData,
         uuid: &DomainUuid,
@@ -157,12 +161,16 @@ impl Carried {
 }
 
 /// [`Carried::of`], its error naming the VM (for callers outside a restore).
-pub fn carried(paths: &Paths, config: &Config, info: &DomainInfo) -> Result<Carried, RestoreError> {
+pub(crate) fn carried(
+    paths: &Paths,
+    config: &Config,
+    info: &DomainInfo,
+) -> Result<Carried, RestoreError> {
     Carried::of(paths, config, info).map_err(|kind| kind.named(info.name.clone()))
 }
 
 /// Where the domain's swtpm state lives, from its `<tpm>` device.
-pub fn state_location(
+pub(crate) fn state_location(
     paths: &Paths,
     config: &Config,
     info: &DomainInfo,
@@ -172,7 +180,7 @@ pub fn state_location(
 }
 
 /// The emulated TPM's version, if the domain has an emulated TPM.
-pub fn domain_tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, RestoreError> {
+pub(crate) fn domain_tpm_version(info: &DomainInfo) -> Result<Option<TpmVersion>, RestoreError> {
     tpm_version(info).map_err(|kind| kind.named(info.name.clone()))
 }
 

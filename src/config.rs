@@ -13,55 +13,55 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Config {
+pub(crate) struct Config {
     /// Namespace URI of our metadata element.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Largest decompressed size of one state file, in bytes.
-    pub max_file_size: u64,
+    pub(crate) max_file_size: u64,
     /// `store` refuses a state whose domain XML would grow past this many
     /// bytes (libvirt's own limit for a domain XML is 4 MiB).
-    pub max_domain_xml_size: u64,
+    pub(crate) max_domain_xml_size: u64,
     /// Replaced local states kept per domain under the backups directory.
-    pub backups_per_domain: usize,
+    pub(crate) backups_per_domain: usize,
     /// What wins when the metadata and an unsynced local state differ.
-    pub on_conflict: ConflictPolicy,
+    pub(crate) on_conflict: ConflictPolicy,
     /// After a VM stops, start `virt-tpm-state store` for it (detached).
-    pub store_after_stop: bool,
+    pub(crate) store_after_stop: bool,
     /// The CLI the hook starts for that; default: found next to the hook's
     /// install or in the usual bin directories.
-    pub helper_path: Option<PathBuf>,
+    pub(crate) helper_path: Option<PathBuf>,
     /// Milliseconds between the two reads that must agree for a running
     /// domain's state to count as settled.
-    pub settle_interval_ms: u64,
+    pub(crate) settle_interval_ms: u64,
     /// Reads before `store` gives up on a state that keeps changing.
-    pub settle_attempts: u32,
+    pub(crate) settle_attempts: u32,
     /// Seconds to wait for another process working on the same domain.
-    pub lock_timeout_secs: u64,
+    pub(crate) lock_timeout_secs: u64,
     /// Let `store` write plaintext state when the host has no key. Anyone
     /// who can read the domain XML (by default every local user, through a
     /// read-only connection) can then read the TPM's secrets.
-    pub allow_plaintext: bool,
+    pub(crate) allow_plaintext: bool,
     /// Directories below which a domain XML's `<tpm><backend><source
     /// type='dir'|'file' path=...>`, `<nvram>` or `<varstore>` path may point (absolute). The XML
     /// is untrusted input: by default only libvirt's own dirs are written.
-    pub state_path_prefixes: Vec<PathBuf>,
+    pub(crate) state_path_prefixes: Vec<PathBuf>,
     /// Carry the domain's UEFI variable store (its `<nvram>` or
     /// `<varstore>` file) in the element beside the TPM state.
-    pub nvram: bool,
+    pub(crate) nvram: bool,
     /// Also carry the variable store of UEFI domains without an emulated
     /// TPM (the element then holds NVRAM only).
-    pub nvram_without_tpm: bool,
+    pub(crate) nvram_without_tpm: bool,
     /// `watch`: seconds between full reconciles (a safety net for anything
     /// inotify missed; between them an idle host costs nothing).
-    pub reconcile_interval_secs: u64,
+    pub(crate) reconcile_interval_secs: u64,
     /// `status` exits 20 when a domain has been out of sync longer than this.
-    pub status_max_lag_secs: u64,
+    pub(crate) status_max_lag_secs: u64,
     /// Data of domains libvirt no longer knows is removed after this many
     /// days (garbage collection, `virt-tpm-state gc`).
-    pub kept_retention_days: u64,
+    pub(crate) kept_retention_days: u64,
     /// Total size cap of our data dir, enforced before each new kept copy
     /// or backup (by removing data of domains libvirt no longer knows).
-    pub max_state_dir_bytes: u64,
+    pub(crate) max_state_dir_bytes: u64,
 }
 
 impl Default for Config {
@@ -99,7 +99,7 @@ pub enum ConfigError {
 
 impl Config {
     /// Loads the config file of `paths`, or the defaults when there is none.
-    pub fn load(paths: &Paths) -> Result<Self, ConfigError> {
+    pub(crate) fn load(paths: &Paths) -> Result<Self, ConfigError> {
         let text = crate::fs::read_file(
             paths,
             &crate::fs::Anchor::Config,
@@ -116,7 +116,7 @@ impl Config {
         })
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let c: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
         if c.max_file_size == 0 || c.settle_attempts < 2 || c.namespace.is_empty() {
             return Err(

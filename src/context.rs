@@ -8,21 +8,21 @@ use crate::config::Config;
 use crate::paths::Paths;
 
 /// Where things are, the configuration and the libvirt connection to use.
-pub struct Ctx {
-    pub paths: Paths,
-    pub config: Config,
-    pub uri: String,
-    pub readonly: bool,
+pub(crate) struct Ctx {
+    pub(crate) paths: Paths,
+    pub(crate) config: Config,
+    pub(crate) uri: String,
+    pub(crate) readonly: bool,
 }
 
 /// This host's name, as an element's `host` records it.
-pub fn this_host() -> String {
+pub(crate) fn this_host() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.nodename().to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
 /// Now, as an element's `stored` records it (RFC 3339, UTC, seconds).
-pub fn now_stamp() -> String {
+pub(crate) fn now_stamp() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }

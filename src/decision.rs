@@ -30,7 +30,7 @@ use crate::state::{DomainUuid, Sha256Sum};
 /// What to do when the metadata and an unsynced local state disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ConflictPolicy {
+pub(crate) enum ConflictPolicy {
     /// The metadata wins; the local state is kept as a backup.
     #[default]
     Metadata,
@@ -39,22 +39,22 @@ pub enum ConflictPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecisionInput<'a> {
-    pub domain_uuid: &'a DomainUuid,
+pub(crate) struct DecisionInput<'a> {
+    pub(crate) domain_uuid: &'a DomainUuid,
     /// `(uuid in the element, digest)` of a valid metadata state.
-    pub metadata: Option<(&'a DomainUuid, Sha256Sum)>,
-    pub journal: Option<Sha256Sum>,
-    pub live: Option<Sha256Sum>,
-    pub kept: Option<Sha256Sum>,
+    pub(crate) metadata: Option<(&'a DomainUuid, Sha256Sum)>,
+    pub(crate) journal: Option<Sha256Sum>,
+    pub(crate) live: Option<Sha256Sum>,
+    pub(crate) kept: Option<Sha256Sum>,
     /// A `migrate begin` or `restore begin` for this UUID came just before.
-    pub incoming: bool,
+    pub(crate) incoming: bool,
     /// R: a snapshot revert to exactly this element was recorded.
-    pub revert: bool,
-    pub policy: ConflictPolicy,
+    pub(crate) revert: bool,
+    pub(crate) policy: ConflictPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Leave the state dir as it is.
     Nothing(Why),
     /// The live dir is gone; put back the copy kept at the last stop.
@@ -68,7 +68,7 @@ pub enum Decision {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
+pub(crate) enum Why {
     Incoming,
     NoMetadata,
     AlreadyCurrent,
@@ -80,7 +80,7 @@ pub enum Why {
 }
 
 impl Why {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Why::Incoming => "incoming migration or restore: the state travels with the VM",
             Why::NoMetadata => "no state in the metadata",
@@ -99,7 +99,7 @@ impl Why {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The element belongs to another domain (a cloned XML).
     Clone { element_uuid: DomainUuid },
     /// Both changed, and policy says refuse.
@@ -109,7 +109,7 @@ pub enum Refusal {
     },
 }
 
-pub fn decide(i: &DecisionInput<'_>) -> Decision {
+pub(crate) fn decide(i: &DecisionInput<'_>) -> Decision {
     if i.incoming {
         return Decision::Nothing(Why::Incoming);
     }
@@ -174,36 +174,36 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
 /// | no M, or M == J                              | store P over M             |
 /// | M unreadable, or M != J (someone moved it)   | drop: never write over it  |
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingInput {
+pub(crate) struct PendingInput {
     /// The final state the stop recorded (P).
-    pub pending: Sha256Sum,
+    pub(crate) pending: Sha256Sum,
     /// How the domain stands now; `None` when libvirt no longer knows it.
-    pub domain: Option<PendingDomain>,
+    pub(crate) domain: Option<PendingDomain>,
     /// The local state now (live dir, else the kept copy).
-    pub local: Option<Sha256Sum>,
+    pub(crate) local: Option<Sha256Sum>,
     /// The config element's digest (`Err(())`: present but unreadable).
-    pub metadata: Option<Result<Sha256Sum, ()>>,
+    pub(crate) metadata: Option<Result<Sha256Sum, ()>>,
     /// J: the digest this host last synced with the metadata.
-    pub journal: Option<Sha256Sum>,
+    pub(crate) journal: Option<Sha256Sum>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingDomain {
-    pub active: bool,
-    pub persistent: bool,
+pub(crate) struct PendingDomain {
+    pub(crate) active: bool,
+    pub(crate) persistent: bool,
     /// It still carries state (an emulated TPM, or a VARS file we carry).
-    pub carried: bool,
+    pub(crate) carried: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PendingAction {
+pub(crate) enum PendingAction {
     Store,
     AlreadyStored,
     Drop(PendingDrop),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PendingDrop {
+pub(crate) enum PendingDrop {
     Gone,
     Running,
     Transient,
@@ -214,7 +214,7 @@ pub enum PendingDrop {
 }
 
 impl PendingDrop {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             PendingDrop::Gone => "libvirt no longer knows the domain; its final state stays in the kept copy",
             PendingDrop::Running => "the domain runs again: its live state supersedes the stop's, and the running domain's stores take it from here",
@@ -227,7 +227,7 @@ impl PendingDrop {
     }
 }
 
-pub fn pending_decision(i: &PendingInput) -> PendingAction {
+pub(crate) fn pending_decision(i: &PendingInput) -> PendingAction {
     let Some(d) = i.domain else {
         return PendingAction::Drop(PendingDrop::Gone);
     };

@@ -3,7 +3,7 @@
 //! `<metadata>` element, found by namespace URI whatever its prefix. Pure:
 //! bytes in, facts out.
 //!
-//! The bytes are hostile; [`crate::xml`] reads them (bounds, forbidden
+//! The bytes are hostile; `crate::xml` reads them (bounds, forbidden
 //! characters, namespaces, errors that quote nothing). This module only
 //! says which elements carry which field (`FIELDS`, a path -> handler
 //! table), and never turns the name or uuid into a path: callers get a
@@ -11,7 +11,7 @@
 
 use crate::name::DomainName;
 use crate::state::{DomainUuid, TpmVersion};
-pub use crate::xml::XmlElement;
+use crate::xml::XmlElement;
 use crate::xml::{
     describe, find, malformed_at, Node, Reader, Start, XmlError, MAX_ATTRIBUTES, MAX_DEPTH,
     MAX_NAMESPACES_IN_SCOPE,
@@ -23,7 +23,7 @@ const MAX_KEPT_ELEMENTS: usize = 64;
 
 /// Backend of a `<tpm>` device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TpmBackend {
+pub(crate) enum TpmBackend {
     /// swtpm run by libvirt: the only kind with state for us to carry.
     Emulator {
         /// `version` attribute; libvirt's default when absent depends on the
@@ -40,31 +40,25 @@ pub enum TpmBackend {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TpmSource {
-    pub kind: String,
-    pub path: String,
+pub(crate) struct TpmSource {
+    pub(crate) kind: String,
+    pub(crate) path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TpmDevice {
-    pub model: Option<String>,
-    pub backend: TpmBackend,
+pub(crate) struct TpmDevice {
+    pub(crate) model: Option<String>,
+    pub(crate) backend: TpmBackend,
 }
 
 impl TpmDevice {
-    /// The TPM version libvirt will run, when this is an emulator, on an
-    /// x86 guest (see [`TpmDevice::version_on`]).
-    pub fn version(&self) -> Option<Result<TpmVersion, String>> {
-        self.version_on(None)
-    }
-
     /// The TPM version libvirt will run on a guest of architecture `arch`
     /// (`<os><type arch=…>`; absent = x86, libvirt's default here). Without
     /// a `version` attribute libvirt (qemuDomainTPMDefPostParse) picks 1.2
     /// only for tpm-tis on x86 (the model defaults to tpm-spapr on ppc64,
     /// tpm-tis elsewhere) and 2.0 otherwise; it writes the attribute back
     /// into the XML, so it is usually there.
-    pub fn version_on(&self, arch: Option<&str>) -> Option<Result<TpmVersion, String>> {
+    pub(crate) fn version_on(&self, arch: Option<&str>) -> Option<Result<TpmVersion, String>> {
         let x86 = arch.map_or(true, |a| matches!(a, "x86_64" | "i686"));
         let ppc64 = arch.is_some_and(|a| a.starts_with("ppc64"));
         match &self.backend {
@@ -92,28 +86,28 @@ impl TpmDevice {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OsFirmware {
     /// `<os firmware='efi'>` (firmware autoselection).
-    pub efi: bool,
+    pub(crate) efi: bool,
     /// `<loader type='pflash'>`.
-    pub pflash: bool,
+    pub(crate) pflash: bool,
     /// `<loader stateless='yes'>`: no variable store at all.
-    pub stateless: bool,
+    pub(crate) stateless: bool,
     /// `<nvram>`, if present: its `type` attribute and its path (the text,
     /// or `<source file=...>` for `type='file'`).
-    pub nvram: Option<NvramElement>,
+    pub(crate) nvram: Option<NvramElement>,
     /// `<os><type arch=…>`: decides libvirt's default TPM version.
-    pub arch: Option<String>,
+    pub(crate) arch: Option<String>,
     /// `<varstore>` (libvirt >= 12.1, QEMU's uefi-vars device): its `path`
     /// attribute, empty when absent (libvirt fills in its default).
-    pub varstore: Option<String>,
+    pub(crate) varstore: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NvramElement {
-    pub kind: Option<String>,
+pub(crate) struct NvramElement {
+    pub(crate) kind: Option<String>,
     /// `<source file=…>`, if any.
-    pub path: String,
+    pub(crate) path: String,
     /// The element's own text (CDATA included), exactly as written.
-    pub text: String,
+    pub(crate) text: String,
 }
 
 /// Where a domain keeps its UEFI variable store, as the XML says it.
@@ -165,7 +159,7 @@ impl OsFirmware {
     /// `/var/lib/libvirt/qemu/varstore/<name>.json`, or its `path`. A domain
     /// with a `<varstore>` has no `<nvram>` (libvirt refuses both), so this
     /// takes precedence over [`Self::nvram`].
-    pub fn varstore(&self) -> Option<NvramSpec> {
+    pub(crate) fn varstore(&self) -> Option<NvramSpec> {
         if self.stateless {
             return None;
         }
@@ -184,8 +178,8 @@ impl OsFirmware {
 pub struct DomainInfo {
     /// Attached here, where the name enters: every message shows it escaped.
     pub name: DomainName,
-    pub uuid: DomainUuid,
-    pub tpms: Vec<TpmDevice>,
+    pub(crate) uuid: DomainUuid,
+    pub(crate) tpms: Vec<TpmDevice>,
     /// `<os>`: UEFI firmware and its variable store.
     pub os: OsFirmware,
     /// Our element (namespace [`crate::format::NAMESPACE_URI`]), if present.
@@ -194,7 +188,7 @@ pub struct DomainInfo {
 
 impl DomainInfo {
     /// The emulated TPM, if the domain has one.
-    pub fn emulated_tpm(&self) -> Option<&TpmDevice> {
+    pub(crate) fn emulated_tpm(&self) -> Option<&TpmDevice> {
         self.tpms
             .iter()
             .find(|t| matches!(t.backend, TpmBackend::Emulator { .. }))
@@ -245,20 +239,20 @@ impl From<XmlError> for DomainXmlError {
 /// What a snapshot XML (`<domainsnapshot>`, what
 /// `virDomainSnapshotGetXMLDesc` returns) says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SnapshotXml<'a> {
+pub(crate) struct SnapshotXml<'a> {
     /// The `<domain>` it embeds, as its bytes (`None`: it holds no
     /// definition): a domain XML of its own (libvirt declares our namespace
     /// on our element), read by [`parse_domain`] like any other.
-    pub domain: Option<&'a [u8]>,
+    pub(crate) domain: Option<&'a [u8]>,
     /// `<creationTime>`, seconds since the epoch.
-    pub created: Option<i64>,
+    pub(crate) created: Option<i64>,
     /// `<state>`: the domain's state when taken (`running`, `shutoff`,
     /// `disk-snapshot`, …).
-    pub state: Option<String>,
+    pub(crate) state: Option<String>,
 }
 
 /// Reads a snapshot XML: its embedded `<domain>`, creation time and state.
-pub fn parse_snapshot(xml: &[u8]) -> Result<SnapshotXml<'_>, DomainXmlError> {
+pub(crate) fn parse_snapshot(xml: &[u8]) -> Result<SnapshotXml<'_>, DomainXmlError> {
     let mut reader = quick_xml::Reader::from_reader(xml);
     let mut depth = 0usize;
     let mut out = SnapshotXml::default();
@@ -594,7 +588,7 @@ mod tests {
         assert_eq!(d.uuid.as_str(), "6b3c2a4e-1d2f-4a5b-8c7d-9e0f1a2b3c4d");
         let t = d.emulated_tpm().unwrap();
         assert_eq!(t.model.as_deref(), Some("tpm-crb"));
-        assert_eq!(t.version(), Some(Ok(TpmVersion::V2_0)));
+        assert_eq!(t.version_on(None), Some(Ok(TpmVersion::V2_0)));
         match &t.backend {
             TpmBackend::Emulator {
                 source,
@@ -913,11 +907,11 @@ mod tests {
         let d = parse_domain(xml.as_bytes(), NS).unwrap();
         assert_eq!(d.tpms.len(), 2);
         assert_eq!(
-            d.emulated_tpm().unwrap().version(),
+            d.emulated_tpm().unwrap().version_on(None),
             Some(Ok(TpmVersion::V1_2))
         );
         assert_eq!(d.tpms[1].backend, TpmBackend::Passthrough);
-        assert_eq!(d.tpms[1].version(), None);
+        assert_eq!(d.tpms[1].version_on(None), None);
     }
 
     #[test]

@@ -20,10 +20,10 @@ use std::fmt;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub const KEY_LEN: usize = 32;
-pub const NONCE_LEN: usize = 12;
+pub(crate) const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// `nonce || sealed data key` as stored in `wrapped-key`.
-pub const WRAPPED_KEY_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+pub(crate) const WRAPPED_KEY_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 
 /// 32 secret bytes: a host key or a data key. Never printed, wiped on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -35,7 +35,7 @@ impl SecretKey {
     }
 
     /// A fresh key from `fill` (the OS random generator in production).
-    pub fn generate(fill: &mut dyn FnMut(&mut [u8])) -> Self {
+    pub(crate) fn generate(fill: &mut dyn FnMut(&mut [u8])) -> Self {
         let mut b = [0u8; KEY_LEN];
         fill(&mut b);
         SecretKey(b)
@@ -67,7 +67,7 @@ impl fmt::Debug for SecretKey {
 pub struct KeyId(String);
 
 impl KeyId {
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         (s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
             .then(|| KeyId(s.to_string()))
     }
@@ -101,12 +101,12 @@ pub struct Keyring {
 
 /// A key file that was not loaded, and why (never its content).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RejectedKey {
+pub(crate) struct RejectedKey {
     /// The file's name in the keys dir.
-    pub file: String,
+    pub(crate) file: String,
     /// The key id its name carries (`<time>-<id>.key`), if any.
-    pub id: Option<KeyId>,
-    pub why: &'static str,
+    pub(crate) id: Option<KeyId>,
+    pub(crate) why: &'static str,
 }
 
 impl Keyring {
@@ -114,7 +114,7 @@ impl Keyring {
         Self::with_rejected(keys, Vec::new())
     }
 
-    pub fn with_rejected(keys: Vec<SecretKey>, rejected: Vec<RejectedKey>) -> Self {
+    pub(crate) fn with_rejected(keys: Vec<SecretKey>, rejected: Vec<RejectedKey>) -> Self {
         Keyring {
             keys: keys.into_iter().map(|k| (k.id(), k)).collect(),
             rejected,
@@ -129,7 +129,7 @@ impl Keyring {
     }
 
     /// Records why the host identity file could not be used.
-    pub fn set_identity_problem(&mut self, why: String) {
+    pub(crate) fn set_identity_problem(&mut self, why: String) {
         self.identity_problem = Some(why);
     }
 
@@ -137,20 +137,20 @@ impl Keyring {
         &self.identities
     }
 
-    pub fn identity_problem(&self) -> Option<&str> {
+    pub(crate) fn identity_problem(&self) -> Option<&str> {
         self.identity_problem.as_deref()
     }
 
     /// The key file named for `id` that could not be used, if any.
-    pub fn rejected_for(&self, id: &KeyId) -> Option<&RejectedKey> {
+    pub(crate) fn rejected_for(&self, id: &KeyId) -> Option<&RejectedKey> {
         self.rejected.iter().find(|r| r.id.as_ref() == Some(id))
     }
 
-    pub fn rejected(&self) -> &[RejectedKey] {
+    pub(crate) fn rejected(&self) -> &[RejectedKey] {
         &self.rejected
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 
@@ -158,24 +158,24 @@ impl Keyring {
         self.keys.last().map(|(i, k)| (i, k))
     }
 
-    pub fn get(&self, id: &KeyId) -> Option<&SecretKey> {
+    pub(crate) fn get(&self, id: &KeyId) -> Option<&SecretKey> {
         self.keys.iter().find(|(i, _)| i == id).map(|(_, k)| k)
     }
 
-    pub fn ids(&self) -> Vec<&KeyId> {
+    pub(crate) fn ids(&self) -> Vec<&KeyId> {
         self.keys.iter().map(|(i, _)| i).collect()
     }
 }
 
 /// What a sealed file carries besides its ciphertext.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sealed {
-    pub key_id: KeyId,
+pub(crate) struct Sealed {
+    pub(crate) key_id: KeyId,
     /// `nonce || sealed data key` (the `wrapped-key` attribute, decoded).
-    pub wrapped_key: Vec<u8>,
+    pub(crate) wrapped_key: Vec<u8>,
     /// Nonce of the data seal (the `nonce` attribute, decoded).
-    pub nonce: [u8; NONCE_LEN],
-    pub ciphertext: Vec<u8>,
+    pub(crate) nonce: [u8; NONCE_LEN],
+    pub(crate) ciphertext: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,7 +195,7 @@ fn associated_data(what: &str, uuid: &str, path: &str, key_id: &KeyId) -> Vec<u8
 
 /// Seals `plain` (the gzip stream of one file) for domain `uuid`, at
 /// `path` (`tpm/<name>`), under host key `kek`.
-pub fn seal(
+pub(crate) fn seal(
     plain: &[u8],
     uuid: &str,
     path: &str,
@@ -238,7 +238,12 @@ pub fn seal(
 }
 
 /// Opens what [`seal`] made; `kek` must be the key named by `s.key_id`.
-pub fn open(s: &Sealed, uuid: &str, path: &str, kek: &SecretKey) -> Result<Vec<u8>, OpenError> {
+pub(crate) fn open(
+    s: &Sealed,
+    uuid: &str,
+    path: &str,
+    kek: &SecretKey,
+) -> Result<Vec<u8>, OpenError> {
     if s.wrapped_key.len() != WRAPPED_KEY_LEN {
         return Err(OpenError::BadWrappedKey);
     }
@@ -269,7 +274,7 @@ pub fn open(s: &Sealed, uuid: &str, path: &str, kek: &SecretKey) -> Result<Vec<u
 }
 
 /// The OS random generator.
-pub fn os_random(buf: &mut [u8]) {
+pub(crate) fn os_random(buf: &mut [u8]) {
     getrandom::getrandom(buf).expect("the OS random generator failed");
 }
 

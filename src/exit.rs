@@ -60,7 +60,8 @@ pub enum Exit {
 
 impl Exit {
     /// Every code, in the README table's order.
-    pub const ALL: [Exit; 22] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [Exit; 22] = [
         Exit::Success,
         Exit::LibvirtFailed,
         Exit::Usage,
@@ -86,7 +87,7 @@ impl Exit {
     ];
 
     /// The numeric status.
-    pub fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         self as u8
     }
 }

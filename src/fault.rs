@@ -2,7 +2,7 @@
 //!
 //! Every step of a restore or a store that changes the disk has a point
 //! here. Built without the `fault-injection` feature (every release and
-//! package build) [`point`] is an inlined `Ok(())`: no environment is read
+//! package build) `point` is an inlined `Ok(())`: no environment is read
 //! and nothing can be injected into the hook that runs as root.
 //!
 //! With the feature, `VIRT_TPM_STATE_FAULT=NAME[#N]=ACTION[,...]` fires at
@@ -68,13 +68,13 @@ pub const POINTS: &[&str] = &[
 /// Reaches fault point `name`: `Err` when a fault is injected there.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-pub fn point(_name: &'static str) -> std::io::Result<()> {
+pub(crate) fn point(_name: &'static str) -> std::io::Result<()> {
     Ok(())
 }
 
 /// Reaches fault point `name`: `Err` when a fault is injected there.
 #[cfg(feature = "fault-injection")]
-pub fn point(name: &'static str) -> std::io::Result<()> {
+pub(crate) fn point(name: &'static str) -> std::io::Result<()> {
     use std::collections::BTreeMap;
     use std::io::Write;
     use std::sync::Mutex;

@@ -32,33 +32,33 @@ use std::time::{Duration, SystemTime};
 const MAX_LIBVIRT_XML: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Removal {
-    pub uuid: String,
-    pub bytes: u64,
-    pub age_days: u64,
+pub(crate) struct Removal {
+    pub(crate) uuid: String,
+    pub(crate) bytes: u64,
+    pub(crate) age_days: u64,
     /// "retention" or "size cap".
-    pub why: &'static str,
+    pub(crate) why: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct GcReport {
-    pub dry_run: bool,
-    pub used_bytes_before: u64,
-    pub used_bytes_after: u64,
-    pub max_state_dir_bytes: u64,
-    pub kept_retention_days: u64,
+pub(crate) struct GcReport {
+    pub(crate) dry_run: bool,
+    pub(crate) used_bytes_before: u64,
+    pub(crate) used_bytes_after: u64,
+    pub(crate) max_state_dir_bytes: u64,
+    pub(crate) kept_retention_days: u64,
     /// What was (or, with `dry_run`, would be) removed, in that order.
-    pub removed: Vec<Removal>,
+    pub(crate) removed: Vec<Removal>,
     /// Domains skipped because another process held their lock.
-    pub busy: Vec<String>,
+    pub(crate) busy: Vec<String>,
     /// Domains whose data stays.
-    pub domains_kept: usize,
+    pub(crate) domains_kept: usize,
     /// Still over the cap: the rest belongs to domains libvirt knows.
-    pub over_cap: bool,
+    pub(crate) over_cap: bool,
 }
 
 /// The UUIDs libvirt knows on this host, from its own files.
-pub fn known_domains(paths: &Paths) -> Result<HashSet<String>, FsError> {
+pub(crate) fn known_domains(paths: &Paths) -> Result<HashSet<String>, FsError> {
     let mut known = HashSet::new();
     if let Some(base) = Anchor::SwtpmBase.open(paths)? {
         for name in base.list()? {
@@ -100,7 +100,7 @@ fn age(d: &DomainData, now: SystemTime) -> Duration {
 }
 
 /// Decides what a run removes (`protect`: the domain the caller works on).
-pub fn plan(
+pub(crate) fn plan(
     paths: &Paths,
     config: &Config,
     now: SystemTime,
@@ -166,7 +166,7 @@ pub fn plan(
 
 /// Runs a collection: plans it and, unless `dry_run`, removes (each domain
 /// under its lock, skipped when busy).
-pub fn run(
+pub(crate) fn run(
     paths: &Paths,
     config: &Config,
     dry_run: bool,
@@ -202,7 +202,7 @@ pub fn run(
 /// that skips the scan adds what it is about to write to the scan's total;
 /// once the total (an upper bound: a kept copy replaces the previous one)
 /// passes half the cap, or the window ends, the next writer scans again.
-pub const SCAN_FRESH: Duration = Duration::from_secs(600);
+pub(crate) const SCAN_FRESH: Duration = Duration::from_secs(600);
 
 /// `<run>/gc-usage`: `<bytes used> <unix seconds of the scan>` from the last
 /// scan, then one `+<bytes>` line per write that skipped a scan since. A
@@ -215,7 +215,7 @@ const USAGE_FILE_MAX: u64 = 64 * 1024;
 /// Whether the last scan (`text` of the usage file) and the writes since
 /// leave room for `adding` more bytes under half of `cap` at `now`, so that
 /// this writer may skip the scan. Pure.
-pub fn scan_still_fresh(text: &str, now: SystemTime, cap: u64, adding: u64) -> bool {
+pub(crate) fn scan_still_fresh(text: &str, now: SystemTime, cap: u64, adding: u64) -> bool {
     let mut lines = text.lines();
     let mut head = lines.next().unwrap_or("").split_whitespace();
     let (Some(Ok(used)), Some(Ok(at))) = (
@@ -240,7 +240,7 @@ pub fn scan_still_fresh(text: &str, now: SystemTime, cap: u64, adding: u64) -> b
 /// bytes at most) is written (hook, `restore`, `store`), unless the last
 /// scan is fresh and far from the cap ([`SCAN_FRESH`]). Never fails the
 /// caller: problems are logged.
-pub fn enforce(paths: &Paths, config: &Config, uuid: &DomainUuid, adding: u64) {
+pub(crate) fn enforce(paths: &Paths, config: &Config, uuid: &DomainUuid, adding: u64) {
     let host = HostData::new(paths);
     let now = SystemTime::now();
     if let Ok(Some(text)) = host.read_run_file(USAGE_FILE, USAGE_FILE_MAX) {

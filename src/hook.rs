@@ -21,7 +21,7 @@ use std::time::Duration;
 pub const HOOK_MARKER: &str = "virt-tpm-state-hook/marker/7f3a9c";
 
 /// Largest domain XML read from stdin: libvirt's own limit is 4 MiB.
-pub const MAX_STDIN: u64 = 8 * 1024 * 1024;
+pub(crate) const MAX_STDIN: u64 = 8 * 1024 * 1024;
 
 /// What the hook was asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,11 +98,11 @@ fn read_stdin(stdin: impl Read) -> Result<Vec<u8>, HookError> {
 /// The hook's arguments as libvirt passes them: `DOMAIN OP SUBOP EXTRA`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HookArgs<'a> {
-    pub domain: &'a str,
+    pub(crate) domain: &'a str,
     pub op: &'a str,
     pub subop: &'a str,
     /// libvirt always passes it (`-` for most ops); absent is accepted.
-    pub extra: Option<&'a str>,
+    pub(crate) extra: Option<&'a str>,
 }
 
 /// Parses argv (without the program name). Deliberately not clap: this runs
@@ -316,7 +316,7 @@ fn fs_of(name: &DomainName) -> impl Fn(FsError) -> HookError + Copy + '_ {
 }
 
 /// The helper the hook starts after a stop.
-pub fn helper_path(config: &Config) -> Option<PathBuf> {
+pub(crate) fn helper_path(config: &Config) -> Option<PathBuf> {
     if let Some(p) = &config.helper_path {
         return Some(p.clone());
     }

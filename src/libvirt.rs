@@ -10,10 +10,10 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 /// The URI used when neither `-c` nor `LIBVIRT_DEFAULT_URI` says otherwise.
-pub const DEFAULT_URI: &str = "qemu:///system";
+pub(crate) const DEFAULT_URI: &str = "qemu:///system";
 
 #[derive(Debug, thiserror::Error)]
-pub enum LibvirtError {
+pub(crate) enum LibvirtError {
     #[error("cannot connect to libvirt at {uri}: {message}; is libvirtd (or virtqemud) running, and are you root?")]
     Connect { uri: String, message: String },
     #[error("no domain named or with UUID {0:?} (virsh list --all shows them)")]
@@ -45,24 +45,24 @@ impl LibvirtError {
     }
 }
 
-pub struct Libvirt {
+pub(crate) struct Libvirt {
     conn: Connect,
     uri: String,
 }
 
 /// A domain looked up by name or UUID, with the facts `store` needs.
-pub struct DomainHandle {
+pub(crate) struct DomainHandle {
     dom: Domain,
     /// Attached here, where the name enters from libvirt.
-    pub name: DomainName,
-    pub uuid: DomainUuid,
-    pub active: bool,
-    pub persistent: bool,
+    pub(crate) name: DomainName,
+    pub(crate) uuid: DomainUuid,
+    pub(crate) active: bool,
+    pub(crate) persistent: bool,
 }
 
 /// Which copy of the definition a metadata write affects (decided by the
 /// pure store plan).
-pub use crate::store::plan::Targets;
+use crate::store::plan::Targets;
 
 impl Targets {
     fn flags(self) -> u32 {
@@ -78,7 +78,7 @@ impl Targets {
 }
 
 impl Libvirt {
-    pub fn connect(uri: &str, read_only: bool) -> Result<Self, LibvirtError> {
+    pub(crate) fn connect(uri: &str, read_only: bool) -> Result<Self, LibvirtError> {
         // libvirt prints every error to stderr by default; ours carry the
         // message already, in one line.
         virt::error::clear_error_callback();
@@ -97,17 +97,17 @@ impl Libvirt {
         })
     }
 
-    pub fn uri(&self) -> &str {
+    pub(crate) fn uri(&self) -> &str {
         &self.uri
     }
 
     /// Whether the connection still works (false once libvirtd went away).
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         self.conn.is_alive().unwrap_or(false)
     }
 
     /// Looks a domain up by UUID (when the argument is one) or by name.
-    pub fn domain(&self, name_or_uuid: &str) -> Result<DomainHandle, LibvirtError> {
+    pub(crate) fn domain(&self, name_or_uuid: &str) -> Result<DomainHandle, LibvirtError> {
         let by_uuid = DomainUuid::parse(name_or_uuid)
             .and_then(|u| self.conn.lookup_domain_by_uuid_string(u.as_str()).ok());
         let dom = match by_uuid {
@@ -150,7 +150,7 @@ impl Libvirt {
     }
 
     /// UUIDs of every domain libvirt knows (running or defined).
-    pub fn all_domains(&self) -> Result<Vec<DomainHandle>, LibvirtError> {
+    pub(crate) fn all_domains(&self) -> Result<Vec<DomainHandle>, LibvirtError> {
         let doms = self
             .conn
             .list_all_domains(0)
@@ -167,7 +167,7 @@ impl Libvirt {
 
 impl DomainHandle {
     /// Refreshes `active` (the domain may have stopped since the lookup).
-    pub fn refresh(&mut self) -> Result<(), LibvirtError> {
+    pub(crate) fn refresh(&mut self) -> Result<(), LibvirtError> {
         self.active = self
             .dom
             .is_active()
@@ -176,14 +176,14 @@ impl DomainHandle {
     }
 
     /// The live definition (for a running domain) or the only one.
-    pub fn xml(&self) -> Result<String, LibvirtError> {
+    pub(crate) fn xml(&self) -> Result<String, LibvirtError> {
         self.dom
             .xml_desc(0)
             .map_err(|e| LibvirtError::call("dumpxml", self.name.as_str(), e))
     }
 
     /// The persistent definition (`dumpxml --inactive`).
-    pub fn inactive_xml(&self) -> Result<String, LibvirtError> {
+    pub(crate) fn inactive_xml(&self) -> Result<String, LibvirtError> {
         self.dom
             .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
             .map_err(|e| LibvirtError::call("dumpxml --inactive", self.name.as_str(), e))
@@ -191,7 +191,7 @@ impl DomainHandle {
 
     /// The XML of snapshot `name` (`virDomainSnapshotGetXMLDesc`): the
     /// `<domainsnapshot>` with the definition it was taken with inside.
-    pub fn snapshot_xml(&self, name: &str) -> Result<String, LibvirtError> {
+    pub(crate) fn snapshot_xml(&self, name: &str) -> Result<String, LibvirtError> {
         let snap = Domain::lookup_snapshot_by_name(&self.dom, name, 0).map_err(|e| {
             LibvirtError::Call {
                 action: "snapshot lookup",
@@ -205,7 +205,7 @@ impl DomainHandle {
 
     /// Whether the domain is shut off because a snapshot revert stopped it
     /// or put it there (libvirt's shutoff reason `from snapshot`).
-    pub fn shut_off_by_revert(&self) -> Result<bool, LibvirtError> {
+    pub(crate) fn shut_off_by_revert(&self) -> Result<bool, LibvirtError> {
         use virt::domain::{DomainShutoffReason, DomainStateReason};
         use virt::enumutil::Enum;
         let (_, reason) = self
@@ -222,26 +222,26 @@ impl DomainHandle {
 
     /// The name of the domain's current snapshot (the one a revert made
     /// current), if it has one.
-    pub fn current_snapshot_name(&self) -> Option<String> {
+    pub(crate) fn current_snapshot_name(&self) -> Option<String> {
         self.dom.current_snapshot(0).ok()?.name().ok()
     }
 
     /// Pauses a running domain (`virsh suspend`).
-    pub fn suspend(&self) -> Result<(), LibvirtError> {
+    pub(crate) fn suspend(&self) -> Result<(), LibvirtError> {
         self.dom
             .suspend()
             .map_err(|e| LibvirtError::call("suspend", self.name.as_str(), e))
     }
 
     /// Resumes a paused domain (`virsh resume`).
-    pub fn resume(&self) -> Result<(), LibvirtError> {
+    pub(crate) fn resume(&self) -> Result<(), LibvirtError> {
         self.dom
             .resume()
             .map_err(|e| LibvirtError::call("resume", self.name.as_str(), e))
     }
 
     /// Whether the domain is paused (`virsh domstate` says "paused").
-    pub fn is_paused(&self) -> Result<bool, LibvirtError> {
+    pub(crate) fn is_paused(&self) -> Result<bool, LibvirtError> {
         let (state, _) = self
             .dom
             .state()
@@ -252,7 +252,7 @@ impl DomainHandle {
     /// Writes our state element (`virDomainSetMetadata`, type ELEMENT) into
     /// namespace `namespace`, replacing the previous one. `element` carries
     /// no `xmlns`: libvirt adds it, with our fixed prefix.
-    pub fn write_state_element(
+    pub(crate) fn write_state_element(
         &self,
         element: &str,
         namespace: &str,
@@ -273,7 +273,7 @@ impl DomainHandle {
 /// Runs `virsh -c URI WORDS... EXTRA...` with the caller's stdio: the
 /// snapshot drop-ins hand libvirt's own options and messages through
 /// unchanged.
-pub fn virsh(
+pub(crate) fn virsh(
     uri: &str,
     domain: &DomainName,
     action: &'static str,
@@ -303,7 +303,7 @@ pub fn virsh(
 
 /// A lifecycle event libvirt sends for a snapshot revert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RevertEvent {
+pub(crate) enum RevertEvent {
     /// `DEFINED_FROM_SNAPSHOT`: the definition is now the snapshot's.
     Defined,
     /// `STARTED_FROM_SNAPSHOT`: the revert started the domain.
@@ -315,7 +315,7 @@ pub enum RevertEvent {
 /// Reads one line of `virsh event --loop --event lifecycle`, e.g.
 /// `event 'lifecycle' for domain 'vm1': Defined Snapshot`: the domain name
 /// and the from-snapshot event, or `None` for any other line.
-pub fn parse_revert_event(line: &str) -> Option<(String, RevertEvent)> {
+pub(crate) fn parse_revert_event(line: &str) -> Option<(String, RevertEvent)> {
     let rest = line.strip_prefix("event 'lifecycle' for domain '")?;
     [
         ("': Defined Snapshot", RevertEvent::Defined),
@@ -330,14 +330,14 @@ pub fn parse_revert_event(line: &str) -> Option<(String, RevertEvent)> {
 /// crate has domain events only as raw C callbacks, and this crate has no
 /// unsafe code. Poll [`RevertEvents::fd`]; [`RevertEvents::read`] returns the
 /// from-snapshot events that arrived. The child is killed on drop.
-pub struct RevertEvents {
+pub(crate) struct RevertEvents {
     child: std::process::Child,
     out: std::process::ChildStdout,
     partial: Vec<u8>,
 }
 
 impl RevertEvents {
-    pub fn spawn(uri: &str) -> std::io::Result<RevertEvents> {
+    pub(crate) fn spawn(uri: &str) -> std::io::Result<RevertEvents> {
         use std::process::{Command, Stdio};
         let mut child = Command::new("virsh")
             .args(["-c", uri, "event", "--loop", "--event", "lifecycle"])
@@ -358,14 +358,14 @@ impl RevertEvents {
         })
     }
 
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.out.as_fd()
     }
 
     /// The from-snapshot events read so far, and whether virsh still runs
     /// (false: it exited, e.g. libvirtd went away; spawn another).
-    pub fn read(&mut self) -> (Vec<(String, RevertEvent)>, bool) {
+    pub(crate) fn read(&mut self) -> (Vec<(String, RevertEvent)>, bool) {
         use std::io::Read;
         let mut alive = true;
         let mut buf = [0u8; 4096];

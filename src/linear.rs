@@ -18,15 +18,15 @@
 //! checked against the file before it is used.
 
 /// `SWTPM_NVSTORE_LINEAR_MAGIC`: "swtpmlin" read as a little-endian u64.
-pub const MAGIC: u64 = 0x7377_7470_6d6c_696e;
+pub(crate) const MAGIC: u64 = 0x7377_7470_6d6c_696e;
 /// The only layout version swtpm writes.
-pub const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 /// `SWTPM_NVSTORE_LINEAR_MAX_STATES`.
-pub const SLOTS: usize = 15;
+pub(crate) const SLOTS: usize = 15;
 /// `sizeof(struct nvram_linear_hdr)`.
-pub const HEADER_LEN: usize = 12 + SLOTS * 12;
+pub(crate) const HEADER_LEN: usize = 12 + SLOTS * 12;
 /// Slot of the permanent state (`TPM_PERMANENT_ALL_NAME`).
-pub const PERMALL_SLOT: usize = 0;
+pub(crate) const PERMALL_SLOT: usize = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinearError {
@@ -69,7 +69,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 /// The allocated slots of a linear file, checked: `None` for an unallocated
 /// slot, else the slot's data bytes.
-pub fn parse(data: &[u8]) -> Result<[Option<&[u8]>; SLOTS], LinearError> {
+pub(crate) fn parse(data: &[u8]) -> Result<[Option<&[u8]>; SLOTS], LinearError> {
     let len = data.len();
     if len < HEADER_LEN {
         return Err(LinearError::TooShort(len));

@@ -100,7 +100,7 @@ pub fn report_error(line: &str) {
 /// Whether `c` is shown escaped: C0 and C1 controls and DEL (newlines
 /// included), Unicode line/paragraph separators, and the bidirectional
 /// formatting characters (which reorder what a terminal shows).
-pub fn needs_escape(c: char) -> bool {
+pub(crate) fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
@@ -118,7 +118,7 @@ pub fn needs_escape(c: char) -> bool {
 /// reaches stderr, syslog or the terminal: each character of
 /// [`needs_escape`] becomes `\n`, `\r`, `\t` or `\u{XXXX}` (Rust's
 /// `escape_default` spelling); everything else is kept.
-pub fn escaped(s: &str) -> String {
+pub(crate) fn escaped(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if needs_escape(c) {
@@ -135,7 +135,7 @@ pub fn escaped(s: &str) -> String {
 /// escape, so the JSON shows them escaped and still decodes to the exact
 /// value. Such characters occur only inside JSON strings (C0 controls in
 /// strings are escaped by `serde_json` itself).
-pub fn json_safe(json: &str) -> String {
+pub(crate) fn json_safe(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
         // C0 inside strings is escaped by serde_json already; outside them
@@ -152,7 +152,7 @@ pub fn json_safe(json: &str) -> String {
     out
 }
 
-/// Prints one line on stdout with [`escaped`] applied: for every line the
+/// Prints one line on stdout with `escaped` applied: for every line the
 /// terminal shows that quotes the domain XML or the element.
 #[macro_export]
 macro_rules! say {
@@ -163,7 +163,7 @@ macro_rules! say {
 
 /// Writes `s` to stdout. A closed pipe (`show | head`) ends the process
 /// quietly with exit 0: the reader has what it wanted.
-pub fn out(s: &str) {
+pub(crate) fn out(s: &str) {
     use std::io::Write;
     let mut o = std::io::stdout().lock();
     if let Err(e) = o.write_all(s.as_bytes()).and_then(|()| o.flush()) {

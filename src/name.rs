@@ -13,14 +13,14 @@ use std::fmt;
 
 /// How many characters of a name a message shows (libvirt's own limit is
 /// far longer; a message needs only enough to tell domains apart).
-pub const SHOWN_CHARS: usize = 200;
+pub(crate) const SHOWN_CHARS: usize = 200;
 
 /// A domain name; `Display` quotes and escapes it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct DomainName(String);
 
 impl DomainName {
-    pub fn new(name: impl Into<String>) -> Self {
+    pub(crate) fn new(name: impl Into<String>) -> Self {
         DomainName(name.into())
     }
 

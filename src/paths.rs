@@ -10,25 +10,25 @@ use std::path::{Path, PathBuf};
 
 /// libvirt's directory for VARS files (as the domain XML names it; re-rooted
 /// by [`Paths::nvram_dir`]).
-pub const LIBVIRT_NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
+pub(crate) const LIBVIRT_NVRAM_DIR: &str = "/var/lib/libvirt/qemu/nvram";
 /// libvirt's directory for `<varstore>` files (libvirt >= 12.1; re-rooted
 /// by [`Paths::varstore_dir`]).
-pub const LIBVIRT_VARSTORE_DIR: &str = "/var/lib/libvirt/qemu/varstore";
+pub(crate) const LIBVIRT_VARSTORE_DIR: &str = "/var/lib/libvirt/qemu/varstore";
 /// libvirt's default swtpm state base: `<base>/<uuid>/tpm2`.
-pub const LIBVIRT_SWTPM_DIR: &str = "/var/lib/libvirt/swtpm";
+pub(crate) const LIBVIRT_SWTPM_DIR: &str = "/var/lib/libvirt/swtpm";
 /// libvirt's configuration (qemu.conf, hooks).
-pub const LIBVIRT_CONFIG_DIR: &str = "/etc/libvirt";
+pub(crate) const LIBVIRT_CONFIG_DIR: &str = "/etc/libvirt";
 /// Our configuration: config.toml, host keys.
-pub const CONFIG_DIR: &str = "/etc/virt-tpm-state";
+pub(crate) const CONFIG_DIR: &str = "/etc/virt-tpm-state";
 /// The config file's name in [`CONFIG_DIR`].
-pub const CONFIG_FILE: &str = "config.toml";
+pub(crate) const CONFIG_FILE: &str = "config.toml";
 /// Our root-only persistent data: backups, copies kept at stop, sync journal.
-pub const DATA_DIR: &str = "/var/lib/virt-tpm-state";
+pub(crate) const DATA_DIR: &str = "/var/lib/virt-tpm-state";
 /// Our volatile data: locks and "do not restore" markers.
-pub const RUN_DIR: &str = "/run/virt-tpm-state";
+pub(crate) const RUN_DIR: &str = "/run/virt-tpm-state";
 
 /// Environment variable that re-roots every path.
-pub const ROOT_ENV: &str = "VIRT_TPM_STATE_ROOT";
+pub(crate) const ROOT_ENV: &str = "VIRT_TPM_STATE_ROOT";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
@@ -54,7 +54,7 @@ impl Paths {
         }
     }
 
-    pub fn with_root(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn with_root(root: impl Into<PathBuf>) -> Self {
         Paths {
             root: root.into(),
             keys_override: None,
@@ -63,80 +63,75 @@ impl Paths {
     }
 
     /// These paths with an extra age identity file (`--identity FILE`).
-    pub fn with_identity_file(mut self, file: Option<PathBuf>) -> Self {
+    pub(crate) fn with_identity_file(mut self, file: Option<PathBuf>) -> Self {
         self.identity_file = file;
         self
     }
 
     /// The identity file named with `--identity`, if any.
-    pub fn identity_file(&self) -> Option<&Path> {
+    pub(crate) fn identity_file(&self) -> Option<&Path> {
         self.identity_file.as_deref()
     }
 
     /// These paths with the host keys read from `dir` (`--keys DIR`).
-    pub fn with_keys_dir(mut self, dir: Option<PathBuf>) -> Self {
+    pub(crate) fn with_keys_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.keys_override = dir;
         self
     }
 
     /// The keys dir named with `--keys`, if any.
-    pub fn keys_override(&self) -> Option<&Path> {
+    pub(crate) fn keys_override(&self) -> Option<&Path> {
         self.keys_override.as_deref()
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn is_rerooted(&self) -> bool {
+    pub(crate) fn is_rerooted(&self) -> bool {
         self.root != Path::new("/")
     }
 
     /// `abs` (an absolute path) under the root.
-    pub fn under_root(&self, abs: &Path) -> PathBuf {
+    pub(crate) fn under_root(&self, abs: &Path) -> PathBuf {
         let rel = abs.strip_prefix("/").unwrap_or(abs);
         self.root.join(rel)
     }
 
     /// libvirt's default swtpm state base: `<base>/<uuid>/tpm2`.
-    pub fn swtpm_base(&self) -> PathBuf {
+    pub(crate) fn swtpm_base(&self) -> PathBuf {
         self.under_root(Path::new(LIBVIRT_SWTPM_DIR))
     }
 
     /// libvirt's default UEFI variable stores: `<dir>/<name>_VARS.fd`.
-    pub fn nvram_dir(&self) -> PathBuf {
+    pub(crate) fn nvram_dir(&self) -> PathBuf {
         self.under_root(Path::new(LIBVIRT_NVRAM_DIR))
     }
 
     /// libvirt's default `<varstore>` files: `<dir>/<name>.json`.
-    pub fn varstore_dir(&self) -> PathBuf {
+    pub(crate) fn varstore_dir(&self) -> PathBuf {
         self.under_root(Path::new(LIBVIRT_VARSTORE_DIR))
     }
 
-    pub fn qemu_conf(&self) -> PathBuf {
-        self.under_root(Path::new(LIBVIRT_CONFIG_DIR))
-            .join("qemu.conf")
-    }
-
-    pub fn libvirt_hooks_dir(&self) -> PathBuf {
+    pub(crate) fn libvirt_hooks_dir(&self) -> PathBuf {
         self.under_root(Path::new(LIBVIRT_CONFIG_DIR)).join("hooks")
     }
 
-    pub fn config_dir(&self) -> PathBuf {
+    pub(crate) fn config_dir(&self) -> PathBuf {
         self.under_root(Path::new(CONFIG_DIR))
     }
 
-    pub fn config_file(&self) -> PathBuf {
+    pub(crate) fn config_file(&self) -> PathBuf {
         self.config_dir().join(CONFIG_FILE)
     }
 
     /// Root-only persistent data: backups, copies kept at stop, sync journal.
-    pub fn data_dir(&self) -> PathBuf {
+    pub(crate) fn data_dir(&self) -> PathBuf {
         self.under_root(Path::new(DATA_DIR))
     }
 
     /// Volatile data: locks and "do not restore" markers.
-    pub fn run_dir(&self) -> PathBuf {
+    pub(crate) fn run_dir(&self) -> PathBuf {
         self.under_root(Path::new(RUN_DIR))
     }
 }
@@ -151,7 +146,10 @@ mod tests {
         assert_eq!(p.swtpm_base(), PathBuf::from("/var/lib/libvirt/swtpm"));
         assert!(!p.is_rerooted());
         let p = Paths::from_root_var(Some(OsString::new()));
-        assert_eq!(p.qemu_conf(), PathBuf::from("/etc/libvirt/qemu.conf"));
+        assert_eq!(
+            p.config_file(),
+            PathBuf::from("/etc/virt-tpm-state/config.toml")
+        );
     }
 
     #[test]
@@ -161,7 +159,6 @@ mod tests {
             p.swtpm_base(),
             p.nvram_dir(),
             p.varstore_dir(),
-            p.qemu_conf(),
             p.libvirt_hooks_dir(),
             p.config_dir(),
             p.config_file(),

@@ -47,7 +47,7 @@ impl Fingerprint {
         Fingerprint(Sha256Sum::of(&input).hex()[..16].to_string())
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         (s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
             .then(|| Fingerprint(s.to_string()))
     }
@@ -64,7 +64,7 @@ impl fmt::Display for Fingerprint {
 }
 
 /// Fingerprints joined by ", " (for one-line messages).
-pub fn joined(fps: &[Fingerprint]) -> String {
+pub(crate) fn joined(fps: &[Fingerprint]) -> String {
     fps.iter()
         .map(Fingerprint::as_str)
         .collect::<Vec<_>>()
@@ -74,8 +74,8 @@ pub fn joined(fps: &[Fingerprint]) -> String {
 /// One recipient: its text (`age1…`), fingerprint, and the age wrapper.
 #[derive(Clone)]
 pub struct Recipient {
-    pub text: String,
-    pub fingerprint: Fingerprint,
+    pub(crate) text: String,
+    pub(crate) fingerprint: Fingerprint,
     inner: Arc<dyn age::Recipient + Send + Sync>,
 }
 
@@ -89,9 +89,9 @@ impl fmt::Debug for Recipient {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{origin}: line {line}: {why}")]
 pub struct RecipientsError {
-    pub origin: String,
-    pub line: usize,
-    pub why: String,
+    pub(crate) origin: String,
+    pub(crate) line: usize,
+    pub(crate) why: String,
 }
 
 impl Recipient {
@@ -132,7 +132,10 @@ impl Recipient {
 
 /// Parses a recipients file as `age -R` reads it: one recipient per line,
 /// `#` comments and blank lines ignored.
-pub fn parse_recipients(text: &str, origin: &str) -> Result<Vec<Recipient>, RecipientsError> {
+pub(crate) fn parse_recipients(
+    text: &str,
+    origin: &str,
+) -> Result<Vec<Recipient>, RecipientsError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -155,7 +158,7 @@ pub fn parse_recipients(text: &str, origin: &str) -> Result<Vec<Recipient>, Reci
 pub struct RecipientSet {
     recipients: Vec<Recipient>,
     /// Where the set came from (the recipients dir, or the domain's file).
-    pub origin: String,
+    pub(crate) origin: String,
 }
 
 impl RecipientSet {
@@ -165,7 +168,7 @@ impl RecipientSet {
         RecipientSet { recipients, origin }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.recipients.is_empty()
     }
 
@@ -188,10 +191,10 @@ impl RecipientSet {
 #[derive(Clone)]
 pub struct HostIdentity {
     /// Where it was read (a path), for messages.
-    pub origin: String,
+    pub(crate) origin: String,
     /// Its recipient's fingerprint, when known (always for X25519; for a
     /// plugin identity, from a `# recipient: age1…` comment in its file).
-    pub fingerprint: Option<Fingerprint>,
+    pub(crate) fingerprint: Option<Fingerprint>,
     /// Its recipient text, when known.
     pub recipient: Option<String>,
     inner: Arc<dyn age::Identity + Send + Sync>,
@@ -289,12 +292,12 @@ pub enum AgeOpenError {
 }
 
 /// The gzip comment that binds a sealed file to its domain and path.
-pub fn binding(uuid: &str, path: &str) -> String {
+pub(crate) fn binding(uuid: &str, path: &str) -> String {
     format!("virt-tpm-state binding uuid={uuid} file={path}")
 }
 
 /// Seals `gz` (a gzip stream whose comment is [`binding`]) for `set`.
-pub fn seal(gz: &[u8], set: &RecipientSet) -> Result<Vec<u8>, String> {
+pub(crate) fn seal(gz: &[u8], set: &RecipientSet) -> Result<Vec<u8>, String> {
     let enc = age::Encryptor::with_recipients(set.wrappers())
         .map_err(|e| format!("cannot encrypt for recipients from {}: {e}", set.origin))?;
     let mut out = Vec::with_capacity(gz.len() + 300);
@@ -305,7 +308,7 @@ pub fn seal(gz: &[u8], set: &RecipientSet) -> Result<Vec<u8>, String> {
 }
 
 /// Opens an age file with `identities`, reading at most `cap` bytes.
-pub fn open(
+pub(crate) fn open(
     age_file: &[u8],
     identities: &[HostIdentity],
     cap: u64,
@@ -355,7 +358,7 @@ fn split_header(age_file: &[u8]) -> Result<(Vec<Stanza>, &[u8]), AgeOpenError> {
 
 /// Re-wraps the file key of `age_file` for `set`, keeping its payload (nonce
 /// and ciphertext) byte for byte. `identities` must open it.
-pub fn rewrap(
+pub(crate) fn rewrap(
     age_file: &[u8],
     identities: &[HostIdentity],
     set: &RecipientSet,
@@ -436,7 +439,7 @@ pub fn rewrap(
 }
 
 /// The payload part (nonce and STREAM ciphertext) of an age file: what
-/// [`rewrap`] keeps unchanged.
+/// `rewrap` keeps unchanged.
 pub fn payload_of(age_file: &[u8]) -> Option<&[u8]> {
     split_header(age_file).ok().map(|(_, p)| p)
 }

@@ -18,14 +18,14 @@ pub enum TpmVersion {
 
 impl TpmVersion {
     /// As libvirt writes it in `<backend version=...>` and we in `<tpm version=...>`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             TpmVersion::V1_2 => "1.2",
             TpmVersion::V2_0 => "2.0",
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "1.2" => Some(TpmVersion::V1_2),
             "2.0" => Some(TpmVersion::V2_0),
@@ -34,7 +34,7 @@ impl TpmVersion {
     }
 
     /// Directory below `/var/lib/libvirt/swtpm/<uuid>/` that libvirt uses.
-    pub fn state_subdir(self) -> &'static str {
+    pub(crate) fn state_subdir(self) -> &'static str {
         match self {
             TpmVersion::V1_2 => "tpm1.2",
             TpmVersion::V2_0 => "tpm2",
@@ -71,7 +71,7 @@ impl TpmVersion {
     /// so they travel with the permall. Everything else swtpm keeps there
     /// (`.lock`, volatile/save states, the `backup` option's
     /// `tpm2-00.permall.bak`) belongs to one run or one host and is left alone.
-    pub fn ek_cert_files(self) -> &'static [&'static str] {
+    pub(crate) fn ek_cert_files(self) -> &'static [&'static str] {
         &self.allowed_files()[1..]
     }
 }
@@ -184,10 +184,6 @@ impl TpmState {
         &self.files
     }
 
-    pub fn total_size(&self) -> usize {
-        self.files.iter().map(|f| f.data.len()).sum()
-    }
-
     /// The state's name, format v1: sha256 of the sorted lines
     /// `tpm/<name> <sha256-hex>\n`, one per file.
     pub fn digest(&self) -> Sha256Sum {
@@ -207,7 +203,7 @@ pub const NVRAM_FILE: &str = "VARS.fd";
 /// The one file of the `<varstore>` section: the domain's `<os><varstore>`
 /// file (libvirt >= 12.1, QEMU's `uefi-vars` device), a JSON document of
 /// UEFI variables, e.g. `/var/lib/libvirt/qemu/varstore/<name>.json`.
-pub const VARSTORE_FILE: &str = "varstore.json";
+pub(crate) const VARSTORE_FILE: &str = "varstore.json";
 
 /// Which kind of UEFI variable store a domain has: a flash image
 /// (`<nvram>`, pflash) or QEMU's uefi-vars JSON (`<varstore>`). libvirt
@@ -221,7 +217,7 @@ pub enum VarsKind {
 
 impl VarsKind {
     /// The file's name in the element (and in kept copies and backups).
-    pub fn file_name(self) -> &'static str {
+    pub(crate) fn file_name(self) -> &'static str {
         match self {
             VarsKind::Nvram => NVRAM_FILE,
             VarsKind::Varstore => VARSTORE_FILE,
@@ -229,7 +225,7 @@ impl VarsKind {
     }
 
     /// The element's section (and the digest lines' prefix).
-    pub fn section(self) -> &'static str {
+    pub(crate) fn section(self) -> &'static str {
         match self {
             VarsKind::Nvram => "nvram",
             VarsKind::Varstore => "varstore",
@@ -244,7 +240,7 @@ impl VarsKind {
     }
 
     /// The XML element that names the store, for messages.
-    pub fn element(self) -> &'static str {
+    pub(crate) fn element(self) -> &'static str {
         match self {
             VarsKind::Nvram => "<nvram>",
             VarsKind::Varstore => "<varstore>",
@@ -260,7 +256,7 @@ impl VarsKind {
 pub struct MachineState {
     pub tpm: Option<TpmState>,
     /// The UEFI variable store; its `name` is [`NVRAM_FILE`] or
-    /// [`VARSTORE_FILE`] ([`VarsKind::file_name`]), which says its kind.
+    /// `VARSTORE_FILE` (`VarsKind::file_name`), which says its kind.
     pub nvram: Option<StateFile>,
 }
 
@@ -282,7 +278,7 @@ impl MachineState {
     }
 
     /// The kind of the variable store this state holds, if any.
-    pub fn vars_kind(&self) -> Option<VarsKind> {
+    pub(crate) fn vars_kind(&self) -> Option<VarsKind> {
         self.nvram.as_ref().and_then(|f| VarsKind::of_file(&f.name))
     }
 
@@ -304,7 +300,7 @@ impl MachineState {
         out
     }
 
-    pub fn total_size(&self) -> usize {
+    pub(crate) fn total_size(&self) -> usize {
         self.sections().iter().map(|(_, f)| f.data.len()).sum()
     }
 
@@ -321,7 +317,7 @@ impl MachineState {
     }
 
     /// This state restricted to the sections in `keep` (`tpm`, `nvram`).
-    pub fn only(&self, tpm: bool, nvram: bool) -> MachineState {
+    pub(crate) fn only(&self, tpm: bool, nvram: bool) -> MachineState {
         MachineState {
             tpm: if tpm { self.tpm.clone() } else { None },
             nvram: if nvram { self.nvram.clone() } else { None },
@@ -379,7 +375,7 @@ impl DomainUuid {
     /// The canonical form only (docs/FORMAT.md §2.2): 8-4-4-4-12 hex with
     /// nothing around it (an attribute value, where `parse` would forgive
     /// the whitespace a `<uuid>` element's text may carry).
-    pub fn parse_canonical(s: &str) -> Option<Self> {
+    pub(crate) fn parse_canonical(s: &str) -> Option<Self> {
         if s.len() != 36 {
             return None;
         }

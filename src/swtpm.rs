@@ -7,7 +7,7 @@
 
 /// `BLOB_FLAG_ENCRYPTED` in swtpm's `swtpm_nvstore.c`: the blob is encrypted
 /// with the key libvirt passes (`<encryption secret=.../>` in the domain XML).
-pub const FLAG_ENCRYPTED: u16 = 0x1;
+pub(crate) const FLAG_ENCRYPTED: u16 = 0x1;
 
 pub const HEADER_LEN: usize = 10;
 
@@ -15,11 +15,11 @@ use crate::state::{StateFile, TpmState, TpmVersion};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
-    pub version: u8,
-    pub min_version: u8,
-    pub hdrsize: u16,
-    pub flags: u16,
-    pub totlen: u32,
+    pub(crate) version: u8,
+    pub(crate) min_version: u8,
+    pub(crate) hdrsize: u16,
+    pub(crate) flags: u16,
+    pub(crate) totlen: u32,
 }
 
 impl Header {
@@ -72,7 +72,7 @@ pub fn check_header(data: &[u8]) -> Result<Header, HeaderError> {
 /// Checks an EK certificate file: one DER SEQUENCE (an X.509 certificate
 /// is one) whose length covers the file exactly, as `swtpm_setup` writes it.
 /// A shape check like the swtpm header's, not a certificate verification.
-pub fn check_der_certificate(data: &[u8]) -> Result<(), HeaderError> {
+pub(crate) fn check_der_certificate(data: &[u8]) -> Result<(), HeaderError> {
     let bad = HeaderError::NotACertificate;
     let (&tag, rest) = data.split_first().ok_or(bad)?;
     let (&first, rest) = rest.split_first().ok_or(bad)?;
@@ -128,7 +128,7 @@ pub fn synthetic_blob(flags: u16, payload: &[u8]) -> Vec<u8> {
 /// list "every" answers no, the safe side for all of them (it is then
 /// sealed, shown as unprotected by swtpm, and refused for a domain that
 /// expects encryption).
-pub fn state_is_encrypted(tpm: &TpmState) -> bool {
+pub(crate) fn state_is_encrypted(tpm: &TpmState) -> bool {
     let ek = tpm.version.ek_cert_files();
     let mut blobs = tpm
         .files()

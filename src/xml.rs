@@ -37,11 +37,11 @@ pub(crate) const MAX_ATTRIBUTES: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct XmlElement {
     /// Namespace URI the element resolved to, if any.
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// Local name (prefix stripped).
-    pub name: String,
+    pub(crate) name: String,
     /// Unprefixed attributes, unescaped, in document order.
-    pub attributes: Vec<(String, String)>,
+    pub(crate) attributes: Vec<(String, String)>,
     pub children: Vec<XmlElement>,
     /// Concatenated text content directly inside this element.
     pub text: String,
@@ -64,7 +64,7 @@ pub(crate) fn find<'a>(attrs: &'a [(String, String)], key: &str) -> Option<&'a s
 /// Why the reader refused a document. [`crate::domain::DomainXmlError`]
 /// maps each kind to the message the user sees.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum XmlError {
+pub(crate) enum XmlError {
     /// Not well-formed, or a rule of the caller broken; the text says what
     /// and where (line, column), never quoting the document.
     #[error("not well-formed: {0}")]
@@ -105,21 +105,21 @@ pub(crate) struct Start<'a> {
     at: u64,
     decoder: Decoder,
     /// Namespace URI the element resolved to, if any.
-    pub namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     /// Local name (prefix stripped).
-    pub name: String,
+    pub(crate) name: String,
 }
 
 impl Start<'_> {
     /// A refusal placed at this element's start tag.
-    pub fn refuse(&self, what: &str) -> XmlError {
+    pub(crate) fn refuse(&self, what: &str) -> XmlError {
         malformed_at(self.xml, self.at, what)
     }
 
     /// The element's unprefixed attributes, unescaped and normalized as
     /// XML 1.0 says, in document order; at most [`MAX_ATTRIBUTES`]
     /// attributes (namespace declarations included), no duplicates.
-    pub fn attributes(&self) -> Result<Vec<(String, String)>, XmlError> {
+    pub(crate) fn attributes(&self) -> Result<Vec<(String, String)>, XmlError> {
         let at = |what: &str| self.refuse(what);
         let mut out = Vec::new();
         // quick-xml's own duplicate check compares each attribute with every
@@ -178,7 +178,7 @@ impl<'a> Reader<'a> {
     /// A reader of `xml`, whose root element must be `root` and in which
     /// an element at a path of `once` (e.g. `domain/os/nvram`) may occur
     /// only once: a second one is refused, not merged.
-    pub fn new(xml: &'a [u8], root: &'a str, once: &'a [&'a str]) -> Result<Self, XmlError> {
+    pub(crate) fn new(xml: &'a [u8], root: &'a str, once: &'a [&'a str]) -> Result<Self, XmlError> {
         let mut inner = NsReader::from_reader(xml);
         inner.config_mut().expand_empty_elements = true;
         if let Some(pos) = first_forbidden_byte(xml) {
@@ -205,12 +205,12 @@ impl<'a> Reader<'a> {
 
     /// Local names from the root to the current element, `/`-separated
     /// (`domain/devices/tpm`).
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         &self.path
     }
 
     /// The next node; `None` once the document has ended after its root.
-    pub fn read(&mut self) -> Result<Option<Node<'a>>, XmlError> {
+    pub(crate) fn read(&mut self) -> Result<Option<Node<'a>>, XmlError> {
         loop {
             // Errors are placed at the start of the event they occur in.
             let here = self.inner.buffer_position();
@@ -338,7 +338,11 @@ impl<'a> Reader<'a> {
     /// unit of `budget` per element (`start` included) and refusing the
     /// document when it runs out: what is kept stays small whatever the
     /// input. Text goes to the element it is directly inside.
-    pub fn keep(&mut self, start: Start<'a>, budget: &mut usize) -> Result<XmlElement, XmlError> {
+    pub(crate) fn keep(
+        &mut self,
+        start: Start<'a>,
+        budget: &mut usize,
+    ) -> Result<XmlElement, XmlError> {
         let mut open = vec![kept(start, budget)?];
         loop {
             match self.read()? {

@@ -124,7 +124,7 @@ fn hook_source(args: &InstallArgs) -> Result<PathBuf, CliError> {
         })
 }
 
-pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
+pub(crate) fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     let (dir_path, name) = target(ctx, args)?;
     let path = dir_path.join(&name);
     let dir = open_hooks_dir(ctx, args, false)?;
@@ -166,7 +166,7 @@ pub fn install(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     install_watch_unit(ctx, args)
 }
 
-pub fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
+pub(crate) fn uninstall(ctx: &Ctx, args: &InstallArgs) -> Result<(), CliError> {
     let (dir_path, name) = target(ctx, args)?;
     let path = dir_path.join(&name);
     let dir = open_hooks_dir(ctx, args, false)?;

@@ -8,11 +8,12 @@ use crate::fs::{
     create_host_identity, create_key, host_identity_path, load_host_identity, load_keyring,
     load_recipients,
 };
-use crate::libvirt::{DomainHandle, Libvirt, Targets};
+use crate::libvirt::{DomainHandle, Libvirt};
 use crate::recipients::{generate_identity, RecipientSet};
+use crate::store::plan::Targets;
 use age::secrecy::ExposeSecret;
 
-pub fn keygen(ctx: &Ctx) -> Result<(), CliError> {
+pub(crate) fn keygen(ctx: &Ctx) -> Result<(), CliError> {
     let key = SecretKey::generate(&mut os_random);
     let (id, path) = create_key(&ctx.paths, &key)?;
     crate::say!(
@@ -23,7 +24,7 @@ pub fn keygen(ctx: &Ctx) -> Result<(), CliError> {
 }
 
 /// Creates a key when the host has none (used by `install`); says so.
-pub fn ensure_key(ctx: &Ctx) -> Result<(), CliError> {
+pub(crate) fn ensure_key(ctx: &Ctx) -> Result<(), CliError> {
     if load_keyring(&ctx.paths)?.is_empty() {
         keygen(ctx)?;
     }
@@ -31,7 +32,7 @@ pub fn ensure_key(ctx: &Ctx) -> Result<(), CliError> {
 }
 
 /// Creates this host's age identity when it has none (used by `install`).
-pub fn ensure_host_identity(ctx: &Ctx) -> Result<(), CliError> {
+pub(crate) fn ensure_host_identity(ctx: &Ctx) -> Result<(), CliError> {
     if load_host_identity(&ctx.paths)?.is_none() {
         let path = create_identity(ctx)?.expect("no identity was there");
         crate::say!(
@@ -54,7 +55,7 @@ fn create_identity(ctx: &Ctx) -> Result<Option<std::path::PathBuf>, CliError> {
 /// `host-id [init]`: this host's age identity. The recipient goes to
 /// stdout as a recipients-file snippet (a `#` comment, then `age1…`), so
 /// `virt-tpm-state host-id > recipients.d/HOST.txt` on a manager works.
-pub fn host_id(ctx: &Ctx, args: &HostIdArgs) -> Result<(), CliError> {
+pub(crate) fn host_id(ctx: &Ctx, args: &HostIdArgs) -> Result<(), CliError> {
     if args.action.as_deref() == Some("init") {
         match create_identity(ctx)? {
             Some(path) => eprintln!(
@@ -161,7 +162,7 @@ fn plan<'a>(
     )
 }
 
-pub fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
+pub(crate) fn rekey(ctx: &Ctx, args: &RekeyArgs) -> Result<(), CliError> {
     let keys = load_keyring(&ctx.paths)?;
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let domains: Vec<DomainHandle> = match &args.domain {

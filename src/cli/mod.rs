@@ -34,30 +34,30 @@ so that dumpxml/undefine/define, or defining the XML on another host, keeps the 
 The hook (virt-tpm-state-hook, put in place by `install`) restores the state before libvirt \
 starts swtpm; `store` writes the settled state back into the metadata through libvirt's API."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// libvirt connection URI, like virsh's -c
     #[arg(short = 'c', long = "connect", global = true, env = "LIBVIRT_DEFAULT_URI", default_value = DEFAULT_URI)]
-    pub uri: String,
+    pub(crate) uri: String,
     /// Open a read-only connection, like virsh -r (enough for `show`; `store` needs read-write)
     #[arg(short = 'r', long, global = true)]
-    pub readonly: bool,
+    pub(crate) readonly: bool,
     /// More output (-v: info, -vv: debug); logs go to stderr
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     /// Read host keys from DIR instead of /etc/virt-tpm-state/keys (commands that open or seal
     /// elements; DIR must be yours or root's and not group/other-writable, key files 0600)
     #[arg(long, global = true, value_name = "DIR")]
-    pub keys: Option<PathBuf>,
+    pub(crate) keys: Option<PathBuf>,
     /// Also open elements sealed for recipients with this age identity file (an owner's or
     /// escrow identity; yours or root's, mode 0600), besides this host's own
     #[arg(long, global = true, value_name = "FILE")]
-    pub identity: Option<PathBuf>,
+    pub(crate) identity: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Store the domain's settled TPM state into its metadata
     Store(StoreArgs),
     /// Show what the domain's metadata holds
@@ -96,17 +96,17 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-pub struct SyncArgs {
+pub(crate) struct SyncArgs {
     /// Complete the pending post-stop stores (`status` lists them); the only mode so far, so required
     #[arg(long, required = true)]
-    pub pending: bool,
+    pub(crate) pending: bool,
     /// Print JSON
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum SnapshotCommand {
+pub(crate) enum SnapshotCommand {
     /// `virsh snapshot-revert` that also brings back the snapshot's TPM state and VARS at the next start (the replaced state is backed up)
     Revert(SnapshotArgs),
     /// Store the current TPM state (a running VM paused meanwhile), then `virsh snapshot-create-as`
@@ -114,217 +114,217 @@ pub enum SnapshotCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct SnapshotArgs {
+pub(crate) struct SnapshotArgs {
     /// Domain name or UUID
-    pub domain: String,
+    pub(crate) domain: String,
     /// Snapshot name
-    pub snapshot: String,
+    pub(crate) snapshot: String,
     /// Further virsh options, passed through (e.g. --running, --force; --disk-only, --memspec ...)
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "VIRSH_OPTIONS"
     )]
-    pub virsh_args: Vec<String>,
+    pub(crate) virsh_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
-pub struct GcArgs {
+pub(crate) struct GcArgs {
     /// Say what would be removed, remove nothing
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Print JSON
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// Print JSON for monitoring
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Seconds out of sync before exiting 20 (default: status_max_lag_secs from the config)
     #[arg(long, value_name = "SECS")]
-    pub max_lag: Option<u64>,
+    pub(crate) max_lag: Option<u64>,
 }
 
 #[derive(Debug, Args)]
-pub struct DomainArg {
+pub(crate) struct DomainArg {
     /// Domain name or UUID
-    pub domain: String,
+    pub(crate) domain: String,
 }
 
 #[derive(Debug, Args)]
-pub struct RekeyArgs {
+pub(crate) struct RekeyArgs {
     /// Domain name or UUID
     #[arg(required_unless_present = "all", conflicts_with = "all")]
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// Every domain whose metadata holds TPM state
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
     /// Also re-encrypt elements sealed for recipients with fresh file keys (not only re-wrap them)
     #[arg(long)]
-    pub rotate: bool,
+    pub(crate) rotate: bool,
     /// Convert elements sealed with a host key (or plaintext) to the recipient set
     #[arg(long)]
-    pub to_recipients: bool,
+    pub(crate) to_recipients: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct HostIdArgs {
+pub(crate) struct HostIdArgs {
     /// `init`: first create this host's age identity (/etc/virt-tpm-state/host-identity.txt, 0600; never overwrites one)
     #[arg(value_parser = ["init"])]
-    pub action: Option<String>,
+    pub(crate) action: Option<String>,
 }
 
 #[derive(Debug, Args)]
-pub struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// Domain name or UUID
-    pub domain: String,
+    pub(crate) domain: String,
     /// Print the result as JSON
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Store plaintext when this host has no key (anyone who can read the XML can read the TPM)
     #[arg(long)]
-    pub allow_plaintext: bool,
+    pub(crate) allow_plaintext: bool,
     /// Run by the hook after a stop: wait for libvirt to release the domain, log to syslog
     #[arg(long, hide = true)]
-    pub after_stop: bool,
+    pub(crate) after_stop: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct SourceArgs {
+pub(crate) struct SourceArgs {
     /// Domain name or UUID (read through libvirt)
     #[arg(required_unless_present = "xml", conflicts_with = "xml")]
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// Read a saved domain XML instead ("-" for stdin)
     #[arg(long, value_name = "FILE")]
-    pub xml: Option<PathBuf>,
+    pub(crate) xml: Option<PathBuf>,
     /// With a domain: read the persistent definition (dumpxml --inactive)
     #[arg(long)]
-    pub inactive: bool,
+    pub(crate) inactive: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
+pub(crate) struct VerifyArgs {
     #[command(flatten)]
-    pub source: SourceArgs,
+    pub(crate) source: SourceArgs,
     /// Print the `show --json` object (docs/JSON.md)
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct ShowArgs {
+pub(crate) struct ShowArgs {
     #[command(flatten)]
-    pub source: SourceArgs,
+    pub(crate) source: SourceArgs,
     /// Print JSON for managers
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Exit non-zero when the element is absent or invalid (same as `verify`)
     #[arg(long)]
-    pub check: bool,
+    pub(crate) check: bool,
     /// Show the element inside the domain's snapshot NAME (virDomainSnapshotGetXMLDesc), and
     /// whether it was the current TPM state when the snapshot was taken
     #[arg(long, value_name = "NAME", requires = "domain", conflicts_with_all = ["xml", "inactive"])]
-    pub snapshot: Option<String>,
+    pub(crate) snapshot: Option<String>,
 }
 
 #[derive(Debug, Args)]
-pub struct RestoreArgs {
+pub(crate) struct RestoreArgs {
     #[command(flatten)]
-    pub source: SourceArgs,
+    pub(crate) source: SourceArgs,
     /// Take the metadata state even over a newer local state (the local one is backed up)
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct ExtractArgs {
+pub(crate) struct ExtractArgs {
     /// Saved domain XML ("-" for stdin)
     #[arg(long, value_name = "FILE")]
-    pub xml: PathBuf,
+    pub(crate) xml: PathBuf,
     /// Directory to write the files into (created if missing; existing files are not overwritten)
     #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Extract even what `verify` refuses for this domain (another domain's uuid, a TPM version or encryption mismatch)
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct PackArgs {
+pub(crate) struct PackArgs {
     /// The domain's UUID (the element is bound to it)
     #[arg(long, value_name = "UUID")]
-    pub uuid: Option<String>,
+    pub(crate) uuid: Option<String>,
     /// A swtpm state dir holding tpm2-00.permall or tpm-00.permall (or its tpm2/ or tpm1.2/ subdir)
     #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     /// A swtpm permall file (tpm2-00.permall, tpm-00.permall, or another name with --tpm-version)
     #[arg(long, value_name = "FILE")]
-    pub permall: Option<PathBuf>,
+    pub(crate) permall: Option<PathBuf>,
     /// swtpm's linear state file (<source type='file'>, Proxmox's tpmstate volume)
     #[arg(long, value_name = "FILE")]
-    pub linear: Option<PathBuf>,
+    pub(crate) linear: Option<PathBuf>,
     /// oVirt's form: base64 of a tar.xz of the swtpm state dir ("-" for stdin)
     #[arg(long, value_name = "FILE")]
-    pub ovirt: Option<PathBuf>,
+    pub(crate) ovirt: Option<PathBuf>,
     /// This host's copy kept at the domain's last stop (the final state of a transient domain)
     #[arg(long, value_name = "UUID")]
-    pub kept: Option<String>,
+    pub(crate) kept: Option<String>,
     /// A UEFI variable store (VARS file) to carry beside the TPM
     #[arg(long, value_name = "FILE")]
-    pub vars: Option<PathBuf>,
+    pub(crate) vars: Option<PathBuf>,
     /// TPM version of the state (default: from the file name; 2.0 for a linear file)
     #[arg(long, value_name = "VERSION")]
-    pub tpm_version: Option<String>,
+    pub(crate) tpm_version: Option<String>,
     /// Seal with this host key (its id, 16 hex digits; see --keys)
     #[arg(long, value_name = "ID", conflicts_with = "plaintext")]
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
     /// Write the state unencrypted (anyone who can read the XML can read the TPM)
     #[arg(long)]
-    pub plaintext: bool,
+    pub(crate) plaintext: bool,
     /// generation attribute (default: 1, or with --into over an element, its generation + 1)
     #[arg(long, value_name = "N")]
-    pub generation: Option<u64>,
+    pub(crate) generation: Option<u64>,
     /// parent attribute: digest of the state this one follows (default: none, or with --into the replaced element's digest)
     #[arg(long, value_name = "HEX")]
-    pub parent: Option<String>,
+    pub(crate) parent: Option<String>,
     /// stored attribute, RFC 3339 UTC (default: now)
     #[arg(long, value_name = "TIME")]
-    pub stored: Option<String>,
+    pub(crate) stored: Option<String>,
     /// host attribute (default: this host's name)
     #[arg(long, value_name = "NAME")]
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Print this domain XML with the element in its <metadata> (replacing one there) instead of the element ("-" for stdin)
     #[arg(long, value_name = "DOMAIN.xml")]
-    pub into: Option<PathBuf>,
+    pub(crate) into: Option<PathBuf>,
     /// Print the element as `store` passes it to virDomainSetMetadata (no prefix, no namespace,
     /// compact; key "vts", uri "urn:virt-tpm-state:1"), byte for byte
     #[arg(long, conflicts_with = "into")]
-    pub bare: bool,
+    pub(crate) bare: bool,
     /// Print JSON (docs/JSON.md)
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct InstallArgs {
+pub(crate) struct InstallArgs {
     /// Install as /etc/libvirt/hooks/qemu (only if no other hook is there) instead of qemu.d/
     #[arg(long)]
-    pub as_qemu: bool,
+    pub(crate) as_qemu: bool,
     /// Name of the hook in /etc/libvirt/hooks/qemu.d/
     #[arg(long, default_value = "virt-tpm-state")]
-    pub name: String,
+    pub(crate) name: String,
     /// The hook binary to install (default: virt-tpm-state-hook next to this program)
     #[arg(long, value_name = "PATH")]
-    pub hook: Option<PathBuf>,
+    pub(crate) hook: Option<PathBuf>,
     /// Do not signal libvirtd/virqemud; print what to run instead
     #[arg(long)]
-    pub no_reload: bool,
+    pub(crate) no_reload: bool,
     /// Do not install and enable the watch daemon's systemd unit
     #[arg(long)]
-    pub no_watch: bool,
+    pub(crate) no_watch: bool,
 }
 
 /// The CLI's clap definition, for generated man pages and shell completions
@@ -336,7 +336,7 @@ pub fn command() -> clap::Command {
 
 /// Every way the CLI fails, each with its exit code (README, "Exit codes").
 #[derive(Debug, thiserror::Error)]
-pub enum CliError {
+pub(crate) enum CliError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -383,7 +383,7 @@ pub enum CliError {
 
 impl CliError {
     /// The stable error kind of docs/JSON.md (`{"error": {"kind", …}}`).
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             CliError::Usage(_) => "usage",
             CliError::DomainXml(_) => "domain-xml",
@@ -408,13 +408,13 @@ impl CliError {
     }
 
     /// `{"error": {"kind", "exit", "message"}}` (docs/JSON.md).
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "error": error_member(self.kind(), self.exit_code(), &format!("virt-tpm-state: {self}"))
         })
     }
 
-    pub fn exit_code(&self) -> Exit {
+    pub(crate) fn exit_code(&self) -> Exit {
         match self {
             CliError::Usage(_) => Exit::Usage,
             CliError::DomainXml(_) | CliError::ReadInput { .. } => Exit::DomainXml,
@@ -524,7 +524,7 @@ fn fs_kind(e: &FsError) -> &'static str {
 pub(crate) static JSON_PRINTED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-pub use crate::context::Ctx;
+use crate::context::Ctx;
 
 /// Entry point of the `virt-tpm-state` binary.
 pub fn main() -> ExitCode {
@@ -616,7 +616,7 @@ fn init_stderr_logger(level: log::LevelFilter) {
     log::set_max_level(level);
 }
 
-pub fn run(cli: Cli) -> Result<(), CliError> {
+pub(crate) fn run(cli: Cli) -> Result<(), CliError> {
     if (cli.keys.is_some() || cli.identity.is_some())
         && matches!(
             cli.command,
@@ -684,13 +684,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-pub use crate::logging::out;
+use crate::logging::out;
 
-/// `println!` through [`out`]: quiet on a closed pipe.
+/// `println!` through `out`: quiet on a closed pipe.
 #[macro_export]
 macro_rules! outln {
-    () => { $crate::cli::out("\n") };
-    ($($arg:tt)*) => { $crate::cli::out(&format!("{}\n", format_args!($($arg)*))) };
+    () => { $crate::logging::out("\n") };
+    ($($arg:tt)*) => { $crate::logging::out(&format!("{}\n", format_args!($($arg)*))) };
 }
 
 /// `gc [--dry-run] [--json]`: one line per removal (or JSON), then a total.
@@ -731,7 +731,7 @@ fn gc(ctx: &Ctx, args: &GcArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-pub(crate) use crate::context::{now_stamp, this_host};
+use crate::context::{now_stamp, this_host};
 
 /// Reads a file argument, `-` meaning stdin, bounded like the hook's stdin.
 fn read_input(path: &std::path::Path) -> Result<Vec<u8>, CliError> {

@@ -187,7 +187,7 @@ fn from_ovirt(path: &Path, want: Option<TpmVersion>, max: u64) -> Result<TpmStat
     }
 }
 
-pub fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
+pub(crate) fn pack(ctx: &Ctx, args: &PackArgs) -> Result<(), CliError> {
     let max = ctx.config.max_file_size;
     let want = version_arg(&args.tpm_version)?;
     let uuid = match (&args.uuid, &args.kept) {

@@ -191,7 +191,7 @@ fn protection(m: &MetadataState) -> String {
     }
 }
 
-pub fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
+pub(crate) fn show(ctx: &Ctx, args: &ShowArgs) -> Result<(), CliError> {
     let src = load(ctx, &args.source, args.snapshot.as_deref())?;
     let info = &src.info;
     let name = info.name.clone();
@@ -584,7 +584,7 @@ fn print_human(j: &ShowJson, active: Option<bool>) {
     }
 }
 
-pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
+pub(crate) fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
     let source = SourceArgs {
         domain: args.source.domain.clone(),
         xml: args.source.xml.clone(),
@@ -663,7 +663,7 @@ pub fn restore(ctx: &Ctx, args: &RestoreArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-pub fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
+pub(crate) fn extract(ctx: &Ctx, args: &ExtractArgs) -> Result<(), CliError> {
     let bytes = read_input(&args.xml)?;
     let input = parse_input(&bytes, &ctx.config.namespace)?;
     let info = &input.info;

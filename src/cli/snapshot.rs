@@ -44,7 +44,7 @@ fn snapshot_element(
 }
 
 /// `snapshot revert DOMAIN SNAPSHOT [virsh options]`.
-pub fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
+pub(crate) fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     let lv = Libvirt::connect(&ctx.uri, false)?;
     let mut dom = lv.domain(&args.domain)?;
     let element = snapshot_element(ctx, &dom, &args.snapshot)?;
@@ -104,7 +104,7 @@ pub fn revert(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
 /// `snapshot create DOMAIN NAME [virsh options]`: store first, so the
 /// snapshot's element is current (a running VM is paused for the store and
 /// the snapshot, then resumed), then `virsh snapshot-create-as`.
-pub fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
+pub(crate) fn create(ctx: &Ctx, args: &SnapshotArgs) -> Result<(), CliError> {
     let lv = Libvirt::connect(&ctx.uri, false)?;
     let dom = lv.domain(&args.domain)?;
     let name = dom.name.clone();

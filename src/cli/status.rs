@@ -80,7 +80,7 @@ fn header(info: &DomainInfo) -> Option<(crate::format::Provenance, Sha256Sum)> {
     info.metadata.as_ref().and_then(|el| read_header(el).ok())
 }
 
-pub fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
+pub(crate) fn status(ctx: &Ctx, args: &StatusArgs) -> Result<(), CliError> {
     let max_lag = args.max_lag.unwrap_or(ctx.config.status_max_lag_secs);
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let daemon = read_daemon_status(ctx);

@@ -9,9 +9,10 @@ use crate::domain::parse_domain;
 use crate::envelope::os_random;
 use crate::format::{decode, encode, DecodeLimits, Protection, Provenance, Style};
 use crate::fs::{load_keyring, load_recipients, recipients_dir, HostData};
-use crate::libvirt::{DomainHandle, Libvirt, LibvirtError, Targets};
+use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
 use crate::name::DomainName;
 use crate::store::pending::{self, Sweep};
+use crate::store::plan::Targets;
 use crate::store::{check_has_definition, store_domain, StoreDone, StoreError, StoreOptions};
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,7 @@ struct StoreResult<'a> {
     config: bool,
 }
 
-pub fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
+pub(crate) fn store(ctx: &Ctx, args: &StoreArgs) -> Result<(), CliError> {
     if args.after_stop {
         // Started detached by the hook: leave libvirtd's session.
         let _ = nix::unistd::setsid();
@@ -158,7 +159,7 @@ fn wait_inactive(dom: &mut DomainHandle, name: &DomainName) -> Result<(), CliErr
 
 /// Re-stamps an element that names another domain (a deliberate clone) with
 /// this domain's UUID, as a new generation over it.
-pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
+pub(crate) fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
     let lv = Libvirt::connect(&ctx.uri, ctx.readonly)?;
     let dom = lv.domain(domain)?;
     let name = dom.name.clone();
@@ -244,7 +245,7 @@ pub fn adopt(ctx: &Ctx, domain: &str) -> Result<(), CliError> {
 /// `virt-tpm-state sync --pending`: completes every pending post-stop store
 /// (for hosts without the watch daemon; the packaged unit runs it at boot).
 /// With none recorded it does not even connect to libvirt.
-pub fn sync(ctx: &Ctx, args: &SyncArgs) -> Result<(), CliError> {
+pub(crate) fn sync(ctx: &Ctx, args: &SyncArgs) -> Result<(), CliError> {
     let host = HostData::new(&ctx.paths);
     let mut sweep = if host.list_pending()?.is_empty() {
         Sweep::default()

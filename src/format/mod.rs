@@ -20,18 +20,18 @@ use crate::swtpm::HeaderError;
 use crate::xml::XmlElement;
 
 pub const NAMESPACE_URI: &str = "urn:virt-tpm-state:1";
-pub const NAMESPACE_PREFIX: &str = "vts";
-pub const FORMAT_VERSION: &str = "1";
-pub const ENCODING_GZIP_BASE64: &str = "gzip+base64";
+pub(crate) const NAMESPACE_PREFIX: &str = "vts";
+pub(crate) const FORMAT_VERSION: &str = "1";
+pub(crate) const ENCODING_GZIP_BASE64: &str = "gzip+base64";
 /// Envelope-encrypted gzip (docs/FORMAT.md, "Encrypted files").
-pub const ENCODING_SEALED: &str = "gzip+chacha20poly1305+base64";
+pub(crate) const ENCODING_SEALED: &str = "gzip+chacha20poly1305+base64";
 /// A standard age file of the gzip stream, sealed for a set of recipients
 /// (docs/FORMAT.md, "Files sealed for recipients").
-pub const ENCODING_AGE: &str = "gzip+age+base64";
+pub(crate) const ENCODING_AGE: &str = "gzip+age+base64";
 /// Default cap on one decompressed file: far above a real permall (~6 KiB,
 /// tens of KiB with many NV indices) and an x86 OVMF VARS store (128 KiB or
 /// 528 KiB), far below what hurts the host.
-pub const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_FILE_SIZE: u64 = 1024 * 1024;
 
 /// Who stored a state, when, and over what: everything in the element but
 /// the files themselves.
@@ -195,7 +195,7 @@ impl FormatError {
     /// well-formed, but this host cannot open it, or what it opened is not
     /// this domain's. Anything else about the element is
     /// [`Exit::InvalidElement`](crate::exit::Exit::InvalidElement).
-    pub fn exit_code(&self) -> crate::exit::Exit {
+    pub(crate) fn exit_code(&self) -> crate::exit::Exit {
         match self {
             FormatError::MissingKey { .. }
             | FormatError::UnusableKey { .. }
@@ -208,7 +208,7 @@ impl FormatError {
     }
 
     /// A key or identity problem ([`FormatError::exit_code`] is `Key`).
-    pub fn is_key_problem(&self) -> bool {
+    pub(crate) fn is_key_problem(&self) -> bool {
         self.exit_code() == crate::exit::Exit::Key
     }
 }
@@ -217,19 +217,12 @@ impl FormatError {
 // What `status`, `watch` and a chain of generations need without opening the
 // files; `decode` starts with `read_header` too.
 
-/// Which sections an element holds: a TPM, a UEFI variable store
-/// (`<nvram>` or `<varstore>`).
-pub fn declared_sections(el: &XmlElement) -> (bool, bool) {
-    let has = |n: &str| el.children.iter().any(|c| c.name == n);
-    (has("tpm"), has("nvram") || has("varstore"))
-}
-
 /// The digest of the element's sections `tpm`/`nvram` as its `<file>`
 /// attributes declare them (format v1's digest rule over those files).
 /// Not verified against the data: for `status` and `watch`, which compare
 /// cheaply; everything is verified before anything is restored or stored.
 /// `None` when an attribute is missing or malformed.
-pub fn declared_digest(el: &XmlElement, tpm: bool, nvram: bool) -> Option<Sha256Sum> {
+pub(crate) fn declared_digest(el: &XmlElement, tpm: bool, nvram: bool) -> Option<Sha256Sum> {
     let mut entries = Vec::new();
     // A UEFI variable store is either kind's section (never both).
     for (section, wanted) in [("tpm", tpm), ("nvram", nvram), ("varstore", nvram)] {
@@ -249,7 +242,7 @@ pub fn declared_digest(el: &XmlElement, tpm: bool, nvram: bool) -> Option<Sha256
 /// Validates and returns the element's own attributes (format, uuid,
 /// generation, digest, parent, stored, host) without touching the files:
 /// enough to continue a generation chain when the payload cannot be opened.
-pub fn read_header(el: &XmlElement) -> Result<(Provenance, Sha256Sum), FormatError> {
+pub(crate) fn read_header(el: &XmlElement) -> Result<(Provenance, Sha256Sum), FormatError> {
     if el.name != "state" {
         return Err(FormatError::WrongElement(shown(&el.name)));
     }

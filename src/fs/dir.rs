@@ -19,14 +19,14 @@ use std::time::SystemTime;
 
 /// Most entries one tree removal unlinks before it gives up with an error
 /// (a swtpm state dir holds a handful; only a planted tree comes near).
-pub const MAX_REMOVE_ENTRIES: usize = 100_000;
+pub(crate) const MAX_REMOVE_ENTRIES: usize = 100_000;
 
 const S_ISVTX: u32 = 0o1000;
 
 /// A directory, held open. `trusted`: every directory on the way to it is
 /// one only root (or this process's user) can change (see [`crate::fs`]).
 #[derive(Debug)]
-pub struct Dir {
+pub(crate) struct Dir {
     fd: OwnedFd,
     path: PathBuf,
     trusted: bool,
@@ -36,7 +36,7 @@ pub struct Dir {
 
 /// What an entry below a [`Dir`] is, seen without following it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
+pub(crate) enum EntryKind {
     Missing,
     /// A regular file with one link.
     File,
@@ -59,7 +59,7 @@ impl Dir {
     }
 
     /// The directory's path, for messages only (never opened by name).
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -69,7 +69,7 @@ impl Dir {
 
     /// Whether nobody but root (or this process's user) can change what
     /// this directory's path names.
-    pub fn trusted(&self) -> bool {
+    pub(crate) fn trusted(&self) -> bool {
         self.trusted
     }
 
@@ -83,7 +83,7 @@ impl Dir {
 
     /// Whether only root (or this process's user) can add, rename or remove
     /// entries here.
-    pub fn writable_only_by_us(&self) -> bool {
+    pub(crate) fn writable_only_by_us(&self) -> bool {
         ours(self.uid) && self.mode & 0o022 == 0
     }
 
@@ -99,7 +99,7 @@ impl Dir {
 
     /// Opens the subdirectory `name`, never through a link. `Ok(None)`: it
     /// does not exist.
-    pub fn open_subdir(&self, name: &str) -> Result<Option<Dir>, FsError> {
+    pub(crate) fn open_subdir(&self, name: &str) -> Result<Option<Dir>, FsError> {
         let at = self.shown(name);
         let fd = match open_entry(&self.fd, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0) {
             Ok(fd) => fd,
@@ -116,7 +116,7 @@ impl Dir {
 
     /// Opens the directory `rel` below this one, component by component,
     /// never following a link. `Ok(None)`: a component does not exist.
-    pub fn open_beneath(&self, rel: &Path) -> Result<Option<Dir>, FsError> {
+    pub(crate) fn open_beneath(&self, rel: &Path) -> Result<Option<Dir>, FsError> {
         let mut cur = self.try_clone()?;
         for comp in rel.components() {
             let std::path::Component::Normal(name) = comp else {
@@ -149,7 +149,7 @@ impl Dir {
     /// Opens the subdirectory `name`, creating it with `mode` (root's, or
     /// this process user's) when it is missing. Only in a directory that
     /// protects new entries; an existing directory is opened as it is.
-    pub fn ensure_subdir(&self, name: &str, mode: u32) -> Result<Dir, FsError> {
+    pub(crate) fn ensure_subdir(&self, name: &str, mode: u32) -> Result<Dir, FsError> {
         if let Some(d) = self.open_subdir(name)? {
             return Ok(d);
         }
@@ -194,7 +194,7 @@ impl Dir {
     }
 
     /// What `name` is, without following it.
-    pub fn entry(&self, name: &str) -> Result<EntryKind, FsError> {
+    pub(crate) fn entry(&self, name: &str) -> Result<EntryKind, FsError> {
         match fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => Ok(match FileType::from_raw_mode(st.st_mode) {
                 FileType::RegularFile if st.st_nlink == 1 => EntryKind::File,
@@ -210,7 +210,7 @@ impl Dir {
 
     /// `name` must be a regular, singly-linked file or missing: `Ok(true)`
     /// when it exists.
-    pub fn check_file(&self, name: &str) -> Result<bool, FsError> {
+    pub(crate) fn check_file(&self, name: &str) -> Result<bool, FsError> {
         match self.entry(name)? {
             EntryKind::Missing => Ok(false),
             EntryKind::File => Ok(true),
@@ -226,7 +226,7 @@ impl Dir {
     }
 
     /// Size and modification time of `name` (never through a link).
-    pub fn size_and_modified(&self, name: &str) -> Option<(u64, SystemTime)> {
+    pub(crate) fn size_and_modified(&self, name: &str) -> Option<(u64, SystemTime)> {
         let st = fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
         let secs = u64::try_from(st.st_mtime).ok()?;
         Some((
@@ -237,7 +237,7 @@ impl Dir {
     }
 
     /// The modification time of the file `name` (never through a link).
-    pub fn modified(&self, name: &str) -> Option<SystemTime> {
+    pub(crate) fn modified(&self, name: &str) -> Option<SystemTime> {
         let st = fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
         let secs = u64::try_from(st.st_mtime).ok()?;
         Some(
@@ -248,7 +248,7 @@ impl Dir {
 
     /// Reads the regular, singly-linked file `name`, at most `max` bytes.
     /// `Ok(None)`: it does not exist.
-    pub fn read_file(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, FsError> {
+    pub(crate) fn read_file(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, FsError> {
         let shown = self.shown(name);
         let fd = match open_entry(&self.fd, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0) {
             Ok(fd) => fd,
@@ -290,7 +290,12 @@ impl Dir {
     }
 
     /// Creates `name` with `data` and `mode`; never overwrites anything.
-    pub fn create_new_file(&self, name: &str, data: &[u8], mode: u32) -> Result<(), FsError> {
+    pub(crate) fn create_new_file(
+        &self,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+    ) -> Result<(), FsError> {
         let shown = self.shown(name);
         let fd = open_entry(
             &self.fd,
@@ -312,7 +317,7 @@ impl Dir {
     /// fsync of the dir. Readers see the old file or the new one.
     /// `points`: fault points after create, before write, before rename,
     /// after rename (test builds only).
-    pub fn replace_file(
+    pub(crate) fn replace_file(
         &self,
         name: &str,
         data: &[u8],
@@ -359,7 +364,12 @@ impl Dir {
 
     /// Replaces `name` with `data` (this process's own file, `mode`)
     /// atomically, as [`Dir::replace_file`] does.
-    pub fn write_file_atomically(&self, name: &str, data: &[u8], mode: u32) -> Result<(), FsError> {
+    pub(crate) fn write_file_atomically(
+        &self,
+        name: &str,
+        data: &[u8],
+        mode: u32,
+    ) -> Result<(), FsError> {
         self.replace_file(
             name,
             data,
@@ -374,7 +384,7 @@ impl Dir {
     /// link, with one `write(2)` (short appends of concurrent writers never
     /// interleave). No temp file, no fsync and no fault point: a reader must
     /// take a torn or empty hint as no hint.
-    pub fn write_hint(
+    pub(crate) fn write_hint(
         &self,
         name: &str,
         data: &[u8],
@@ -396,7 +406,7 @@ impl Dir {
         Ok(())
     }
 
-    pub fn sync(&self) -> Result<(), FsError> {
+    pub(crate) fn sync(&self) -> Result<(), FsError> {
         fsync(&self.fd).map_err(|e| io_err("fsync", &self.path, e))
     }
 
@@ -406,7 +416,7 @@ impl Dir {
     /// (`RENAME_NOREPLACE`, or `RENAME_EXCHANGE` over an existing one); the
     /// replaced tree is then removed. Only in a directory that protects new
     /// entries (so the temp dir stays ours until it is swapped in).
-    pub fn replace_dir(
+    pub(crate) fn replace_dir(
         &self,
         leaf: &str,
         files: &[StateFile],
@@ -493,7 +503,7 @@ impl Dir {
     /// Removes what interrupted earlier runs left beside `leaf`
     /// (`.<leaf>.vts-new.*`, `.<leaf>.vts-old.*`). Failures are logged: they
     /// never affect libvirt, and the next run tries again.
-    pub fn remove_leftovers_of(&self, leaf: &str) {
+    pub(crate) fn remove_leftovers_of(&self, leaf: &str) {
         let new_prefix = format!(".{leaf}{TEMP_MARK}");
         let old_prefix = format!(".{leaf}{OLD_MARK}");
         self.remove_matching(
@@ -504,7 +514,7 @@ impl Dir {
 
     /// Removes every entry whose name `matches` (files, links, and trees
     /// where this dir protects new entries). Failures are logged.
-    pub fn remove_matching(&self, matches: impl Fn(&str) -> bool, leaf: &str) {
+    pub(crate) fn remove_matching(&self, matches: impl Fn(&str) -> bool, leaf: &str) {
         let names = match self.list() {
             Ok(n) => n,
             Err(e) => {
@@ -528,7 +538,7 @@ impl Dir {
     }
 
     /// Removes the file (or link) `name`; a missing one is fine.
-    pub fn remove_file(&self, name: &str) -> Result<(), FsError> {
+    pub(crate) fn remove_file(&self, name: &str) -> Result<(), FsError> {
         match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
             Err(Errno::EISDIR) => Err(FsError::unsafe_path(
@@ -545,7 +555,7 @@ impl Dir {
     /// removal leaves only names the caller's leftover rule matches) and
     /// removed from there. At most [`MAX_REMOVE_ENTRIES`] entries, then it
     /// fails naming the tree.
-    pub fn remove_tree(&self, name: &str, moved_prefix: &str) -> Result<(), FsError> {
+    pub(crate) fn remove_tree(&self, name: &str, moved_prefix: &str) -> Result<(), FsError> {
         self.remove_tree_within(name, moved_prefix, MAX_REMOVE_ENTRIES)
     }
 
@@ -609,7 +619,7 @@ impl Dir {
     }
 
     /// The names in this directory (without `.` and `..`).
-    pub fn list(&self) -> Result<Vec<String>, FsError> {
+    pub(crate) fn list(&self) -> Result<Vec<String>, FsError> {
         let mut out = Vec::new();
         // Its own open file description: listing never moves this fd's offset.
         let mut d = nix::dir::Dir::openat(
@@ -630,7 +640,7 @@ impl Dir {
     }
 
     /// Opens (creating it 0600 when missing) the lock file `name`.
-    pub fn open_lock_file(&self, name: &str) -> Result<File, FsError> {
+    pub(crate) fn open_lock_file(&self, name: &str) -> Result<File, FsError> {
         let shown = self.shown(name);
         open_entry(&self.fd, name, OFlag::O_RDWR | OFlag::O_CREAT, FILE_MODE)
             .map(File::from)

@@ -55,7 +55,7 @@ impl From<crate::recipients::RecipientsError> for FsError {
 
 impl FsError {
     /// Unsafe path, lock timeout, or any other filesystem failure.
-    pub fn exit_code(&self) -> Exit {
+    pub(crate) fn exit_code(&self) -> Exit {
         match self {
             // A file that is not swtpm's where a state file goes is in the
             // way like a link is: refused, left alone.
@@ -77,7 +77,7 @@ impl FsError {
     }
 
     /// True for "does not exist".
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, FsError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// How long a "do not restore" marker from `migrate`/`restore begin` is
 /// honoured: the `prepare` it is meant for follows within seconds.
-pub const MARKER_TTL: Duration = Duration::from_secs(300);
+pub(crate) const MARKER_TTL: Duration = Duration::from_secs(300);
 
 /// Upper bound for reading our own kept copies (we wrote them, within the
 /// configured per-file cap, which cannot exceed this in practice).
@@ -43,7 +43,7 @@ const SNAPSHOTS: &str = "snapshots";
 /// How long a revert intent waits for the `prepare` it is meant for (a VM
 /// reverted while shut off may be started much later). Past this it is
 /// ignored and removed: the rule without it never rolls back.
-pub const REVERT_TTL: Duration = Duration::from_secs(30 * 86400);
+pub(crate) const REVERT_TTL: Duration = Duration::from_secs(30 * 86400);
 
 /// Post-stop stores not yet done: `<data>/pending/<uuid>`.
 const PENDING: &str = "pending";
@@ -53,10 +53,10 @@ const INTENT_FILE: &str = "intent";
 /// What our data dir holds for one domain (kept copy, backups, `J`,
 /// intent): bytes on disk and the newest modification among them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DomainData {
-    pub uuid: DomainUuid,
-    pub bytes: u64,
-    pub newest: SystemTime,
+pub(crate) struct DomainData {
+    pub(crate) uuid: DomainUuid,
+    pub(crate) bytes: u64,
+    pub(crate) newest: SystemTime,
 }
 
 /// Bytes and newest mtime of `name` in `dir` (a file, or a tree at most
@@ -85,15 +85,15 @@ fn usage_of(dir: &Dir, name: &str, depth: u32) -> (u64, SystemTime) {
 /// An unfinished restore (docs/FORMAT.md §6, "The restore journal"):
 /// recorded before the first rename of a restore, removed after `J`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Intent {
+pub(crate) struct Intent {
     /// The state being restored (TPM files and VARS file, all of it).
-    pub target: MachineState,
+    pub(crate) target: MachineState,
     /// Where its TPM state goes (the state dir or file), if it has one.
-    pub tpm_at: Option<PathBuf>,
+    pub(crate) tpm_at: Option<PathBuf>,
     /// Where its VARS file goes, if it has one.
-    pub nvram_at: Option<PathBuf>,
+    pub(crate) nvram_at: Option<PathBuf>,
     /// The backup holding the state it replaces, if any.
-    pub backup: Option<PathBuf>,
+    pub(crate) backup: Option<PathBuf>,
 }
 
 fn hex_bytes(b: &[u8]) -> String {
@@ -143,13 +143,13 @@ impl Intent {
 /// the local state up (docs/SNAPSHOTS.md). Names the element by its digest,
 /// so a stale XML that merely looks older never qualifies.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevertIntent {
+pub(crate) struct RevertIntent {
     /// The `digest` of the snapshot's element.
-    pub digest: Sha256Sum,
+    pub(crate) digest: Sha256Sum,
     /// The snapshot's name (for messages only).
-    pub snapshot: String,
+    pub(crate) snapshot: String,
     /// Who recorded it: `cli` or `watch`.
-    pub by: String,
+    pub(crate) by: String,
 }
 
 impl RevertIntent {
@@ -192,10 +192,10 @@ impl RevertIntent {
 /// anything talks to libvirt, so a killed or timed-out store leaves it);
 /// removed by whoever completes it (see `store::pending`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingStore {
-    pub uuid: DomainUuid,
-    pub digest: Sha256Sum,
-    pub since: SystemTime,
+pub(crate) struct PendingStore {
+    pub(crate) uuid: DomainUuid,
+    pub(crate) digest: Sha256Sum,
+    pub(crate) since: SystemTime,
 }
 
 impl PendingStore {
@@ -230,7 +230,7 @@ impl PendingStore {
 }
 
 #[derive(Debug, Clone)]
-pub struct HostData {
+pub(crate) struct HostData {
     paths: Paths,
 }
 
@@ -266,7 +266,7 @@ fn machine_files(state: &MachineState) -> Vec<StateFile> {
 }
 
 impl HostData {
-    pub fn new(paths: &Paths) -> Self {
+    pub(crate) fn new(paths: &Paths) -> Self {
         HostData {
             paths: paths.clone(),
         }
@@ -302,7 +302,7 @@ impl HostData {
 
     /// The kept copy as a machine state: the TPM part (when `tpm`) and
     /// the VARS file (when `nvram`), from one directory.
-    pub fn read_kept_state(
+    pub(crate) fn read_kept_state(
         &self,
         uuid: &DomainUuid,
         tpm: Option<TpmVersion>,
@@ -332,7 +332,11 @@ impl HostData {
 
     /// Replaces the kept copy with `state`: its TPM file(s) and VARS file
     /// in one directory, swapped in with one rename.
-    pub fn write_kept(&self, uuid: &DomainUuid, state: &MachineState) -> Result<(), FsError> {
+    pub(crate) fn write_kept(
+        &self,
+        uuid: &DomainUuid,
+        state: &MachineState,
+    ) -> Result<(), FsError> {
         let dir = self.uuid_dir(KEPT, uuid, true)?.expect("created");
         dir.replace_dir(
             machine_leaf(state.tpm.as_ref().map(|t| t.version)),
@@ -343,7 +347,7 @@ impl HostData {
 
     /// Saves `state` under `backups/<uuid>/<time>-<digest>-<leaf>/` and keeps
     /// only the newest `keep` backups of that domain.
-    pub fn backup(
+    pub(crate) fn backup(
         &self,
         uuid: &DomainUuid,
         state: &MachineState,
@@ -381,7 +385,7 @@ impl HostData {
     /// aside, fsynced, swapped in with one rename: it is there whole or not
     /// at all. Call with the domain's lock held, before the first rename
     /// of the restore.
-    pub fn write_intent(&self, uuid: &DomainUuid, intent: &Intent) -> Result<(), FsError> {
+    pub(crate) fn write_intent(&self, uuid: &DomainUuid, intent: &Intent) -> Result<(), FsError> {
         let dir = self.section(Anchor::Data, INTENTS, true)?.expect("created");
         let mut files = machine_files(&intent.target);
         files.push(StateFile {
@@ -394,7 +398,7 @@ impl HostData {
     }
 
     /// Whether an unfinished restore of `uuid` is recorded (cheap).
-    pub fn has_intent(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
+    pub(crate) fn has_intent(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
         match self.section(Anchor::Data, INTENTS, false)? {
             Some(d) => Ok(d.entry(uuid.as_str())? != EntryKind::Missing),
             None => Ok(false),
@@ -404,7 +408,7 @@ impl HostData {
     /// The unfinished restore of `uuid`, if any. An intent dir that does not
     /// read back whole (its files do not match its digest) is an error:
     /// it was swapped in whole, so someone changed it.
-    pub fn read_intent(&self, uuid: &DomainUuid) -> Result<Option<Intent>, FsError> {
+    pub(crate) fn read_intent(&self, uuid: &DomainUuid) -> Result<Option<Intent>, FsError> {
         let Some(section) = self.section(Anchor::Data, INTENTS, false)? else {
             return Ok(None);
         };
@@ -469,7 +473,7 @@ impl HostData {
     }
 
     /// Removes the intent of `uuid`: the restore is complete (`J` written).
-    pub fn clear_intent(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+    pub(crate) fn clear_intent(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         let Some(dir) = self.section(Anchor::Data, INTENTS, false)? else {
             return Ok(());
         };
@@ -481,14 +485,18 @@ impl HostData {
 
     /// Records a snapshot revert of `uuid` (`<data>/reverts/<uuid>`, 0600,
     /// atomic), replacing an earlier one.
-    pub fn write_revert(&self, uuid: &DomainUuid, intent: &RevertIntent) -> Result<(), FsError> {
+    pub(crate) fn write_revert(
+        &self,
+        uuid: &DomainUuid,
+        intent: &RevertIntent,
+    ) -> Result<(), FsError> {
         let dir = self.section(Anchor::Data, REVERTS, true)?.expect("created");
         write_private_file(&dir, uuid.as_str(), intent.text().as_bytes())
     }
 
     /// The revert recorded for `uuid`, if any and younger than
     /// [`REVERT_TTL`]. An expired or unreadable one is removed (logged).
-    pub fn read_revert(&self, uuid: &DomainUuid) -> Result<Option<RevertIntent>, FsError> {
+    pub(crate) fn read_revert(&self, uuid: &DomainUuid) -> Result<Option<RevertIntent>, FsError> {
         let Some(dir) = self.section(Anchor::Data, REVERTS, false)? else {
             return Ok(None);
         };
@@ -518,7 +526,7 @@ impl HostData {
     }
 
     /// Removes the revert intent of `uuid` (consumed, or superseded).
-    pub fn clear_revert(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+    pub(crate) fn clear_revert(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         match self.section(Anchor::Data, REVERTS, false)? {
             Some(dir) => dir.remove_file(uuid.as_str()),
             None => Ok(()),
@@ -527,7 +535,7 @@ impl HostData {
 
     /// Records that snapshot `name` of `uuid` was taken with `digest` in
     /// its element, the local state stored right before (`snapshot create`).
-    pub fn record_snapshot(
+    pub(crate) fn record_snapshot(
         &self,
         uuid: &DomainUuid,
         name: &str,
@@ -542,7 +550,7 @@ impl HostData {
     }
 
     /// The digest [`HostData::record_snapshot`] recorded for snapshot `name`.
-    pub fn snapshot_record(
+    pub(crate) fn snapshot_record(
         &self,
         uuid: &DomainUuid,
         name: &str,
@@ -558,7 +566,7 @@ impl HostData {
     /// Every domain our data dir holds something for, with its usage
     /// (issue 17: garbage collection). Names that are not UUIDs (our temp
     /// names) count toward no domain.
-    pub fn scan_domains(&self) -> Result<Vec<DomainData>, FsError> {
+    pub(crate) fn scan_domains(&self) -> Result<Vec<DomainData>, FsError> {
         let mut all: std::collections::BTreeMap<String, DomainData> = Default::default();
         for (section, depth) in [
             (KEPT, 2),
@@ -592,7 +600,7 @@ impl HostData {
     /// Removes everything our data dir holds for `uuid` (kept copy,
     /// backups, `J`, intent). Call with the domain's lock held, only for a
     /// domain libvirt no longer knows.
-    pub fn remove_domain_data(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+    pub(crate) fn remove_domain_data(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         for section in [KEPT, BACKUPS, INTENTS, SNAPSHOTS] {
             if let Some(dir) = self.section(Anchor::Data, section, false)? {
                 if dir.entry(uuid.as_str())? != EntryKind::Missing {
@@ -610,7 +618,7 @@ impl HostData {
 
     /// Takes the lock of `uuid` only if nobody holds it (for GC: a domain
     /// someone works on is skipped, never waited for).
-    pub fn try_lock(&self, uuid: &DomainUuid) -> Option<DomainLock> {
+    pub(crate) fn try_lock(&self, uuid: &DomainUuid) -> Option<DomainLock> {
         self.lock(uuid, Duration::ZERO).ok()
     }
 
@@ -618,7 +626,7 @@ impl HostData {
     /// (temp and old dirs of kept copies and backups, temp files of `J`).
     /// Call with the domain's lock held: every writer of these holds it.
     /// Failures are logged.
-    pub fn remove_leftovers(&self, uuid: &DomainUuid) {
+    pub(crate) fn remove_leftovers(&self, uuid: &DomainUuid) {
         let ours = |name: &str| {
             name.starts_with('.') && (name.contains(TEMP_MARK) || name.contains(OLD_MARK))
         };
@@ -647,7 +655,7 @@ impl HostData {
     }
 
     /// `J`: the digest this host last synced with the metadata for `uuid`.
-    pub fn read_synced(&self, uuid: &DomainUuid) -> Result<Option<Sha256Sum>, FsError> {
+    pub(crate) fn read_synced(&self, uuid: &DomainUuid) -> Result<Option<Sha256Sum>, FsError> {
         let Some(dir) = self.section(Anchor::Data, SYNCED, false)? else {
             return Ok(None);
         };
@@ -660,7 +668,11 @@ impl HostData {
     /// `state` (the decision rule's `J`). The kept copy is brought up to the
     /// same state first: a kept copy older than `J` would otherwise look
     /// "newer than the metadata" once libvirt deletes the live dir.
-    pub fn record_sync(&self, uuid: &DomainUuid, state: &MachineState) -> Result<(), FsError> {
+    pub(crate) fn record_sync(
+        &self,
+        uuid: &DomainUuid,
+        state: &MachineState,
+    ) -> Result<(), FsError> {
         let kept = self.read_kept_state(
             uuid,
             state.tpm.as_ref().map(|t| t.version),
@@ -687,7 +699,11 @@ impl HostData {
     /// has to be stored into the metadata: one small file, fsynced and
     /// renamed into place, replacing an older record of the same domain.
     /// Call with the domain's lock held.
-    pub fn write_pending(&self, uuid: &DomainUuid, digest: Sha256Sum) -> Result<(), FsError> {
+    pub(crate) fn write_pending(
+        &self,
+        uuid: &DomainUuid,
+        digest: Sha256Sum,
+    ) -> Result<(), FsError> {
         let dir = self.section(Anchor::Data, PENDING, true)?.expect("created");
         let record = PendingStore {
             uuid: uuid.clone(),
@@ -699,7 +715,7 @@ impl HostData {
 
     /// The pending store of `uuid`, if any. A record that does not parse
     /// is an error (we wrote it whole; someone changed it).
-    pub fn read_pending(&self, uuid: &DomainUuid) -> Result<Option<PendingStore>, FsError> {
+    pub(crate) fn read_pending(&self, uuid: &DomainUuid) -> Result<Option<PendingStore>, FsError> {
         let Some(dir) = self.section(Anchor::Data, PENDING, false)? else {
             return Ok(None);
         };
@@ -718,7 +734,7 @@ impl HostData {
 
     /// Every pending store on this host, oldest first (one directory read
     /// when there is none). Unreadable records are logged and skipped.
-    pub fn list_pending(&self) -> Result<Vec<PendingStore>, FsError> {
+    pub(crate) fn list_pending(&self) -> Result<Vec<PendingStore>, FsError> {
         let Some(dir) = self.section(Anchor::Data, PENDING, false)? else {
             return Ok(Vec::new());
         };
@@ -739,7 +755,7 @@ impl HostData {
 
     /// Removes the pending store of `uuid` (done, or superseded). Call with
     /// the domain's lock held.
-    pub fn clear_pending(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+    pub(crate) fn clear_pending(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         match self.section(Anchor::Data, PENDING, false)? {
             Some(dir) => {
                 dir.remove_file(uuid.as_str())?;
@@ -751,13 +767,13 @@ impl HostData {
 
     /// Marks that the next `prepare` of `uuid` is an incoming migration or a
     /// restore from a save image, and must not restore.
-    pub fn set_incoming(&self, uuid: &DomainUuid, op: &str) -> Result<(), FsError> {
+    pub(crate) fn set_incoming(&self, uuid: &DomainUuid, op: &str) -> Result<(), FsError> {
         let dir = self.section(Anchor::Run, INCOMING, true)?.expect("created");
         write_private_file(&dir, uuid.as_str(), format!("{op}\n").as_bytes())
     }
 
     /// Whether a fresh (younger than [`MARKER_TTL`]) incoming marker exists.
-    pub fn incoming(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
+    pub(crate) fn incoming(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
         self.fresh_marker(INCOMING, uuid)
     }
 
@@ -785,35 +801,35 @@ impl HostData {
 
     /// Marks that a snapshot revert stopped `uuid` (the hook's `release end`
     /// with reason `from snapshot`).
-    pub fn set_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+    pub(crate) fn set_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         let dir = self.section(Anchor::Run, REVERTED, true)?.expect("created");
         write_private_file(&dir, uuid.as_str(), b"from snapshot\n")
     }
 
     /// Whether a fresh (younger than [`MARKER_TTL`]) revert-stop marker exists.
-    pub fn reverted(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
+    pub(crate) fn reverted(&self, uuid: &DomainUuid) -> Result<bool, FsError> {
         self.fresh_marker(REVERTED, uuid)
     }
 
-    pub fn clear_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+    pub(crate) fn clear_reverted(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         self.clear_marker(REVERTED, uuid)
     }
 
     /// Whether any incoming marker exists at all (cheap: one directory read).
-    pub fn any_incoming(&self) -> bool {
+    pub(crate) fn any_incoming(&self) -> bool {
         matches!(
             self.section(Anchor::Run, INCOMING, false),
             Ok(Some(d)) if d.list().is_ok_and(|l| !l.is_empty())
         )
     }
 
-    pub fn clear_incoming(&self, uuid: &DomainUuid) -> Result<(), FsError> {
+    pub(crate) fn clear_incoming(&self, uuid: &DomainUuid) -> Result<(), FsError> {
         self.clear_marker(INCOMING, uuid)
     }
 
     /// Takes the per-domain lock that serialises hook, `store` and `restore`,
     /// waiting at most `timeout`.
-    pub fn lock(&self, uuid: &DomainUuid, timeout: Duration) -> Result<DomainLock, FsError> {
+    pub(crate) fn lock(&self, uuid: &DomainUuid, timeout: Duration) -> Result<DomainLock, FsError> {
         let dir = self.section(Anchor::Run, LOCKS, true)?.expect("created");
         let name = format!("{uuid}.lock");
         let mut file = dir.open_lock_file(&name)?;
@@ -844,7 +860,7 @@ impl HostData {
 
     /// Takes the one-daemon-per-host lock of `watch` (`<run>/watch.lock`)
     /// without waiting: `Ok(None)` when another process holds it.
-    pub fn try_lock_watch(&self) -> Result<Option<WatchLock>, FsError> {
+    pub(crate) fn try_lock_watch(&self) -> Result<Option<WatchLock>, FsError> {
         let dir = Anchor::Run.open_or_create(&self.paths, DIR_MODE)?;
         let file = dir.open_lock_file("watch.lock")?;
         match try_lock_exclusive(file) {
@@ -856,21 +872,26 @@ impl HostData {
 
     /// Publishes `text` as `<run>/<name>` (mode 0644: `status` reads it
     /// without root), replaced atomically.
-    pub fn write_run_file(&self, name: &str, text: &[u8]) -> Result<(), FsError> {
+    pub(crate) fn write_run_file(&self, name: &str, text: &[u8]) -> Result<(), FsError> {
         Anchor::Run
             .open_or_create(&self.paths, DIR_MODE)?
             .write_file_atomically(name, text, 0o644)
     }
 
     /// Writes the hint `<run>/<name>` (0600; see [`Dir::write_hint`]).
-    pub fn write_run_hint(&self, name: &str, text: &[u8], append: bool) -> Result<(), FsError> {
+    pub(crate) fn write_run_hint(
+        &self,
+        name: &str,
+        text: &[u8],
+        append: bool,
+    ) -> Result<(), FsError> {
         Anchor::Run
             .open_or_create(&self.paths, DIR_MODE)?
             .write_hint(name, text, FILE_MODE, append)
     }
 
     /// Reads `<run>/<name>` (at most `max` bytes).
-    pub fn read_run_file(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, FsError> {
+    pub(crate) fn read_run_file(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, FsError> {
         match Anchor::Run.open(&self.paths)? {
             Some(dir) => dir.read_file(name, max),
             None => Ok(None),
@@ -899,20 +920,20 @@ fn try_lock_exclusive(mut file: File) -> Result<Result<Flock<File>, File>, Errno
 
 /// Held while working on one domain; released on drop (or process exit).
 #[derive(Debug)]
-pub struct DomainLock {
+pub(crate) struct DomainLock {
     uuid: DomainUuid,
     _lock: Flock<File>,
 }
 
 /// The one-daemon-per-host lock of `watch`, held while it runs.
 #[derive(Debug)]
-pub struct WatchLock {
+pub(crate) struct WatchLock {
     _lock: Flock<File>,
 }
 
 impl DomainLock {
     /// The domain this lock is for.
-    pub fn uuid(&self) -> &DomainUuid {
+    pub(crate) fn uuid(&self) -> &DomainUuid {
         &self.uuid
     }
 }

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 const KEYS_DIR: &str = "keys";
 
 /// `<config>/keys`: root-only host keys, one per file.
-pub fn keys_dir(paths: &Paths) -> PathBuf {
+pub(crate) fn keys_dir(paths: &Paths) -> PathBuf {
     match paths.keys_override() {
         Some(dir) => dir.to_path_buf(),
         None => paths.config_dir().join(KEYS_DIR),
@@ -64,7 +64,7 @@ fn check_keys_dir(dir: &Dir) -> Result<(), FsError> {
 /// malformed is skipped with a log line naming it (never its content), and
 /// listed in the keyring: only an element sealed with that key fails, and
 /// its error names the file. A keys dir others can write fails every call.
-pub fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
+pub(crate) fn load_keyring(paths: &Paths) -> Result<Keyring, FsError> {
     let Some(dir) = open_keys_dir(paths)? else {
         let mut ring = Keyring::default();
         add_host_identity(paths, &mut ring)?;
@@ -139,18 +139,18 @@ fn load_key(dir: &Dir, name: &str) -> Result<SecretKey, &'static str> {
 }
 
 /// This host's age identity file: `<config>/host-identity.txt`.
-pub const HOST_IDENTITY_FILE: &str = "host-identity.txt";
+pub(crate) const HOST_IDENTITY_FILE: &str = "host-identity.txt";
 /// The default recipient set: `<config>/recipients.d/*.txt`.
-pub const RECIPIENTS_DIR: &str = "recipients.d";
+pub(crate) const RECIPIENTS_DIR: &str = "recipients.d";
 /// A domain's own recipient set, replacing the default:
 /// `<config>/recipients.d/domains/<uuid>.txt`.
-pub const DOMAIN_RECIPIENTS_DIR: &str = "domains";
+pub(crate) const DOMAIN_RECIPIENTS_DIR: &str = "domains";
 
-pub fn host_identity_path(paths: &Paths) -> PathBuf {
+pub(crate) fn host_identity_path(paths: &Paths) -> PathBuf {
     paths.config_dir().join(HOST_IDENTITY_FILE)
 }
 
-pub fn recipients_dir(paths: &Paths) -> PathBuf {
+pub(crate) fn recipients_dir(paths: &Paths) -> PathBuf {
     paths.config_dir().join(RECIPIENTS_DIR)
 }
 
@@ -212,7 +212,7 @@ fn add_identity_file(paths: &Paths, ring: &mut Keyring) {
 
 /// Reads identities from a file the user names (`--identity FILE`), by the
 /// trust rule; the same checks as the host's identity file.
-pub fn load_identity_file(
+pub(crate) fn load_identity_file(
     path: &std::path::Path,
 ) -> Result<Vec<crate::recipients::HostIdentity>, String> {
     let shown = path.display().to_string();
@@ -239,7 +239,7 @@ pub fn load_identity_file(
 
 /// Creates this host's identity file (0600, `O_EXCL`: never overwrites).
 /// `Ok(None)` when one exists already.
-pub fn create_host_identity(paths: &Paths, text: &str) -> Result<Option<PathBuf>, FsError> {
+pub(crate) fn create_host_identity(paths: &Paths, text: &str) -> Result<Option<PathBuf>, FsError> {
     let config = Anchor::Config.open_or_create(paths, 0o755)?;
     check_keys_dir(&config)?;
     if config.check_file(HOST_IDENTITY_FILE)? {
@@ -250,7 +250,7 @@ pub fn create_host_identity(paths: &Paths, text: &str) -> Result<Option<PathBuf>
 }
 
 /// This host's identity, alone (for `host-id`): `Ok(None)` when none.
-pub fn load_host_identity(
+pub(crate) fn load_host_identity(
     paths: &Paths,
 ) -> Result<Option<Result<Vec<crate::recipients::HostIdentity>, String>>, FsError> {
     let mut ring = Keyring::default();
@@ -266,7 +266,7 @@ pub fn load_host_identity(
 /// (`recipients.d/domains/<uuid>.txt`) when it exists, else every
 /// `recipients.d/*.txt` together. `None` when the set is empty: the domain
 /// is then sealed with a host key, as before recipients existed.
-pub fn load_recipients(
+pub(crate) fn load_recipients(
     paths: &Paths,
     uuid: &str,
 ) -> Result<Option<crate::recipients::RecipientSet>, FsError> {
@@ -328,7 +328,7 @@ fn parse_key_file(text: &[u8]) -> Option<SecretKey> {
 
 /// Creates a new host key file (0600, `O_EXCL`: never overwrites) and
 /// returns its id and path. The keys dir is created 0700 when missing.
-pub fn create_key(paths: &Paths, key: &SecretKey) -> Result<(KeyId, PathBuf), FsError> {
+pub(crate) fn create_key(paths: &Paths, key: &SecretKey) -> Result<(KeyId, PathBuf), FsError> {
     use base64::Engine as _;
     let config = Anchor::Config.open_or_create(paths, 0o755)?;
     let dir = config.ensure_subdir(KEYS_DIR, 0o700)?;

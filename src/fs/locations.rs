@@ -32,7 +32,7 @@ const NVRAM_FAULT_POINTS: [&str; 4] = [
 /// A path from the domain XML, split at the admin-allowed directory it lies
 /// below: that directory is the anchor, the rest is walked without links.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Confined {
+pub(crate) struct Confined {
     paths: Paths,
     /// The allowed directory (absolute, not re-rooted).
     anchor: PathBuf,
@@ -63,7 +63,7 @@ impl Confined {
 
 /// Where libvirt keeps a domain's swtpm state.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateLocation {
+pub(crate) enum StateLocation {
     /// `<base>/<uuid>/<tpm2|tpm1.2>` below libvirt's swtpm base.
     Default {
         paths: Paths,
@@ -79,7 +79,7 @@ pub enum StateLocation {
 }
 
 impl StateLocation {
-    pub fn default_for(paths: &Paths, uuid: &DomainUuid, version: TpmVersion) -> Self {
+    pub(crate) fn default_for(paths: &Paths, uuid: &DomainUuid, version: TpmVersion) -> Self {
         StateLocation::Default {
             paths: paths.clone(),
             uuid: uuid.clone(),
@@ -91,7 +91,11 @@ impl StateLocation {
     /// filesystem: absolute, normal components only, below one of
     /// `allowed` (absolute, not re-rooted). The XML is hostile: without this
     /// a `<source path='/etc'>` would have the hook swap out any directory.
-    pub fn from_source(paths: &Paths, raw: &str, allowed: &[PathBuf]) -> Result<Self, FsError> {
+    pub(crate) fn from_source(
+        paths: &Paths,
+        raw: &str,
+        allowed: &[PathBuf],
+    ) -> Result<Self, FsError> {
         Ok(StateLocation::Source(source_leaf_checked(
             raw,
             confined(paths, raw, allowed)?,
@@ -100,7 +104,7 @@ impl StateLocation {
 
     /// Validates a `<source type='file' path=...>` the same way as a dir
     /// source: the file is replaced on restore, so it is confined likewise.
-    pub fn from_source_file(
+    pub(crate) fn from_source_file(
         paths: &Paths,
         raw: &str,
         allowed: &[PathBuf],
@@ -112,7 +116,7 @@ impl StateLocation {
     }
 
     /// The state dir's (or state file's) full path, for messages.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         match self {
             StateLocation::Default {
                 paths,
@@ -128,7 +132,7 @@ impl StateLocation {
 
     /// Where the state file `name` (e.g. the permall) lives, for messages:
     /// inside the state dir, or the one file.
-    pub fn file_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn file_path(&self, name: &str) -> PathBuf {
         match self {
             StateLocation::File(_) => self.path(),
             _ => self.path().join(name),
@@ -136,7 +140,7 @@ impl StateLocation {
     }
 
     /// A single state file (`<source type='file'>`) rather than a dir.
-    pub fn is_file(&self) -> bool {
+    pub(crate) fn is_file(&self) -> bool {
         matches!(self, StateLocation::File(_))
     }
 
@@ -170,7 +174,7 @@ impl StateLocation {
     /// Reads the state in this location: `None` when the dir or the
     /// permanent-state file is absent (for a state file: absent, empty, or
     /// with no permall yet, as before libvirt's first `swtpm_setup`).
-    pub fn read(&self, version: TpmVersion, max: u64) -> Result<Option<TpmState>, FsError> {
+    pub(crate) fn read(&self, version: TpmVersion, max: u64) -> Result<Option<TpmState>, FsError> {
         let Some(parent) = self.open_parent(false)? else {
             return Ok(None);
         };
@@ -184,7 +188,7 @@ impl StateLocation {
     }
 
     /// The permanent state's modification time, if it exists.
-    pub fn modified(&self, version: TpmVersion) -> Option<SystemTime> {
+    pub(crate) fn modified(&self, version: TpmVersion) -> Option<SystemTime> {
         let parent = self.open_parent(false).ok()??;
         if self.is_file() {
             return parent.modified(&self.leaf());
@@ -196,7 +200,7 @@ impl StateLocation {
     }
 
     /// True when the state dir (state file) exists (even empty).
-    pub fn exists(&self) -> Result<bool, FsError> {
+    pub(crate) fn exists(&self) -> Result<bool, FsError> {
         let Some(parent) = self.open_parent(false)? else {
             return Ok(false);
         };
@@ -208,14 +212,14 @@ impl StateLocation {
 
     /// Refuses early (before anything is written) when the state dir or its
     /// parents are links or not directories.
-    pub fn check_safe(&self) -> Result<(), FsError> {
+    pub(crate) fn check_safe(&self) -> Result<(), FsError> {
         self.exists().map(|_| ())
     }
 
     /// Removes what an interrupted earlier replace left beside the state dir
     /// or state file (`.<leaf>.vts-new.*`, `.<leaf>.vts-old.*`; call with
     /// the domain's lock held). Failures are logged, never fatal.
-    pub fn remove_leftovers(&self) {
+    pub(crate) fn remove_leftovers(&self) {
         match self.open_parent(false) {
             Ok(Some(parent)) => parent.remove_leftovers_of(&self.leaf()),
             Ok(None) => {}
@@ -227,7 +231,7 @@ impl StateLocation {
     /// Replaces the state dir with exactly `files`, owned by `owner`. A
     /// state file is replaced by a linear file holding only the permall
     /// (`version`'s name among `files`), as swtpm lays out a fresh one.
-    pub fn replace(
+    pub(crate) fn replace(
         &self,
         version: TpmVersion,
         files: &[StateFile],
@@ -401,7 +405,7 @@ fn read_linear_file(
 /// TPM 2.0, the EK certificates beside it. `None` when the permall is
 /// absent. Other files (locks, volatile states, swtpm's `.bak`) are left
 /// alone: they are never carried, and never a reason to refuse.
-pub fn read_tpm_files(
+pub(crate) fn read_tpm_files(
     dir: &Dir,
     version: TpmVersion,
     max: u64,
@@ -437,7 +441,7 @@ const NVRAM_TEMP: &str = ".vts-nvram-new.";
 /// (a flash image) or its `<varstore>` file (uefi-vars JSON, libvirt >=
 /// 12.1). Both follow the same rules; only the default dir and name differ.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NvramLocation {
+pub(crate) enum NvramLocation {
     /// `<nvram_dir>/<name>_VARS.fd` or `<varstore_dir>/<name>.json`, the
     /// file name built from a validated domain name.
     Default {
@@ -453,7 +457,7 @@ impl NvramLocation {
     /// libvirt's default path of a `kind` store for domain `name`. The
     /// name is validated first: a name that could not be a plain file name
     /// never becomes part of a path.
-    pub fn default_for(paths: &Paths, name: &str, kind: VarsKind) -> Result<Self, FsError> {
+    pub(crate) fn default_for(paths: &Paths, name: &str, kind: VarsKind) -> Result<Self, FsError> {
         let suffix = default_suffix(kind);
         let bad = |why| FsError::BadSourcePath {
             path: format!("{}/{name:?}{suffix}", default_dir(paths, kind).display()),
@@ -476,7 +480,7 @@ impl NvramLocation {
     }
 
     /// The kind of store here.
-    pub fn kind(&self) -> VarsKind {
+    pub(crate) fn kind(&self) -> VarsKind {
         match self {
             NvramLocation::Default { kind, .. } | NvramLocation::Path(_, kind) => *kind,
         }
@@ -486,7 +490,7 @@ impl NvramLocation {
     /// lie below one of `allowed` (libvirt's nvram dir and the admin's
     /// `state_path_prefixes`): without this, `<nvram>/etc/shadow` would have
     /// the hook overwrite (and the post-stop store read) any file.
-    pub fn from_path(
+    pub(crate) fn from_path(
         paths: &Paths,
         raw: &str,
         allowed: &[PathBuf],
@@ -496,7 +500,7 @@ impl NvramLocation {
     }
 
     /// The file's full path, for messages.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         match self {
             NvramLocation::Default { paths, file, kind } => default_dir(paths, *kind).join(file),
             NvramLocation::Path(c, _) => c.shown(),
@@ -530,7 +534,7 @@ impl NvramLocation {
 
     /// Reads the VARS file: `None` when it (or its dir) does not exist.
     /// Refuses a symlink, a hard link and anything but a regular file.
-    pub fn read(&self, max: u64) -> Result<Option<Vec<u8>>, FsError> {
+    pub(crate) fn read(&self, max: u64) -> Result<Option<Vec<u8>>, FsError> {
         match self.open_dir()? {
             Some(dir) => dir.read_file(&self.file_name(), max),
             None => Ok(None),
@@ -540,7 +544,7 @@ impl NvramLocation {
     /// Refuses early (before anything is written) when the file's dir is
     /// reached through a link, or the file is a symlink, a hard link or not
     /// a regular file.
-    pub fn check_safe(&self) -> Result<(), FsError> {
+    pub(crate) fn check_safe(&self) -> Result<(), FsError> {
         if let Some(dir) = self.open_dir()? {
             dir.check_file(&self.file_name())?;
         }
@@ -559,7 +563,7 @@ impl NvramLocation {
 
     /// Removes temp files an interrupted earlier write of this VARS file left
     /// behind (call with the domain's lock held). Failures are logged.
-    pub fn remove_leftovers(&self) {
+    pub(crate) fn remove_leftovers(&self) {
         match self.open_dir() {
             Ok(Some(dir)) => {
                 let prefix = self.temp_prefix();
@@ -573,7 +577,7 @@ impl NvramLocation {
 
     /// Refuses early (before a restore records its intent) when the file's
     /// dir does not exist: the same error [`Self::replace`] would give.
-    pub fn check_dir_exists(&self) -> Result<(), FsError> {
+    pub(crate) fn check_dir_exists(&self) -> Result<(), FsError> {
         self.open_dir()?
             .map(|_| ())
             .ok_or_else(|| self.missing_dir())
@@ -590,7 +594,7 @@ impl NvramLocation {
 
     /// Replaces the VARS file with `data`, owned by `owner`, mode 0600
     /// ([`Dir::replace_file`]: the dir is writable by the QEMU user).
-    pub fn replace(&self, data: &[u8], owner: Owner) -> Result<(), FsError> {
+    pub(crate) fn replace(&self, data: &[u8], owner: Owner) -> Result<(), FsError> {
         let dir = self.open_dir()?.ok_or_else(|| self.missing_dir())?;
         dir.replace_file(
             &self.file_name(),

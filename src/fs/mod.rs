@@ -6,9 +6,9 @@
 //! `/var/lib/libvirt/qemu` (and so can replace `nvram/` by a link), and
 //! swtpm's user (`tss`) owns every `tpm2/` state dir and what is in it. So
 //! no path is ever resolved by name. The rule, written once here and
-//! implemented once in [`walk`]:
+//! implemented once in `walk`:
 //!
-//! **The trust rule.** Every path is reached from an [`Anchor`], a
+//! **The trust rule.** Every path is reached from an `Anchor`, a
 //! directory of libvirt's or ours, walked component by component from `/`
 //! (or `VIRT_TPM_STATE_ROOT`). A directory is *trusted* while every
 //! directory on the way to it is root-owned and not group/other-writable
@@ -22,7 +22,7 @@
 //! `openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`,
 //! or an `O_NOFOLLOW` walk where the kernel lacks `openat2`.
 //!
-//! What follows from it, kept by [`Dir`]:
+//! What follows from it, kept by `Dir`:
 //! - Only regular, singly-linked files are read.
 //! - Files are created `O_EXCL|O_NOFOLLOW` under a fresh name, `fchown`ed
 //!   and `fchmod`ed on the fd that created them, fsynced and renamed over
@@ -49,18 +49,17 @@ mod locations;
 mod owner;
 mod walk;
 
-pub use dir::{Dir, EntryKind};
+pub(crate) use dir::{Dir, EntryKind};
 pub use error::FsError;
-pub use host::{
-    DomainData, DomainLock, HostData, Intent, PendingStore, RevertIntent, WatchLock, MARKER_TTL,
-    REVERT_TTL,
+pub(crate) use host::{
+    DomainData, DomainLock, HostData, Intent, RevertIntent, WatchLock, MARKER_TTL,
 };
-pub use keys::{
+pub(crate) use keys::{
     create_host_identity, create_key, host_identity_path, keys_dir, load_host_identity,
-    load_identity_file, load_keyring, load_recipients, recipients_dir,
+    load_keyring, load_recipients, recipients_dir,
 };
-pub use locations::{read_tpm_files, NvramLocation, StateLocation};
-pub use owner::Owner;
+pub(crate) use locations::{read_tpm_files, NvramLocation, StateLocation};
+pub(crate) use owner::Owner;
 
 use crate::paths::{
     Paths, CONFIG_DIR, DATA_DIR, LIBVIRT_CONFIG_DIR, LIBVIRT_NVRAM_DIR, LIBVIRT_SWTPM_DIR,
@@ -71,7 +70,7 @@ use std::path::{Path, PathBuf};
 /// A directory every path of the product is reached from (see the trust
 /// rule above). Each is an absolute path, re-rooted by [`Paths`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Anchor {
+pub(crate) enum Anchor {
     /// libvirt's swtpm state base, `/var/lib/libvirt/swtpm`.
     SwtpmBase,
     /// libvirt's UEFI variable stores, `/var/lib/libvirt/qemu/nvram`.
@@ -93,7 +92,7 @@ pub enum Anchor {
 
 impl Anchor {
     /// The anchor's absolute path, before re-rooting.
-    pub fn abs(&self) -> &Path {
+    pub(crate) fn abs(&self) -> &Path {
         match self {
             Anchor::SwtpmBase => Path::new(LIBVIRT_SWTPM_DIR),
             Anchor::NvramDir => Path::new(LIBVIRT_NVRAM_DIR),
@@ -106,16 +105,11 @@ impl Anchor {
         }
     }
 
-    /// The anchor's path on this host, for messages.
-    pub fn shown(&self, paths: &Paths) -> PathBuf {
-        paths.under_root(self.abs())
-    }
-
     /// Opens the anchor by the trust rule. `Ok(None)`: it does not exist.
     /// One of our own dirs must moreover be one nobody but root can change:
     /// what is in it (kept copies, `J`, keys, locks) decides what the hook
     /// restores.
-    pub fn open(&self, paths: &Paths) -> Result<Option<Dir>, FsError> {
+    pub(crate) fn open(&self, paths: &Paths) -> Result<Option<Dir>, FsError> {
         let dir = walk::resolve(paths.root(), self.abs(), walk::Last::Anchor)?;
         if let Some(d) = &dir {
             let ours = matches!(self, Anchor::Config | Anchor::Data | Anchor::Run);
@@ -133,7 +127,7 @@ impl Anchor {
     /// parents) with `mkdirat` in directories that protect new entries;
     /// the anchor itself gets `mode`, missing parents 0755. An existing
     /// directory is never changed.
-    pub fn open_or_create(&self, paths: &Paths, mode: u32) -> Result<Dir, FsError> {
+    pub(crate) fn open_or_create(&self, paths: &Paths, mode: u32) -> Result<Dir, FsError> {
         if let Some(dir) = self.open(paths)? {
             return Ok(dir);
         }
@@ -171,7 +165,7 @@ pub fn restrict_umask() {
 /// Reads a small regular file below an anchor (`rel` relative to it, no
 /// link followed below the anchor): `Ok(None)` when it or a dir on the way
 /// does not exist.
-pub fn read_file(
+pub(crate) fn read_file(
     paths: &Paths,
     anchor: &Anchor,
     rel: &Path,
@@ -200,7 +194,7 @@ fn split_rel(rel: &Path) -> (&Path, String) {
 /// A directory named on the command line (`extract --out`), not re-rooted:
 /// opened by the trust rule from `/`; with `create`, made 0700 when missing
 /// (its parent must exist).
-pub fn open_user_dir(path: &Path, create: bool) -> Result<Option<Dir>, FsError> {
+pub(crate) fn open_user_dir(path: &Path, create: bool) -> Result<Option<Dir>, FsError> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {

@@ -10,14 +10,14 @@ const QEMU_CONF_MAX: u64 = 1024 * 1024;
 
 /// Owner of files the product writes (a uid and gid).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: u32,
-    pub gid: u32,
+pub(crate) struct Owner {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
 }
 
 impl Owner {
     /// The user this process runs as (root for our own private files).
-    pub fn current() -> Self {
+    pub(crate) fn current() -> Self {
         Owner {
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
@@ -26,7 +26,7 @@ impl Owner {
 
     /// The owner libvirt gives swtpm state: `swtpm_user`/`swtpm_group` from
     /// qemu.conf, defaulting to `tss`, or root where `tss` does not exist.
-    pub fn swtpm(paths: &Paths) -> Result<Self, FsError> {
+    pub(crate) fn swtpm(paths: &Paths) -> Result<Self, FsError> {
         let conf = qemu_conf(paths)?;
         let uid = match conf_value(&conf, "swtpm_user") {
             Some(u) => resolve_user(&u)?,
@@ -43,7 +43,7 @@ impl Owner {
     /// `user`/`group`, defaulting to libvirt's build defaults
     /// (`libvirt-qemu` on Debian, `qemu` elsewhere), or root where neither
     /// exists.
-    pub fn qemu(paths: &Paths) -> Result<Self, FsError> {
+    pub(crate) fn qemu(paths: &Paths) -> Result<Self, FsError> {
         let conf = qemu_conf(paths)?;
         let uid = match conf_value(&conf, "user") {
             Some(u) => resolve_user(&u)?,

@@ -276,7 +276,7 @@ fn a_revert_intent_reads_back_until_consumed_or_expired() {
     assert_eq!(host.read_revert(&uuid).unwrap(), None);
     // Past its time it no longer counts, and goes.
     host.write_revert(&uuid, &intent).unwrap();
-    let old = std::time::SystemTime::now() - REVERT_TTL - std::time::Duration::from_secs(60);
+    let old = std::time::SystemTime::now() - host::REVERT_TTL - std::time::Duration::from_secs(60);
     std::fs::File::options()
         .write(true)
         .open(&file)

@@ -20,12 +20,12 @@ use std::path::PathBuf;
 /// Where a decision is carried out: the domain, its element's side, and
 /// our data for it (whose lock the caller holds).
 pub(super) struct Apply<'a> {
-    pub paths: &'a Paths,
-    pub config: &'a Config,
-    pub host: &'a HostData,
-    pub name: &'a DomainName,
-    pub uuid: &'a DomainUuid,
-    pub element: &'a Element,
+    pub(crate) paths: &'a Paths,
+    pub(crate) config: &'a Config,
+    pub(crate) host: &'a HostData,
+    pub(crate) name: &'a DomainName,
+    pub(crate) uuid: &'a DomainUuid,
+    pub(crate) element: &'a Element,
 }
 
 /// Carries out `decision` on the local side it was made from.

@@ -64,7 +64,7 @@ impl From<FsError> for ErrorKind {
 
 impl ErrorKind {
     /// The one place a VM's name joins its error.
-    pub fn named(self, name: impl Into<DomainName>) -> RestoreError {
+    pub(crate) fn named(self, name: impl Into<DomainName>) -> RestoreError {
         RestoreError::Vm {
             name: name.into(),
             kind: self,
@@ -115,7 +115,7 @@ impl ErrorKind {
 
 impl RestoreError {
     /// Exit codes shared by the hook and the CLI (README, "Exit codes").
-    pub fn exit_code(&self) -> Exit {
+    pub(crate) fn exit_code(&self) -> Exit {
         match self {
             RestoreError::DomainXml(_) => Exit::DomainXml,
             RestoreError::Vm { kind, .. } => kind.exit_code(),

@@ -6,24 +6,25 @@
 use super::error::ErrorKind;
 use crate::carried::{tpm_version, Carried};
 use crate::config::Config;
-use crate::domain::{DomainInfo, TpmBackend, XmlElement};
+use crate::domain::{DomainInfo, TpmBackend};
 use crate::envelope::Keyring;
 use crate::format::{self, DecodeLimits, MetadataState, ENCODING_AGE, ENCODING_SEALED};
 use crate::fs::{load_keyring, HostData, NvramLocation, RevertIntent, StateLocation};
 use crate::name::DomainName;
 use crate::paths::Paths;
 use crate::state::{MachineState, Sha256Sum, TpmState, TpmVersion};
+use crate::xml::XmlElement;
 use std::path::PathBuf;
 
 /// The element's side: what of the element applies to this domain here.
 pub(super) struct Element {
-    pub carried: Carried,
+    pub(crate) carried: Carried,
     /// The element, decoded (its provenance, its digest over everything).
-    pub metadata: MetadataState,
+    pub(crate) metadata: MetadataState,
     /// The sections of it that apply here (TPM, VARS).
-    pub sections: (bool, bool),
+    pub(crate) sections: (bool, bool),
     /// The state a restore writes: the element over those sections.
-    pub target: MachineState,
+    pub(crate) target: MachineState,
 }
 
 /// Whether the element is this tool's business for this domain here.
@@ -33,18 +34,18 @@ pub(super) enum Found {
 }
 
 impl Element {
-    pub fn tpm_location(&self) -> Option<&StateLocation> {
+    pub(crate) fn tpm_location(&self) -> Option<&StateLocation> {
         let (tpm, _) = self.sections;
         self.carried.tpm.as_ref().filter(|_| tpm).map(|(_, l)| l)
     }
 
-    pub fn nvram_location(&self) -> Option<&NvramLocation> {
+    pub(crate) fn nvram_location(&self) -> Option<&NvramLocation> {
         let (_, nvram) = self.sections;
         self.carried.nvram.as_ref().filter(|_| nvram)
     }
 
     /// Where a report says the state went: the TPM state, else the VARS.
-    pub fn shown_location(&self) -> PathBuf {
+    pub(crate) fn shown_location(&self) -> PathBuf {
         self.tpm_location()
             .map(StateLocation::path)
             .or_else(|| self.nvram_location().map(NvramLocation::path))
@@ -52,7 +53,7 @@ impl Element {
     }
 
     /// Where `state`'s sections go here: (TPM state, VARS file).
-    pub fn destinations(&self, state: &MachineState) -> (Option<PathBuf>, Option<PathBuf>) {
+    pub(crate) fn destinations(&self, state: &MachineState) -> (Option<PathBuf>, Option<PathBuf>) {
         destinations(state, self.tpm_location(), self.nvram_location())
     }
 }
@@ -201,7 +202,7 @@ pub(super) fn reader_rules(
 
 /// Whether any file in the element is envelope-encrypted (only then are the
 /// host keys read).
-pub fn el_is_sealed(el: &XmlElement) -> bool {
+pub(crate) fn el_is_sealed(el: &XmlElement) -> bool {
     el.children
         .iter()
         .flat_map(|c| c.children.iter())
@@ -238,22 +239,22 @@ pub(super) fn decode(
 /// The local side, read under the domain's lock: L (live and kept, over
 /// the sections that apply), J, and the markers the decision weighs.
 pub(super) struct Local {
-    pub live: Option<MachineState>,
-    pub kept: Option<MachineState>,
-    pub journal: Option<Sha256Sum>,
+    pub(crate) live: Option<MachineState>,
+    pub(crate) kept: Option<MachineState>,
+    pub(crate) journal: Option<Sha256Sum>,
     /// A `migrate begin` or `restore begin` came just before.
-    pub incoming: bool,
+    pub(crate) incoming: bool,
     /// An explicit snapshot revert recorded for this VM (any element).
-    pub revert_intent: Option<RevertIntent>,
+    pub(crate) revert_intent: Option<RevertIntent>,
     /// libvirt said at `release` that a snapshot revert stopped this VM
     /// (>= 10.5): this start is the revert's own (or the next one within
     /// the marker's few minutes), with the snapshot's definition.
-    pub stopped_by_revert: bool,
+    pub(crate) stopped_by_revert: bool,
 }
 
 impl Local {
     /// R: this start follows a revert to exactly this element.
-    pub fn revert(&self, element: &Element) -> bool {
+    pub(crate) fn revert(&self, element: &Element) -> bool {
         self.stopped_by_revert
             || self
                 .revert_intent

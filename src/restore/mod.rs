@@ -3,8 +3,8 @@
 //! `prepare begin`; `virt-tpm-state restore` runs the very same code for a
 //! stopped domain. Never speaks to libvirt.
 //!
-//! Three steps, each in its own module: [`gather`] (the element's side, then
-//! under the lock the local side), `decision::decide` (pure), [`apply`] (the
+//! Three steps, each in its own module: `gather` (the element's side, then
+//! under the lock the local side), `decision::decide` (pure), `apply` (the
 //! journaled write). Errors carry the VM's name, attached once here.
 
 mod apply;
@@ -12,11 +12,11 @@ mod error;
 mod gather;
 mod report;
 
-pub use crate::carried::{carried, domain_tpm_version, state_location, Carried};
 pub use error::{ErrorKind, RestoreError};
-pub use gather::el_is_sealed;
-pub use report::{Outcome, PrepareReport};
+pub(crate) use gather::el_is_sealed;
+pub(crate) use report::{Outcome, PrepareReport};
 
+use crate::carried::Carried;
 use crate::config::Config;
 use crate::decision::{decide, Decision, DecisionInput, Refusal, Why};
 use crate::domain::{parse_domain, DomainInfo};
@@ -31,14 +31,14 @@ use std::time::Duration;
 
 /// Options that differ between the hook and the CLI.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PrepareOptions {
+pub(crate) struct PrepareOptions {
     /// `restore --force`: the metadata wins even over a newer local state.
-    pub force_metadata: bool,
+    pub(crate) force_metadata: bool,
 }
 
 /// Runs the decision rule for the domain in `xml` and carries it out.
 /// Everything is validated before the first write.
-pub fn prepare(
+pub(crate) fn prepare(
     paths: &Paths,
     config: &Config,
     xml: &[u8],
@@ -48,7 +48,7 @@ pub fn prepare(
     prepare_domain(paths, config, &info, options)
 }
 
-pub fn prepare_domain(
+pub(crate) fn prepare_domain(
     paths: &Paths,
     config: &Config,
     info: &DomainInfo,
@@ -61,7 +61,7 @@ pub fn prepare_domain(
 /// and read `info` under it (`restore DOMAIN`): no `store` can change the
 /// element between that read and the decision, so a definition read just
 /// before a store finished is never taken for a new one.
-pub fn prepare_domain_locked(
+pub(crate) fn prepare_domain_locked(
     paths: &Paths,
     config: &Config,
     info: &DomainInfo,
@@ -257,7 +257,7 @@ pub fn reader_check(
 /// Finishes an interrupted restore of the domain in `info` (see
 /// `apply::finish_intent`), for callers outside a `prepare` (the hook's
 /// `stopped`, `store`, the pending-store path). Call with the lock held.
-pub fn finish_intent(
+pub(crate) fn finish_intent(
     paths: &Paths,
     host: &HostData,
     info: &DomainInfo,
@@ -269,7 +269,7 @@ pub fn finish_intent(
 
 /// Removes what an interrupted earlier run left beside the state dir, the
 /// VARS file and in our own data for `uuid`. Call with the lock held.
-pub fn remove_leftovers(
+pub(crate) fn remove_leftovers(
     host: &HostData,
     uuid: &DomainUuid,
     tpm: Option<&StateLocation>,

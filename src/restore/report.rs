@@ -7,14 +7,14 @@ use std::path::PathBuf;
 
 /// What `prepare` did, for logs and the CLI.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PrepareReport {
-    pub name: DomainName,
-    pub uuid: DomainUuid,
-    pub outcome: Outcome,
+pub(crate) struct PrepareReport {
+    pub(crate) name: DomainName,
+    pub(crate) uuid: DomainUuid,
+    pub(crate) outcome: Outcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// No emulated TPM, or nothing in the metadata: libvirt proceeds as if we
     /// were not installed.
     NotOurs(&'static str),
@@ -36,7 +36,7 @@ pub enum Outcome {
 
 impl PrepareReport {
     /// One line for logs (no state content, digest prefixes only).
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let who = format!("VM {} ({})", self.name, self.uuid);
         match &self.outcome {
             Outcome::NotOurs(why) => format!("{who}: nothing to do: {why}"),

@@ -4,25 +4,26 @@
 //! and the kept copy).
 
 use super::plan::{
-    plan, Element, Keys, Nothing, Plan, PlanError, PlanInput, Protect, StorePlan, XmlSizes,
+    plan, Element, Keys, Nothing, Plan, PlanError, PlanInput, Protect, StorePlan, Targets, XmlSizes,
 };
 use crate::carried::Running;
+use crate::carried::{carried, Carried};
 use crate::context::{now_stamp, this_host, Ctx};
 use crate::domain::{parse_domain, DomainInfo, DomainXmlError};
 use crate::envelope::{os_random, Keyring};
 use crate::format::{decode, encode, read_header, DecodeLimits, MetadataState, Protection, Style};
 use crate::fs::{keys_dir, load_keyring, load_recipients, recipients_dir, FsError, HostData};
-use crate::libvirt::{DomainHandle, LibvirtError, Targets};
+use crate::libvirt::{DomainHandle, LibvirtError};
 use crate::name::DomainName;
 use crate::recipients::RecipientSet;
-use crate::restore::{carried, Carried, RestoreError};
+use crate::restore::RestoreError;
 use crate::state::{DomainUuid, MachineState, Sha256Sum, TpmState};
 use crate::swtpm::check_tpm_file;
 use std::time::Duration;
 
 /// Every way a store fails (the CLI maps each to its exit code).
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error(transparent)]
@@ -63,7 +64,7 @@ const NO_DEFINITION: &str =
 
 /// Refuses a transient domain on its way out before any work: no
 /// definition is left to hold the state (the hook kept a copy).
-pub fn check_has_definition(dom: &DomainHandle) -> Result<(), StoreError> {
+pub(crate) fn check_has_definition(dom: &DomainHandle) -> Result<(), StoreError> {
     if !dom.active && !dom.persistent {
         return Err(StoreError::NoTpm {
             name: dom.name.clone(),
@@ -75,40 +76,40 @@ pub fn check_has_definition(dom: &DomainHandle) -> Result<(), StoreError> {
 
 /// How [`store_domain`] runs; the defaults are `store`'s.
 #[derive(Default)]
-pub struct StoreOptions {
+pub(crate) struct StoreOptions {
     /// Store plaintext when this host has no key.
-    pub allow_plaintext: bool,
+    pub(crate) allow_plaintext: bool,
     /// A TPM state the caller already saw settle (the watch daemon reads
     /// it twice a settle interval apart itself); `None`: read it here. The
     /// domain's VARS file, when carried, is read (settled) here either way.
-    pub settled: Option<TpmState>,
+    pub(crate) settled: Option<TpmState>,
     /// The watch daemon: a running domain's write always includes the live
     /// copy, so libvirt refuses it once the domain has stopped (the post-stop
     /// store owns that state); the sync journal is written only when it
     /// changes, and only while the state dir still holds the stored state.
-    pub watch: bool,
+    pub(crate) watch: bool,
     /// The caller holds the domain's lock (the pending-store path): take
     /// it nowhere here (a second flock of the same file would wait on it).
-    pub lock_held: bool,
+    pub(crate) lock_held: bool,
 }
 
 /// What [`store_domain`] did.
-pub struct StoreDone {
+pub(crate) struct StoreDone {
     /// "stored", "unchanged" or "revert-pending".
-    pub result: &'static str,
-    pub m: MetadataState,
-    pub element_bytes: usize,
-    pub targets: Targets,
-    pub state: MachineState,
+    pub(crate) result: &'static str,
+    pub(crate) m: MetadataState,
+    pub(crate) element_bytes: usize,
+    pub(crate) targets: Targets,
+    pub(crate) state: MachineState,
     /// The one-line summary `store` prints.
-    pub line: String,
+    pub(crate) line: String,
 }
 
 /// The store itself, on a looked-up domain: local state -> metadata (what
 /// `store` does after finding the domain; the pending-store path, `snapshot
 /// create` and the watch daemon call it too). Gather (XML, local state,
 /// keys), [`plan`], then write and record.
-pub fn store_domain(
+pub(crate) fn store_domain(
     ctx: &Ctx,
     dom: &DomainHandle,
     opts: StoreOptions,

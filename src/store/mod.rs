@@ -13,8 +13,8 @@
 #[cfg(feature = "libvirt")]
 mod apply;
 #[cfg(feature = "libvirt")]
-pub mod pending;
-pub mod plan;
+pub(crate) mod pending;
+pub(crate) mod plan;
 
 #[cfg(feature = "libvirt")]
-pub use apply::{check_has_definition, store_domain, StoreDone, StoreError, StoreOptions};
+pub(crate) use apply::{check_has_definition, store_domain, StoreDone, StoreError, StoreOptions};

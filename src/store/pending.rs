@@ -22,6 +22,7 @@
 //! the state already).
 
 use super::{store_domain, StoreError, StoreOptions};
+use crate::carried::carried;
 use crate::carried::Running;
 use crate::context::Ctx;
 use crate::decision::{pending_decision, PendingAction, PendingDomain, PendingDrop, PendingInput};
@@ -29,42 +30,41 @@ use crate::domain::parse_domain;
 use crate::format::read_header;
 use crate::fs::HostData;
 use crate::libvirt::{Libvirt, LibvirtError};
-use crate::restore::carried;
 use crate::state::DomainUuid;
 use std::time::Duration;
 
 /// What completing one pending store did.
 #[derive(Debug, serde::Serialize)]
-pub struct Completed {
-    pub uuid: String,
+pub(crate) struct Completed {
+    pub(crate) uuid: String,
     /// The domain's name, when libvirt still knows it.
-    pub domain: Option<String>,
+    pub(crate) domain: Option<String>,
     /// "stored", "unchanged" (the metadata held it already) or "dropped".
-    pub result: &'static str,
+    pub(crate) result: &'static str,
     /// The store's summary line, or why the record was dropped.
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 /// A pending store that could not be completed now (it stays recorded).
 #[derive(Debug, serde::Serialize)]
-pub struct Left {
-    pub uuid: String,
-    pub error: String,
+pub(crate) struct Left {
+    pub(crate) uuid: String,
+    pub(crate) error: String,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
-pub struct Sweep {
-    pub completed: Vec<Completed>,
-    pub left: Vec<Left>,
+pub(crate) struct Sweep {
+    pub(crate) completed: Vec<Completed>,
+    pub(crate) left: Vec<Left>,
     /// The first failure (what `sync` exits with).
     #[serde(skip)]
-    pub first_error: Option<StoreError>,
+    pub(crate) first_error: Option<StoreError>,
 }
 
 /// Completes the pending store of `uuid` under its lock (waited for when
 /// `wait`, else skipped while busy). `Ok(None)`: there is none (already
 /// completed by someone else), or its lock was busy.
-pub fn complete(
+pub(crate) fn complete(
     ctx: &Ctx,
     lv: &Libvirt,
     uuid: &DomainUuid,
@@ -172,7 +172,7 @@ pub fn complete(
 /// Completes every pending store on this host (see [`complete`] for
 /// `wait`). A failure stays recorded for the next run; a lost connection
 /// ends the sweep (what is not tried yet is not listed in `left`).
-pub fn complete_all(ctx: &Ctx, lv: &Libvirt, wait: bool) -> Result<Sweep, StoreError> {
+pub(crate) fn complete_all(ctx: &Ctx, lv: &Libvirt, wait: bool) -> Result<Sweep, StoreError> {
     let mut sweep = Sweep::default();
     for record in HostData::new(&ctx.paths).list_pending()? {
         match complete(ctx, lv, &record.uuid, wait) {

@@ -30,23 +30,23 @@ use crate::state::{DomainUuid, MachineState, Sha256Sum};
 /// Which copy of the definition a metadata write affects (the flags
 /// `virDomainSetMetadata` takes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Targets {
-    pub live: bool,
-    pub config: bool,
+pub(crate) struct Targets {
+    pub(crate) live: bool,
+    pub(crate) config: bool,
 }
 
 impl Targets {
-    pub const NONE: Targets = Targets {
+    pub(crate) const NONE: Targets = Targets {
         live: false,
         config: false,
     };
 
-    pub fn any(self) -> bool {
+    pub(crate) fn any(self) -> bool {
         self.live || self.config
     }
 
     /// "live", "config", or "live and config" (the store's summary line).
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match (self.live, self.config) {
             (true, true) => "live and config",
             (true, false) => "live",
@@ -57,7 +57,7 @@ impl Targets {
 
 /// What one copy of the definition holds in its `<metadata>`.
 #[derive(Debug)]
-pub enum Element {
+pub(crate) enum Element {
     /// No element of ours.
     Absent,
     /// An element this host opened (decoded with its keys).
@@ -88,39 +88,39 @@ impl Element {
 /// How the new element may be protected, as far as this host's
 /// configuration goes (the key material stays with the caller).
 #[derive(Debug, Clone, Copy)]
-pub struct Keys<'a> {
+pub(crate) struct Keys<'a> {
     /// The domain has a recipient set (recipients.d).
-    pub recipients: bool,
+    pub(crate) recipients: bool,
     /// The newest host key's id, if this host has a key.
-    pub newest_key: Option<&'a KeyId>,
+    pub(crate) newest_key: Option<&'a KeyId>,
     /// Plaintext is allowed (`--allow-plaintext` or the config).
-    pub allow_plaintext: bool,
+    pub(crate) allow_plaintext: bool,
 }
 
 /// Everything a store is planned from.
-pub struct PlanInput<'a> {
-    pub uuid: &'a DomainUuid,
+pub(crate) struct PlanInput<'a> {
+    pub(crate) uuid: &'a DomainUuid,
     /// The running domain's live copy; `None` when it is not running.
-    pub live: Option<&'a Element>,
+    pub(crate) live: Option<&'a Element>,
     /// The persistent definition; `None` for a transient domain.
-    pub config: Option<&'a Element>,
+    pub(crate) config: Option<&'a Element>,
     /// The settled local state (TPM, VARS or both) and its digest.
-    pub state: &'a MachineState,
-    pub digest: Sha256Sum,
+    pub(crate) state: &'a MachineState,
+    pub(crate) digest: Sha256Sum,
     /// A snapshot revert recorded for this (stopped) domain.
-    pub revert: Option<&'a RevertIntent>,
-    pub keys: Keys<'a>,
+    pub(crate) revert: Option<&'a RevertIntent>,
+    pub(crate) keys: Keys<'a>,
     /// The watch daemon's store (see the table above).
-    pub watch: bool,
+    pub(crate) watch: bool,
     /// Now, as the element's `stored` records it (RFC 3339).
-    pub now: &'a str,
+    pub(crate) now: &'a str,
     /// This host's name, as the element's `host` records it.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
 }
 
 /// The protection a new element gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Protect {
+pub(crate) enum Protect {
     /// For the domain's recipient set.
     Recipients,
     /// Sealed with this host key (the newest).
@@ -131,17 +131,17 @@ pub enum Protect {
 
 /// A store that writes.
 #[derive(Debug, PartialEq, Eq)]
-pub struct StorePlan {
-    pub targets: Targets,
-    pub provenance: Provenance,
-    pub protect: Protect,
+pub(crate) struct StorePlan {
+    pub(crate) targets: Targets,
+    pub(crate) provenance: Provenance,
+    pub(crate) protect: Protect,
     /// The definition's element was invalid and is replaced (for a warning).
-    pub replaces_invalid: Option<String>,
+    pub(crate) replaces_invalid: Option<String>,
 }
 
 /// A store that writes nothing, and the element the definition holds.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Nothing<'a> {
+pub(crate) enum Nothing<'a> {
     /// Every copy that exists holds the local state already.
     Unchanged(&'a MetadataState),
     /// A revert to a snapshot's element is pending: the next start restores
@@ -154,14 +154,14 @@ pub enum Nothing<'a> {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Plan<'a> {
+pub(crate) enum Plan<'a> {
     Write(StorePlan),
     Nothing(Nothing<'a>),
 }
 
 /// Why nothing can be planned.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PlanError {
+pub(crate) enum PlanError {
     /// A stopped transient domain: no definition is left to hold the state.
     NoDefinition,
     /// The element's generation is `u64::MAX`: the chain cannot count on.
@@ -171,7 +171,7 @@ pub enum PlanError {
 }
 
 /// Plans a store of `input.state`.
-pub fn plan<'a>(input: &PlanInput<'a>) -> Result<Plan<'a>, PlanError> {
+pub(crate) fn plan<'a>(input: &PlanInput<'a>) -> Result<Plan<'a>, PlanError> {
     let digest = input.digest;
     // A stopped domain has one definition: the config copy.
     let Some(holder) = input.config.or(input.live) else {
@@ -281,19 +281,24 @@ fn protect(input: &PlanInput<'_>) -> Result<Protect, PlanError> {
 
 /// The sizes the `max_domain_xml_size` check works from.
 #[derive(Debug, Clone, Copy)]
-pub struct XmlSizes {
+pub(crate) struct XmlSizes {
     /// The larger of the live and config XML.
-    pub current: usize,
+    pub(crate) current: usize,
     /// Our element's length in the current XML (0: none).
-    pub old_element: usize,
+    pub(crate) old_element: usize,
     /// The new element's length.
-    pub new_element: usize,
+    pub(crate) new_element: usize,
 }
 
 impl XmlSizes {
     /// The sizes for a domain whose XML is `live` (and `config`), whose
     /// element, if the definition holds one, is replaced by `new_element`.
-    pub fn of(live: &str, config: Option<&str>, holds_element: bool, new_element: usize) -> Self {
+    pub(crate) fn of(
+        live: &str,
+        config: Option<&str>,
+        holds_element: bool,
+        new_element: usize,
+    ) -> Self {
         XmlSizes {
             current: live.len().max(config.map_or(0, str::len)),
             old_element: if holds_element {
@@ -307,7 +312,7 @@ impl XmlSizes {
 
     /// The domain XML's size after the store, if within `limit`; else
     /// `Err(size)`.
-    pub fn check(self, limit: u64) -> Result<usize, usize> {
+    pub(crate) fn check(self, limit: u64) -> Result<usize, usize> {
         let total = self.current.saturating_sub(self.old_element) + self.new_element;
         if total as u64 > limit {
             Err(total)

@@ -4,12 +4,12 @@
 
 use super::status::DomainStatus;
 use super::{rfc3339, Daemon};
+use crate::carried::{carried, domain_tpm_version, state_location};
 use crate::domain::parse_domain;
 use crate::format::{declared_digest, read_header};
 use crate::fs::StateLocation;
 use crate::libvirt::{DomainHandle, Libvirt, LibvirtError};
 use crate::name::DomainName;
-use crate::restore::{carried, domain_tpm_version, state_location};
 use crate::state::{DomainUuid, Sha256Sum, TpmState, TpmVersion};
 use crate::store::{store_domain, StoreOptions};
 use nix::errno::Errno;

@@ -40,7 +40,7 @@ mod domain;
 mod events;
 mod status;
 
-pub use status::{read_daemon_status, DaemonStatus, DomainStatus, STATUS_FILE};
+pub(crate) use status::{read_daemon_status, DaemonStatus};
 
 use crate::config::Config;
 use crate::context::Ctx;
@@ -65,7 +65,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// Why the daemon cannot start or go on.
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub(crate) enum WatchError {
     /// Another daemon runs, or the process cannot set up its events
     /// (signals, inotify, poll): the usage exit code, as before.
     #[error("{0}")]
@@ -113,7 +113,7 @@ fn single_instance(ctx: &Ctx) -> Result<crate::fs::WatchLock, WatchError> {
 }
 
 /// `virt-tpm-state watch`: runs the daemon until SIGTERM or SIGINT.
-pub fn watch(ctx: Ctx) -> Result<(), WatchError> {
+pub(crate) fn watch(ctx: Ctx) -> Result<(), WatchError> {
     let _instance = single_instance(&ctx)?;
     let signals = Signals::new()?;
     let notify =

@@ -7,31 +7,31 @@ use crate::fs::HostData;
 use std::collections::BTreeMap;
 
 /// Name of the daemon's status file in the run dir.
-pub const STATUS_FILE: &str = "status.json";
+pub(crate) const STATUS_FILE: &str = "status.json";
 /// The status file is a few hundred bytes per domain.
 const STATUS_FILE_MAX: u64 = 64 * 1024 * 1024;
 
 /// What `status` reads: the daemon's view, per domain UUID.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DaemonStatus {
-    pub pid: u32,
+pub(crate) struct DaemonStatus {
+    pub(crate) pid: u32,
     /// RFC 3339, when this daemon started.
-    pub started: String,
+    pub(crate) started: String,
     /// `None` while connected; else RFC 3339 since when libvirt is unreachable.
-    pub libvirt_unreachable_since: Option<String>,
-    pub domains: BTreeMap<String, DomainStatus>,
+    pub(crate) libvirt_unreachable_since: Option<String>,
+    pub(crate) domains: BTreeMap<String, DomainStatus>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DomainStatus {
-    pub name: String,
+pub(crate) struct DomainStatus {
+    pub(crate) name: String,
     /// A change seen and not stored yet (settling, or waiting for libvirt).
-    pub pending: bool,
+    pub(crate) pending: bool,
     /// RFC 3339: since when the local state is known to differ from the metadata.
-    pub out_of_sync_since: Option<String>,
-    pub last_error: Option<String>,
+    pub(crate) out_of_sync_since: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// RFC 3339 of the daemon's last store of this domain.
-    pub last_stored: Option<String>,
+    pub(crate) last_stored: Option<String>,
 }
 
 impl Daemon {
@@ -71,7 +71,7 @@ impl Daemon {
 }
 
 /// Reads the daemon's status file, if a live daemon wrote it.
-pub fn read_daemon_status(ctx: &Ctx) -> Option<DaemonStatus> {
+pub(crate) fn read_daemon_status(ctx: &Ctx) -> Option<DaemonStatus> {
     let text = HostData::new(&ctx.paths)
         .read_run_file(STATUS_FILE, STATUS_FILE_MAX)
         .ok()??;
