@@ -61,7 +61,7 @@ fn payload(fixtures: &Path, version: TpmVersion) -> (Vec<u8>, String) {
             return (data, format!("real, from {}", p.display()));
         }
     }
-    // Sizes of fresh states seen with swtpm 0.7.1 (FINDINGS.md).
+    // Sizes of fresh states seen with swtpm 0.7.1 (tests/e2e/FINDINGS.md).
     let len = match version {
         TpmVersion::V2_0 => 6234,
         TpmVersion::V1_2 => 3700,
