@@ -230,6 +230,26 @@ fn replace_once(s: &str, from: &str, to: &str) -> String {
     s.replacen(from, to, 1)
 }
 
+/// The byte range of the first `<vts:TAG…>…</vts:TAG>` child of `el`, from
+/// the indentation `opening` starts with through the closing tag's newline.
+fn child_span(el: &str, opening: &str, tag: &str) -> std::ops::Range<usize> {
+    let start = el.find(opening).unwrap();
+    let close = format!("</vts:{tag}>\n");
+    let end = el.find(&close).unwrap() + close.len();
+    start..end
+}
+
+/// `el` with that child written twice in a row.
+fn with_child_twice(el: &str, opening: &str, tag: &str) -> String {
+    let span = child_span(el, opening, tag);
+    format!(
+        "{}{}{}",
+        &el[..span.end],
+        &el[span.clone()],
+        &el[span.end..]
+    )
+}
+
 /// A single-file element with arbitrary (possibly inconsistent) parts.
 #[allow(clippy::too_many_arguments)]
 fn raw_element(
@@ -519,9 +539,7 @@ fn main() {
         add(vname, domain("refused FileNameNotAllowed", v2, &e));
     }
     {
-        let start = el2.find("    <vts:file").unwrap();
-        let end = el2.find("</vts:file>\n").unwrap() + "</vts:file>\n".len();
-        let e = format!("{}{}{}", &el2[..end], &el2[start..end], &el2[end..]);
+        let e = with_child_twice(&el2, "    <vts:file", "file");
         add(
             "refused-duplicate-file",
             domain("refused DuplicateFile", v2, &e),
@@ -641,9 +659,7 @@ fn main() {
         ),
     );
     {
-        let start = el2n.find("  <vts:nvram>").unwrap();
-        let end = el2n.find("</vts:nvram>\n").unwrap() + "</vts:nvram>\n".len();
-        let e = format!("{}{}{}", &el2n[..end], &el2n[start..end], &el2n[end..]);
+        let e = with_child_twice(&el2n, "  <vts:nvram>", "nvram");
         add(
             "refused-two-nvram-sections",
             domain("refused DuplicateNvramSection", v2, &e),
@@ -690,12 +706,10 @@ fn main() {
             ),
         );
         // A domain has a <nvram> or a <varstore>, never both.
-        let start = el.find("  <vts:varstore>").unwrap();
-        let end = el.find("</vts:varstore>\n").unwrap() + "</vts:varstore>\n".len();
         let e = format!(
             "{}{}{}",
             &el2n[..el2n.find("</vts:state>").unwrap()],
-            &el[start..end],
+            &el[child_span(&el, "  <vts:varstore>", "varstore")],
             "</vts:state>\n"
         );
         add(
@@ -713,9 +727,7 @@ fn main() {
         );
     }
     {
-        let start = el2.find("  <vts:tpm ").unwrap();
-        let end = el2.find("</vts:tpm>\n").unwrap() + "</vts:tpm>\n".len();
-        let e = format!("{}{}{}", &el2[..end], &el2[start..end], &el2[end..]);
+        let e = with_child_twice(&el2, "  <vts:tpm ", "tpm");
         add(
             "refused-two-tpm-sections",
             domain("refused DuplicateTpmSection", v2, &e),
