@@ -308,4 +308,22 @@ mod tests {
             assert_eq!(read(running), Some(live.digest()), "{running:?}");
         }
     }
+
+    /// A kept VARS file is not the local state of a domain that no longer
+    /// carries UEFI here, even when the caller asks for every section.
+    #[test]
+    fn the_kept_copy_is_read_over_the_carried_parts_only() {
+        let (_t, paths, _) = scratch();
+        let host = HostData::new(&paths);
+        let kept = MachineState::new(None, Some(b"kept vars".to_vec()));
+        host.write_kept(&uuid(), &kept).unwrap();
+        let bios = Carried {
+            tpm: None,
+            nvram: None,
+        };
+        let read = bios
+            .read_local(&host, &uuid(), (true, true), Running::No, 1 << 20)
+            .unwrap();
+        assert_eq!(read.map(|s| s.digest()), None);
+    }
 }

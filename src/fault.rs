@@ -60,7 +60,7 @@ pub const POINTS: &[&str] = &[
     "statefile.renamed",
     // HostData::record_sync: kept copy written, J not yet
     "sync.kept",
-    // store (src/cli/store.rs)
+    // store (src/store/apply.rs)
     "store.settled",
     "store.metadata_set",
 ];
